@@ -1,0 +1,47 @@
+# lossd: `make run` serves, `make test` runs the whole suite. Both set everything up from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 50051
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test demo lint proto bench clean
+
+help: ## show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt client/pyproject.toml server/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e ./client -e ./server
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install both packages with every dependency (torch==2.13.0)
+
+run: $(STAMP) ## serve on $(HOST):$(PORT) (override: make run PORT=50052)
+	$(VENV)/bin/lossd-server --host $(HOST) --port $(PORT)
+
+test: $(STAMP) ## install, then run the whole test suite (fails when no test ran)
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+demo: $(STAMP) ## start a server, run the examples against it, stop it
+	$(PY) examples/demo.py
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check client/lossd_client server/lossd_server
+
+proto: $(STAMP) ## regenerate client/lossd_client/_proto from proto/
+	$(PY) proto/generate.py
+
+bench: $(STAMP) ## benchmarks: ratios against in-process torch and a naive gRPC server
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

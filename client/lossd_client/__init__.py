@@ -1,0 +1,45 @@
+"""lossd client: torch.nn.functional losses evaluated by a lossd server.
+
+>>> from lossd_client import LossClient
+>>> with LossClient("127.0.0.1:50051") as client:
+...     loss = client.cross_entropy(logits, targets)
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .client import AsyncLossClient, LossClient
+from .errors import (
+    CancelledError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    LossdError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from .requests import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats, combine
+
+try:
+    __version__ = version("lossd-client")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+src"
+
+__all__ = [
+    "AsyncLossClient",
+    "CancelledError",
+    "DeadlineExceededError",
+    "EvaluateResult",
+    "InternalError",
+    "InvalidArgumentError",
+    "LoglikelihoodResult",
+    "LossClient",
+    "LossRequest",
+    "LossdError",
+    "PerplexityResult",
+    "ResourceExhaustedError",
+    "SequenceStats",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "combine",
+]

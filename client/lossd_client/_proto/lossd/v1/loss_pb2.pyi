@@ -1,0 +1,235 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    INT16: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    BOOL: _ClassVar[DType]
+
+class LossKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOSS_KIND_UNSPECIFIED: _ClassVar[LossKind]
+    CROSS_ENTROPY: _ClassVar[LossKind]
+    NLL: _ClassVar[LossKind]
+    BINARY_CROSS_ENTROPY_WITH_LOGITS: _ClassVar[LossKind]
+
+class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REDUCTION_UNSPECIFIED: _ClassVar[Reduction]
+    MEAN: _ClassVar[Reduction]
+    SUM: _ClassVar[Reduction]
+    NONE: _ClassVar[Reduction]
+
+class Extra(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXTRA_UNSPECIFIED: _ClassVar[Extra]
+    TARGET_LOGPROB: _ClassVar[Extra]
+    ENTROPY: _ClassVar[Extra]
+    TARGET_RANK: _ClassVar[Extra]
+    ARGMAX_CORRECT: _ClassVar[Extra]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+BFLOAT16: DType
+FLOAT64: DType
+INT64: DType
+INT32: DType
+INT16: DType
+INT8: DType
+UINT8: DType
+BOOL: DType
+LOSS_KIND_UNSPECIFIED: LossKind
+CROSS_ENTROPY: LossKind
+NLL: LossKind
+BINARY_CROSS_ENTROPY_WITH_LOGITS: LossKind
+REDUCTION_UNSPECIFIED: Reduction
+MEAN: Reduction
+SUM: Reduction
+NONE: Reduction
+EXTRA_UNSPECIFIED: Extra
+TARGET_LOGPROB: Extra
+ENTROPY: Extra
+TARGET_RANK: Extra
+ARGMAX_CORRECT: Extra
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("name", "offset", "length")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    length: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data", "shm")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    shm: SharedMemoryRef
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class LossOptions(_message.Message):
+    __slots__ = ("loss", "reduction", "ignore_index", "label_smoothing", "weight", "pos_weight", "class_axis", "shift_targets", "extras", "sequence_stats")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    POS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CLASS_AXIS_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    EXTRAS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_STATS_FIELD_NUMBER: _ClassVar[int]
+    loss: LossKind
+    reduction: Reduction
+    ignore_index: int
+    label_smoothing: float
+    weight: Tensor
+    pos_weight: Tensor
+    class_axis: int
+    shift_targets: bool
+    extras: _containers.RepeatedScalarFieldContainer[Extra]
+    sequence_stats: bool
+    def __init__(self, loss: _Optional[_Union[LossKind, str]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., ignore_index: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., pos_weight: _Optional[_Union[Tensor, _Mapping]] = ..., class_axis: _Optional[int] = ..., shift_targets: _Optional[bool] = ..., extras: _Optional[_Iterable[_Union[Extra, str]]] = ..., sequence_stats: _Optional[bool] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("id", "input", "target", "options")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    input: Tensor
+    target: Tensor
+    options: LossOptions
+    def __init__(self, id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Union[LossOptions, _Mapping]] = ...) -> None: ...
+
+class SequenceStats(_message.Message):
+    __slots__ = ("nll_sum", "tokens", "mean_nll", "perplexity", "is_greedy")
+    NLL_SUM_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_NLL_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    IS_GREEDY_FIELD_NUMBER: _ClassVar[int]
+    nll_sum: _containers.RepeatedScalarFieldContainer[float]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    mean_nll: _containers.RepeatedScalarFieldContainer[float]
+    perplexity: _containers.RepeatedScalarFieldContainer[float]
+    is_greedy: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, nll_sum: _Optional[_Iterable[float]] = ..., tokens: _Optional[_Iterable[int]] = ..., mean_nll: _Optional[_Iterable[float]] = ..., perplexity: _Optional[_Iterable[float]] = ..., is_greedy: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class ItemError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("id", "loss", "loss_sum", "weight_sum", "counted", "sequences", "extras", "error")
+    class ExtrasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    EXTRAS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    loss: Tensor
+    loss_sum: float
+    weight_sum: float
+    counted: int
+    sequences: SequenceStats
+    extras: _containers.MessageMap[str, Tensor]
+    error: ItemError
+    def __init__(self, id: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., loss_sum: _Optional[float] = ..., weight_sum: _Optional[float] = ..., counted: _Optional[int] = ..., sequences: _Optional[_Union[SequenceStats, _Mapping]] = ..., extras: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class ChunkHeader(_message.Message):
+    __slots__ = ("id", "options", "input_dtype", "input_shape", "target")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    options: LossOptions
+    input_dtype: DType
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    target: Tensor
+    def __init__(self, id: _Optional[str] = ..., options: _Optional[_Union[LossOptions, _Mapping]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class EvaluateChunk(_message.Message):
+    __slots__ = ("header", "input_rows", "target_rows")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    INPUT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ROWS_FIELD_NUMBER: _ClassVar[int]
+    header: ChunkHeader
+    input_rows: bytes
+    target_rows: bytes
+    def __init__(self, header: _Optional[_Union[ChunkHeader, _Mapping]] = ..., input_rows: _Optional[bytes] = ..., target_rows: _Optional[bytes] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("version", "torch_version", "device", "max_receive_message_bytes", "max_send_message_bytes", "max_batch_rows", "max_batch_bytes", "max_wait_ms", "max_queue_requests", "max_queue_bytes", "input_dtypes", "target_dtypes", "allow_client_shm", "device_name")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECEIVE_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEND_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_CLIENT_SHM_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    torch_version: str
+    device: str
+    max_receive_message_bytes: int
+    max_send_message_bytes: int
+    max_batch_rows: int
+    max_batch_bytes: int
+    max_wait_ms: float
+    max_queue_requests: int
+    max_queue_bytes: int
+    input_dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    target_dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    allow_client_shm: bool
+    device_name: str
+    def __init__(self, version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device: _Optional[str] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_queue_requests: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., target_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., allow_client_shm: _Optional[bool] = ..., device_name: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,470 @@
+"""LossClient and AsyncLossClient: remote calls that feel like torch.nn.functional.
+
+Both clients have the same methods (the async ones are coroutines / async iterators). Inputs
+may be numpy arrays or torch tensors in any layout; results come back as the kind of the
+input (torch in -> torch out) with torch's shape and dtype. Transport errors become the
+exceptions in :mod:`lossd_client.errors`, chosen by status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from . import requests as rq
+from ._proto.lossd.v1 import loss_pb2 as pb
+from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+from .errors import LossdError, from_rpc_error
+from .requests import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult
+
+SERVICE = "lossd.v1.LossService"
+#: Requests at or below this size never ask the server for its limit (gRPC's default is 4 MiB).
+_SMALL_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
+
+
+def service_config(*, retries: int = 5) -> str:
+    """round_robin over every resolved address, and retries of UNAVAILABLE with backoff.
+
+    Evaluations are idempotent, so retrying a call that never reached a server is safe.
+    """
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [
+                {
+                    "name": [{"service": SERVICE}],
+                    "retryPolicy": {
+                        "maxAttempts": max(2, min(retries, 5)),
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
+
+
+def normalise_target(target: str | Sequence[str]) -> str:
+    """One address, a ``dns:///`` target, or several ``host:port`` IP addresses (round robin)."""
+    if isinstance(target, str):
+        return target
+    addresses = list(target)
+    if len(addresses) == 1:
+        return addresses[0]
+    return "ipv4:" + ",".join(addresses) if all(_is_ipv4(a) for a in addresses) else "ipv6:" + ",".join(addresses)
+
+
+def _is_ipv4(address: str) -> bool:
+    host = address.rsplit(":", 1)[0]
+    parts = host.split(".")
+    return len(parts) == 4 and all(p.isdigit() for p in parts)
+
+
+def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.service_config", service_config(retries=retries)),
+        ("grpc.enable_retries", 1),
+    ]
+
+
+def _credentials(root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None):
+    if root_certificates is None and private_key is None and certificate_chain is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
+    )
+
+
+def _request(
+    input: Any,
+    target: Any,
+    loss: str,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    pos_weight: Any = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    **options: Any,
+) -> LossRequest:
+    if size_average is not None or reduce is not None:
+        reduction = rq.legacy_reduction(size_average, reduce)
+    return LossRequest(
+        input, target, loss, weight, ignore_index, reduction, label_smoothing, pos_weight, **options
+    )
+
+
+class _Base:
+    def __init__(
+        self,
+        target: str | Sequence[str] = "127.0.0.1:50051",
+        *,
+        timeout_s: float | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        max_message_bytes: int = -1,
+        retries: int = 5,
+        chunk_bytes: int = rq.DEFAULT_CHUNK_BYTES,
+        chunks_in_flight: int = 8,
+    ) -> None:
+        self.target = normalise_target(target)
+        self.timeout_s = timeout_s
+        self.chunk_bytes = chunk_bytes
+        self.chunks_in_flight = chunks_in_flight
+        self._credentials = _credentials(root_certificates, private_key, certificate_chain)
+        self._options = _channel_options(max_message_bytes, retries)
+        self._server_limit: int | None = None
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return self.timeout_s if timeout_s is None else timeout_s
+
+
+class LossClient(_Base):
+    """Blocking client. ``LossClient("127.0.0.1:50051")``; use as a context manager.
+
+    ``target`` may be one ``host:port``, a ``dns:///name:port`` target, or a list of addresses
+    (client-side round robin). TLS: pass ``root_certificates`` (and for mTLS ``private_key`` and
+    ``certificate_chain``) as PEM bytes.
+    """
+
+    def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        if self._credentials is None:
+            self._channel = grpc.insecure_channel(self.target, options=self._options)
+        else:
+            self._channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
+        self._stub = pb_grpc.LossServiceStub(self._channel)
+
+    def __enter__(self) -> LossClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # ------------------------------------------------------------------ torch.nn.functional mirror
+    def cross_entropy(
+        self,
+        input: Any,
+        target: Any,
+        weight: Any = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """torch.nn.functional.cross_entropy, evaluated by the server."""
+        req = _request(input, target, "cross_entropy", weight, ignore_index, reduction, label_smoothing, None, size_average, reduce)
+        return self.evaluate(req, timeout_s=timeout_s).loss
+
+    def nll_loss(
+        self,
+        input: Any,
+        target: Any,
+        weight: Any = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        *,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """torch.nn.functional.nll_loss, evaluated by the server."""
+        req = _request(input, target, "nll_loss", weight, ignore_index, reduction, 0.0, None, size_average, reduce)
+        return self.evaluate(req, timeout_s=timeout_s).loss
+
+    def binary_cross_entropy_with_logits(
+        self,
+        input: Any,
+        target: Any,
+        weight: Any = None,
+        reduction: str = "mean",
+        pos_weight: Any = None,
+        *,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """torch.nn.functional.binary_cross_entropy_with_logits, evaluated by the server."""
+        req = _request(input, target, "binary_cross_entropy_with_logits", weight, -100, reduction, 0.0, pos_weight, size_average, reduce)
+        return self.evaluate(req, timeout_s=timeout_s).loss
+
+    # ------------------------------------------------------------------ general calls
+    def evaluate(self, request: LossRequest | None = None, *, timeout_s: float | None = None, **fields: Any) -> EvaluateResult:
+        """Evaluate a LossRequest (or its fields as keywords); returns loss and totals.
+
+        Requests larger than the server's message limit go through EvaluateChunked by themselves.
+        """
+        req = request if request is not None else LossRequest(**fields)
+        msg, as_torch = rq.build(req)
+        timeout = self._timeout(timeout_s)
+        try:
+            if msg.ByteSize() > _SMALL_REQUEST_BYTES and msg.ByteSize() > self._limit(timeout):
+                response = self._stub.EvaluateChunked(rq.chunk_messages(msg, self.chunk_bytes), timeout=timeout)
+            else:
+                response = self._stub.Evaluate(msg, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return rq.parse(response, as_torch)
+
+    def perplexity(self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None) -> PerplexityResult:
+        """(B, T, V) logits and (B, T) token ids -> per-token NLL, per-sequence and corpus perplexity."""
+        result = self.evaluate(rq.perplexity_request(logits, tokens, shift=shift, ignore_index=ignore_index), timeout_s=timeout_s)
+        return rq.perplexity_result(result)
+
+    def loglikelihood(self, logits: Any, tokens: Any, continuation_start: Any, *, timeout_s: float | None = None) -> LoglikelihoodResult:
+        """lm-evaluation-harness loglikelihood: per sequence (sum of continuation log-probs, is_greedy)."""
+        result = self.evaluate(rq.loglikelihood_request(logits, tokens, continuation_start), timeout_s=timeout_s)
+        return rq.loglikelihood_result(result)
+
+    def evaluate_many(
+        self, requests: Iterable[LossRequest], *, window: int = 64, timeout_s: float | None = None, return_exceptions: bool = False
+    ) -> Iterator[EvaluateResult | LossdError]:
+        """Stream many requests over one EvaluateStream, ``window`` in flight; results in input order."""
+        slots = threading.Semaphore(window)
+        kinds: dict[str, bool] = {}
+        order: list[str] = []
+        stop = threading.Event()
+
+        def produce() -> Iterator[pb.EvaluateRequest]:
+            for i, req in enumerate(requests):
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                msg, as_torch = rq.build(req)
+                msg.id = f"{i}"
+                kinds[msg.id] = as_torch
+                order.append(msg.id)
+                yield msg
+
+        call = self._stub.EvaluateStream(produce(), timeout=self._timeout(timeout_s))
+        ready: dict[str, pb.EvaluateResponse] = {}
+        next_index = 0
+        try:
+            for response in call:
+                slots.release()
+                ready[response.id] = response
+                while next_index < len(order) and order[next_index] in ready:
+                    rid = order[next_index]
+                    next_index += 1
+                    yield self._item(ready.pop(rid), kinds.pop(rid), return_exceptions)
+            while next_index < len(order) and order[next_index] in ready:
+                rid = order[next_index]
+                next_index += 1
+                yield self._item(ready.pop(rid), kinds.pop(rid), return_exceptions)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            stop.set()
+            call.cancel()
+
+    @staticmethod
+    def _item(response: pb.EvaluateResponse, as_torch: bool, return_exceptions: bool) -> EvaluateResult | LossdError:
+        try:
+            return rq.parse(response, as_torch)
+        except LossdError as exc:
+            if return_exceptions:
+                return exc
+            raise
+
+    def server_info(self, *, timeout_s: float | None = None) -> pb.ServerInfo:
+        try:
+            return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """The server's health status name (SERVING, NOT_SERVING, ...)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout_s) or 5.0)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def _limit(self, timeout: float | None) -> int:
+        if self._server_limit is None:
+            self._server_limit = int(self.server_info(timeout_s=timeout).max_receive_message_bytes) - 64 * 1024
+        return self._server_limit
+
+
+class AsyncLossClient(_Base):
+    """asyncio twin of :class:`LossClient` (same methods, awaitable); ``async with`` it."""
+
+    def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        if self._credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+        else:
+            self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
+        self._stub = pb_grpc.LossServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncLossClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def cross_entropy(
+        self,
+        input: Any,
+        target: Any,
+        weight: Any = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        req = _request(input, target, "cross_entropy", weight, ignore_index, reduction, label_smoothing, None, size_average, reduce)
+        return (await self.evaluate(req, timeout_s=timeout_s)).loss
+
+    async def nll_loss(
+        self,
+        input: Any,
+        target: Any,
+        weight: Any = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        *,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        req = _request(input, target, "nll_loss", weight, ignore_index, reduction, 0.0, None, size_average, reduce)
+        return (await self.evaluate(req, timeout_s=timeout_s)).loss
+
+    async def binary_cross_entropy_with_logits(
+        self,
+        input: Any,
+        target: Any,
+        weight: Any = None,
+        reduction: str = "mean",
+        pos_weight: Any = None,
+        *,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        req = _request(input, target, "binary_cross_entropy_with_logits", weight, -100, reduction, 0.0, pos_weight, size_average, reduce)
+        return (await self.evaluate(req, timeout_s=timeout_s)).loss
+
+    async def evaluate(self, request: LossRequest | None = None, *, timeout_s: float | None = None, **fields: Any) -> EvaluateResult:
+        req = request if request is not None else LossRequest(**fields)
+        msg, as_torch = rq.build(req)
+        timeout = self._timeout(timeout_s)
+        try:
+            if msg.ByteSize() > _SMALL_REQUEST_BYTES and msg.ByteSize() > await self._limit(timeout):
+                response = await self._stub.EvaluateChunked(rq.chunk_messages(msg, self.chunk_bytes), timeout=timeout)
+            else:
+                response = await self._stub.Evaluate(msg, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return rq.parse(response, as_torch)
+
+    async def perplexity(self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None) -> PerplexityResult:
+        result = await self.evaluate(rq.perplexity_request(logits, tokens, shift=shift, ignore_index=ignore_index), timeout_s=timeout_s)
+        return rq.perplexity_result(result)
+
+    async def loglikelihood(self, logits: Any, tokens: Any, continuation_start: Any, *, timeout_s: float | None = None) -> LoglikelihoodResult:
+        result = await self.evaluate(rq.loglikelihood_request(logits, tokens, continuation_start), timeout_s=timeout_s)
+        return rq.loglikelihood_result(result)
+
+    async def evaluate_many(
+        self,
+        requests: Iterable[LossRequest] | AsyncIterable[LossRequest],
+        *,
+        window: int = 64,
+        timeout_s: float | None = None,
+        return_exceptions: bool = False,
+    ) -> AsyncIterator[EvaluateResult | LossdError]:
+        """Async twin of :meth:`LossClient.evaluate_many`."""
+        call = self._stub.EvaluateStream(timeout=self._timeout(timeout_s))
+        slots = asyncio.Semaphore(window)
+        kinds: dict[str, bool] = {}
+        order: list[str] = []
+
+        async def source() -> AsyncIterator[LossRequest]:
+            if hasattr(requests, "__aiter__"):
+                async for item in requests:  # type: ignore[union-attr]
+                    yield item
+            else:
+                for item in requests:  # type: ignore[union-attr]
+                    yield item
+
+        async def writer() -> None:
+            i = 0
+            async for req in source():
+                await slots.acquire()
+                msg, as_torch = rq.build(req)
+                msg.id = f"{i}"
+                kinds[msg.id] = as_torch
+                order.append(msg.id)
+                i += 1
+                await call.write(msg)
+            await call.done_writing()
+
+        write_task = asyncio.ensure_future(writer())
+        ready: dict[str, pb.EvaluateResponse] = {}
+        next_index = 0
+        try:
+            async for response in call:
+                slots.release()
+                ready[response.id] = response
+                while next_index < len(order) and order[next_index] in ready:
+                    rid = order[next_index]
+                    next_index += 1
+                    yield LossClient._item(ready.pop(rid), kinds.pop(rid), return_exceptions)
+            await write_task
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            write_task.cancel()
+            call.cancel()
+
+    async def server_info(self, *, timeout_s: float | None = None) -> pb.ServerInfo:
+        try:
+            return await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout_s) or 5.0)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    async def _limit(self, timeout: float | None) -> int:
+        if self._server_limit is None:
+            info = await self.server_info(timeout_s=timeout)
+            self._server_limit = int(info.max_receive_message_bytes) - 64 * 1024
+        return self._server_limit

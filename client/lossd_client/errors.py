@@ -1,0 +1,81 @@
+"""The client's exceptions, chosen by gRPC status code (never by message text)."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class LossdError(Exception):
+    """Base class; ``code`` is the gRPC status code, ``details`` the server's message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(details)
+        self.details = details
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgumentError(LossdError, ValueError):
+    """The request was rejected as torch would reject it (INVALID_ARGUMENT)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhaustedError(LossdError):
+    """The server's queue or message limit was hit (RESOURCE_EXHAUSTED)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceededError(LossdError, TimeoutError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class UnavailableError(LossdError, ConnectionError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class CancelledError(LossdError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class UnauthenticatedError(LossdError, PermissionError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class InternalError(LossdError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        ResourceExhaustedError,
+        DeadlineExceededError,
+        UnavailableError,
+        CancelledError,
+        UnauthenticatedError,
+        InternalError,
+    )
+}
+
+
+def error_for(code: grpc.StatusCode, details: str) -> LossdError:
+    cls = _BY_CODE.get(code, LossdError)
+    return cls(details, code)
+
+
+def from_rpc_error(exc: grpc.RpcError) -> LossdError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return error_for(code, details or code.name)
+
+
+def from_status_value(value: int, details: str) -> LossdError:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return error_for(code, details)
+    return LossdError(details)

@@ -1,0 +1,285 @@
+"""Building requests and reading responses; shared by the sync and async clients."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import tensors
+from ._proto.lossd.v1 import loss_pb2 as pb
+from .errors import InvalidArgumentError, from_status_value
+
+_LOSSES = {
+    "cross_entropy": pb.CROSS_ENTROPY,
+    "nll_loss": pb.NLL,
+    "binary_cross_entropy_with_logits": pb.BINARY_CROSS_ENTROPY_WITH_LOGITS,
+}
+_REDUCTIONS = {"mean": pb.MEAN, "sum": pb.SUM, "none": pb.NONE}
+_EXTRAS = {
+    "target_logprob": pb.TARGET_LOGPROB,
+    "entropy": pb.ENTROPY,
+    "target_rank": pb.TARGET_RANK,
+    "argmax_correct": pb.ARGMAX_CORRECT,
+}
+#: Bytes of input per EvaluateChunked message: big enough to amortise per-message cost, small
+#: enough that several can be in flight without large buffers (measured on loopback TCP).
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
+    """torch's _Reduction.legacy_get_string."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        return "mean"
+    if reduce:
+        return "sum"
+    return "none"
+
+
+@dataclass
+class LossRequest:
+    """One evaluation, as :meth:`LossClient.evaluate` takes it (used by ``evaluate_many``)."""
+
+    input: Any
+    target: Any
+    loss: str = "cross_entropy"
+    weight: Any = None
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    pos_weight: Any = None
+    class_axis: int | None = None
+    shift_targets: bool = False
+    extras: Sequence[str] = ()
+    sequence_stats: bool = False
+    id: str = ""
+
+
+@dataclass
+class SequenceStats:
+    """Per-sequence statistics (rows of the target's last axis)."""
+
+    nll_sum: np.ndarray
+    tokens: np.ndarray
+    mean_nll: np.ndarray
+    perplexity: np.ndarray
+    is_greedy: np.ndarray
+
+
+@dataclass
+class EvaluateResult:
+    """What torch returns (``loss``) plus the float64 totals that combine across requests."""
+
+    loss: Any
+    loss_sum: float
+    weight_sum: float
+    counted: int
+    sequences: SequenceStats | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    id: str = ""
+
+    @property
+    def mean(self) -> float:
+        """loss_sum / weight_sum (torch's mean for these options)."""
+        return self.loss_sum / self.weight_sum if self.weight_sum else math.nan
+
+
+def combine(results: Sequence[EvaluateResult]) -> float:
+    """The exact mean over several results (requests, shards or replicas)."""
+    total = math.fsum(r.loss_sum for r in results)
+    weight = math.fsum(r.weight_sum for r in results)
+    return total / weight if weight else math.nan
+
+
+def build(req: LossRequest) -> tuple[pb.EvaluateRequest, bool]:
+    """LossRequest -> (wire request, whether to answer with torch tensors)."""
+    if req.loss not in _LOSSES:
+        raise InvalidArgumentError(f"loss: unknown loss {req.loss!r}; expected one of {', '.join(_LOSSES)}")
+    if req.reduction not in _REDUCTIONS:
+        raise InvalidArgumentError(f"{req.reduction} is not a valid value for reduction")
+    msg = pb.EvaluateRequest(id=req.id)
+    options = msg.options
+    options.loss = _LOSSES[req.loss]
+    options.reduction = _REDUCTIONS[req.reduction]
+    try:
+        ignore_index = int(req.ignore_index)
+        label_smoothing = float(req.label_smoothing)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"options: {exc}") from exc
+    if req.loss != "binary_cross_entropy_with_logits":
+        options.ignore_index = ignore_index
+    options.label_smoothing = label_smoothing
+    if req.class_axis is not None:
+        options.class_axis = int(req.class_axis)
+    options.shift_targets = bool(req.shift_targets)
+    for name in req.extras:
+        if name not in _EXTRAS:
+            raise InvalidArgumentError(f"extras: unknown extra {name!r}; expected one of {', '.join(_EXTRAS)}")
+        options.extras.append(_EXTRAS[name])
+    options.sequence_stats = bool(req.sequence_stats)
+    try:
+        if req.weight is not None:
+            tensors.to_proto(req.weight, options.weight)
+        if req.pos_weight is not None:
+            tensors.to_proto(req.pos_weight, options.pos_weight)
+        tensors.to_proto(req.input, msg.input)
+        tensors.to_proto(req.target, msg.target)
+    except tensors.UnsupportedTensorError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
+    return msg, tensors.is_torch_tensor(req.input)
+
+
+def parse(response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult:
+    if response.HasField("error"):
+        raise from_status_value(response.error.code, response.error.message)
+    result = EvaluateResult(
+        loss=tensors.from_proto(response.loss, as_torch=as_torch),
+        loss_sum=response.loss_sum,
+        weight_sum=response.weight_sum,
+        counted=response.counted,
+        id=response.id,
+    )
+    for name, value in response.extras.items():
+        result.extras[name] = tensors.from_proto(value, as_torch=as_torch)
+    if response.HasField("sequences"):
+        s = response.sequences
+        result.sequences = SequenceStats(
+            nll_sum=np.array(s.nll_sum, dtype=np.float64),
+            tokens=np.array(s.tokens, dtype=np.int64),
+            mean_nll=np.array(s.mean_nll, dtype=np.float64),
+            perplexity=np.array(s.perplexity, dtype=np.float64),
+            is_greedy=np.array(s.is_greedy, dtype=bool),
+        )
+    return result
+
+
+def chunk_layout(msg: pb.EvaluateRequest) -> tuple[int, int, bool]:
+    """(units, bytes per input unit, whether the target is streamed with the rows)."""
+    shape = list(msg.input.shape)
+    opts = msg.options
+    itemsize = tensors.ITEMSIZE.get(msg.input.dtype, 1)
+    streamed = list(msg.target.shape) == shape and opts.loss != pb.NLL
+    if opts.loss == pb.BINARY_CROSS_ENTROPY_WITH_LOGITS:
+        axis = 1 if len(shape) > 1 else 0
+    elif opts.HasField("class_axis") and shape:
+        axis = opts.class_axis % len(shape) if -len(shape) <= opts.class_axis < len(shape) else 1
+    else:
+        axis = 0 if len(shape) <= 1 else 1
+    if not shape:
+        return 1, itemsize, streamed
+    units = math.prod(shape[:axis]) if axis > 0 else 1
+    return units, math.prod(shape[axis:]) * itemsize, streamed
+
+
+def chunk_messages(msg: pb.EvaluateRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.EvaluateChunk]:
+    """Split one request into a ChunkHeader and row chunks of about ``chunk_bytes`` each."""
+    units, unit_bytes, streamed = chunk_layout(msg)
+    header = pb.ChunkHeader(id=msg.id, input_dtype=msg.input.dtype, input_shape=msg.input.shape)
+    header.options.CopyFrom(msg.options)
+    header.target.dtype = msg.target.dtype
+    header.target.shape[:] = msg.target.shape
+    target_unit_bytes = 0
+    if streamed:
+        target_unit_bytes = len(msg.target.data) // units if units else 0
+    else:
+        header.target.data = msg.target.data
+    per_chunk = max(1, chunk_bytes // max(1, unit_bytes))
+    data = memoryview(msg.input.data)
+    tdata = memoryview(msg.target.data)
+    first = pb.EvaluateChunk(header=header)
+    if units == 0:
+        yield first
+        return
+    for u0 in range(0, units, per_chunk):
+        u1 = min(units, u0 + per_chunk)
+        chunk = first if u0 == 0 else pb.EvaluateChunk()
+        chunk.input_rows = data[u0 * unit_bytes : u1 * unit_bytes].tobytes()
+        if streamed:
+            chunk.target_rows = tdata[u0 * target_unit_bytes : u1 * target_unit_bytes].tobytes()
+        yield chunk
+
+
+def perplexity_request(logits: Any, tokens: Any, *, shift: bool, ignore_index: int) -> LossRequest:
+    return LossRequest(
+        logits,
+        tokens,
+        reduction="sum",
+        ignore_index=ignore_index,
+        class_axis=-1,
+        shift_targets=shift,
+        extras=("target_logprob",),
+        sequence_stats=True,
+    )
+
+
+def loglikelihood_request(logits: Any, tokens: Any, continuation_start: Any) -> LossRequest:
+    """Score tokens[continuation_start:] given the preceding context (lm-evaluation-harness)."""
+    if tensors.is_torch_tensor(tokens):
+        tok = tokens.detach().cpu().numpy()
+    else:
+        tok = np.asarray(tokens)
+    tok = np.array(tok, dtype=np.int64, copy=True)
+    if tok.ndim == 1:
+        tok = tok[None, :]
+    starts = np.broadcast_to(np.asarray(continuation_start, dtype=np.int64), (tok.shape[0],))
+    positions = np.arange(tok.shape[1])
+    for row, start in enumerate(starts):
+        if not 1 <= start <= tok.shape[1]:
+            raise InvalidArgumentError(f"continuation_start: {start} is outside [1, {tok.shape[1]}] for sequence {row}")
+        tok[row, positions < start] = -100
+    target = tok.reshape(np.asarray(tokens).shape if not tensors.is_torch_tensor(tokens) else tuple(tokens.shape))
+    return LossRequest(
+        logits, target, reduction="sum", class_axis=-1, shift_targets=True, sequence_stats=True, ignore_index=-100
+    )
+
+
+@dataclass
+class PerplexityResult:
+    """Per-token NLL (float32, never rounded to the logits' dtype), per-sequence and corpus figures."""
+
+    token_nll: Any
+    sequence_nll_sum: np.ndarray
+    sequence_tokens: np.ndarray
+    sequence_perplexity: np.ndarray
+    nll_sum: float
+    tokens: int
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens if self.tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        """Corpus perplexity: exp(total NLL / total counted tokens)."""
+        return math.exp(self.mean_nll) if self.tokens else math.nan
+
+
+def perplexity_result(result: EvaluateResult) -> PerplexityResult:
+    logprob = result.extras["target_logprob"]
+    s = result.sequences
+    return PerplexityResult(
+        token_nll=-logprob,
+        sequence_nll_sum=s.nll_sum,
+        sequence_tokens=s.tokens,
+        sequence_perplexity=s.perplexity,
+        nll_sum=result.loss_sum,
+        tokens=result.counted,
+    )
+
+
+@dataclass
+class LoglikelihoodResult:
+    """Per sequence: sum of continuation log-probs and whether greedy decoding gives it."""
+
+    logprob: np.ndarray
+    is_greedy: np.ndarray
+
+
+def loglikelihood_result(result: EvaluateResult) -> LoglikelihoodResult:
+    s = result.sequences
+    return LoglikelihoodResult(logprob=-s.nll_sum, is_greedy=s.is_greedy)

@@ -1,0 +1,157 @@
+"""numpy / torch arrays <-> lossd.v1.Tensor.
+
+torch is optional: it is used only when the caller passes torch tensors (and is then already
+imported). bfloat16 travels as raw 16-bit words, so it works without numpy bfloat16 support;
+numpy arrays of ``ml_dtypes.bfloat16`` are accepted and returned when ml_dtypes is installed.
+The caller's array is never modified: a non-contiguous or big-endian array is copied once,
+a contiguous little-endian one is read directly.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from ._proto.lossd.v1 import loss_pb2 as pb
+
+_NUMPY_TO_WIRE: dict[str, int] = {
+    "float32": pb.FLOAT32,
+    "float16": pb.FLOAT16,
+    "float64": pb.FLOAT64,
+    "int64": pb.INT64,
+    "int32": pb.INT32,
+    "int16": pb.INT16,
+    "int8": pb.INT8,
+    "uint8": pb.UINT8,
+    "bool": pb.BOOL,
+    "bfloat16": pb.BFLOAT16,
+}
+_WIRE_TO_NUMPY: dict[int, str] = {v: k for k, v in _NUMPY_TO_WIRE.items()}
+_TORCH_NAME_TO_WIRE: dict[str, int] = {
+    "torch.float32": pb.FLOAT32,
+    "torch.float16": pb.FLOAT16,
+    "torch.bfloat16": pb.BFLOAT16,
+    "torch.float64": pb.FLOAT64,
+    "torch.int64": pb.INT64,
+    "torch.int32": pb.INT32,
+    "torch.int16": pb.INT16,
+    "torch.int8": pb.INT8,
+    "torch.uint8": pb.UINT8,
+    "torch.bool": pb.BOOL,
+}
+ITEMSIZE: dict[int, int] = {
+    pb.FLOAT32: 4,
+    pb.FLOAT16: 2,
+    pb.BFLOAT16: 2,
+    pb.FLOAT64: 8,
+    pb.INT64: 8,
+    pb.INT32: 4,
+    pb.INT16: 2,
+    pb.INT8: 1,
+    pb.UINT8: 1,
+    pb.BOOL: 1,
+}
+
+
+class UnsupportedTensorError(TypeError):
+    """The value cannot be sent as a lossd tensor (unsupported dtype or type)."""
+
+
+def is_torch_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _bfloat16_numpy_dtype() -> Any | None:
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def wire_dtype_of(value: Any) -> int:
+    """The wire dtype a value would be sent as."""
+    if is_torch_tensor(value):
+        try:
+            return _TORCH_NAME_TO_WIRE[str(value.dtype)]
+        except KeyError:
+            raise UnsupportedTensorError(f"unsupported torch dtype {value.dtype}") from None
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    try:
+        return _NUMPY_TO_WIRE[arr.dtype.name]
+    except KeyError:
+        raise UnsupportedTensorError(f"unsupported numpy dtype {arr.dtype}") from None
+
+
+def as_wire_bytes(value: Any) -> tuple[int, tuple[int, ...], memoryview]:
+    """(wire dtype, shape, little-endian C-order bytes view) of a numpy array or torch tensor."""
+    if is_torch_tensor(value):
+        wire = wire_dtype_of(value)
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.is_conj():
+            t = t.resolve_conj()
+        if t.is_neg():
+            t = t.resolve_neg()
+        t = t.contiguous()
+        if wire == pb.BFLOAT16:
+            arr = t.view(sys.modules["torch"].int16).numpy()
+        else:
+            arr = t.numpy()
+        shape = tuple(t.shape)
+    else:
+        arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+        wire = wire_dtype_of(arr)
+        shape = tuple(arr.shape)
+        if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        if wire == pb.BFLOAT16:
+            arr = arr.view(np.uint16)
+    arr = np.ascontiguousarray(arr)
+    return wire, shape, memoryview(arr).cast("B")
+
+
+def to_proto(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Encode a numpy array, torch tensor, Python scalar or nested list as a wire Tensor."""
+    msg = pb.Tensor() if out is None else out
+    wire, shape, data = as_wire_bytes(value)
+    msg.dtype = wire
+    msg.shape[:] = shape
+    msg.data = data.tobytes()
+    return msg
+
+
+def numpy_from_proto(msg: pb.Tensor) -> np.ndarray:
+    """Decode a wire Tensor into a numpy array (bfloat16 needs ml_dtypes)."""
+    name = _WIRE_TO_NUMPY.get(msg.dtype)
+    if name is None:
+        raise UnsupportedTensorError(f"unknown wire dtype {msg.dtype}")
+    if name == "bfloat16":
+        bf16 = _bfloat16_numpy_dtype()
+        if bf16 is None:
+            raise UnsupportedTensorError("bfloat16 results need torch or ml_dtypes installed")
+        dtype = bf16
+    else:
+        dtype = np.dtype(name).newbyteorder("<")
+    # A writable copy, as torch would hand back; results are ~C times smaller than inputs.
+    return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape)).astype(
+        dtype.newbyteorder("="), copy=True
+    )
+
+
+def torch_from_proto(msg: pb.Tensor) -> Any:
+    """Decode a wire Tensor into a (writable) torch tensor."""
+    import torch
+
+    if msg.dtype == pb.BFLOAT16:
+        raw = np.frombuffer(msg.data, dtype="<i2").reshape(tuple(msg.shape)).copy()
+        return torch.from_numpy(raw).view(torch.bfloat16)
+    return torch.from_numpy(numpy_from_proto(msg).copy())
+
+
+def from_proto(msg: pb.Tensor, *, as_torch: bool) -> Any:
+    return torch_from_proto(msg) if as_torch else numpy_from_proto(msg)

@@ -1,0 +1,27 @@
+"""`lossd-server` / `python -m lossd_server`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import config as config_mod
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = config_mod.load(argv)
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from .app import serve
+
+    asyncio.run(serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Server lifecycle: build, warm up, serve, drain on SIGTERM/SIGINT, stop.
+
+Health is NOT_SERVING until a warm-up evaluation has run on the configured device. On SIGTERM
+or SIGINT health turns NOT_SERVING at once while the server keeps accepting for ``drain_s``
+(load balancers notice; calls already on the wire are not lost), then stops accepting and gives
+in-flight calls ``grace_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+
+from . import engine
+from .batcher import Batcher
+from .config import ServerConfig
+from .service import LossServicer
+
+log = logging.getLogger("lossd")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu; validates cuda[:N]."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise SystemExit(f"--device must be auto, cpu or cuda[:N], got {name}")
+    return device
+
+
+def warm_up(device: torch.device) -> None:
+    """One real evaluation per loss kind on the device (loads kernels, initialises CUDA)."""
+    x = torch.randn(4, 8)
+    t = torch.tensor([0, 3, -100, 7])
+    engine.evaluate(engine.LossSpec(), x, t, device=device)
+    engine.evaluate(engine.LossSpec(loss=engine.NLL), x.log_softmax(1), t, device=device)
+    engine.evaluate(engine.LossSpec(loss=engine.BCE_WITH_LOGITS), x, torch.rand(4, 8), device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class LossServer:
+    """A running lossd server (gRPC + health + reflection + metrics)."""
+
+    config: ServerConfig
+    device: torch.device
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    batcher: Batcher
+    port: int
+    metrics_port: int | None = None
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_and_shutdown(self) -> None:
+        await self._stopping.wait()
+        log.info("stopping: health NOT_SERVING, draining for %.1fs", self.config.drain_s)
+        await self.set_serving(False)
+        await asyncio.sleep(self.config.drain_s)
+        log.info("no longer accepting; in-flight calls get %.1fs", self.config.grace_s)
+        await self.server.stop(self.config.grace_s)
+        await self.batcher.close()
+        log.info("stopped")
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert_file:
+        return None
+    with open(config.tls_key_file, "rb") as f:
+        key = f.read()
+    with open(config.tls_cert_file, "rb") as f:
+        chain = f.read()
+    client_ca = None
+    if config.tls_client_ca_file:
+        with open(config.tls_client_ca_file, "rb") as f:
+            client_ca = f.read()
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+async def start(config: ServerConfig, *, interceptors=(), observer=None) -> LossServer:
+    device = resolve_device(config.device)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(interceptors=list(interceptors), options=options)
+    batcher = Batcher(config, device, observer=observer)
+    await batcher.start()
+    shm_reader = None
+    if config.allow_client_shm:
+        from .shm import read_shared_tensor
+
+        shm_reader = read_shared_tensor
+    pb_grpc.add_LossServiceServicer_to_server(LossServicer(config, device, batcher, shm_reader), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    creds = _server_credentials(config)
+    if creds is None:
+        port = server.add_insecure_port(config.address)
+    else:
+        port = server.add_secure_port(config.address, creds)
+    if port == 0:
+        raise SystemExit(f"could not bind {config.address}")
+    lossd = LossServer(config, device, server, health_servicer, batcher, port)
+    await lossd.set_serving(False)
+    await server.start()
+    log.info("lossd listening on %s:%d (device %s, tls %s)", config.host, port, device, "on" if creds else "off")
+    if config.warmup:
+        await asyncio.get_running_loop().run_in_executor(None, warm_up, device)
+    await lossd.set_serving(True)
+    log.info("warm-up done on %s: SERVING", device)
+    return lossd
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain and stop."""
+    from . import metrics
+
+    observer = metrics.BatchMetrics()
+    lossd = await start(config, interceptors=[metrics.RpcMetricsInterceptor()], observer=observer)
+    lossd.metrics_port = metrics.start_http(config, lossd)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lossd.request_stop)
+    await lossd.wait_and_shutdown()

@@ -1,0 +1,116 @@
+"""lossd.v1.Tensor <-> torch.Tensor, validating every field.
+
+Decoding wraps the message's bytes without copying (``torch.frombuffer``), fp16 and bf16
+included; the resulting tensors are read-only views that the engine never writes to.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+
+WIRE_TO_TORCH: dict[int, torch.dtype] = {
+    pb.FLOAT32: torch.float32,
+    pb.FLOAT16: torch.float16,
+    pb.BFLOAT16: torch.bfloat16,
+    pb.FLOAT64: torch.float64,
+    pb.INT64: torch.int64,
+    pb.INT32: torch.int32,
+    pb.INT16: torch.int16,
+    pb.INT8: torch.int8,
+    pb.UINT8: torch.uint8,
+    pb.BOOL: torch.bool,
+}
+TORCH_TO_WIRE: dict[torch.dtype, int] = {v: k for k, v in WIRE_TO_TORCH.items()}
+ITEMSIZE: dict[int, int] = {k: torch.empty((), dtype=v).element_size() for k, v in WIRE_TO_TORCH.items()}
+MAX_DIMS = 32
+MAX_ELEMENTS = 1 << 62
+
+
+class TensorError(ValueError):
+    """A malformed wire tensor; ``field`` names it (e.g. ``input.shape``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def dtype_of(field: str, wire_dtype: int) -> torch.dtype:
+    if wire_dtype == pb.DTYPE_UNSPECIFIED:
+        raise TensorError(f"{field}.dtype", "is DTYPE_UNSPECIFIED; set the element type")
+    try:
+        return WIRE_TO_TORCH[wire_dtype]
+    except KeyError:
+        raise TensorError(f"{field}.dtype", f"unknown dtype enum value {wire_dtype}") from None
+
+
+def shape_of(field: str, shape) -> tuple[int, ...]:
+    dims = tuple(int(s) for s in shape)
+    if len(dims) > MAX_DIMS:
+        raise TensorError(f"{field}.shape", f"expected at most {MAX_DIMS} dimensions, got {len(dims)}")
+    for i, s in enumerate(dims):
+        if s < 0:
+            raise TensorError(f"{field}.shape", f"dimension {i} is negative ({s}); sizes must be >= 0")
+    count = 1
+    for s in dims:
+        count *= s
+        if count > MAX_ELEMENTS:
+            raise TensorError(f"{field}.shape", f"element count of {list(dims)} overflows")
+    return dims
+
+
+def expected_nbytes(field: str, msg: pb.Tensor) -> tuple[torch.dtype, tuple[int, ...], int]:
+    dtype = dtype_of(field, msg.dtype)
+    shape = shape_of(field, msg.shape)
+    return dtype, shape, math.prod(shape) * ITEMSIZE[msg.dtype]
+
+
+def from_buffer(field: str, buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Wrap raw little-endian bytes as a tensor without copying."""
+    if len(buffer) == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # non-writable buffer: we never write to it
+        flat = torch.frombuffer(buffer, dtype=dtype)
+    return flat.view(shape)
+
+
+def decode(field: str, msg: pb.Tensor, shm_reader=None) -> torch.Tensor:
+    """Decode and validate a wire tensor. ``field`` is the request field name for messages."""
+    dtype, shape, nbytes = expected_nbytes(field, msg)
+    if msg.HasField("shm"):
+        if shm_reader is None:
+            raise TensorError(f"{field}.shm", "shared-memory tensors are disabled on this server (start it with --allow-client-shm)")
+        if msg.data:
+            raise TensorError(f"{field}.data", "set either data or shm, not both")
+        return shm_reader(field, msg.shm, dtype, shape, nbytes)
+    if len(msg.data) != nbytes:
+        raise TensorError(
+            f"{field}.data",
+            f"expected {nbytes} bytes for shape {list(shape)} of {_name(dtype)} "
+            f"({ITEMSIZE[msg.dtype]} bytes each), got {len(msg.data)}",
+        )
+    return from_buffer(field, msg.data, dtype, shape)
+
+
+def encode(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Encode a CPU tensor as little-endian C-order bytes."""
+    msg = pb.Tensor() if out is None else out
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    msg.dtype = TORCH_TO_WIRE[t.dtype]
+    msg.shape[:] = t.shape
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    msg.data = t.numpy().tobytes()
+    return msg
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

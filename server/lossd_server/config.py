@@ -1,0 +1,138 @@
+"""One typed settings object, fed by CLI flags and LOSSD_* environment variables.
+
+Precedence: command-line flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"
+    max_message_bytes: int = 64 * MiB
+    max_batch_rows: int = 65536
+    max_batch_bytes: int = 32 * MiB
+    max_wait_ms: float = 2.0
+    max_queue_requests: int = 2048
+    max_queue_bytes: int = 2048 * MiB
+    chunk_bytes: int = 4 * MiB
+    max_chunks_in_flight: int = 4
+    compute_threads: int = 1
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    drain_s: float = 1.0
+    grace_s: float = 30.0
+    allow_client_shm: bool = False
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    warmup: bool = True
+    log_level: str = "INFO"
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+
+_HELP = {
+    "host": "address to bind (0.0.0.0 inside containers)",
+    "port": "gRPC port; 0 lets the OS pick (the chosen port is logged)",
+    "device": "auto (CUDA when present), cpu, cuda or cuda:N",
+    "max_message_bytes": "largest gRPC message received or sent; bigger requests must use EvaluateChunked",
+    "max_batch_rows": "a batch closes when it holds this many rows (positions)",
+    "max_batch_bytes": "a batch closes when it holds this many input bytes",
+    "max_wait_ms": "longest a batch waits after its first request; 0 turns batching off",
+    "max_queue_requests": "queued requests beyond this are answered RESOURCE_EXHAUSTED",
+    "max_queue_bytes": "queued input bytes beyond this are answered RESOURCE_EXHAUSTED",
+    "chunk_bytes": "compute-dtype bytes of logits evaluated per engine chunk (bounds extra memory)",
+    "max_chunks_in_flight": "EvaluateChunked: received chunks held at once per call",
+    "compute_threads": "engine worker threads",
+    "metrics_host": "address of the Prometheus /metrics HTTP server",
+    "metrics_port": "port of the Prometheus /metrics HTTP server; 0 disables it",
+    "drain_s": "after SIGTERM: seconds to keep accepting while health reports NOT_SERVING",
+    "grace_s": "after draining: seconds in-flight calls get to finish",
+    "allow_client_shm": "honour same-host shared-memory tensor references",
+    "tls_cert_file": "PEM server certificate chain (enables TLS)",
+    "tls_key_file": "PEM server private key",
+    "tls_client_ca_file": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
+    "warmup": "run a warm-up evaluation before reporting SERVING",
+    "log_level": "logging level",
+}
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _converter(f: dataclasses.Field):
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind.startswith("bool"):
+        return _parse_bool
+    if kind.startswith("int"):
+        return int
+    if kind.startswith("float"):
+        return float
+    return str
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lossd-server", description="lossd: torch-exact loss evaluation over gRPC")
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        env = "LOSSD_" + f.name.upper()
+        conv = _converter(f)
+        if conv is _parse_bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"{_HELP[f.name]} [env {env}; default {f.default}]")
+        else:
+            p.add_argument(flag, dest=f.name, type=conv, default=None, help=f"{_HELP[f.name]} [env {env}; default {f.default}]")
+    return p
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Build the config from flags, then LOSSD_* variables, then defaults."""
+    environ = os.environ if environ is None else environ
+    args = parser().parse_args(argv)
+    values = {}
+    for f in fields(ServerConfig):
+        flag_value = getattr(args, f.name)
+        if flag_value is not None:
+            values[f.name] = flag_value
+            continue
+        env = environ.get("LOSSD_" + f.name.upper())
+        if env is not None:
+            try:
+                values[f.name] = _converter(f)(env)
+            except ValueError as exc:
+                raise SystemExit(f"LOSSD_{f.name.upper()}: {exc}") from None
+    config = ServerConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: ServerConfig) -> None:
+    if not 0 <= config.port <= 65535:
+        raise SystemExit(f"--port must be in [0, 65535], got {config.port}")
+    if config.max_message_bytes < 1024:
+        raise SystemExit("--max-message-bytes must be at least 1024")
+    if config.max_wait_ms < 0:
+        raise SystemExit("--max-wait-ms must be >= 0")
+    if (config.tls_cert_file is None) != (config.tls_key_file is None):
+        raise SystemExit("--tls-cert-file and --tls-key-file go together")
+    if config.tls_client_ca_file and not config.tls_cert_file:
+        raise SystemExit("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")

@@ -1,0 +1,676 @@
+"""Loss evaluation with exact torch.nn.functional semantics. Pure torch: no gRPC, no asyncio.
+
+A request becomes a :class:`Plan` once its shapes, dtypes, options and (class-index) target
+values have been validated exactly as torch validates them. The input itself is only read by
+:meth:`Plan.evaluate_units`, which walks it in *units*: the leading positions before the class
+axis (one row of C logits when the classes are the last axis; one (C, d1..dk) slab for torch's
+(N, C, d1..dk) layout; one leading slice for BCE). Units are evaluated in chunks sized from a byte
+budget, so half-precision input is upcast one chunk at a time and no full-size float32 copy or
+full-size log_softmax is ever materialised. Per-element losses, their float64 sum (the numerator
+of torch's mean) and the denominator torch uses are accumulated into a :class:`Partial`;
+:meth:`Plan.finish` turns the partials into what torch returns. Because the numerator and
+denominator are explicit, batches of several requests (see :func:`evaluate_batch`) and requests
+streamed in chunks give every caller exactly its own torch result.
+
+Half and bfloat16 inputs are computed with float32 accumulation and answered in torch's output
+dtype; float64 input is computed in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+CROSS_ENTROPY = "cross_entropy"
+NLL = "nll_loss"
+BCE_WITH_LOGITS = "binary_cross_entropy_with_logits"
+LOSSES = (CROSS_ENTROPY, NLL, BCE_WITH_LOGITS)
+REDUCTIONS = ("mean", "sum", "none")
+EXTRAS = ("target_logprob", "entropy", "target_rank", "argmax_correct")
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+CLASS_TARGET_DTYPES = (torch.int64, torch.uint8)
+
+#: Bytes of compute-dtype logits evaluated per chunk. Large enough to amortise per-call
+#: overhead, small enough to stay in cache-friendly territory and bound extra memory.
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+class InvalidInput(ValueError):
+    """The request is invalid; ``field`` names the offending request field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The options of one loss call, as torch.nn.functional takes them."""
+
+    loss: str = CROSS_ENTROPY
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    class_axis: int | None = None
+    shift_targets: bool = False
+    extras: tuple[str, ...] = ()
+    sequence_stats: bool = False
+
+
+@dataclass
+class SequenceStats:
+    nll_sum: list[float]
+    tokens: list[int]
+    mean_nll: list[float]
+    perplexity: list[float]
+    is_greedy: list[bool]
+
+
+@dataclass
+class LossResult:
+    """What torch returns (``loss``) plus the exact float64 totals behind a mean."""
+
+    loss: torch.Tensor
+    loss_sum: float
+    weight_sum: float
+    counted: int
+    sequences: SequenceStats | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Partial:
+    """Evaluation of a contiguous range of units ``[unit_start, unit_stop)``."""
+
+    unit_start: int
+    unit_stop: int
+    losses: torch.Tensor | None  # per element, compute dtype, on CPU; None unless needed
+    loss_sum: float
+    weight_sum: float
+    counted: int
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    seq_loss: torch.Tensor | None = None  # (rows,) float64 weighted loss, for sequence stats
+    seq_weight: torch.Tensor | None = None
+    seq_counted: torch.Tensor | None = None
+    seq_greedy: torch.Tensor | None = None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shape(shape: Sequence[int]) -> list[int]:
+    return list(shape)
+
+
+@functools.lru_cache(maxsize=512)
+def _torch_output_dtype(
+    loss: str,
+    kind: str,
+    input_dtype: torch.dtype,
+    target_dtype: torch.dtype,
+    weight_dtype: torch.dtype | None,
+    pos_weight_dtype: torch.dtype | None,
+    label_smoothing_on: bool,
+) -> torch.dtype:
+    """Run torch itself on one-element tensors of these dtypes.
+
+    torch's dtype rules (which target dtypes are accepted, when weights must match, how BCE
+    promotes) live in its kernels; probing them is the only way to match them exactly.
+    Raises InvalidInput with torch's own message when torch rejects the combination.
+    """
+    x = torch.zeros(1, 2, dtype=input_dtype)
+    w = None if weight_dtype is None else torch.ones(2, dtype=weight_dtype)
+    try:
+        if kind == "bce":
+            x1 = torch.zeros(2, dtype=input_dtype)
+            t1 = torch.zeros(2, dtype=target_dtype)
+            w1 = None if weight_dtype is None else torch.ones(2, dtype=weight_dtype)
+            pw = None if pos_weight_dtype is None else torch.ones(2, dtype=pos_weight_dtype)
+            out = F.binary_cross_entropy_with_logits(x1, t1, weight=w1, pos_weight=pw)
+        elif kind == "prob":
+            out = F.cross_entropy(x, torch.zeros(1, 2, dtype=target_dtype), weight=w)
+        else:
+            t = torch.zeros(1, dtype=target_dtype)
+            if loss == NLL:
+                out = F.nll_loss(x, t, weight=w)
+            else:
+                out = F.cross_entropy(x, t, weight=w, label_smoothing=0.5 if label_smoothing_on else 0.0)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, IndexError) as exc:
+        raise _dtype_error(kind, input_dtype, target_dtype, weight_dtype, pos_weight_dtype, exc) from exc
+    return out.dtype
+
+
+def _dtype_error(kind, input_dtype, target_dtype, weight_dtype, pos_weight_dtype, exc) -> InvalidInput:
+    text = str(exc).split("\n")[0]
+    if input_dtype not in FLOAT_DTYPES:
+        return InvalidInput("input", f"expected a floating dtype (float32, float64, float16, bfloat16), got {_dtype_name(input_dtype)} ({text})")
+    if kind == "class" and target_dtype not in CLASS_TARGET_DTYPES:
+        return InvalidInput("target", f"expected class indices of dtype int64 or uint8 (as torch), got {_dtype_name(target_dtype)} ({text})")
+    if kind == "prob" and not target_dtype.is_floating_point:
+        return InvalidInput("target", f"expected a floating dtype for class probabilities, got {_dtype_name(target_dtype)} ({text})")
+    if weight_dtype is not None and ("weight" in text or "scalar type" in text) and kind != "bce":
+        return InvalidInput("options.weight", f"expected dtype {_dtype_name(input_dtype)} like the input, got {_dtype_name(weight_dtype)} ({text})")
+    if kind == "bce" and not target_dtype.is_floating_point:
+        return InvalidInput("target", f"expected a floating dtype for BCE targets, got {_dtype_name(target_dtype)} ({text})")
+    field = "options.pos_weight" if pos_weight_dtype is not None and kind == "bce" else "options.weight"
+    return InvalidInput(field if weight_dtype or pos_weight_dtype else "input", f"dtype combination rejected by torch: {text}")
+
+
+def _normalise_axis(axis: int, ndim: int, field_name: str) -> int:
+    if not -ndim <= axis < ndim:
+        raise InvalidInput(field_name, f"axis {axis} is out of range for an input with {ndim} dimensions")
+    return axis % ndim
+
+
+class Plan:
+    """A validated request: everything but the bulk input values.
+
+    Build with :func:`plan`. ``input_shape`` / ``input_dtype`` describe the input; the input
+    values arrive through :meth:`evaluate_units` (whole, or in chunks when streamed).
+    """
+
+    def __init__(
+        self,
+        spec: LossSpec,
+        input_shape: tuple[int, ...],
+        input_dtype: torch.dtype,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        pos_weight: torch.Tensor | None,
+        *,
+        target_streamed: bool = False,
+    ) -> None:
+        self.spec = spec
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_dtype = input_dtype
+        self.target_dtype = target.dtype
+        self.target_shape = tuple(target.shape)
+        self.weight = weight
+        self.pos_weight = pos_weight
+        self.target_streamed = target_streamed
+        self._validate_and_layout(target)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_and_layout(self, target: torch.Tensor) -> None:
+        spec = self.spec
+        shape = self.input_shape
+        ndim = len(shape)
+        if spec.loss not in LOSSES:
+            raise InvalidInput("options.loss", f"unknown loss {spec.loss!r}")
+        if spec.reduction not in REDUCTIONS:
+            raise InvalidInput("options.reduction", f"{spec.reduction!r} is not a valid value for reduction")
+        if math.isnan(spec.label_smoothing):
+            raise InvalidInput("options.label_smoothing", "must be a number in [0, 1], got nan")
+        for extra in spec.extras:
+            if extra not in EXTRAS:
+                raise InvalidInput("options.extras", f"unknown extra {extra!r}; expected one of {', '.join(EXTRAS)}")
+        if spec.loss == BCE_WITH_LOGITS:
+            self._validate_bce(target)
+            return
+        if self.pos_weight is not None:
+            raise InvalidInput("options.pos_weight", f"only binary_cross_entropy_with_logits takes pos_weight, not {spec.loss}")
+        if spec.loss == NLL and spec.label_smoothing != 0.0:
+            raise InvalidInput("options.label_smoothing", "nll_loss has no label_smoothing; use cross_entropy")
+        if ndim == 0:
+            if spec.loss == NLL:
+                raise InvalidInput("input", "Expected 1 or more dimensions (got 0)")
+            raise InvalidInput("input", "expected an input with a class axis ((C), (N, C) or (N, C, d1, ...)), got a 0-dim tensor")
+        if spec.class_axis is None:
+            self.class_axis = 0 if ndim == 1 else 1
+        else:
+            self.class_axis = _normalise_axis(spec.class_axis, ndim, "options.class_axis")
+        self.num_classes = shape[self.class_axis]
+        # torch treats input and target of equal shape as class probabilities (cross_entropy).
+        torch_layout_shape = self._torch_layout(shape)
+        torch_target_shape = self._torch_layout(self.target_shape) if len(self.target_shape) == ndim else self.target_shape
+        is_prob = spec.loss == CROSS_ENTROPY and tuple(torch_target_shape) == tuple(torch_layout_shape)
+        self.kind = "prob" if is_prob else "class"
+        if self.kind == "prob":
+            self._validate_prob()
+        else:
+            self._validate_class(target)
+
+    def _torch_layout(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape the input would have in torch's class-axis-1 layout."""
+        shape = list(shape)
+        default = 0 if len(shape) == 1 else 1
+        if self.class_axis != default and len(shape) > 1:
+            shape.insert(1, shape.pop(self.class_axis))
+        return tuple(shape)
+
+    def _check_dtypes(self, kind: str) -> None:
+        self.output_dtype = _torch_output_dtype(
+            self.spec.loss,
+            kind,
+            self.input_dtype,
+            self.target_dtype,
+            None if self.weight is None else self.weight.dtype,
+            None if self.pos_weight is None else self.pos_weight.dtype,
+            self.spec.label_smoothing > 0.0,
+        )
+        self.compute_dtype = torch.float64 if self.output_dtype == torch.float64 else torch.float32
+
+    def _layout_units(self) -> None:
+        shape = self.input_shape
+        ca = self.class_axis
+        self.units = math.prod(shape[:ca]) if ca > 0 else 1
+        self.unit_positions = math.prod(shape[ca + 1 :])  # rows (positions) per unit
+        self.rows = self.units * self.unit_positions
+
+    def _check_weight(self, prob: bool) -> None:
+        w = self.weight
+        c = self.num_classes
+        if w is not None and (w.dim() != 1 or w.numel() != c):
+            prefix = "cross_entropy: " if prob else ""
+            raise InvalidInput(
+                "options.weight",
+                f"{prefix}weight tensor should be defined either for all {c} classes or no classes but got weight tensor of shape: {_shape(w.shape)}",
+            )
+
+    def _validate_prob(self) -> None:
+        spec = self.spec
+        if spec.ignore_index >= 0:
+            raise InvalidInput("options.ignore_index", "ignore_index is not supported for floating point target (class probabilities)")
+        if spec.label_smoothing > 1.0:
+            raise InvalidInput("options.label_smoothing", f"label_smoothing must be between 0.0 and 1.0. Got: {spec.label_smoothing:g}")
+        if not self.target_dtype.is_floating_point:
+            raise InvalidInput("target", f"Expected floating point type for target with class probabilities, got {_dtype_name(self.target_dtype)}")
+        if spec.shift_targets:
+            raise InvalidInput("options.shift_targets", "needs class-index targets, got class probabilities")
+        if spec.extras or spec.sequence_stats:
+            raise InvalidInput("options.extras", "extras and sequence statistics need class-index targets, got class probabilities")
+        self._check_weight(prob=True)
+        self._check_dtypes("prob")
+        self._layout_units()
+        self.output_shape = tuple(s for i, s in enumerate(self.input_shape) if i != self.class_axis)
+        self.target = None
+
+    def _validate_class(self, target: torch.Tensor) -> None:
+        spec = self.spec
+        shape = self.input_shape
+        ndim = len(shape)
+        tshape = self.target_shape
+        if spec.label_smoothing > 1.0:
+            raise InvalidInput("options.label_smoothing", f"label_smoothing must be between 0.0 and 1.0. Got: {spec.label_smoothing:g}")
+        if self.target_streamed:
+            raise InvalidInput("target", "class-index targets travel whole in the chunk header")
+        if ndim == 1:
+            if len(tshape) > 1:
+                raise InvalidInput("target", f"0D or 1D target tensor expected, multi-target not supported, got {len(tshape)}D")
+            if len(tshape) == 1 and tshape[0] != 1:
+                raise InvalidInput("target", f"For 1D input, 1D target must have size 1, but got target size: {tshape[0]}")
+            if len(tshape) == 1 and spec.label_smoothing > 0 and spec.reduction == "none":
+                raise InvalidInput("target", "output with shape [] doesn't match the broadcast shape [1] (torch rejects a (1,) target for 1-d input with label_smoothing and reduction='none')")
+            self.output_shape = ()
+        else:
+            expected = tuple(s for i, s in enumerate(shape) if i != self.class_axis)
+            if ndim == 2 and self.class_axis == 1:
+                if len(tshape) > 1:
+                    raise InvalidInput("target", f"0D or 1D target tensor expected, multi-target not supported, got {len(tshape)}D shape {_shape(tshape)}")
+                tn = tshape[0] if tshape else 0
+                if tn != shape[0]:
+                    raise InvalidInput("target", f"Expected input batch_size ({shape[0]}) to match target batch_size ({tn}).")
+            elif tshape != expected:
+                if len(tshape) >= 1 and len(tshape) == ndim - 1 and tshape[0] != expected[0] and self.class_axis == 1:
+                    raise InvalidInput("target", f"Expected input batch_size ({shape[0]}) to match target batch_size ({tshape[0]}).")
+                raise InvalidInput("target", f"Expected target size {_shape(expected)}, got {_shape(tshape)}")
+            self.output_shape = expected
+        self._check_weight(prob=False)
+        self._check_dtypes("class")
+        self._layout_units()
+        flat = target.reshape(-1)
+        if flat.dtype != torch.int64:
+            flat = flat.to(torch.int64)
+        ignore = spec.ignore_index
+        if spec.shift_targets:
+            if len(tshape) == 0:
+                raise InvalidInput("options.shift_targets", "needs a target with a sequence axis, got a 0-dim target")
+            t2 = flat.reshape(-1, tshape[-1]) if tshape[-1] > 0 else flat.reshape(0, 0)
+            shifted = torch.full_like(t2, ignore)
+            shifted[:, :-1] = t2[:, 1:]
+            flat = shifted.reshape(-1)
+        valid = flat != ignore
+        c = self.num_classes
+        bad = valid & ((flat < 0) | (flat >= c))
+        if bool(bad.any()):
+            first = int(flat[bad.nonzero()[0, 0]])
+            raise InvalidInput("target", f"Target {first} is out of bounds. (expected class indices in [0, {c}) or ignore_index {ignore})")
+        self.target = flat
+        self.valid = valid
+        if (spec.extras or spec.sequence_stats) and len(tshape) == 0:
+            self.seq_len = 1
+        else:
+            self.seq_len = tshape[-1] if tshape else 1
+
+    def _validate_bce(self, target: torch.Tensor) -> None:
+        spec = self.spec
+        shape = self.input_shape
+        if self.target_shape != shape:
+            raise InvalidInput("target", f"Target size ({_torch_size(self.target_shape)}) must be the same as input size ({_torch_size(shape)})")
+        if spec.class_axis is not None or spec.shift_targets or spec.extras or spec.sequence_stats:
+            raise InvalidInput("options", "class_axis, shift_targets, extras and sequence_stats apply to cross_entropy / nll_loss only")
+        if spec.label_smoothing != 0.0:
+            raise InvalidInput("options.label_smoothing", "binary_cross_entropy_with_logits has no label_smoothing")
+        for name, w in (("options.weight", self.weight), ("options.pos_weight", self.pos_weight)):
+            if w is None:
+                continue
+            try:
+                b = torch.broadcast_shapes(tuple(w.shape), shape)
+            except RuntimeError as exc:
+                raise InvalidInput(name, f"shape {_shape(w.shape)} is not broadcastable to the input shape {_shape(shape)}: {exc}") from None
+            if tuple(b) != shape:
+                raise InvalidInput(name, f"output with shape {_shape(shape)} doesn't match the broadcast shape {_shape(b)}")
+        self.kind = "bce"
+        self._check_dtypes("bce")
+        self.class_axis = 1 if len(shape) > 1 else 0
+        self.num_classes = 1
+        self.units = shape[0] if shape else 1
+        self.unit_positions = math.prod(shape[1:]) if shape else 1
+        self.rows = self.units * self.unit_positions
+        self.output_shape = shape
+        self.target = None
+        self.valid = None
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def unit_elements(self) -> int:
+        """Input elements per unit (per row chunk step)."""
+        if self.kind == "bce":
+            return self.unit_positions
+        return self.unit_positions * self.num_classes
+
+    @property
+    def input_nbytes(self) -> int:
+        return math.prod(self.input_shape) * _itemsize(self.input_dtype)
+
+    def needs_losses(self) -> bool:
+        return self.spec.reduction == "none"
+
+    def units_per_chunk(self, chunk_bytes: int) -> int:
+        per_unit = max(1, self.unit_elements) * (8 if self.compute_dtype == torch.float64 else 4)
+        return max(1, chunk_bytes // per_unit)
+
+    # ------------------------------------------------------------------ evaluation
+    def unit_view(self, x: torch.Tensor) -> torch.Tensor:
+        """View the input (or a unit-range slice of it) as (units, C, positions) / (units, positions)."""
+        if self.kind == "bce":
+            return x.reshape(-1, self.unit_positions) if x.dim() > 0 else x.reshape(1, 1)
+        return x.reshape(-1, self.num_classes, self.unit_positions)
+
+    def evaluate_units(
+        self,
+        x_units: torch.Tensor,
+        unit_start: int,
+        *,
+        target_units: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> Partial:
+        """Evaluate the units ``[unit_start, unit_start + len(x_units))``.
+
+        ``x_units`` is the input restricted to those units in (units, C, positions) layout (see
+        :meth:`unit_view`); ``target_units`` likewise for probability / BCE targets.
+        """
+        n_units = x_units.shape[0]
+        step = self.units_per_chunk(chunk_bytes)
+        parts = []
+        for u0 in range(0, n_units, step):
+            u1 = min(n_units, u0 + step)
+            tu = None if target_units is None else target_units[u0:u1]
+            parts.append(self._evaluate_chunk(x_units[u0:u1], tu, unit_start + u0, device))
+        if not parts:
+            return self._empty_partial(unit_start)
+        return merge_partials(parts) if len(parts) > 1 else parts[0]
+
+    def _empty_partial(self, unit_start: int) -> Partial:
+        return Partial(unit_start, unit_start, torch.empty(0, dtype=self.compute_dtype), 0.0, 0.0, 0)
+
+    def _rows_of(self, xu: torch.Tensor, device) -> torch.Tensor:
+        """(units, C, positions) -> contiguous (rows, C) in the compute dtype on device."""
+        xu = xu.to(device=device, non_blocking=True)
+        if self.unit_positions != 1:
+            xu = xu.transpose(1, 2)
+        return xu.reshape(-1, self.num_classes).to(self.compute_dtype)
+
+    def _evaluate_chunk(self, xu, tu, unit_start, device) -> Partial:
+        u1 = unit_start + xu.shape[0]
+        if self.kind == "bce":
+            return self._evaluate_bce(xu, tu, unit_start, u1, device)
+        x = self._rows_of(xu, device)
+        r0, r1 = unit_start * self.unit_positions, u1 * self.unit_positions
+        if self.kind == "prob":
+            p = self._rows_of(tu, device)
+            return self._evaluate_prob(x, p, unit_start, u1)
+        return self._evaluate_class(x, r0, r1, unit_start, u1, device)
+
+    def _weight_on(self, device) -> torch.Tensor | None:
+        if self.weight is None:
+            return None
+        return self.weight.to(device=device, dtype=self.compute_dtype)
+
+    def _evaluate_class(self, x, r0, r1, u0, u1, device) -> Partial:
+        spec = self.spec
+        t = self.target[r0:r1].to(device)
+        valid = self.valid[r0:r1].to(device)
+        tc = t.masked_fill(~valid, 0)
+        logp = torch.log_softmax(x, 1) if spec.loss == CROSS_ENTROPY else x
+        picked = logp.gather(1, tc.unsqueeze(1)).squeeze(1)
+        w = self._weight_on(device)
+        if w is not None:
+            wt = w[tc]
+            nll = -picked * wt
+            wt = torch.where(valid, wt, 0.0)
+        else:
+            nll = -picked
+            wt = valid.to(self.compute_dtype)
+        nll = torch.where(valid, nll, 0.0)
+        ls = spec.label_smoothing
+        if spec.loss == CROSS_ENTROPY and ls > 0.0:
+            smooth = -(logp * w).sum(1) if w is not None else -logp.sum(1)
+            smooth = torch.where(valid, smooth, 0.0)
+            losses = (1 - ls) * nll + smooth * (ls / self.num_classes)
+        else:
+            losses = nll
+        part = Partial(
+            u0,
+            u1,
+            losses.cpu() if self.needs_losses() else None,
+            float(losses.sum(dtype=torch.float64)),
+            float(wt.sum(dtype=torch.float64)),
+            int(valid.sum()),
+        )
+        if spec.extras or spec.sequence_stats:
+            self._class_extras(part, x, logp, picked, tc, valid, losses, wt)
+        return part
+
+    def _class_extras(self, part, x, logp, picked, tc, valid, losses, wt) -> None:
+        extras = self.spec.extras
+        rank = None
+        if "target_rank" in extras or "argmax_correct" in extras or self.spec.sequence_stats:
+            rank = (x > x.gather(1, tc.unsqueeze(1))).sum(1) + 1
+            rank = torch.where(valid, rank, 0)
+        if "target_logprob" in extras:
+            part.extras["target_logprob"] = torch.where(valid, picked, 0.0).cpu()
+        if "entropy" in extras:
+            ent = -(logp.exp() * logp).nan_to_num(nan=0.0).sum(1)
+            part.extras["entropy"] = torch.where(valid, ent, 0.0).cpu()
+        if "target_rank" in extras:
+            part.extras["target_rank"] = rank.cpu()
+        if "argmax_correct" in extras:
+            part.extras["argmax_correct"] = ((rank == 1) & valid).cpu()
+        if self.spec.sequence_stats:
+            part.seq_loss = losses.to(torch.float64).cpu()
+            part.seq_weight = wt.to(torch.float64).cpu()
+            part.seq_counted = valid.cpu()
+            part.seq_greedy = ((rank == 1) | ~valid).cpu()
+
+    def _evaluate_prob(self, x, p, u0, u1) -> Partial:
+        ls = self.spec.label_smoothing
+        logp = torch.log_softmax(x, 1)
+        if ls > 0.0:
+            p = p * (1 - ls) + ls / self.num_classes
+        prod = logp * p
+        if self.weight is not None:
+            prod = prod * self._weight_on(x.device)
+        losses = -prod.sum(1)
+        n = losses.shape[0]
+        return Partial(
+            u0, u1, losses.cpu() if self.needs_losses() else None, float(losses.sum(dtype=torch.float64)), float(n), n
+        )
+
+    def _evaluate_bce(self, xu, tu, u0, u1, device) -> Partial:
+        cd = self.compute_dtype
+        x = xu.to(device=device, dtype=cd)
+        t = tu.to(device=device, dtype=cd)
+        kwargs = {}
+        for name, w in (("weight", self.weight), ("pos_weight", self.pos_weight)):
+            if w is not None:
+                full = w.to(cd).expand(self.input_shape) if self.input_shape else w.to(cd).reshape(())
+                kwargs[name] = self.unit_view(full)[u0:u1].to(device)
+        losses = F.binary_cross_entropy_with_logits(x, t, reduction="none", **kwargs)
+        n = losses.numel()
+        return Partial(
+            u0, u1, losses.reshape(-1).cpu() if self.needs_losses() else None, float(losses.sum(dtype=torch.float64)), float(n), n
+        )
+
+    # ------------------------------------------------------------------ result
+    def finish(self, partial: Partial) -> LossResult:
+        """Turn the partial covering every unit into what torch returns."""
+        spec = self.spec
+        if spec.reduction == "none":
+            losses = partial.losses if partial.losses is not None else torch.empty(0, dtype=self.compute_dtype)
+            loss = losses.reshape(self._none_shape()).to(self.output_dtype)
+        elif spec.reduction == "sum":
+            loss = torch.tensor(partial.loss_sum, dtype=torch.float64).to(self.output_dtype)
+        else:
+            if self.kind != "class" and math.prod(self.input_shape) == 0:
+                mean = math.nan
+            else:
+                mean = _divide(partial.loss_sum, partial.weight_sum)
+            loss = torch.tensor(mean, dtype=torch.float64).to(self.output_dtype)
+        result = LossResult(loss, partial.loss_sum, partial.weight_sum, partial.counted)
+        if self.kind == "class":
+            shape = self.target_shape if self.target_shape else ()
+            for name, value in partial.extras.items():
+                result.extras[name] = value.reshape(shape)
+            if spec.sequence_stats:
+                result.sequences = self._sequence_stats(partial)
+        return result
+
+    def _none_shape(self) -> tuple[int, ...]:
+        if self.kind == "class":
+            return self.output_shape
+        if self.kind == "bce":
+            return self.input_shape
+        # probability rows are ordered (units, positions) == torch's (N, d1..dk) order
+        return self.output_shape
+
+    def _sequence_stats(self, partial: Partial) -> SequenceStats:
+        t_len = max(1, self.seq_len)
+        loss = partial.seq_loss.reshape(-1, t_len)
+        weight = partial.seq_weight.reshape(-1, t_len)
+        nll_sum = loss.sum(1)
+        wsum = weight.sum(1)
+        tokens = partial.seq_counted.reshape(-1, t_len).sum(1)
+        mean = nll_sum / wsum
+        return SequenceStats(
+            nll_sum=nll_sum.tolist(),
+            tokens=tokens.tolist(),
+            mean_nll=mean.tolist(),
+            perplexity=mean.exp().tolist(),
+            is_greedy=partial.seq_greedy.reshape(-1, t_len).all(1).tolist(),
+        )
+
+
+def _divide(a: float, b: float) -> float:
+    if b == 0.0:
+        return math.nan if a == 0.0 or math.isnan(a) else math.copysign(math.inf, a)
+    return a / b
+
+
+def _torch_size(shape: Sequence[int]) -> str:
+    return f"torch.Size({list(shape)})"
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def merge_partials(parts: Sequence[Partial]) -> Partial:
+    """Concatenate partials of consecutive unit ranges (in order)."""
+    first = parts[0]
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    merged = Partial(
+        first.unit_start,
+        parts[-1].unit_stop,
+        cat("losses"),
+        math.fsum(p.loss_sum for p in parts),
+        math.fsum(p.weight_sum for p in parts),
+        sum(p.counted for p in parts),
+        {k: torch.cat([p.extras[k] for p in parts]) for k in first.extras},
+        cat("seq_loss"),
+        cat("seq_weight"),
+        cat("seq_counted"),
+        cat("seq_greedy"),
+    )
+    return merged
+
+
+def plan(
+    spec: LossSpec,
+    input_shape: Sequence[int],
+    input_dtype: torch.dtype,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    *,
+    target_streamed: bool = False,
+) -> Plan:
+    """Validate a request as torch would; raise InvalidInput naming the field when torch would reject it."""
+    return Plan(spec, tuple(input_shape), input_dtype, target, weight, pos_weight, target_streamed=target_streamed)
+
+
+def evaluate(
+    spec: LossSpec,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> LossResult:
+    """Validate and evaluate one request; the engine's whole job in one call."""
+    p = plan(spec, input.shape, input.dtype, target, weight, pos_weight)
+    return run(p, input, target, device=device, chunk_bytes=chunk_bytes)
+
+
+def run(
+    p: Plan,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> LossResult:
+    """Evaluate a validated plan on its whole input."""
+    target_units = p.unit_view(target) if p.kind in ("prob", "bce") else None
+    try:
+        partial = p.evaluate_units(p.unit_view(input), 0, target_units=target_units, device=device, chunk_bytes=chunk_bytes)
+    except (RuntimeError, IndexError, ValueError) as exc:
+        if isinstance(exc, InvalidInput):
+            raise
+        raise InvalidInput("input", f"torch rejected the request: {exc}") from exc
+    return p.finish(partial)
