@@ -150,6 +150,8 @@ async def serve(config: ServerConfig) -> None:
     observer = metrics.BatchMetrics()
     lossd = await start(config, interceptors=[metrics.RpcMetricsInterceptor()], observer=observer)
     lossd.metrics_port = metrics.start_http(config, lossd)
+    if lossd.metrics_port:
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, lossd.metrics_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lossd.request_stop)
