@@ -21,6 +21,7 @@ from ._proto.lossd.v1 import loss_pb2 as pb
 from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from .errors import LossdError, from_rpc_error
 from .requests import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult
+from .shm import SharedMemoryArena
 
 SERVICE = "lossd.v1.LossService"
 #: Requests at or below this size never ask the server for its limit (gRPC's default is 4 MiB).
@@ -117,11 +118,15 @@ class _Base:
         retries: int = 5,
         chunk_bytes: int = rq.DEFAULT_CHUNK_BYTES,
         chunks_in_flight: int = 8,
+        shared_memory: bool = False,
+        shm_min_bytes: int = 1024 * 1024,
     ) -> None:
         self.target = normalise_target(target)
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self.chunks_in_flight = chunks_in_flight
+        self.shared_memory = shared_memory
+        self.shm_min_bytes = shm_min_bytes
         self._credentials = _credentials(root_certificates, private_key, certificate_chain)
         self._options = _channel_options(max_message_bytes, retries)
         self._server_limit: int | None = None
@@ -212,8 +217,14 @@ class LossClient(_Base):
         Requests larger than the server's message limit go through EvaluateChunked by themselves.
         """
         req = request if request is not None else LossRequest(**fields)
+        if self.shared_memory:
+            with SharedMemoryArena(self.shm_min_bytes) as arena:
+                msg, as_torch = rq.build(req, arena)
+                return self._call(msg, as_torch, self._timeout(timeout_s))
         msg, as_torch = rq.build(req)
-        timeout = self._timeout(timeout_s)
+        return self._call(msg, as_torch, self._timeout(timeout_s))
+
+    def _call(self, msg: pb.EvaluateRequest, as_torch: bool, timeout: float | None) -> EvaluateResult:
         try:
             if msg.ByteSize() > _SMALL_REQUEST_BYTES and msg.ByteSize() > self._limit(timeout):
                 response = self._stub.EvaluateChunked(rq.chunk_messages(msg, self.chunk_bytes), timeout=timeout)
@@ -376,8 +387,14 @@ class AsyncLossClient(_Base):
 
     async def evaluate(self, request: LossRequest | None = None, *, timeout_s: float | None = None, **fields: Any) -> EvaluateResult:
         req = request if request is not None else LossRequest(**fields)
+        if self.shared_memory:
+            with SharedMemoryArena(self.shm_min_bytes) as arena:
+                msg, as_torch = rq.build(req, arena)
+                return await self._call(msg, as_torch, self._timeout(timeout_s))
         msg, as_torch = rq.build(req)
-        timeout = self._timeout(timeout_s)
+        return await self._call(msg, as_torch, self._timeout(timeout_s))
+
+    async def _call(self, msg: pb.EvaluateRequest, as_torch: bool, timeout: float | None) -> EvaluateResult:
         try:
             if msg.ByteSize() > _SMALL_REQUEST_BYTES and msg.ByteSize() > await self._limit(timeout):
                 response = await self._stub.EvaluateChunked(rq.chunk_messages(msg, self.chunk_bytes), timeout=timeout)

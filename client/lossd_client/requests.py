@@ -96,8 +96,12 @@ def combine(results: Sequence[EvaluateResult]) -> float:
     return total / weight if weight else math.nan
 
 
-def build(req: LossRequest) -> tuple[pb.EvaluateRequest, bool]:
-    """LossRequest -> (wire request, whether to answer with torch tensors)."""
+def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool]:
+    """LossRequest -> (wire request, whether to answer with torch tensors).
+
+    With a :class:`~lossd_client.shm.SharedMemoryArena`, large input/target bytes travel
+    through same-host shared memory instead of inline.
+    """
     if req.loss not in _LOSSES:
         raise InvalidArgumentError(f"loss: unknown loss {req.loss!r}; expected one of {', '.join(_LOSSES)}")
     if req.reduction not in _REDUCTIONS:
@@ -127,8 +131,10 @@ def build(req: LossRequest) -> tuple[pb.EvaluateRequest, bool]:
             tensors.to_proto(req.weight, options.weight)
         if req.pos_weight is not None:
             tensors.to_proto(req.pos_weight, options.pos_weight)
-        tensors.to_proto(req.input, msg.input)
-        tensors.to_proto(req.target, msg.target)
+        if arena is None or not arena.place(req.input, msg.input):
+            tensors.to_proto(req.input, msg.input)
+        if arena is None or not arena.place(req.target, msg.target):
+            tensors.to_proto(req.target, msg.target)
     except tensors.UnsupportedTensorError as exc:
         raise InvalidArgumentError(str(exc)) from exc
     return msg, tensors.is_torch_tensor(req.input)
