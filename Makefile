@@ -9,7 +9,7 @@ PORT ?= 50051
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test demo lint proto bench clean
+.PHONY: help install run test demo lint proto bench image docker-lint clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -42,6 +42,14 @@ proto: $(STAMP) ## regenerate client/lossd_client/_proto from proto/
 
 bench: $(STAMP) ## benchmarks: ratios against in-process torch and a naive gRPC server
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+image: $(STAMP) ## build, run and probe the CPU image with podman (root; see ../shared/container)
+	BUILDAH_FORMAT=docker ../shared/container/ctr-check.sh --host-port 0 --tag localhost/lossd/test:latest \
+	  --wheels "$$(pip config get global.find-links)" --build-arg TORCH_INDEX_URL= \
+	  --check '$(PY) docker/container_probe.py' docker/Dockerfile . 50051
+
+docker-lint: ## hadolint both Dockerfiles
+	../shared/container/hadolint.sh --failure-threshold warning docker/Dockerfile docker/Dockerfile.cuda
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

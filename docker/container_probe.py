@@ -61,12 +61,8 @@ def wait_serving(target: str, timeout_s: float) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
-                statuses = {
-                    name: stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status for name in SERVICES
-                }
-                last = ", ".join(
-                    f"{n or '<overall>'}={health_pb2.HealthCheckResponse.ServingStatus.Name(s)}" for n, s in statuses.items()
-                )
+                statuses = {name: stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status for name in SERVICES}
+                last = ", ".join(f"{n or '<overall>'}={health_pb2.HealthCheckResponse.ServingStatus.Name(s)}" for n, s in statuses.items())
                 if all(s == health_pb2.HealthCheckResponse.SERVING for s in statuses.values()):
                     log(f"health: {last}")
                     return
@@ -114,8 +110,8 @@ def check_inside(container: str) -> None:
         hc = podman_exec(container, "sh", "-c", 'lossd-client --target "127.0.0.1:${LOSSD_PORT:-50051}" health || exit 1')
         how = "podman exec"
     # podman prints systemd-timer errors on hosts without systemd; the exit status is what counts.
-    out = " | ".join(line for line in (hc.stdout + hc.stderr).splitlines() if "systemd" not in line)
-    log(f"HEALTHCHECK via {how}: rc={hc.returncode} {out!r}")
+    out = " | ".join(line for line in [*hc.stdout.splitlines(), *hc.stderr.splitlines()] if line and "systemd" not in line)
+    log(f"HEALTHCHECK via {how}: rc={hc.returncode} {out or '(no output)'}")
     if hc.returncode != 0:
         raise SystemExit("[probe] FAIL: the image's HEALTHCHECK did not pass")
     fetch = (

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.parse
 from pathlib import Path
 
@@ -34,9 +36,7 @@ pytestmark = pytest.mark.container
 
 def _pip_config(key: str) -> str | None:
     try:
-        out = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "get", key], capture_output=True, text=True, timeout=60
-        )
+        out = subprocess.run([sys.executable, "-m", "pip", "config", "get", key], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     value = out.stdout.strip()
@@ -74,12 +74,32 @@ def _skip_unless_registries(debian: bool = True) -> None:
 
 
 def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run cmd, echoing its output live (CI logs show the build and the container run)."""
     print("$", shlex.join(cmd), flush=True)
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
-    )
-    print(proc.stdout, flush=True)
-    return proc
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            print(line, end="", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM to the script itself: ctr-check.sh traps it and stops/removes its container.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=10)
+        pytest.fail(f"{cmd[0]} did not finish within {timeout:.0f}s")
+    reader.join(timeout=30)
+    return subprocess.CompletedProcess(cmd, rc, "".join(lines), None)
 
 
 @pytest.mark.timeout(1200)

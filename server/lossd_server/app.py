@@ -17,14 +17,13 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
 from . import engine
 from .batcher import Batcher
 from .config import ServerConfig
-from .service import LossServicer
+from .service import MAX_SEND_MESSAGE_BYTES, LossServicer, transport_receive_limit
 
 log = logging.getLogger("lossd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -58,6 +57,19 @@ def warm_up(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StopSignal:
+    """SIGTERM/SIGINT: the first one starts the drain, a second one skips what is left of it."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.hurry = asyncio.Event()
+
+    def __call__(self) -> None:
+        if self.requested.is_set():
+            self.hurry.set()
+        self.requested.set()
+
+
 @dataclass
 class LossServer:
     """A running lossd server (gRPC + health + reflection + metrics)."""
@@ -69,23 +81,44 @@ class LossServer:
     batcher: Batcher
     port: int
     metrics_port: int | None = None
-    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_signal: StopSignal = field(default_factory=StopSignal)
 
     async def set_serving(self, serving: bool) -> None:
+        """Ignored once shutting down (the health servicer is then NOT_SERVING for good)."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    @property
+    def stopping(self) -> bool:
+        return self.stop_signal.requested.is_set()
+
     def request_stop(self) -> None:
-        self._stopping.set()
+        self.stop_signal()
+
+    async def warm_up_and_serve(self) -> None:
+        """Run the warm-up evaluation on the device, then report SERVING (unless already stopping)."""
+        if self.config.warmup:
+            await asyncio.get_running_loop().run_in_executor(None, warm_up, self.device)
+        if self.stopping:
+            log.info("warm-up done on %s, but stopping: staying NOT_SERVING", self.device)
+            return
+        await self.set_serving(True)
+        log.info("warm-up done on %s: SERVING", self.device)
 
     async def wait_and_shutdown(self) -> None:
-        await self._stopping.wait()
-        log.info("stopping: health NOT_SERVING, draining for %.1fs", self.config.drain_s)
-        await self.set_serving(False)
-        await asyncio.sleep(self.config.drain_s)
-        log.info("no longer accepting; in-flight calls get %.1fs", self.config.grace_s)
-        await self.server.stop(self.config.grace_s)
+        """Wait for a stop request, then drain (NOT_SERVING, still accepting) and stop."""
+        await self.stop_signal.requested.wait()
+        await self.health.enter_graceful_shutdown()
+        log.info("stopping: health NOT_SERVING; still accepting calls for %.1fs (drain)", self.config.drain_s)
+        hurry = self.stop_signal.hurry
+        try:
+            await asyncio.wait_for(hurry.wait(), self.config.drain_s)
+        except TimeoutError:
+            pass
+        grace = 0.0 if hurry.is_set() else self.config.grace_s
+        log.info("no longer accepting; in-flight calls get %.1fs", grace)
+        await self.server.stop(grace)
         await self.batcher.close()
         log.info("stopped")
 
@@ -104,13 +137,19 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-async def start(config: ServerConfig, *, interceptors=(), observer=None) -> LossServer:
+async def listen(config: ServerConfig, *, interceptors=(), observer=None) -> LossServer:
+    """Build, bind and start the server with health NOT_SERVING (no warm-up yet)."""
     device = resolve_device(config.device)
     options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", transport_receive_limit(config.max_message_bytes)),
+        ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ]
+    if config.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000)),
+        ]
     server = grpc.aio.server(interceptors=list(interceptors), options=options)
     batcher = Batcher(config, device, observer=observer)
     await batcher.start()
@@ -135,24 +174,29 @@ async def start(config: ServerConfig, *, interceptors=(), observer=None) -> Loss
     lossd = LossServer(config, device, server, health_servicer, batcher, port)
     await lossd.set_serving(False)
     await server.start()
-    log.info("lossd listening on %s:%d (device %s, tls %s)", config.host, port, device, "on" if creds else "off")
-    if config.warmup:
-        await asyncio.get_running_loop().run_in_executor(None, warm_up, device)
-    await lossd.set_serving(True)
-    log.info("warm-up done on %s: SERVING", device)
+    log.info("lossd listening on %s:%d (device %s, tls %s): NOT_SERVING until warm-up", config.host, port, device, "on" if creds else "off")
+    return lossd
+
+
+async def start(config: ServerConfig, *, interceptors=(), observer=None) -> LossServer:
+    """listen(), then warm up and report SERVING."""
+    lossd = await listen(config, interceptors=interceptors, observer=observer)
+    await lossd.warm_up_and_serve()
     return lossd
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM/SIGINT, then drain and stop."""
+    """Run until SIGTERM/SIGINT, then drain and stop (returns normally: exit status 0)."""
     from . import metrics
 
-    observer = metrics.BatchMetrics()
-    lossd = await start(config, interceptors=[metrics.RpcMetricsInterceptor()], observer=observer)
+    stop_signal = StopSignal()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_signal)
+    lossd = await listen(config, interceptors=[metrics.RpcMetricsInterceptor()], observer=metrics.BatchMetrics())
+    lossd.stop_signal = stop_signal
     lossd.metrics_port = metrics.start_http(config, lossd)
     if lossd.metrics_port:
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, lossd.metrics_port)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lossd.request_stop)
+    await lossd.warm_up_and_serve()
     await lossd.wait_and_shutdown()

@@ -37,6 +37,7 @@ class ServerConfig:
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
     warmup: bool = True
+    max_connection_age_s: float = 0.0
     log_level: str = "INFO"
 
     @property
@@ -59,7 +60,7 @@ _HELP = {
     "max_chunks_in_flight": "EvaluateChunked: received chunks held at once per call",
     "compute_threads": "engine worker threads",
     "metrics_host": "address of the Prometheus /metrics HTTP server",
-    "metrics_port": "port of the Prometheus /metrics HTTP server; 0 disables it",
+    "metrics_port": "port of the Prometheus /metrics HTTP server; 0 disables it, -1 lets the OS pick (the chosen port is logged)",
     "drain_s": "after SIGTERM: seconds to keep accepting while health reports NOT_SERVING",
     "grace_s": "after draining: seconds in-flight calls get to finish",
     "allow_client_shm": "honour same-host shared-memory tensor references",
@@ -67,6 +68,7 @@ _HELP = {
     "tls_key_file": "PEM server private key",
     "tls_client_ca_file": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
     "warmup": "run a warm-up evaluation before reporting SERVING",
+    "max_connection_age_s": "close client connections after this long (0: never) so clients discover new replicas",
     "log_level": "logging level",
 }
 
@@ -128,6 +130,10 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 def validate(config: ServerConfig) -> None:
     if not 0 <= config.port <= 65535:
         raise SystemExit(f"--port must be in [0, 65535], got {config.port}")
+    if not -1 <= config.metrics_port <= 65535:
+        raise SystemExit(f"--metrics-port must be -1 (OS picks), 0 (off) or a port, got {config.metrics_port}")
+    if config.drain_s < 0 or config.grace_s < 0:
+        raise SystemExit("--drain-s and --grace-s must be >= 0")
     if config.max_message_bytes < 1024:
         raise SystemExit("--max-message-bytes must be at least 1024")
     if config.max_wait_ms < 0:
