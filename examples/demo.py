@@ -14,7 +14,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from _server import local_server
 from lossd_client import LossClient, LossRequest, combine
 from worked_examples import run as run_worked_examples

@@ -14,7 +14,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from lossd_client import LossClient
 
 

@@ -7,14 +7,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from multiprocessing import shared_memory
 
 import grpc
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from multiprocessing import shared_memory
-
 from lossd_client import InvalidArgumentError, LossClient
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from . import requests as rq
+from . import tensors
 from ._proto.lossd.v1 import loss_pb2 as pb
 from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from .errors import LossdError, from_rpc_error
@@ -24,8 +25,10 @@ from .requests import EvaluateResult, LoglikelihoodResult, LossRequest, Perplexi
 from .shm import SharedMemoryArena
 
 SERVICE = "lossd.v1.LossService"
-#: Requests at or below this size never ask the server for its limit (gRPC's default is 4 MiB).
-_SMALL_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
+#: Requests with at most this many tensor bytes never ask the server for its limit (a server's
+#: --max-message-bytes is at least 1024).
+_SMALL_REQUEST_BYTES = 512
+_CHUNKED_METHOD = f"/{SERVICE}/EvaluateChunked"
 
 
 def service_config(*, retries: int = 5) -> str:
@@ -118,6 +121,7 @@ class _Base:
         retries: int = 5,
         chunk_bytes: int = rq.DEFAULT_CHUNK_BYTES,
         chunks_in_flight: int = 8,
+        chunked_above_bytes: int = rq.CHUNKED_ABOVE_BYTES,
         shared_memory: bool = False,
         shm_min_bytes: int = 1024 * 1024,
     ) -> None:
@@ -125,11 +129,12 @@ class _Base:
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self.chunks_in_flight = chunks_in_flight
+        self.chunked_above_bytes = chunked_above_bytes
         self.shared_memory = shared_memory
         self.shm_min_bytes = shm_min_bytes
         self._credentials = _credentials(root_certificates, private_key, certificate_chain)
         self._options = _channel_options(max_message_bytes, retries)
-        self._server_limit: int | None = None
+        self._server_max: int | None = None
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         return self.timeout_s if timeout_s is None else timeout_s
@@ -214,25 +219,36 @@ class LossClient(_Base):
     def evaluate(self, request: LossRequest | None = None, *, timeout_s: float | None = None, **fields: Any) -> EvaluateResult:
         """Evaluate a LossRequest (or its fields as keywords); returns loss and totals.
 
-        Requests larger than the server's message limit go through EvaluateChunked by themselves.
+        Requests larger than the server's message limit (or than ``chunked_above_bytes``, which bounds the
+        server's memory per request) go through EvaluateChunked by themselves.
         """
         req = request if request is not None else LossRequest(**fields)
         if self.shared_memory:
             with SharedMemoryArena(self.shm_min_bytes) as arena:
                 msg, as_torch = rq.build(req, arena)
                 return self._call(msg, as_torch, self._timeout(timeout_s))
+        timeout = self._timeout(timeout_s)
+        size = rq.request_nbytes(req)
+        if size > _SMALL_REQUEST_BYTES and (size > self._limit(timeout) or size > self.chunked_above_bytes):
+            return self._call_chunked(req, timeout)
         msg, as_torch = rq.build(req)
-        return self._call(msg, as_torch, self._timeout(timeout_s))
+        return self._call(msg, as_torch, timeout)
 
     def _call(self, msg: pb.EvaluateRequest, as_torch: bool, timeout: float | None) -> EvaluateResult:
         try:
-            if msg.ByteSize() > _SMALL_REQUEST_BYTES and msg.ByteSize() > self._limit(timeout):
-                response = self._stub.EvaluateChunked(rq.chunk_messages(msg, self.chunk_bytes), timeout=timeout)
-            else:
-                response = self._stub.Evaluate(msg, timeout=timeout)
+            response = self._stub.Evaluate(msg, timeout=timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         return rq.parse(response, as_torch)
+
+    def _call_chunked(self, req: LossRequest, timeout: float | None) -> EvaluateResult:
+        """EvaluateChunked with pre-serialised chunks cut from the caller's arrays."""
+        call = self._channel.stream_unary(_CHUNKED_METHOD, request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString)
+        try:
+            response = call(rq.chunk_payloads(req, self.chunk_bytes, self._server_max), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return rq.parse(response, tensors.is_torch_tensor(req.input))
 
     def perplexity(self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None) -> PerplexityResult:
         """(B, T, V) logits and (B, T) token ids -> per-token NLL, per-sequence and corpus perplexity."""
@@ -314,9 +330,10 @@ class LossClient(_Base):
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def _limit(self, timeout: float | None) -> int:
-        if self._server_limit is None:
-            self._server_limit = int(self.server_info(timeout_s=timeout).max_receive_message_bytes) - 64 * 1024
-        return self._server_limit
+        """Tensor bytes a unary request may carry (the server's limit less room for the rest)."""
+        if self._server_max is None:
+            self._server_max = int(self.server_info(timeout_s=timeout).max_receive_message_bytes)
+        return _unary_budget(self._server_max)
 
 
 class AsyncLossClient(_Base):
@@ -391,18 +408,27 @@ class AsyncLossClient(_Base):
             with SharedMemoryArena(self.shm_min_bytes) as arena:
                 msg, as_torch = rq.build(req, arena)
                 return await self._call(msg, as_torch, self._timeout(timeout_s))
+        timeout = self._timeout(timeout_s)
+        size = rq.request_nbytes(req)
+        if size > _SMALL_REQUEST_BYTES and (size > await self._limit(timeout) or size > self.chunked_above_bytes):
+            return await self._call_chunked(req, timeout)
         msg, as_torch = rq.build(req)
-        return await self._call(msg, as_torch, self._timeout(timeout_s))
+        return await self._call(msg, as_torch, timeout)
 
     async def _call(self, msg: pb.EvaluateRequest, as_torch: bool, timeout: float | None) -> EvaluateResult:
         try:
-            if msg.ByteSize() > _SMALL_REQUEST_BYTES and msg.ByteSize() > await self._limit(timeout):
-                response = await self._stub.EvaluateChunked(rq.chunk_messages(msg, self.chunk_bytes), timeout=timeout)
-            else:
-                response = await self._stub.Evaluate(msg, timeout=timeout)
+            response = await self._stub.Evaluate(msg, timeout=timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         return rq.parse(response, as_torch)
+
+    async def _call_chunked(self, req: LossRequest, timeout: float | None) -> EvaluateResult:
+        call = self._channel.stream_unary(_CHUNKED_METHOD, request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString)
+        try:
+            response = await call(rq.chunk_payloads(req, self.chunk_bytes, self._server_max), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return rq.parse(response, tensors.is_torch_tensor(req.input))
 
     async def perplexity(self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None) -> PerplexityResult:
         result = await self.evaluate(rq.perplexity_request(logits, tokens, shift=shift, ignore_index=ignore_index), timeout_s=timeout_s)
@@ -481,7 +507,12 @@ class AsyncLossClient(_Base):
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     async def _limit(self, timeout: float | None) -> int:
-        if self._server_limit is None:
+        if self._server_max is None:
             info = await self.server_info(timeout_s=timeout)
-            self._server_limit = int(info.max_receive_message_bytes) - 64 * 1024
-        return self._server_limit
+            self._server_max = int(info.max_receive_message_bytes)
+        return _unary_budget(self._server_max)
+
+
+def _unary_budget(max_message_bytes: int) -> int:
+    """Tensor bytes that fit in one message of ``max_message_bytes`` with its other fields."""
+    return max_message_bytes - min(4096, max_message_bytes // 4)

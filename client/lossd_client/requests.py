@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,8 @@ _LOSSES = {
     "nll_loss": pb.NLL,
     "binary_cross_entropy_with_logits": pb.BINARY_CROSS_ENTROPY_WITH_LOGITS,
 }
-_REDUCTIONS = {"mean": pb.MEAN, "sum": pb.SUM, "none": pb.NONE}
+#: "elementwise_mean" is torch's deprecated spelling of "mean", still accepted by torch.
+_REDUCTIONS = {"mean": pb.MEAN, "sum": pb.SUM, "none": pb.NONE, "elementwise_mean": pb.MEAN}
 _EXTRAS = {
     "target_logprob": pb.TARGET_LOGPROB,
     "entropy": pb.ENTROPY,
@@ -28,6 +29,11 @@ _EXTRAS = {
 #: Bytes of input per EvaluateChunked message: big enough to amortise per-message cost, small
 #: enough that several can be in flight without large buffers (measured on loopback TCP).
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+#: Requests with more tensor bytes than this go through EvaluateChunked even when they would fit in
+#: one message: a unary request costs the server about 4x its size in copies (gRPC's receive
+#: buffer, the bytes handed to Python, the parsed message, each read of a bytes field), a
+#: chunked one a few chunks.
+CHUNKED_ABOVE_BYTES = 4 * 1024 * 1024
 
 
 def legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
@@ -89,10 +95,17 @@ class EvaluateResult:
         return self.loss_sum / self.weight_sum if self.weight_sum else math.nan
 
 
+def _fsum(values: Sequence[float]) -> float:
+    """Exactly rounded sum; IEEE semantics (inf - inf = nan, overflow = inf) when not finite."""
+    try:
+        return math.fsum(values)
+    except (ValueError, OverflowError):
+        return sum(values)
+
+
 def combine(results: Sequence[EvaluateResult]) -> float:
     """The exact mean over several results (requests, shards or replicas)."""
-    total = math.fsum(r.loss_sum for r in results)
-    weight = math.fsum(r.weight_sum for r in results)
+    total, weight = _fsum([r.loss_sum for r in results]), _fsum([r.weight_sum for r in results])
     return total / weight if weight else math.nan
 
 
@@ -208,6 +221,108 @@ def chunk_messages(msg: pb.EvaluateRequest, chunk_bytes: int = DEFAULT_CHUNK_BYT
         if streamed:
             chunk.target_rows = tdata[u0 * target_unit_bytes : u1 * target_unit_bytes].tobytes()
         yield chunk
+
+
+#: Bytes of framing and header fields allowed for on top of the rows of one chunk message.
+_CHUNK_OVERHEAD_BYTES = 256
+_EMPTY = np.empty(0, dtype=np.float32)
+
+
+def request_nbytes(req: LossRequest) -> int:
+    """Tensor bytes the request puts on the wire, counted without serialising anything."""
+    return sum(_nbytes(v) for v in (req.input, req.target, req.weight, req.pos_weight) if v is not None)
+
+
+def _nbytes(value: Any) -> int:
+    if tensors.is_torch_tensor(value):
+        return value.numel() * value.element_size()
+    return value.nbytes if isinstance(value, np.ndarray) else np.asarray(value).nbytes
+
+
+def _row_layout(shape: Sequence[int], loss: str, class_axis: int | None) -> tuple[int, int]:
+    """(rows, elements per row): the leading positions before the class axis (dim 0 for BCE)."""
+    shape = list(shape)
+    if not shape:
+        return 1, 1
+    if loss == "binary_cross_entropy_with_logits":
+        axis = 1 if len(shape) > 1 else 0
+    elif class_axis is not None and -len(shape) <= class_axis < len(shape):
+        axis = class_axis % len(shape)
+    else:
+        axis = 0 if len(shape) == 1 else 1
+    return (math.prod(shape[:axis]) if axis > 0 else 1), math.prod(shape[axis:])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _bytes_field(number: int, payload: memoryview) -> list[Any]:
+    return [bytes([(number << 3) | 2]) + _varint(len(payload)), payload]
+
+
+def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_message_bytes: int | None = None) -> Iterator[bytes]:
+    """One request as serialised EvaluateChunk messages: a ChunkHeader, then whole-row chunks.
+
+    Checks everything (and raises InvalidArgumentError) before returning the iterator.
+
+    Rows are cut straight out of the caller's array, one copy per chunk; the whole request is
+    never built as one protobuf message (serialising a 256 MB message costs seconds). Each message
+    stays within ``max_message_bytes`` (the server's receive limit) when given.
+    """
+    try:
+        wire, shape, data = tensors.as_wire_bytes(req.input)
+        twire, tshape, tdata = tensors.as_wire_bytes(req.target)
+    except tensors.UnsupportedTensorError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
+    streamed = tshape == shape and req.loss != "nll_loss"
+    small, _ = build(replace(req, input=_EMPTY, target=_EMPTY if streamed else req.target))
+    header = pb.ChunkHeader(id=req.id, input_dtype=wire, input_shape=shape)
+    header.options.CopyFrom(small.options)
+    if streamed:
+        header.target.dtype = twire
+        header.target.shape[:] = tshape
+    else:
+        header.target.CopyFrom(small.target)
+    first = pb.EvaluateChunk(header=header).SerializeToString()
+    budget = chunk_bytes if max_message_bytes is None else min(chunk_bytes, max_message_bytes - _CHUNK_OVERHEAD_BYTES)
+    if max_message_bytes is not None and len(first) > max_message_bytes:
+        raise InvalidArgumentError(
+            f"target: the chunk header (options and the whole class-index target, {len(first)} bytes) does not fit in one "
+            f"message of the server's max_message_bytes ({max_message_bytes}); split the request by sequences"
+        )
+    rows, per_row = _row_layout(shape, req.loss, req.class_axis)
+    row_bytes = per_row * tensors.ITEMSIZE[wire]
+    target_row_bytes = per_row * tensors.ITEMSIZE[twire] if streamed else 0
+    if max_message_bytes is not None and row_bytes + target_row_bytes > budget:
+        raise InvalidArgumentError(
+            f"input: one row ({row_bytes + target_row_bytes} bytes of input and target) does not fit in one message of the "
+            f"server's max_message_bytes ({max_message_bytes}); raise the server's --max-message-bytes"
+        )
+    per_chunk = max(1, budget // max(1, row_bytes + target_row_bytes))
+    return _payloads(first, data, tdata if streamed else None, rows, row_bytes, target_row_bytes, per_chunk)
+
+
+def _payloads(first: bytes, data: memoryview, tdata: memoryview | None, rows: int, row_bytes: int, target_row_bytes: int, per_chunk: int) -> Iterator[bytes]:
+    yield first
+    if rows == 0 or len(data) == 0:
+        if rows:
+            yield b""
+        return
+    for r0 in range(0, rows, per_chunk):
+        r1 = min(rows, r0 + per_chunk)
+        parts = _bytes_field(2, data[r0 * row_bytes : r1 * row_bytes])
+        if tdata is not None:
+            parts += _bytes_field(3, tdata[r0 * target_row_bytes : r1 * target_row_bytes])
+        yield b"".join(parts)
 
 
 def perplexity_request(logits: Any, tokens: Any, *, shift: bool, ignore_index: int) -> LossRequest:

@@ -112,7 +112,7 @@ def as_wire_bytes(value: Any) -> tuple[int, tuple[int, ...], memoryview]:
         if wire == pb.BFLOAT16:
             arr = arr.view(np.uint16)
     arr = np.ascontiguousarray(arr)
-    return wire, shape, memoryview(arr).cast("B")
+    return wire, shape, memoryview(arr.reshape(-1).view(np.uint8))
 
 
 def to_proto(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:

@@ -10,7 +10,6 @@ import math
 import warnings
 
 import torch
-
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
 WIRE_TO_TORCH: dict[int, torch.dtype] = {

@@ -102,6 +102,22 @@ class Partial:
     seq_greedy: torch.Tensor | None = None
 
 
+@dataclass
+class ClassTerms:
+    """Per-row tensors of a class-index evaluation; ``rows(a, b)`` views a row range."""
+
+    x: torch.Tensor
+    logp: torch.Tensor
+    picked: torch.Tensor
+    tc: torch.Tensor
+    valid: torch.Tensor
+    losses: torch.Tensor
+    wt: torch.Tensor
+
+    def rows(self, a: int, b: int) -> ClassTerms:
+        return ClassTerms(*(getattr(self, f)[a:b] for f in ("x", "logp", "picked", "tc", "valid", "losses", "wt")))
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -119,6 +135,7 @@ def _torch_output_dtype(
     weight_dtype: torch.dtype | None,
     pos_weight_dtype: torch.dtype | None,
     label_smoothing_on: bool,
+    reduction: str = "mean",
 ) -> torch.dtype:
     """Run torch itself on one-element tensors of these dtypes.
 
@@ -142,7 +159,7 @@ def _torch_output_dtype(
             if loss == NLL:
                 out = F.nll_loss(x, t, weight=w)
             else:
-                out = F.cross_entropy(x, t, weight=w, label_smoothing=0.5 if label_smoothing_on else 0.0)
+                out = F.cross_entropy(x, t, weight=w, label_smoothing=0.5 if label_smoothing_on else 0.0, reduction=reduction)
     except (RuntimeError, ValueError, TypeError, NotImplementedError, IndexError) as exc:
         raise _dtype_error(kind, input_dtype, target_dtype, weight_dtype, pos_weight_dtype, exc) from exc
     return out.dtype
@@ -255,6 +272,7 @@ class Plan:
             None if self.weight is None else self.weight.dtype,
             None if self.pos_weight is None else self.pos_weight.dtype,
             self.spec.label_smoothing > 0.0,
+            self.spec.reduction,
         )
         self.compute_dtype = torch.float64 if self.output_dtype == torch.float64 else torch.float32
 
@@ -307,8 +325,8 @@ class Plan:
                 raise InvalidInput("target", f"0D or 1D target tensor expected, multi-target not supported, got {len(tshape)}D")
             if len(tshape) == 1 and tshape[0] != 1:
                 raise InvalidInput("target", f"For 1D input, 1D target must have size 1, but got target size: {tshape[0]}")
-            if len(tshape) == 1 and spec.label_smoothing > 0 and spec.reduction == "none":
-                raise InvalidInput("target", "output with shape [] doesn't match the broadcast shape [1] (torch rejects a (1,) target for 1-d input with label_smoothing and reduction='none')")
+            if len(tshape) == 1 and spec.label_smoothing > 0:
+                raise InvalidInput("target", "output with shape [] doesn't match the broadcast shape [1] (torch rejects a (1,) target for 1-d input with label_smoothing > 0)")
             self.output_shape = ()
         else:
             expected = tuple(s for i, s in enumerate(shape) if i != self.class_axis)
@@ -324,6 +342,10 @@ class Plan:
                 raise InvalidInput("target", f"Expected target size {_shape(expected)}, got {_shape(tshape)}")
             self.output_shape = expected
         self._check_weight(prob=False)
+        if ndim >= 3 and self.target_dtype == torch.uint8 and (math.prod(tshape) > 0 or spec.reduction == "none"):
+            # torch's nll_loss2d path (inputs with spatial dims) takes int64 targets only
+            # (an empty batch with mean / sum returns before the dtype check)
+            raise InvalidInput("target", "expected scalar type Long but found Byte (uint8 class indices are accepted only for (C) and (N, C) inputs, as torch)")
         self._check_dtypes("class")
         self._layout_units()
         flat = target.reshape(-1)
@@ -402,8 +424,18 @@ class Plan:
     def unit_view(self, x: torch.Tensor) -> torch.Tensor:
         """View the input (or a unit-range slice of it) as (units, C, positions) / (units, positions)."""
         if self.kind == "bce":
-            return x.reshape(-1, self.unit_positions) if x.dim() > 0 else x.reshape(1, 1)
-        return x.reshape(-1, self.num_classes, self.unit_positions)
+            if x.dim() == 0:
+                return x.reshape(1, 1)
+            return x.reshape(self._leading_units(x, 1), self.unit_positions)
+        return x.reshape(self._leading_units(x, self.class_axis), self.num_classes, self.unit_positions)
+
+    def _leading_units(self, x: torch.Tensor, axis: int) -> int:
+        """Units in ``x``: the whole input (dims before ``axis``) or a (units, *unit) slice.
+
+        Counted from the shape because reshape(-1, ...) is ambiguous for empty tensors.
+        """
+        lead = x.dim() - (len(self.input_shape) - axis)
+        return math.prod(x.shape[:lead])
 
     def evaluate_units(
         self,
@@ -438,7 +470,7 @@ class Plan:
         xu = xu.to(device=device, non_blocking=True)
         if self.unit_positions != 1:
             xu = xu.transpose(1, 2)
-        return xu.reshape(-1, self.num_classes).to(self.compute_dtype)
+        return xu.reshape(xu.shape[0] * self.unit_positions, self.num_classes).to(self.compute_dtype)
 
     def _evaluate_chunk(self, xu, tu, unit_start, device) -> Partial:
         u1 = unit_start + xu.shape[0]
@@ -447,6 +479,8 @@ class Plan:
         x = self._rows_of(xu, device)
         r0, r1 = unit_start * self.unit_positions, u1 * self.unit_positions
         if self.kind == "prob":
+            if self.output_dtype != self.input_dtype:
+                return self._evaluate_prob_promoted(xu, tu, unit_start, u1, device)
             p = self._rows_of(tu, device)
             return self._evaluate_prob(x, p, unit_start, u1)
         return self._evaluate_class(x, r0, r1, unit_start, u1, device)
@@ -457,13 +491,21 @@ class Plan:
         return self.weight.to(device=device, dtype=self.compute_dtype)
 
     def _evaluate_class(self, x, r0, r1, u0, u1, device) -> Partial:
-        spec = self.spec
         t = self.target[r0:r1].to(device)
         valid = self.valid[r0:r1].to(device)
+        return self.class_partial(self.class_terms(x, t, valid), u0, u1)
+
+    def class_terms(self, x: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> ClassTerms:
+        """Per-row terms of a class-index loss for (rows, C) compute-dtype logits ``x``.
+
+        Depends only on the loss kind, C, compute dtype, class weights and label smoothing, so
+        rows of several compatible requests may be evaluated together (see batch_engine).
+        """
+        spec = self.spec
         tc = t.masked_fill(~valid, 0)
         logp = torch.log_softmax(x, 1) if spec.loss == CROSS_ENTROPY else x
         picked = logp.gather(1, tc.unsqueeze(1)).squeeze(1)
-        w = self._weight_on(device)
+        w = self._weight_on(x.device)
         if w is not None:
             wt = w[tc]
             nll = -picked * wt
@@ -479,6 +521,11 @@ class Plan:
             losses = (1 - ls) * nll + smooth * (ls / self.num_classes)
         else:
             losses = nll
+        return ClassTerms(x, logp, picked, tc, valid, losses, wt)
+
+    def class_partial(self, terms: ClassTerms, u0: int, u1: int) -> Partial:
+        """Reduce the terms of this request's rows (units ``[u0, u1)``) into a Partial."""
+        losses, wt, valid = terms.losses, terms.wt, terms.valid
         part = Partial(
             u0,
             u1,
@@ -487,20 +534,21 @@ class Plan:
             float(wt.sum(dtype=torch.float64)),
             int(valid.sum()),
         )
-        if spec.extras or spec.sequence_stats:
-            self._class_extras(part, x, logp, picked, tc, valid, losses, wt)
+        if self.spec.extras or self.spec.sequence_stats:
+            self._class_extras(part, terms.x, terms.logp, terms.picked, terms.tc, valid, losses, wt)
         return part
 
     def _class_extras(self, part, x, logp, picked, tc, valid, losses, wt) -> None:
         extras = self.spec.extras
         rank = None
-        if "target_rank" in extras or "argmax_correct" in extras or self.spec.sequence_stats:
+        if "target_rank" in extras or "argmax_correct" in extras:
             rank = (x > x.gather(1, tc.unsqueeze(1))).sum(1) + 1
             rank = torch.where(valid, rank, 0)
         if "target_logprob" in extras:
             part.extras["target_logprob"] = torch.where(valid, picked, 0.0).cpu()
         if "entropy" in extras:
-            ent = -(logp.exp() * logp).nan_to_num(nan=0.0).sum(1)
+            p = logp.exp()
+            ent = -(p * logp).masked_fill_(p == 0, 0.0).sum(1)  # 0 log 0 = 0; NaN stays NaN
             part.extras["entropy"] = torch.where(valid, ent, 0.0).cpu()
         if "target_rank" in extras:
             part.extras["target_rank"] = rank.cpu()
@@ -510,7 +558,34 @@ class Plan:
             part.seq_loss = losses.to(torch.float64).cpu()
             part.seq_weight = wt.to(torch.float64).cpu()
             part.seq_counted = valid.cpu()
-            part.seq_greedy = ((rank == 1) | ~valid).cpu()
+            # lm-evaluation-harness: logits.argmax(-1) == continuation (the first maximum wins ties).
+            part.seq_greedy = ((x.argmax(1) == tc) | ~valid).cpu()
+
+    def _evaluate_prob_promoted(self, xu, tu, u0, u1, device) -> Partial:
+        """Probability targets whose dtype (or the weight's) is wider than the input's.
+
+        torch promotes only after its log_softmax, which runs in (and rounds to) the input
+        dtype; the result is then torch's own arithmetic in torch's (N, C, positions) layout.
+        """
+        x = xu.to(device)
+        t = tu.to(device)
+        w = None if self.weight is None else self.weight.to(device)
+        if len(self.input_shape) <= 2:
+            x = x.reshape(x.shape[0], self.num_classes)
+            t = t.reshape(t.shape[0], self.num_classes)
+        elif w is not None:
+            w = w.reshape(1, -1, 1)
+        ls = self.spec.label_smoothing
+        if ls > 0.0:
+            t = t * (1 - ls) + ls / self.num_classes
+        prod = torch.log_softmax(x, 1) * t
+        if w is not None:
+            prod = prod * w
+        losses = -prod.sum(1).reshape(-1)
+        n = losses.shape[0]
+        return Partial(
+            u0, u1, losses.cpu() if self.needs_losses() else None, float(losses.sum(dtype=torch.float64)), float(n), n
+        )
 
     def _evaluate_prob(self, x, p, u0, u1) -> Partial:
         ls = self.spec.label_smoothing
@@ -527,7 +602,10 @@ class Plan:
         )
 
     def _evaluate_bce(self, xu, tu, u0, u1, device) -> Partial:
-        cd = self.compute_dtype
+        # When target / weight dtypes promote the result past the input dtype, torch rounds
+        # log_sigmoid(input) to the input dtype first: evaluating in the original dtypes keeps
+        # exactly that. Otherwise everything runs in the compute dtype.
+        cd = None if self.output_dtype != self.input_dtype else self.compute_dtype
         x = xu.to(device=device, dtype=cd)
         t = tu.to(device=device, dtype=cd)
         kwargs = {}
@@ -604,6 +682,14 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _fsum(values: Sequence[float]) -> float:
+    """Exactly rounded sum; IEEE semantics (inf - inf = nan, overflow = inf) when not finite."""
+    try:
+        return math.fsum(values)
+    except (ValueError, OverflowError):
+        return sum(values)
+
+
 def merge_partials(parts: Sequence[Partial]) -> Partial:
     """Concatenate partials of consecutive unit ranges (in order)."""
     first = parts[0]
@@ -616,8 +702,8 @@ def merge_partials(parts: Sequence[Partial]) -> Partial:
         first.unit_start,
         parts[-1].unit_stop,
         cat("losses"),
-        math.fsum(p.loss_sum for p in parts),
-        math.fsum(p.weight_sum for p in parts),
+        _fsum([p.loss_sum for p in parts]),
+        _fsum([p.weight_sum for p in parts]),
         sum(p.counted for p in parts),
         {k: torch.cat([p.extras[k] for p in parts]) for k in first.extras},
         cat("seq_loss"),

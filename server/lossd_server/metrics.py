@@ -1,47 +1,67 @@
-"""Prometheus collectors (prefix ``lossd_``), all in one place.
+"""Prometheus collectors (prefix ``lossd_``), all in one place; documented in docs/metrics.md.
 
-RPC metrics come from :class:`RpcMetricsInterceptor`; batch metrics from :class:`BatchMetrics`,
-the batcher's observer. Buckets span sub-millisecond CPU calls to multi-second large requests.
+RPC metrics come from :class:`RpcMetricsInterceptor` (one server interceptor for every method);
+batch metrics from :class:`BatchMetrics`, the batcher's observer. Latency buckets span
+sub-millisecond CPU calls to multi-second large requests.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import grpc
 import torch
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics, start_http_server
 
 from . import __version__
 
 LATENCY_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)
+)  # fmt: skip
 BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_ROW_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 
 
 class Metrics:
+    """Every lossd collector, registered in ``registry``."""
+
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.requests = Counter("lossd_requests", "RPCs handled, by method and gRPC status code", ["method", "code"], registry=registry)
-        self.request_latency = Histogram("lossd_request_latency_seconds", "RPC latency from handler start to answer", ["method"], buckets=LATENCY_BUCKETS_S, registry=registry)
-        self.queue_wait = Histogram("lossd_queue_wait_seconds", "time a request waited in the batcher queue", buckets=LATENCY_BUCKETS_S, registry=registry)
-        self.compute = Histogram("lossd_compute_seconds", "engine time per executed batch", buckets=LATENCY_BUCKETS_S, registry=registry)
-        self.batch_requests = Histogram("lossd_batch_requests", "requests per executed batch", buckets=BATCH_REQUEST_BUCKETS, registry=registry)
-        self.batch_rows = Histogram("lossd_batch_rows", "rows (positions) per executed batch", buckets=BATCH_ROW_BUCKETS, registry=registry)
-        self.rows = Counter("lossd_rows", "rows (positions) evaluated", registry=registry)
-        self.bytes_received = Counter("lossd_received_bytes", "request payload bytes received", ["method"], registry=registry)
+        def histogram(name: str, doc: str, buckets: tuple, labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry)
+
+        self.requests = Counter("lossd_requests", "RPCs finished, by method and gRPC status code", ["method", "code"], registry=registry)
+        self.request_latency = histogram(
+            "lossd_request_latency_seconds", "RPC time from handler start to answer, by method", LATENCY_BUCKETS_S, ("method",)
+        )
+        self.queue_wait = histogram("lossd_queue_wait_seconds", "time a request waited in the batcher queue", LATENCY_BUCKETS_S)
+        self.compute = histogram("lossd_compute_seconds", "engine time per executed batch", LATENCY_BUCKETS_S)
+        self.batch_requests = histogram("lossd_batch_requests", "requests per executed batch", BATCH_REQUEST_BUCKETS)
+        self.batch_rows = histogram("lossd_batch_rows", "rows (loss positions) per executed batch", BATCH_ROW_BUCKETS)
+        self.rows = Counter("lossd_rows", "rows (loss positions) evaluated by the batcher", registry=registry)
+        self.batch_bytes = Counter("lossd_batch_input_bytes", "input tensor bytes evaluated by the batcher", registry=registry)
+        self.bytes_received = Counter("lossd_received_bytes", "request message bytes received, by method", ["method"], registry=registry)
+        self.in_flight = Gauge("lossd_requests_in_flight", "RPCs being handled, by method", ["method"], registry=registry)
         self.queue_depth = Gauge("lossd_queue_depth", "requests waiting in the batcher queue", registry=registry)
-        self.device_memory = Gauge("lossd_device_memory_bytes", "CUDA memory allocated by the engine (0 on CPU)", registry=registry)
+        self.device_memory = Gauge(
+            "lossd_device_memory_bytes", "CUDA memory allocated by torch on the serving device (0 on CPU)", registry=registry
+        )
+        self.device_memory_reserved = Gauge(
+            "lossd_device_memory_reserved_bytes", "CUDA memory reserved by torch's caching allocator (0 on CPU)", registry=registry
+        )
         self.process_rss = Gauge("lossd_process_rss_bytes", "resident set size of the server process", registry=registry)
-        self.build = Info("lossd_build", "lossd build information", registry=registry)
+        self.build = Info("lossd_build", "lossd build: version, torch version, device", registry=registry)
 
 
 _METRICS: Metrics | None = None
 
 
 def get() -> Metrics:
+    """The process-wide collectors (default registry), created on first use."""
     global _METRICS
     if _METRICS is None:
         _METRICS = Metrics()
@@ -52,21 +72,30 @@ def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return 0
 
 
+class BatchFiguresLike(Protocol):
+    requests: int
+    rows: int
+    bytes: int
+    queue_wait_s: list[float]
+    compute_s: float
+
+
 class BatchMetrics:
-    """Batcher observer: one call per executed batch."""
+    """Batcher observer: ``on_batch`` once per executed batch, ``on_queue_depth`` when it changes."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.m = metrics or get()
 
-    def on_batch(self, figures) -> None:
+    def on_batch(self, figures: BatchFiguresLike) -> None:
         m = self.m
         m.batch_requests.observe(figures.requests)
         m.batch_rows.observe(figures.rows)
         m.rows.inc(figures.rows)
+        m.batch_bytes.inc(figures.bytes)
         m.compute.observe(figures.compute_s)
         for wait in figures.queue_wait_s:
             m.queue_wait.observe(wait)
@@ -75,98 +104,127 @@ class BatchMetrics:
         self.m.queue_depth.set(depth)
 
 
-def _method_name(handler_call_details) -> str:
-    return handler_call_details.method.rsplit("/", 1)[-1]
+def status_name(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+    """The status the client receives, as grpc.aio decides it.
+
+    ``context.abort`` sets the code and raises AbortError; a plain return leaves the code unset
+    (OK) unless the handler called ``set_code``; any other exception is answered UNKNOWN; a
+    cancelled handler was either past its deadline or cancelled by the client.
+    """
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int) and code:
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    if exc is None:
+        return "OK"
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "UNKNOWN"
 
 
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts RPCs by method and status code and times them. Wraps every handler kind."""
+    """Counts RPCs by method and final status code, times them and counts received bytes."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.m = metrics or get()
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = _method_name(handler_call_details)
+        method = handler_call_details.method.rsplit("/", 1)[-1]
         m = self.m
+        received = m.bytes_received.labels(method)
+        in_flight = m.in_flight.labels(method)
 
-        def finish(start: float, context) -> None:
-            code = context.code() if hasattr(context, "code") else None
-            name = code.name if isinstance(code, grpc.StatusCode) else "OK"
-            if code is None or code == 0:
-                name = "OK"
-            m.requests.labels(method, name).inc()
+        def begin() -> float:
+            in_flight.inc()
+            return time.perf_counter()
+
+        def finish(start: float, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+            in_flight.dec()
+            m.requests.labels(method, status_name(context, exc)).inc()
             m.request_latency.labels(method).observe(time.perf_counter() - start)
 
-        def count_bytes(message) -> None:
-            m.bytes_received.labels(method).inc(message.ByteSize())
+        async def counted(request_iterator):
+            async for message in request_iterator:
+                received.inc(message.ByteSize())
+                yield message
+
+        async def run(call: Callable[[], Any], context) -> Any:
+            start = begin()
+            try:
+                result = await call()
+            except BaseException as exc:
+                finish(start, context, exc)
+                raise
+            finish(start, context, None)
+            return result
+
+        async def run_stream(responses: Any, context) -> Any:
+            start = begin()
+            try:
+                async for response in responses:
+                    yield response
+            except BaseException as exc:
+                finish(start, context, exc)
+                raise
+            finish(start, context, None)
 
         if handler.unary_unary:
-            inner = handler.unary_unary
+            inner_uu = handler.unary_unary
 
             async def unary_unary(request, context):
-                start = time.perf_counter()
-                count_bytes(request)
-                try:
-                    return await inner(request, context)
-                except BaseException:
-                    if context.code() is None:
-                        context.set_code(grpc.StatusCode.CANCELLED)
-                    raise
-                finally:
-                    finish(start, context)
+                received.inc(request.ByteSize())
+                return await run(lambda: inner_uu(request, context), context)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer, handler.response_serializer)
         if handler.stream_unary:
             inner_su = handler.stream_unary
 
             async def stream_unary(request_iterator, context):
-                start = time.perf_counter()
-
-                async def counted():
-                    async for message in request_iterator:
-                        count_bytes(message)
-                        yield message
-
-                try:
-                    return await inner_su(counted(), context)
-                finally:
-                    finish(start, context)
+                return await run(lambda: inner_su(counted(request_iterator), context), context)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream:
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request, context):
+                received.inc(request.ByteSize())
+                async for response in run_stream(inner_us(request, context), context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream and inspect.isasyncgenfunction(handler.stream_stream):
             inner_ss = handler.stream_stream
 
             async def stream_stream(request_iterator, context):
-                start = time.perf_counter()
-
-                async def counted():
-                    async for message in request_iterator:
-                        count_bytes(message)
-                        yield message
-
-                try:
-                    async for response in inner_ss(counted(), context):
-                        yield response
-                finally:
-                    finish(start, context)
+                async for response in run_stream(inner_ss(counted(request_iterator), context), context):
+                    yield response
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer, handler.response_serializer)
         return handler
 
 
-def start_http(config, server) -> int | None:
-    """Serve /metrics on config.metrics_host:metrics_port (0 disables); returns the bound port."""
+def start_http(config: Any, server: Any, metrics: Metrics | None = None) -> int | None:
+    """Serve the default registry on ``metrics_host:metrics_port``; 0 disables, -1 lets the OS pick.
+
+    Returns the bound port (None when disabled). ``server`` is the running LossServer.
+    """
     if config.metrics_port == 0:
         return None
-    m = get()
+    disable_created_metrics()
+    m = metrics or get()
     m.build.info({"version": __version__, "torch_version": torch.__version__, "device": str(server.device)})
-
     m.process_rss.set_function(rss_bytes)
-    m.queue_depth.set_function(lambda: server.batcher.queue_depth)
+    batcher = server.batcher
+    if hasattr(batcher, "queue_depth"):
+        m.queue_depth.set_function(lambda: batcher.queue_depth)
     if server.device.type == "cuda":
-        m.device_memory.set_function(lambda: torch.cuda.memory_allocated(server.device))
-    httpd, _thread = start_http_server(config.metrics_port, addr=config.metrics_host)
-    return httpd.server_address[1]
+        device = server.device
+        m.device_memory.set_function(lambda: torch.cuda.memory_allocated(device))
+        m.device_memory_reserved.set_function(lambda: torch.cuda.memory_reserved(device))
+    httpd, _thread = start_http_server(max(config.metrics_port, 0), addr=config.metrics_host, registry=REGISTRY)
+    return int(httpd.server_address[1])

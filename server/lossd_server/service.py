@@ -21,7 +21,7 @@ from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
 from . import __version__, codec, engine
-from .batcher import Batcher, DeadlineExpired, QueueFull
+from .batcher import Batcher, BatcherClosed, DeadlineExpired, QueueFull
 from .config import ServerConfig
 
 log = logging.getLogger("lossd.service")
@@ -119,6 +119,33 @@ def encode_result(request_id: str, result: engine.LossResult) -> pb.EvaluateResp
     return response
 
 
+#: Responses are not limited by --max-message-bytes: a reduction='none' answer to a request
+#: streamed with EvaluateChunked (BCE: as large as its input) still goes back as one message.
+MAX_SEND_MESSAGE_BYTES = 2**31 - 1
+
+
+def transport_receive_limit(max_message_bytes: int) -> int:
+    """gRPC's own receive limit: above --max-message-bytes, so that a unary request over the
+    configured limit (up to about twice it) reaches :func:`check_message_size` and is told about
+    EvaluateChunked; beyond this, gRPC answers RESOURCE_EXHAUSTED with its own message."""
+    return min(2**31 - 1, 2 * max_message_bytes + 1024 * 1024)
+
+
+def check_message_size(request: pb.EvaluateRequest, decoded: DecodedRequest, max_message_bytes: int) -> None:
+    """RESOURCE_EXHAUSTED for a unary request whose inline tensors exceed --max-message-bytes."""
+    size = 0
+    for msg, tensor in ((request.input, decoded.input), (request.target, decoded.target)):
+        if not msg.HasField("shm"):
+            size += tensor.numel() * tensor.element_size()
+    if size > max_message_bytes:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"request tensors take {size} bytes, over this server's max_message_bytes ({max_message_bytes}); "
+            "send requests this large with the client-streaming EvaluateChunked RPC (a ChunkHeader, then row chunks "
+            "of at most max_message_bytes each), which lossd_client does by itself",
+        )
+
+
 def classify(exc: BaseException) -> RequestError | None:
     """Map an exception to the status it must be answered with (None: a server bug)."""
     if isinstance(exc, RequestError):
@@ -129,6 +156,8 @@ def classify(exc: BaseException) -> RequestError | None:
         return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, DeadlineExpired):
         return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline expired before compute")
+    if isinstance(exc, BatcherClosed):
+        return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
     return None
 
 
@@ -148,6 +177,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     async def _evaluate_one(self, request: pb.EvaluateRequest, deadline: float | None) -> pb.EvaluateResponse:
         decoded = decode_request(request, self.shm_reader)
+        check_message_size(request, decoded, self.config.max_message_bytes)
         result = await self.batcher.submit(decoded.plan, decoded.input, decoded.target, deadline=deadline)
         return encode_result(request.id, result)
 
@@ -258,7 +288,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
         def consume(chunk: pb.EvaluateChunk) -> None:
             nonlocal next_unit
-            n_in = len(chunk.input_rows)
+            # Each read of a bytes field copies it out of the message: read each once.
+            rows, target_rows = chunk.input_rows, chunk.target_rows
+            n_in = len(rows)
             if in_unit_bytes == 0:
                 n_units = plan.units - next_unit if n_in == 0 else -1
             elif n_in % in_unit_bytes:
@@ -267,14 +299,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 n_units = n_in // in_unit_bytes
             if n_units < 0 or next_unit + n_units > plan.units:
                 raise engine.InvalidInput("input_rows", f"more rows than the header's input_shape {list(input_shape)} holds")
-            if streamed_target and len(chunk.target_rows) != n_units * tg_unit_bytes:
-                raise engine.InvalidInput("target_rows", f"expected {n_units * tg_unit_bytes} bytes for {n_units} rows, got {len(chunk.target_rows)}")
-            if not streamed_target and chunk.target_rows:
+            if streamed_target and len(target_rows) != n_units * tg_unit_bytes:
+                raise engine.InvalidInput("target_rows", f"expected {n_units * tg_unit_bytes} bytes for {n_units} rows, got {len(target_rows)}")
+            if not streamed_target and target_rows:
                 raise engine.InvalidInput("target_rows", "class-index targets travel whole in the header")
             if n_units == 0:
                 return
-            x = codec.from_buffer("input_rows", chunk.input_rows, input_dtype, (n_units, *unit_shape))
-            tu = codec.from_buffer("target_rows", chunk.target_rows, target_dtype, (n_units, *unit_shape)) if streamed_target else None
+            x = codec.from_buffer("input_rows", rows, input_dtype, (n_units, *unit_shape))
+            tu = codec.from_buffer("target_rows", target_rows, target_dtype, (n_units, *unit_shape)) if streamed_target else None
             start = next_unit
             next_unit += n_units
             inflight.append(
@@ -313,7 +345,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             device=str(self.device),
             device_name=device_name(self.device),
             max_receive_message_bytes=cfg.max_message_bytes,
-            max_send_message_bytes=cfg.max_message_bytes,
+            max_send_message_bytes=MAX_SEND_MESSAGE_BYTES,
             max_batch_rows=cfg.max_batch_rows,
             max_batch_bytes=cfg.max_batch_bytes,
             max_wait_ms=cfg.max_wait_ms,
