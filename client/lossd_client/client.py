@@ -32,9 +32,14 @@ _CHUNKED_METHOD = f"/{SERVICE}/EvaluateChunked"
 
 
 def service_config(*, retries: int = 5) -> str:
-    """round_robin over every resolved address, and retries of UNAVAILABLE with backoff.
+    """round_robin over every resolved address, and retries of UNAVAILABLE and CANCELLED with backoff.
 
-    Evaluations are idempotent, so retrying a call that never reached a server is safe.
+    Evaluations are idempotent, so replaying a call that got no answer is safe. gRPC replays a
+    call only before the server has answered anything (and only while its messages fit the
+    per-call retry buffer, 256 KiB by default). A replica that shuts down cancels calls its
+    transport received but its handlers never started: the client sees CANCELLED for those (seen
+    in tests/test_replicas.py), so CANCELLED is retried too; a call the caller cancels itself
+    is never retried.
     """
     return json.dumps(
         {
@@ -47,7 +52,7 @@ def service_config(*, retries: int = 5) -> str:
                         "initialBackoff": "0.1s",
                         "maxBackoff": "2s",
                         "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
+                        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                     },
                 }
             ],
@@ -60,9 +65,18 @@ def normalise_target(target: str | Sequence[str]) -> str:
     if isinstance(target, str):
         return target
     addresses = list(target)
+    if not addresses:
+        raise ValueError("target: no address given")
     if len(addresses) == 1:
         return addresses[0]
-    return "ipv4:" + ",".join(addresses) if all(_is_ipv4(a) for a in addresses) else "ipv6:" + ",".join(addresses)
+    if all(_is_ipv4(a) for a in addresses):
+        return "ipv4:" + ",".join(addresses)
+    if all(a.startswith("[") and "]:" in a for a in addresses):
+        return "ipv6:" + ",".join(addresses)
+    raise ValueError(
+        f"target: several addresses must all be IPv4 host:port or all [IPv6]:port, got {addresses}; "
+        "for a name that resolves to several replicas use one dns:///name:port target"
+    )
 
 
 def _is_ipv4(address: str) -> bool:
@@ -297,6 +311,8 @@ class LossClient(_Base):
                 rid = order[next_index]
                 next_index += 1
                 yield self._item(ready.pop(rid), kinds.pop(rid), return_exceptions)
+            if next_index < len(order):
+                raise LossdError(f"EvaluateStream ended with {len(order) - next_index} of {len(order)} results missing")
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         finally:
@@ -462,15 +478,19 @@ class AsyncLossClient(_Base):
 
         async def writer() -> None:
             i = 0
-            async for req in source():
-                await slots.acquire()
-                msg, as_torch = rq.build(req)
-                msg.id = f"{i}"
-                kinds[msg.id] = as_torch
-                order.append(msg.id)
-                i += 1
-                await call.write(msg)
-            await call.done_writing()
+            try:
+                async for req in source():
+                    await slots.acquire()
+                    msg, as_torch = rq.build(req)
+                    msg.id = f"{i}"
+                    kinds[msg.id] = as_torch
+                    order.append(msg.id)
+                    i += 1
+                    await call.write(msg)
+                await call.done_writing()
+            except BaseException:
+                call.cancel()  # the reader must not wait for answers that will never come
+                raise
 
         write_task = asyncio.ensure_future(writer())
         ready: dict[str, pb.EvaluateResponse] = {}
@@ -484,8 +504,14 @@ class AsyncLossClient(_Base):
                     next_index += 1
                     yield LossClient._item(ready.pop(rid), kinds.pop(rid), return_exceptions)
             await write_task
+            if next_index < len(order):
+                raise LossdError(f"EvaluateStream ended with {len(order) - next_index} of {len(order)} results missing")
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
+        except asyncio.CancelledError:
+            if write_task.done() and not write_task.cancelled() and write_task.exception() is not None:
+                raise write_task.exception() from None
+            raise
         finally:
             write_task.cancel()
             call.cancel()

@@ -28,6 +28,7 @@ class ServerConfig:
     chunk_bytes: int = 4 * MiB
     max_chunks_in_flight: int = 4
     compute_threads: int = 1
+    torch_threads: int = 0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     drain_s: float = 1.0
@@ -59,6 +60,7 @@ _HELP = {
     "chunk_bytes": "compute-dtype bytes of logits evaluated per engine chunk (bounds extra memory)",
     "max_chunks_in_flight": "EvaluateChunked: received chunks held at once per call",
     "compute_threads": "engine worker threads",
+    "torch_threads": "torch intra-op threads; 0 = one less than the CPU count (a core stays free for gRPC and the event loop)",
     "metrics_host": "address of the Prometheus /metrics HTTP server",
     "metrics_port": "port of the Prometheus /metrics HTTP server; 0 disables it, -1 lets the OS pick (the chosen port is logged)",
     "drain_s": "after SIGTERM: seconds to keep accepting while health reports NOT_SERVING",

@@ -342,6 +342,9 @@ class Plan:
                 raise InvalidInput("target", f"Expected target size {_shape(expected)}, got {_shape(tshape)}")
             self.output_shape = expected
         self._check_weight(prob=False)
+        if ndim == 3 and self.class_axis == 1 and shape[1] == 0 and math.prod(tshape) > 0:
+            # torch views (N, 0, d) as 4-d with an inferred size, which fails for C = 0
+            raise InvalidInput("input", f"size mismatch (got input: {_shape(shape)} with 0 classes, target: {_shape(tshape)}); torch cannot evaluate a 3-d input with C = 0")
         if ndim >= 3 and self.target_dtype == torch.uint8 and (math.prod(tshape) > 0 or spec.reduction == "none"):
             # torch's nll_loss2d path (inputs with spatial dims) takes int64 targets only
             # (an empty batch with mean / sum returns before the dtype check)
@@ -504,10 +507,12 @@ class Plan:
         spec = self.spec
         tc = t.masked_fill(~valid, 0)
         logp = torch.log_softmax(x, 1) if spec.loss == CROSS_ENTROPY else x
-        picked = logp.gather(1, tc.unsqueeze(1)).squeeze(1)
+        # C = 0 is valid only when every target is ignored: gather from one padded zero class
+        source = logp if logp.shape[1] else logp.new_zeros(logp.shape[0], 1)
+        picked = source.gather(1, tc.unsqueeze(1)).squeeze(1)
         w = self._weight_on(x.device)
         if w is not None:
-            wt = w[tc]
+            wt = (w if w.numel() else w.new_zeros(1))[tc]
             nll = -picked * wt
             wt = torch.where(valid, wt, 0.0)
         else:
@@ -518,7 +523,7 @@ class Plan:
         if spec.loss == CROSS_ENTROPY and ls > 0.0:
             smooth = -(logp * w).sum(1) if w is not None else -logp.sum(1)
             smooth = torch.where(valid, smooth, 0.0)
-            losses = (1 - ls) * nll + smooth * (ls / self.num_classes)
+            losses = (1 - ls) * nll + smooth * _share(ls, self.num_classes)
         else:
             losses = nll
         return ClassTerms(x, logp, picked, tc, valid, losses, wt)
@@ -577,7 +582,7 @@ class Plan:
             w = w.reshape(1, -1, 1)
         ls = self.spec.label_smoothing
         if ls > 0.0:
-            t = t * (1 - ls) + ls / self.num_classes
+            t = t * (1 - ls) + _share(ls, self.num_classes)
         prod = torch.log_softmax(x, 1) * t
         if w is not None:
             prod = prod * w
@@ -591,7 +596,7 @@ class Plan:
         ls = self.spec.label_smoothing
         logp = torch.log_softmax(x, 1)
         if ls > 0.0:
-            p = p * (1 - ls) + ls / self.num_classes
+            p = p * (1 - ls) + _share(ls, self.num_classes)
         prod = logp * p
         if self.weight is not None:
             prod = prod * self._weight_on(x.device)
@@ -627,7 +632,10 @@ class Plan:
             losses = partial.losses if partial.losses is not None else torch.empty(0, dtype=self.compute_dtype)
             loss = losses.reshape(self._none_shape()).to(self.output_dtype)
         elif spec.reduction == "sum":
-            loss = torch.tensor(partial.loss_sum, dtype=torch.float64).to(self.output_dtype)
+            total = partial.loss_sum
+            if self.kind == "class" and self.num_classes == 0 and spec.loss == CROSS_ENTROPY and spec.label_smoothing > 0:
+                total = math.nan  # torch: smooth_loss.sum() * (label_smoothing / 0) = 0 * inf
+            loss = torch.tensor(total, dtype=torch.float64).to(self.output_dtype)
         else:
             if self.kind != "class" and math.prod(self.input_shape) == 0:
                 mean = math.nan
@@ -639,6 +647,9 @@ class Plan:
             shape = self.target_shape if self.target_shape else ()
             for name, value in partial.extras.items():
                 result.extras[name] = value.reshape(shape)
+            for name in spec.extras:
+                if name not in result.extras:  # nothing was evaluated (empty input)
+                    result.extras[name] = torch.empty(shape, dtype=_EXTRA_DTYPES.get(name, self.compute_dtype))
             if spec.sequence_stats:
                 result.sequences = self._sequence_stats(partial)
         return result
@@ -653,6 +664,10 @@ class Plan:
 
     def _sequence_stats(self, partial: Partial) -> SequenceStats:
         t_len = max(1, self.seq_len)
+        if partial.seq_loss is None:  # nothing was evaluated (empty input)
+            rows = math.prod(self.target_shape[:-1]) if self.target_shape else 1
+            zeros = torch.zeros(rows, t_len, dtype=torch.float64).reshape(-1)
+            partial = Partial(0, 0, None, 0.0, 0.0, 0, {}, zeros, zeros, zeros.bool(), ~zeros.bool())
         loss = partial.seq_loss.reshape(-1, t_len)
         weight = partial.seq_weight.reshape(-1, t_len)
         nll_sum = loss.sum(1)
@@ -666,6 +681,14 @@ class Plan:
             perplexity=mean.exp().tolist(),
             is_greedy=partial.seq_greedy.reshape(-1, t_len).all(1).tolist(),
         )
+
+
+def _share(label_smoothing: float, num_classes: int) -> float:
+    """label_smoothing / C with C++ double semantics (torch divides by C = 0 without raising)."""
+    return label_smoothing / num_classes if num_classes else math.inf
+
+
+_EXTRA_DTYPES = {"target_rank": torch.int64, "argmax_correct": torch.bool}
 
 
 def _divide(a: float, b: float) -> float:

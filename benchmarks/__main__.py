@@ -1,0 +1,148 @@
+"""``python -m benchmarks [--quick] [--device cpu|cuda] [--out PATH]``: one run, same data.
+
+(a) in-process torch, (b) the naive unbatched gRPC server, (c) lossd with batching off,
+(d) lossd with batching on (unary), (e) lossd evaluate_many; then a bounded soak of small
+requests reporting the server's RSS after warm-up and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from . import drivers, servers, workloads
+from .report import Row, add_ratios, table, write_json
+from .workloads import Workload
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+A, B, C, D, E = (
+    "(a) in-process F.*",
+    "(b) naive gRPC (thread pool)",
+    "(c) lossd batching off",
+    "(d) lossd batching on, unary",
+    "(e) lossd evaluate_many",
+)
+
+
+def build_workloads() -> list[Workload]:
+    uniform = workloads.uniform()
+    return [
+        Workload("64x1000 fp32, 1 in flight", uniform, 1),
+        Workload("64x1000 fp32, 16 in flight", uniform, 16),
+        Workload("64x1000 fp32, 64 in flight", uniform, 64),
+        Workload("mixed, 64 in flight", workloads.mixed(), 64),
+    ]
+
+
+def batch_figures(before: dict[str, float], after: dict[str, float]) -> dict:
+    batches = after.get("lossd_batch_requests_count", 0) - before.get("lossd_batch_requests_count", 0)
+    if batches <= 0:
+        return {}
+    reqs = after["lossd_batch_requests_sum"] - before.get("lossd_batch_requests_sum", 0)
+    rows = after["lossd_batch_rows_sum"] - before.get("lossd_batch_rows_sum", 0)
+    return {"batches": int(batches), "batch_requests_mean": reqs / batches, "batch_rows_mean": rows / batches}
+
+
+def warm(server: servers.Server, ws: list[Workload]) -> None:
+    for w in ws:
+        drivers.unary(server.address, w, 8, 1.0, 200)
+
+
+def run_server_cells(server: servers.Server, ws: list[Workload], config: str, how: str, duration: float, max_count: int) -> list[Row]:
+    rows = []
+    for w in ws:
+        before = server.metrics()
+        if how == "stream":
+            m = drivers.stream(server.address, w, w.in_flight, duration, max_count)
+        else:
+            m = drivers.unary(server.address, w, w.in_flight, duration, max_count)
+        extra = batch_figures(before, server.metrics())
+        rows.append(Row.of(w.name, config, w.in_flight, m, server_peak_rss_mib=server.peak_rss_mib(), **extra))
+        print(f"  {config:<30} {w.name:<26} {m.req_per_s:8.0f} req/s", file=sys.stderr, flush=True)
+    return rows
+
+
+def soak(server: servers.Server, count: int, warmup: int) -> dict:
+    w = Workload("soak: 8x100 fp32", workloads.small(), 64)
+    drivers.stream(server.address, w, 64, 600.0, warmup)
+    rss_warm = server.rss_mib()
+    m = drivers.stream(server.address, w, 64, 600.0, count)
+    return {
+        "requests": warmup + m.count,
+        "errors": m.errors,
+        "req_per_s": m.req_per_s,
+        "rss_after_warmup_mib": rss_warm,
+        "rss_end_mib": server.rss_mib(),
+        "peak_rss_mib": server.peak_rss_mib(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="shorter cells (about 1 s each) and a shorter soak")
+    p.add_argument("--device", default="cpu", help="device for the servers and the in-process baseline (cpu, cuda)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per cell (default 4, --quick 1)")
+    p.add_argument("--max-wait-ms", default="2", help="lossd --max-wait-ms for the batching configurations")
+    p.add_argument("--soak", type=int, default=20000, help="requests in the soak after warm-up")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
+    args = p.parse_args(argv)
+    duration = args.duration or (1.0 if args.quick else 4.0)
+    max_count = 200_000
+    started = time.perf_counter()
+    ws = build_workloads()
+    rows: list[Row] = []
+
+    threads = max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(threads)  # the same intra-op threads as lossd and the naive server use
+    print("(a) in-process", file=sys.stderr, flush=True)
+    for w in ws:
+        rows.append(Row.of(w.name, A, 1, drivers.in_process(w, duration, max_count, args.device)))
+    with servers.start_naive(args.device) as naive:
+        warm(naive, ws)
+        rows += run_server_cells(naive, ws, B, "unary", duration, max_count)
+    with servers.start_lossd("--max-wait-ms", "0", device=args.device, name="lossd-off") as off:
+        warm(off, ws)
+        rows += run_server_cells(off, ws, C, "unary", duration, max_count)
+    with servers.start_lossd("--max-wait-ms", args.max_wait_ms, device=args.device, name="lossd-on") as on:
+        warm(on, ws)
+        rows += run_server_cells(on, ws, D, "unary", duration, max_count)
+        rows += run_server_cells(on, ws, E, "stream", duration, max_count)
+    with servers.start_lossd("--max-wait-ms", args.max_wait_ms, device=args.device, name="lossd-soak") as soaked:
+        print("soak", file=sys.stderr, flush=True)
+        soak_figures = soak(soaked, args.soak, 2000)
+
+    order = {w.name: i for i, w in enumerate(ws)}
+    rows.sort(key=lambda r: (order[r.workload], r.config))
+    add_ratios(rows, B)
+    print(table(rows))
+    print(
+        f"\nsoak: {soak_figures['requests']} requests (8x100 fp32, evaluate_many window 64), "
+        f"{soak_figures['req_per_s']:.0f} req/s, errors {soak_figures['errors']}; server RSS after warm-up "
+        f"{soak_figures['rss_after_warmup_mib']:.1f} MiB, at the end {soak_figures['rss_end_mib']:.1f} MiB "
+        f"(peak {soak_figures['peak_rss_mib']:.1f} MiB)"
+    )
+    meta = {
+        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]),
+        "device": args.device,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "duration_per_cell_s": duration,
+        "max_wait_ms": args.max_wait_ms,
+        "total_s": time.perf_counter() - started,
+        "notes": "(a) runs one call after another in every workload (no concurrency); "
+        "batch req/rows: mean executed batch size from the server's /metrics over the cell; "
+        "peak RSS: VmHWM of the server process at the end of the cell (lifetime peak); x (b): req/s ratio to the naive server",
+    }
+    write_json(args.out, meta, rows, {"soak": soak_figures})
+    print(f"\nwritten to {os.path.relpath(args.out)} in {meta['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""EvaluateStream through evaluate_many (sync and async): order, per-item errors, window."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lossd_client import AsyncLossClient, InvalidArgumentError, LossClient, LossRequest
+from serverproc import start_server
+
+HUGE_WAIT_MS = "3600000"
+
+
+def cases(n: int, seed: int = 0, bad: frozenset[int] = frozenset()):
+    """Requests of varied sizes (so answers can come back out of order) and torch's answers."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        rows = 1 + (i * 37) % 50
+        x = rng.standard_normal((rows, 6)).astype(np.float32)
+        t = rng.integers(0, 6, rows)
+        if i in bad:
+            t[0] = 6  # out of bounds: INVALID_ARGUMENT for this item only
+        reduction = ("mean", "sum", "none")[i % 3]
+        want = None if i in bad else F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t), reduction=reduction)
+        out.append((LossRequest(x, t, reduction=reduction, loss="nll_loss" if i % 7 == 0 else "cross_entropy"), want))
+        if i % 7 == 0 and want is not None:
+            out[-1] = (out[-1][0], F.nll_loss(torch.from_numpy(x), torch.from_numpy(t), reduction=reduction))
+    return out
+
+
+def check(results, expected) -> None:
+    assert len(results) == len(expected)
+    for i, (got, (_, want)) in enumerate(zip(results, expected, strict=True)):
+        if want is None:
+            assert isinstance(got, InvalidArgumentError) and "target" in str(got), i
+        else:
+            torch.testing.assert_close(torch.as_tensor(got.loss), want, msg=lambda m, i=i: f"item {i}: {m}")
+
+
+@pytest.fixture(scope="module")
+def stream_server():
+    server = start_server("--max-wait-ms", "2")
+    yield server
+    server.stop()
+
+
+def test_sync_results_in_input_order(stream_server):
+    expected = cases(300)
+    with LossClient(stream_server.address, timeout_s=120) as client:
+        results = list(client.evaluate_many((req for req, _ in expected), window=32))
+    check(results, expected)
+
+
+def test_async_results_in_input_order_from_an_async_iterable(stream_server):
+    expected = cases(300, seed=1)
+
+    async def source():
+        for req, _ in expected:
+            yield req
+
+    async def main():
+        async with AsyncLossClient(stream_server.address, timeout_s=120) as client:
+            return [r async for r in client.evaluate_many(source(), window=16)]
+
+    check(asyncio.run(asyncio.wait_for(main(), 120)), expected)
+
+
+def test_per_item_errors_fail_alone_with_return_exceptions(stream_server):
+    expected = cases(60, seed=2, bad=frozenset({0, 17, 59}))
+    with LossClient(stream_server.address, timeout_s=120) as client:
+        check(list(client.evaluate_many([r for r, _ in expected], return_exceptions=True)), expected)
+
+    async def main():
+        async with AsyncLossClient(stream_server.address, timeout_s=120) as client:
+            return [r async for r in client.evaluate_many([r for r, _ in expected], return_exceptions=True)]
+
+    check(asyncio.run(asyncio.wait_for(main(), 120)), expected)
+
+
+def test_without_return_exceptions_the_first_error_raises_in_order(stream_server):
+    expected = cases(20, seed=3, bad=frozenset({5}))
+    got = []
+    with LossClient(stream_server.address, timeout_s=120) as client:
+        with pytest.raises(InvalidArgumentError, match="target"):
+            for r in client.evaluate_many([r for r, _ in expected]):
+                got.append(r)
+    check(got, expected[:5])
+
+
+def test_a_request_the_client_cannot_build_raises_instead_of_hanging(stream_server):
+    reqs = [LossRequest(np.zeros((2, 3), np.float32), np.array([0, 1])), LossRequest(np.array(["a"]), np.array([0]))]
+    with LossClient(stream_server.address, timeout_s=60) as client:
+        with pytest.raises(Exception):  # noqa: B017 - grpc reports the iterator's failure as it can
+            list(client.evaluate_many(reqs))
+
+    async def main():
+        async with AsyncLossClient(stream_server.address, timeout_s=60) as client:
+            return [r async for r in client.evaluate_many(reqs)]
+
+    with pytest.raises(InvalidArgumentError, match="unsupported numpy dtype"):
+        asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_empty_input(stream_server):
+    with LossClient(stream_server.address, timeout_s=30) as client:
+        assert list(client.evaluate_many([])) == []
+
+
+def test_window_is_filled_and_never_exceeded():
+    """A batch closes only when `window` requests are queued (huge max_wait_ms, row limit), and the
+    queue holds at most `window`: the stream completes only if exactly that many are kept in flight."""
+    window, rows = 8, 3
+    server = start_server(
+        "--max-wait-ms", HUGE_WAIT_MS, "--max-batch-rows", str(window * rows), "--max-queue-requests", str(window)
+    )
+    try:
+        rng = np.random.default_rng(4)
+        expected = []
+        for _ in range(window * 12):
+            x = rng.standard_normal((rows, 4)).astype(np.float32)
+            t = rng.integers(0, 4, rows)
+            expected.append((LossRequest(x, t), F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t))))
+        with LossClient(server.address, timeout_s=120) as client:
+            check(list(client.evaluate_many([r for r, _ in expected], window=window)), expected)
+
+        async def main():
+            async with AsyncLossClient(server.address, timeout_s=120) as client:
+                return [r async for r in client.evaluate_many([r for r, _ in expected], window=window)]
+
+        check(asyncio.run(asyncio.wait_for(main(), 120)), expected)
+    finally:
+        server.stop()
