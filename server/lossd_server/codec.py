@@ -82,10 +82,10 @@ def decode(field: str, msg: pb.Tensor, shm_reader=None) -> torch.Tensor:
     """Decode and validate a wire tensor. ``field`` is the request field name for messages."""
     dtype, shape, nbytes = expected_nbytes(field, msg)
     if msg.HasField("shm"):
+        if msg.data:
+            raise TensorError(f"{field}.data", f"set either data or shm, not both (got {len(msg.data)} bytes of data and a shm reference)")
         if shm_reader is None:
             raise TensorError(f"{field}.shm", "shared-memory tensors are disabled on this server (start it with --allow-client-shm)")
-        if msg.data:
-            raise TensorError(f"{field}.data", "set either data or shm, not both")
         return shm_reader(field, msg.shm, dtype, shape, nbytes)
     if len(msg.data) != nbytes:
         raise TensorError(

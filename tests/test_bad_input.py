@@ -1,0 +1,244 @@
+"""Bad raw wire requests against a real server: each is INVALID_ARGUMENT naming the field, and
+the next good request on the same channel still succeeds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lossd_client import tensors
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+
+X = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]], dtype=np.float32)
+T = np.array([2, 0], dtype=np.int64)
+
+
+def good_request() -> pb.EvaluateRequest:
+    msg = pb.EvaluateRequest(id="good")
+    tensors.to_proto(X, msg.input)
+    tensors.to_proto(T, msg.target)
+    msg.options.loss = pb.CROSS_ENTROPY
+    return msg
+
+
+def with_(mutate: Callable[[pb.EvaluateRequest], object]) -> pb.EvaluateRequest:
+    msg = good_request()
+    mutate(msg)
+    return msg
+
+
+def set_tensor(field: Callable[[pb.EvaluateRequest], pb.Tensor], value: np.ndarray):
+    return lambda m: tensors.to_proto(value, field(m))
+
+
+def shape(field: Callable[[pb.EvaluateRequest], pb.Tensor], dims: list[int]):
+    def mutate(m: pb.EvaluateRequest) -> None:
+        field(m).shape[:] = dims
+
+    return mutate
+
+
+def attr(path: str, value):
+    def mutate(m: pb.EvaluateRequest) -> None:
+        obj = m
+        *parents, last = path.split(".")
+        for p in parents:
+            obj = getattr(obj, p)
+        setattr(obj, last, value)
+
+    return mutate
+
+
+def both(*mutations):
+    def mutate(m: pb.EvaluateRequest) -> None:
+        for f in mutations:
+            f(m)
+
+    return mutate
+
+
+def inp(m):
+    return m.input
+
+
+def tgt(m):
+    return m.target
+
+
+def wgt(m):
+    return m.options.weight
+
+
+P = np.full((2, 3), 1 / 3, dtype=np.float32)
+
+# (row id, request, field the message must name)
+BAD = [
+    ("input dtype unspecified", with_(attr("input.dtype", pb.DTYPE_UNSPECIFIED)), "input.dtype"),
+    ("input dtype 99", with_(attr("input.dtype", 99)), "input.dtype"),
+    ("target dtype 99", with_(attr("target.dtype", 99)), "target.dtype"),
+    ("target dtype unspecified", with_(attr("target.dtype", 0)), "target.dtype"),
+    ("weight dtype 99", with_(both(set_tensor(wgt, np.ones(3, np.float32)), attr("options.weight.dtype", 99))), "options.weight.dtype"),
+    ("loss 99", with_(attr("options.loss", 99)), "options.loss"),
+    ("reduction 99", with_(attr("options.reduction", 99)), "options.reduction"),
+    ("extra 99", with_(lambda m: m.options.extras.append(99)), "options.extras"),
+    ("input data too short", with_(attr("input.data", X.tobytes()[:-1])), "input.data"),
+    ("input data too long", with_(attr("input.data", X.tobytes() + b"\0\0\0\0")), "input.data"),
+    ("target data too short", with_(attr("target.data", T.tobytes()[:8])), "target.data"),
+    ("weight data too long", with_(both(set_tensor(wgt, np.ones(3, np.float32)), attr("options.weight.data", b"\0" * 16))), "options.weight.data"),
+    ("negative dim", with_(shape(inp, [-2, 3])), "input.shape"),
+    ("negative target dim", with_(shape(tgt, [-2])), "target.shape"),
+    ("element count overflow", with_(shape(inp, [2**40, 2**40])), "input.shape"),
+    ("element count overflow target", with_(shape(tgt, [2**31, 2**31, 2**31])), "target.shape"),
+    ("0-d input for cross_entropy", with_(both(set_tensor(inp, np.float32(1.0)), set_tensor(tgt, np.int64(0)))), "input"),
+    ("0-d input for nll_loss", with_(both(set_tensor(inp, np.float32(1.0)), set_tensor(tgt, np.int64(0)), attr("options.loss", pb.NLL))), "input"),
+    ("class target >= C", with_(set_tensor(tgt, np.array([3, 0]))), "target"),
+    ("class target negative", with_(set_tensor(tgt, np.array([-1, 0]))), "target"),
+    ("class target == C with other ignore_index", with_(both(set_tensor(tgt, np.array([3, 0])), attr("options.ignore_index", 2))), "target"),
+    ("int32 class target", with_(set_tensor(tgt, T.astype(np.int32))), "target"),
+    ("int16 class target", with_(set_tensor(tgt, T.astype(np.int16))), "target"),
+    ("bool class target", with_(set_tensor(tgt, T.astype(bool))), "target"),
+    ("float class target for nll", with_(both(set_tensor(tgt, T.astype(np.float32)), attr("options.loss", pb.NLL))), "target"),
+    ("float same-shape target for nll", with_(both(set_tensor(tgt, P), attr("options.loss", pb.NLL))), "target"),
+    ("integer input", with_(set_tensor(inp, X.astype(np.int64))), "input"),
+    ("class target batch mismatch", with_(set_tensor(tgt, np.array([0, 1, 2]))), "target"),
+    ("probability target wrong shape", with_(set_tensor(tgt, np.full((2, 4), 0.25, np.float32))), "target"),
+    ("probability target int64 same shape", with_(set_tensor(tgt, np.zeros((2, 3), np.int64))), "target"),
+    ("weight wrong length", with_(set_tensor(wgt, np.ones(4, np.float32))), "options.weight"),
+    ("weight 2-d", with_(set_tensor(wgt, np.ones((1, 3), np.float32))), "options.weight"),
+    ("weight wrong dtype", with_(set_tensor(wgt, np.ones(3, np.float64))), "options.weight"),
+    ("weight integer dtype", with_(set_tensor(wgt, np.ones(3, np.int64))), "options.weight"),
+    ("label_smoothing > 1", with_(attr("options.label_smoothing", 1.5)), "options.label_smoothing"),
+    ("label_smoothing nan", with_(attr("options.label_smoothing", math.nan)), "options.label_smoothing"),
+    ("label_smoothing inf", with_(attr("options.label_smoothing", math.inf)), "options.label_smoothing"),
+    ("label_smoothing > 1 probabilities", with_(both(set_tensor(tgt, P), attr("options.label_smoothing", 2.0))), "options.label_smoothing"),
+    ("label_smoothing for nll", with_(both(attr("options.loss", pb.NLL), attr("options.label_smoothing", 0.1))), "options.label_smoothing"),
+    ("ignore_index >= 0 with probabilities", with_(both(set_tensor(tgt, P), attr("options.ignore_index", 0))), "options.ignore_index"),
+    ("bce target shape", with_(both(attr("options.loss", pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), set_tensor(tgt, P[:, :2]))), "target"),
+    ("bce target transposed shape", with_(both(attr("options.loss", pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), set_tensor(tgt, P.T.copy()))), "target"),
+    ("bce weight not broadcastable", with_(both(attr("options.loss", pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), set_tensor(tgt, P), set_tensor(wgt, np.ones(2, np.float32)))), "options.weight"),
+    ("bce pos_weight not broadcastable", with_(both(attr("options.loss", pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), set_tensor(tgt, P), set_tensor(lambda m: m.options.pos_weight, np.ones((3, 2, 3), np.float32)))), "options.pos_weight"),
+    ("pos_weight for cross_entropy", with_(set_tensor(lambda m: m.options.pos_weight, np.ones(3, np.float32))), "options.pos_weight"),
+    ("missing input", with_(lambda m: m.ClearField("input")), "input"),
+    ("missing target", with_(lambda m: m.ClearField("target")), "target"),
+    ("data together with shm", with_(lambda m: m.input.shm.CopyFrom(pb.SharedMemoryRef(name="x", length=24))), "input.data"),
+    ("shm on a server without --allow-client-shm", with_(both(attr("input.data", b""), lambda m: m.input.shm.CopyFrom(pb.SharedMemoryRef(name="lossd-none", length=24)))), "input.shm"),
+]
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.LossServiceStub(channel)
+
+
+def expected_good() -> float:
+    return float(F.cross_entropy(torch.from_numpy(X), torch.from_numpy(T)))
+
+
+@pytest.mark.parametrize("name,request_msg,field", BAD, ids=[row[0] for row in BAD])
+def test_bad_request_is_invalid_argument_naming_the_field(stub, name: str, request_msg: pb.EvaluateRequest, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Evaluate(request_msg, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    details = info.value.details()
+    assert field in details, details
+    reply = stub.Evaluate(good_request(), timeout=30)
+    assert reply.loss.dtype == pb.FLOAT32
+    assert np.frombuffer(reply.loss.data, "<f4")[0] == pytest.approx(expected_good(), rel=1e-6)
+
+
+@pytest.mark.parametrize("ls", [-0.5, -1e-3, 0.0, 1.0])
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_label_smoothing_accepted_as_torch_accepts_it(stub, ls: float, probabilities: bool) -> None:
+    """Negative label_smoothing is not an error in torch (it is ignored); lossd agrees."""
+    target = P if probabilities else T
+    msg = good_request()
+    tensors.to_proto(target, msg.target)
+    msg.options.label_smoothing = ls
+    reply = stub.Evaluate(msg, timeout=30)
+    expected = F.cross_entropy(torch.from_numpy(X), torch.from_numpy(target), label_smoothing=ls)
+    assert np.frombuffer(reply.loss.data, "<f4")[0] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_stream_answers_a_bad_item_alone(stub) -> None:
+    good = [good_request() for _ in range(4)]
+    bad = with_(set_tensor(tgt, np.array([7, 0])))
+    items = [*good[:2], bad, *good[2:]]
+    for i, item in enumerate(items):
+        item.id = f"item-{i}"
+    replies = {r.id: r for r in stub.EvaluateStream(iter(items), timeout=30)}
+    assert set(replies) == {f"item-{i}" for i in range(5)}
+    bad_reply = replies.pop("item-2")
+    assert bad_reply.HasField("error")
+    assert bad_reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] == 3
+    assert "target" in bad_reply.error.message
+    for reply in replies.values():
+        assert not reply.HasField("error")
+        assert np.frombuffer(reply.loss.data, "<f4")[0] == pytest.approx(expected_good(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- client-side arguments
+def _params(fn) -> list[str]:
+    import inspect
+
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+
+
+def test_client_methods_mirror_torch_signatures(client) -> None:
+    assert _params(client.cross_entropy) == ["input", "target", "weight", "ignore_index", "reduction", "label_smoothing"]
+    assert _params(client.nll_loss) == ["input", "target", "weight", "ignore_index", "reduction"]
+    assert _params(client.binary_cross_entropy_with_logits) == ["input", "target", "weight", "reduction", "pos_weight"]
+
+
+@pytest.mark.parametrize("reduction", ["avg", "MEAN", "", None, "batchmean"])
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "binary_cross_entropy_with_logits"])
+def test_invalid_reduction_is_invalid_argument_and_value_error(client, fn: str, reduction) -> None:
+    from lossd_client import InvalidArgumentError
+
+    x = torch.from_numpy(X)
+    t = torch.from_numpy(P) if fn == "binary_cross_entropy_with_logits" else torch.from_numpy(T)
+    with pytest.raises(ValueError):
+        getattr(F, fn)(x, t, reduction=reduction)
+    with pytest.raises(InvalidArgumentError) as info:
+        getattr(client, fn)(x, t, reduction=reduction)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("size_average", [None, True, False])
+@pytest.mark.parametrize("reduce", [None, True, False])
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "binary_cross_entropy_with_logits"])
+def test_legacy_size_average_and_reduce_map_as_torch(client, fn: str, size_average, reduce) -> None:
+    x = torch.from_numpy(X)
+    t = torch.from_numpy(P) if fn == "binary_cross_entropy_with_logits" else torch.from_numpy(T)
+    with pytest.warns(UserWarning) if (size_average, reduce) != (None, None) else _no_warning_check():
+        expected = getattr(F, fn)(x, t, size_average=size_average, reduce=reduce, reduction="sum")
+    got = getattr(client, fn)(x, t, size_average=size_average, reduce=reduce, reduction="sum")
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected)
+
+
+def _no_warning_check():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_positional_arguments_match_torch(client) -> None:
+    x, t = torch.from_numpy(X), torch.from_numpy(T)
+    w = torch.tensor([0.2, 1.0, 3.0])
+    torch.testing.assert_close(
+        client.cross_entropy(x, t, w, 0, "sum", 0.25),
+        F.cross_entropy(x, t, w, ignore_index=0, reduction="sum", label_smoothing=0.25),
+    )
+    torch.testing.assert_close(client.nll_loss(x, t, w, 2, "none"), F.nll_loss(x, t, w, ignore_index=2, reduction="none"))
+    p = torch.from_numpy(P)
+    torch.testing.assert_close(
+        client.binary_cross_entropy_with_logits(x, p, w, "sum", w.flip(0)),
+        F.binary_cross_entropy_with_logits(x, p, w, reduction="sum", pos_weight=w.flip(0)),
+    )

@@ -1,0 +1,295 @@
+"""Property tests: lossd_server.engine.evaluate against torch.nn.functional itself.
+
+Values: float32 / float64 inputs are compared with torch in the same dtype (or, where the
+engine's float64 accumulation is the more exact answer, torch in float64 cast to the dtype);
+float16 / bfloat16 inputs with torch computed in float32 and cast to torch's output dtype,
+within that dtype's tolerance, and the output dtype must be torch's own output dtype.
+Errors: the engine raises InvalidInput exactly when torch raises.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lossd_server import engine
+
+FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+HALF = (torch.float16, torch.bfloat16)
+#: Exactly representable in every float dtype, so weight sums (mean denominators) are exact.
+WEIGHT_VALUES = (-1.5, -1.0, 0.0, 0.5, 1.0, 2.0, 3.25)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def torch_call(fn: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(F, fn)(*args, **kwargs)
+
+
+def cast_floats(values: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in values.items()}
+
+
+def assert_matches_torch(actual: torch.Tensor, fn: str, tensors: dict[str, Any], options: dict[str, Any]) -> None:
+    """``actual`` is torch's value in torch's output dtype and shape (see module docstring)."""
+    own = torch_call(fn, **tensors, **options)
+    assert actual.dtype == own.dtype
+    assert actual.shape == own.shape
+    in_dtype = tensors["input"].dtype
+    references = [] if in_dtype in HALF else [own]
+    if in_dtype != torch.float64:
+        references.append(torch_call(fn, **cast_floats(tensors, torch.float32), **options).to(own.dtype))
+    references.append(torch_call(fn, **cast_floats(tensors, torch.float64), **options).to(own.dtype))
+    errors = []
+    for expected in references:
+        try:
+            torch.testing.assert_close(actual, expected, equal_nan=True)
+            return
+        except AssertionError as exc:
+            errors.append(str(exc))
+    raise AssertionError("\n".join(errors))
+
+
+def evaluate(spec: engine.LossSpec, tensors: dict[str, Any], **kwargs: Any) -> engine.LossResult:
+    return engine.evaluate(spec, tensors["input"], tensors["target"], tensors.get("weight"), tensors.get("pos_weight"), **kwargs)
+
+
+def assert_chunking_invariant(spec: engine.LossSpec, tensors: dict[str, Any], whole: engine.LossResult) -> None:
+    tiny = evaluate(spec, tensors, chunk_bytes=64)
+    torch.testing.assert_close(tiny.loss, whole.loss, equal_nan=True)
+    assert tiny.counted == whole.counted
+    assert tiny.weight_sum == pytest.approx(whole.weight_sum, rel=1e-12, nan_ok=True)
+    assert tiny.loss_sum == pytest.approx(whole.loss_sum, rel=1e-9, abs=1e-9, nan_ok=True)
+
+
+# ---------------------------------------------------------------------------- strategies
+@st.composite
+def class_shapes(draw: st.DrawFn) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input shape, class-index target shape): (C), (N, C) or (N, C, d1..dK), K <= 3."""
+    c = draw(st.integers(1, 5))
+    if draw(st.integers(0, 5)) == 0:
+        return (c,), draw(st.sampled_from([(), (1,)]))
+    n = draw(st.integers(0, 3))
+    dims = tuple(draw(st.lists(st.integers(1, 3), max_size=3)))
+    return (n, c, *dims), (n, *dims)
+
+
+@st.composite
+def logits(draw: st.DrawFn, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.5, 2.0, 8.0]))
+    if x.numel() and draw(st.booleans()):
+        mask = torch.rand(shape, generator=g) < 0.2
+        x = x.masked_fill(mask, -math.inf)
+    return x.to(dtype)
+
+
+@st.composite
+def class_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
+    dtype = draw(st.sampled_from(FLOATS))
+    in_shape, t_shape = draw(class_shapes())
+    c = in_shape[0] if len(in_shape) == 1 else in_shape[1]
+    loss = draw(st.sampled_from([engine.CROSS_ENTROPY, engine.NLL]))
+    x = draw(logits(in_shape, dtype))
+    if loss == engine.NLL:
+        x = torch.log_softmax(x.to(torch.float64), 0 if len(in_shape) == 1 else 1).to(dtype)
+    ignore_index = draw(st.sampled_from([-100, -1, 0, c - 1, c, c + 7]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    target = torch.randint(0, c, t_shape, generator=g)
+    fill = draw(st.sampled_from(["none", "some", "all"]))
+    if fill == "all":
+        target = torch.full(t_shape, ignore_index)
+    elif fill == "some" and target.numel():
+        target = torch.where(torch.rand(t_shape, generator=g) < 0.3, ignore_index, target)
+    target_dtype = draw(st.sampled_from([torch.int64, torch.uint8]))
+    if target_dtype == torch.uint8:
+        target = torch.where((target >= 0) & (target < 256), target, 0).to(torch.uint8)
+    tensors: dict[str, Any] = {"input": x, "target": target}
+    if draw(st.booleans()):
+        tensors["weight"] = torch.tensor(draw(st.lists(st.sampled_from(WEIGHT_VALUES), min_size=c, max_size=c)), dtype=dtype)
+    ls = draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0, -0.2])) if loss == engine.CROSS_ENTROPY else 0.0
+    spec = engine.LossSpec(loss=loss, reduction=draw(st.sampled_from(engine.REDUCTIONS)), ignore_index=ignore_index, label_smoothing=ls)
+    return spec, tensors
+
+
+@st.composite
+def prob_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
+    dtype = draw(st.sampled_from(FLOATS))
+    in_shape, _ = draw(class_shapes())
+    c = in_shape[0] if len(in_shape) == 1 else in_shape[1]
+    x = draw(logits(in_shape, dtype))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    p = torch.softmax(torch.randn(in_shape, generator=g, dtype=torch.float64) * 3, 0 if len(in_shape) == 1 else 1).to(dtype)
+    tensors: dict[str, Any] = {"input": x, "target": p}
+    if draw(st.booleans()):
+        tensors["weight"] = torch.tensor(draw(st.lists(st.sampled_from(WEIGHT_VALUES), min_size=c, max_size=c)), dtype=dtype)
+    spec = engine.LossSpec(
+        reduction=draw(st.sampled_from(engine.REDUCTIONS)),
+        ignore_index=draw(st.sampled_from([-100, -1, -5])),
+        label_smoothing=draw(st.sampled_from([0.0, 0.2, 0.7, 1.0, -0.3])),
+    )
+    return spec, tensors
+
+
+def broadcastable_to(draw: st.DrawFn, shape: tuple[int, ...]) -> tuple[int, ...]:
+    k = draw(st.integers(0, len(shape)))
+    suffix = shape[len(shape) - k :]
+    return tuple(1 if draw(st.booleans()) else s for s in suffix)
+
+
+@st.composite
+def bce_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
+    dtype = draw(st.sampled_from(FLOATS))
+    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(shape, generator=g, dtype=torch.float64).mul(4).to(dtype)
+    t = torch.rand(shape, generator=g, dtype=torch.float64)
+    if draw(st.booleans()):
+        t = t.round()
+    tensors: dict[str, Any] = {"input": x, "target": t.to(dtype)}
+    for name in ("weight", "pos_weight"):
+        if draw(st.booleans()):
+            wshape = broadcastable_to(draw, shape)
+            values = torch.tensor(WEIGHT_VALUES, dtype=torch.float64)
+            idx = torch.randint(0, len(WEIGHT_VALUES), wshape, generator=g)
+            tensors[name] = values[idx].abs().to(dtype) if name == "pos_weight" else values[idx].to(dtype)
+    spec = engine.LossSpec(loss=engine.BCE_WITH_LOGITS, reduction=draw(st.sampled_from(engine.REDUCTIONS)))
+    return spec, tensors
+
+
+def torch_options(spec: engine.LossSpec) -> dict[str, Any]:
+    options: dict[str, Any] = {"reduction": spec.reduction}
+    if spec.loss != engine.BCE_WITH_LOGITS:
+        options["ignore_index"] = spec.ignore_index
+    if spec.loss == engine.CROSS_ENTROPY:
+        options["label_smoothing"] = spec.label_smoothing
+    return options
+
+
+def check_case(spec: engine.LossSpec, tensors: dict[str, Any]) -> None:
+    options = torch_options(spec)
+    try:
+        torch_call(spec.loss, **tensors, **options)
+    except Exception:  # noqa: BLE001 - torch rejects: so must the engine
+        with pytest.raises(engine.InvalidInput):
+            evaluate(spec, tensors)
+        return
+    result = evaluate(spec, tensors)
+    assert_matches_torch(result.loss, spec.loss, tensors, options)
+    assert_chunking_invariant(spec, tensors, result)
+    if spec.reduction == "mean":
+        # the totals a client combines across requests reproduce the mean
+        mean = torch.tensor(engine._divide(result.loss_sum, result.weight_sum), dtype=torch.float64)
+        torch.testing.assert_close(result.loss, mean.to(result.loss.dtype), equal_nan=True)
+
+
+# ---------------------------------------------------------------------------- properties
+@SETTINGS
+@given(class_case())
+def test_class_index_targets_match_torch(case: tuple[engine.LossSpec, dict[str, Any]]) -> None:
+    check_case(*case)
+
+
+@SETTINGS
+@given(prob_case())
+def test_probability_targets_match_torch(case: tuple[engine.LossSpec, dict[str, Any]]) -> None:
+    check_case(*case)
+
+
+@SETTINGS
+@given(bce_case())
+def test_bce_with_logits_matches_torch(case: tuple[engine.LossSpec, dict[str, Any]]) -> None:
+    check_case(*case)
+
+
+ALL_DTYPES = (*FLOATS, torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool)
+
+
+@st.composite
+def any_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
+    """Random and often invalid combinations of shapes, dtypes and options."""
+    loss = draw(st.sampled_from(engine.LOSSES))
+    in_shape = tuple(draw(st.lists(st.integers(0, 3), max_size=4)))
+    in_dtype = draw(st.sampled_from(ALL_DTYPES))
+    mode = draw(st.sampled_from(["class", "same", "random"]))
+    if mode == "class" and len(in_shape) >= 1:
+        t_shape = () if len(in_shape) == 1 else (in_shape[0], *in_shape[2:])
+    elif mode == "same":
+        t_shape = in_shape
+    else:
+        t_shape = tuple(draw(st.lists(st.integers(0, 3), max_size=4)))
+    t_dtype = draw(st.sampled_from(ALL_DTYPES))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    def tensor(shape: tuple[int, ...], dtype: torch.dtype, high: int = 4) -> torch.Tensor:
+        if dtype.is_floating_point:
+            return torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+        if dtype == torch.bool:
+            return torch.randint(0, 2, shape, generator=g).bool()
+        low = -2 if dtype not in (torch.uint8,) else 0
+        return torch.randint(low, high, shape, generator=g).to(dtype)
+
+    tensors: dict[str, Any] = {"input": tensor(in_shape, in_dtype), "target": tensor(t_shape, t_dtype)}
+    for name in ("weight", "pos_weight"):
+        if draw(st.integers(0, 2)) == 0:
+            w_shape = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
+            tensors[name] = tensor(w_shape, draw(st.sampled_from(ALL_DTYPES)))
+    spec = engine.LossSpec(
+        loss=loss,
+        reduction=draw(st.sampled_from(engine.REDUCTIONS)),
+        ignore_index=draw(st.sampled_from([-100, -2, 0, 1, 3])),
+        label_smoothing=draw(st.sampled_from([0.0, 0.0, -0.5, 0.3, 1.0, 1.5])),
+    )
+    return spec, tensors
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_case())
+def test_engine_rejects_exactly_what_torch_rejects(case: tuple[engine.LossSpec, dict[str, Any]]) -> None:
+    spec, tensors = case
+    options = torch_options(spec)
+    if spec.loss == engine.NLL and spec.label_smoothing:
+        return  # nll_loss has no label_smoothing argument: nothing for torch to compare with
+    if spec.loss == engine.BCE_WITH_LOGITS:
+        if spec.label_smoothing:
+            return
+    elif "pos_weight" in tensors:
+        return  # only BCE takes pos_weight
+    try:
+        expected = torch_call(spec.loss, **tensors, **options)
+    except Exception:  # noqa: BLE001
+        with pytest.raises(engine.InvalidInput):
+            evaluate(spec, tensors)
+        return
+    result = evaluate(spec, tensors)
+    assert result.loss.dtype == expected.dtype
+    assert result.loss.shape == expected.shape
+
+
+def test_nll_rejects_label_smoothing_and_ce_rejects_pos_weight() -> None:
+    x, t = torch.randn(2, 3), torch.tensor([0, 2])
+    with pytest.raises(engine.InvalidInput) as info:
+        engine.evaluate(engine.LossSpec(loss=engine.NLL, label_smoothing=0.1), x, t)
+    assert info.value.field == "options.label_smoothing"
+    with pytest.raises(engine.InvalidInput) as info:
+        engine.evaluate(engine.LossSpec(), x, t, None, torch.ones(3))
+    assert info.value.field == "options.pos_weight"
+
+
+def test_input_is_never_modified() -> None:
+    x = torch.randn(3, 4, 2)
+    x[0, 1, 0] = -math.inf
+    t = torch.tensor([[0, 3], [-100, 1], [2, 2]])
+    w = torch.rand(4)
+    before = (x.clone(), t.clone(), w.clone())
+    engine.evaluate(engine.LossSpec(label_smoothing=0.2, reduction="none"), x, t, w, chunk_bytes=64)
+    for a, b in zip((x, t, w), before, strict=True):
+        assert torch.equal(a, b)
