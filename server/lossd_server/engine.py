@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -213,7 +214,11 @@ class Plan:
         self.weight = weight
         self.pos_weight = pos_weight
         self.target_streamed = target_streamed
-        self._validate_and_layout(target)
+        self._probe_target = target
+        try:
+            self._validate_and_layout(target)
+        finally:
+            self._probe_target = None
 
     # ------------------------------------------------------------------ validation
     def _validate_and_layout(self, target: torch.Tensor) -> None:
@@ -264,7 +269,40 @@ class Plan:
         return tuple(shape)
 
     def _check_dtypes(self, kind: str) -> None:
-        self.output_dtype = _torch_output_dtype(
+        target = self._probe_target
+        torch_layout = kind == "bce" or (
+            self.class_axis == (0 if len(self.input_shape) == 1 else 1) and not self.spec.shift_targets
+        )
+        if math.prod(self.input_shape) == 0 and torch_layout and target is not None and target.device.type != "meta":
+            self.output_dtype = self._empty_output_dtype(kind, target)
+        else:
+            self.output_dtype = self._probed_output_dtype(kind)
+        self.compute_dtype = torch.float64 if self.output_dtype == torch.float64 else torch.float32
+
+    def _empty_output_dtype(self, kind: str, target: torch.Tensor) -> torch.dtype:
+        """Empty inputs: torch itself on the real (empty) tensors; its kernels skip some dtype
+        checks when there is nothing to compute, so probing with one element would differ."""
+        spec = self.spec
+        x = torch.empty(self.input_shape, dtype=self.input_dtype)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if kind == "bce":
+                    out = F.binary_cross_entropy_with_logits(x, target, self.weight, reduction=spec.reduction, pos_weight=self.pos_weight)
+                elif spec.loss == NLL:
+                    out = F.nll_loss(x, target, self.weight, ignore_index=spec.ignore_index, reduction=spec.reduction)
+                else:
+                    out = F.cross_entropy(
+                        x, target, self.weight, ignore_index=spec.ignore_index, reduction=spec.reduction, label_smoothing=spec.label_smoothing
+                    )
+        except (RuntimeError, ValueError, TypeError, NotImplementedError, IndexError) as exc:
+            self._probed_output_dtype(kind)  # a dtype problem: raises with a precise message
+            text = str(exc).split("\n")[0]
+            raise InvalidInput("target" if kind == "class" else "input", f"rejected by torch: {text}") from exc
+        return out.dtype
+
+    def _probed_output_dtype(self, kind: str) -> torch.dtype:
+        return _torch_output_dtype(
             self.spec.loss,
             kind,
             self.input_dtype,
@@ -274,7 +312,6 @@ class Plan:
             self.spec.label_smoothing > 0.0,
             self.spec.reduction,
         )
-        self.compute_dtype = torch.float64 if self.output_dtype == torch.float64 else torch.float32
 
     def _layout_units(self) -> None:
         shape = self.input_shape
