@@ -31,12 +31,18 @@ _SMALL_REQUEST_BYTES = 512
 _CHUNKED_METHOD = f"/{SERVICE}/EvaluateChunked"
 
 
+#: A call is replayable while its request messages fit this buffer (with gRPC's default, 256 KiB,
+#: 1 MiB requests in flight on a crashed replica failed instead of being replayed). The buffer
+#: keeps a call's serialised messages until the server answers.
+_RETRY_BUFFER_BYTES = 64 * 1024 * 1024
+
+
 def service_config(*, retries: int = 5) -> str:
     """round_robin over every resolved address, and retries of UNAVAILABLE and CANCELLED with backoff.
 
     Evaluations are idempotent, so replaying a call that got no answer is safe. gRPC replays a
     call only before the server has answered anything (and only while its messages fit the
-    per-call retry buffer, 256 KiB by default). A replica that shuts down cancels calls its
+    per-call retry buffer, set to 64 MiB by the clients). A replica that shuts down cancels calls its
     transport received but its handlers never started: the client sees CANCELLED for those (seen
     in tests/test_replicas.py), so CANCELLED is retried too; a call the caller cancels itself
     is never retried.
@@ -91,6 +97,7 @@ def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, An
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.service_config", service_config(retries=retries)),
         ("grpc.enable_retries", 1),
+        ("grpc.per_rpc_retry_buffer_size", _RETRY_BUFFER_BYTES),
     ]
 
 

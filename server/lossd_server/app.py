@@ -18,12 +18,11 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
-from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
 from . import engine
 from .batcher import Batcher
 from .config import ServerConfig
-from .service import MAX_SEND_MESSAGE_BYTES, LossServicer, transport_receive_limit
+from .service import MAX_SEND_MESSAGE_BYTES, LossServicer, add_to_server, transport_receive_limit
 
 log = logging.getLogger("lossd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -158,7 +157,7 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None) -> Los
         from .shm import read_shared_tensor
 
         shm_reader = read_shared_tensor
-    pb_grpc.add_LossServiceServicer_to_server(LossServicer(config, device, batcher, shm_reader), server)
+    add_to_server(LossServicer(config, device, batcher, shm_reader), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

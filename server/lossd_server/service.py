@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
@@ -89,8 +88,67 @@ def decode_options(options: pb.LossOptions, shm_reader=None) -> tuple[engine.Los
     return spec, weight, pos_weight
 
 
+class MalformedMessage:
+    """Stands in for a request whose bytes are not a valid protobuf message.
+
+    grpc would otherwise answer UNKNOWN from inside its deserializer; with this the servicer
+    answers INVALID_ARGUMENT like any other bad input.
+    """
+
+    id = ""
+
+    def __init__(self, kind: str, error: Exception) -> None:
+        self.kind = kind
+        self.error = error
+
+    def ByteSize(self) -> int:  # noqa: N802 - protobuf's name, used by the metrics interceptor
+        return 0
+
+    def reject(self) -> engine.InvalidInput:
+        return engine.InvalidInput("request", f"not a valid {self.kind} message: {self.error}")
+
+
+def _safe_deserializer(message_type):
+    name = message_type.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is the client's bad input
+            return MalformedMessage(name, exc)
+
+    return deserialize
+
+
+def well_formed(message):
+    """Return the message, or raise InvalidInput if its bytes did not parse."""
+    if isinstance(message, MalformedMessage):
+        raise message.reject()
+    return message
+
+
+def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer like the generated helper, with decode errors as INVALID_ARGUMENT."""
+    handlers = {
+        "Evaluate": grpc.unary_unary_rpc_method_handler(
+            servicer.Evaluate, _safe_deserializer(pb.EvaluateRequest), pb.EvaluateResponse.SerializeToString
+        ),
+        "EvaluateStream": grpc.stream_stream_rpc_method_handler(
+            servicer.EvaluateStream, _safe_deserializer(pb.EvaluateRequest), pb.EvaluateResponse.SerializeToString
+        ),
+        "EvaluateChunked": grpc.stream_unary_rpc_method_handler(
+            servicer.EvaluateChunked, _safe_deserializer(pb.EvaluateChunk), pb.EvaluateResponse.SerializeToString
+        ),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerInfo, _safe_deserializer(pb.GetServerInfoRequest), pb.ServerInfo.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lossd.v1.LossService", handlers),))
+
+
 def decode_request(request: pb.EvaluateRequest, shm_reader=None) -> DecodedRequest:
     """Decode and validate a unary request; raises engine.InvalidInput / codec.TensorError."""
+    well_formed(request)
     if not request.HasField("input"):
         raise engine.InvalidInput("input", "is missing")
     if not request.HasField("target"):
@@ -257,7 +315,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def _evaluate_chunked(self, request_iterator: AsyncIterator[pb.EvaluateChunk]) -> pb.EvaluateResponse:
         iterator = request_iterator.__aiter__()
         try:
-            first = await iterator.__anext__()
+            first = well_formed(await iterator.__anext__())
         except StopAsyncIteration:
             raise engine.InvalidInput("header", "EvaluateChunked received no messages") from None
         if not first.HasField("header"):
@@ -323,7 +381,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         try:
             consume(first)
             async for chunk in iterator:
-                if chunk.HasField("header"):
+                if well_formed(chunk).HasField("header"):
                     raise engine.InvalidInput("header", "only the first EvaluateChunk may carry a header")
                 consume(chunk)
                 await drain(self.config.max_chunks_in_flight - 1)

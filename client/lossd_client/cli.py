@@ -1,0 +1,450 @@
+"""``lossd-client``: health check, server info, and scoring of saved logits from the shell.
+
+    lossd-client health                      # exit 0 iff the server reports SERVING
+    lossd-client info --json
+    lossd-client score run.npz --class-axis -1 --shift
+
+``score`` reads logits and targets from ``.npz`` (np.load, no pickles), ``.safetensors``
+(memory-mapped, read without torch) or torch ``.pt`` (``torch.load(weights_only=True)``: plain
+tensors only, never arbitrary objects; needs torch). Large inputs are split along their first
+axis into requests of about ``--batch-mb`` and streamed to the server; the totals it returns
+(``loss_sum``, ``weight_sum``, ``counted``) recombine into exactly the loss torch gives for the
+whole file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .client import LossClient
+from .errors import LossdError
+from .requests import EvaluateResult, LossRequest
+
+LOGITS_KEYS = ("logits", "input", "inputs", "scores", "log_probs", "logprobs")
+TARGET_KEYS = ("targets", "target", "labels", "tokens", "input_ids")
+LOSSES = ("cross_entropy", "nll_loss", "binary_cross_entropy_with_logits")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A problem with the command line or an input file (exit status 2)."""
+
+
+# --------------------------------------------------------------------------- file loading
+_SAFETENSORS_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?",
+}  # fmt: skip
+
+
+def _bfloat16() -> np.dtype:
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise CliError("bfloat16 tensors in .safetensors files need ml_dtypes (pip install ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a .safetensors file as a read-only numpy array."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CliError(f"{path}: not a safetensors file (too short)")
+        (header_len,) = struct.unpack("<Q", head)
+        size = os.fstat(f.fileno()).st_size
+        if header_len > min(size - 8, 100 * 2**20):
+            raise CliError(f"{path}: not a safetensors file (header length {header_len})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CliError(f"{path}: not a safetensors file ({exc})") from None
+    base = 8 + header_len
+    out: dict[str, np.ndarray] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        code = meta.get("dtype")
+        dtype = _bfloat16() if code == "BF16" else np.dtype(_SAFETENSORS_DTYPES.get(code, "V0"))
+        if dtype.itemsize == 0:
+            raise CliError(f"{path}: tensor {name!r} has unsupported dtype {code}")
+        shape = tuple(int(d) for d in meta["shape"])
+        start, end = (int(v) for v in meta["data_offsets"])
+        if end - start != math.prod(shape) * dtype.itemsize or base + end > size or start < 0:
+            raise CliError(f"{path}: tensor {name!r} has inconsistent data_offsets {meta['data_offsets']}")
+        if math.prod(shape) == 0:
+            out[name] = np.zeros(shape, dtype)
+        else:
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=base + start, shape=shape)
+    return out
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise CliError(f"{path}: expected an .npz archive of named arrays")
+            return {name: archive[name] for name in archive.files}
+    except ValueError as exc:
+        raise CliError(f"{path}: {exc}") from None
+
+
+def load_pt(path: Path) -> dict[str, Any]:
+    """torch.load(weights_only=True): tensors, dicts, lists and tuples only; nothing is executed."""
+    try:
+        import torch
+    except ImportError:
+        raise CliError(f"{path}: reading .pt files needs torch (pip install torch); .npz and .safetensors do not") from None
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"{path}: refused to load (torch.load with weights_only=True accepts plain tensors only): {first}") from None
+    if isinstance(obj, (list, tuple)) and len(obj) == 2:
+        return {"logits": obj[0], "targets": obj[1]}
+    if isinstance(obj, dict):
+        return dict(obj)
+    raise CliError(f"{path}: expected a dict of tensors or a (logits, targets) pair, got {type(obj).__name__}")
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise CliError(f"{path}: no such file")
+    if suffix == ".npz":
+        return load_npz(path)
+    if suffix == ".safetensors":
+        return load_safetensors(path)
+    if suffix in (".pt", ".pth"):
+        return load_pt(path)
+    raise CliError(f"{path}: unknown file type {suffix!r} (expected .npz, .safetensors or .pt)")
+
+
+def pick(arrays: dict[str, Any], wanted: str | None, candidates: Sequence[str], what: str, path: Path) -> Any:
+    if wanted is not None:
+        if wanted not in arrays:
+            raise CliError(f"{path}: no array named {wanted!r} (has {', '.join(sorted(arrays)) or 'none'})")
+        return arrays[wanted]
+    for name in candidates:
+        if name in arrays:
+            return arrays[name]
+    raise CliError(
+        f"{path}: no {what} array (looked for {', '.join(candidates)}; has {', '.join(sorted(arrays)) or 'none'}); name it with --{what}-key"
+    )
+
+
+# --------------------------------------------------------------------------- scoring
+@dataclass
+class Score:
+    """One file's (or the total's) figures; ``loss`` follows --reduction (mean or sum)."""
+
+    file: str
+    loss: float
+    loss_sum: float
+    weight_sum: float
+    counted: int
+    perplexity: float | None
+    positions: int
+    bytes: int
+    requests: int
+    seconds: float
+    per_element: list[Any] = field(default_factory=list, repr=False)
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.shape)
+
+
+def _nbytes(x: Any) -> int:
+    return int(x.nbytes) if hasattr(x, "nbytes") else int(x.numel() * x.element_size())
+
+
+def split_rows(logits: Any, target: Any, args: argparse.Namespace) -> tuple[int, int]:
+    """(rows the input may be split into along its first axis, loss positions per row).
+
+    Splitting is exact when the first axis is neither the class axis nor the axis that
+    ``--shift`` moves the targets along (the target's last axis).
+    """
+    shape, tshape = _shape(logits), _shape(target)
+    if args.loss == "binary_cross_entropy_with_logits":
+        return (shape[0], math.prod(shape[1:])) if shape and tshape[:1] == shape[:1] else (1, math.prod(shape))
+    if len(shape) < 2:
+        return 1, 1
+    axis = 1 if args.class_axis is None else args.class_axis
+    if not -len(shape) <= axis < len(shape):
+        return 1, math.prod(shape)  # the server answers with torch's error
+    axis %= len(shape)
+    positions = math.prod(shape) // shape[axis] if shape[axis] else 0
+    if axis == 0 or tshape[:1] != shape[:1] or (args.shift and len(tshape) < 2):
+        return 1, positions
+    return shape[0], positions // shape[0] if shape[0] else 0
+
+
+def score_file(client: LossClient, path: Path, args: argparse.Namespace, progress: Any) -> Score:
+    arrays = load_file(path)
+    logits = pick(arrays, args.logits_key, LOGITS_KEYS, "logits", path)
+    target = pick(arrays, args.target_key, TARGET_KEYS, "target", path)
+    rows, positions_per_row = split_rows(logits, target, args)
+    total_bytes = _nbytes(logits) + _nbytes(target)
+    row_bytes = max(1, total_bytes // max(1, rows))
+    per_request = max(1, min(rows, int(args.batch_mb * 2**20) // row_bytes))
+
+    def request(a: int, b: int) -> LossRequest:
+        x = logits[a:b] if per_request < rows else logits
+        t = target[a:b] if per_request < rows else target
+        return LossRequest(
+            x, t, args.loss, ignore_index=args.ignore_index, reduction=args.reduction, class_axis=args.class_axis, shift_targets=args.shift
+        )
+
+    bounds = [(a, min(rows, a + per_request)) for a in range(0, rows, per_request)]
+    bar = progress(total=total_bytes, desc=path.name)
+    results: list[EvaluateResult] = []
+    start = time.perf_counter()
+    done_rows = 0
+
+    def advance(result: EvaluateResult, a: int, b: int) -> None:
+        nonlocal done_rows
+        results.append(result)
+        done_rows += b - a
+        bar.update(row_bytes * (b - a) if b < rows else total_bytes - bar.n)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{done_rows * positions_per_row / elapsed:,.0f} rows/s", refresh=False)
+
+    try:
+        if len(bounds) == 1 or row_bytes * per_request > args.batch_mb * 2**20:
+            for a, b in bounds:  # one request at a time; the client chunks what exceeds a message
+                advance(client.evaluate(request(a, b), timeout_s=args.timeout_s), a, b)
+        else:
+            answers = client.evaluate_many((request(a, b) for a, b in bounds), window=args.window, timeout_s=args.timeout_s)
+            for (a, b), result in zip(bounds, answers, strict=True):
+                advance(result, a, b)
+    finally:
+        bar.close()
+    return _summarise(str(path), results, args, rows * positions_per_row, total_bytes, time.perf_counter() - start)
+
+
+def _summarise(
+    name: str, results: Sequence[EvaluateResult], args: argparse.Namespace, positions: int, nbytes: int, seconds: float
+) -> Score:
+    loss_sum = math.fsum(r.loss_sum for r in results)
+    weight_sum = math.fsum(r.weight_sum for r in results)
+    counted = sum(int(r.counted) for r in results)
+    mean = loss_sum / weight_sum if weight_sum else math.nan
+    perplexity = None
+    if args.loss != "binary_cross_entropy_with_logits":
+        perplexity = math.exp(mean) if weight_sum and mean < 709 else (math.inf if weight_sum else math.nan)
+    per_element = [np.asarray(r.loss) for r in results] if args.reduction == "none" else []
+    return Score(
+        name,
+        loss_sum if args.reduction == "sum" else mean,
+        loss_sum,
+        weight_sum,
+        counted,
+        perplexity,
+        positions,
+        nbytes,
+        len(results),
+        seconds,
+        per_element,
+    )
+
+
+def total(scores: Sequence[Score], args: argparse.Namespace) -> Score:
+    loss_sum = math.fsum(s.loss_sum for s in scores)
+    weight_sum = math.fsum(s.weight_sum for s in scores)
+    mean = loss_sum / weight_sum if weight_sum else math.nan
+    perplexity = None
+    if args.loss != "binary_cross_entropy_with_logits":
+        perplexity = math.exp(mean) if weight_sum and mean < 709 else (math.inf if weight_sum else math.nan)
+    return Score(
+        "total", loss_sum if args.reduction == "sum" else mean, loss_sum, weight_sum, sum(s.counted for s in scores), perplexity,
+        sum(s.positions for s in scores), sum(s.bytes for s in scores), sum(s.requests for s in scores), sum(s.seconds for s in scores),
+    )  # fmt: skip
+
+
+def table(scores: Sequence[Score], reduction: str) -> str:
+    loss_title = "loss (sum)" if reduction == "sum" else "loss (mean)"
+    head = ("file", loss_title, "counted", "perplexity", "rows", "MB", "MB/s")
+    rows = [head]
+    for s in scores:
+        ppl = "-" if s.perplexity is None else f"{s.perplexity:.6g}"
+        rate = s.bytes / 2**20 / s.seconds if s.seconds > 0 else math.inf
+        rows.append((s.file, f"{s.loss:.8g}", str(s.counted), ppl, str(s.positions), f"{s.bytes / 2**20:.1f}", f"{rate:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _progress_factory(enabled: bool):
+    class Quiet:
+        n = 0
+
+        def __init__(self, total: int = 0, desc: str = "") -> None:
+            self.n = 0
+
+        def update(self, k: int) -> None:
+            self.n += k
+
+        def set_postfix_str(self, *_: Any, **__: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    if not enabled:
+        return Quiet
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print("lossd-client: no progress bar (pip install tqdm)", file=sys.stderr)
+        return Quiet
+
+    def make(total: int, desc: str) -> Any:
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, dynamic_ncols=True)
+
+    return make
+
+
+# --------------------------------------------------------------------------- commands
+def _client(args: argparse.Namespace) -> LossClient:
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise CliError(f"{path}: {exc.strerror}") from None
+
+    if (args.tls_cert_file is None) != (args.tls_key_file is None):
+        raise CliError("--tls-cert-file and --tls-key-file go together")
+    try:
+        return LossClient(
+            args.target,
+            timeout_s=args.timeout_s,
+            root_certificates=read(args.tls_ca_file),
+            private_key=read(args.tls_key_file),
+            certificate_chain=read(args.tls_cert_file),
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.health(args.service, timeout_s=args.timeout_s or 5.0)
+    print(status)
+    return EXIT_OK if status == "SERVING" else EXIT_FAILED
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as client:
+        info = client.server_info(timeout_s=args.timeout_s or 30.0)
+    data = MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        width = max(len(k) for k in data)
+        for key, value in data.items():
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            print(f"{key.ljust(width)}  {shown}")
+    return EXIT_OK
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    if args.batch_mb <= 0:
+        raise CliError("--batch-mb must be > 0")
+    progress = _progress_factory(not args.no_progress)
+    scores = []
+    with _client(args) as client:
+        for name in args.files:
+            scores.append(score_file(client, Path(name), args, progress))
+    overall = total(scores, args) if len(scores) > 1 else None
+    if args.output:
+        if args.reduction != "none":
+            raise CliError("--output saves per-element losses: use it with --reduction none")
+        np.save(args.output, np.concatenate([e.reshape(-1) for s in scores for e in s.per_element]))
+    if args.json:
+
+        def as_dict(s: Score) -> dict[str, Any]:
+            d = asdict(s)
+            d.pop("per_element")
+            return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+        doc: dict[str, Any] = {"loss": args.loss, "reduction": args.reduction, "files": [as_dict(s) for s in scores]}
+        doc["total"] = as_dict(overall or scores[0])
+        print(json.dumps(doc, indent=2))
+    else:
+        print(table(scores + ([overall] if overall else []), args.reduction))
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lossd-client", description="Talk to a lossd server: health, info, score saved logits.")
+    p.add_argument("--target", default=os.environ.get("LOSSD_TARGET", "127.0.0.1:50051"),
+                   help="host:port, dns:///name:port, or comma-separated addresses (round robin) [env LOSSD_TARGET; default %(default)s]")  # fmt: skip
+    p.add_argument("--timeout-s", type=float, default=None, help="per-call deadline in seconds (health: 5 s, info: 30 s when unset)")
+    p.add_argument("--tls-ca-file", help="PEM root certificates: use TLS and trust servers they signed")
+    p.add_argument("--tls-cert-file", help="PEM client certificate chain (mTLS)")
+    p.add_argument("--tls-key-file", help="PEM client private key (mTLS)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    health = sub.add_parser("health", help="exit 0 iff the server reports SERVING (container HEALTHCHECK)")
+    health.add_argument("--service", default="", help="health service name ('' = the whole server)")
+    health.set_defaults(run=cmd_health)
+
+    info = sub.add_parser("info", help="server version, device and limits")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=cmd_info)
+
+    score = sub.add_parser("score", help="score saved logits and targets (.npz, .safetensors, .pt)")
+    score.add_argument("files", nargs="+", metavar="FILE")
+    score.add_argument("--loss", choices=LOSSES, default="cross_entropy")
+    score.add_argument("--class-axis", type=int, default=None, help="axis of the classes (torch: 1; -1 for (B, T, V) logits)")
+    score.add_argument("--shift", action="store_true", help="causal LM: logits[..., :-1, :] scored against target[..., 1:]")
+    score.add_argument("--ignore-index", type=int, default=-100)
+    score.add_argument("--reduction", choices=("mean", "sum", "none"), default="mean", help="none: per-element losses go to --output")
+    score.add_argument("--output", help="with --reduction none: save per-element losses (.npy), in file and row order")
+    score.add_argument("--logits-key", help=f"array name of the logits (default: first of {', '.join(LOGITS_KEYS)})")
+    score.add_argument("--target-key", help=f"array name of the targets (default: first of {', '.join(TARGET_KEYS)})")
+    score.add_argument("--batch-mb", type=float, default=8.0, help="split inputs along their first axis into requests of about this size")
+    score.add_argument("--window", type=int, default=8, help="requests in flight")
+    score.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score.set_defaults(run=cmd_score)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if "," in args.target and not args.target.startswith(("dns:", "ipv4:", "ipv6:")):
+        args.target = [a.strip() for a in args.target.split(",") if a.strip()]
+    try:
+        return args.run(args)
+    except CliError as exc:
+        print(f"lossd-client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LossdError as exc:
+        print(f"lossd-client {args.command}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

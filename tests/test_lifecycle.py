@@ -1,0 +1,135 @@
+"""Lifecycle of a real server process: warm-up gating, drain on SIGTERM, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from lossd_client import LossClient, LossRequest
+from lossd_client import requests as rq
+from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+from lossd_server import app
+from lossd_server.config import ServerConfig
+from serverproc import start_server
+
+N_CALLS = 32
+ROWS, CLASSES = 4096, 1024  # 16 MiB of float32 logits per call
+
+
+def _health(channel: grpc.Channel) -> str:
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_sigterm_with_large_calls_on_the_wire_loses_nothing():
+    proc = start_server("--drain-s", "5", "--grace-s", "120")
+    try:
+        g = np.random.default_rng(0)
+        requests = [
+            LossRequest(g.standard_normal((ROWS, CLASSES), dtype=np.float32), g.integers(-1, CLASSES, ROWS), ignore_index=-1)
+            for _ in range(N_CALLS)
+        ]
+        messages = [rq.build(r)[0] for r in requests]
+        assert all(m.ByteSize() >= 16 * 2**20 for m in messages)
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        with grpc.insecure_channel(proc.address, options=options) as channel:
+            assert _health(channel) == "SERVING"
+            stub = pb_grpc.LossServiceStub(channel)
+            # .future() returns once the call and its message are handed to the transport.
+            futures = [stub.Evaluate.future(m, timeout=300) for m in messages]
+            proc.signal(signal.SIGTERM)
+            replies = [f.result() for f in futures]
+        assert proc.proc.wait(120) == 0, proc.log()
+    finally:
+        proc.stop()
+    for req, reply in zip(requests, replies, strict=True):
+        want = F.cross_entropy(torch.from_numpy(req.input), torch.from_numpy(req.target), ignore_index=-1)
+        got = rq.parse(reply, as_torch=True).loss
+        torch.testing.assert_close(got, want)
+    log = proc.log()
+    assert "(drain)" in log, log
+    assert "stopped" in log, log
+
+
+def test_health_not_serving_during_drain_while_still_accepting():
+    """SIGINT starts the drain (like SIGTERM); a second signal ends it early; exit status 0."""
+    proc = start_server("--drain-s", "300", "--grace-s", "30")
+    try:
+        with LossClient(proc.address, timeout_s=30) as client:
+            assert client.health() == "SERVING"
+            assert client.health("lossd.v1.LossService") == "SERVING"
+            proc.signal(signal.SIGINT)
+            status = "SERVING"
+            for _ in range(100):
+                status = client.health()
+                if status != "SERVING":
+                    break
+                time.sleep(0.05)
+            assert status == "NOT_SERVING"
+            assert client.health("lossd.v1.LossService") == "NOT_SERVING"
+            logits = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+            got = client.cross_entropy(logits, np.array([0, 1, 2, 3, 0]))
+            want = F.cross_entropy(torch.from_numpy(logits), torch.tensor([0, 1, 2, 3, 0]))
+            torch.testing.assert_close(torch.from_numpy(np.asarray(got)), want)
+            assert proc.proc.poll() is None
+        proc.signal(signal.SIGTERM)  # a second signal skips what is left of the drain
+        assert proc.proc.wait(60) == 0, proc.log()
+    finally:
+        proc.stop()
+
+
+class _InProcessServer:
+    """app.listen() + warm-up on an event loop in a thread, with a warm-up the test releases."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = threading.Event()
+        self.warm_up_started = threading.Event()
+        real_warm_up = app.warm_up
+
+        def gated_warm_up(device: torch.device) -> None:
+            self.warm_up_started.set()
+            if not self.release.wait(60):
+                raise RuntimeError("test never released the warm-up")
+            real_warm_up(device)
+
+        monkeypatch.setattr(app, "warm_up", gated_warm_up)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        config = ServerConfig(port=0, metrics_port=0, drain_s=0.0, grace_s=5.0)
+        self.lossd = asyncio.run_coroutine_threadsafe(app.listen(config), self.loop).result(60)
+        self.ready = asyncio.run_coroutine_threadsafe(self.lossd.warm_up_and_serve(), self.loop)
+
+    def close(self) -> None:
+        self.release.set()
+        self.lossd.request_stop()
+        try:
+            self.ready.result(60)
+        finally:
+            asyncio.run_coroutine_threadsafe(self.lossd.wait_and_shutdown(), self.loop).result(60)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+            self.loop.close()
+
+
+def test_not_serving_until_warm_up_ran(monkeypatch):
+    server = _InProcessServer(monkeypatch)
+    try:
+        assert server.warm_up_started.wait(30)
+        with LossClient(f"127.0.0.1:{server.lossd.port}", timeout_s=30) as client:
+            assert client.health() == "NOT_SERVING"
+            assert client.health("lossd.v1.LossService") == "NOT_SERVING"
+            server.release.set()
+            server.ready.result(60)
+            assert client.health() == "SERVING"
+            assert client.health("lossd.v1.LossService") == "SERVING"
+    finally:
+        server.close()

@@ -1,0 +1,198 @@
+"""Prometheus metrics: scraped from a real server's /metrics after known requests."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from lossd_client import LossClient, LossRequest
+from lossd_client import requests as rq
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+from lossd_client.errors import InvalidArgumentError
+from lossd_server import metrics as metrics_mod
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from serverproc import start_server
+
+Samples = dict[tuple[str, frozenset], float]
+
+
+def scrape(port: int) -> Samples:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def wait_for(port: int, name: str, target: float, before: Samples, **labels: str) -> Samples:
+    """Scrape until ``name`` moved by ``target`` (bounded); the caller asserts exact values."""
+    for _ in range(50):
+        after = scrape(port)
+        if delta(before, after, name, **labels) >= target:
+            return after
+        time.sleep(0.1)
+    return after
+
+
+@pytest.fixture(scope="module")
+def mserver():
+    proc = start_server("--drain-s", "0", metrics=True)
+    try:
+        assert proc.metrics_port, proc.log()
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def mclient(mserver):
+    with LossClient(mserver.address, timeout_s=60) as c:
+        yield c
+
+
+def _ok_request(seed: int) -> LossRequest:
+    g = np.random.default_rng(seed)
+    return LossRequest(g.standard_normal((10, 7)).astype(np.float32), g.integers(0, 7, 10))
+
+
+def _bad_request() -> LossRequest:
+    return LossRequest(np.zeros((4, 3), np.float32), np.array([0, 1, 2, 3]))
+
+
+def test_request_counter_latency_and_bytes_move_exactly(mserver, mclient):
+    before = scrape(mserver.metrics_port)
+    sent = 0
+    for seed in range(3):
+        req = _ok_request(seed)
+        got = mclient.evaluate(req).loss
+        want = torch.nn.functional.cross_entropy(torch.from_numpy(req.input), torch.from_numpy(req.target))
+        torch.testing.assert_close(torch.from_numpy(np.asarray(got)), want)
+        sent += rq.build(req)[0].ByteSize()
+    for _ in range(2):
+        with pytest.raises(InvalidArgumentError):
+            mclient.evaluate(_bad_request())
+        sent += rq.build(_bad_request())[0].ByteSize()
+    after = scrape(mserver.metrics_port)
+
+    assert delta(before, after, "lossd_requests_total", method="Evaluate", code="OK") == 3
+    assert delta(before, after, "lossd_requests_total", method="Evaluate", code="INVALID_ARGUMENT") == 2
+    assert delta(before, after, "lossd_requests_total", method="Evaluate", code="UNKNOWN") == 0
+    assert delta(before, after, "lossd_request_latency_seconds_count", method="Evaluate") == 5
+    assert delta(before, after, "lossd_request_latency_seconds_bucket", method="Evaluate", le="+Inf") == 5
+    assert delta(before, after, "lossd_received_bytes_total", method="Evaluate") == sent
+    buckets = sorted(
+        (float(dict(labels)["le"]), v)
+        for (name, labels), v in after.items()
+        if name == "lossd_request_latency_seconds_bucket" and dict(labels).get("method") == "Evaluate"
+    )
+    assert [le for le, _ in buckets][:2] == [0.0001, 0.00025] and buckets[-1][0] == float("inf")
+    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False))
+    assert value(after, "lossd_requests_in_flight", method="Evaluate") == 0
+
+
+def test_streaming_methods_are_counted_by_status(mserver):
+    before = scrape(mserver.metrics_port)
+    with grpc.insecure_channel(mserver.address) as channel:
+        stub = pb_grpc.LossServiceStub(channel)
+        headerless = pb.EvaluateChunk(input_rows=b"\0" * 16)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.EvaluateChunked(iter([headerless]), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        msg, _ = rq.build(_ok_request(7))
+        reply = stub.EvaluateChunked(rq.chunk_messages(msg, chunk_bytes=64), timeout=30)
+        assert reply.counted == 10
+        items = [rq.build(_ok_request(i))[0] for i in range(4)]
+        for i, item in enumerate(items):
+            item.id = str(i)
+        answers = list(stub.EvaluateStream(iter(items), timeout=30))
+        assert sorted(a.id for a in answers) == ["0", "1", "2", "3"]
+        stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+    after = scrape(mserver.metrics_port)
+    assert delta(before, after, "lossd_requests_total", method="EvaluateChunked", code="INVALID_ARGUMENT") == 1
+    assert delta(before, after, "lossd_requests_total", method="EvaluateChunked", code="OK") == 1
+    assert delta(before, after, "lossd_requests_total", method="EvaluateStream", code="OK") == 1
+    assert delta(before, after, "lossd_requests_total", method="GetServerInfo", code="OK") == 1
+    chunk_bytes = headerless.ByteSize() + sum(c.ByteSize() for c in rq.chunk_messages(msg, chunk_bytes=64))
+    assert delta(before, after, "lossd_received_bytes_total", method="EvaluateChunked") == chunk_bytes
+    assert delta(before, after, "lossd_received_bytes_total", method="EvaluateStream") == sum(i.ByteSize() for i in items)
+
+
+def test_batch_histograms_move_exactly(mserver, mclient):
+    """Sequential requests of 10 rows: one batch each (needs the batcher to call its observer)."""
+    before = scrape(mserver.metrics_port)
+    for seed in range(3):
+        mclient.evaluate(_ok_request(seed))
+    after = wait_for(mserver.metrics_port, "lossd_batch_requests_count", 3, before)
+    assert delta(before, after, "lossd_batch_requests_count") == 3
+    assert delta(before, after, "lossd_batch_requests_bucket", le="1.0") == 3
+    assert delta(before, after, "lossd_batch_requests_sum") == 3
+    assert delta(before, after, "lossd_batch_rows_bucket", le="1.0") == 0
+    assert delta(before, after, "lossd_batch_rows_bucket", le="16.0") == 3
+    assert delta(before, after, "lossd_batch_rows_sum") == 30
+    assert delta(before, after, "lossd_rows_total") == 30
+    assert delta(before, after, "lossd_batch_input_bytes_total") == 3 * 10 * 7 * 4
+    assert delta(before, after, "lossd_queue_wait_seconds_count") == 3
+    assert delta(before, after, "lossd_compute_seconds_count") == 3
+    assert value(after, "lossd_queue_depth") == 0
+
+
+def test_process_and_build_gauges(mserver, mclient):
+    samples = scrape(mserver.metrics_port)
+    assert value(samples, "lossd_process_rss_bytes") > 10 * 2**20
+    assert value(samples, "lossd_device_memory_bytes") == 0
+    assert value(samples, "lossd_build_info", version=mclient.server_info().version, torch_version=torch.__version__, device="cpu") == 1
+    assert not any(name.endswith("_created") for name, _ in samples)
+
+
+def test_batch_observer_contract_with_own_registry():
+    m = metrics_mod.Metrics(CollectorRegistry())
+    observer = metrics_mod.BatchMetrics(m)
+    observer.on_batch(SimpleNamespace(requests=3, rows=300, bytes=1200, queue_wait_s=[0.0002, 0.003, 0.2], compute_s=1.5))
+    observer.on_batch(SimpleNamespace(requests=1, rows=1, bytes=4, queue_wait_s=[0.00005], compute_s=0.0004))
+    observer.on_queue_depth(5)
+
+    def sample(name: str, **labels: str) -> float:
+        for metric in (m.batch_requests, m.batch_rows, m.queue_wait, m.compute, m.rows, m.batch_bytes, m.queue_depth):
+            for family in metric.collect():
+                for s in family.samples:
+                    if s.name == name and s.labels == labels:
+                        return s.value
+        raise KeyError(name)
+
+    assert sample("lossd_batch_requests_bucket", le="1.0") == 1
+    assert sample("lossd_batch_requests_bucket", le="2.0") == 1
+    assert sample("lossd_batch_requests_bucket", le="4.0") == 2
+    assert sample("lossd_batch_rows_bucket", le="256.0") == 1
+    assert sample("lossd_batch_rows_bucket", le="1024.0") == 2
+    assert sample("lossd_rows_total") == 301
+    assert sample("lossd_batch_input_bytes_total") == 1204
+    assert sample("lossd_queue_wait_seconds_bucket", le="0.0001") == 1
+    assert sample("lossd_queue_wait_seconds_bucket", le="0.00025") == 2
+    assert sample("lossd_queue_wait_seconds_bucket", le="0.005") == 3
+    assert sample("lossd_queue_wait_seconds_bucket", le="0.25") == 4
+    assert sample("lossd_queue_wait_seconds_count") == 4
+    assert sample("lossd_compute_seconds_bucket", le="0.0005") == 1
+    assert sample("lossd_compute_seconds_bucket", le="1.0") == 1
+    assert sample("lossd_compute_seconds_bucket", le="2.5") == 2
+    assert sample("lossd_queue_depth") == 5
+
+
+def test_metrics_port_zero_disables_http(server):
+    assert server.metrics_port is None
+    assert "metrics on" not in server.log()

@@ -1,0 +1,141 @@
+"""Client-side round robin over two real server processes, and a replica restarted mid-run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lossd_client import LossClient
+from lossd_client.client import normalise_target, service_config
+from prometheus_client.parser import text_string_to_metric_families
+from serverproc import ServerProcess, start_server
+
+FLAGS = ("--drain-s", "0.2", "--grace-s", "30")
+
+
+def evaluate_ok(port: int) -> float:
+    """lossd_requests_total{method="Evaluate",code="OK"} of one server."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "lossd_requests_total" and s.labels == {"method": "Evaluate", "code": "OK"}:
+                return s.value
+    return 0.0
+
+
+def checked_call(client: LossClient, seed: int, rows: int = 8, classes: int = 11) -> None:
+    g = np.random.default_rng(seed)
+    logits = g.standard_normal((rows, classes)).astype(np.float32)
+    target = g.integers(0, classes, rows)
+    got = client.cross_entropy(logits, target, reduction="sum")
+    torch.testing.assert_close(torch.from_numpy(np.asarray(got)), F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(target), reduction="sum"))
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    """Two replicas; the restart test replaces the first one (it runs last)."""
+    started: list[ServerProcess] = []
+    try:
+        for _ in range(2):
+            started.append(start_server(*FLAGS, metrics=True))
+        yield started
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+def test_round_robin_spreads_calls_over_both_replicas(replicas):
+    a, b = replicas
+    before = evaluate_ok(a.metrics_port), evaluate_ok(b.metrics_port)
+    with LossClient([a.address, b.address], timeout_s=30) as client:
+        for seed in range(40):
+            checked_call(client, seed)
+    got_a, got_b = evaluate_ok(a.metrics_port) - before[0], evaluate_ok(b.metrics_port) - before[1]
+    assert got_a >= 1 and got_b >= 1, (got_a, got_b)
+    assert got_a + got_b == 40
+
+
+def test_dns_target_resolves_to_a_replica(server):
+    with LossClient(f"dns:///localhost:{server.port}", timeout_s=30) as client:
+        checked_call(client, 0)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["graceful", "crash"])
+def test_restarting_a_replica_mid_run_loses_no_call(replicas, how):
+    """Four threads keep calling while replica 0 goes away and comes back on the same port.
+
+    SIGTERM: the replica drains and sends GOAWAY; calls sent after it are replayed transparently,
+    and the rare call its transport received but never started comes back CANCELLED and is
+    retried. SIGKILL: calls in flight on it fail UNAVAILABLE and the service-config retry policy
+    replays them on the other replica (requests are idempotent; these 1 MiB ones fit the
+    client's 64 MiB retry buffer, not gRPC's default 256 KiB).
+    """
+    a, b = replicas
+    port = a.port
+    calls = 0
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def load(client: LossClient, thread: int) -> None:
+        nonlocal calls
+        for i in range(20000):
+            if stop.is_set():
+                return
+            try:
+                checked_call(client, thread * 100000 + i, rows=64, classes=4096)
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                failures.append(exc)
+            with lock:
+                calls += 1
+
+    def wait_calls(n: int) -> None:
+        target = calls + n
+        for _ in range(1200):
+            if calls >= target or failures or not any(w.is_alive() for w in workers):
+                return
+            time.sleep(0.05)
+
+    with LossClient([a.address, b.address], timeout_s=60) as client:
+        workers = [threading.Thread(target=load, args=(client, t), daemon=True) for t in range(4)]
+        for w in workers:
+            w.start()
+        try:
+            wait_calls(40)
+            a.signal(how)
+            assert a.proc.wait(60) == (0 if how == signal.SIGTERM else -signal.SIGKILL), a.log()
+            wait_calls(100)
+            restarted = start_server("--port", str(port), *FLAGS, metrics=True)
+            replicas[0] = restarted
+            assert restarted.port == port
+            for _ in range(600):
+                if evaluate_ok(restarted.metrics_port) > 0 or failures:
+                    break
+                time.sleep(0.1)
+            wait_calls(40)
+            assert not failures, failures[:3]
+            assert evaluate_ok(restarted.metrics_port) > 0, "the restarted replica never received traffic"
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(120)
+    assert not failures, failures[:3]
+    assert calls >= 180
+
+
+def test_address_lists_become_one_round_robin_target():
+    assert normalise_target(["127.0.0.1:1", "10.0.0.2:2"]) == "ipv4:127.0.0.1:1,10.0.0.2:2"
+    assert normalise_target(["[::1]:1", "[fe80::1]:2"]) == "ipv6:[::1]:1,[fe80::1]:2"
+    assert normalise_target(["dns:///lossd:50051"]) == "dns:///lossd:50051"
+    with pytest.raises(ValueError, match="dns:///"):
+        normalise_target(["lossd-0:50051", "lossd-1:50051"])
+    config = json.loads(service_config())
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
