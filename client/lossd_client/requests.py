@@ -361,7 +361,11 @@ def loglikelihood_request(logits: Any, tokens: Any, continuation_start: Any) -> 
 
 @dataclass
 class PerplexityResult:
-    """Per-token NLL (float32, never rounded to the logits' dtype), per-sequence and corpus figures."""
+    """Per-token NLL (float32, never rounded to the logits' dtype), per-sequence and corpus figures.
+
+    ``token_nll`` is shaped like the tokens; with ``shift`` position t holds -log p(token t+1), and
+    positions that score nothing (the last one, ignored tokens) hold 0.
+    """
 
     token_nll: Any
     sequence_nll_sum: np.ndarray

@@ -17,8 +17,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from . import allocator
     from .app import serve
 
+    allocator.tune()
     asyncio.run(serve(cfg))
     return 0
 

@@ -1,0 +1,160 @@
+"""Requests larger than one message: a server with a 64 KiB --max-message-bytes, a client that
+switches to EvaluateChunked by itself, and results equal to the unchunked run on a server
+without the small limit (the session ``client``)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from lossd_client import AsyncLossClient, LossClient, LossRequest
+from lossd_client import requests as rq
+from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+from lossd_client.errors import InvalidArgumentError
+from serverproc import start_server
+
+LIMIT = 65536
+EXTRAS = ("target_logprob", "entropy", "target_rank", "argmax_correct")
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    proc = start_server("--max-message-bytes", str(LIMIT), "--max-chunks-in-flight", "2")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def small(small_server):
+    with LossClient(small_server.address, timeout_s=120) as c:
+        yield c
+
+
+def assert_same(chunked, whole) -> None:
+    """Equal results: tensors bit for bit (except float64 totals summed in another order)."""
+    assert chunked.loss.dtype == whole.loss.dtype and chunked.loss.shape == whole.loss.shape
+    if chunked.loss.dim() == 0:
+        torch.testing.assert_close(chunked.loss, whole.loss, rtol=1e-6, atol=0, equal_nan=True)
+    else:
+        assert torch.equal(chunked.loss, whole.loss)
+    assert math.isclose(chunked.loss_sum, whole.loss_sum, rel_tol=1e-12, abs_tol=1e-9)
+    assert math.isclose(chunked.weight_sum, whole.weight_sum, rel_tol=1e-12, abs_tol=1e-9)
+    assert chunked.counted == whole.counted
+    assert set(chunked.extras) == set(whole.extras)
+    for name, value in whole.extras.items():
+        assert torch.equal(chunked.extras[name], value), name
+    assert (chunked.sequences is None) == (whole.sequences is None)
+    if whole.sequences is not None:
+        for name in ("nll_sum", "tokens", "mean_nll", "perplexity", "is_greedy"):
+            np.testing.assert_allclose(getattr(chunked.sequences, name), getattr(whole.sequences, name), rtol=1e-12, err_msg=name)
+
+
+def unary_is_rejected(address: str, req: LossRequest) -> grpc.RpcError:
+    msg, _ = rq.build(req)
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.LossServiceStub(channel).Evaluate(msg, timeout=60)
+    return info.value
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_request_several_times_the_limit(client, small, small_server, reduction, dtype):
+    gen = torch.Generator().manual_seed(11)
+    logits = (torch.randn(4, 96, 200, generator=gen) * 3).to(dtype)  # 300 KB in fp32, 150 KB in bf16
+    tokens = torch.randint(0, 200, (4, 96), generator=gen)
+    tokens[1, 50:] = -100
+    req = LossRequest(logits, tokens, reduction=reduction, class_axis=-1, shift_targets=True, extras=EXTRAS, sequence_stats=True)
+    assert rq.request_nbytes(req) > 2 * LIMIT
+    assert_same(small.evaluate(req), client.evaluate(req))
+    err = unary_is_rejected(small_server.address, req)  # so the client above cannot have sent it whole
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_layout_with_class_weights(client, small, reduction):
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(300, 10, 5, generator=gen, dtype=torch.float64)  # (N, C, d): one row is 400 bytes
+    t = torch.randint(0, 10, (300, 5), generator=gen)
+    t[::7] = 3
+    w = torch.rand(10, generator=gen, dtype=torch.float64)
+    req = LossRequest(x, t, weight=w, ignore_index=3, reduction=reduction, label_smoothing=0.1)
+    assert_same(small.evaluate(req), client.evaluate(req))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets_are_streamed(client, small, reduction):
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(3000, 12, generator=gen)
+    p = torch.rand(3000, 12, generator=gen).softmax(1)
+    req = LossRequest(x, p, reduction=reduction, label_smoothing=0.05)
+    assert rq.request_nbytes(req) > 4 * LIMIT
+    assert_same(small.evaluate(req), client.evaluate(req))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_targets_are_streamed(client, small, reduction):
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(3000, 3, 4, generator=gen)
+    y = torch.rand(3000, 3, 4, generator=gen)
+    req = LossRequest(
+        x, y, loss="binary_cross_entropy_with_logits", reduction=reduction,
+        weight=torch.rand(3, 4, generator=gen), pos_weight=torch.rand(4, generator=gen) + 0.5,
+    )
+    assert rq.request_nbytes(req) > 4 * LIMIT
+    assert_same(small.evaluate(req), client.evaluate(req))
+
+
+def test_numpy_and_async_clients(client, small_server):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((600, 64)).astype(np.float32)
+    t = rng.integers(0, 64, 600)
+    whole = client.evaluate(LossRequest(x, t, reduction="none", extras=("entropy",)))
+
+    async def chunked():
+        async with AsyncLossClient(small_server.address, timeout_s=60) as c:
+            return await c.evaluate(LossRequest(x, t, reduction="none", extras=("entropy",)))
+
+    got = asyncio.run(chunked())
+    assert isinstance(got.loss, np.ndarray)
+    np.testing.assert_array_equal(got.loss, whole.loss)
+    np.testing.assert_array_equal(got.extras["entropy"], whole.extras["entropy"])
+
+
+def test_unary_over_the_limit_names_the_limit_and_the_streaming_rpc(small_server):
+    req = LossRequest(np.zeros((100, 200), np.float32), np.zeros(100, np.int64))
+    err = unary_is_rejected(small_server.address, req)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(LIMIT) in err.details() and "EvaluateChunked" in err.details()
+
+
+def test_a_row_larger_than_the_limit_is_refused_clearly(small):
+    x = np.zeros((3, LIMIT // 4 + 1), np.float32)
+    with pytest.raises(InvalidArgumentError, match="one row"):
+        small.evaluate(LossRequest(x, np.zeros(3, np.int64)))
+
+
+def test_validation_errors_still_name_the_field(small):
+    x = torch.randn(4, 100, 200)
+    t = torch.randint(0, 200, (4, 100))
+    t[2, 7] = 200
+    with pytest.raises(InvalidArgumentError, match="target"):
+        small.evaluate(LossRequest(x, t, class_axis=-1))
+    with pytest.raises(InvalidArgumentError, match="class-index"):
+        small.evaluate(LossRequest(x, torch.rand(4, 100, 200), class_axis=-1, shift_targets=True))
+
+
+def test_chunk_payloads_cut_whole_rows():
+    x = np.arange(10 * 7, dtype=np.float32).reshape(10, 7)
+    chunks = list(rq.chunk_payloads(LossRequest(x, np.zeros(10, np.int64)), chunk_bytes=3 * 28))
+    from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+
+    msgs = [pb.EvaluateChunk.FromString(c) for c in chunks]
+    assert msgs[0].HasField("header") and list(msgs[0].header.input_shape) == [10, 7]
+    rows = [np.frombuffer(m.input_rows, np.float32).reshape(-1, 7) for m in msgs[1:]]
+    assert [len(r) for r in rows] == [3, 3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate(rows), x)

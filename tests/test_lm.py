@@ -1,0 +1,299 @@
+"""Language-model scoring through a real server: class_axis, causal shift, extras, sequence
+statistics, perplexity() and loglikelihood(), each checked against a local torch computation."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lossd_client import LossRequest
+from lossd_client.errors import InvalidArgumentError
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+EXTRAS = ("target_logprob", "entropy", "target_rank", "argmax_correct")
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def for_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """transformers' ForCausalLMLoss (loss_utils.py), restated: pad the labels with ignore_index,
+    shift them left, flatten, float32 cross entropy."""
+    v = logits.shape[-1]
+    labels = F.pad(labels, (0, 1), value=ignore_index)
+    shift_labels = labels[..., 1:].contiguous()
+    return F.cross_entropy(logits.float().reshape(-1, v), shift_labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+
+
+def shift_left(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, weight: torch.Tensor | None) -> dict:
+    """Per-token terms for (..., V) logits and already-shifted (...) targets, computed the way the
+    service promises: in float32 (float64 for float64 input), never rounded to half precision."""
+    cd = compute_dtype(logits.dtype)
+    x = logits.to(cd)
+    v = x.shape[-1]
+    valid = target != ignore_index
+    tc = torch.where(valid, target, 0)
+    logp = torch.log_softmax(x, -1)
+    picked = logp.gather(-1, tc.unsqueeze(-1)).squeeze(-1)
+    w = torch.ones(v, dtype=cd) if weight is None else weight.to(cd)
+    wt = torch.where(valid, w[tc], 0.0)
+    nll = torch.where(valid, -picked * w[tc], 0.0)
+    p = logp.exp()
+    entropy = -(p * logp).masked_fill(p == 0, 0.0).sum(-1)
+    xt = x.gather(-1, tc.unsqueeze(-1))
+    rank = (x > xt).sum(-1) + 1
+    return {
+        "nll": nll,
+        "weight": wt,
+        "valid": valid,
+        "target_logprob": torch.where(valid, picked, 0.0),
+        "entropy": torch.where(valid, entropy, 0.0),
+        "target_rank": torch.where(valid, rank, 0),
+        "argmax_correct": (rank == 1) & valid,
+        "greedy": (x.argmax(-1) == tc) | ~valid,
+    }
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    return {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+
+
+@st.composite
+def lm_cases(draw):
+    b = draw(st.integers(1, 3))
+    t = draw(st.integers(1, 7))
+    v = draw(st.integers(2, 40))
+    dtype = draw(st.sampled_from(DTYPES))
+    ignore_index = draw(st.sampled_from([-100, -1, 0]))
+    p_ignore = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([1.0, 8.0]))
+    logits = (torch.randn(b, t, v, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    labels[torch.rand(b, t, generator=gen) < p_ignore] = ignore_index
+    weighted = draw(st.booleans())
+    weight = (torch.rand(v, generator=gen, dtype=torch.float64) + 0.1).to(dtype) if weighted else None
+    return {
+        "logits": logits,
+        "labels": labels,
+        "ignore_index": ignore_index,
+        "weight": weight,
+        "shift": draw(st.booleans()),
+        "reduction": draw(st.sampled_from(["mean", "sum", "none"])),
+        "torch_layout": draw(st.booleans()),
+    }
+
+
+@SETTINGS
+@given(case=lm_cases())
+def test_lm_scoring_matches_torch(client, case):
+    logits, labels, ii, weight = case["logits"], case["labels"], case["ignore_index"], case["weight"]
+    dtype = logits.dtype
+    if case["torch_layout"]:
+        sent, axis = logits.transpose(1, 2).contiguous(), None  # (B, V, T): torch's own layout
+    else:
+        sent, axis = logits, -1
+    res = client.evaluate(
+        LossRequest(
+            sent, labels, weight=weight, ignore_index=ii, reduction=case["reduction"], class_axis=axis,
+            shift_targets=case["shift"], extras=EXTRAS, sequence_stats=True,
+        )
+    )
+    target = shift_left(labels, ii) if case["shift"] else labels
+    ref = reference(logits, target, ii, weight)
+    tol = tolerance(dtype)
+
+    # the loss itself: torch's value, computed with float32 accumulation for half precision
+    want = F.cross_entropy(
+        logits.to(compute_dtype(dtype)).transpose(1, 2), target, weight=None if weight is None else weight.to(compute_dtype(dtype)),
+        ignore_index=ii, reduction=case["reduction"],
+    )
+    assert res.loss.dtype == dtype
+    assert tuple(res.loss.shape) == tuple(want.shape)
+    if dtype in (torch.float16, torch.bfloat16):
+        torch.testing.assert_close(res.loss, want.to(dtype), rtol=1e-2, atol=1e-2, equal_nan=True)
+    else:
+        torch.testing.assert_close(res.loss, want, **tol, equal_nan=True)
+    if case["shift"] and weight is None and case["reduction"] != "none" and dtype != torch.float64:
+        hf = for_causal_lm_loss(logits, labels, ii, case["reduction"])
+        torch.testing.assert_close(res.loss.float(), hf, rtol=1e-2 if dtype != torch.float32 else 2e-5, atol=1e-2, equal_nan=True)
+
+    # float64 totals
+    assert res.counted == int(ref["valid"].sum())
+    assert math.isclose(res.weight_sum, float(ref["weight"].double().sum()), rel_tol=1e-9, abs_tol=1e-12)
+    assert math.isclose(res.loss_sum, float(ref["nll"].double().sum()), rel_tol=1e-5, abs_tol=1e-5)
+
+    # dense extras, shaped like the target
+    assert set(res.extras) == set(EXTRAS)
+    for name in ("target_logprob", "entropy"):
+        got = res.extras[name]
+        assert got.dtype == compute_dtype(dtype) and got.shape == target.shape, name
+        torch.testing.assert_close(got, ref[name], **tol, msg=name)
+    assert res.extras["target_rank"].dtype == torch.int64
+    assert torch.equal(res.extras["target_rank"], ref["target_rank"])
+    assert res.extras["argmax_correct"].dtype == torch.bool
+    assert torch.equal(res.extras["argmax_correct"], ref["argmax_correct"])
+
+    # per-sequence statistics in float64
+    s = res.sequences
+    nll_sum = ref["nll"].double().sum(-1)
+    wsum = ref["weight"].double().sum(-1)
+    np.testing.assert_allclose(s.nll_sum, nll_sum.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(s.tokens, ref["valid"].sum(-1).numpy())
+    mean = (nll_sum / wsum).numpy()
+    np.testing.assert_allclose(s.mean_nll, mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s.perplexity, np.exp(mean), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(s.is_greedy, ref["greedy"].all(-1).numpy())
+    assert s.nll_sum.dtype == np.float64 and s.perplexity.dtype == np.float64
+
+
+def test_shift_matches_for_causal_lm_loss_by_hand(client):
+    """A worked example: position t is scored against token t+1, the last position is ignored."""
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]])
+    tokens = torch.tensor([[0, 1, 2]])
+    res = client.evaluate(LossRequest(logits, tokens, class_axis=-1, shift_targets=True, reduction="none"))
+    lse = torch.logsumexp(logits[0], -1)
+    want = torch.tensor([[lse[0] - 0.0, lse[1] - 0.0, 0.0]])  # token 1 after pos 0, token 2 after pos 1
+    torch.testing.assert_close(res.loss, want)
+    torch.testing.assert_close(res.loss, for_causal_lm_loss(logits, tokens, -100, "none").reshape(1, 3))
+
+
+def test_class_axis_in_the_middle_matches_torch(client):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 4, generator=gen)  # classes on axis 2
+    t = torch.randint(0, 5, (2, 3, 4), generator=gen)
+    got = client.evaluate(LossRequest(x, t, class_axis=2, reduction="none")).loss
+    want = F.cross_entropy(x.permute(0, 2, 1, 3), t, reduction="none")
+    torch.testing.assert_close(got, want)
+
+
+def test_shift_and_extras_need_class_indices(client):
+    x = torch.randn(2, 4, 5)
+    with pytest.raises(InvalidArgumentError, match="shift_targets"):
+        client.evaluate(LossRequest(x, torch.rand(2, 4, 5).softmax(-1), class_axis=-1, shift_targets=True))
+    with pytest.raises(InvalidArgumentError, match="class_axis"):
+        client.evaluate(LossRequest(x, torch.zeros(2, 4, dtype=torch.long), class_axis=3))
+
+
+# ---------------------------------------------------------------------------- perplexity()
+
+
+def local_perplexity(logits: torch.Tensor, tokens: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-token NLL (float32 math), per-sequence and corpus perplexity, by hand."""
+    target = shift_left(tokens, ignore_index)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=ignore_index, reduction="none")
+    valid = target != ignore_index
+    seq = torch.exp(nll.double().sum(-1) / valid.sum(-1))
+    corpus = math.exp(float(nll.double().sum()) / int(valid.sum()))
+    return nll, seq, corpus
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perplexity_helper(client, dtype):
+    gen = torch.Generator().manual_seed(7)
+    logits = (torch.randn(3, 17, 50, generator=gen) * 4).to(dtype)
+    tokens = torch.randint(0, 50, (3, 17), generator=gen)
+    tokens[2, 10:] = -100  # padding
+    got = client.perplexity(logits, tokens)
+    nll, seq, corpus = local_perplexity(logits, tokens)
+    assert got.token_nll.dtype == compute_dtype(dtype) and got.token_nll.shape == (3, 17)
+    torch.testing.assert_close(got.token_nll, nll.to(compute_dtype(dtype)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.sequence_perplexity, seq.numpy(), rtol=1e-5)
+    assert math.isclose(got.perplexity, corpus, rel_tol=1e-5)
+    np.testing.assert_array_equal(got.sequence_tokens, [16, 16, 9])
+    assert got.tokens == 41
+    if dtype in (torch.bfloat16, torch.float16):
+        # float32 per-token NLL, not values rounded to the logits' dtype
+        assert not torch.equal(got.token_nll, got.token_nll.to(dtype).float())
+
+
+def test_perplexity_numpy_without_shift(client):
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 6, 11)).astype(np.float32)
+    tokens = rng.integers(0, 11, (2, 6))
+    got = client.perplexity(logits, tokens, shift=False, ignore_index=3)
+    t = torch.from_numpy(tokens)
+    want = F.cross_entropy(torch.from_numpy(logits).transpose(1, 2), t, ignore_index=3, reduction="none")
+    assert isinstance(got.token_nll, np.ndarray) and got.token_nll.dtype == np.float32
+    np.testing.assert_allclose(got.token_nll, want.numpy(), rtol=1e-5, atol=1e-6)
+    assert got.tokens == int((t != 3).sum())
+
+
+def test_async_perplexity_and_loglikelihood(server):
+    from lossd_client import AsyncLossClient
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 9, 13, generator=gen).to(torch.bfloat16)
+    tokens = torch.randint(0, 13, (2, 9), generator=gen)
+
+    async def both():
+        async with AsyncLossClient(server.address, timeout_s=60) as c:
+            return await c.perplexity(logits, tokens), await c.loglikelihood(logits, tokens, 4)
+
+    ppl, ll = asyncio.run(both())
+    _, seq, corpus = local_perplexity(logits, tokens)
+    np.testing.assert_allclose(ppl.sequence_perplexity, seq.numpy(), rtol=1e-5)
+    assert math.isclose(ppl.perplexity, corpus, rel_tol=1e-5)
+    want = [harness_loglikelihood(logits[i], tokens[i], 4) for i in range(2)]
+    np.testing.assert_allclose(ll.logprob, [w[0] for w in want], rtol=1e-5)
+    np.testing.assert_array_equal(ll.is_greedy, [w[1] for w in want])
+
+
+# ---------------------------------------------------------------------------- loglikelihood()
+
+
+def harness_loglikelihood(logits: torch.Tensor, tokens: torch.Tensor, start: int) -> tuple[float, bool]:
+    """lm-evaluation-harness's loglikelihood for one (T, V) sequence whose continuation is
+    tokens[start:]: the log-probs of the continuation tokens from the logits of the positions
+    before each, summed; is_greedy when every continuation token is the argmax there."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    cont = tokens[start:]
+    scored = logp[start - 1 : len(tokens) - 1]
+    greedy = bool((scored.argmax(dim=-1) == cont).all())
+    return float(scored.gather(1, cont.unsqueeze(-1)).sum()), greedy
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    b=st.integers(1, 3), t=st.integers(2, 9), v=st.integers(2, 30), dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1), peaked=st.booleans(),
+)
+def test_loglikelihood_matches_harness_definition(client, b, t, v, dtype, seed, peaked):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, v, (b, t), generator=gen)
+    logits = torch.randn(b, t, v, generator=gen, dtype=torch.float64)
+    if peaked:  # make greedy continuations likely: each position predicts the next token
+        logits[:, :-1].scatter_add_(-1, tokens[:, 1:].unsqueeze(-1), torch.full((b, t - 1, 1), 6.0, dtype=torch.float64))
+    logits = logits.to(dtype)
+    starts = torch.randint(1, t, (b,), generator=gen)
+    got = client.loglikelihood(logits, tokens, starts.numpy())
+    for i in range(b):
+        lp, greedy = harness_loglikelihood(logits[i], tokens[i], int(starts[i]))
+        assert math.isclose(float(got.logprob[i]), lp, rel_tol=1e-5, abs_tol=1e-5), (i, got.logprob[i], lp)
+        assert bool(got.is_greedy[i]) == greedy, i
+    assert got.logprob.dtype == np.float64
+
+
+def test_loglikelihood_one_sequence_and_bad_start(client):
+    logits = torch.randn(5, 7)
+    tokens = torch.tensor([1, 2, 3, 4, 5])
+    got = client.loglikelihood(logits, tokens, 2)
+    lp, greedy = harness_loglikelihood(logits, tokens, 2)
+    assert got.logprob.shape == (1,)
+    assert math.isclose(float(got.logprob[0]), lp, rel_tol=1e-6)
+    assert bool(got.is_greedy[0]) == greedy
+    with pytest.raises(InvalidArgumentError, match="continuation_start"):
+        client.loglikelihood(logits, tokens, 0)
