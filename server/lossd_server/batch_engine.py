@@ -78,12 +78,37 @@ def evaluate_fused(
         terms = first.class_terms(x, t, valid)
     except (RuntimeError, IndexError, ValueError) as exc:
         raise engine.InvalidInput("input", f"torch rejected the request: {exc}") from exc
+    if any(j.plan.spec.extras or j.plan.spec.sequence_stats for j in jobs):
+        results = []
+        start = 0
+        for job in jobs:
+            p = job.plan
+            stop = start + p.rows
+            results.append(p.finish(p.class_partial(terms.rows(start, stop), 0, p.units)))
+            start = stop
+        return results
+    return _reduce_per_job(jobs, terms)
+
+
+def _reduce_per_job(jobs: Sequence[Job], terms: engine.ClassTerms) -> list[engine.LossResult]:
+    """Every job's numerator, denominator and count from three segment sums over the batch.
+
+    The same float64 sums as Plan.class_partial, without a handful of small torch calls per job.
+    """
+    counts = [j.plan.rows for j in jobs]
+    segment = torch.repeat_interleave(torch.arange(len(jobs), device=terms.losses.device), torch.tensor(counts, device=terms.losses.device))
+    zeros = torch.zeros(len(jobs), dtype=torch.float64, device=terms.losses.device)
+    loss_sums = zeros.index_add(0, segment, terms.losses.to(torch.float64)).tolist()
+    weight_sums = zeros.index_add(0, segment, terms.wt.to(torch.float64)).tolist()
+    counted = torch.zeros(len(jobs), dtype=torch.int64, device=terms.losses.device).index_add(0, segment, terms.valid.to(torch.int64)).tolist()
+    losses = terms.losses.cpu() if any(j.plan.needs_losses() for j in jobs) else None
     results = []
     start = 0
-    for job in jobs:
+    for i, job in enumerate(jobs):
         p = job.plan
         stop = start + p.rows
-        results.append(p.finish(p.class_partial(terms.rows(start, stop), 0, p.units)))
+        part_losses = losses[start:stop] if losses is not None and p.needs_losses() else None
+        results.append(p.finish(engine.Partial(0, p.units, part_losses, loss_sums[i], weight_sums[i], counted[i])))
         start = stop
     return results
 

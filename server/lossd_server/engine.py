@@ -401,8 +401,9 @@ class Plan:
             flat = shifted.reshape(-1)
         valid = flat != ignore
         c = self.num_classes
-        bad = valid & ((flat < 0) | (flat >= c))
-        if bool(bad.any()):
+        in_range = flat.numel() == 0 or _all_within(flat, c)
+        bad = None if in_range else valid & ((flat < 0) | (flat >= c))
+        if bad is not None and bool(bad.any()):
             first = int(flat[bad.nonzero()[0, 0]])
             raise InvalidInput("target", f"Target {first} is out of bounds. (expected class indices in [0, {c}) or ignore_index {ignore})")
         self.target = flat
@@ -738,6 +739,13 @@ def _torch_size(shape: Sequence[int]) -> str:
     return f"torch.Size({list(shape)})"
 
 
+def _all_within(values: torch.Tensor, upper: int) -> bool:
+    """Every value in [0, upper): the common case, checked with one reduction."""
+    low, high = torch.aminmax(values)
+    return int(low) >= 0 and int(high) < upper
+
+
+@functools.cache
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 

@@ -125,36 +125,45 @@ def status_name(context: grpc.aio.ServicerContext, exc: BaseException | None) ->
 
 
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts RPCs by method and final status code, times them and counts received bytes."""
+    """Counts RPCs by method and final status code, times them and counts received bytes.
+
+    The wrapped handler is built once per method and reused; received bytes are counted in the
+    request deserializer (the wire size, without re-serialising the message).
+    """
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.m = metrics or get()
+        self._wrapped: dict[tuple[str, int], Any] = {}
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        key = (handler_call_details.method, id(handler))
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrapped[key] = self._wrap(handler_call_details.method.rsplit("/", 1)[-1], handler)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         m = self.m
         received = m.bytes_received.labels(method)
         in_flight = m.in_flight.labels(method)
+        latency = m.request_latency.labels(method)
+        inner_deserializer = handler.request_deserializer
 
-        def begin() -> float:
-            in_flight.inc()
-            return time.perf_counter()
+        def deserialize(data: bytes) -> Any:
+            received.inc(len(data))
+            return inner_deserializer(data) if inner_deserializer is not None else data
 
         def finish(start: float, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
             in_flight.dec()
             m.requests.labels(method, status_name(context, exc)).inc()
-            m.request_latency.labels(method).observe(time.perf_counter() - start)
-
-        async def counted(request_iterator):
-            async for message in request_iterator:
-                received.inc(message.ByteSize())
-                yield message
+            latency.observe(time.perf_counter() - start)
 
         async def run(call: Callable[[], Any], context) -> Any:
-            start = begin()
+            in_flight.inc()
+            start = time.perf_counter()
             try:
                 result = await call()
             except BaseException as exc:
@@ -164,7 +173,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             return result
 
         async def run_stream(responses: Any, context) -> Any:
-            start = begin()
+            in_flight.inc()
+            start = time.perf_counter()
             try:
                 async for response in responses:
                     yield response
@@ -173,40 +183,38 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finish(start, context, None)
 
+        serializer = handler.response_serializer
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request, context):
-                received.inc(request.ByteSize())
                 return await run(lambda: inner_uu(request, context), context)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serializer)
         if handler.stream_unary:
             inner_su = handler.stream_unary
 
             async def stream_unary(request_iterator, context):
-                return await run(lambda: inner_su(counted(request_iterator), context), context)
+                return await run(lambda: inner_su(request_iterator, context), context)
 
-            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serializer)
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             inner_us = handler.unary_stream
 
             async def unary_stream(request, context):
-                received.inc(request.ByteSize())
                 async for response in run_stream(inner_us(request, context), context):
                     yield response
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serializer)
         if handler.stream_stream and inspect.isasyncgenfunction(handler.stream_stream):
             inner_ss = handler.stream_stream
 
             async def stream_stream(request_iterator, context):
-                async for response in run_stream(inner_ss(counted(request_iterator), context), context):
+                async for response in run_stream(inner_ss(request_iterator, context), context):
                     yield response
 
-            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serializer)
         return handler
-
 
 def start_http(config: Any, server: Any, metrics: Metrics | None = None) -> int | None:
     """Serve the default registry on ``metrics_host:metrics_port``; 0 disables, -1 lets the OS pick.
