@@ -48,11 +48,38 @@ def stream_server():
     server.stop()
 
 
-def test_sync_results_in_input_order(stream_server):
+@pytest.mark.parametrize("pack", [None, 1, 5, 32])
+def test_sync_results_in_input_order(stream_server, pack):
+    """pack=1 is EvaluateStream (one request per message); otherwise EvaluatePacked."""
     expected = cases(300)
     with LossClient(stream_server.address, timeout_s=120) as client:
-        results = list(client.evaluate_many((req for req, _ in expected), window=32))
+        results = list(client.evaluate_many((req for req, _ in expected), window=32, pack=pack))
     check(results, expected)
+
+
+@pytest.mark.parametrize("pack", [1, 7])
+def test_async_packing_matches_torch_with_errors(stream_server, pack):
+    expected = cases(90, seed=5, bad=frozenset({3, 44}))
+
+    async def main():
+        async with AsyncLossClient(stream_server.address, timeout_s=120) as client:
+            return [r async for r in client.evaluate_many([r for r, _ in expected], window=16, pack=pack, return_exceptions=True)]
+
+    check(asyncio.run(asyncio.wait_for(main(), 120)), expected)
+
+
+def test_undecodable_packed_message_is_invalid_argument(stream_server):
+    import grpc
+    from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+
+    with grpc.insecure_channel(stream_server.address) as channel:
+        call = channel.stream_stream(
+            "/lossd.v1.LossService/EvaluatePacked", request_serializer=None, response_deserializer=pb.EvaluateBatchResults.FromString
+        )
+        answers = list(call(iter([b"\xff\xff\xff"]), timeout=30))
+    assert len(answers) == 1 and len(answers[0].responses) == 1
+    error = answers[0].responses[0].error
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "request" in error.message
 
 
 def test_async_results_in_input_order_from_an_async_iterable(stream_server):

@@ -129,6 +129,45 @@ def _request(
     )
 
 
+def _pack_size(window: int, pack: int | None) -> int:
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return max(1, window // 4) if pack is None else max(1, min(pack, window))
+
+
+class _Order:
+    """Request ids in submission order, answers buffered until they can be yielded in order."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, bool] = {}
+        self._order: list[str] = []
+        self._ready: dict[str, pb.EvaluateResponse] = {}
+        self._next = 0
+
+    def add(self, req: LossRequest) -> pb.EvaluateRequest:
+        msg, as_torch = rq.build(req)
+        msg.id = str(len(self._order))
+        self._kinds[msg.id] = as_torch
+        self._order.append(msg.id)
+        return msg
+
+    def ready(self, responses: Iterable[pb.EvaluateResponse], return_exceptions: bool) -> Iterator[EvaluateResult | LossdError]:
+        for response in responses:
+            if response.id not in self._kinds:
+                rq.parse(response, False)  # raises the item's error
+                raise LossdError(f"answer for unknown id {response.id!r}")
+            self._ready[response.id] = response
+        while self._next < len(self._order) and self._order[self._next] in self._ready:
+            rid = self._order[self._next]
+            self._next += 1
+            yield LossClient._item(self._ready.pop(rid), self._kinds.pop(rid), return_exceptions)
+
+    def finish(self) -> Iterator[EvaluateResult | LossdError]:
+        if self._next < len(self._order):
+            raise LossdError(f"the stream ended with {len(self._order) - self._next} of {len(self._order)} results missing")
+        return iter(())
+
+
 class _Base:
     def __init__(
         self,
@@ -282,44 +321,58 @@ class LossClient(_Base):
         return rq.loglikelihood_result(result)
 
     def evaluate_many(
-        self, requests: Iterable[LossRequest], *, window: int = 64, timeout_s: float | None = None, return_exceptions: bool = False
+        self,
+        requests: Iterable[LossRequest],
+        *,
+        window: int = 64,
+        pack: int | None = None,
+        timeout_s: float | None = None,
+        return_exceptions: bool = False,
     ) -> Iterator[EvaluateResult | LossdError]:
-        """Stream many requests over one EvaluateStream, ``window`` in flight; results in input order."""
+        """Score many requests over one stream, ``window`` in flight; results in input order.
+
+        Requests travel ``pack`` per message over EvaluatePacked (default ``window // 4``, so
+        several messages are in flight while the server computes); ``pack=1`` uses
+        EvaluateStream, one request per message.
+        """
+        pack = _pack_size(window, pack)
         slots = threading.Semaphore(window)
-        kinds: dict[str, bool] = {}
-        order: list[str] = []
+        order = _Order()
         stop = threading.Event()
 
-        def produce() -> Iterator[pb.EvaluateRequest]:
-            for i, req in enumerate(requests):
-                while not slots.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
+        def next_slot(first: bool) -> bool:
+            if not first:
+                return slots.acquire(blocking=False)
+            while not slots.acquire(timeout=0.1):
                 if stop.is_set():
-                    return
-                msg, as_torch = rq.build(req)
-                msg.id = f"{i}"
-                kinds[msg.id] = as_torch
-                order.append(msg.id)
-                yield msg
+                    return False
+            return not stop.is_set()
 
-        call = self._stub.EvaluateStream(produce(), timeout=self._timeout(timeout_s))
-        ready: dict[str, pb.EvaluateResponse] = {}
-        next_index = 0
+        def produce() -> Iterator[pb.EvaluateRequest | pb.EvaluateBatch]:
+            source = iter(requests)
+            while True:
+                batch = []
+                while len(batch) < pack and next_slot(first=not batch):
+                    req = next(source, None)
+                    if req is None:
+                        slots.release()
+                        break
+                    batch.append(order.add(req))
+                if not batch:
+                    return
+                yield batch[0] if pack == 1 else pb.EvaluateBatch(requests=batch)
+                if len(batch) < pack and stop.is_set():
+                    return
+
+        method = self._stub.EvaluateStream if pack == 1 else self._stub.EvaluatePacked
+        call = method(produce(), timeout=self._timeout(timeout_s))
         try:
-            for response in call:
-                slots.release()
-                ready[response.id] = response
-                while next_index < len(order) and order[next_index] in ready:
-                    rid = order[next_index]
-                    next_index += 1
-                    yield self._item(ready.pop(rid), kinds.pop(rid), return_exceptions)
-            while next_index < len(order) and order[next_index] in ready:
-                rid = order[next_index]
-                next_index += 1
-                yield self._item(ready.pop(rid), kinds.pop(rid), return_exceptions)
-            if next_index < len(order):
-                raise LossdError(f"EvaluateStream ended with {len(order) - next_index} of {len(order)} results missing")
+            for message in call:
+                responses = [message] if pack == 1 else message.responses
+                for _ in responses:
+                    slots.release()
+                yield from order.ready(responses, return_exceptions)
+            yield from order.finish()
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         finally:
@@ -466,14 +519,16 @@ class AsyncLossClient(_Base):
         requests: Iterable[LossRequest] | AsyncIterable[LossRequest],
         *,
         window: int = 64,
+        pack: int | None = None,
         timeout_s: float | None = None,
         return_exceptions: bool = False,
     ) -> AsyncIterator[EvaluateResult | LossdError]:
         """Async twin of :meth:`LossClient.evaluate_many`."""
-        call = self._stub.EvaluateStream(timeout=self._timeout(timeout_s))
+        pack = _pack_size(window, pack)
+        method = self._stub.EvaluateStream if pack == 1 else self._stub.EvaluatePacked
+        call = method(timeout=self._timeout(timeout_s))
         slots = asyncio.Semaphore(window)
-        kinds: dict[str, bool] = {}
-        order: list[str] = []
+        order = _Order()
 
         async def source() -> AsyncIterator[LossRequest]:
             if hasattr(requests, "__aiter__"):
@@ -483,42 +538,36 @@ class AsyncLossClient(_Base):
                 for item in requests:  # type: ignore[union-attr]
                     yield item
 
+        async def send(batch: list[pb.EvaluateRequest]) -> None:
+            await call.write(batch[0] if pack == 1 else pb.EvaluateBatch(requests=batch))
+
         async def writer() -> None:
-            i = 0
-            try:
-                async for req in source():
-                    await slots.acquire()
-                    msg, as_torch = rq.build(req)
-                    msg.id = f"{i}"
-                    kinds[msg.id] = as_torch
-                    order.append(msg.id)
-                    i += 1
-                    await call.write(msg)
-                await call.done_writing()
-            except BaseException:
-                call.cancel()  # the reader must not wait for answers that will never come
-                raise
+            batch: list[pb.EvaluateRequest] = []
+            async for req in source():
+                if batch and (len(batch) >= pack or slots.locked()):
+                    await send(batch)
+                    batch = []
+                await slots.acquire()
+                batch.append(order.add(req))
+            if batch:
+                await send(batch)
+            await call.done_writing()
 
         write_task = asyncio.ensure_future(writer())
-        ready: dict[str, pb.EvaluateResponse] = {}
-        next_index = 0
         try:
-            async for response in call:
-                slots.release()
-                ready[response.id] = response
-                while next_index < len(order) and order[next_index] in ready:
-                    rid = order[next_index]
-                    next_index += 1
-                    yield LossClient._item(ready.pop(rid), kinds.pop(rid), return_exceptions)
+            async for message in call:
+                responses = [message] if pack == 1 else message.responses
+                for _ in responses:
+                    slots.release()
+                for result in order.ready(responses, return_exceptions):
+                    yield result
             await write_task
-            if next_index < len(order):
-                raise LossdError(f"EvaluateStream ended with {len(order) - next_index} of {len(order)} results missing")
+            for result in order.finish():
+                yield result
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        except asyncio.CancelledError:
             if write_task.done() and not write_task.cancelled() and write_task.exception() is not None:
-                raise write_task.exception() from None
-            raise
+                raise write_task.exception() from exc
+            raise from_rpc_error(exc) from exc
         finally:
             write_task.cancel()
             call.cancel()

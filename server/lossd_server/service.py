@@ -136,6 +136,9 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
         "EvaluateStream": grpc.stream_stream_rpc_method_handler(
             servicer.EvaluateStream, _safe_deserializer(pb.EvaluateRequest), pb.EvaluateResponse.SerializeToString
         ),
+        "EvaluatePacked": grpc.stream_stream_rpc_method_handler(
+            servicer.EvaluatePacked, _safe_deserializer(pb.EvaluateBatch), pb.EvaluateBatchResults.SerializeToString
+        ),
         "EvaluateChunked": grpc.stream_unary_rpc_method_handler(
             servicer.EvaluateChunked, _safe_deserializer(pb.EvaluateChunk), pb.EvaluateResponse.SerializeToString
         ),
@@ -255,30 +258,38 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             await self._fail(context, exc, "Evaluate")
 
-    async def EvaluateStream(
-        self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.EvaluateResponse]:
-        """Answers each item as soon as it is computed; items are matched by id."""
-        deadline = self._deadline(context)
+    async def _answer(self, request: pb.EvaluateRequest, deadline: float | None) -> pb.EvaluateResponse:
+        """One stream item: its response, or its failure as an ItemError (never raises)."""
+        try:
+            return await self._evaluate_one(request, deadline)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported per item
+            err = classify(exc)
+            if err is None:
+                log.exception("stream item failed", exc_info=exc)
+                err = RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            return pb.EvaluateResponse(id=request.id, error=pb.ItemError(code=err.code.value[0], message=err.message))
+
+    async def _answer_packed(self, batch: pb.EvaluateBatch, deadline: float | None) -> pb.EvaluateBatchResults:
+        if isinstance(batch, MalformedMessage):
+            err = batch.reject()
+            failed = pb.EvaluateResponse(error=pb.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(err)))
+            return pb.EvaluateBatchResults(responses=[failed])
+        responses = await asyncio.gather(*(self._answer(r, deadline) for r in batch.requests))
+        return pb.EvaluateBatchResults(responses=responses)
+
+    async def _serve_stream(self, request_iterator: AsyncIterator, answer) -> AsyncIterator:
+        """Answer every incoming message concurrently; yield each answer as soon as it is ready."""
         done: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
 
-        async def one(request: pb.EvaluateRequest) -> None:
-            try:
-                response = await self._evaluate_one(request, deadline)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - reported per item
-                err = classify(exc)
-                if err is None:
-                    log.exception("EvaluateStream item failed", exc_info=exc)
-                    err = RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-                response = pb.EvaluateResponse(id=request.id, error=pb.ItemError(code=err.code.value[0], message=err.message))
-            await done.put(response)
+        async def one(message) -> None:
+            await done.put(await answer(message))
 
         async def reader() -> None:
-            async for request in request_iterator:
-                task = asyncio.ensure_future(one(request))
+            async for message in request_iterator:
+                task = asyncio.ensure_future(one(message))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             await done.put(None)
@@ -301,6 +312,22 @@ class LossServicer(pb_grpc.LossServiceServicer):
             reader_task.cancel()
             for task in list(pending):
                 task.cancel()
+
+    async def EvaluateStream(
+        self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EvaluateResponse]:
+        """Answers each item as soon as it is computed; items are matched by id."""
+        deadline = self._deadline(context)
+        async for response in self._serve_stream(request_iterator, lambda r: self._answer(r, deadline)):
+            yield response
+
+    async def EvaluatePacked(
+        self, request_iterator: AsyncIterator[pb.EvaluateBatch], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EvaluateBatchResults]:
+        """EvaluateStream with several items per message; each message is answered as a whole."""
+        deadline = self._deadline(context)
+        async for results in self._serve_stream(request_iterator, lambda b: self._answer_packed(b, deadline)):
+            yield results
 
     async def EvaluateChunked(
         self, request_iterator: AsyncIterator[pb.EvaluateChunk], context: grpc.aio.ServicerContext

@@ -174,6 +174,18 @@ class EvaluateResponse(_message.Message):
     error: ItemError
     def __init__(self, id: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., loss_sum: _Optional[float] = ..., weight_sum: _Optional[float] = ..., counted: _Optional[int] = ..., sequences: _Optional[_Union[SequenceStats, _Mapping]] = ..., extras: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
 
+class EvaluateBatch(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[EvaluateRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[EvaluateRequest, _Mapping]]] = ...) -> None: ...
+
+class EvaluateBatchResults(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[EvaluateResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[EvaluateResponse, _Mapping]]] = ...) -> None: ...
+
 class ChunkHeader(_message.Message):
     __slots__ = ("id", "options", "input_dtype", "input_shape", "target")
     ID_FIELD_NUMBER: _ClassVar[int]
