@@ -1,8 +1,12 @@
-"""``python -m benchmarks [--quick] [--device cpu|cuda] [--out PATH]``: one run, same data.
+"""``python -m benchmarks [--quick] [--skip-small] [--skip-large] [--device cpu|cuda] [--out PATH]``: one run.
 
-(a) in-process torch, (b) the naive unbatched gRPC server, (c) lossd with batching off,
-(d) lossd with batching on (unary), (e) lossd evaluate_many; then a bounded soak of small
+Small requests: (a) in-process torch, (b) the naive unbatched gRPC server, (c) lossd with batching
+off, (d) lossd with batching on (unary), (e) lossd evaluate_many; then a bounded soak of small
 requests reporting the server's RSS after warm-up and at the end.
+
+Large requests (benchmarks.large): one 2048x32000 request in fp32 and bf16 through in-process torch,
+the in-process lossd engine, the naive unary gRPC server, lossd streaming and lossd shared memory;
+printed, stored in the same JSON and plotted to a PNG next to it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 
 import torch
 
-from . import drivers, servers, workloads
+from . import chart, drivers, large, servers, workloads
 from .report import Row, add_ratios, table, write_json
 from .workloads import Workload
 
@@ -82,23 +86,8 @@ def soak(server: servers.Server, count: int, warmup: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="shorter cells (about 1 s each) and a shorter soak")
-    p.add_argument("--device", default="cpu", help="device for the servers and the in-process baseline (cpu, cuda)")
-    p.add_argument("--duration", type=float, default=None, help="seconds per cell (default 4, --quick 1)")
-    p.add_argument("--max-wait-ms", default="2", help="lossd --max-wait-ms for the batching configurations")
-    p.add_argument("--soak", type=int, default=20000, help="requests in the soak after warm-up")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
-    args = p.parse_args(argv)
-    duration = args.duration or (1.0 if args.quick else 4.0)
-    max_count = 200_000
-    started = time.perf_counter()
-    ws = build_workloads()
+def small_section(args: argparse.Namespace, ws: list[Workload], duration: float, max_count: int) -> tuple[list[Row], dict]:
     rows: list[Row] = []
-
-    threads = max(1, (os.cpu_count() or 1) - 1)
-    torch.set_num_threads(threads)  # the same intra-op threads as lossd and the naive server use
     print("(a) in-process", file=sys.stderr, flush=True)
     for w in ws:
         rows.append(Row.of(w.name, A, 1, drivers.in_process(w, duration, max_count, args.device)))
@@ -115,22 +104,63 @@ def main(argv: list[str] | None = None) -> None:
     with servers.start_lossd("--max-wait-ms", args.max_wait_ms, device=args.device, name="lossd-soak") as soaked:
         print("soak", file=sys.stderr, flush=True)
         soak_figures = soak(soaked, args.soak, 2000)
-
     order = {w.name: i for i, w in enumerate(ws)}
     rows.sort(key=lambda r: (order[r.workload], r.config))
     add_ratios(rows, B)
-    print(table(rows))
-    print(
-        f"\nsoak: {soak_figures['requests']} requests (8x100 fp32, evaluate_many window 64), "
-        f"{soak_figures['req_per_s']:.0f} req/s, errors {soak_figures['errors']}; server RSS after warm-up "
-        f"{soak_figures['rss_after_warmup_mib']:.1f} MiB, at the end {soak_figures['rss_end_mib']:.1f} MiB "
-        f"(peak {soak_figures['peak_rss_mib']:.1f} MiB)"
-    )
+    return rows, soak_figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="shorter cells (about 1 s each) and a shorter soak")
+    p.add_argument("--device", default="cpu", help="device for the servers and the in-process baseline (cpu, cuda)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per cell (default 4, --quick 1)")
+    p.add_argument("--max-wait-ms", default="2", help="lossd --max-wait-ms for the batching configurations")
+    p.add_argument("--soak", type=int, default=20000, help="requests in the soak after warm-up")
+    p.add_argument("--skip-small", action="store_true", help="leave out the small-request section and the soak")
+    p.add_argument("--skip-large", action="store_true", help="leave out the large-request section")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per large-request cell, best kept (default 3, --quick 1)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
+    p.add_argument("--png", default=None, help="large-request chart (default: --out with .png)")
+    args = p.parse_args(argv)
+    duration = args.duration or (1.0 if args.quick else 4.0)
+    max_count = 200_000
+    started = time.perf_counter()
+    ws = build_workloads()
+    rows: list[Row] = []
+    sections: dict = {}
+
+    threads = max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(threads)  # the same intra-op threads as lossd and the naive server use
+    if not args.skip_small:
+        rows, sections["soak"] = small_section(args, ws, duration, max_count)
+    if not args.skip_large:
+        print("large requests", file=sys.stderr, flush=True)
+        args.repeats = args.repeats or (1 if args.quick else 3)
+        sections["large"] = large.run(args)
+
+    if rows:
+        print(table(rows))
+        soak_figures = sections["soak"]
+        print(
+            f"\nsoak: {soak_figures['requests']} requests (8x100 fp32, evaluate_many window 64), "
+            f"{soak_figures['req_per_s']:.0f} req/s, errors {soak_figures['errors']}; server RSS after warm-up "
+            f"{soak_figures['rss_after_warmup_mib']:.1f} MiB, at the end {soak_figures['rss_end_mib']:.1f} MiB "
+            f"(peak {soak_figures['peak_rss_mib']:.1f} MiB)"
+        )
+    machine = chart.machine_line(torch.__version__, args.device)
+    png = None
+    if "large" in sections:
+        print(f"\nlarge requests (reduction='none', best of {args.repeats}; x torch: throughput / in-process F.cross_entropy's)")
+        print(large.table(sections["large"]))
+        png = args.png or os.path.splitext(args.out)[0] + ".png"
+        chart.plot_large(sections["large"], png, machine)
     meta = {
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]),
         "device": args.device,
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
+        "cpu": chart.cpu_model(),
         "torch": torch.__version__,
         "torch_threads": threads,
         "duration_per_cell_s": duration,
@@ -138,10 +168,11 @@ def main(argv: list[str] | None = None) -> None:
         "total_s": time.perf_counter() - started,
         "notes": "(a) runs one call after another in every workload (no concurrency); "
         "batch req/rows: mean executed batch size from the server's /metrics over the cell; "
-        "peak RSS: VmHWM of the server process at the end of the cell (lifetime peak); x (b): req/s ratio to the naive server",
+        "peak RSS: VmHWM of the server process at the end of the cell (lifetime peak); x (b): req/s ratio to the naive server; "
+        "large: see benchmarks/large.py (peak memory above idle counts mapped shared-memory pages of the shm path)",
     }
-    write_json(args.out, meta, rows, {"soak": soak_figures})
-    print(f"\nwritten to {os.path.relpath(args.out)} in {meta['total_s']:.0f} s")
+    write_json(args.out, meta, rows, sections)
+    print(f"\nwritten to {os.path.relpath(args.out)}{' and ' + os.path.relpath(png) if png else ''} in {meta['total_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class NaiveServicer(pb_grpc.LossServiceServicer):
         except (RuntimeError, ValueError, IndexError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         loss = loss.cpu().contiguous()
-        out = pb.Tensor(dtype=WIRE[loss.dtype], shape=list(loss.shape), data=loss.numpy().tobytes())
+        out = pb.Tensor(dtype=WIRE[loss.dtype], shape=list(loss.shape), data=loss.reshape(-1).view(torch.uint8).numpy().tobytes())
         return pb.EvaluateResponse(id=request.id, loss=out)
 
 
