@@ -124,3 +124,22 @@ def test_segments_are_removed_when_the_client_dies_mid_call(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def _rss_shmem_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_server_keeps_no_mapping_after_the_call(shm_server):
+    """Every request's segment is unmapped once answered (no mapping pinned by a reference cycle)."""
+    x = torch.randn(1024, 4096)  # 16 MiB
+    t = torch.randint(0, 4096, (1024,))
+    with LossClient(shm_server.address, shared_memory=True, timeout_s=120) as c:
+        for _ in range(4):
+            got = c.cross_entropy(x, t, reduction="none")
+    torch.testing.assert_close(got, F.cross_entropy(x, t, reduction="none"))
+    assert _rss_shmem_kib(shm_server.proc.pid) < 8 * 1024

@@ -291,10 +291,9 @@ class Batcher:
                 await self._wake.wait()
             batch = self._next_batch()
             items = self._live_items(batch)
-            if not items:
-                continue
             try:
-                await self._compute(items)
+                if items:
+                    await self._compute(items)
             except asyncio.CancelledError:
                 for item in items:
                     _fail(item.future, BatcherClosed("server is shutting down; request not completed"))
@@ -302,6 +301,9 @@ class Batcher:
             except Exception as exc:  # noqa: BLE001 - a broken batch must never leave a caller hanging
                 for item in items:
                     _fail(item.future, exc)
+            finally:
+                _release(batch)
+                del batch, items
 
     async def _compute(self, items: list[_Item]) -> None:
         started = time.perf_counter()
@@ -340,6 +342,16 @@ def torch_threads(config: ServerConfig) -> int:
     if config.torch_threads > 0:
         return config.torch_threads
     return max(1, (os.cpu_count() or 1) - 1)
+
+
+def _release(batch: _Batch) -> None:
+    """Drop a finished batch's tensors now: _Item <-> _Batch is a reference cycle, and large
+    tensors do not trigger the cycle collector, so waiting for it would pin request memory
+    (a shared-memory mapping, or the request's bytes) long after the answer went out."""
+    for item in batch.items:
+        item.batch = None
+        item.job = None
+    batch.items.clear()
 
 
 def _fail(future: asyncio.Future, exc: BaseException) -> None:
