@@ -511,7 +511,7 @@ class Plan:
         xu = xu.to(device=device, non_blocking=True)
         if self.unit_positions != 1:
             xu = xu.transpose(1, 2)
-        return xu.reshape(xu.shape[0] * self.unit_positions, self.num_classes).to(self.compute_dtype)
+        return upcast(xu.reshape(xu.shape[0] * self.unit_positions, self.num_classes), self.compute_dtype)
 
     def _evaluate_chunk(self, xu, tu, unit_start, device) -> Partial:
         u1 = unit_start + xu.shape[0]
@@ -737,6 +737,17 @@ def _divide(a: float, b: float) -> float:
 
 def _torch_size(shape: Sequence[int]) -> str:
     return f"torch.Size({list(shape)})"
+
+
+def upcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``; bfloat16 -> float32 as a 16-bit shift of the raw words.
+
+    Exact (bfloat16 is the upper half of a float32, NaN and infinities included) and ~6x faster
+    than torch's CPU conversion kernel, which dominated bf16 evaluation.
+    """
+    if t.dtype == torch.bfloat16 and dtype == torch.float32 and t.device.type == "cpu":
+        return (t.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+    return t.to(dtype)
 
 
 def _all_within(values: torch.Tensor, upper: int) -> bool:
