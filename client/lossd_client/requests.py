@@ -28,7 +28,7 @@ _EXTRAS = {
 }
 #: Bytes of input per EvaluateChunked message: big enough to amortise per-message cost, small
 #: enough that several can be in flight without large buffers (measured on loopback TCP).
-DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 1024 * 1024
 #: Requests with more tensor bytes than this go through EvaluateChunked even when they would fit in
 #: one message: a unary request costs the server about 4x its size in copies (gRPC's receive
 #: buffer, the bytes handed to Python, the parsed message, each read of a bytes field), a

@@ -549,7 +549,13 @@ class Plan:
         """
         spec = self.spec
         tc = t.masked_fill(~valid, 0)
-        logp = torch.log_softmax(x, 1) if spec.loss == CROSS_ENTROPY else x
+        if spec.loss != CROSS_ENTROPY:
+            logp = x
+        elif x.device.type == "cpu":
+            # consumed (losses, extras) before this thread evaluates anything else
+            logp = torch.log_softmax(x, 1, out=scratch("log_softmax", x.numel(), x.dtype).view(x.shape))
+        else:
+            logp = torch.log_softmax(x, 1)
         # C = 0 is valid only when every target is ignored: gather from one padded zero class
         source = logp if logp.shape[1] else logp.new_zeros(logp.shape[0], 1)
         picked = source.gather(1, tc.unsqueeze(1)).squeeze(1)
@@ -747,11 +753,19 @@ def _torch_size(shape: Sequence[int]) -> str:
 _SCRATCH = threading.local()
 
 
-def _scratch_int32(n: int) -> torch.Tensor:
-    """A per-thread int32 buffer of at least n elements, reused across chunks (no page faults)."""
-    buf = getattr(_SCRATCH, "buf", None)
+def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread CPU buffer of n elements, reused across chunks.
+
+    Fresh multi-megabyte tensors per chunk are mmap'd and page-faulted in every time (the
+    server caps glibc's mmap threshold to bound its memory); reusing one buffer avoids that.
+    """
+    key = (name, dtype)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buf = buffers.get(key)
     if buf is None or buf.numel() < n:
-        buf = _SCRATCH.buf = torch.empty(n, dtype=torch.int32)
+        buf = buffers[key] = torch.empty(n, dtype=dtype)
     return buf[:n]
 
 
@@ -766,7 +780,7 @@ def upcast(t: torch.Tensor, dtype: torch.dtype, *, reuse: bool = False) -> torch
     if t.dtype == torch.bfloat16 and dtype == torch.float32 and t.device.type == "cpu":
         words = t.view(torch.int16)
         if reuse and t.is_contiguous():
-            buf = _scratch_int32(t.numel()).view(t.shape)
+            buf = scratch("upcast", t.numel(), torch.int32).view(t.shape)
             buf.copy_(words)
             return buf.bitwise_left_shift_(16).view(torch.float32)
         return (words.to(torch.int32) << 16).view(torch.float32)
