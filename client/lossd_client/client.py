@@ -104,9 +104,7 @@ def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, An
 def _credentials(root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None):
     if root_certificates is None and private_key is None and certificate_chain is None:
         return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
-    )
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain)
 
 
 def _request(
@@ -124,9 +122,7 @@ def _request(
 ) -> LossRequest:
     if size_average is not None or reduce is not None:
         reduction = rq.legacy_reduction(size_average, reduce)
-    return LossRequest(
-        input, target, loss, weight, ignore_index, reduction, label_smoothing, pos_weight, **options
-    )
+    return LossRequest(input, target, loss, weight, ignore_index, reduction, label_smoothing, pos_weight, **options)
 
 
 def _pack_size(window: int, pack: int | None) -> int:
@@ -310,7 +306,9 @@ class LossClient(_Base):
             raise from_rpc_error(exc) from exc
         return rq.parse(response, tensors.is_torch_tensor(req.input))
 
-    def perplexity(self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None) -> PerplexityResult:
+    def perplexity(
+        self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None
+    ) -> PerplexityResult:
         """(B, T, V) logits and (B, T) token ids -> per-token NLL, per-sequence and corpus perplexity."""
         result = self.evaluate(rq.perplexity_request(logits, tokens, shift=shift, ignore_index=ignore_index), timeout_s=timeout_s)
         return rq.perplexity_result(result)
@@ -506,11 +504,15 @@ class AsyncLossClient(_Base):
             raise from_rpc_error(exc) from exc
         return rq.parse(response, tensors.is_torch_tensor(req.input))
 
-    async def perplexity(self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None) -> PerplexityResult:
+    async def perplexity(
+        self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None
+    ) -> PerplexityResult:
         result = await self.evaluate(rq.perplexity_request(logits, tokens, shift=shift, ignore_index=ignore_index), timeout_s=timeout_s)
         return rq.perplexity_result(result)
 
-    async def loglikelihood(self, logits: Any, tokens: Any, continuation_start: Any, *, timeout_s: float | None = None) -> LoglikelihoodResult:
+    async def loglikelihood(
+        self, logits: Any, tokens: Any, continuation_start: Any, *, timeout_s: float | None = None
+    ) -> LoglikelihoodResult:
         result = await self.evaluate(rq.loglikelihood_request(logits, tokens, continuation_start), timeout_s=timeout_s)
         return rq.loglikelihood_result(result)
 

@@ -311,7 +311,9 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
     return _payloads(first, data, tdata if streamed else None, rows, row_bytes, target_row_bytes, per_chunk)
 
 
-def _payloads(first: bytes, data: memoryview, tdata: memoryview | None, rows: int, row_bytes: int, target_row_bytes: int, per_chunk: int) -> Iterator[bytes]:
+def _payloads(
+    first: bytes, data: memoryview, tdata: memoryview | None, rows: int, row_bytes: int, target_row_bytes: int, per_chunk: int
+) -> Iterator[bytes]:
     yield first
     if rows == 0 or len(data) == 0:
         if rows:
@@ -354,9 +356,7 @@ def loglikelihood_request(logits: Any, tokens: Any, continuation_start: Any) -> 
             raise InvalidArgumentError(f"continuation_start: {start} is outside [1, {tok.shape[1]}] for sequence {row}")
         tok[row, positions < start] = -100
     target = tok.reshape(np.asarray(tokens).shape if not tensors.is_torch_tensor(tokens) else tuple(tokens.shape))
-    return LossRequest(
-        logits, target, reduction="sum", class_axis=-1, shift_targets=True, sequence_stats=True, ignore_index=-100
-    )
+    return LossRequest(logits, target, reduction="sum", class_axis=-1, shift_targets=True, sequence_stats=True, ignore_index=-100)
 
 
 @dataclass

@@ -138,9 +138,7 @@ def numpy_from_proto(msg: pb.Tensor) -> np.ndarray:
     else:
         dtype = np.dtype(name).newbyteorder("<")
     # A writable copy, as torch would hand back; results are ~C times smaller than inputs.
-    return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape)).astype(
-        dtype.newbyteorder("="), copy=True
-    )
+    return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape)).astype(dtype.newbyteorder("="), copy=True)
 
 
 def torch_from_proto(msg: pb.Tensor) -> Any:

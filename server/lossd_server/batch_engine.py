@@ -100,7 +100,9 @@ def _reduce_per_job(jobs: Sequence[Job], terms: engine.ClassTerms) -> list[engin
     zeros = torch.zeros(len(jobs), dtype=torch.float64, device=terms.losses.device)
     loss_sums = zeros.index_add(0, segment, terms.losses.to(torch.float64)).tolist()
     weight_sums = zeros.index_add(0, segment, terms.wt.to(torch.float64)).tolist()
-    counted = torch.zeros(len(jobs), dtype=torch.int64, device=terms.losses.device).index_add(0, segment, terms.valid.to(torch.int64)).tolist()
+    counted = (
+        torch.zeros(len(jobs), dtype=torch.int64, device=terms.losses.device).index_add(0, segment, terms.valid.to(torch.int64)).tolist()
+    )
     losses = terms.losses.cpu() if any(j.plan.needs_losses() for j in jobs) else None
     results = []
     start = 0

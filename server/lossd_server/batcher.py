@@ -178,7 +178,9 @@ class Batcher:
         nbytes = plan.input_nbytes
         cfg = self.config
         if self._queued >= cfg.max_queue_requests:
-            raise QueueFull("max_queue_requests", f"queue full: {self._queued} requests queued (max_queue_requests={cfg.max_queue_requests})")
+            raise QueueFull(
+                "max_queue_requests", f"queue full: {self._queued} requests queued (max_queue_requests={cfg.max_queue_requests})"
+            )
         if self._queued and self._queued_bytes + nbytes > cfg.max_queue_bytes:
             raise QueueFull(
                 "max_queue_bytes",
@@ -262,7 +264,11 @@ class Batcher:
         keep: deque[_Batch] = deque()
         while self._ready:
             other = self._ready.popleft()
-            if other.key == batch.key and batch.rows + other.rows <= cfg.max_batch_rows and batch.nbytes + other.nbytes <= cfg.max_batch_bytes:
+            if (
+                other.key == batch.key
+                and batch.rows + other.rows <= cfg.max_batch_rows
+                and batch.nbytes + other.nbytes <= cfg.max_batch_bytes
+            ):
                 for item in other.items:
                     batch.add(item)
             else:

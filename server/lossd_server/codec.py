@@ -90,8 +90,7 @@ def decode(field: str, msg: pb.Tensor, shm_reader=None) -> torch.Tensor:
     if len(msg.data) != nbytes:
         raise TensorError(
             f"{field}.data",
-            f"expected {nbytes} bytes for shape {list(shape)} of {_name(dtype)} "
-            f"({ITEMSIZE[msg.dtype]} bytes each), got {len(msg.data)}",
+            f"expected {nbytes} bytes for shape {list(shape)} of {_name(dtype)} ({ITEMSIZE[msg.dtype]} bytes each), got {len(msg.data)}",
         )
     return from_buffer(field, msg.data, dtype, shape)
 

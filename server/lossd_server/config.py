@@ -102,7 +102,13 @@ def parser() -> argparse.ArgumentParser:
         env = "LOSSD_" + f.name.upper()
         conv = _converter(f)
         if conv is _parse_bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"{_HELP[f.name]} [env {env}; default {f.default}]")
+            p.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{_HELP[f.name]} [env {env}; default {f.default}]",
+            )
         else:
             p.add_argument(flag, dest=f.name, type=conv, default=None, help=f"{_HELP[f.name]} [env {env}; default {f.default}]")
     return p

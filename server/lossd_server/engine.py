@@ -170,13 +170,19 @@ def _torch_output_dtype(
 def _dtype_error(kind, input_dtype, target_dtype, weight_dtype, pos_weight_dtype, exc) -> InvalidInput:
     text = str(exc).split("\n")[0]
     if input_dtype not in FLOAT_DTYPES:
-        return InvalidInput("input", f"expected a floating dtype (float32, float64, float16, bfloat16), got {_dtype_name(input_dtype)} ({text})")
+        return InvalidInput(
+            "input", f"expected a floating dtype (float32, float64, float16, bfloat16), got {_dtype_name(input_dtype)} ({text})"
+        )
     if kind == "class" and target_dtype not in CLASS_TARGET_DTYPES:
-        return InvalidInput("target", f"expected class indices of dtype int64 or uint8 (as torch), got {_dtype_name(target_dtype)} ({text})")
+        return InvalidInput(
+            "target", f"expected class indices of dtype int64 or uint8 (as torch), got {_dtype_name(target_dtype)} ({text})"
+        )
     if kind == "prob" and not target_dtype.is_floating_point:
         return InvalidInput("target", f"expected a floating dtype for class probabilities, got {_dtype_name(target_dtype)} ({text})")
     if weight_dtype is not None and ("weight" in text or "scalar type" in text) and kind != "bce":
-        return InvalidInput("options.weight", f"expected dtype {_dtype_name(input_dtype)} like the input, got {_dtype_name(weight_dtype)} ({text})")
+        return InvalidInput(
+            "options.weight", f"expected dtype {_dtype_name(input_dtype)} like the input, got {_dtype_name(weight_dtype)} ({text})"
+        )
     if kind == "bce" and not target_dtype.is_floating_point:
         return InvalidInput("target", f"expected a floating dtype for BCE targets, got {_dtype_name(target_dtype)} ({text})")
     field = "options.pos_weight" if pos_weight_dtype is not None and kind == "bce" else "options.weight"
@@ -271,9 +277,7 @@ class Plan:
 
     def _check_dtypes(self, kind: str) -> None:
         target = self._probe_target
-        torch_layout = kind == "bce" or (
-            self.class_axis == (0 if len(self.input_shape) == 1 else 1) and not self.spec.shift_targets
-        )
+        torch_layout = kind == "bce" or (self.class_axis == (0 if len(self.input_shape) == 1 else 1) and not self.spec.shift_targets)
         if math.prod(self.input_shape) == 0 and torch_layout and target is not None and target.device.type != "meta":
             self.output_dtype = self._empty_output_dtype(kind, target)
         else:
@@ -294,7 +298,12 @@ class Plan:
                     out = F.nll_loss(x, target, self.weight, ignore_index=spec.ignore_index, reduction=spec.reduction)
                 else:
                     out = F.cross_entropy(
-                        x, target, self.weight, ignore_index=spec.ignore_index, reduction=spec.reduction, label_smoothing=spec.label_smoothing
+                        x,
+                        target,
+                        self.weight,
+                        ignore_index=spec.ignore_index,
+                        reduction=spec.reduction,
+                        label_smoothing=spec.label_smoothing,
                     )
         except (RuntimeError, ValueError, TypeError, NotImplementedError, IndexError) as exc:
             self._probed_output_dtype(kind)  # a dtype problem: raises with a precise message
@@ -338,7 +347,9 @@ class Plan:
         if spec.label_smoothing > 1.0:
             raise InvalidInput("options.label_smoothing", f"label_smoothing must be between 0.0 and 1.0. Got: {spec.label_smoothing:g}")
         if not self.target_dtype.is_floating_point:
-            raise InvalidInput("target", f"Expected floating point type for target with class probabilities, got {_dtype_name(self.target_dtype)}")
+            raise InvalidInput(
+                "target", f"Expected floating point type for target with class probabilities, got {_dtype_name(self.target_dtype)}"
+            )
         if spec.shift_targets:
             raise InvalidInput("options.shift_targets", "needs class-index targets, got class probabilities")
         if spec.extras or spec.sequence_stats:
@@ -364,13 +375,18 @@ class Plan:
             if len(tshape) == 1 and tshape[0] != 1:
                 raise InvalidInput("target", f"For 1D input, 1D target must have size 1, but got target size: {tshape[0]}")
             if len(tshape) == 1 and spec.label_smoothing > 0:
-                raise InvalidInput("target", "output with shape [] doesn't match the broadcast shape [1] (torch rejects a (1,) target for 1-d input with label_smoothing > 0)")
+                raise InvalidInput(
+                    "target",
+                    "output with shape [] doesn't match the broadcast shape [1] (torch rejects a (1,) target for 1-d input with label_smoothing > 0)",
+                )
             self.output_shape = ()
         else:
             expected = tuple(s for i, s in enumerate(shape) if i != self.class_axis)
             if ndim == 2 and self.class_axis == 1:
                 if len(tshape) > 1:
-                    raise InvalidInput("target", f"0D or 1D target tensor expected, multi-target not supported, got {len(tshape)}D shape {_shape(tshape)}")
+                    raise InvalidInput(
+                        "target", f"0D or 1D target tensor expected, multi-target not supported, got {len(tshape)}D shape {_shape(tshape)}"
+                    )
                 tn = tshape[0] if tshape else 0
                 if tn != shape[0]:
                     raise InvalidInput("target", f"Expected input batch_size ({shape[0]}) to match target batch_size ({tn}).")
@@ -382,11 +398,17 @@ class Plan:
         self._check_weight(prob=False)
         if ndim == 3 and self.class_axis == 1 and shape[1] == 0 and math.prod(tshape) > 0:
             # torch views (N, 0, d) as 4-d with an inferred size, which fails for C = 0
-            raise InvalidInput("input", f"size mismatch (got input: {_shape(shape)} with 0 classes, target: {_shape(tshape)}); torch cannot evaluate a 3-d input with C = 0")
+            raise InvalidInput(
+                "input",
+                f"size mismatch (got input: {_shape(shape)} with 0 classes, target: {_shape(tshape)}); torch cannot evaluate a 3-d input with C = 0",
+            )
         if ndim >= 3 and self.target_dtype == torch.uint8 and (math.prod(tshape) > 0 or spec.reduction == "none"):
             # torch's nll_loss2d path (inputs with spatial dims) takes int64 targets only
             # (an empty batch with mean / sum returns before the dtype check)
-            raise InvalidInput("target", "expected scalar type Long but found Byte (uint8 class indices are accepted only for (C) and (N, C) inputs, as torch)")
+            raise InvalidInput(
+                "target",
+                "expected scalar type Long but found Byte (uint8 class indices are accepted only for (C) and (N, C) inputs, as torch)",
+            )
         self._check_dtypes("class")
         self._layout_units()
         flat = target.reshape(-1)
@@ -418,7 +440,9 @@ class Plan:
         spec = self.spec
         shape = self.input_shape
         if self.target_shape != shape:
-            raise InvalidInput("target", f"Target size ({_torch_size(self.target_shape)}) must be the same as input size ({_torch_size(shape)})")
+            raise InvalidInput(
+                "target", f"Target size ({_torch_size(self.target_shape)}) must be the same as input size ({_torch_size(shape)})"
+            )
         if spec.class_axis is not None or spec.shift_targets or spec.extras or spec.sequence_stats:
             raise InvalidInput("options", "class_axis, shift_targets, extras and sequence_stats apply to cross_entropy / nll_loss only")
         if spec.label_smoothing != 0.0:
@@ -429,7 +453,9 @@ class Plan:
             try:
                 b = torch.broadcast_shapes(tuple(w.shape), shape)
             except RuntimeError as exc:
-                raise InvalidInput(name, f"shape {_shape(w.shape)} is not broadcastable to the input shape {_shape(shape)}: {exc}") from None
+                raise InvalidInput(
+                    name, f"shape {_shape(w.shape)} is not broadcastable to the input shape {_shape(shape)}: {exc}"
+                ) from None
             if tuple(b) != shape:
                 raise InvalidInput(name, f"output with shape {_shape(shape)} doesn't match the broadcast shape {_shape(b)}")
         self.kind = "bce"
@@ -637,9 +663,7 @@ class Plan:
             prod = prod * w
         losses = -prod.sum(1).reshape(-1)
         n = losses.shape[0]
-        return Partial(
-            u0, u1, losses.cpu() if self.needs_losses() else None, float(losses.sum(dtype=torch.float64)), float(n), n
-        )
+        return Partial(u0, u1, losses.cpu() if self.needs_losses() else None, float(losses.sum(dtype=torch.float64)), float(n), n)
 
     def _evaluate_prob(self, x, p, u0, u1) -> Partial:
         ls = self.spec.label_smoothing
@@ -651,9 +675,7 @@ class Plan:
             prod = prod * self._weight_on(x.device)
         losses = -prod.sum(1)
         n = losses.shape[0]
-        return Partial(
-            u0, u1, losses.cpu() if self.needs_losses() else None, float(losses.sum(dtype=torch.float64)), float(n), n
-        )
+        return Partial(u0, u1, losses.cpu() if self.needs_losses() else None, float(losses.sum(dtype=torch.float64)), float(n), n)
 
     def _evaluate_bce(self, xu, tu, u0, u1, device) -> Partial:
         # When target / weight dtypes promote the result past the input dtype, torch rounds

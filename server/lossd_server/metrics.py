@@ -216,6 +216,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serializer)
         return handler
 
+
 def start_http(config: Any, server: Any, metrics: Metrics | None = None) -> int | None:
     """Serve the default registry on ``metrics_host:metrics_port``; 0 disables, -1 lets the OS pick.
 

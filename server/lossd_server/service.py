@@ -164,9 +164,7 @@ def decode_request(request: pb.EvaluateRequest, shm_reader=None) -> DecodedReque
 
 
 def encode_result(request_id: str, result: engine.LossResult) -> pb.EvaluateResponse:
-    response = pb.EvaluateResponse(
-        id=request_id, loss_sum=result.loss_sum, weight_sum=result.weight_sum, counted=result.counted
-    )
+    response = pb.EvaluateResponse(id=request_id, loss_sum=result.loss_sum, weight_sum=result.weight_sum, counted=result.counted)
     codec.encode(result.loss, response.loss)
     for name, value in result.extras.items():
         codec.encode(value, response.extras[name])
@@ -385,7 +383,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if n_units < 0 or next_unit + n_units > plan.units:
                 raise engine.InvalidInput("input_rows", f"more rows than the header's input_shape {list(input_shape)} holds")
             if streamed_target and len(target_rows) != n_units * tg_unit_bytes:
-                raise engine.InvalidInput("target_rows", f"expected {n_units * tg_unit_bytes} bytes for {n_units} rows, got {len(target_rows)}")
+                raise engine.InvalidInput(
+                    "target_rows", f"expected {n_units * tg_unit_bytes} bytes for {n_units} rows, got {len(target_rows)}"
+                )
             if not streamed_target and target_rows:
                 raise engine.InvalidInput("target_rows", "class-index targets travel whole in the header")
             if n_units == 0:
@@ -398,8 +398,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 asyncio.ensure_future(
                     self.batcher.run_in_engine(
                         lambda: plan.evaluate_units(
-                            plan.unit_view(x), start, target_units=None if tu is None else plan.unit_view(tu),
-                            device=self.device, chunk_bytes=self.config.chunk_bytes,
+                            plan.unit_view(x),
+                            start,
+                            target_units=None if tu is None else plan.unit_view(tu),
+                            device=self.device,
+                            chunk_bytes=self.config.chunk_bytes,
                         )
                     )
                 )
@@ -417,7 +420,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
             for fut in inflight:
                 fut.cancel()
         if next_unit != plan.units:
-            raise engine.InvalidInput("input_rows", f"received {next_unit} of {plan.units} rows of the header's input_shape {list(input_shape)}")
+            raise engine.InvalidInput(
+                "input_rows", f"received {next_unit} of {plan.units} rows of the header's input_shape {list(input_shape)}"
+            )
         partial = engine.merge_partials(partials) if partials else plan._empty_partial(0)
         result = await self.batcher.run_in_engine(plan.finish, partial)
         return encode_result(header.id, result)
