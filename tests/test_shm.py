@@ -47,7 +47,21 @@ def test_shared_memory_results_equal_torch(shm_server, dtype, reduction):
     want = F.cross_entropy(x.float(), t, reduction=reduction).to(dtype)
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got, want)
-    assert _segments() - before == set(), "the client must unlink its segments after the call"
+    assert _segments() - before == set(), "the client must unlink its segments when it closes"
+
+
+def test_segments_are_reused_between_calls_and_unlinked_on_close(shm_server):
+    x = torch.randn(256, 1024)
+    t = torch.randint(0, 1024, (256,))
+    before = _segments()
+    with LossClient(shm_server.address, shared_memory=True, shm_min_bytes=0, timeout_s=60) as c:
+        c.cross_entropy(x, t)
+        first = _segments() - before
+        for _ in range(3):
+            got = c.cross_entropy(x, t)
+        assert _segments() - before == first and first, "later calls reuse the first call's segments"
+    torch.testing.assert_close(got, F.cross_entropy(x, t))
+    assert _segments() - before == set()
 
 
 def test_shared_memory_is_refused_unless_enabled(client):

@@ -22,7 +22,7 @@ from ._proto.lossd.v1 import loss_pb2 as pb
 from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from .errors import LossdError, from_rpc_error
 from .requests import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult
-from .shm import SharedMemoryArena
+from .shm import SegmentPool, SharedMemoryArena
 
 SERVICE = "lossd.v1.LossService"
 #: Requests with at most this many tensor bytes never ask the server for its limit (a server's
@@ -188,6 +188,7 @@ class _Base:
         self.chunked_above_bytes = chunked_above_bytes
         self.shared_memory = shared_memory
         self.shm_min_bytes = shm_min_bytes
+        self._segments = SegmentPool()
         self._credentials = _credentials(root_certificates, private_key, certificate_chain)
         self._options = _channel_options(max_message_bytes, retries)
         self._server_max: int | None = None
@@ -219,7 +220,9 @@ class LossClient(_Base):
         self.close()
 
     def close(self) -> None:
+        """Close the channel and unlink this client's shared-memory segments."""
         self._channel.close()
+        self._segments.close()
 
     # ------------------------------------------------------------------ torch.nn.functional mirror
     def cross_entropy(
@@ -280,7 +283,7 @@ class LossClient(_Base):
         """
         req = request if request is not None else LossRequest(**fields)
         if self.shared_memory:
-            with SharedMemoryArena(self.shm_min_bytes) as arena:
+            with SharedMemoryArena(self.shm_min_bytes, self._segments) as arena:
                 msg, as_torch = rq.build(req, arena)
                 return self._call(msg, as_torch, self._timeout(timeout_s))
         timeout = self._timeout(timeout_s)
@@ -428,7 +431,9 @@ class AsyncLossClient(_Base):
         await self.close()
 
     async def close(self) -> None:
+        """Close the channel and unlink this client's shared-memory segments."""
         await self._channel.close()
+        self._segments.close()
 
     async def cross_entropy(
         self,
@@ -479,7 +484,7 @@ class AsyncLossClient(_Base):
     async def evaluate(self, request: LossRequest | None = None, *, timeout_s: float | None = None, **fields: Any) -> EvaluateResult:
         req = request if request is not None else LossRequest(**fields)
         if self.shared_memory:
-            with SharedMemoryArena(self.shm_min_bytes) as arena:
+            with SharedMemoryArena(self.shm_min_bytes, self._segments) as arena:
                 msg, as_torch = rq.build(req, arena)
                 return await self._call(msg, as_torch, self._timeout(timeout_s))
         timeout = self._timeout(timeout_s)
