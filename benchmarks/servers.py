@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
-from dataclasses import dataclass, field
 
-_LISTEN = re.compile(r"listening on [^ ]+:(\d+)")
+from lossd_server.spawn import ServerProcess, spawn
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,25 +20,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen
-    port: int = 0
-    metrics_port: int | None = None
-    lines: list[str] = field(default_factory=list)
+class Server(ServerProcess):
+    """A benchmark server process: lossd_server.spawn's ServerProcess plus RSS and /metrics readers."""
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def status_kib(self, key: str) -> int:
-        """A /proc/<pid>/status field in KiB (VmHWM: peak RSS, VmRSS: current RSS)."""
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        return 0
+    name: str = "server"
 
     def peak_rss_mib(self) -> float:
         return self.status_kib("VmHWM") / 1024
@@ -61,49 +43,16 @@ class Server:
                 values[m.group(1)] = float(m.group(2))
         return values
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def _launch(name: str, cmd: list[str], metrics_port: int | None, timeout_s: float = 90.0) -> Server:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    server = Server(name, proc, metrics_port=metrics_port)
-    ready = threading.Event()
+    env = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            server.lines.append(line)
-            m = _LISTEN.search(line)
-            if m:
-                server.port = int(m.group(1))
-            if "SERVING" in line and "NOT_SERVING" not in line:
-                ready.set()
-        ready.set()
+    def make(proc: subprocess.Popen) -> Server:
+        server = Server(proc, metrics_port=metrics_port)
+        server.name = name
+        return server
 
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while not ready.wait(0.1):
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"{name} did not become ready:\n{''.join(server.lines)}")
-    if proc.poll() is not None or not server.port:
-        raise RuntimeError(f"{name} exited early:\n{''.join(server.lines)}")
-    return server
+    return spawn(cmd, env=env, cwd=ROOT, timeout_s=timeout_s, make=make)
 
 
 def start_lossd(*flags: str, device: str = "cpu", name: str = "lossd") -> Server:
