@@ -549,16 +549,20 @@ class AsyncLossClient(_Base):
             await call.write(batch[0] if pack == 1 else pb.EvaluateBatch(requests=batch))
 
         async def writer() -> None:
-            batch: list[pb.EvaluateRequest] = []
-            async for req in source():
-                if batch and (len(batch) >= pack or slots.locked()):
+            try:
+                batch: list[pb.EvaluateRequest] = []
+                async for req in source():
+                    if batch and (len(batch) >= pack or slots.locked()):
+                        await send(batch)
+                        batch = []
+                    await slots.acquire()
+                    batch.append(order.add(req))
+                if batch:
                     await send(batch)
-                    batch = []
-                await slots.acquire()
-                batch.append(order.add(req))
-            if batch:
-                await send(batch)
-            await call.done_writing()
+                await call.done_writing()
+            except BaseException:
+                call.cancel()  # the reader must not wait for answers that will never come
+                raise
 
         write_task = asyncio.ensure_future(writer())
         try:
@@ -571,9 +575,11 @@ class AsyncLossClient(_Base):
             await write_task
             for result in order.finish():
                 yield result
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, asyncio.CancelledError) as exc:
             if write_task.done() and not write_task.cancelled() and write_task.exception() is not None:
                 raise write_task.exception() from exc
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             raise from_rpc_error(exc) from exc
         finally:
             write_task.cancel()
