@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
-import urllib.request
 
 from lossd_server.spawn import ServerProcess, spawn
 
@@ -21,7 +19,7 @@ def free_port() -> int:
 
 
 class Server(ServerProcess):
-    """A benchmark server process: lossd_server.spawn's ServerProcess plus RSS and /metrics readers."""
+    """A benchmark server process: lossd_server.spawn's ServerProcess plus RSS readers."""
 
     name: str = "server"
 
@@ -30,18 +28,6 @@ class Server(ServerProcess):
 
     def rss_mib(self) -> float:
         return self.status_kib("VmRSS") / 1024
-
-    def metrics(self) -> dict[str, float]:
-        if not self.metrics_port:
-            return {}
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        values = {}
-        for line in text.splitlines():
-            m = re.match(r"^(lossd_[a-z_]+(?:\{[^}]*\})?) ([0-9.eE+-]+|NaN)$", line)
-            if m:
-                values[m.group(1)] = float(m.group(2))
-        return values
 
 
 def _launch(name: str, cmd: list[str], metrics_port: int | None, timeout_s: float = 90.0) -> Server:

@@ -7,10 +7,8 @@ endpoint shows that batches of more than one request really ran.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -29,14 +27,7 @@ def free_port() -> int:
 
 
 def scrape(server: ServerProcess) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        m = re.match(r"^(lossd_[a-z_]+(?:\{[^}]*\})?) ([0-9.eE+-]+|NaN)$", line)
-        if m:
-            values[m.group(1)] = float(m.group(2))
-    return values
+    return server.metrics()
 
 
 @pytest.fixture

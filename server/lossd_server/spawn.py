@@ -13,12 +13,14 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 _LISTEN = re.compile(r"listening on [^ ]+:(\d+)")
 _METRICS = re.compile(r"metrics on http://[^:]+:(\d+)")
+_SAMPLE = re.compile(r"^(lossd_[a-z_]+(?:\{[^}]*\})?) ([0-9.eE+-]+|NaN)$")
 
 
 @dataclass
@@ -47,6 +49,14 @@ class ServerProcess:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
         return 0
+
+    def metrics(self) -> dict[str, float]:
+        """The server's lossd_* samples from /metrics ({} when it serves no metrics)."""
+        if not self.metrics_port:
+            return {}
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {m.group(1): float(m.group(2)) for m in map(_SAMPLE.match, text.splitlines()) if m}
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM, wait (then SIGKILL); returns the exit code."""
