@@ -22,7 +22,7 @@ import functools
 import math
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -138,12 +138,15 @@ def _torch_output_dtype(
     pos_weight_dtype: torch.dtype | None,
     label_smoothing_on: bool,
     reduction: str = "mean",
+    ignored_target: int | None = None,
 ) -> torch.dtype:
     """Run torch itself on one-element tensors of these dtypes.
 
     torch's dtype rules (which target dtypes are accepted, when weights must match, how BCE
     promotes) live in its kernels; probing them is the only way to match them exactly.
     Raises InvalidInput with torch's own message when torch rejects the combination.
+    ``ignored_target``: probe with a target that is ignored (ignore_index), for requests whose
+    every target is ignored: torch skips some dtype checks when nothing is gathered.
     """
     x = torch.zeros(1, 2, dtype=input_dtype)
     w = None if weight_dtype is None else torch.ones(2, dtype=weight_dtype)
@@ -158,10 +161,15 @@ def _torch_output_dtype(
             out = F.cross_entropy(x, torch.zeros(1, 2, dtype=target_dtype), weight=w)
         else:
             t = torch.zeros(1, dtype=target_dtype)
+            ignore = -100
+            if ignored_target is not None:
+                t.fill_(ignored_target)
+                ignore = ignored_target
             if loss == NLL:
-                out = F.nll_loss(x, t, weight=w)
+                out = F.nll_loss(x, t, weight=w, ignore_index=ignore)
             else:
-                out = F.cross_entropy(x, t, weight=w, label_smoothing=0.5 if label_smoothing_on else 0.0, reduction=reduction)
+                ls = 0.5 if label_smoothing_on else 0.0
+                out = F.cross_entropy(x, t, weight=w, ignore_index=ignore, label_smoothing=ls, reduction=reduction)
     except (RuntimeError, ValueError, TypeError, NotImplementedError, IndexError) as exc:
         raise _dtype_error(kind, input_dtype, target_dtype, weight_dtype, pos_weight_dtype, exc) from exc
     return out.dtype
@@ -236,8 +244,6 @@ class Plan:
             raise InvalidInput("options.loss", f"unknown loss {spec.loss!r}")
         if spec.reduction not in REDUCTIONS:
             raise InvalidInput("options.reduction", f"{spec.reduction!r} is not a valid value for reduction")
-        if math.isnan(spec.label_smoothing):
-            raise InvalidInput("options.label_smoothing", "must be a number in [0, 1], got nan")
         for extra in spec.extras:
             if extra not in EXTRAS:
                 raise InvalidInput("options.extras", f"unknown extra {extra!r}; expected one of {', '.join(EXTRAS)}")
@@ -281,26 +287,34 @@ class Plan:
         if math.prod(self.input_shape) == 0 and torch_layout and target is not None and target.device.type != "meta":
             self.output_dtype = self._empty_output_dtype(kind, target)
         else:
-            self.output_dtype = self._probed_output_dtype(kind)
+            try:
+                self.output_dtype = self._probed_output_dtype(kind)
+            except InvalidInput:
+                ignored = self._all_ignored_value(kind, target)
+                if ignored is None:
+                    raise
+                self.output_dtype = self._probed_output_dtype(kind, ignored)
         self.compute_dtype = torch.float64 if self.output_dtype == torch.float64 else torch.float32
 
     def _empty_output_dtype(self, kind: str, target: torch.Tensor) -> torch.dtype:
         """Empty inputs: torch itself on the real (empty) tensors; its kernels skip some dtype
         checks when there is nothing to compute, so probing with one element would differ."""
         spec = self.spec
-        x = torch.empty(self.input_shape, dtype=self.input_dtype)
+        x, target, weight, pos_weight = _small_empties(
+            torch.empty(self.input_shape, dtype=self.input_dtype), target, self.weight, self.pos_weight
+        )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if kind == "bce":
-                    out = F.binary_cross_entropy_with_logits(x, target, self.weight, reduction=spec.reduction, pos_weight=self.pos_weight)
+                    out = F.binary_cross_entropy_with_logits(x, target, weight, reduction=spec.reduction, pos_weight=pos_weight)
                 elif spec.loss == NLL:
-                    out = F.nll_loss(x, target, self.weight, ignore_index=spec.ignore_index, reduction=spec.reduction)
+                    out = F.nll_loss(x, target, weight, ignore_index=spec.ignore_index, reduction=spec.reduction)
                 else:
                     out = F.cross_entropy(
                         x,
                         target,
-                        self.weight,
+                        weight,
                         ignore_index=spec.ignore_index,
                         reduction=spec.reduction,
                         label_smoothing=spec.label_smoothing,
@@ -311,7 +325,17 @@ class Plan:
             raise InvalidInput("target" if kind == "class" else "input", f"rejected by torch: {text}") from exc
         return out.dtype
 
-    def _probed_output_dtype(self, kind: str) -> torch.dtype:
+    def _all_ignored_value(self, kind: str, target: torch.Tensor | None) -> int | None:
+        """ignore_index, when it fits the target dtype and every class target equals it."""
+        ignore = self.spec.ignore_index
+        if kind != "class" or target is None or target.device.type == "meta" or self.spec.shift_targets or not target.numel():
+            return None
+        info = torch.iinfo(target.dtype) if not target.dtype.is_floating_point and target.dtype != torch.bool else None
+        if info is None or not info.min <= ignore <= info.max:
+            return None
+        return ignore if bool((target == ignore).all()) else None
+
+    def _probed_output_dtype(self, kind: str, ignored_target: int | None = None) -> torch.dtype:
         return _torch_output_dtype(
             self.spec.loss,
             kind,
@@ -321,6 +345,7 @@ class Plan:
             None if self.pos_weight is None else self.pos_weight.dtype,
             self.spec.label_smoothing > 0.0,
             self.spec.reduction,
+            ignored_target,
         )
 
     def _layout_units(self) -> None:
@@ -481,6 +506,37 @@ class Plan:
     def input_nbytes(self) -> int:
         return math.prod(self.input_shape) * _itemsize(self.input_dtype)
 
+    @property
+    def sequences(self) -> int:
+        """Rows of the target's last axis: the entries of the per-sequence statistics."""
+        return math.prod(self.target_shape[:-1]) if self.target_shape else 1
+
+    def answer_nbytes(self) -> int:
+        """An upper bound of the encoded answer: per-element losses, extras, sequence statistics."""
+        size = 1024
+        if self.spec.reduction == "none":
+            size += math.prod(self.output_shape) * _itemsize(self.output_dtype)
+        if self.kind == "class":
+            targets = math.prod(self.target_shape)
+            for name in self.spec.extras:
+                size += targets * _itemsize(_EXTRA_DTYPES.get(name, self.compute_dtype))
+            if self.spec.sequence_stats:
+                size += self.sequences * _SEQUENCE_STAT_BYTES
+        return size
+
+    def working_nbytes(self) -> int:
+        """An upper bound of what evaluation keeps for the answer before it is encoded: the
+        per-element tensors of every chunk, and their concatenation."""
+        per_element = 0
+        if self.spec.reduction == "none":
+            per_element += _itemsize(self.compute_dtype)
+        if self.kind == "class":
+            per_element += sum(_itemsize(_EXTRA_DTYPES.get(name, self.compute_dtype)) for name in self.spec.extras)
+            if self.spec.sequence_stats:
+                per_element += 8 + 8 + 1 + 1  # float64 loss and weight, counted and greedy flags
+        elements = math.prod(self.target_shape) if self.kind == "class" else self.rows
+        return 2 * per_element * elements
+
     def needs_losses(self) -> bool:
         return self.spec.reduction == "none"
 
@@ -513,19 +569,31 @@ class Plan:
         target_units: torch.Tensor | None = None,
         device: torch.device | str = "cpu",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        checkpoint: Callable[[], None] | None = None,
     ) -> Partial:
         """Evaluate the units ``[unit_start, unit_start + len(x_units))``.
 
         ``x_units`` is the input restricted to those units in (units, C, positions) layout (see
         :meth:`unit_view`); ``target_units`` likewise for probability / BCE targets.
+        ``checkpoint`` is called before every chunk; it raises to abandon the evaluation (the
+        caller went away or its deadline passed). torch errors become :class:`InvalidInput`.
         """
         n_units = x_units.shape[0]
-        step = self.units_per_chunk(chunk_bytes)
+        # Units without elements (a zero-size dimension after the leading ones) cost nothing to
+        # evaluate, however many there are: one step, never a loop over 2**62 empty units.
+        step = self.units_per_chunk(chunk_bytes) if self.unit_elements else max(1, n_units)
         parts = []
-        for u0 in range(0, n_units, step):
-            u1 = min(n_units, u0 + step)
-            tu = None if target_units is None else target_units[u0:u1]
-            parts.append(self._evaluate_chunk(x_units[u0:u1], tu, unit_start + u0, device))
+        try:
+            for u0 in range(0, n_units, step):
+                if checkpoint is not None:
+                    checkpoint()
+                u1 = min(n_units, u0 + step)
+                tu = None if target_units is None else target_units[u0:u1]
+                parts.append(self._evaluate_chunk(x_units[u0:u1], tu, unit_start + u0, device))
+        except (RuntimeError, IndexError, ValueError) as exc:
+            if isinstance(exc, InvalidInput):
+                raise
+            raise InvalidInput("input", f"torch rejected the request: {exc}") from None
         if not parts:
             return self._empty_partial(unit_start)
         return merge_partials(parts) if len(parts) > 1 else parts[0]
@@ -621,9 +689,13 @@ class Plan:
     def _class_extras(self, part, x, logp, picked, tc, valid, losses, wt) -> None:
         extras = self.spec.extras
         rank = None
+        no_classes = x.shape[1] == 0  # then every row is ignored (validated): nothing to rank
         if "target_rank" in extras or "argmax_correct" in extras:
-            rank = (x > x.gather(1, tc.unsqueeze(1))).sum(1) + 1
-            rank = torch.where(valid, rank, 0)
+            if no_classes:
+                rank = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+            else:
+                rank = (x > x.gather(1, tc.unsqueeze(1))).sum(1) + 1
+                rank = torch.where(valid, rank, 0)
         if "target_logprob" in extras:
             part.extras["target_logprob"] = torch.where(valid, picked, 0.0).cpu()
         if "entropy" in extras:
@@ -639,7 +711,7 @@ class Plan:
             part.seq_weight = wt.to(torch.float64).cpu()
             part.seq_counted = valid.cpu()
             # lm-evaluation-harness: logits.argmax(-1) == continuation (the first maximum wins ties).
-            part.seq_greedy = ((x.argmax(1) == tc) | ~valid).cpu()
+            part.seq_greedy = (~valid if no_classes else (x.argmax(1) == tc) | ~valid).cpu()
 
     def _evaluate_prob_promoted(self, xu, tu, u0, u1, device) -> Partial:
         """Probability targets whose dtype (or the weight's) is wider than the input's.
@@ -754,12 +826,29 @@ class Plan:
         )
 
 
+def _small_empties(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors, with every zero-element one replaced by an empty tensor of the same dtype
+    whose sizes above those of the other tensors are small stand-ins (equal sizes get equal
+    stand-ins, larger sizes larger ones), so torch's shape checks give the same verdict.
+
+    torch's own empty-input paths walk leading dimensions: an empty (2**34, 5, 0) input took
+    torch 2.4 s; a tensor with elements has sizes bounded by the bytes that were sent.
+    """
+    kept = [d for t in tensors if t is not None and t.numel() for d in t.shape]
+    floor = max([64, *kept]) + 1
+    big = sorted({d for t in tensors if t is not None and not t.numel() for d in t.shape if d >= floor})
+    stand_in = {d: floor + i for i, d in enumerate(big)}
+    return [t if t is None or t.numel() else torch.empty(tuple(stand_in.get(d, d) for d in t.shape), dtype=t.dtype) for t in tensors]
+
+
 def _share(label_smoothing: float, num_classes: int) -> float:
     """label_smoothing / C with C++ double semantics (torch divides by C = 0 without raising)."""
     return label_smoothing / num_classes if num_classes else math.inf
 
 
 _EXTRA_DTYPES = {"target_rank": torch.int64, "argmax_correct": torch.bool}
+#: Encoded bytes per sequence: nll_sum, mean_nll and perplexity doubles, a tokens varint, a bool.
+_SEQUENCE_STAT_BYTES = 3 * 8 + 10 + 1
 
 
 def _divide(a: float, b: float) -> float:
@@ -888,13 +977,11 @@ def run(
     *,
     device: torch.device | str = "cpu",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    checkpoint: Callable[[], None] | None = None,
 ) -> LossResult:
-    """Evaluate a validated plan on its whole input."""
+    """Evaluate a validated plan on its whole input (``checkpoint``: see :meth:`Plan.evaluate_units`)."""
     target_units = p.unit_view(target) if p.kind in ("prob", "bce") else None
-    try:
-        partial = p.evaluate_units(p.unit_view(input), 0, target_units=target_units, device=device, chunk_bytes=chunk_bytes)
-    except (RuntimeError, IndexError, ValueError) as exc:
-        if isinstance(exc, InvalidInput):
-            raise
-        raise InvalidInput("input", f"torch rejected the request: {exc}") from exc
+    partial = p.evaluate_units(
+        p.unit_view(input), 0, target_units=target_units, device=device, chunk_bytes=chunk_bytes, checkpoint=checkpoint
+    )
     return p.finish(partial)
