@@ -17,7 +17,7 @@ batch) are evaluated alone by :func:`engine.run`, which walks them in bounded ro
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,16 +55,21 @@ def job_rows(job: Job) -> int:
     return job.plan.rows
 
 
-def evaluate_alone(job: Job, *, device: torch.device | str = "cpu", chunk_bytes: int = engine.DEFAULT_CHUNK_BYTES) -> engine.LossResult:
-    return engine.run(job.plan, job.input, job.target, device=device, chunk_bytes=chunk_bytes)
+Checkpoint = Callable[[], None] | None
+
+
+def evaluate_alone(
+    job: Job, *, device: torch.device | str = "cpu", chunk_bytes: int = engine.DEFAULT_CHUNK_BYTES, checkpoint: Checkpoint = None
+) -> engine.LossResult:
+    return engine.run(job.plan, job.input, job.target, device=device, chunk_bytes=chunk_bytes, checkpoint=checkpoint)
 
 
 def evaluate_fused(
-    jobs: Sequence[Job], *, device: torch.device | str = "cpu", chunk_bytes: int = engine.DEFAULT_CHUNK_BYTES
+    jobs: Sequence[Job], *, device: torch.device | str = "cpu", chunk_bytes: int = engine.DEFAULT_CHUNK_BYTES, checkpoint: Checkpoint = None
 ) -> list[engine.LossResult]:
     """Evaluate jobs sharing one batch key; a single job goes through the ordinary chunked path."""
     if len(jobs) == 1:
-        return [evaluate_alone(jobs[0], device=device, chunk_bytes=chunk_bytes)]
+        return [evaluate_alone(jobs[0], device=device, chunk_bytes=chunk_bytes, checkpoint=checkpoint)]
     first = jobs[0].plan
     device = torch.device(device)
     rows = [j.plan._rows_of(j.plan.unit_view(j.input), "cpu") for j in jobs]
@@ -116,21 +121,22 @@ def _reduce_per_job(jobs: Sequence[Job], terms: engine.ClassTerms) -> list[engin
 
 
 def evaluate_batch(
-    jobs: Sequence[Job], *, device: torch.device | str = "cpu", chunk_bytes: int = engine.DEFAULT_CHUNK_BYTES
+    jobs: Sequence[Job], *, device: torch.device | str = "cpu", chunk_bytes: int = engine.DEFAULT_CHUNK_BYTES, checkpoint: Checkpoint = None
 ) -> list[engine.LossResult | BaseException]:
     """Evaluate one batch; one outcome per job, in order.
 
     When the fused pass fails, every job is re-run alone so that only the culprit fails.
+    ``checkpoint`` is called between chunks and raises to stop (see engine.Plan.evaluate_units).
     """
     try:
-        return list(evaluate_fused(jobs, device=device, chunk_bytes=chunk_bytes))
+        return list(evaluate_fused(jobs, device=device, chunk_bytes=chunk_bytes, checkpoint=checkpoint))
     except Exception as exc:  # noqa: BLE001 - isolated below
         if len(jobs) == 1:
             return [exc]
     outcomes: list[engine.LossResult | BaseException] = []
     for job in jobs:
         try:
-            outcomes.append(evaluate_alone(job, device=device, chunk_bytes=chunk_bytes))
+            outcomes.append(evaluate_alone(job, device=device, chunk_bytes=chunk_bytes, checkpoint=checkpoint))
         except Exception as exc:  # noqa: BLE001 - reported for this job only
             outcomes.append(exc)
     return outcomes

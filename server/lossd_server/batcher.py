@@ -48,6 +48,10 @@ class BatcherClosed(Exception):
     """The batcher was closed (server stopping) before the request was computed."""
 
 
+class Abandoned(Exception):
+    """Every caller of a batch went away or passed its deadline: its evaluation stopped early."""
+
+
 @dataclass
 class BatchFigures:
     requests: int
@@ -75,6 +79,7 @@ class _Item:
     rows: int
     enqueued: float = field(default_factory=time.perf_counter)
     waiting: bool = True
+    abandoned: bool = False  # the caller went away while its batch was computing
     batch: _Batch | None = None
 
 
@@ -195,6 +200,9 @@ class Batcher:
         self._enqueue(item)
         try:
             return await item.future
+        except asyncio.CancelledError:
+            item.abandoned = True
+            raise
         finally:
             if item.waiting:  # the caller went away (cancelled) before compute
                 self._take(item)
@@ -314,7 +322,9 @@ class Batcher:
     async def _compute(self, items: list[_Item]) -> None:
         started = time.perf_counter()
         jobs = [item.job for item in items]
-        outcomes, compute_s = await asyncio.get_running_loop().run_in_executor(self._executor, self._evaluate_timed, jobs)
+        outcomes, compute_s = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._evaluate_timed, jobs, _checkpoint(items)
+        )
         for item, outcome in zip(items, outcomes, strict=True):
             if item.future.done():
                 continue
@@ -333,9 +343,11 @@ class Batcher:
                 )
             )
 
-    def _evaluate_timed(self, jobs: list[batch_engine.Job]) -> tuple[Sequence[engine.LossResult | BaseException], float]:
+    def _evaluate_timed(
+        self, jobs: list[batch_engine.Job], checkpoint: Callable[[], None]
+    ) -> tuple[Sequence[engine.LossResult | BaseException], float]:
         t0 = time.perf_counter()
-        outcomes = self._evaluate(jobs, device=self.device, chunk_bytes=self.config.chunk_bytes)
+        outcomes = self._evaluate(jobs, device=self.device, chunk_bytes=self.config.chunk_bytes, checkpoint=checkpoint)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return outcomes, time.perf_counter() - t0
@@ -348,6 +360,19 @@ def torch_threads(config: ServerConfig) -> int:
     if config.torch_threads > 0:
         return config.torch_threads
     return max(1, (os.cpu_count() or 1) - 1)
+
+
+def _checkpoint(items: list[_Item]) -> Callable[[], None]:
+    """Called by the engine between chunks: raises Abandoned once no caller of the batch is left."""
+
+    def checkpoint() -> None:
+        now = time.monotonic()
+        for item in items:
+            if not item.abandoned and (item.deadline is None or now < item.deadline):
+                return
+        raise Abandoned("every caller of this batch went away or passed its deadline; evaluation stopped")
+
+    return checkpoint
 
 
 def _release(batch: _Batch) -> None:
