@@ -18,10 +18,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     from . import allocator
-    from .app import serve
+    from .app import StartupError, serve
 
     allocator.tune()
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except StartupError as exc:
+        print(f"lossd-server: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -12,6 +12,8 @@ import warnings
 import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
+from .wire import WireTensor, tensor_of
+
 WIRE_TO_TORCH: dict[int, torch.dtype] = {
     pb.FLOAT32: torch.float32,
     pb.FLOAT16: torch.float16,
@@ -65,10 +67,19 @@ def shape_of(field: str, shape) -> tuple[int, ...]:
     return dims
 
 
-def expected_nbytes(field: str, msg: pb.Tensor) -> tuple[torch.dtype, tuple[int, ...], int]:
+#: No tensor may describe more bytes than this (int64 byte counts in torch and the protocol).
+MAX_TENSOR_BYTES = 1 << 62
+
+
+def expected_nbytes(field: str, msg: WireTensor | pb.Tensor) -> tuple[torch.dtype, tuple[int, ...], int]:
     dtype = dtype_of(field, msg.dtype)
     shape = shape_of(field, msg.shape)
-    return dtype, shape, math.prod(shape) * ITEMSIZE[msg.dtype]
+    nbytes = math.prod(shape) * ITEMSIZE[msg.dtype]
+    if nbytes > MAX_TENSOR_BYTES:
+        raise TensorError(
+            f"{field}.shape", f"{list(shape)} of {_name(dtype)} is {nbytes} bytes, more than any tensor may hold ({MAX_TENSOR_BYTES})"
+        )
+    return dtype, shape, nbytes
 
 
 def from_buffer(field: str, buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -78,10 +89,12 @@ def from_buffer(field: str, buffer, dtype: torch.dtype, shape: tuple[int, ...]) 
     return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
-def decode(field: str, msg: pb.Tensor, shm_reader=None) -> torch.Tensor:
-    """Decode and validate a wire tensor. ``field`` is the request field name for messages."""
+def decode(field: str, msg: WireTensor | pb.Tensor, shm_reader=None) -> torch.Tensor:
+    """Decode and validate a wire tensor (a view of its bytes, no copy). ``field`` names it."""
+    if isinstance(msg, pb.Tensor):
+        msg = tensor_of(msg)
     dtype, shape, nbytes = expected_nbytes(field, msg)
-    if msg.HasField("shm"):
+    if msg.shm is not None:
         if msg.data:
             raise TensorError(f"{field}.data", f"set either data or shm, not both (got {len(msg.data)} bytes of data and a shm reference)")
         if shm_reader is None:

@@ -12,6 +12,26 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup's memory limit when that is lower (containers)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def default_memory_budget_bytes() -> int:
+    """Half the machine's (or container's) memory: the rest is torch, gRPC and the page cache."""
+    return max(256 * MiB, machine_memory_bytes() // 2)
 
 
 @dataclass(frozen=True)
@@ -20,6 +40,11 @@ class ServerConfig:
     port: int = 50051
     device: str = "auto"
     max_message_bytes: int = 64 * MiB
+    max_send_message_bytes: int = 2**31 - 1
+    memory_budget_bytes: int = dataclasses.field(default_factory=default_memory_budget_bytes)
+    transport_window_bytes: int = 1 * MiB
+    stream_idle_timeout_s: float = 60.0
+    max_stream_in_flight: int = 32
     max_batch_rows: int = 65536
     max_batch_bytes: int = 32 * MiB
     max_wait_ms: float = 2.0
@@ -51,7 +76,12 @@ _HELP = {
     "host": "address to bind (0.0.0.0 inside containers)",
     "port": "gRPC port; 0 lets the OS pick (the chosen port is logged)",
     "device": "auto (CUDA when present), cpu, cuda or cuda:N",
-    "max_message_bytes": "largest gRPC message received or sent; bigger requests must use EvaluateChunked",
+    "max_message_bytes": "largest request message (tensor bytes) received; bigger requests must use EvaluateChunked",
+    "max_send_message_bytes": "largest answer sent; a request whose answer would be larger is refused before it is computed",
+    "memory_budget_bytes": "bytes held for callers at once (messages, tensors, chunks, answers); past it calls wait or are refused",
+    "transport_window_bytes": "bytes gRPC's transport accepts per call before the server reads them (HTTP/2 stream window)",
+    "stream_idle_timeout_s": "a call whose client sends nothing (or reads nothing) for this long ends with DEADLINE_EXCEEDED",
+    "max_stream_in_flight": "EvaluateStream / EvaluatePacked: messages read and not yet answered per stream",
     "max_batch_rows": "a batch closes when it holds this many rows (positions)",
     "max_batch_bytes": "a batch closes when it holds this many input bytes",
     "max_wait_ms": "longest a batch waits after its first request; 0 turns batching off",
@@ -95,6 +125,12 @@ def _converter(f: dataclasses.Field):
     return str
 
 
+def _default(f: dataclasses.Field) -> object:
+    if f.default_factory is not dataclasses.MISSING:
+        return f"{f.default_factory()} ({f.default_factory.__doc__.splitlines()[0].rstrip('.').lower()})"
+    return f.default
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lossd-server", description="lossd: torch-exact loss evaluation over gRPC")
     for f in fields(ServerConfig):
@@ -107,10 +143,10 @@ def parser() -> argparse.ArgumentParser:
                 dest=f.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{_HELP[f.name]} [env {env}; default {f.default}]",
+                help=f"{_HELP[f.name]} [env {env}; default {_default(f)}]",
             )
         else:
-            p.add_argument(flag, dest=f.name, type=conv, default=None, help=f"{_HELP[f.name]} [env {env}; default {f.default}]")
+            p.add_argument(flag, dest=f.name, type=conv, default=None, help=f"{_HELP[f.name]} [env {env}; default {_default(f)}]")
     return p
 
 
@@ -146,6 +182,17 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit("--max-message-bytes must be at least 1024")
     if config.max_wait_ms < 0:
         raise SystemExit("--max-wait-ms must be >= 0")
+    if config.memory_budget_bytes < 16 * MiB:
+        raise SystemExit(f"--memory-budget-bytes must be at least {16 * MiB}, got {config.memory_budget_bytes}")
+    if config.max_send_message_bytes < 1024 or config.max_send_message_bytes > 2**31 - 1:
+        raise SystemExit(f"--max-send-message-bytes must be in [1024, {2**31 - 1}], got {config.max_send_message_bytes}")
+    if config.transport_window_bytes < 64 * 1024:
+        raise SystemExit("--transport-window-bytes must be at least 65536")
+    if config.stream_idle_timeout_s <= 0:
+        raise SystemExit("--stream-idle-timeout-s must be > 0")
+    for name in ("max_stream_in_flight", "max_chunks_in_flight", "max_queue_requests", "compute_threads"):
+        if getattr(config, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if (config.tls_cert_file is None) != (config.tls_key_file is None):
         raise SystemExit("--tls-cert-file and --tls-key-file go together")
     if config.tls_client_ca_file and not config.tls_cert_file:

@@ -53,6 +53,13 @@ class Metrics:
         self.device_memory_reserved = Gauge(
             "lossd_device_memory_reserved_bytes", "CUDA memory reserved by torch's caching allocator (0 on CPU)", registry=registry
         )
+        self.memory_budget = Gauge(
+            "lossd_memory_budget_bytes", "memory_budget_bytes: bytes the server may hold for callers", registry=registry
+        )
+        self.memory_held = Gauge(
+            "lossd_memory_held_bytes", "bytes reserved for callers (messages, tensors, chunks, answers)", registry=registry
+        )
+        self.memory_waiting = Gauge("lossd_memory_waiting_calls", "reads waiting for the memory budget (flow control)", registry=registry)
         self.process_rss = Gauge("lossd_process_rss_bytes", "resident set size of the server process", registry=registry)
         self.build = Info("lossd_build", "lossd build: version, torch version, device", registry=registry)
 
@@ -214,26 +221,45 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                     yield response
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serializer)
+        if handler.stream_stream:  # a coroutine that writes with context.write()
+            inner_sw = handler.stream_stream
+
+            async def stream_stream_writer(request_iterator, context):
+                return await run(lambda: inner_sw(request_iterator, context), context)
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream_writer, deserialize, serializer)
         return handler
 
 
-def start_http(config: Any, server: Any, metrics: Metrics | None = None) -> int | None:
-    """Serve the default registry on ``metrics_host:metrics_port``; 0 disables, -1 lets the OS pick.
+def bind_http(config: Any) -> Any:
+    """Serve the default registry on ``metrics_host:metrics_port`` (0: disabled, -1: the OS picks).
 
-    Returns the bound port (None when disabled). ``server`` is the running LossServer.
+    Called before the gRPC server exists, so that a port in use stops the start before anything
+    is announced (raises OSError). Returns the HTTP server, or None when disabled.
     """
     if config.metrics_port == 0:
         return None
     disable_created_metrics()
+    httpd, _thread = start_http_server(max(config.metrics_port, 0), addr=config.metrics_host, registry=REGISTRY)
+    return httpd
+
+
+def start_http(config: Any, server: Any, httpd: Any, metrics: Metrics | None = None) -> int | None:
+    """Attach the running LossServer's gauges; returns the metrics port (None when disabled)."""
+    if httpd is None:
+        return None
     m = metrics or get()
     m.build.info({"version": __version__, "torch_version": torch.__version__, "device": str(server.device)})
     m.process_rss.set_function(rss_bytes)
     batcher = server.batcher
     if hasattr(batcher, "queue_depth"):
         m.queue_depth.set_function(lambda: batcher.queue_depth)
+    budget = server.servicer.budget
+    m.memory_budget.set(budget.limit_bytes)
+    m.memory_held.set_function(lambda: budget.held_bytes)
+    m.memory_waiting.set_function(lambda: budget.waiting)
     if server.device.type == "cuda":
         device = server.device
         m.device_memory.set_function(lambda: torch.cuda.memory_allocated(device))
         m.device_memory_reserved.set_function(lambda: torch.cuda.memory_reserved(device))
-    httpd, _thread = start_http_server(max(config.metrics_port, 0), addr=config.metrics_host, registry=REGISTRY)
     return int(httpd.server_address[1])

@@ -1,45 +1,48 @@
-"""Thin gRPC servicer: decode -> validate -> batcher -> encode. No loss maths here.
+"""Thin gRPC servicer: read (within the memory budget) -> decode -> batcher -> answer.
 
-Validation errors become INVALID_ARGUMENT naming the field; a full queue RESOURCE_EXHAUSTED;
-an expired deadline DEADLINE_EXCEEDED. Nothing a client sends can produce INTERNAL unless the
-server itself is broken.
+No loss maths here. Every RPC goes through the same steps:
+
+* **Reading** (:class:`_Call`): a message is read only after the worst case of its size has
+  been reserved from the :class:`~lossd_server.budget.MemoryBudget` (until then gRPC's transport
+  holds at most ``transport_window_bytes`` of it), then the reservation shrinks to the real size
+  and grows by what the answer will need. A caller that sends (or reads) nothing for
+  ``stream_idle_timeout_s`` is answered DEADLINE_EXCEEDED. ``Evaluate`` is registered as a
+  client-streaming handler (the wire is the same) so that its one message is read this way too.
+* **Errors**: one mapping, :func:`classify`, for every RPC. Errors are answered with
+  ``set_code``/``set_details`` rather than ``context.abort`` (whose stored exception and
+  traceback kept failed requests' bytes alive until the cycle collector ran), and tracebacks
+  are dropped before the handler returns.
+* **Streams** (EvaluateStream, EvaluatePacked): at most ``max_stream_in_flight`` messages read
+  and not yet answered per stream; past that the stream is not read (flow control), and answers
+  wait to be sent with their bytes counted.
+* **Drain** (:class:`CallTracker`): every call is counted from its first step to its last, so
+  the server stops only when every call it received has been answered (see app.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 
 import grpc
 import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
-from . import __version__, codec, engine
-from .batcher import Batcher, BatcherClosed, DeadlineExpired, QueueFull
+from . import __version__, codec, convert, engine, wire
+from .batcher import Abandoned, Batcher, BatcherClosed, DeadlineExpired, QueueFull
+from .budget import BudgetExceeded, MemoryBudget, Reservation
+from .chunks import ChunkAssembler
 from .config import ServerConfig
 
 log = logging.getLogger("lossd.service")
 
-LOSS_NAMES = {
-    pb.LOSS_KIND_UNSPECIFIED: engine.CROSS_ENTROPY,
-    pb.CROSS_ENTROPY: engine.CROSS_ENTROPY,
-    pb.NLL: engine.NLL,
-    pb.BINARY_CROSS_ENTROPY_WITH_LOGITS: engine.BCE_WITH_LOGITS,
-}
-REDUCTION_NAMES = {pb.REDUCTION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum", pb.NONE: "none"}
-EXTRA_NAMES = {
-    pb.TARGET_LOGPROB: "target_logprob",
-    pb.ENTROPY: "entropy",
-    pb.TARGET_RANK: "target_rank",
-    pb.ARGMAX_CORRECT: "argmax_correct",
-}
-INPUT_DTYPES = [pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
-TARGET_DTYPES = [pb.INT64, pb.UINT8, pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
+#: Copies of an answer alive at once: the result tensors, the encoded message, gRPC's buffer.
+ANSWER_COPIES = 3
+#: Copies of a class-index target in a ChunkHeader: the message, the int64 view or copy, masks.
+HEADER_TARGET_COPIES = 3
 
 
 class RequestError(Exception):
@@ -51,138 +54,6 @@ class RequestError(Exception):
         self.message = message
 
 
-@dataclass
-class DecodedRequest:
-    plan: engine.Plan
-    input: torch.Tensor
-    target: torch.Tensor
-
-
-def decode_options(options: pb.LossOptions, shm_reader=None) -> tuple[engine.LossSpec, torch.Tensor | None, torch.Tensor | None]:
-    """LossOptions -> (LossSpec, weight, pos_weight)."""
-    if options.loss not in LOSS_NAMES:
-        raise engine.InvalidInput("options.loss", f"unknown LossKind enum value {options.loss}")
-    if options.reduction not in REDUCTION_NAMES:
-        raise engine.InvalidInput("options.reduction", f"unknown Reduction enum value {options.reduction}")
-    extras = []
-    for value in options.extras:
-        if value not in EXTRA_NAMES:
-            raise engine.InvalidInput("options.extras", f"unknown Extra enum value {value}")
-        if EXTRA_NAMES[value] not in extras:
-            extras.append(EXTRA_NAMES[value])
-    ls = float(options.label_smoothing)
-    if math.isnan(ls) or math.isinf(ls):
-        raise engine.InvalidInput("options.label_smoothing", f"must be a finite number in [0, 1], got {ls}")
-    spec = engine.LossSpec(
-        loss=LOSS_NAMES[options.loss],
-        reduction=REDUCTION_NAMES[options.reduction],
-        ignore_index=options.ignore_index if options.HasField("ignore_index") else -100,
-        label_smoothing=ls,
-        class_axis=options.class_axis if options.HasField("class_axis") else None,
-        shift_targets=options.shift_targets,
-        extras=tuple(extras),
-        sequence_stats=options.sequence_stats,
-    )
-    weight = codec.decode("options.weight", options.weight, shm_reader) if options.HasField("weight") else None
-    pos_weight = codec.decode("options.pos_weight", options.pos_weight, shm_reader) if options.HasField("pos_weight") else None
-    return spec, weight, pos_weight
-
-
-class MalformedMessage:
-    """Stands in for a request whose bytes are not a valid protobuf message.
-
-    grpc would otherwise answer UNKNOWN from inside its deserializer; with this the servicer
-    answers INVALID_ARGUMENT like any other bad input.
-    """
-
-    id = ""
-
-    def __init__(self, kind: str, error: Exception) -> None:
-        self.kind = kind
-        self.error = error
-
-    def ByteSize(self) -> int:  # noqa: N802 - protobuf's name, used by the metrics interceptor
-        return 0
-
-    def reject(self) -> engine.InvalidInput:
-        return engine.InvalidInput("request", f"not a valid {self.kind} message: {self.error}")
-
-
-def _safe_deserializer(message_type):
-    name = message_type.DESCRIPTOR.full_name
-
-    def deserialize(data: bytes):
-        try:
-            return message_type.FromString(data)
-        except Exception as exc:  # noqa: BLE001 - any decode failure is the client's bad input
-            return MalformedMessage(name, exc)
-
-    return deserialize
-
-
-def well_formed(message):
-    """Return the message, or raise InvalidInput if its bytes did not parse."""
-    if isinstance(message, MalformedMessage):
-        raise message.reject()
-    return message
-
-
-def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
-    """Register the servicer like the generated helper, with decode errors as INVALID_ARGUMENT."""
-    handlers = {
-        "Evaluate": grpc.unary_unary_rpc_method_handler(
-            servicer.Evaluate, _safe_deserializer(pb.EvaluateRequest), pb.EvaluateResponse.SerializeToString
-        ),
-        "EvaluateStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EvaluateStream, _safe_deserializer(pb.EvaluateRequest), pb.EvaluateResponse.SerializeToString
-        ),
-        "EvaluatePacked": grpc.stream_stream_rpc_method_handler(
-            servicer.EvaluatePacked, _safe_deserializer(pb.EvaluateBatch), pb.EvaluateBatchResults.SerializeToString
-        ),
-        "EvaluateChunked": grpc.stream_unary_rpc_method_handler(
-            servicer.EvaluateChunked, _safe_deserializer(pb.EvaluateChunk), pb.EvaluateResponse.SerializeToString
-        ),
-        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetServerInfo, _safe_deserializer(pb.GetServerInfoRequest), pb.ServerInfo.SerializeToString
-        ),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lossd.v1.LossService", handlers),))
-
-
-def decode_request(request: pb.EvaluateRequest, shm_reader=None) -> DecodedRequest:
-    """Decode and validate a unary request; raises engine.InvalidInput / codec.TensorError."""
-    well_formed(request)
-    if not request.HasField("input"):
-        raise engine.InvalidInput("input", "is missing")
-    if not request.HasField("target"):
-        raise engine.InvalidInput("target", "is missing")
-    spec, weight, pos_weight = decode_options(request.options, shm_reader)
-    x = codec.decode("input", request.input, shm_reader)
-    target = codec.decode("target", request.target, shm_reader)
-    plan = engine.plan(spec, x.shape, x.dtype, target, weight, pos_weight)
-    return DecodedRequest(plan, x, target)
-
-
-def encode_result(request_id: str, result: engine.LossResult) -> pb.EvaluateResponse:
-    response = pb.EvaluateResponse(id=request_id, loss_sum=result.loss_sum, weight_sum=result.weight_sum, counted=result.counted)
-    codec.encode(result.loss, response.loss)
-    for name, value in result.extras.items():
-        codec.encode(value, response.extras[name])
-    if result.sequences is not None:
-        s = result.sequences
-        response.sequences.nll_sum[:] = s.nll_sum
-        response.sequences.tokens[:] = s.tokens
-        response.sequences.mean_nll[:] = s.mean_nll
-        response.sequences.perplexity[:] = s.perplexity
-        response.sequences.is_greedy[:] = s.is_greedy
-    return response
-
-
-#: Responses are not limited by --max-message-bytes: a reduction='none' answer to a request
-#: streamed with EvaluateChunked (BCE: as large as its input) still goes back as one message.
-MAX_SEND_MESSAGE_BYTES = 2**31 - 1
-
-
 def transport_receive_limit(max_message_bytes: int) -> int:
     """gRPC's own receive limit: above --max-message-bytes, so that a unary request over the
     configured limit (up to about twice it) reaches :func:`check_message_size` and is told about
@@ -190,12 +61,9 @@ def transport_receive_limit(max_message_bytes: int) -> int:
     return min(2**31 - 1, 2 * max_message_bytes + 1024 * 1024)
 
 
-def check_message_size(request: pb.EvaluateRequest, decoded: DecodedRequest, max_message_bytes: int) -> None:
+def check_message_size(request: wire.WireRequest, decoded: convert.DecodedRequest, max_message_bytes: int) -> None:
     """RESOURCE_EXHAUSTED for a unary request whose inline tensors exceed --max-message-bytes."""
-    size = 0
-    for msg, tensor in ((request.input, decoded.input), (request.target, decoded.target)):
-        if not msg.HasField("shm"):
-            size += tensor.numel() * tensor.element_size()
+    size = convert.inline_nbytes(request, decoded)
     if size > max_message_bytes:
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -205,229 +73,397 @@ def check_message_size(request: pb.EvaluateRequest, decoded: DecodedRequest, max
         )
 
 
+def check_answer_size(plan: engine.Plan, max_send_message_bytes: int) -> int:
+    """The answer's size bound; RESOURCE_EXHAUSTED before any compute when it cannot be sent."""
+    size = plan.answer_nbytes()
+    if size > max_send_message_bytes:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the answer would take up to {size} bytes, over this server's max_send_message_bytes ({max_send_message_bytes}); "
+            "ask for a reduction other than 'none' or fewer extras, or split the request",
+        )
+    return size
+
+
 def classify(exc: BaseException) -> RequestError | None:
     """Map an exception to the status it must be answered with (None: a server bug)."""
     if isinstance(exc, RequestError):
         return exc
     if isinstance(exc, (engine.InvalidInput, codec.TensorError)):
         return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, (QueueFull, BudgetExceeded)):
         return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    if isinstance(exc, DeadlineExpired):
+    if isinstance(exc, (DeadlineExpired, StreamIdle)):
         return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline expired before compute")
     if isinstance(exc, BatcherClosed):
         return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, Abandoned):
+        return RequestError(grpc.StatusCode.CANCELLED, str(exc))
     return None
 
 
+def status_of(exc: BaseException, what: str) -> RequestError:
+    """classify(), logging server bugs as INTERNAL; drops the tracebacks so nothing they
+    reference (request tensors, futures, frames) outlives the call."""
+    err = classify(exc)
+    if err is None:
+        log.error("%s failed: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
+        err = RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    drop_tracebacks(exc)
+    return err
+
+
+def drop_tracebacks(exc: BaseException | None) -> None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
+class StreamIdle(Exception):
+    """The client sent (or read) nothing for stream_idle_timeout_s."""
+
+
+class CallTracker:
+    """Calls in progress, for the drain: the server stops once none is left."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.last_start = 0.0
+
+    def start(self) -> None:
+        self.active += 1
+        self.last_start = time.monotonic()
+
+    def end(self) -> None:
+        self.active -= 1
+
+    async def wait_quiet(self, deadline: float, quiet_s: float = 0.25, poll_s: float = 0.02) -> bool:
+        """Until no call is in progress and none started for ``quiet_s`` (calls that gRPC's
+        transport received are picked up by the idle event loop within that time), or
+        ``deadline`` (time.monotonic()). True when quiet."""
+        while time.monotonic() < deadline:
+            if self.active == 0 and time.monotonic() - self.last_start >= quiet_s:
+                return True
+            await asyncio.sleep(poll_s)
+        return self.active == 0
+
+
+class _Call:
+    """One RPC's reading, budget and liveness."""
+
+    def __init__(self, servicer: LossServicer, context: grpc.aio.ServicerContext) -> None:
+        self.servicer = servicer
+        self.context = context
+        remaining = context.time_remaining()
+        self.deadline = None if remaining is None else time.monotonic() + remaining
+        self.alive = True
+        self.last_activity = time.monotonic()
+
+    def checkpoint(self) -> None:
+        """For the engine between chunks: stop once the call is over or past its deadline."""
+        if not self.alive or (self.deadline is not None and time.monotonic() >= self.deadline):
+            raise Abandoned("the call ended or passed its deadline; evaluation stopped")
+
+    def _wait_s(self) -> float:
+        idle = self.servicer.config.stream_idle_timeout_s
+        return idle if self.deadline is None else max(0.0, min(idle, self.deadline - time.monotonic()))
+
+    async def read(self, what: str, waiting_for_us: Callable[[], bool] | None = None) -> tuple[object, Reservation] | None:
+        """The next message with its bytes reserved; None at the end of the stream.
+
+        ``waiting_for_us``: while it returns True the client may rightly send nothing (it waits
+        for answers), so the idle timeout does not run.
+        """
+        servicer = self.servicer
+        held = await servicer.budget.reserve(servicer.receive_limit, f"reading a {what} message", timeout_s=self._wait_s())
+        try:
+            received = await self._idle_bounded(self.context.read(), f"sent no {what} message", waiting_for_us)
+            if received is grpc.aio.EOF:
+                held.release()
+                return None
+            held.resize(received.nbytes, f"a {what} message")
+        except BaseException:
+            held.release()
+            raise
+        self.last_activity = time.monotonic()
+        return received.message, held
+
+    async def write(self, message) -> None:
+        await self._idle_bounded(self.context.write(message), "read no answer")
+        self.last_activity = time.monotonic()
+
+    async def _idle_bounded(self, operation: Awaitable, doing: str, waiting_for_us: Callable[[], bool] | None = None):
+        idle = self.servicer.config.stream_idle_timeout_s
+        if waiting_for_us is None:
+            try:
+                async with asyncio.timeout(idle):
+                    return await operation
+            except TimeoutError:
+                raise StreamIdle(f"the client {doing} for stream_idle_timeout_s={idle:g}s") from None
+        task = asyncio.ensure_future(operation)
+        try:
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=max(0.01, self.last_activity + idle - time.monotonic()))
+                if done:
+                    return task.result()
+                if waiting_for_us is not None and waiting_for_us():
+                    self.last_activity = time.monotonic()
+                elif time.monotonic() - self.last_activity >= idle:
+                    raise StreamIdle(f"the client {doing} for stream_idle_timeout_s={idle:g}s")
+        finally:
+            if not task.done():
+                task.cancel()
+
+
+def _message(received: object):
+    if isinstance(received, wire.Malformed):
+        raise engine.InvalidInput("request", f"not a valid {received.kind} message: {received.error}")
+    return received
+
+
 class LossServicer(pb_grpc.LossServiceServicer):
-    def __init__(self, config: ServerConfig, device: torch.device, batcher: Batcher, shm_reader=None) -> None:
+    def __init__(
+        self, config: ServerConfig, device: torch.device, batcher: Batcher, budget: MemoryBudget | None = None, shm_reader=None
+    ) -> None:
         self.config = config
         self.device = device
         self.batcher = batcher
+        self.budget = budget or MemoryBudget(config.memory_budget_bytes)
         self.shm_reader = shm_reader
+        self.calls = CallTracker()
+        self.receive_limit = transport_receive_limit(config.max_message_bytes)
 
-    # ---------------------------------------------------------------- helpers
-    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
-        remaining = context.time_remaining()
-        if remaining is None:
-            return None
-        return time.monotonic() + remaining
-
-    async def _evaluate_one(self, request: pb.EvaluateRequest, deadline: float | None) -> pb.EvaluateResponse:
-        decoded = decode_request(request, self.shm_reader)
-        check_message_size(request, decoded, self.config.max_message_bytes)
-        result = await self.batcher.submit(decoded.plan, decoded.input, decoded.target, deadline=deadline)
-        return encode_result(request.id, result)
-
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str):
-        err = classify(exc)
-        if err is None:
-            log.exception("%s failed", method, exc_info=exc)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-        await context.abort(err.code, err.message)
-
-    # ---------------------------------------------------------------- RPCs
-    async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+    # ---------------------------------------------------------------- one path for every RPC
+    async def _rpc(self, context: grpc.aio.ServicerContext, what: str, body: Callable[[_Call], Awaitable]):
+        call = _Call(self, context)
+        self.calls.start()
         try:
-            return await self._evaluate_one(request, self._deadline(context))
+            return await body(call)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status
-            await self._fail(context, exc, "Evaluate")
+        except Exception as exc:  # noqa: BLE001 - every failure is answered with its status
+            err = status_of(exc, what)
+            del exc
+            context.set_code(err.code)
+            context.set_details(err.message)
+            return None
+        finally:
+            call.alive = False
+            self.calls.end()
 
-    async def _answer(self, request: pb.EvaluateRequest, deadline: float | None) -> pb.EvaluateResponse:
+    # ---------------------------------------------------------------- evaluation of one request
+    async def _evaluate(self, call: _Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
+        """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer."""
+        shm_bytes = _shm_nbytes(request)
+        if shm_bytes:
+            held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
+        decoded = convert.decode_request(request, self.shm_reader)
+        check_message_size(request, decoded, self.config.max_message_bytes)
+        plan = decoded.plan
+        answer = check_answer_size(plan, self.config.max_send_message_bytes)
+        held.resize(held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer, "the request and its answer")
+        result = await self.batcher.submit(plan, decoded.input, decoded.target, deadline=call.deadline)
+        del decoded, plan
+        response = convert.encode_result(request.id, result)
+        held.resize(ANSWER_COPIES * answer, "the answer")
+        return response
+
+    async def Evaluate(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+        async def body(call: _Call) -> pb.EvaluateResponse:
+            got = await call.read("EvaluateRequest")
+            if got is None:
+                raise engine.InvalidInput("request", "the call carried no EvaluateRequest message")
+            message, held = got
+            try:
+                return await self._evaluate(call, _message(message), held)
+            finally:
+                held.release()
+
+        return await self._rpc(context, "Evaluate", body)
+
+    # ---------------------------------------------------------------- streams
+    async def _answer_item(self, call: _Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
         """One stream item: its response, or its failure as an ItemError (never raises)."""
         try:
-            return await self._evaluate_one(request, deadline)
+            return await self._evaluate(call, request, held)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported per item
-            err = classify(exc)
-            if err is None:
-                log.exception("stream item failed", exc_info=exc)
-                err = RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-            return pb.EvaluateResponse(id=request.id, error=pb.ItemError(code=err.code.value[0], message=err.message))
+            err = status_of(exc, "stream item")
+            del exc
+            held.resize(0, "an item error")
+            return convert.error_response(request.id, err.code.value[0], err.message)
 
-    async def _answer_packed(self, batch: pb.EvaluateBatch, deadline: float | None) -> pb.EvaluateBatchResults:
-        if isinstance(batch, MalformedMessage):
-            err = batch.reject()
-            failed = pb.EvaluateResponse(error=pb.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(err)))
-            return pb.EvaluateBatchResults(responses=[failed])
-        responses = await asyncio.gather(*(self._answer(r, deadline) for r in batch.requests))
+    async def _answer_message(self, call: _Call, message: object, held: Reservation, packed: bool):
+        if isinstance(message, wire.Malformed):
+            err = status_of(_message_error(message), "stream message")
+            failed = convert.error_response("", err.code.value[0], err.message)
+            return pb.EvaluateBatchResults(responses=[failed]) if packed else failed
+        if not packed:
+            return await self._answer_item(call, message, held)
+        # each item reserves its own answer; the message's reservation keeps the request bytes
+        shares = [self.budget.reserve_now(0, "a packed item") for _ in message]
+        try:
+            responses = await asyncio.gather(*(self._answer_item(call, r, s) for r, s in zip(message, shares, strict=True)))
+            held.resize(0, "packed answers")
+            for share in shares:
+                held.absorb(share)
+        finally:
+            for share in shares:
+                share.release()
         return pb.EvaluateBatchResults(responses=responses)
 
-    async def _serve_stream(self, request_iterator: AsyncIterator, answer) -> AsyncIterator:
-        """Answer every incoming message concurrently; yield each answer as soon as it is ready."""
+    async def _serve_stream(self, call: _Call, kind: str, packed: bool) -> None:
+        """Answer messages concurrently, at most max_stream_in_flight read and unanswered; send each
+        answer as soon as it is ready (answers are matched by id)."""
+        window = asyncio.Semaphore(self.config.max_stream_in_flight)
         done: asyncio.Queue = asyncio.Queue()
-        pending: set[asyncio.Task] = set()
+        tasks: set[asyncio.Task] = set()
+        pending = 0
+        end = object()
 
-        async def one(message) -> None:
-            await done.put(await answer(message))
+        async def one(message: object, held: Reservation) -> None:
+            try:
+                answer = await self._answer_message(call, message, held, packed)
+            except asyncio.CancelledError:
+                held.release()
+                raise
+            except Exception as exc:  # noqa: BLE001 - a stream must never wait for an answer that never comes
+                err = status_of(exc, "stream message")
+                del exc
+                failed = convert.error_response("", err.code.value[0], err.message)
+                answer = pb.EvaluateBatchResults(responses=[failed]) if packed else failed
+            del message
+            done.put_nowait((answer, held))
 
         async def reader() -> None:
-            async for message in request_iterator:
-                task = asyncio.ensure_future(one(message))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            await done.put(None)
+            nonlocal pending
+
+            def answers_pending() -> bool:
+                return pending > 0
+
+            try:
+                while True:
+                    await window.acquire()
+                    got = await call.read(kind, waiting_for_us=answers_pending)
+                    if got is None:
+                        return
+                    pending += 1
+                    task = asyncio.ensure_future(one(*got))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            finally:
+                done.put_nowait(end)
 
         reader_task = asyncio.ensure_future(reader())
         reading = True
         try:
-            while True:
+            while reading or pending:
                 item = await done.get()
-                if item is None:
+                if item is end:
                     reading = False
-                    if not pending and done.empty():
-                        break
+                    if reader_task.exception() is not None:
+                        raise reader_task.exception()
                     continue
-                yield item
-                if not reading and not pending and done.empty():
-                    break
-            await reader_task
+                answer, held = item
+                try:
+                    await call.write(answer)
+                finally:
+                    held.release()
+                    del answer, item
+                pending -= 1
+                window.release()
         finally:
             reader_task.cancel()
-            for task in list(pending):
+            for task in list(tasks):
                 task.cancel()
+            while not done.empty():
+                item = done.get_nowait()
+                if item is not end:
+                    item[1].release()
 
-    async def EvaluateStream(
-        self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.EvaluateResponse]:
+    async def EvaluateStream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         """Answers each item as soon as it is computed; items are matched by id."""
-        deadline = self._deadline(context)
-        async for response in self._serve_stream(request_iterator, lambda r: self._answer(r, deadline)):
-            yield response
+        await self._rpc(context, "EvaluateStream", lambda call: self._serve_stream(call, "EvaluateRequest", packed=False))
 
-    async def EvaluatePacked(
-        self, request_iterator: AsyncIterator[pb.EvaluateBatch], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.EvaluateBatchResults]:
+    async def EvaluatePacked(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         """EvaluateStream with several items per message; each message is answered as a whole."""
-        deadline = self._deadline(context)
-        async for results in self._serve_stream(request_iterator, lambda b: self._answer_packed(b, deadline)):
-            yield results
+        await self._rpc(context, "EvaluatePacked", lambda call: self._serve_stream(call, "EvaluateBatch", packed=True))
 
-    async def EvaluateChunked(
-        self, request_iterator: AsyncIterator[pb.EvaluateChunk], context: grpc.aio.ServicerContext
-    ) -> pb.EvaluateResponse:
-        try:
-            return await self._evaluate_chunked(request_iterator)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status
-            await self._fail(context, exc, "EvaluateChunked")
+    # ---------------------------------------------------------------- chunked requests
+    async def EvaluateChunked(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+        return await self._rpc(context, "EvaluateChunked", self._evaluate_chunked)
 
-    async def _evaluate_chunked(self, request_iterator: AsyncIterator[pb.EvaluateChunk]) -> pb.EvaluateResponse:
-        iterator = request_iterator.__aiter__()
-        try:
-            first = well_formed(await iterator.__anext__())
-        except StopAsyncIteration:
-            raise engine.InvalidInput("header", "EvaluateChunked received no messages") from None
-        if not first.HasField("header"):
-            raise engine.InvalidInput("header", "the first EvaluateChunk must carry the header")
-        header = first.header
-        spec, weight, pos_weight = decode_options(header.options, self.shm_reader)
-        input_dtype = codec.dtype_of("header.input_dtype", header.input_dtype)
-        input_shape = codec.shape_of("header.input_shape", header.input_shape)
-        if not header.HasField("target"):
-            raise engine.InvalidInput("header.target", "is missing")
-        target_dtype, target_shape, target_nbytes = codec.expected_nbytes("header.target", header.target)
-        streamed_target = len(header.target.data) == 0 and target_nbytes > 0 and tuple(target_shape) == tuple(input_shape)
-        if streamed_target:
-            target = torch.empty(target_shape, dtype=target_dtype, device="meta")
-        else:
-            target = codec.decode("header.target", header.target, self.shm_reader)
-        plan = engine.plan(spec, input_shape, input_dtype, target, weight, pos_weight, target_streamed=streamed_target)
-        in_unit_bytes = plan.unit_elements * codec.ITEMSIZE[header.input_dtype]
-        tg_unit_bytes = plan.unit_elements * codec.ITEMSIZE[header.target.dtype] if streamed_target else 0
-        unit_shape = _unit_shape(plan)
-        next_unit = 0
+    async def _evaluate_chunked(self, call: _Call) -> pb.EvaluateResponse:
+        got = await call.read("EvaluateChunk")
+        if got is None:
+            raise engine.InvalidInput("header", "EvaluateChunked received no messages")
+        first, header_held = got
+        inflight: list[tuple[asyncio.Future, Reservation]] = []
         partials: list[engine.Partial] = []
-        inflight: list[asyncio.Future] = []
-
-        async def drain(limit: int) -> None:
-            while len(inflight) > limit:
-                partials.append(await inflight.pop(0))
-
-        def consume(chunk: pb.EvaluateChunk) -> None:
-            nonlocal next_unit
-            # Each read of a bytes field copies it out of the message: read each once.
-            rows, target_rows = chunk.input_rows, chunk.target_rows
-            n_in = len(rows)
-            if in_unit_bytes == 0:
-                n_units = plan.units - next_unit if n_in == 0 else -1
-            elif n_in % in_unit_bytes:
-                raise engine.InvalidInput("input_rows", f"holds {n_in} bytes, not a whole number of rows of {in_unit_bytes} bytes")
-            else:
-                n_units = n_in // in_unit_bytes
-            if n_units < 0 or next_unit + n_units > plan.units:
-                raise engine.InvalidInput("input_rows", f"more rows than the header's input_shape {list(input_shape)} holds")
-            if streamed_target and len(target_rows) != n_units * tg_unit_bytes:
-                raise engine.InvalidInput(
-                    "target_rows", f"expected {n_units * tg_unit_bytes} bytes for {n_units} rows, got {len(target_rows)}"
-                )
-            if not streamed_target and target_rows:
-                raise engine.InvalidInput("target_rows", "class-index targets travel whole in the header")
-            if n_units == 0:
-                return
-            x = codec.from_buffer("input_rows", rows, input_dtype, (n_units, *unit_shape))
-            tu = codec.from_buffer("target_rows", target_rows, target_dtype, (n_units, *unit_shape)) if streamed_target else None
-            start = next_unit
-            next_unit += n_units
-            inflight.append(
-                asyncio.ensure_future(
-                    self.batcher.run_in_engine(
-                        lambda: plan.evaluate_units(
-                            plan.unit_view(x),
-                            start,
-                            target_units=None if tu is None else plan.unit_view(tu),
-                            device=self.device,
-                            chunk_bytes=self.config.chunk_bytes,
-                        )
-                    )
-                )
-            )
-
         try:
-            consume(first)
-            async for chunk in iterator:
-                if well_formed(chunk).HasField("header"):
-                    raise engine.InvalidInput("header", "only the first EvaluateChunk may carry a header")
-                consume(chunk)
-                await drain(self.config.max_chunks_in_flight - 1)
-            await drain(0)
-        finally:
-            for fut in inflight:
-                fut.cancel()
-        if next_unit != plan.units:
-            raise engine.InvalidInput(
-                "input_rows", f"received {next_unit} of {plan.units} rows of the header's input_shape {list(input_shape)}"
+            first = _message(first)
+            if first.header is None:
+                raise engine.InvalidInput("header", "the first EvaluateChunk must carry the header")
+            if first.header.target is not None and first.header.target.shm is not None:
+                header_held.resize(header_held.nbytes + int(first.header.target.shm.length), "a shared-memory header target")
+            assembler = ChunkAssembler(first.header, self.shm_reader)
+            plan = assembler.plan
+            answer = check_answer_size(plan, self.config.max_send_message_bytes)
+            target_bytes = len(first.header.target.data) if first.header.target is not None else 0
+            header_held.resize(
+                header_held.nbytes + HEADER_TARGET_COPIES * target_bytes + plan.working_nbytes() + ANSWER_COPIES * answer,
+                "the chunk header and its answer",
             )
-        partial = engine.merge_partials(partials) if partials else plan._empty_partial(0)
-        result = await self.batcher.run_in_engine(plan.finish, partial)
-        return encode_result(header.id, result)
 
-    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+            async def drain(limit: int) -> None:
+                while len(inflight) > limit:
+                    future, held = inflight.pop(0)
+                    try:
+                        partials.append(await future)
+                    finally:
+                        held.release()
+
+            def schedule(message: wire.WireChunk, held: Reservation, first: bool = False) -> None:
+                rows = assembler.rows(message, first=first)
+                if rows is None:
+                    held.release()
+                    return
+                run = self.batcher.run_in_engine(
+                    lambda: assembler.evaluate(rows, device=self.device, chunk_bytes=self.config.chunk_bytes, checkpoint=call.checkpoint)
+                )
+                inflight.append((asyncio.ensure_future(run), held))
+
+            # the first message's rows (if any) stay counted in the header's reservation
+            schedule(first, self.budget.reserve_now(0, "the first rows"), first=True)
+            del first
+            while True:
+                await drain(self.config.max_chunks_in_flight - 1)
+                got = await call.read("EvaluateChunk")
+                if got is None:
+                    break
+                message, held = got
+                try:
+                    schedule(_message(message), held)
+                except BaseException:
+                    held.release()
+                    raise
+                del message, got
+            await drain(0)
+            assembler.check_complete()
+            result = await self.batcher.run_in_engine(assembler.finish, partials)
+            partials.clear()
+            return convert.encode_result(assembler.id, result)
+        finally:
+            for future, held in inflight:
+                future.cancel()
+                held.release()
+            header_held.release()
+
+    # ---------------------------------------------------------------- info
+    async def GetServerInfo(self, request, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         cfg = self.config
         return pb.ServerInfo(
             version=__version__,
@@ -435,24 +471,47 @@ class LossServicer(pb_grpc.LossServiceServicer):
             device=str(self.device),
             device_name=device_name(self.device),
             max_receive_message_bytes=cfg.max_message_bytes,
-            max_send_message_bytes=MAX_SEND_MESSAGE_BYTES,
+            max_send_message_bytes=cfg.max_send_message_bytes,
             max_batch_rows=cfg.max_batch_rows,
             max_batch_bytes=cfg.max_batch_bytes,
             max_wait_ms=cfg.max_wait_ms,
             max_queue_requests=cfg.max_queue_requests,
             max_queue_bytes=cfg.max_queue_bytes,
-            input_dtypes=INPUT_DTYPES,
-            target_dtypes=TARGET_DTYPES,
+            input_dtypes=convert.INPUT_DTYPES,
+            target_dtypes=convert.TARGET_DTYPES,
             allow_client_shm=cfg.allow_client_shm,
         )
 
 
-def _unit_shape(plan: engine.Plan) -> tuple[int, ...]:
-    """Shape of one unit (one leading row) of the input, in its own layout."""
-    shape = plan.input_shape
-    if plan.kind == "bce":
-        return tuple(shape[1:])
-    return tuple(shape[plan.class_axis :]) if plan.class_axis > 0 else tuple(shape)
+def _message_error(message: wire.Malformed) -> engine.InvalidInput:
+    return engine.InvalidInput("request", f"not a valid {message.kind} message: {message.error}")
+
+
+def _shm_nbytes(request: wire.WireRequest) -> int:
+    """Bytes the request's shared-memory references will copy into the server."""
+    tensors = [request.input, request.target]
+    return sum(int(t.shm.length) for t in tensors if t is not None and t.shm is not None)
+
+
+def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer. Every method reads its messages itself (see _Call.read), so the
+    unary Evaluate is registered as client-streaming: same wire, but the read waits for budget."""
+    handlers = {
+        "Evaluate": grpc.stream_unary_rpc_method_handler(
+            servicer.Evaluate, wire.deserializer(pb.EvaluateRequest), pb.EvaluateResponse.SerializeToString
+        ),
+        "EvaluateStream": grpc.stream_stream_rpc_method_handler(
+            servicer.EvaluateStream, wire.deserializer(pb.EvaluateRequest), pb.EvaluateResponse.SerializeToString
+        ),
+        "EvaluatePacked": grpc.stream_stream_rpc_method_handler(
+            servicer.EvaluatePacked, wire.deserializer(pb.EvaluateBatch), pb.EvaluateBatchResults.SerializeToString
+        ),
+        "EvaluateChunked": grpc.stream_unary_rpc_method_handler(
+            servicer.EvaluateChunked, wire.deserializer(pb.EvaluateChunk), pb.EvaluateResponse.SerializeToString
+        ),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(servicer.GetServerInfo, lambda data: None, pb.ServerInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lossd.v1.LossService", handlers),))
 
 
 def device_name(device: torch.device) -> str:

@@ -1,0 +1,129 @@
+"""One memory budget for every byte the server holds for its callers.
+
+Every RPC reserves before it holds: the worst-case size of a message before reading it (so
+that gRPC's transport never receives more than the budget allows: a call that is not read
+holds at most ``transport_window_bytes``), then the message's real size, the answer it will
+produce and what the engine keeps for it. A reservation that can never fit is refused at once
+(:class:`BudgetExceeded`, answered RESOURCE_EXHAUSTED naming ``memory_budget_bytes``); one that
+does not fit *now* waits in line (FIFO), which pauses the caller's stream: that is the flow
+control. Everything here runs on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+SETTING = "memory_budget_bytes"
+
+
+class BudgetExceeded(Exception):
+    """A reservation the budget cannot hold; the message names the setting."""
+
+
+class MemoryBudget:
+    """Reservations against ``limit_bytes``; ``held_bytes`` and ``peak_bytes`` for metrics and tests."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = int(limit_bytes)
+        self.held_bytes = 0
+        self.peak_bytes = 0
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        """Reservations waiting in line."""
+        return len(self._waiters)
+
+    def _exceeded(self, nbytes: int, what: str) -> BudgetExceeded:
+        return BudgetExceeded(
+            f"{what} needs {nbytes} bytes of server memory; {self.held_bytes} of {SETTING}={self.limit_bytes} are held for other calls"
+            if nbytes <= self.limit_bytes
+            else f"{what} needs {nbytes} bytes of server memory, more than {SETTING}={self.limit_bytes} allows; split it into smaller requests"
+        )
+
+    def _take(self, nbytes: int) -> None:
+        self.held_bytes += nbytes
+        if self.held_bytes > self.peak_bytes:
+            self.peak_bytes = self.held_bytes
+
+    def _fits(self, nbytes: int) -> bool:
+        return self.held_bytes + nbytes <= self.limit_bytes
+
+    def reserve_now(self, nbytes: int, what: str) -> Reservation:
+        """Reserve at once or raise :class:`BudgetExceeded` (never waits, never jumps the line)."""
+        if self._waiters or not self._fits(nbytes):
+            raise self._exceeded(nbytes, what)
+        self._take(nbytes)
+        return Reservation(self, nbytes)
+
+    async def reserve(self, nbytes: int, what: str, *, timeout_s: float | None = None) -> Reservation:
+        """Reserve, waiting in line for other calls to release; BudgetExceeded when it can never
+        fit or is still waiting after ``timeout_s``."""
+        if nbytes > self.limit_bytes:
+            raise self._exceeded(nbytes, what)
+        if not self._waiters and self._fits(nbytes):
+            self._take(nbytes)
+            return Reservation(self, nbytes)
+        waiter = asyncio.get_running_loop().create_future()
+        entry = (nbytes, waiter)
+        self._waiters.append(entry)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._give(nbytes)  # granted as we gave up: hand it back
+            else:
+                self._waiters.remove(entry)
+                waiter.cancel()
+                self._grant()
+            if isinstance(exc, TimeoutError):
+                raise BudgetExceeded(
+                    f"{what} waited {timeout_s:g}s for {nbytes} bytes of server memory; "
+                    f"{self.held_bytes} of {SETTING}={self.limit_bytes} are held for other calls"
+                ) from None
+            raise
+        return Reservation(self, nbytes)
+
+    def _give(self, nbytes: int) -> None:
+        self.held_bytes -= nbytes
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            nbytes, waiter = self._waiters.popleft()
+            self._take(nbytes)
+            waiter.set_result(None)
+
+
+class Reservation:
+    """Bytes held for one purpose; resize as the call learns what it holds, release when done."""
+
+    __slots__ = ("_budget", "nbytes")
+
+    def __init__(self, budget: MemoryBudget, nbytes: int) -> None:
+        self._budget = budget
+        self.nbytes = nbytes
+
+    def resize(self, nbytes: int, what: str) -> None:
+        """Grow (BudgetExceeded if it does not fit now) or shrink to ``nbytes``."""
+        budget = self._budget
+        delta = nbytes - self.nbytes
+        if delta > 0:
+            if not budget._fits(delta):
+                raise budget._exceeded(nbytes, what)
+            budget._take(delta)
+        elif delta < 0:
+            budget._give(-delta)
+        self.nbytes = nbytes
+
+    def absorb(self, other: Reservation) -> None:
+        """Take over ``other``'s bytes (the budget's total is unchanged)."""
+        self.nbytes += other.nbytes
+        other.nbytes = 0
+
+    def release(self) -> None:
+        if self.nbytes:
+            nbytes, self.nbytes = self.nbytes, 0
+            self._budget._give(nbytes)

@@ -1,0 +1,113 @@
+"""EvaluateChunked without gRPC: a header becomes a validated plan, each message a range of rows.
+
+:class:`ChunkAssembler` checks every message of one chunked call exactly as the unary path
+checks a request (same fields named, INVALID_ARGUMENT for every client mistake) and hands out
+:class:`RowChunk` values, in order, for the engine; it computes nothing itself and holds only
+the header's target. The servicer drives it (reading, budgeting, scheduling).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from lossd_client.layout import target_travels_with_rows
+
+from . import codec, convert, engine
+from .wire import WireChunk, WireHeader
+
+
+@dataclass(slots=True)
+class RowChunk:
+    """Input units ``[start, start + len(x_units))`` in the plan's unit layout (views of the message)."""
+
+    start: int
+    x_units: torch.Tensor
+    target_units: torch.Tensor | None
+
+
+class ChunkAssembler:
+    """One EvaluateChunked call: ``rows(message)`` for every message, then ``finish(partials)``."""
+
+    def __init__(self, header: WireHeader, shm_reader=None) -> None:
+        spec, weight, pos_weight = convert.decode_options(header.options, shm_reader)
+        self.id = header.id
+        self.input_dtype = codec.dtype_of("header.input_dtype", header.input_dtype)
+        self.input_shape = codec.shape_of("header.input_shape", header.input_shape)
+        input_nbytes = math.prod(self.input_shape) * codec.ITEMSIZE[header.input_dtype]
+        if input_nbytes > codec.MAX_TENSOR_BYTES:
+            raise engine.InvalidInput(
+                "header.input_shape", f"{list(self.input_shape)} is {input_nbytes} bytes, more than any tensor may hold"
+            )
+        if header.target is None:
+            raise engine.InvalidInput("header.target", "is missing")
+        target_dtype, target_shape, target_nbytes = codec.expected_nbytes("header.target", header.target)
+        self.streamed = target_nbytes > 0 and target_travels_with_rows(spec.loss, self.input_shape, target_shape)
+        if self.streamed:
+            if len(header.target.data) or header.target.shm is not None:
+                raise engine.InvalidInput(
+                    "header.target.data",
+                    "a target shaped like the input (class probabilities, BCE targets) travels in target_rows with the input rows; "
+                    f"the header carries only its dtype and shape, got {len(header.target.data)} bytes of data"
+                    + (" and a shm reference" if header.target.shm is not None else ""),
+                )
+            target = torch.empty(target_shape, dtype=target_dtype, device="meta")
+        else:
+            target = codec.decode("header.target", header.target, shm_reader)
+        self.plan = engine.plan(spec, self.input_shape, self.input_dtype, target, weight, pos_weight, target_streamed=self.streamed)
+        self.target_dtype = target_dtype
+        self.unit_shape = convert.unit_shape(self.plan)
+        self.in_unit_bytes = self.plan.unit_elements * codec.ITEMSIZE[header.input_dtype]
+        self.target_unit_bytes = self.plan.unit_elements * codec.ITEMSIZE[header.target.dtype] if self.streamed else 0
+        self.next_unit = 0
+
+    def rows(self, chunk: WireChunk, *, first: bool = False) -> RowChunk | None:
+        """The rows a message carries (None when it carries none); raises InvalidInput."""
+        if chunk.header is not None and not first:
+            raise engine.InvalidInput("header", "only the first EvaluateChunk may carry a header")
+        plan = self.plan
+        rows, target_rows = chunk.input_rows, chunk.target_rows
+        n_in = len(rows)
+        if self.in_unit_bytes == 0:
+            # units without elements: a message without bytes carries all of them at once
+            n_units = plan.units - self.next_unit if n_in == 0 else -1
+        elif n_in % self.in_unit_bytes:
+            raise engine.InvalidInput("input_rows", f"holds {n_in} bytes, not a whole number of rows of {self.in_unit_bytes} bytes")
+        else:
+            n_units = n_in // self.in_unit_bytes
+        if n_units < 0 or self.next_unit + n_units > plan.units:
+            raise engine.InvalidInput("input_rows", f"more rows than the header's input_shape {list(self.input_shape)} holds")
+        if self.streamed and len(target_rows) != n_units * self.target_unit_bytes:
+            raise engine.InvalidInput(
+                "target_rows", f"expected {n_units * self.target_unit_bytes} bytes for {n_units} rows, got {len(target_rows)}"
+            )
+        if not self.streamed and len(target_rows):
+            raise engine.InvalidInput("target_rows", "class-index targets travel whole in the header")
+        if n_units == 0:
+            return None
+        x = codec.from_buffer("input_rows", rows, self.input_dtype, (n_units, *self.unit_shape))
+        tu = codec.from_buffer("target_rows", target_rows, self.target_dtype, (n_units, *self.unit_shape)) if self.streamed else None
+        start = self.next_unit
+        self.next_unit += n_units
+        return RowChunk(start, plan.unit_view(x), None if tu is None else plan.unit_view(tu))
+
+    def evaluate(
+        self, chunk: RowChunk, *, device: torch.device, chunk_bytes: int, checkpoint: Callable[[], None] | None = None
+    ) -> engine.Partial:
+        """Evaluate one RowChunk (on an engine thread)."""
+        return self.plan.evaluate_units(
+            chunk.x_units, chunk.start, target_units=chunk.target_units, device=device, chunk_bytes=chunk_bytes, checkpoint=checkpoint
+        )
+
+    def check_complete(self) -> None:
+        if self.next_unit != self.plan.units:
+            raise engine.InvalidInput(
+                "input_rows", f"received {self.next_unit} of {self.plan.units} rows of the header's input_shape {list(self.input_shape)}"
+            )
+
+    def finish(self, partials: Sequence[engine.Partial]) -> engine.LossResult:
+        """What torch returns for the whole input (on an engine thread)."""
+        partial = engine.merge_partials(partials) if partials else self.plan._empty_partial(0)
+        return self.plan.finish(partial)

@@ -1,0 +1,119 @@
+"""Wire messages <-> engine values: options, requests and results. No gRPC calls here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+
+from . import codec, engine
+from .wire import WireRequest
+
+LOSS_NAMES = {
+    pb.LOSS_KIND_UNSPECIFIED: engine.CROSS_ENTROPY,
+    pb.CROSS_ENTROPY: engine.CROSS_ENTROPY,
+    pb.NLL: engine.NLL,
+    pb.BINARY_CROSS_ENTROPY_WITH_LOGITS: engine.BCE_WITH_LOGITS,
+}
+REDUCTION_NAMES = {pb.REDUCTION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum", pb.NONE: "none"}
+EXTRA_NAMES = {
+    pb.TARGET_LOGPROB: "target_logprob",
+    pb.ENTROPY: "entropy",
+    pb.TARGET_RANK: "target_rank",
+    pb.ARGMAX_CORRECT: "argmax_correct",
+}
+INPUT_DTYPES = [pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
+TARGET_DTYPES = [pb.INT64, pb.UINT8, pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
+
+
+@dataclass
+class DecodedRequest:
+    plan: engine.Plan
+    input: torch.Tensor
+    target: torch.Tensor
+
+
+def decode_options(options: pb.LossOptions, shm_reader=None) -> tuple[engine.LossSpec, torch.Tensor | None, torch.Tensor | None]:
+    """LossOptions -> (LossSpec, weight, pos_weight)."""
+    if options.loss not in LOSS_NAMES:
+        raise engine.InvalidInput("options.loss", f"unknown LossKind enum value {options.loss}")
+    if options.reduction not in REDUCTION_NAMES:
+        raise engine.InvalidInput("options.reduction", f"unknown Reduction enum value {options.reduction}")
+    extras = []
+    for value in options.extras:
+        if value not in EXTRA_NAMES:
+            raise engine.InvalidInput("options.extras", f"unknown Extra enum value {value}")
+        if EXTRA_NAMES[value] not in extras:
+            extras.append(EXTRA_NAMES[value])
+    ls = float(options.label_smoothing)
+    if ls > 1.0:  # torch 2.13: NaN and negative values are accepted (and ignored for class indices)
+        raise engine.InvalidInput("options.label_smoothing", f"label_smoothing must be between 0.0 and 1.0. Got: {ls:g}")
+    spec = engine.LossSpec(
+        loss=LOSS_NAMES[options.loss],
+        reduction=REDUCTION_NAMES[options.reduction],
+        ignore_index=options.ignore_index if options.HasField("ignore_index") else -100,
+        label_smoothing=ls,
+        class_axis=options.class_axis if options.HasField("class_axis") else None,
+        shift_targets=options.shift_targets,
+        extras=tuple(extras),
+        sequence_stats=options.sequence_stats,
+    )
+    weight = codec.decode("options.weight", options.weight, shm_reader) if options.HasField("weight") else None
+    pos_weight = codec.decode("options.pos_weight", options.pos_weight, shm_reader) if options.HasField("pos_weight") else None
+    return spec, weight, pos_weight
+
+
+def decode_request(request: WireRequest, shm_reader=None) -> DecodedRequest:
+    """Decode and validate a unary request; raises engine.InvalidInput / codec.TensorError."""
+    if request.input is None:
+        raise engine.InvalidInput("input", "is missing")
+    if request.target is None:
+        raise engine.InvalidInput("target", "is missing")
+    spec, weight, pos_weight = decode_options(request.options, shm_reader)
+    x = codec.decode("input", request.input, shm_reader)
+    target = codec.decode("target", request.target, shm_reader)
+    plan = engine.plan(spec, x.shape, x.dtype, target, weight, pos_weight)
+    return DecodedRequest(plan, x, target)
+
+
+def inline_nbytes(request: WireRequest, decoded: DecodedRequest) -> int:
+    """Tensor bytes a unary request carries in the message itself (not by shared memory)."""
+    size = 0
+    for msg, tensor in ((request.input, decoded.input), (request.target, decoded.target)):
+        if msg is not None and msg.shm is None:
+            size += tensor.numel() * tensor.element_size()
+    return size
+
+
+def encode_result(request_id: str, result: engine.LossResult) -> pb.EvaluateResponse:
+    response = pb.EvaluateResponse(id=request_id, loss_sum=result.loss_sum, weight_sum=result.weight_sum, counted=result.counted)
+    codec.encode(result.loss, response.loss)
+    for name, value in result.extras.items():
+        codec.encode(value, response.extras[name])
+    if result.sequences is not None:
+        s = result.sequences
+        response.sequences.nll_sum[:] = s.nll_sum
+        response.sequences.tokens[:] = s.tokens
+        response.sequences.mean_nll[:] = s.mean_nll
+        response.sequences.perplexity[:] = s.perplexity
+        response.sequences.is_greedy[:] = s.is_greedy
+    return response
+
+
+def error_response(request_id: str, code: int, message: str) -> pb.EvaluateResponse:
+    """A stream item's failure."""
+    return pb.EvaluateResponse(id=request_id, error=pb.ItemError(code=code, message=message))
+
+
+def unit_shape(plan: engine.Plan) -> tuple[int, ...]:
+    """Shape of one unit (one leading row) of the input, in its own layout."""
+    shape = plan.input_shape
+    if plan.kind == "bce":
+        return tuple(shape[1:])
+    return tuple(shape[plan.class_axis :]) if plan.class_axis > 0 else tuple(shape)
+
+
+def is_finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))
