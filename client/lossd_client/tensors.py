@@ -145,6 +145,11 @@ def torch_from_proto(msg: pb.Tensor) -> Any:
     """Decode a wire Tensor into a (writable) torch tensor."""
     import torch
 
+    if not msg.data and 0 in msg.shape:  # numpy cannot hold every empty shape torch can, e.g. (2**62, 0)
+        name = "bfloat16" if msg.dtype == pb.BFLOAT16 else _WIRE_TO_NUMPY.get(msg.dtype)
+        if name is None:
+            raise UnsupportedTensorError(f"unknown wire dtype {msg.dtype}")
+        return torch.empty(tuple(msg.shape), dtype=getattr(torch, name))
     if msg.dtype == pb.BFLOAT16:
         raw = np.frombuffer(msg.data, dtype="<i2").reshape(tuple(msg.shape)).copy()
         return torch.from_numpy(raw).view(torch.bfloat16)

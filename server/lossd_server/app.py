@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ from . import engine
 from .batcher import Batcher
 from .budget import MemoryBudget
 from .config import ServerConfig
-from .service import LossServicer, add_to_server, transport_receive_limit
+from .service import LossServicer, add_to_server
 
 log = logging.getLogger("lossd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -153,11 +154,31 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """StartupError naming the setting when ``host:port`` cannot be bound (checked before gRPC
+    tries, which would log its own multi-line error first)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise StartupError(f"cannot resolve --host {host}: {exc}") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port / LOSSD_PORT (0 lets the OS pick)"
+                ) from None
+
+
 async def listen(config: ServerConfig, *, interceptors=(), observer=None) -> LossServer:
     """Build, bind and start the server with health NOT_SERVING (no warm-up yet)."""
+    if config.port:
+        _check_bindable(config.host, config.port)
     device = resolve_device(config.device)
     options = [
-        ("grpc.max_receive_message_length", transport_receive_limit(config.max_message_bytes)),
+        ("grpc.max_receive_message_length", config.receive_limit_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
         ("grpc.so_reuseport", 0),
         # A call the server does not read holds at most transport_window_bytes in gRPC's transport:

@@ -59,6 +59,7 @@ class BatchFigures:
     bytes: int
     queue_wait_s: list[float]
     compute_s: float
+    abandoned: int = 0  # requests whose evaluation stopped early: every caller had gone
 
 
 class BatchObserver(Protocol):
@@ -340,6 +341,7 @@ class Batcher:
                     bytes=sum(item.nbytes for item in items),
                     queue_wait_s=[started - item.enqueued for item in items],
                     compute_s=compute_s,
+                    abandoned=sum(isinstance(outcome, Abandoned) for outcome in outcomes),
                 )
             )
 

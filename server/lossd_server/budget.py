@@ -50,6 +50,10 @@ class MemoryBudget:
     def _fits(self, nbytes: int) -> bool:
         return self.held_bytes + nbytes <= self.limit_bytes
 
+    def empty(self) -> Reservation:
+        """A reservation of nothing yet, to grow with :meth:`Reservation.resize`."""
+        return Reservation(self, 0)
+
     def reserve_now(self, nbytes: int, what: str) -> Reservation:
         """Reserve at once or raise :class:`BudgetExceeded` (never waits, never jumps the line)."""
         if self._waiters or not self._fits(nbytes):

@@ -57,6 +57,8 @@ class ChunkAssembler:
         else:
             target = codec.decode("header.target", header.target, shm_reader)
         self.plan = engine.plan(spec, self.input_shape, self.input_dtype, target, weight, pos_weight, target_streamed=self.streamed)
+        # an empty target shaped like the input came whole in the header (zero bytes): its units
+        self._header_target_units = self.plan.unit_view(target) if self.plan.kind in ("prob", "bce") and not self.streamed else None
         self.target_dtype = target_dtype
         self.unit_shape = convert.unit_shape(self.plan)
         self.in_unit_bytes = self.plan.unit_elements * codec.ITEMSIZE[header.input_dtype]
@@ -91,6 +93,8 @@ class ChunkAssembler:
         tu = codec.from_buffer("target_rows", target_rows, self.target_dtype, (n_units, *self.unit_shape)) if self.streamed else None
         start = self.next_unit
         self.next_unit += n_units
+        if self._header_target_units is not None:
+            return RowChunk(start, plan.unit_view(x), self._header_target_units[start : start + n_units])
         return RowChunk(start, plan.unit_view(x), None if tu is None else plan.unit_view(tu))
 
     def evaluate(

@@ -117,6 +117,9 @@ def encode(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     t = t.contiguous()
     msg.dtype = TORCH_TO_WIRE[t.dtype]
     msg.shape[:] = t.shape
+    if not t.numel():  # numpy cannot hold every empty shape torch can, e.g. (2**62, 0)
+        msg.data = b""
+        return msg
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     msg.data = t.numpy().tobytes()

@@ -31,7 +31,7 @@ def machine_memory_bytes() -> int:
 
 def default_memory_budget_bytes() -> int:
     """Half the machine's (or container's) memory: the rest is torch, gRPC and the page cache."""
-    return max(256 * MiB, machine_memory_bytes() // 2)
+    return max(1 * GiB, machine_memory_bytes() // 2)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,20 @@ class ServerConfig:
     warmup: bool = True
     max_connection_age_s: float = 0.0
     log_level: str = "INFO"
+
+    @property
+    def receive_limit_bytes(self) -> int:
+        """gRPC's own receive limit: above max_message_bytes, so that a unary request over it (up
+        to about twice it) is answered with a message that points to EvaluateChunked; beyond
+        this gRPC answers RESOURCE_EXHAUSTED with its own message."""
+        return min(2**31 - 1, 2 * self.max_message_bytes + MiB)
+
+    @property
+    def read_reservation_bytes(self) -> int:
+        """Budget reserved while a message is being read: gRPC's transport may receive a whole
+        message of up to the receive limit and holds it next to its Python copy until the copy
+        is made."""
+        return 2 * self.receive_limit_bytes
 
     @property
     def address(self) -> str:
@@ -182,8 +196,11 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit("--max-message-bytes must be at least 1024")
     if config.max_wait_ms < 0:
         raise SystemExit("--max-wait-ms must be >= 0")
-    if config.memory_budget_bytes < 16 * MiB:
-        raise SystemExit(f"--memory-budget-bytes must be at least {16 * MiB}, got {config.memory_budget_bytes}")
+    if config.memory_budget_bytes < 2 * config.read_reservation_bytes:
+        raise SystemExit(
+            f"--memory-budget-bytes must be at least {2 * config.read_reservation_bytes} (twice what reading one message of "
+            f"--max-message-bytes={config.max_message_bytes} may take), got {config.memory_budget_bytes}"
+        )
     if config.max_send_message_bytes < 1024 or config.max_send_message_bytes > 2**31 - 1:
         raise SystemExit(f"--max-send-message-bytes must be in [1024, {2**31 - 1}], got {config.max_send_message_bytes}")
     if config.transport_window_bytes < 64 * 1024:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -78,15 +77,6 @@ def decode_request(request: WireRequest, shm_reader=None) -> DecodedRequest:
     return DecodedRequest(plan, x, target)
 
 
-def inline_nbytes(request: WireRequest, decoded: DecodedRequest) -> int:
-    """Tensor bytes a unary request carries in the message itself (not by shared memory)."""
-    size = 0
-    for msg, tensor in ((request.input, decoded.input), (request.target, decoded.target)):
-        if msg is not None and msg.shm is None:
-            size += tensor.numel() * tensor.element_size()
-    return size
-
-
 def encode_result(request_id: str, result: engine.LossResult) -> pb.EvaluateResponse:
     response = pb.EvaluateResponse(id=request_id, loss_sum=result.loss_sum, weight_sum=result.weight_sum, counted=result.counted)
     codec.encode(result.loss, response.loss)
@@ -113,7 +103,3 @@ def unit_shape(plan: engine.Plan) -> tuple[int, ...]:
     if plan.kind == "bce":
         return tuple(shape[1:])
     return tuple(shape[plan.class_axis :]) if plan.class_axis > 0 else tuple(shape)
-
-
-def is_finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))

@@ -43,6 +43,11 @@ class Metrics:
         self.batch_requests = histogram("lossd_batch_requests", "requests per executed batch", BATCH_REQUEST_BUCKETS)
         self.batch_rows = histogram("lossd_batch_rows", "rows (loss positions) per executed batch", BATCH_ROW_BUCKETS)
         self.rows = Counter("lossd_rows", "rows (loss positions) evaluated by the batcher", registry=registry)
+        self.abandoned = Counter(
+            "lossd_abandoned_evaluations",
+            "requests whose evaluation stopped between chunks because the caller went away or passed its deadline",
+            registry=registry,
+        )
         self.batch_bytes = Counter("lossd_batch_input_bytes", "input tensor bytes evaluated by the batcher", registry=registry)
         self.bytes_received = Counter("lossd_received_bytes", "request message bytes received, by method", ["method"], registry=registry)
         self.in_flight = Gauge("lossd_requests_in_flight", "RPCs being handled, by method", ["method"], registry=registry)
@@ -89,6 +94,7 @@ class BatchFiguresLike(Protocol):
     bytes: int
     queue_wait_s: list[float]
     compute_s: float
+    abandoned: int
 
 
 class BatchMetrics:
@@ -104,6 +110,8 @@ class BatchMetrics:
         m.rows.inc(figures.rows)
         m.batch_bytes.inc(figures.bytes)
         m.compute.observe(figures.compute_s)
+        if figures.abandoned:
+            m.abandoned.inc(figures.abandoned)
         for wait in figures.queue_wait_s:
             m.queue_wait.observe(wait)
 

@@ -3,9 +3,10 @@
 No loss maths here. Every RPC goes through the same steps:
 
 * **Reading** (:class:`_Call`): a message is read only after the worst case of its size has
-  been reserved from the :class:`~lossd_server.budget.MemoryBudget` (until then gRPC's transport
-  holds at most ``transport_window_bytes`` of it), then the reservation shrinks to the real size
-  and grows by what the answer will need. A caller that sends (or reads) nothing for
+  been reserved from the :class:`~lossd_server.budget.MemoryBudget`: twice gRPC's receive limit,
+  for the transport's buffer and its Python copy (until then the transport holds at most
+  ``transport_window_bytes`` of the call); then the reservation shrinks to the real size and
+  grows by what the answer will need. A caller that sends (or reads) nothing for
   ``stream_idle_timeout_s`` is answered DEADLINE_EXCEEDED. ``Evaluate`` is registered as a
   client-streaming handler (the wire is the same) so that its one message is read this way too.
 * **Errors**: one mapping, :func:`classify`, for every RPC. Errors are answered with
@@ -54,16 +55,10 @@ class RequestError(Exception):
         self.message = message
 
 
-def transport_receive_limit(max_message_bytes: int) -> int:
-    """gRPC's own receive limit: above --max-message-bytes, so that a unary request over the
-    configured limit (up to about twice it) reaches :func:`check_message_size` and is told about
-    EvaluateChunked; beyond this, gRPC answers RESOURCE_EXHAUSTED with its own message."""
-    return min(2**31 - 1, 2 * max_message_bytes + 1024 * 1024)
-
-
-def check_message_size(request: wire.WireRequest, decoded: convert.DecodedRequest, max_message_bytes: int) -> None:
-    """RESOURCE_EXHAUSTED for a unary request whose inline tensors exceed --max-message-bytes."""
-    size = convert.inline_nbytes(request, decoded)
+def check_message_size(request: wire.WireRequest, max_message_bytes: int) -> None:
+    """RESOURCE_EXHAUSTED for a unary request whose inline tensors exceed --max-message-bytes
+    (before anything is decoded)."""
+    size = sum(len(t.data) for t in (request.input, request.target) if t is not None)
     if size > max_message_bytes:
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -177,7 +172,7 @@ class _Call:
         for answers), so the idle timeout does not run.
         """
         servicer = self.servicer
-        held = await servicer.budget.reserve(servicer.receive_limit, f"reading a {what} message", timeout_s=self._wait_s())
+        held = await servicer.budget.reserve(servicer.read_reservation, f"reading a {what} message", timeout_s=self._wait_s())
         try:
             received = await self._idle_bounded(self.context.read(), f"sent no {what} message", waiting_for_us)
             if received is grpc.aio.EOF:
@@ -233,7 +228,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.budget = budget or MemoryBudget(config.memory_budget_bytes)
         self.shm_reader = shm_reader
         self.calls = CallTracker()
-        self.receive_limit = transport_receive_limit(config.max_message_bytes)
+        self.read_reservation = config.read_reservation_bytes
 
     # ---------------------------------------------------------------- one path for every RPC
     async def _rpc(self, context: grpc.aio.ServicerContext, what: str, body: Callable[[_Call], Awaitable]):
@@ -259,8 +254,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         shm_bytes = _shm_nbytes(request)
         if shm_bytes:
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
+        check_message_size(request, self.config.max_message_bytes)
         decoded = convert.decode_request(request, self.shm_reader)
-        check_message_size(request, decoded, self.config.max_message_bytes)
         plan = decoded.plan
         answer = check_answer_size(plan, self.config.max_send_message_bytes)
         held.resize(held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer, "the request and its answer")
@@ -304,7 +299,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if not packed:
             return await self._answer_item(call, message, held)
         # each item reserves its own answer; the message's reservation keeps the request bytes
-        shares = [self.budget.reserve_now(0, "a packed item") for _ in message]
+        shares = [self.budget.empty() for _ in message]
         try:
             responses = await asyncio.gather(*(self._answer_item(call, r, s) for r, s in zip(message, shares, strict=True)))
             held.resize(0, "packed answers")
@@ -437,7 +432,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 inflight.append((asyncio.ensure_future(run), held))
 
             # the first message's rows (if any) stay counted in the header's reservation
-            schedule(first, self.budget.reserve_now(0, "the first rows"), first=True)
+            schedule(first, self.budget.empty(), first=True)
             del first
             while True:
                 await drain(self.config.max_chunks_in_flight - 1)

@@ -1,0 +1,526 @@
+"""Hostile and heavy input against real servers on loopback: work bounded by bytes, one memory
+budget for everything held, nothing kept after a call, SIGTERM that loses nothing, clear
+start-up errors. Every loop is bounded in count and time; every server is stopped by its PID.
+
+Peak memory is the server's VmHWM (/proc/PID/status) against its resident set after warm-up:
+it must stay within --memory-budget-bytes whatever the load.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from lossd_client import LossClient, LossRequest, tensors
+from lossd_client import requests as rq
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+from serverproc import ServerProcess, start_server
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
+
+MiB = 1024 * 1024
+BUDGET = 1100 * MiB  # the smallest budget that fits two reads of 64 MiB messages (2 x 516 MiB)
+IDLE_S = "3"
+RAW = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+def status_mib(server: ServerProcess, key: str) -> float:
+    return server.status_kib(key) / 1024
+
+
+def health(address: str) -> str:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def request_msg(x: np.ndarray, t: np.ndarray, **options) -> pb.EvaluateRequest:
+    msg = pb.EvaluateRequest(options=pb.LossOptions(**options))
+    tensors.to_proto(x, msg.input)
+    tensors.to_proto(t, msg.target)
+    return msg
+
+
+def outcome(future) -> str:
+    try:
+        future.result()
+        return "OK"
+    except grpc.RpcError as err:
+        return f"{err.code().name}: {err.details()}"
+
+
+def a_good_call_still_works(address: str) -> None:
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    t = np.array([0, 1, 2, 3, 0])
+    with LossClient(address, timeout_s=60) as client:
+        got = client.cross_entropy(x, t)
+    assert float(got) == pytest.approx(float(F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t))), rel=1e-6)
+    assert health(address) == "SERVING"
+
+
+@pytest.fixture(scope="module")
+def budgeted():
+    """A server with a small budget and a short idle timeout; yields (server, baseline RSS MiB)."""
+    proc = start_server("--memory-budget-bytes", str(BUDGET), "--stream-idle-timeout-s", IDLE_S, metrics=True)
+    try:
+        a_good_call_still_works(proc.address)
+        time.sleep(0.2)
+        yield proc, status_mib(proc, "VmRSS")
+    finally:
+        proc.stop()
+
+
+def assert_within_budget(server: ServerProcess, baseline_mib: float) -> None:
+    peak = status_mib(server, "VmHWM")
+    assert peak - baseline_mib <= BUDGET / MiB, f"peak {peak:.0f} MiB is {peak - baseline_mib:.0f} MiB over the baseline {baseline_mib:.0f} MiB"
+
+
+def wait_for_metric(server: ServerProcess, name: str, predicate, timeout_s: float = 30.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    value = server.metrics().get(name, 0.0)
+    while not predicate(value) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = server.metrics().get(name, 0.0)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. work bounded by bytes
+
+
+ZERO_ELEMENT_CASES = [
+    ("bce [2^62, 0]", (2**62, 0), (2**62, 0), np.float32, {"loss": pb.BINARY_CROSS_ENTROPY_WITH_LOGITS}),
+    ("cross_entropy (2^34, 5, 0)", (2**34, 5, 0), (2**34, 0), np.int64, {}),
+    ("LM logits (2^31, 0, 32000), class_axis=-1", (2**31, 0, 32000), (2**31, 0), np.int64, {"class_axis": -1}),
+    ("probabilities (2^40, 7, 0)", (2**40, 7, 0), (2**40, 7, 0), np.float32, {}),
+]
+
+
+@pytest.mark.parametrize("name,in_shape,t_shape,t_dtype,options", ZERO_ELEMENT_CASES, ids=[c[0] for c in ZERO_ELEMENT_CASES])
+@pytest.mark.parametrize("reduction", [pb.MEAN, pb.SUM, pb.NONE])
+@pytest.mark.parametrize("rpc", ["unary", "chunked"])
+def test_zero_element_shapes_with_huge_dims_are_answered_at_once(budgeted, name, in_shape, t_shape, t_dtype, options, reduction, rpc):
+    """A few dozen bytes describing 2^62 empty rows: torch's result at once (a 20 s deadline)."""
+    server, _ = budgeted
+    t_wire = pb.FLOAT32 if t_dtype == np.float32 else pb.INT64
+    target = pb.Tensor(dtype=t_wire, shape=t_shape)  # no data: zero elements
+    opts = pb.LossOptions(reduction=reduction, **options)
+    with grpc.insecure_channel(server.address, options=RAW) as channel:
+        stub = pb_grpc.LossServiceStub(channel)
+        if rpc == "unary":
+            msg = pb.EvaluateRequest(input=pb.Tensor(dtype=pb.FLOAT32, shape=in_shape), target=target, options=opts)
+            assert msg.ByteSize() < 100
+            reply = stub.Evaluate(msg, timeout=20)
+        else:
+            header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=in_shape, target=target, options=opts)
+            reply = stub.EvaluateChunked(iter([pb.EvaluateChunk(header=header)]), timeout=20)
+    got = rq.parse(reply, as_torch=True).loss
+    red = {pb.MEAN: "mean", pb.SUM: "sum", pb.NONE: "none"}[reduction]
+    bce = options.get("loss") == pb.BINARY_CROSS_ENTROPY_WITH_LOGITS
+    if red == "none":  # torch takes seconds to build these empty outputs; their shape and dtype are its rule
+        assert got.dtype == torch.float32 and got.numel() == 0
+        assert tuple(got.shape) == (in_shape if bce else t_shape[:1] + t_shape[2:] if t_shape == in_shape else t_shape)
+    else:
+        xt, tt = torch.empty(in_shape), torch.empty(t_shape, dtype=torch.float32 if t_dtype == np.float32 else torch.int64)
+        if options.get("class_axis") == -1:
+            xt = xt.movedim(-1, 1)
+        fn = F.binary_cross_entropy_with_logits if bce else F.cross_entropy
+        torch.testing.assert_close(got, fn(xt, tt, reduction=red), equal_nan=True)
+    a_good_call_still_works(server.address)
+
+
+def test_an_answer_over_the_send_limit_is_refused_before_compute():
+    server = start_server("--max-send-message-bytes", "65536", metrics=True)
+    try:
+        rows_before = server.metrics().get("lossd_rows_total", 0.0)
+        x = np.zeros((100, 200), np.float32)  # reduction='none' BCE: an 80 KB answer
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.LossServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Evaluate(request_msg(x, x, loss=pb.BINARY_CROSS_ENTROPY_WITH_LOGITS, reduction=pb.NONE), timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_send_message_bytes" in info.value.details()
+            # sequence statistics of 2^34 empty sequences: zero bytes in, 2^34 entries out
+            seq = request_msg(np.zeros((2**34, 0, 5), np.float32), np.zeros((2**34, 0), np.int64), class_axis=-1, sequence_stats=True)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Evaluate(seq, timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_send_message_bytes" in info.value.details()
+        assert server.metrics().get("lossd_rows_total", 0.0) == rows_before, "nothing may be computed"
+        a_good_call_still_works(server.address)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_engine():
+    """Chunks of one row: a 200k-row request takes the engine seconds, in 200k checkpointed steps."""
+    proc = start_server("--chunk-bytes", "32", "--max-wait-ms", "0", metrics=True)
+    yield proc
+    proc.stop()
+
+
+def slow_request() -> pb.EvaluateRequest:
+    rng = np.random.default_rng(3)
+    return request_msg(rng.standard_normal((200_000, 8), dtype=np.float32), rng.integers(0, 8, 200_000))
+
+
+def test_a_cancelled_call_stops_computing(slow_engine):
+    before = slow_engine.metrics().get("lossd_abandoned_evaluations_total", 0.0)
+    with grpc.insecure_channel(slow_engine.address, options=RAW) as channel:
+        future = pb_grpc.LossServiceStub(channel).Evaluate.future(slow_request(), timeout=120)
+        # wait until the engine has it: received, not queued
+        wait_for_metric(slow_engine, 'lossd_requests_in_flight{method="Evaluate"}', lambda v: v >= 1)
+        wait_for_metric(slow_engine, "lossd_received_bytes_total{method=\"Evaluate\"}", lambda v: v >= 6_400_000)
+        time.sleep(0.3)
+        future.cancel()
+    after = wait_for_metric(slow_engine, "lossd_abandoned_evaluations_total", lambda v: v > before)
+    assert after == before + 1, "the engine must stop between chunks once the caller went away"
+    a_good_call_still_works(slow_engine.address)
+
+
+def test_a_deadline_passed_during_compute_stops_computing(slow_engine):
+    """Either the deadline passes while computing (the engine stops between chunks) or, on a
+    slow machine, before compute began (then it is never computed): never computed to the end."""
+    before = slow_engine.metrics()
+    with grpc.insecure_channel(slow_engine.address, options=RAW) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.LossServiceStub(channel).Evaluate(slow_request(), timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for_metric(slow_engine, 'lossd_requests_in_flight{method="Evaluate"}', lambda v: v == 0)
+    time.sleep(0.5)
+    after = slow_engine.metrics()
+    abandoned = after.get("lossd_abandoned_evaluations_total", 0.0) - before.get("lossd_abandoned_evaluations_total", 0.0)
+    batches = after.get("lossd_batch_requests_count", 0.0) - before.get("lossd_batch_requests_count", 0.0)
+    assert (abandoned, batches) in ((1, 1), (0, 0)), (abandoned, batches)
+    a_good_call_still_works(slow_engine.address)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. one memory budget
+
+
+def big_unary(rows: int = 512, classes: int = 32000, bad_target: bool = False) -> tuple[pb.EvaluateRequest, torch.Tensor]:
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, classes), dtype=np.float32)
+    t = rng.integers(0, classes, rows)
+    want = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t))
+    if bad_target:
+        t[3] = classes + 5
+    return request_msg(x, t), want
+
+
+def test_32_concurrent_large_unary_calls_wait_for_the_budget_and_all_succeed(budgeted):
+    server, baseline = budgeted
+    msg, want = big_unary()  # 512 x 32000 fp32: 62.5 MiB
+    with grpc.insecure_channel(server.address, options=RAW) as channel:
+        stub = pb_grpc.LossServiceStub(channel)
+        futures = [stub.Evaluate.future(msg, timeout=300) for _ in range(32)]
+        replies = [f.result() for f in futures]
+    for reply in replies:
+        torch.testing.assert_close(rq.parse(reply, as_torch=True).loss, want)
+    assert_within_budget(server, baseline)
+    assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+
+
+def test_stalled_chunked_calls_with_large_headers_are_refused_or_timed_out(budgeted):
+    server, baseline = budgeted
+    header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[7_000_000, 10])
+    tensors.to_proto(np.zeros(7_000_000, np.int64), header.target)  # a legal 56 MB class-index header
+    first = pb.EvaluateChunk(header=header)
+    release = threading.Event()
+
+    def stalled():
+        yield first
+        release.wait(60)
+
+    with grpc.insecure_channel(server.address, options=RAW) as channel:
+        stub = pb_grpc.LossServiceStub(channel)
+        futures = [stub.EvaluateChunked.future(stalled(), timeout=60) for _ in range(30)]
+        outcomes = [outcome(f) for f in futures]
+        release.set()
+    refused = [o for o in outcomes if o.startswith("RESOURCE_EXHAUSTED") and "memory_budget_bytes" in o]
+    idle = [o for o in outcomes if o.startswith("DEADLINE_EXCEEDED") and "stream_idle_timeout_s" in o]
+    assert refused and idle and len(refused) + len(idle) == 30, outcomes
+    assert_within_budget(server, baseline)
+    assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+    a_good_call_still_works(server.address)
+
+
+def test_32_chunked_calls_with_32_mib_chunks_stay_within_the_budget(budgeted):
+    server, baseline = budgeted
+    rows, classes = 2 * 256, 32768  # two chunks of 256 rows x 32768 fp32 = 32 MiB each
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((rows, classes), dtype=np.float32)
+    t = rng.integers(0, classes, rows)
+    want = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t), reduction="sum")
+    header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[rows, classes], options=pb.LossOptions(reduction=pb.SUM))
+    tensors.to_proto(t, header.target)
+    half = x.nbytes // 2
+    data = x.tobytes()
+    messages = [pb.EvaluateChunk(header=header), pb.EvaluateChunk(input_rows=data[:half]), pb.EvaluateChunk(input_rows=data[half:])]
+    with grpc.insecure_channel(server.address, options=RAW) as channel:
+        stub = pb_grpc.LossServiceStub(channel)
+        futures = [stub.EvaluateChunked.future(iter(messages), timeout=300) for _ in range(32)]
+        replies = [f.result() for f in futures]
+    for reply in replies:
+        torch.testing.assert_close(rq.parse(reply, as_torch=True).loss, want, rtol=1e-5, atol=1e-2)
+    assert_within_budget(server, baseline)
+
+
+def test_a_stream_whose_client_stops_reading_is_paused_then_ended(budgeted):
+    server, baseline = budgeted
+    x = np.random.default_rng(1).standard_normal((256, 1024)).astype(np.float32)  # 1 MiB in, 1 MiB answer
+    msg = request_msg(x, x, loss=pb.BINARY_CROSS_ENTROPY_WITH_LOGITS, reduction=pb.NONE)
+    sent = 0
+
+    def requests():
+        nonlocal sent
+        for _ in range(5000):
+            sent += 1
+            yield msg
+
+    with grpc.insecure_channel(server.address, options=RAW) as channel:
+        call = pb_grpc.LossServiceStub(channel).EvaluateStream(requests(), timeout=120)
+        time.sleep(float(IDLE_S) + 3)  # read nothing for longer than the idle timeout
+        codes = []
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError as err:
+            codes.append((err.code(), err.details()))
+    assert codes and codes[0][0] == grpc.StatusCode.DEADLINE_EXCEEDED and "read no answer" in codes[0][1], codes
+    assert sent < 5000, "the server must stop reading a stream whose answers are not read"
+    assert_within_budget(server, baseline)
+    assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+    a_good_call_still_works(server.address)
+
+
+def test_a_chunked_call_that_sends_nothing_more_ends_naming_the_idle_timeout(budgeted):
+    server, _ = budgeted
+    header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[4, 3])
+    tensors.to_proto(np.array([0, 1, 2, 0]), header.target)
+    release = threading.Event()
+
+    def stalled():
+        yield pb.EvaluateChunk(header=header)
+        release.wait(30)
+
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.LossServiceStub(channel).EvaluateChunked(stalled(), timeout=30)
+        release.set()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "stream_idle_timeout_s" in info.value.details()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. nothing kept after a call
+
+
+def test_failed_large_requests_leave_nothing_behind():
+    server = start_server("--max-message-bytes", str(80 * MiB))
+    try:
+        bad, _ = big_unary(rows=960, bad_target=True)  # 117 MiB: over the limit
+        invalid, _ = big_unary(rows=640, bad_target=True)  # 78 MiB: decoded, then INVALID_ARGUMENT
+        codes = set()
+        with grpc.insecure_channel(server.address, options=RAW) as channel:
+            stub = pb_grpc.LossServiceStub(channel)
+            rss = []
+            for i in range(24):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Evaluate(bad if i % 2 else invalid, timeout=60)
+                codes.add(info.value.code())
+                del info
+                if i == 1:
+                    rss.append(status_mib(server, "VmRSS"))
+            rss.append(status_mib(server, "VmRSS"))
+        assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT}
+        # before the fix every failure kept its request (24 x ~100 MiB); allow a few chunks of slack
+        assert rss[-1] - rss[0] <= 64, f"RSS grew from {rss[0]:.0f} to {rss[-1]:.0f} MiB over 22 failed requests"
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. SIGTERM loses no call on the wire
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.3, 1.0, 2.0, 3.0])
+def test_sigterm_with_32_large_calls_on_the_wire_answers_every_one(delay_s):
+    msg, want = big_unary()  # 62.5 MiB, like the issue's 512 x 32000 fp32
+    server = start_server("--drain-s", "0.5", "--grace-s", "120")
+    try:
+        with grpc.insecure_channel(server.address, options=RAW) as channel:
+            stub = pb_grpc.LossServiceStub(channel)
+            futures = [stub.Evaluate.future(msg, timeout=300) for _ in range(32)]
+            time.sleep(delay_s)
+            server.signal(signal.SIGTERM)
+            outcomes = [outcome(f) for f in futures]
+            replies = [f.result() for f in futures if not f.exception()]
+        assert outcomes == ["OK"] * 32, outcomes
+        for reply in replies:
+            torch.testing.assert_close(rq.parse(reply, as_torch=True).loss, want)
+        assert server.proc.wait(120) == 0, server.log()
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. every client mistake on every RPC is INVALID_ARGUMENT
+
+
+def chunked_outcome(address: str, messages: list[pb.EvaluateChunk]) -> grpc.RpcError | pb.EvaluateResponse:
+    with grpc.insecure_channel(address, options=RAW) as channel:
+        try:
+            return pb_grpc.LossServiceStub(channel).EvaluateChunked(iter(messages), timeout=30)
+        except grpc.RpcError as err:
+            return err
+
+
+def header_msg(input_shape, target: np.ndarray, keep_data: bool = True, **options) -> pb.EvaluateChunk:
+    header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=input_shape, options=pb.LossOptions(**options))
+    tensors.to_proto(target, header.target)
+    if not keep_data:
+        header.target.data = b""
+    return pb.EvaluateChunk(header=header)
+
+
+CHUNKED_MISTAKES = [
+    ("probability target with data in the header", [header_msg([4, 3], np.full((4, 3), 0.25, np.float32))], "header.target.data"),
+    (
+        "BCE target with data in the header",
+        [header_msg([4, 3], np.zeros((4, 3), np.float32), loss=pb.BINARY_CROSS_ENTROPY_WITH_LOGITS)],
+        "header.target.data",
+    ),
+    (
+        "streamed target whose byte size overflows",  # shaped like the input, so it would stream 2^65 bytes
+        [pb.EvaluateChunk(header=pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[2**59, 2], target=pb.Tensor(dtype=pb.FLOAT64, shape=[2**59, 2])))],
+        "header.target.shape",
+    ),
+    ("no header", [pb.EvaluateChunk(input_rows=b"\0" * 12)], "header"),
+    ("a second header", [header_msg([4, 3], np.array([0, 1, 2, 0])), header_msg([4, 3], np.array([0, 1, 2, 0]))], "header"),
+    ("rows that are not whole", [header_msg([4, 3], np.array([0, 1, 2, 0])), pb.EvaluateChunk(input_rows=b"\0" * 5)], "input_rows"),
+    ("missing rows", [header_msg([4, 3], np.array([0, 1, 2, 0])), pb.EvaluateChunk(input_rows=b"\0" * 12)], "input_rows"),
+    ("target out of range", [header_msg([4, 3], np.array([0, 1, 9, 0]))], "target"),
+    ("an empty first message", [pb.EvaluateChunk()], "header"),
+]
+
+
+@pytest.mark.parametrize("name,messages,field", CHUNKED_MISTAKES, ids=[c[0] for c in CHUNKED_MISTAKES])
+def test_chunked_mistakes_are_invalid_argument_naming_the_field(server, name, messages, field):
+    got = chunked_outcome(server.address, messages)
+    assert isinstance(got, grpc.RpcError), got
+    assert got.code() == grpc.StatusCode.INVALID_ARGUMENT, got.details()
+    assert field in got.details(), got.details()
+    assert health(server.address) == "SERVING"
+
+
+def test_zero_classes_with_shift_and_rank_extras_agree_on_unary_and_chunked(server):
+    t = np.full((2, 4), -100)
+    x = np.zeros((2, 4, 0), np.float32)
+    options = dict(class_axis=-1, shift_targets=True, reduction=pb.NONE, extras=[pb.TARGET_RANK, pb.ARGMAX_CORRECT], sequence_stats=True)
+    with grpc.insecure_channel(server.address) as channel:
+        unary = pb_grpc.LossServiceStub(channel).Evaluate(request_msg(x, t, **options), timeout=30)
+    chunked = chunked_outcome(server.address, [header_msg([2, 4, 0], t, **options)])
+    assert isinstance(chunked, pb.EvaluateResponse)
+    chunked.id = unary.id
+    assert chunked == unary
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. a clear start-up error
+
+
+def taken_port() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    return s
+
+
+@pytest.mark.parametrize("which", ["metrics", "grpc"])
+def test_a_port_in_use_stops_the_start_with_one_line_and_status_2(which):
+    with taken_port() as s:
+        port = s.getsockname()[1]
+        flags = ["--metrics-port", str(port)] if which == "metrics" else ["--port", str(port), "--metrics-port", "0"]
+        if which == "metrics":
+            flags += ["--port", "0"]
+        done = subprocess.run([sys.executable, "-m", "lossd_server", "--host", "127.0.0.1", *flags], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "listening" not in done.stderr + done.stdout
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(port) in lines[0] and ("--metrics-port" if which == "metrics" else "--port") in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. a mixed soak, 64 in flight
+
+
+def test_mixed_soak_loses_nothing_and_stays_within_the_budget(budgeted):
+    """Unary, streams, chunked and failing requests together, 64 in flight, bounded in count."""
+    server, baseline = budgeted
+    rng = np.random.default_rng(11)
+    pool = []
+    for i in range(12):
+        n, c = int(rng.integers(1, 64)), int(rng.choice([5, 100, 1000]))
+        x = torch.from_numpy(rng.standard_normal((n, c)).astype(np.float32))
+        t = torch.from_numpy(rng.integers(0, c, n))
+        red = ("mean", "sum", "none")[i % 3]
+        pool.append((LossRequest(x, t, reduction=red, label_smoothing=0.1 * (i % 2)), F.cross_entropy(x, t, reduction=red, label_smoothing=0.1 * (i % 2))))
+    big_x = torch.from_numpy(rng.standard_normal((160, 32000)).astype(np.float32))  # 20 MB: EvaluateChunked
+    big_t = torch.from_numpy(rng.integers(0, 32000, 160))
+    big = (LossRequest(big_x, big_t, reduction="sum"), F.cross_entropy(big_x, big_t, reduction="sum"))
+    bad = LossRequest(torch.zeros(3, 4), torch.tensor([0, 9, 1]))
+    counts = {"unary": 0, "stream_items": 0, "chunked": 0, "failing": 0}
+    lock = threading.Lock()
+
+    def check(got, want):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+
+    def worker(k: int) -> None:
+        with LossClient(server.address, timeout_s=300) as client:
+            for j in range(12):
+                kind = (k + j) % 8
+                if kind == 0:
+                    results = list(client.evaluate_many([r for r, _ in pool], window=16))
+                    for res, (_, want) in zip(results, pool, strict=True):
+                        check(res.loss, want)
+                    with lock:
+                        counts["stream_items"] += len(pool)
+                elif kind == 1 and k % 4 == 0:
+                    check(client.evaluate(big[0]).loss, big[1])
+                    with lock:
+                        counts["chunked"] += 1
+                elif kind == 2:
+                    from lossd_client import InvalidArgumentError
+
+                    with pytest.raises(InvalidArgumentError, match="target"):
+                        client.evaluate(bad)
+                    with lock:
+                        counts["failing"] += 1
+                else:
+                    req, want = pool[(k * 7 + j) % len(pool)]
+                    check(client.evaluate(req).loss, want)
+                    with lock:
+                        counts["unary"] += 1
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool_exec:
+        for f in [pool_exec.submit(worker, k) for k in range(64)]:
+            f.result(timeout=600)
+    assert counts["chunked"] >= 8 and counts["failing"] >= 64 and counts["stream_items"] >= 64 * len(pool) and counts["unary"] > 300, counts
+    assert_within_budget(server, baseline)
+    assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+    print(f"soak: {counts}; peak {status_mib(server, 'VmHWM') - baseline:.0f} MiB over baseline, budget {BUDGET // MiB} MiB")

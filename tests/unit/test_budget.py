@@ -1,0 +1,90 @@
+"""MemoryBudget: reservations never exceed the limit, waiters are served in order, nothing leaks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from lossd_server.budget import BudgetExceeded, MemoryBudget
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_reservation_that_can_never_fit_is_refused_naming_the_setting():
+    async def main():
+        budget = MemoryBudget(100)
+        with pytest.raises(BudgetExceeded, match="memory_budget_bytes=100"):
+            await budget.reserve(101, "a message")
+        assert budget.held_bytes == 0
+
+    run(main())
+
+
+def test_waiters_are_granted_in_order_as_bytes_are_released():
+    async def main():
+        budget = MemoryBudget(100)
+        first = await budget.reserve(80, "first")
+        order = []
+
+        async def wait(n, name):
+            r = await budget.reserve(n, name)
+            order.append(name)
+            return r
+
+        big = asyncio.ensure_future(wait(60, "big"))
+        small = asyncio.ensure_future(wait(10, "small"))  # fits now, but must not jump the line
+        await asyncio.sleep(0)
+        assert budget.waiting == 2 and budget.held_bytes == 80
+        first.release()
+        b, s = await big, await small
+        assert order == ["big", "small"] and budget.held_bytes == 70
+        b.release()
+        s.release()
+        assert budget.held_bytes == 0 and budget.peak_bytes == 80
+
+    run(main())
+
+
+def test_a_waiter_that_times_out_or_is_cancelled_leaves_nothing_held():
+    async def main():
+        budget = MemoryBudget(100)
+        held = budget.reserve_now(90, "held")
+        with pytest.raises(BudgetExceeded, match="waited"):
+            await budget.reserve(50, "late", timeout_s=0.01)
+        task = asyncio.ensure_future(budget.reserve(50, "cancelled"))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert budget.waiting == 0
+        held.release()
+        assert budget.held_bytes == 0
+
+    run(main())
+
+
+def test_resize_grows_only_within_the_limit_and_shrinking_wakes_waiters():
+    async def main():
+        budget = MemoryBudget(100)
+        r = budget.reserve_now(10, "r")
+        r.resize(60, "grow")
+        with pytest.raises(BudgetExceeded):
+            r.resize(101, "too much")
+        waiter = asyncio.ensure_future(budget.reserve(50, "waiter"))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        r.resize(20, "shrink")
+        w = await waiter
+        assert budget.held_bytes == 70
+        other = budget.reserve_now(0, "other")
+        other.resize(5, "o")
+        r.absorb(other)
+        assert (r.nbytes, other.nbytes, budget.held_bytes) == (25, 0, 75)
+        r.release()
+        w.release()
+        other.release()
+        assert budget.held_bytes == 0
+
+    run(main())

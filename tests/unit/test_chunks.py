@@ -1,0 +1,103 @@
+"""ChunkAssembler without gRPC: every client mistake is InvalidInput naming the field; chunked
+evaluation equals the whole request evaluated at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lossd_client import tensors
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+from lossd_server import engine, wire
+from lossd_server.chunks import ChunkAssembler
+
+
+def header(input_shape, target, loss=pb.CROSS_ENTROPY, input_dtype=pb.FLOAT32, with_data=True, **options) -> wire.WireHeader:
+    t = tensors.to_proto(target)
+    if not with_data:
+        t.data = b""
+    msg = pb.EvaluateChunk(header=pb.ChunkHeader(input_dtype=input_dtype, input_shape=input_shape, target=t))
+    msg.header.options.CopyFrom(pb.LossOptions(loss=loss, **options))
+    return wire.parse(pb.EvaluateChunk, msg.SerializeToString()).header
+
+
+def rows(data: bytes = b"", target: bytes = b"") -> wire.WireChunk:
+    return wire.WireChunk(None, memoryview(data), memoryview(target))
+
+
+def run_all(assembler: ChunkAssembler, messages) -> engine.LossResult:
+    partials = []
+    for message in messages:
+        chunk = assembler.rows(message)
+        if chunk is not None:
+            partials.append(assembler.evaluate(chunk, device=torch.device("cpu"), chunk_bytes=1024))
+    assembler.check_complete()
+    return assembler.finish(partials)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets_in_three_chunks_equal_torch(reduction):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 7, generator=g)
+    p = torch.rand(30, 7, generator=g).softmax(1)
+    a = ChunkAssembler(header([30, 7], p.numpy(), with_data=False, reduction={"mean": pb.MEAN, "sum": pb.SUM, "none": pb.NONE}[reduction]))
+    xb, pb_ = x.numpy().tobytes(), p.numpy().tobytes()
+    row = 7 * 4
+    got = run_all(a, [rows(xb[: 10 * row], pb_[: 10 * row]), rows(xb[10 * row : 25 * row], pb_[10 * row : 25 * row]), rows(xb[25 * row :], pb_[25 * row :])])
+    torch.testing.assert_close(got.loss, torch.nn.functional.cross_entropy(x, p, reduction=reduction))
+
+
+def test_a_target_shaped_like_the_input_with_data_in_the_header_is_named():
+    with pytest.raises(engine.InvalidInput) as info:
+        ChunkAssembler(header([4, 3], np.full((4, 3), 0.25, np.float32)))
+    assert info.value.field == "header.target.data"
+    with pytest.raises(engine.InvalidInput) as info:
+        ChunkAssembler(header([4, 3], np.zeros((4, 3), np.float32), loss=pb.BINARY_CROSS_ENTROPY_WITH_LOGITS))
+    assert info.value.field == "header.target.data"
+
+
+def test_a_streamed_target_whose_size_overflows_is_named():
+    h = header([2**60, 2], np.zeros((1, 1), np.float64), input_dtype=pb.BFLOAT16, with_data=False)
+    h.target.shape = (2**60, 2)  # like the input, so it would travel with the rows: 2**64 bytes
+    with pytest.raises(ValueError) as info:
+        ChunkAssembler(h)
+    assert "header.target.shape" in str(info.value)
+
+
+def test_class_axis_zero_classes_with_shift_and_rank_extras_is_answered():
+    t = np.full((2, 4), -100)
+    a = ChunkAssembler(
+        header([2, 4, 0], t, class_axis=-1, shift_targets=True, reduction=pb.NONE, extras=[pb.TARGET_RANK, pb.ARGMAX_CORRECT], sequence_stats=True)
+    )
+    got = run_all(a, [rows()])
+    assert got.loss.shape == (2, 4) and got.extras["target_rank"].shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "messages,field",
+    [
+        ([rows(b"\0" * 5)], "input_rows"),  # not whole rows
+        ([rows(b"\0" * 12 * 5)], "input_rows"),  # more rows than the header holds
+        ([rows(b"\0" * 12, b"\0" * 8)], "target_rows"),  # class-index targets travel in the header
+        ([rows(b"\0" * 12)], "input_rows"),  # fewer rows than the header holds (check_complete)
+    ],
+)
+def test_row_mistakes_name_the_field(messages, field):
+    a = ChunkAssembler(header([4, 3], np.array([0, 1, 2, 0])))
+    with pytest.raises(engine.InvalidInput) as info:
+        run_all(a, messages)
+    assert info.value.field == field
+
+
+def test_a_second_header_is_named():
+    a = ChunkAssembler(header([4, 3], np.array([0, 1, 2, 0])))
+    second = wire.WireChunk(header([4, 3], np.array([0, 1, 2, 0])), memoryview(b""), memoryview(b""))
+    with pytest.raises(engine.InvalidInput) as info:
+        a.rows(second)
+    assert info.value.field == "header"
+
+
+def test_zero_element_units_are_one_step_however_many():
+    a = ChunkAssembler(header([2**34, 5, 0], np.zeros((2**34, 0), np.int64), reduction=pb.NONE))
+    got = run_all(a, [rows()])
+    assert got.loss.shape == (2**34, 0)
