@@ -404,12 +404,33 @@ def _rss_shmem_kib(pid: int) -> int:
     return 0
 
 
-def test_server_keeps_no_mapping_after_the_call(shm_server):
-    """Every request's segment is unmapped once answered (no mapping pinned by a reference cycle)."""
+def _maps_of_shm(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return [line for line in f if "/dev/shm/" in line]
+
+
+def test_server_never_maps_a_client_segment(shm_server):
+    """The server copies segments, never maps them: not while a call computes (a mapping there is
+    what a truncating client turned into SIGBUS), and nothing is kept after the call."""
     x = torch.randn(1024, 4096)  # 16 MiB
     t = torch.randint(0, 4096, (1024,))
-    with LossClient(shm_server.address, shared_memory=True, timeout_s=120) as c:
-        for _ in range(4):
-            got = c.cross_entropy(x, t, reduction="none")
+    pid = shm_server.proc.pid
+    seen: list[str] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            seen.extend(_maps_of_shm(pid))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with LossClient(shm_server.address, shared_memory=True, timeout_s=120) as c:
+            for _ in range(6):
+                got = c.cross_entropy(x, t, reduction="none")
+    finally:
+        done.set()
+        sampler.join(10)
     torch.testing.assert_close(got, F.cross_entropy(x, t, reduction="none"))
-    assert _rss_shmem_kib(shm_server.proc.pid) < 8 * 1024
+    assert seen == [], f"the server mapped a client segment: {seen[:1]}"
+    assert _maps_of_shm(pid) == [] and _rss_shmem_kib(pid) < 8 * 1024
