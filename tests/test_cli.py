@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import pathlib
+import pickle
+import struct
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -160,3 +164,143 @@ def test_health_of_an_unreachable_server_fails():
     done = run_cli("--target", f"127.0.0.1:{port}", "--timeout-s", "5", "health")
     assert done.returncode == 1
     assert "UNAVAILABLE" in done.stderr
+
+
+# --------------------------------------------------------------------------- malformed input files
+# Every malformed file is answered with one line on stderr naming the file and the problem, exit
+# status 2, no traceback. The target is a closed port: a file that got through loading would be
+# sent and fail with UNAVAILABLE (exit 1), so each case fails unless the loader refuses the file.
+GOOD_LOGITS = np.arange(32, dtype=np.float32).reshape(8, 4)
+GOOD_TARGETS = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+
+
+def _npz_bytes(compressed: bool = False) -> bytes:
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, logits=GOOD_LOGITS, targets=GOOD_TARGETS)
+    return buf.getvalue()
+
+
+def _flip_middle(data: bytes, at: float = 0.5, n: int = 16) -> bytes:
+    i = int(len(data) * at)
+    return data[:i] + bytes(b ^ 0x5A for b in data[i : i + n]) + data[i + n :]
+
+
+def _zip_of(**members: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name + ".npy", data)
+    return buf.getvalue()
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _st(header: object, data: bytes = b"", raw: bytes | None = None) -> bytes:
+    """A .safetensors file: 8-byte little-endian header length, the JSON header, the data."""
+    head = raw if raw is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(head)) + head + data
+
+
+def _st_one(**meta: object) -> bytes:
+    entry = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16], **meta}
+    entry = {k: v for k, v in entry.items() if v is not _DROP}
+    return _st({"logits": entry, "targets": {"dtype": "I64", "shape": [2], "data_offsets": [16, 32]}}, bytes(32))
+
+
+_DROP = object()
+
+
+def _pt(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+_T = torch.zeros(8, 4)
+_Y = torch.zeros(8, dtype=torch.int64)
+
+MALFORMED = {
+    # .npz
+    "npz-truncated": ("npz", lambda: _npz_bytes()[: len(_npz_bytes()) // 2], "not a readable .npz archive"),
+    "npz-truncated-compressed": ("npz", lambda: _npz_bytes(True)[: len(_npz_bytes(True)) * 2 // 3], "not a readable .npz archive"),
+    "npz-truncated-to-4-bytes": ("npz", lambda: _npz_bytes()[:4], "not a readable .npz archive"),
+    "npz-empty": ("npz", lambda: b"", "not a readable .npz archive"),
+    "npz-garbage": ("npz", lambda: b"\x80garbage, not a zip" * 20, "not a readable .npz archive"),
+    "npz-corrupt-member": ("npz", lambda: _flip_middle(_npz_bytes(), 0.2), "not a readable .npz archive"),
+    "npz-corrupt-compressed-member": ("npz", lambda: _flip_middle(_npz_bytes(True), 0.3), "not a readable .npz archive"),
+    "npz-member-not-npy": ("npz", lambda: _zip_of(logits=b"this is not an npy file", targets=b"nor this"), "not a readable .npz archive"),
+    "npz-member-huge-shape": ("npz", lambda: _zip_of(logits=_npy_header((2**40, 2**20)) + bytes(64)), "not a readable .npz archive"),
+    "npz-member-short-data": ("npz", lambda: _zip_of(logits=_npy_header((1000, 1000)) + bytes(64)), "not a readable .npz archive"),
+    "npz-member-negative-shape": ("npz", lambda: _zip_of(logits=_npy_header((-5,)) + bytes(64)), "not a readable .npz archive"),
+    "npz-member-object-dtype": ("npz", lambda: _zip_of(logits=_npy_header((2,), "|O") + b"\x80\x04N."), "not a readable .npz archive"),
+    "npz-string-logits": ("npz", lambda: _savez(logits=np.array(["a", "b"]), targets=GOOD_TARGETS), "logits 'logits': unsupported numpy dtype"),
+    "npz-complex-logits": ("npz", lambda: _savez(logits=np.zeros(3, np.complex64), targets=GOOD_TARGETS), "unsupported numpy dtype complex64"),
+    "npz-uint16-targets": ("npz", lambda: _savez(logits=GOOD_LOGITS, targets=np.zeros(8, np.uint16)), "target 'targets': unsupported numpy dtype uint16"),
+    # .safetensors
+    "st-too-short": ("safetensors", lambda: b"\x01\x02", "too short"),
+    "st-header-longer-than-file": ("safetensors", lambda: struct.pack("<Q", 10**6) + b"{}", "header length"),
+    "st-header-not-json": ("safetensors", lambda: _st(None, raw=b"{not json"), "header is not JSON"),
+    "st-header-not-utf8": ("safetensors", lambda: _st(None, raw=b"\xff\xfe\xfd"), "header is not JSON"),
+    "st-header-deeply-nested": ("safetensors", lambda: _st(None, raw=b"[" * 100_000 + b"]" * 100_000), "header is not JSON"),
+    "st-header-list": ("safetensors", lambda: _st([1, 2]), "header is a JSON array"),
+    "st-header-null": ("safetensors", lambda: _st(None), "header is a JSON null"),
+    "st-entry-not-object": ("safetensors", lambda: _st({"logits": 5}), "expected an object with dtype, shape and data_offsets, got a JSON number"),
+    "st-missing-dtype": ("safetensors", lambda: _st_one(dtype=_DROP), "has no dtype"),
+    "st-missing-shape": ("safetensors", lambda: _st_one(shape=_DROP), "has no shape"),
+    "st-missing-offsets": ("safetensors", lambda: _st_one(data_offsets=_DROP), "has no data_offsets"),
+    "st-dtype-not-string": ("safetensors", lambda: _st_one(dtype=["F32"]), "dtype must be a string"),
+    "st-dtype-unknown": ("safetensors", lambda: _st_one(dtype="Q7"), "unsupported dtype 'Q7'"),
+    "st-shape-not-list": ("safetensors", lambda: _st_one(shape=4), "shape must be a list of integers"),
+    "st-shape-string": ("safetensors", lambda: _st_one(shape=["2", "2"]), "shape must be a list of integers"),
+    "st-shape-float": ("safetensors", lambda: _st_one(shape=[2.0, 2]), "shape must be a list of integers"),
+    "st-shape-bool": ("safetensors", lambda: _st_one(shape=[True, 4]), "shape must be a list of integers"),
+    "st-shape-negative": ("safetensors", lambda: _st_one(shape=[-2, -2]), "shape must be a list of integers"),
+    "st-shape-nan": ("safetensors", lambda: _st(None, bytes(16), raw=b'{"logits": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 16]}}'), "shape must be a list of integers"),
+    "st-shape-overflowing-zero": ("safetensors", lambda: _st_one(shape=[0, 2**70], data_offsets=[0, 0]), "malformed .safetensors file"),
+    "st-offsets-not-list": ("safetensors", lambda: _st_one(data_offsets="0-16"), "data_offsets must be"),
+    "st-offsets-negative": ("safetensors", lambda: _st_one(data_offsets=[-16, 0]), "data_offsets must be"),
+    "st-offsets-float": ("safetensors", lambda: _st_one(data_offsets=[0, 16.0]), "data_offsets must be"),
+    "st-offsets-strings": ("safetensors", lambda: _st_one(data_offsets=["0", "16"]), "data_offsets must be"),
+    "st-offsets-three": ("safetensors", lambda: _st_one(data_offsets=[0, 8, 16]), "data_offsets must be"),
+    "st-offsets-reversed": ("safetensors", lambda: _st_one(data_offsets=[16, 0]), "data_offsets must be"),
+    "st-offsets-wrong-size": ("safetensors", lambda: _st_one(data_offsets=[0, 12]), "do not hold shape"),
+    "st-offsets-past-the-file": ("safetensors", lambda: _st_one(shape=[2, 2**40], data_offsets=[0, 2**43]), "do not hold shape"),
+    "st-offsets-huge": ("safetensors", lambda: _st_one(data_offsets=[2**70, 2**70 + 16]), "do not hold shape"),
+    # .pt
+    "pt-targets-int": ("pt", lambda: _pt({"logits": _T, "targets": 5}), "target 'targets' is of type int, expected a tensor"),
+    "pt-targets-list": ("pt", lambda: _pt({"logits": _T, "targets": [0, 1, 2]}), "target 'targets' is of type list, expected a tensor"),
+    "pt-targets-dict": ("pt", lambda: _pt({"logits": _T, "labels": {"a": _Y}}), "target 'labels' is of type dict, expected a tensor"),
+    "pt-logits-string": ("pt", lambda: _pt({"logits": "not a tensor", "targets": _Y}), "logits 'logits' is of type str, expected a tensor"),
+    "pt-pair-of-non-tensors": ("pt", lambda: _pt((1.5, None)), "logits 'logits' is of type float, expected a tensor"),
+    "pt-complex-logits": ("pt", lambda: _pt({"logits": torch.zeros(8, 4, dtype=torch.complex64), "targets": _Y}), "unsupported torch dtype torch.complex64"),
+    "pt-sparse-targets": ("pt", lambda: _pt({"logits": _T, "targets": _Y.to_sparse()}), "torch.sparse_coo tensor"),
+    "pt-mixed-key-types": ("pt", lambda: _pt({0: _T, "x": _Y}), "no logits array"),
+    "pt-truncated": ("pt", lambda: _pt({"logits": _T, "targets": _Y})[:300], "not a readable torch file (RuntimeError: PytorchStreamReader"),
+    "pt-empty": ("pt", lambda: b"", "not a readable torch file (EOFError)"),
+    "pt-garbage": ("pt", lambda: b"\x80\x02garbage that is not a pickle" * 3, "refused to load"),
+    "pt-plain-pickle": ("pt", lambda: pickle.dumps({1, 2, 3}, protocol=2), "not a readable torch file (RuntimeError: Invalid magic number"),
+}  # fmt: skip
+
+
+def _savez(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_files_are_one_line_and_exit_status_2(tmp_path, case):
+    kind, build, phrase = MALFORMED[case]
+    path = tmp_path / f"{case}.{kind}"
+    path.write_bytes(build())
+    done = run_cli("--target", "127.0.0.1:1", "--timeout-s", "5", "score", str(path))
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"lossd-client: {path}: "), lines[0]
+    assert phrase in lines[0], lines[0]
+    assert done.stdout == ""

@@ -10,6 +10,9 @@ tensors only, never arbitrary objects; needs torch). Large inputs are split alon
 axis into requests of about ``--batch-mb`` and streamed to the server; the totals it returns
 (``loss_sum``, ``weight_sum``, ``counted``) recombine into exactly the loss torch gives for the
 whole file.
+
+Input files are untrusted: whatever a malformed file makes a loader raise, the command answers
+with one line on stderr naming the file and the problem, and exit status 2 (never a traceback).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import argparse
 import json
 import math
 import os
+import pickle
 import struct
 import sys
 import time
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from . import tensors
 from .client import LossClient
 from .errors import LossdError
 from .requests import EvaluateResult, LossRequest
@@ -40,6 +47,39 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 class CliError(Exception):
     """A problem with the command line or an input file (exit status 2)."""
+
+
+#: What numpy's, zipfile's, json's and torch's loaders raise on garbage; a file that makes a
+#: loader raise one of these is reported as malformed (CliError), never as a traceback.
+MALFORMED_FILE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # also zipfile's and numpy's I/O errors
+    EOFError,
+    ValueError,  # also json.JSONDecodeError, UnicodeDecodeError, numpy header errors
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    struct.error,
+    OverflowError,
+    MemoryError,  # a header that declares more elements than fit in memory
+    RecursionError,  # deeply nested JSON or pickle
+    RuntimeError,  # torch.load: "PytorchStreamReader failed ..."
+    zipfile.BadZipFile,
+    zlib.error,
+    pickle.UnpicklingError,
+)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line describing ``exc``: its first non-empty message line, or its type."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > 300:
+        text = text[:297] + "..."
+    kind = type(exc).__name__
+    if kind == "error":  # zlib.error, struct.error, binascii.error
+        kind = f"{type(exc).__module__}.error"
+    return f"{kind}: {text}" if text else kind
 
 
 # --------------------------------------------------------------------------- file loading
@@ -56,8 +96,21 @@ def _bfloat16() -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16)
 
 
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _naturals(value: Any) -> bool:
+    """A JSON list of integers >= 0 (not booleans, not floats)."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
 def load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of a .safetensors file as a read-only numpy array."""
+    """Memory-map every tensor of a .safetensors file as a read-only numpy array.
+
+    The JSON header is checked field by field (types, signs, bounds) before anything is mapped.
+    """
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
@@ -67,26 +120,43 @@ def load_safetensors(path: Path) -> dict[str, np.ndarray]:
         if header_len > min(size - 8, 100 * 2**20):
             raise CliError(f"{path}: not a safetensors file (header length {header_len})")
         try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CliError(f"{path}: not a safetensors file ({exc})") from None
+            header = json.loads(f.read(header_len).decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise CliError(f"{path}: not a safetensors file (header is not JSON: {_reason(exc)})") from None
+    if not isinstance(header, dict):
+        raise CliError(f"{path}: not a safetensors file (header is a JSON {_json_type(header)}, expected an object)")
     base = 8 + header_len
     out: dict[str, np.ndarray] = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        code = meta.get("dtype")
+        if not isinstance(meta, dict):
+            raise CliError(f"{path}: tensor {name!r}: expected an object with dtype, shape and data_offsets, got a JSON {_json_type(meta)}")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
+        if missing:
+            raise CliError(f"{path}: tensor {name!r} has no {', '.join(missing)}")
+        code, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if not isinstance(code, str):
+            raise CliError(f"{path}: tensor {name!r}: dtype must be a string, got {json.dumps(code)[:80]}")
         dtype = _bfloat16() if code == "BF16" else np.dtype(_SAFETENSORS_DTYPES.get(code, "V0"))
         if dtype.itemsize == 0:
-            raise CliError(f"{path}: tensor {name!r} has unsupported dtype {code}")
-        shape = tuple(int(d) for d in meta["shape"])
-        start, end = (int(v) for v in meta["data_offsets"])
-        if end - start != math.prod(shape) * dtype.itemsize or base + end > size or start < 0:
-            raise CliError(f"{path}: tensor {name!r} has inconsistent data_offsets {meta['data_offsets']}")
+            raise CliError(f"{path}: tensor {name!r} has unsupported dtype {code[:80]!r}")
+        if not _naturals(shape):
+            raise CliError(f"{path}: tensor {name!r}: shape must be a list of integers >= 0, got {json.dumps(shape)[:80]}")
+        if not _naturals(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise CliError(
+                f"{path}: tensor {name!r}: data_offsets must be [begin, end] integers with 0 <= begin <= end, got {json.dumps(offsets)[:80]}"
+            )
+        start, end = offsets
+        if end - start != math.prod(shape) * dtype.itemsize or base + end > size:
+            raise CliError(
+                f"{path}: tensor {name!r}: data_offsets {offsets} do not hold shape {shape} of {code} "
+                f"({math.prod(shape) * dtype.itemsize} bytes) inside the file's {size - base} data bytes"
+            )
         if math.prod(shape) == 0:
             out[name] = np.zeros(shape, dtype)
         else:
-            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=base + start, shape=shape)
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=base + start, shape=tuple(shape))
     return out
 
 
@@ -95,9 +165,15 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise CliError(f"{path}: expected an .npz archive of named arrays")
-            return {name: archive[name] for name in archive.files}
-    except ValueError as exc:
-        raise CliError(f"{path}: {exc}") from None
+            arrays = {name: archive[name] for name in archive.files}
+    except CliError:
+        raise
+    except MALFORMED_FILE_ERRORS as exc:  # truncated or corrupt zip, bad .npy headers, pickles
+        raise CliError(f"{path}: not a readable .npz archive ({_reason(exc)})") from None
+    for name, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # numpy hands back a member without the .npy magic as bytes
+            raise CliError(f"{path}: not a readable .npz archive (member {name!r} is not an .npy array)")
+    return arrays
 
 
 def load_pt(path: Path) -> dict[str, Any]:
@@ -106,13 +182,13 @@ def load_pt(path: Path) -> dict[str, Any]:
         import torch
     except ImportError:
         raise CliError(f"{path}: reading .pt files needs torch (pip install torch); .npz and .safetensors do not") from None
-    import pickle
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CliError(f"{path}: refused to load (torch.load with weights_only=True accepts plain tensors only): {first}") from None
+    except pickle.UnpicklingError as exc:  # what weights_only refuses, or a broken pickle
+        raise CliError(f"{path}: refused to load (torch.load with weights_only=True accepts plain tensors only): {_reason(exc)}") from None
+    except MALFORMED_FILE_ERRORS as exc:  # truncated zip ("PytorchStreamReader failed ..."), empty file, ...
+        raise CliError(f"{path}: not a readable torch file ({_reason(exc)})") from None
     if isinstance(obj, (list, tuple)) and len(obj) == 2:
         return {"logits": obj[0], "targets": obj[1]}
     if isinstance(obj, dict):
@@ -121,29 +197,55 @@ def load_pt(path: Path) -> dict[str, Any]:
 
 
 def load_file(path: Path) -> dict[str, Any]:
+    """The named arrays of ``path``; CliError (one line naming the file) for anything unreadable."""
     suffix = path.suffix.lower()
+    loaders = {".npz": load_npz, ".safetensors": load_safetensors, ".pt": load_pt, ".pth": load_pt}
     if not path.is_file():
         raise CliError(f"{path}: no such file")
-    if suffix == ".npz":
-        return load_npz(path)
-    if suffix == ".safetensors":
-        return load_safetensors(path)
-    if suffix in (".pt", ".pth"):
-        return load_pt(path)
-    raise CliError(f"{path}: unknown file type {suffix!r} (expected .npz, .safetensors or .pt)")
+    if suffix not in loaders:
+        raise CliError(f"{path}: unknown file type {suffix!r} (expected .npz, .safetensors or .pt)")
+    try:
+        return loaders[suffix](path)
+    except CliError:
+        raise
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read: {exc.strerror or _reason(exc)}") from None
+    except MALFORMED_FILE_ERRORS as exc:
+        raise CliError(f"{path}: malformed {suffix} file ({_reason(exc)})") from None
+
+
+def _names(arrays: dict[Any, Any]) -> str:
+    return ", ".join(sorted(str(k) for k in arrays)) or "none"
 
 
 def pick(arrays: dict[str, Any], wanted: str | None, candidates: Sequence[str], what: str, path: Path) -> Any:
+    """The logits or targets array of a file, checked to be one lossd can send."""
     if wanted is not None:
         if wanted not in arrays:
-            raise CliError(f"{path}: no array named {wanted!r} (has {', '.join(sorted(arrays)) or 'none'})")
-        return arrays[wanted]
+            raise CliError(f"{path}: no array named {wanted!r} (has {_names(arrays)})")
+        return _checked_array(arrays[wanted], wanted, what, path)
     for name in candidates:
         if name in arrays:
-            return arrays[name]
-    raise CliError(
-        f"{path}: no {what} array (looked for {', '.join(candidates)}; has {', '.join(sorted(arrays)) or 'none'}); name it with --{what}-key"
-    )
+            return _checked_array(arrays[name], name, what, path)
+    raise CliError(f"{path}: no {what} array (looked for {', '.join(candidates)}; has {_names(arrays)}); name it with --{what}-key")
+
+
+def _checked_array(value: Any, name: str, what: str, path: Path) -> Any:
+    """``value`` if it is a dense numpy array or CPU torch tensor of a dtype lossd sends."""
+    if tensors.is_torch_tensor(value):
+        import torch
+
+        if value.layout != torch.strided:
+            raise CliError(f"{path}: {what} {name!r} is a {value.layout} tensor; save a dense tensor")
+        if value.device.type == "meta":
+            raise CliError(f"{path}: {what} {name!r} is a meta tensor (it has no data)")
+    elif not isinstance(value, np.ndarray):
+        raise CliError(f"{path}: {what} {name!r} is of type {type(value).__name__}, expected a tensor")
+    try:
+        tensors.wire_dtype_of(value)
+    except tensors.UnsupportedTensorError as exc:
+        raise CliError(f"{path}: {what} {name!r}: {exc}") from None
+    return value
 
 
 # --------------------------------------------------------------------------- scoring
@@ -437,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except CliError as exc:
-        print(f"lossd-client: {exc}", file=sys.stderr)
+        print(f"lossd-client: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USAGE
     except LossdError as exc:
         print(f"lossd-client {args.command}: {exc.code.name}: {exc.details}", file=sys.stderr)

@@ -68,14 +68,16 @@ TARGET_RANK: Extra
 ARGMAX_CORRECT: Extra
 
 class SharedMemoryRef(_message.Message):
-    __slots__ = ("name", "offset", "length")
+    __slots__ = ("name", "offset", "length", "token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     offset: int
     length: int
-    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    token: bytes
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "shm")
