@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from hostenv import REPO, free_port
+from hostenv import REPO, apt_install, free_port
 from lossd_client import LossClient
 
 DEPLOYMENT = REPO / "docker" / "k8s" / "deployment.yaml"
@@ -121,6 +121,9 @@ def test_deployment_plays_serves_and_stops(lossd_image, podman_env, tmp_path):
     print("podman variant of the Deployment:\n" + "\n".join(f"  {k}: {v}" for k, v in PODMAN_VARIANT.items()))
     print("ignored by podman:\n" + "\n".join(f"  {k}: {v}" for k, v in PODMAN_IGNORES.items()))
     env = podman_env
+    # A pod's infra container is a pause image podman builds locally around catatonit (ctr-check.sh
+    # does not install it: plain `podman run` needs no pod).
+    apt_install(["catatonit"], ["catatonit"])
     version = podman(env, "version", "--format", "{{.Client.Version}}").stdout.strip()
     print(f"podman {version}")
     manifest = yaml.safe_load(DEPLOYMENT.read_text())
