@@ -43,7 +43,9 @@ def hf_client(hf_server):
 @pytest.fixture(scope="module")
 def model() -> GPT2LMHeadModel:
     torch.manual_seed(1234)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, pad_token_id=PAD)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, pad_token_id=PAD, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1
+    )
     m = GPT2LMHeadModel(config)
     m.eval()
     return m
