@@ -9,7 +9,7 @@ PORT ?= 50051
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test demo lint proto bench image docker-lint clean
+.PHONY: help install run test demo lint proto bench image docker-lint docs clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ demo: $(STAMP) ## start a server, run the examples against it, stop it
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check client/lossd_client server/lossd_server
+
+docs: $(STAMP) ## HTML API reference of the client (pdoc, from its docstrings) into docs/api/
+	$(VENV)/bin/pdoc -o docs/api --docformat restructuredtext lossd_client lossd_client.hf
 
 proto: $(STAMP) ## regenerate client/lossd_client/_proto from proto/
 	$(PY) proto/generate.py

@@ -1,4 +1,4 @@
-"""End-to-end probe of a running lossd container (used by tests/test_container.py).
+"""End-to-end probe of a running lossd container (used by tests/container/test_container.py).
 
 Run on the host, with the repository's interpreter, against the port the container publishes:
 
@@ -95,7 +95,7 @@ def check_inside(container: str) -> None:
     if uid.returncode != 0 or uid.stdout.strip() != "10001":
         raise SystemExit(f"[probe] FAIL: expected uid 10001, got {uid.stdout!r} {uid.stderr!r}")
     # The image's HEALTHCHECK. Podman keeps HEALTHCHECK only in docker-format images
-    # (BUILDAH_FORMAT=docker, as tests/test_container.py builds); then run the recorded one,
+    # (BUILDAH_FORMAT=docker, as tests/container/test_container.py builds); then run the recorded one,
     # otherwise run the same command as docker/Dockerfile declares.
     inspect = subprocess.run(
         ["podman", "inspect", "-f", "{{json .Config.Healthcheck}}", container], capture_output=True, text=True, timeout=30

@@ -30,22 +30,32 @@ class ResourceExhaustedError(LossdError):
 
 
 class DeadlineExceededError(LossdError, TimeoutError):
+    """The call's deadline (``timeout_s``) passed before the answer (DEADLINE_EXCEEDED); also a ``TimeoutError``."""
+
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class UnavailableError(LossdError, ConnectionError):
+    """No server could be reached, or it is shutting down (UNAVAILABLE); also a ``ConnectionError``."""
+
     code = grpc.StatusCode.UNAVAILABLE
 
 
 class CancelledError(LossdError):
+    """The call was cancelled, by the client or by a draining server (CANCELLED)."""
+
     code = grpc.StatusCode.CANCELLED
 
 
 class UnauthenticatedError(LossdError, PermissionError):
+    """The call's credentials were refused (UNAUTHENTICATED); also a ``PermissionError``."""
+
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class InternalError(LossdError):
+    """The server failed while evaluating a valid request (INTERNAL)."""
+
     code = grpc.StatusCode.INTERNAL
 
 
