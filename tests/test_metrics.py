@@ -163,12 +163,12 @@ def test_process_and_build_gauges(mserver, mclient):
 def test_batch_observer_contract_with_own_registry():
     m = metrics_mod.Metrics(CollectorRegistry())
     observer = metrics_mod.BatchMetrics(m)
-    observer.on_batch(SimpleNamespace(requests=3, rows=300, bytes=1200, queue_wait_s=[0.0002, 0.003, 0.2], compute_s=1.5))
-    observer.on_batch(SimpleNamespace(requests=1, rows=1, bytes=4, queue_wait_s=[0.00005], compute_s=0.0004))
+    observer.on_batch(SimpleNamespace(requests=3, rows=300, bytes=1200, queue_wait_s=[0.0002, 0.003, 0.2], compute_s=1.5, abandoned=2))
+    observer.on_batch(SimpleNamespace(requests=1, rows=1, bytes=4, queue_wait_s=[0.00005], compute_s=0.0004, abandoned=0))
     observer.on_queue_depth(5)
 
     def sample(name: str, **labels: str) -> float:
-        for metric in (m.batch_requests, m.batch_rows, m.queue_wait, m.compute, m.rows, m.batch_bytes, m.queue_depth):
+        for metric in (m.batch_requests, m.batch_rows, m.queue_wait, m.compute, m.rows, m.batch_bytes, m.queue_depth, m.abandoned):
             for family in metric.collect():
                 for s in family.samples:
                     if s.name == name and s.labels == labels:
@@ -191,6 +191,7 @@ def test_batch_observer_contract_with_own_registry():
     assert sample("lossd_compute_seconds_bucket", le="1.0") == 1
     assert sample("lossd_compute_seconds_bucket", le="2.5") == 2
     assert sample("lossd_queue_depth") == 5
+    assert sample("lossd_abandoned_evaluations_total") == 2
 
 
 def test_metrics_port_zero_disables_http(server):

@@ -390,6 +390,7 @@ class LossClient(_Base):
             raise
 
     def server_info(self, *, timeout_s: float | None = None) -> pb.ServerInfo:
+        """The server's versions, device and limits (GetServerInfo)."""
         try:
             return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s))
         except grpc.RpcError as exc:
@@ -448,6 +449,7 @@ class AsyncLossClient(_Base):
         reduce: bool | None = None,
         timeout_s: float | None = None,
     ) -> Any:
+        """torch.nn.functional.cross_entropy, evaluated by the server."""
         req = _request(input, target, "cross_entropy", weight, ignore_index, reduction, label_smoothing, None, size_average, reduce)
         return (await self.evaluate(req, timeout_s=timeout_s)).loss
 
@@ -463,6 +465,7 @@ class AsyncLossClient(_Base):
         reduce: bool | None = None,
         timeout_s: float | None = None,
     ) -> Any:
+        """torch.nn.functional.nll_loss, evaluated by the server."""
         req = _request(input, target, "nll_loss", weight, ignore_index, reduction, 0.0, None, size_average, reduce)
         return (await self.evaluate(req, timeout_s=timeout_s)).loss
 
@@ -478,10 +481,12 @@ class AsyncLossClient(_Base):
         reduce: bool | None = None,
         timeout_s: float | None = None,
     ) -> Any:
+        """torch.nn.functional.binary_cross_entropy_with_logits, evaluated by the server."""
         req = _request(input, target, "binary_cross_entropy_with_logits", weight, -100, reduction, 0.0, pos_weight, size_average, reduce)
         return (await self.evaluate(req, timeout_s=timeout_s)).loss
 
     async def evaluate(self, request: LossRequest | None = None, *, timeout_s: float | None = None, **fields: Any) -> EvaluateResult:
+        """Async twin of :meth:`LossClient.evaluate`."""
         req = request if request is not None else LossRequest(**fields)
         if self.shared_memory:
             with SharedMemoryArena(self.shm_min_bytes, self._segments) as arena:
@@ -512,12 +517,14 @@ class AsyncLossClient(_Base):
     async def perplexity(
         self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None
     ) -> PerplexityResult:
+        """Async twin of :meth:`LossClient.perplexity`."""
         result = await self.evaluate(rq.perplexity_request(logits, tokens, shift=shift, ignore_index=ignore_index), timeout_s=timeout_s)
         return rq.perplexity_result(result)
 
     async def loglikelihood(
         self, logits: Any, tokens: Any, continuation_start: Any, *, timeout_s: float | None = None
     ) -> LoglikelihoodResult:
+        """Async twin of :meth:`LossClient.loglikelihood`."""
         result = await self.evaluate(rq.loglikelihood_request(logits, tokens, continuation_start), timeout_s=timeout_s)
         return rq.loglikelihood_result(result)
 
@@ -586,12 +593,14 @@ class AsyncLossClient(_Base):
             call.cancel()
 
     async def server_info(self, *, timeout_s: float | None = None) -> pb.ServerInfo:
+        """The server's versions, device and limits (GetServerInfo)."""
         try:
             return await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """The server's health status name (SERVING, NOT_SERVING, ...)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self._channel)

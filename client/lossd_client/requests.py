@@ -376,6 +376,7 @@ class PerplexityResult:
 
     @property
     def mean_nll(self) -> float:
+        """Corpus mean NLL per counted token: nll_sum / tokens."""
         return self.nll_sum / self.tokens if self.tokens else math.nan
 
     @property

@@ -255,7 +255,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if shm_bytes:
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
         check_message_size(request, self.config.max_message_bytes)
-        decoded = convert.decode_request(request, self.shm_reader)
+        if shm_bytes:  # copying a shared-memory segment takes a while: not on the event loop
+            decoded = await asyncio.to_thread(convert.decode_request, request, self.shm_reader)
+        else:
+            decoded = convert.decode_request(request, self.shm_reader)
         plan = decoded.plan
         answer = check_answer_size(plan, self.config.max_send_message_bytes)
         held.resize(held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer, "the request and its answer")

@@ -492,7 +492,7 @@ def test_mixed_soak_loses_nothing_and_stays_within_the_budget(budgeted):
 
     def worker(k: int) -> None:
         with LossClient(server.address, timeout_s=300) as client:
-            for j in range(12):
+            for j in range(30):
                 kind = (k + j) % 8
                 if kind == 0:
                     results = list(client.evaluate_many([r for r, _ in pool], window=16))
