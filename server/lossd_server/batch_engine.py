@@ -5,7 +5,7 @@ of classes, compute dtype, class weights by value, label smoothing) are flattene
 they are shaped: ``(C)``, ``(N, C)``, ``(N, C, d...)`` or ``class_axis=-1`` layouts all become
 ``(rows, C)``. One log_softmax / gather pass runs over the concatenation; the per-row terms are then
 split back and each request is reduced on its own rows with the numerator and denominator torch
-uses (:meth:`engine.Plan.class_partial`, :meth:`engine.Plan.finish`), so a caller's ``mean`` never
+uses (:func:`engine.class_partial`, :meth:`engine.Plan.finish`), so a caller's ``mean`` never
 depends on who shared its batch. Target masks (ignore_index, shift_targets) were resolved per
 request when its Plan was built, and extras / sequence statistics are computed on the request's own
 rows, so those options do not split batches.
@@ -17,7 +17,7 @@ batch) are evaluated alone by :func:`engine.run`, which walks them in bounded ro
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,17 @@ class Job:
     target: torch.Tensor
 
 
+@dataclass(frozen=True)
+class BatchKey:
+    """What rows of several requests must share to be evaluated in one pass."""
+
+    loss: str
+    num_classes: int
+    compute_dtype: torch.dtype
+    weight: bytes | None  # class weights by value (a digest), as the compute dtype sees them
+    label_smoothing: float
+
+
 def weight_key(weight: torch.Tensor | None, dtype: torch.dtype) -> bytes | None:
     """Class weights compared by value, as the compute dtype sees them."""
     if weight is None:
@@ -42,20 +53,19 @@ def weight_key(weight: torch.Tensor | None, dtype: torch.dtype) -> bytes | None:
     return hashlib.blake2b(w.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
 
 
-def batch_key(plan: engine.Plan, fuse_max_bytes: int) -> Hashable:
-    """Requests with equal keys may share one fused pass; a unique key means "evaluate alone"."""
-    if plan.kind != "class" or plan.input_nbytes > fuse_max_bytes:
-        return ("alone", id(plan))
+def batch_key(plan: engine.Plan, fuse_max_bytes: int) -> BatchKey | None:
+    """Requests with equal keys may share one fused pass; None means "evaluate alone"."""
+    if plan.kind is not engine.TargetKind.CLASS or plan.input_nbytes > fuse_max_bytes:
+        return None
     spec = plan.spec
-    smoothing = spec.label_smoothing if spec.loss == engine.CROSS_ENTROPY and spec.label_smoothing > 0.0 else 0.0
-    return ("class", spec.loss, plan.num_classes, plan.compute_dtype, weight_key(plan.weight, plan.compute_dtype), smoothing)
+    return BatchKey(spec.loss, plan.num_classes, plan.compute_dtype, weight_key(plan.weight, plan.compute_dtype), spec.smoothing)
 
 
 def job_rows(job: Job) -> int:
     return job.plan.rows
 
 
-Checkpoint = Callable[[], None] | None
+Checkpoint = engine.Checkpoint
 
 
 def evaluate_alone(
@@ -72,7 +82,7 @@ def evaluate_fused(
         return [evaluate_alone(jobs[0], device=device, chunk_bytes=chunk_bytes, checkpoint=checkpoint)]
     first = jobs[0].plan
     device = torch.device(device)
-    rows = [j.plan._rows_of(j.plan.unit_view(j.input), "cpu") for j in jobs]
+    rows = [j.plan.rows_of(j.plan.unit_view(j.input), "cpu") for j in jobs]
     for job, r in zip(jobs, rows, strict=True):
         if r.shape[0] != job.plan.rows or job.plan.target.shape[0] != job.plan.rows:
             raise engine.InvalidInput("input", f"holds {r.shape[0]} rows, its plan {job.plan.rows}")
@@ -80,7 +90,7 @@ def evaluate_fused(
     t = torch.cat([j.plan.target for j in jobs]).to(device)
     valid = torch.cat([j.plan.valid for j in jobs]).to(device)
     try:
-        terms = first.class_terms(x, t, valid)
+        terms = engine.class_terms(first, x, t, valid)
     except (RuntimeError, IndexError, ValueError) as exc:
         raise engine.InvalidInput("input", f"torch rejected the request: {exc}") from exc
     if any(j.plan.spec.extras or j.plan.spec.sequence_stats for j in jobs):
@@ -89,7 +99,7 @@ def evaluate_fused(
         for job in jobs:
             p = job.plan
             stop = start + p.rows
-            results.append(p.finish(p.class_partial(terms.rows(start, stop), 0, p.units)))
+            results.append(p.finish(engine.class_partial(p, terms.rows(start, stop), 0, p.units)))
             start = stop
         return results
     return _reduce_per_job(jobs, terms)
@@ -100,14 +110,17 @@ def _reduce_per_job(jobs: Sequence[Job], terms: engine.ClassTerms) -> list[engin
 
     The same float64 sums as Plan.class_partial, without a handful of small torch calls per job.
     """
-    counts = [j.plan.rows for j in jobs]
-    segment = torch.repeat_interleave(torch.arange(len(jobs), device=terms.losses.device), torch.tensor(counts, device=terms.losses.device))
-    zeros = torch.zeros(len(jobs), dtype=torch.float64, device=terms.losses.device)
-    loss_sums = zeros.index_add(0, segment, terms.losses.to(torch.float64)).tolist()
-    weight_sums = zeros.index_add(0, segment, terms.wt.to(torch.float64)).tolist()
-    counted = (
-        torch.zeros(len(jobs), dtype=torch.int64, device=terms.losses.device).index_add(0, segment, terms.valid.to(torch.int64)).tolist()
-    )
+    device = terms.losses.device
+    counts = torch.tensor([j.plan.rows for j in jobs], device=device)
+    segment = torch.repeat_interleave(torch.arange(len(jobs), device=device), counts)
+    zeros = torch.zeros(len(jobs), dtype=torch.float64, device=device)
+
+    def per_job(values: torch.Tensor | None) -> list[float]:
+        return [0.0] * len(jobs) if values is None else zeros.index_add(0, segment, values.to(torch.float64)).tolist()
+
+    loss_sums, weight_sums = per_job(terms.losses), per_job(terms.wt)
+    nll_sums, smooth_sums = per_job(terms.nll), per_job(terms.smooth)
+    counted = torch.zeros(len(jobs), dtype=torch.int64, device=device).index_add(0, segment, terms.valid.to(torch.int64)).tolist()
     losses = terms.losses.cpu() if any(j.plan.needs_losses() for j in jobs) else None
     results = []
     start = 0
@@ -115,7 +128,10 @@ def _reduce_per_job(jobs: Sequence[Job], terms: engine.ClassTerms) -> list[engin
         p = job.plan
         stop = start + p.rows
         part_losses = losses[start:stop] if losses is not None and p.needs_losses() else None
-        results.append(p.finish(engine.Partial(0, p.units, part_losses, loss_sums[i], weight_sums[i], counted[i])))
+        partial = engine.Partial(
+            0, p.units, part_losses, loss_sums[i], weight_sums[i], counted[i], nll_sum=nll_sums[i], smooth_sum=smooth_sums[i]
+        )
+        results.append(p.finish(partial))
         start = stop
     return results
 

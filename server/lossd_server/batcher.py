@@ -22,7 +22,7 @@ import concurrent.futures
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -86,7 +86,7 @@ class _Item:
 
 @dataclass(eq=False)
 class _Batch:
-    key: Hashable
+    key: batch_engine.BatchKey | None  # None: a request evaluated alone
     items: list[_Item] = field(default_factory=list)
     rows: int = 0
     nbytes: int = 0
@@ -121,7 +121,7 @@ class Batcher:
         self._evaluate = evaluate
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._open: dict[Hashable, _Batch] = {}
+        self._open: dict[batch_engine.BatchKey, _Batch] = {}
         self._ready: deque[_Batch] = deque()
         self._wake: asyncio.Event | None = None
         self._runners: list[asyncio.Task] = []
@@ -222,12 +222,12 @@ class Batcher:
 
     def _enqueue(self, item: _Item) -> None:
         cfg = self.config
-        if not self.batching:
-            batch = _Batch(("alone", id(item)))
+        key = batch_engine.batch_key(item.job.plan, cfg.max_batch_bytes) if self.batching else None
+        if key is None:
+            batch = _Batch(None)
             batch.add(item)
             self._make_ready(batch)
             return
-        key = batch_engine.batch_key(item.job.plan, cfg.max_batch_bytes)
         batch = self._open.get(key)
         if batch is not None and (batch.rows + item.rows > cfg.max_batch_rows or batch.nbytes + item.nbytes > cfg.max_batch_bytes):
             self._close(batch)
@@ -237,7 +237,7 @@ class Batcher:
             self._open[key] = batch
             batch.timer = self._loop.call_later(cfg.max_wait_ms / 1000.0, self._close, batch)
         batch.add(item)
-        if batch.rows >= cfg.max_batch_rows or batch.nbytes >= cfg.max_batch_bytes or key[0] == "alone":
+        if batch.rows >= cfg.max_batch_rows or batch.nbytes >= cfg.max_batch_bytes:
             self._close(batch)
 
     def _close(self, batch: _Batch) -> None:
@@ -267,7 +267,7 @@ class Batcher:
     def _next_batch(self) -> _Batch:
         """Pop the oldest ready batch and merge later ready batches of the same key into it."""
         batch = self._ready.popleft()
-        if not self.batching or batch.key[0] == "alone" or not self._ready:
+        if batch.key is None or not self._ready:
             return batch
         cfg = self.config
         keep: deque[_Batch] = deque()

@@ -58,9 +58,11 @@ class ChunkAssembler:
             target = codec.decode("header.target", header.target, shm_reader)
         self.plan = engine.plan(spec, self.input_shape, self.input_dtype, target, weight, pos_weight, target_streamed=self.streamed)
         # an empty target shaped like the input came whole in the header (zero bytes): its units
-        self._header_target_units = self.plan.unit_view(target) if self.plan.kind in ("prob", "bce") and not self.streamed else None
+        self._header_target_units = (
+            self.plan.unit_view(target) if self.plan.kind is not engine.TargetKind.CLASS and not self.streamed else None
+        )
         self.target_dtype = target_dtype
-        self.unit_shape = convert.unit_shape(self.plan)
+        self.unit_shape = self.plan.geometry.unit_shape
         self.in_unit_bytes = self.plan.unit_elements * codec.ITEMSIZE[header.input_dtype]
         self.target_unit_bytes = self.plan.unit_elements * codec.ITEMSIZE[header.target.dtype] if self.streamed else 0
         self.next_unit = 0
@@ -113,5 +115,5 @@ class ChunkAssembler:
 
     def finish(self, partials: Sequence[engine.Partial]) -> engine.LossResult:
         """What torch returns for the whole input (on an engine thread)."""
-        partial = engine.merge_partials(partials) if partials else self.plan._empty_partial(0)
+        partial = engine.merge_partials(partials) if partials else self.plan.empty_partial()
         return self.plan.finish(partial)

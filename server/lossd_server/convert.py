@@ -95,11 +95,3 @@ def encode_result(request_id: str, result: engine.LossResult) -> pb.EvaluateResp
 def error_response(request_id: str, code: int, message: str) -> pb.EvaluateResponse:
     """A stream item's failure."""
     return pb.EvaluateResponse(id=request_id, error=pb.ItemError(code=code, message=message))
-
-
-def unit_shape(plan: engine.Plan) -> tuple[int, ...]:
-    """Shape of one unit (one leading row) of the input, in its own layout."""
-    shape = plan.input_shape
-    if plan.kind == "bce":
-        return tuple(shape[1:])
-    return tuple(shape[plan.class_axis :]) if plan.class_axis > 0 else tuple(shape)

@@ -122,8 +122,8 @@ def _fields(buf: bytes, start: int, end: int):
     while pos < end:
         key, pos = _varint(buf, pos)
         number, wire_type = key >> 3, key & 7
-        if number == 0:
-            raise DecodeError("field number 0")
+        if number == 0 or number >= 1 << 29 or key > 0xFFFFFFFF:
+            raise DecodeError("invalid field number")
         if wire_type == _VARINT:
             value, pos = _varint(buf, pos)
             yield number, wire_type, value

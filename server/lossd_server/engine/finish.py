@@ -1,0 +1,84 @@
+"""From the partial covering every unit to what torch returns: reductions and sequence statistics."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kernels import share
+from .results import LossResult, Partial, SequenceStats
+from .spec import CROSS_ENTROPY, EXTRA_DTYPES, TargetKind
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+
+def divide(a: float, b: float) -> float:
+    """a / b with IEEE semantics for b = 0 (0/0 = nan, x/0 = +-inf)."""
+    if b == 0.0:
+        return math.nan if a == 0.0 or math.isnan(a) else math.copysign(math.inf, a)
+    return a / b
+
+
+def reduce(plan: Plan, partial: Partial) -> torch.Tensor:
+    """torch's ``loss`` for the plan's reduction, in torch's output dtype."""
+    spec = plan.spec
+    if spec.reduction == "none":
+        losses = partial.losses if partial.losses is not None else torch.empty(0, dtype=plan.compute_dtype)
+        return losses.reshape(plan.output_shape).to(plan.output_dtype)
+    if spec.reduction == "sum":
+        total = partial.loss_sum
+        if plan.kind is TargetKind.CLASS and plan.num_classes == 0 and spec.loss == CROSS_ENTROPY and spec.label_smoothing > 0:
+            total = math.nan  # torch: smooth_loss.sum() * (label_smoothing / 0) = 0 * inf
+        return torch.tensor(total, dtype=torch.float64).to(plan.output_dtype)
+    ls = spec.smoothing
+    if plan.kind is not TargetKind.CLASS and math.prod(plan.input_shape) == 0:
+        mean = math.nan
+    elif plan.kind is TargetKind.CLASS and ls > 0.0:
+        # torch: (1 - ls) * nll_loss(mean) + smooth.sum() / Σ w[y] * (ls / C), each mean divided
+        # on its own (a zero total weight gives nan + inf = nan, not inf)
+        mean = (1 - ls) * divide(partial.nll_sum, partial.weight_sum) + divide(partial.smooth_sum, partial.weight_sum) * share(
+            ls, plan.num_classes
+        )
+    else:
+        mean = divide(partial.loss_sum, partial.weight_sum)
+    return torch.tensor(mean, dtype=torch.float64).to(plan.output_dtype)
+
+
+def finish(plan: Plan, partial: Partial) -> LossResult:
+    """Turn the partial covering every unit into what torch returns, plus the extras asked for."""
+    result = LossResult(reduce(plan, partial), partial.loss_sum, partial.weight_sum, partial.counted)
+    if plan.kind is TargetKind.CLASS:
+        spec = plan.spec
+        shape = plan.target_shape if plan.target_shape else ()
+        for name, value in partial.extras.items():
+            result.extras[name] = value.reshape(shape)
+        for name in spec.extras:
+            if name not in result.extras:  # nothing was evaluated (empty input)
+                result.extras[name] = torch.empty(shape, dtype=EXTRA_DTYPES.get(name, plan.compute_dtype))
+        if spec.sequence_stats:
+            result.sequences = sequence_stats(plan, partial)
+    return result
+
+
+def sequence_stats(plan: Plan, partial: Partial) -> SequenceStats:
+    """Per row of the target's last axis: NLL sum, tokens, mean, perplexity, greedy."""
+    t_len = max(1, plan.seq_len)
+    if partial.seq_loss is None:  # nothing was evaluated (empty input)
+        zeros = torch.zeros(plan.sequences, t_len, dtype=torch.float64).reshape(-1)
+        partial = Partial(0, 0, None, 0.0, 0.0, 0, {}, zeros, zeros, zeros.bool(), ~zeros.bool())
+    loss = partial.seq_loss.reshape(-1, t_len)
+    weight = partial.seq_weight.reshape(-1, t_len)
+    nll_sum = loss.sum(1)
+    wsum = weight.sum(1)
+    tokens = partial.seq_counted.reshape(-1, t_len).sum(1)
+    mean = nll_sum / wsum
+    return SequenceStats(
+        nll_sum=nll_sum.tolist(),
+        tokens=tokens.tolist(),
+        mean_nll=mean.tolist(),
+        perplexity=mean.exp().tolist(),
+        is_greedy=partial.seq_greedy.reshape(-1, t_len).all(1).tolist(),
+    )

@@ -1,0 +1,190 @@
+"""The arithmetic, one function per target kind: a chunk of units in, a Partial out.
+
+Every function reads only the chunk it is given plus the plan's small tensors (class weights,
+resolved class targets); the chunk's per-element losses, their float64 sum (the numerator of
+torch's mean) and the denominator torch uses go into a :class:`~.results.Partial`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .results import ClassTerms, Partial
+from .scratch import scratch
+from .spec import CROSS_ENTROPY, TargetKind
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+
+def evaluate_chunk(plan: Plan, xu: torch.Tensor, tu: torch.Tensor | None, unit_start: int, device) -> Partial:
+    """Units ``[unit_start, unit_start + len(xu))``: ``xu`` (and ``tu`` for probability / BCE
+    targets) in the plan's unit layout."""
+    u1 = unit_start + xu.shape[0]
+    if plan.kind is TargetKind.BCE:
+        return bce(plan, xu, tu, unit_start, u1, device)
+    if plan.kind is TargetKind.PROB:
+        if plan.output_dtype != plan.input_dtype:
+            return prob_promoted(plan, xu, tu, unit_start, u1, device)
+        x = plan.geometry.rows_of(xu, device, plan.compute_dtype)
+        return prob(plan, x, plan.geometry.rows_of(tu, device, plan.compute_dtype), unit_start, u1)
+    # class-index rows are consumed before the next chunk is upcast into the same scratch buffer
+    x = plan.geometry.rows_of(xu, device, plan.compute_dtype, reuse=True)
+    r0, r1 = unit_start * plan.geometry.unit_positions, u1 * plan.geometry.unit_positions
+    terms = class_terms(plan, x, plan.target[r0:r1].to(device), plan.valid[r0:r1].to(device))
+    return class_partial(plan, terms, unit_start, u1)
+
+
+def share(label_smoothing: float, num_classes: int) -> float:
+    """label_smoothing / C with C++ double semantics (torch divides by C = 0 without raising)."""
+    return label_smoothing / num_classes if num_classes else math.inf
+
+
+def _weight_on(plan: Plan, device) -> torch.Tensor | None:
+    return None if plan.weight is None else plan.weight.to(device=device, dtype=plan.compute_dtype)
+
+
+def class_terms(plan: Plan, x: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> ClassTerms:
+    """Per-row terms of a class-index loss for (rows, C) compute-dtype logits ``x``.
+
+    Depends only on the loss, C, compute dtype, class weights and label smoothing, so rows of
+    several compatible requests may be evaluated together (see batch_engine).
+    """
+    spec = plan.spec
+    tc = t.masked_fill(~valid, 0)
+    if spec.loss != CROSS_ENTROPY:
+        logp = x
+    elif x.device.type == "cpu":
+        # consumed (losses, extras) before this thread evaluates anything else
+        logp = torch.log_softmax(x, 1, out=scratch("log_softmax", x.numel(), x.dtype).view(x.shape))
+    else:
+        logp = torch.log_softmax(x, 1)
+    # C = 0 is valid only when every target is ignored: gather from one padded zero class
+    source = logp if logp.shape[1] else logp.new_zeros(logp.shape[0], 1)
+    picked = source.gather(1, tc.unsqueeze(1)).squeeze(1)
+    w = _weight_on(plan, x.device)
+    if w is not None:
+        wt = (w if w.numel() else w.new_zeros(1))[tc]
+        nll = -picked * wt
+        wt = torch.where(valid, wt, 0.0)
+    else:
+        nll = -picked
+        wt = valid.to(plan.compute_dtype)
+    nll = torch.where(valid, nll, 0.0)
+    ls = spec.smoothing
+    if ls <= 0.0:
+        return ClassTerms(x, logp, picked, tc, valid, nll, wt)
+    smooth = -(logp * w).sum(1) if w is not None else -logp.sum(1)
+    smooth = torch.where(valid, smooth, 0.0)
+    losses = (1 - ls) * nll + smooth * share(ls, plan.num_classes)
+    return ClassTerms(x, logp, picked, tc, valid, losses, wt, nll, smooth)
+
+
+def class_partial(plan: Plan, terms: ClassTerms, u0: int, u1: int) -> Partial:
+    """Reduce the terms of one request's rows (units ``[u0, u1)``) into a Partial."""
+    losses, wt, valid = terms.losses, terms.wt, terms.valid
+    part = Partial(
+        u0,
+        u1,
+        losses.cpu() if plan.needs_losses() else None,
+        float(losses.sum(dtype=torch.float64)),
+        float(wt.sum(dtype=torch.float64)),
+        int(valid.sum()),
+    )
+    if terms.smooth is not None:
+        part.nll_sum = float(terms.nll.sum(dtype=torch.float64))
+        part.smooth_sum = float(terms.smooth.sum(dtype=torch.float64))
+    if plan.spec.extras or plan.spec.sequence_stats:
+        _class_extras(plan, part, terms)
+    return part
+
+
+def _class_extras(plan: Plan, part: Partial, terms: ClassTerms) -> None:
+    x, logp, tc, valid = terms.x, terms.logp, terms.tc, terms.valid
+    extras = plan.spec.extras
+    rank = None
+    no_classes = x.shape[1] == 0  # then every row is ignored (validated): nothing to rank
+    if "target_rank" in extras or "argmax_correct" in extras:
+        if no_classes:
+            rank = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        else:
+            rank = torch.where(valid, (x > x.gather(1, tc.unsqueeze(1))).sum(1) + 1, 0)
+    if "target_logprob" in extras:
+        part.extras["target_logprob"] = torch.where(valid, terms.picked, 0.0).cpu()
+    if "entropy" in extras:
+        p = logp.exp()
+        ent = -(p * logp).masked_fill_(p == 0, 0.0).sum(1)  # 0 log 0 = 0; NaN stays NaN
+        part.extras["entropy"] = torch.where(valid, ent, 0.0).cpu()
+    if "target_rank" in extras:
+        part.extras["target_rank"] = rank.cpu()
+    if "argmax_correct" in extras:
+        part.extras["argmax_correct"] = ((rank == 1) & valid).cpu()
+    if plan.spec.sequence_stats:
+        part.seq_loss = terms.losses.to(torch.float64).cpu()
+        part.seq_weight = terms.wt.to(torch.float64).cpu()
+        part.seq_counted = valid.cpu()
+        # lm-evaluation-harness: logits.argmax(-1) == continuation (the first maximum wins ties).
+        part.seq_greedy = (~valid if no_classes else (x.argmax(1) == tc) | ~valid).cpu()
+
+
+def _summed(plan: Plan, losses: torch.Tensor, u0: int, u1: int) -> Partial:
+    """A Partial whose every element counts once (probability and BCE targets)."""
+    n = losses.numel()
+    return Partial(u0, u1, losses.reshape(-1).cpu() if plan.needs_losses() else None, float(losses.sum(dtype=torch.float64)), float(n), n)
+
+
+def prob(plan: Plan, x: torch.Tensor, p: torch.Tensor, u0: int, u1: int) -> Partial:
+    """Class probabilities, (rows, C) logits and targets in the compute dtype."""
+    ls = plan.spec.smoothing
+    logp = torch.log_softmax(x, 1)
+    if ls > 0.0:
+        p = p * (1 - ls) + share(ls, plan.num_classes)
+    prod = logp * p
+    if plan.weight is not None:
+        prod = prod * _weight_on(plan, x.device)
+    return _summed(plan, -prod.sum(1), u0, u1)
+
+
+def prob_promoted(plan: Plan, xu: torch.Tensor, tu: torch.Tensor, u0: int, u1: int, device) -> Partial:
+    """Probability targets whose dtype (or the weight's) is wider than the input's.
+
+    torch promotes only after its log_softmax, which runs in (and rounds to) the input dtype;
+    the result is then torch's own arithmetic in torch's (N, C, positions) layout.
+    """
+    x = xu.to(device)
+    t = tu.to(device)
+    w = None if plan.weight is None else plan.weight.to(device)
+    if len(plan.input_shape) <= 2:
+        x = x.reshape(x.shape[0], plan.num_classes)
+        t = t.reshape(t.shape[0], plan.num_classes)
+    elif w is not None:
+        w = w.reshape(1, -1, 1)
+    ls = plan.spec.smoothing
+    if ls > 0.0:
+        t = t * (1 - ls) + share(ls, plan.num_classes)
+    prod = torch.log_softmax(x, 1) * t
+    if w is not None:
+        prod = prod * w
+    return _summed(plan, -prod.sum(1), u0, u1)
+
+
+def bce(plan: Plan, xu: torch.Tensor, tu: torch.Tensor, u0: int, u1: int, device) -> Partial:
+    """binary_cross_entropy_with_logits over (units, positions) logits and targets.
+
+    When target / weight dtypes promote the result past the input dtype, torch rounds
+    log_sigmoid(input) to the input dtype first: evaluating in the original dtypes keeps exactly
+    that. Otherwise everything runs in the compute dtype.
+    """
+    cd = None if plan.output_dtype != plan.input_dtype else plan.compute_dtype
+    x = xu.to(device=device, dtype=cd)
+    t = tu.to(device=device, dtype=cd)
+    kwargs = {}
+    for name, w in (("weight", plan.weight), ("pos_weight", plan.pos_weight)):
+        if w is not None:
+            full = w.to(cd).expand(plan.input_shape) if plan.input_shape else w.to(cd).reshape(())
+            kwargs[name] = plan.unit_view(full)[u0:u1].to(device)
+    return _summed(plan, F.binary_cross_entropy_with_logits(x, t, reduction="none", **kwargs), u0, u1)

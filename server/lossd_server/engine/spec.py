@@ -1,0 +1,64 @@
+"""What a loss call asks for: names, options and the kinds of target. No tensors are read here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+CROSS_ENTROPY = "cross_entropy"
+NLL = "nll_loss"
+BCE_WITH_LOGITS = "binary_cross_entropy_with_logits"
+LOSSES = (CROSS_ENTROPY, NLL, BCE_WITH_LOGITS)
+REDUCTIONS = ("mean", "sum", "none")
+EXTRAS = ("target_logprob", "entropy", "target_rank", "argmax_correct")
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+CLASS_TARGET_DTYPES = (torch.int64, torch.uint8)
+#: dtypes of the extras that are not in the compute dtype
+EXTRA_DTYPES = {"target_rank": torch.int64, "argmax_correct": torch.bool}
+
+#: Bytes of compute-dtype logits evaluated per chunk. Large enough to amortise per-call
+#: overhead, small enough to stay in cache-friendly territory and bound extra memory.
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+class TargetKind(enum.Enum):
+    """How a request's target is read: torch decides by the target's shape and the loss."""
+
+    CLASS = "class"  # class indices (cross_entropy, nll_loss)
+    PROB = "prob"  # class probabilities shaped like the input (cross_entropy)
+    BCE = "bce"  # binary targets shaped like the input (binary_cross_entropy_with_logits)
+
+
+class InvalidInput(ValueError):
+    """The request is invalid; ``field`` names the offending request field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The options of one loss call, as torch.nn.functional takes them."""
+
+    loss: str = CROSS_ENTROPY
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    class_axis: int | None = None
+    shift_targets: bool = False
+    extras: tuple[str, ...] = ()
+    sequence_stats: bool = False
+
+    @property
+    def smoothing(self) -> float:
+        """The label smoothing cross_entropy applies: torch ignores NaN, negative and 0 values."""
+        return self.label_smoothing if self.loss == CROSS_ENTROPY and self.label_smoothing > 0.0 else 0.0
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
