@@ -161,82 +161,78 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: Any) -> Any:
-        m = self.m
-        received = m.bytes_received.labels(method)
-        in_flight = m.in_flight.labels(method)
-        latency = m.request_latency.labels(method)
+        probe = _MethodProbe(self.m, method)
         inner_deserializer = handler.request_deserializer
 
         def deserialize(data: bytes) -> Any:
-            received.inc(len(data))
+            probe.received.inc(len(data))
             return inner_deserializer(data) if inner_deserializer is not None else data
 
-        def finish(start: float, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
-            in_flight.dec()
-            m.requests.labels(method, status_name(context, exc)).inc()
-            latency.observe(time.perf_counter() - start)
+        for kind, make in _HANDLER_KINDS:
+            inner = getattr(handler, kind)
+            if inner is None:
+                continue
+            if inspect.isasyncgenfunction(inner):
 
-        async def run(call: Callable[[], Any], context) -> Any:
-            in_flight.inc()
-            start = time.perf_counter()
-            try:
-                result = await call()
-            except BaseException as exc:
-                finish(start, context, exc)
-                raise
-            finish(start, context, None)
-            return result
+                async def streaming(request, context, inner=inner):
+                    async for response in probe.run_stream(inner(request, context), context):
+                        yield response
 
-        async def run_stream(responses: Any, context) -> Any:
-            in_flight.inc()
-            start = time.perf_counter()
-            try:
-                async for response in responses:
-                    yield response
-            except BaseException as exc:
-                finish(start, context, exc)
-                raise
-            finish(start, context, None)
+                return make(streaming, deserialize, handler.response_serializer)
+            if kind.startswith("unary_stream"):
+                return handler  # a sync generator: not used by lossd
 
-        serializer = handler.response_serializer
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
+            async def single(request, context, inner=inner):
+                return await probe.run(lambda: inner(request, context), context)
 
-            async def unary_unary(request, context):
-                return await run(lambda: inner_uu(request, context), context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serializer)
-        if handler.stream_unary:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator, context):
-                return await run(lambda: inner_su(request_iterator, context), context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serializer)
-        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request, context):
-                async for response in run_stream(inner_us(request, context), context):
-                    yield response
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serializer)
-        if handler.stream_stream and inspect.isasyncgenfunction(handler.stream_stream):
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(request_iterator, context):
-                async for response in run_stream(inner_ss(request_iterator, context), context):
-                    yield response
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serializer)
-        if handler.stream_stream:  # a coroutine that writes with context.write()
-            inner_sw = handler.stream_stream
-
-            async def stream_stream_writer(request_iterator, context):
-                return await run(lambda: inner_sw(request_iterator, context), context)
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream_writer, deserialize, serializer)
+            return make(single, deserialize, handler.response_serializer)
         return handler
+
+
+_HANDLER_KINDS = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+class _MethodProbe:
+    """One method's collectors and the timing around its handler (coroutine or async generator)."""
+
+    def __init__(self, m: Metrics, method: str) -> None:
+        self.m = m
+        self.method = method
+        self.received = m.bytes_received.labels(method)
+        self.in_flight = m.in_flight.labels(method)
+        self.latency = m.request_latency.labels(method)
+
+    def _finish(self, start: float, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+        self.in_flight.dec()
+        self.m.requests.labels(self.method, status_name(context, exc)).inc()
+        self.latency.observe(time.perf_counter() - start)
+
+    async def run(self, call: Callable[[], Any], context) -> Any:
+        self.in_flight.inc()
+        start = time.perf_counter()
+        try:
+            result = await call()
+        except BaseException as exc:
+            self._finish(start, context, exc)
+            raise
+        self._finish(start, context, None)
+        return result
+
+    async def run_stream(self, responses: Any, context) -> Any:
+        self.in_flight.inc()
+        start = time.perf_counter()
+        try:
+            async for response in responses:
+                yield response
+        except BaseException as exc:
+            self._finish(start, context, exc)
+            raise
+        self._finish(start, context, None)
 
 
 def bind_http(config: Any) -> Any:

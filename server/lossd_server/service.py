@@ -1,30 +1,18 @@
 """Thin gRPC servicer: read (within the memory budget) -> decode -> batcher -> answer.
 
-No loss maths here. Every RPC goes through the same steps:
-
-* **Reading** (:class:`_Call`): a message is read only after the worst case of its size has
-  been reserved from the :class:`~lossd_server.budget.MemoryBudget`: twice gRPC's receive limit,
-  for the transport's buffer and its Python copy (until then the transport holds at most
-  ``transport_window_bytes`` of the call); then the reservation shrinks to the real size and
-  grows by what the answer will need. A caller that sends (or reads) nothing for
-  ``stream_idle_timeout_s`` is answered DEADLINE_EXCEEDED. ``Evaluate`` is registered as a
-  client-streaming handler (the wire is the same) so that its one message is read this way too.
-* **Errors**: one mapping, :func:`classify`, for every RPC. Errors are answered with
-  ``set_code``/``set_details`` rather than ``context.abort`` (whose stored exception and
-  traceback kept failed requests' bytes alive until the cycle collector ran), and tracebacks
-  are dropped before the handler returns.
-* **Streams** (EvaluateStream, EvaluatePacked): at most ``max_stream_in_flight`` messages read
-  and not yet answered per stream; past that the stream is not read (flow control), and answers
-  wait to be sent with their bytes counted.
-* **Drain** (:class:`CallTracker`): every call is counted from its first step to its last, so
-  the server stops only when every call it received has been answered (see app.py).
+No loss maths here. Every RPC runs through :meth:`LossServicer._rpc`: a :class:`~.calls.Call`
+for its reading (budget, idle timeout, liveness), one error mapping (:mod:`.errors`) answered
+with ``set_code``/``set_details`` rather than ``context.abort`` (whose stored exception and
+traceback kept failed requests' bytes alive until the cycle collector ran), and the
+:class:`~.calls.CallTracker` the drain waits on. ``Evaluate`` is registered as a
+client-streaming handler (the wire is the same) so that its one message is read within the
+budget too. Streams (EvaluateStream, EvaluatePacked) are served with flow control by
+:func:`~.calls.serve_stream`; EvaluateChunked feeds a :class:`~.chunks.ChunkAssembler`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -32,27 +20,18 @@ import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
-from . import __version__, codec, convert, engine, wire
-from .batcher import Abandoned, Batcher, BatcherClosed, DeadlineExpired, QueueFull
-from .budget import BudgetExceeded, MemoryBudget, Reservation
+from . import __version__, convert, engine, wire
+from .batcher import Batcher
+from .budget import MemoryBudget, Reservation
+from .calls import Call, CallTracker, serve_stream
 from .chunks import ChunkAssembler
 from .config import ServerConfig
-
-log = logging.getLogger("lossd.service")
+from .errors import RequestError, status_of
 
 #: Copies of an answer alive at once: the result tensors, the encoded message, gRPC's buffer.
 ANSWER_COPIES = 3
 #: Copies of a class-index target in a ChunkHeader: the message, the int64 view or copy, masks.
 HEADER_TARGET_COPIES = 3
-
-
-class RequestError(Exception):
-    """A request that must be answered with ``code``."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def check_message_size(request: wire.WireRequest, max_message_bytes: int) -> None:
@@ -80,141 +59,9 @@ def check_answer_size(plan: engine.Plan, max_send_message_bytes: int) -> int:
     return size
 
 
-def classify(exc: BaseException) -> RequestError | None:
-    """Map an exception to the status it must be answered with (None: a server bug)."""
-    if isinstance(exc, RequestError):
-        return exc
-    if isinstance(exc, (engine.InvalidInput, codec.TensorError)):
-        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, (QueueFull, BudgetExceeded)):
-        return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    if isinstance(exc, (DeadlineExpired, StreamIdle)):
-        return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline expired before compute")
-    if isinstance(exc, BatcherClosed):
-        return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
-    if isinstance(exc, Abandoned):
-        return RequestError(grpc.StatusCode.CANCELLED, str(exc))
-    return None
-
-
-def status_of(exc: BaseException, what: str) -> RequestError:
-    """classify(), logging server bugs as INTERNAL; drops the tracebacks so nothing they
-    reference (request tensors, futures, frames) outlives the call."""
-    err = classify(exc)
-    if err is None:
-        log.error("%s failed: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
-        err = RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-    drop_tracebacks(exc)
-    return err
-
-
-def drop_tracebacks(exc: BaseException | None) -> None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
-
-
-class StreamIdle(Exception):
-    """The client sent (or read) nothing for stream_idle_timeout_s."""
-
-
-class CallTracker:
-    """Calls in progress, for the drain: the server stops once none is left."""
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.last_start = 0.0
-
-    def start(self) -> None:
-        self.active += 1
-        self.last_start = time.monotonic()
-
-    def end(self) -> None:
-        self.active -= 1
-
-    async def wait_quiet(self, deadline: float, quiet_s: float = 0.25, poll_s: float = 0.02) -> bool:
-        """Until no call is in progress and none started for ``quiet_s`` (calls that gRPC's
-        transport received are picked up by the idle event loop within that time), or
-        ``deadline`` (time.monotonic()). True when quiet."""
-        while time.monotonic() < deadline:
-            if self.active == 0 and time.monotonic() - self.last_start >= quiet_s:
-                return True
-            await asyncio.sleep(poll_s)
-        return self.active == 0
-
-
-class _Call:
-    """One RPC's reading, budget and liveness."""
-
-    def __init__(self, servicer: LossServicer, context: grpc.aio.ServicerContext) -> None:
-        self.servicer = servicer
-        self.context = context
-        remaining = context.time_remaining()
-        self.deadline = None if remaining is None else time.monotonic() + remaining
-        self.alive = True
-        self.last_activity = time.monotonic()
-
-    def checkpoint(self) -> None:
-        """For the engine between chunks: stop once the call is over or past its deadline."""
-        if not self.alive or (self.deadline is not None and time.monotonic() >= self.deadline):
-            raise Abandoned("the call ended or passed its deadline; evaluation stopped")
-
-    def _wait_s(self) -> float:
-        idle = self.servicer.config.stream_idle_timeout_s
-        return idle if self.deadline is None else max(0.0, min(idle, self.deadline - time.monotonic()))
-
-    async def read(self, what: str, waiting_for_us: Callable[[], bool] | None = None) -> tuple[object, Reservation] | None:
-        """The next message with its bytes reserved; None at the end of the stream.
-
-        ``waiting_for_us``: while it returns True the client may rightly send nothing (it waits
-        for answers), so the idle timeout does not run.
-        """
-        servicer = self.servicer
-        held = await servicer.budget.reserve(servicer.read_reservation, f"reading a {what} message", timeout_s=self._wait_s())
-        try:
-            received = await self._idle_bounded(self.context.read(), f"sent no {what} message", waiting_for_us)
-            if received is grpc.aio.EOF:
-                held.release()
-                return None
-            held.resize(received.nbytes, f"a {what} message")
-        except BaseException:
-            held.release()
-            raise
-        self.last_activity = time.monotonic()
-        return received.message, held
-
-    async def write(self, message) -> None:
-        await self._idle_bounded(self.context.write(message), "read no answer")
-        self.last_activity = time.monotonic()
-
-    async def _idle_bounded(self, operation: Awaitable, doing: str, waiting_for_us: Callable[[], bool] | None = None):
-        idle = self.servicer.config.stream_idle_timeout_s
-        if waiting_for_us is None:
-            try:
-                async with asyncio.timeout(idle):
-                    return await operation
-            except TimeoutError:
-                raise StreamIdle(f"the client {doing} for stream_idle_timeout_s={idle:g}s") from None
-        task = asyncio.ensure_future(operation)
-        try:
-            while True:
-                done, _ = await asyncio.wait((task,), timeout=max(0.01, self.last_activity + idle - time.monotonic()))
-                if done:
-                    return task.result()
-                if waiting_for_us is not None and waiting_for_us():
-                    self.last_activity = time.monotonic()
-                elif time.monotonic() - self.last_activity >= idle:
-                    raise StreamIdle(f"the client {doing} for stream_idle_timeout_s={idle:g}s")
-        finally:
-            if not task.done():
-                task.cancel()
-
-
 def _message(received: object):
     if isinstance(received, wire.Malformed):
-        raise engine.InvalidInput("request", f"not a valid {received.kind} message: {received.error}")
+        raise _message_error(received)
     return received
 
 
@@ -228,11 +75,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.budget = budget or MemoryBudget(config.memory_budget_bytes)
         self.shm_reader = shm_reader
         self.calls = CallTracker()
-        self.read_reservation = config.read_reservation_bytes
 
     # ---------------------------------------------------------------- one path for every RPC
-    async def _rpc(self, context: grpc.aio.ServicerContext, what: str, body: Callable[[_Call], Awaitable]):
-        call = _Call(self, context)
+    async def _rpc(self, context: grpc.aio.ServicerContext, what: str, body: Callable[[Call], Awaitable]):
+        cfg = self.config
+        call = Call(context, self.budget, cfg.read_reservation_bytes, cfg.stream_idle_timeout_s)
         self.calls.start()
         try:
             return await body(call)
@@ -249,7 +96,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self.calls.end()
 
     # ---------------------------------------------------------------- evaluation of one request
-    async def _evaluate(self, call: _Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
+    async def _evaluate(self, call: Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
         """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer."""
         shm_bytes = _shm_nbytes(request)
         if shm_bytes:
@@ -269,7 +116,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return response
 
     async def Evaluate(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
-        async def body(call: _Call) -> pb.EvaluateResponse:
+        async def body(call: Call) -> pb.EvaluateResponse:
             got = await call.read("EvaluateRequest")
             if got is None:
                 raise engine.InvalidInput("request", "the call carried no EvaluateRequest message")
@@ -282,7 +129,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return await self._rpc(context, "Evaluate", body)
 
     # ---------------------------------------------------------------- streams
-    async def _answer_item(self, call: _Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
+    async def _answer_item(self, call: Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
         """One stream item: its response, or its failure as an ItemError (never raises)."""
         try:
             return await self._evaluate(call, request, held)
@@ -294,14 +141,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
             held.resize(0, "an item error")
             return convert.error_response(request.id, err.code.value[0], err.message)
 
-    async def _answer_message(self, call: _Call, message: object, held: Reservation, packed: bool):
-        if isinstance(message, wire.Malformed):
-            err = status_of(_message_error(message), "stream message")
-            failed = convert.error_response("", err.code.value[0], err.message)
-            return pb.EvaluateBatchResults(responses=[failed]) if packed else failed
-        if not packed:
-            return await self._answer_item(call, message, held)
-        # each item reserves its own answer; the message's reservation keeps the request bytes
+    async def _answer_packed(self, call: Call, message: list[wire.WireRequest], held: Reservation) -> pb.EvaluateBatchResults:
+        """Each item of a packed message reserves its own answer; the message's reservation
+        keeps the request bytes until every item is answered, then holds the answers."""
         shares = [self.budget.empty() for _ in message]
         try:
             responses = await asyncio.gather(*(self._answer_item(call, r, s) for r, s in zip(message, shares, strict=True)))
@@ -313,152 +155,114 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 share.release()
         return pb.EvaluateBatchResults(responses=responses)
 
-    async def _serve_stream(self, call: _Call, kind: str, packed: bool) -> None:
-        """Answer messages concurrently, at most max_stream_in_flight read and unanswered; send each
-        answer as soon as it is ready (answers are matched by id)."""
-        window = asyncio.Semaphore(self.config.max_stream_in_flight)
-        done: asyncio.Queue = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
-        pending = 0
-        end = object()
+    def _stream_answer(self, call: Call, packed: bool):
+        """The answer function of a stream: never raises, a malformed message is an item error."""
 
-        async def one(message: object, held: Reservation) -> None:
+        async def answer(message: object, held: Reservation):
             try:
-                answer = await self._answer_message(call, message, held, packed)
+                if isinstance(message, wire.Malformed):
+                    raise _message_error(message)
+                if packed:
+                    return await self._answer_packed(call, message, held)
+                return await self._answer_item(call, message, held)
             except asyncio.CancelledError:
-                held.release()
                 raise
             except Exception as exc:  # noqa: BLE001 - a stream must never wait for an answer that never comes
                 err = status_of(exc, "stream message")
                 del exc
                 failed = convert.error_response("", err.code.value[0], err.message)
-                answer = pb.EvaluateBatchResults(responses=[failed]) if packed else failed
-            del message
-            done.put_nowait((answer, held))
+                return pb.EvaluateBatchResults(responses=[failed]) if packed else failed
 
-        async def reader() -> None:
-            nonlocal pending
-
-            def answers_pending() -> bool:
-                return pending > 0
-
-            try:
-                while True:
-                    await window.acquire()
-                    got = await call.read(kind, waiting_for_us=answers_pending)
-                    if got is None:
-                        return
-                    pending += 1
-                    task = asyncio.ensure_future(one(*got))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            finally:
-                done.put_nowait(end)
-
-        reader_task = asyncio.ensure_future(reader())
-        reading = True
-        try:
-            while reading or pending:
-                item = await done.get()
-                if item is end:
-                    reading = False
-                    if reader_task.exception() is not None:
-                        raise reader_task.exception()
-                    continue
-                answer, held = item
-                try:
-                    await call.write(answer)
-                finally:
-                    held.release()
-                    del answer, item
-                pending -= 1
-                window.release()
-        finally:
-            reader_task.cancel()
-            for task in list(tasks):
-                task.cancel()
-            while not done.empty():
-                item = done.get_nowait()
-                if item is not end:
-                    item[1].release()
+        return answer
 
     async def EvaluateStream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         """Answers each item as soon as it is computed; items are matched by id."""
-        await self._rpc(context, "EvaluateStream", lambda call: self._serve_stream(call, "EvaluateRequest", packed=False))
+
+        async def body(call: Call) -> None:
+            await serve_stream(call, "EvaluateRequest", self.config.max_stream_in_flight, self._stream_answer(call, packed=False))
+
+        await self._rpc(context, "EvaluateStream", body)
 
     async def EvaluatePacked(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         """EvaluateStream with several items per message; each message is answered as a whole."""
-        await self._rpc(context, "EvaluatePacked", lambda call: self._serve_stream(call, "EvaluateBatch", packed=True))
+
+        async def body(call: Call) -> None:
+            await serve_stream(call, "EvaluateBatch", self.config.max_stream_in_flight, self._stream_answer(call, packed=True))
+
+        await self._rpc(context, "EvaluatePacked", body)
 
     # ---------------------------------------------------------------- chunked requests
     async def EvaluateChunked(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         return await self._rpc(context, "EvaluateChunked", self._evaluate_chunked)
 
-    async def _evaluate_chunked(self, call: _Call) -> pb.EvaluateResponse:
+    async def _evaluate_chunked(self, call: Call) -> pb.EvaluateResponse:
         got = await call.read("EvaluateChunk")
         if got is None:
             raise engine.InvalidInput("header", "EvaluateChunked received no messages")
         first, header_held = got
-        inflight: list[tuple[asyncio.Future, Reservation]] = []
-        partials: list[engine.Partial] = []
         try:
-            first = _message(first)
-            if first.header is None:
-                raise engine.InvalidInput("header", "the first EvaluateChunk must carry the header")
-            if first.header.target is not None and first.header.target.shm is not None:
-                header_held.resize(header_held.nbytes + int(first.header.target.shm.length), "a shared-memory header target")
-            assembler = ChunkAssembler(first.header, self.shm_reader)
-            plan = assembler.plan
-            answer = check_answer_size(plan, self.config.max_send_message_bytes)
-            target_bytes = len(first.header.target.data) if first.header.target is not None else 0
-            header_held.resize(
-                header_held.nbytes + HEADER_TARGET_COPIES * target_bytes + plan.working_nbytes() + ANSWER_COPIES * answer,
-                "the chunk header and its answer",
-            )
-
-            async def drain(limit: int) -> None:
-                while len(inflight) > limit:
-                    future, held = inflight.pop(0)
-                    try:
-                        partials.append(await future)
-                    finally:
-                        held.release()
-
-            def schedule(message: wire.WireChunk, held: Reservation, first: bool = False) -> None:
-                rows = assembler.rows(message, first=first)
-                if rows is None:
-                    held.release()
-                    return
-                run = self.batcher.run_in_engine(
-                    lambda: assembler.evaluate(rows, device=self.device, chunk_bytes=self.config.chunk_bytes, checkpoint=call.checkpoint)
-                )
-                inflight.append((asyncio.ensure_future(run), held))
-
-            # the first message's rows (if any) stay counted in the header's reservation
-            schedule(first, self.budget.empty(), first=True)
+            assembler = self._open_chunked(_message(first), header_held)
+            partials = await self._stream_chunks(call, assembler, first)
             del first
-            while True:
-                await drain(self.config.max_chunks_in_flight - 1)
-                got = await call.read("EvaluateChunk")
-                if got is None:
-                    break
-                message, held = got
-                try:
-                    schedule(_message(message), held)
-                except BaseException:
-                    held.release()
-                    raise
-                del message, got
-            await drain(0)
             assembler.check_complete()
             result = await self.batcher.run_in_engine(assembler.finish, partials)
             partials.clear()
             return convert.encode_result(assembler.id, result)
         finally:
+            header_held.release()
+
+    def _open_chunked(self, first: wire.WireChunk, header_held: Reservation) -> ChunkAssembler:
+        """Validate the header into an assembler; reserve its target and what the answer needs
+        (the first message's rows, if any, stay counted in the header's reservation)."""
+        if first.header is None:
+            raise engine.InvalidInput("header", "the first EvaluateChunk must carry the header")
+        target = first.header.target
+        if target is not None and target.shm is not None:
+            header_held.resize(header_held.nbytes + int(target.shm.length), "a shared-memory header target")
+        assembler = ChunkAssembler(first.header, self.shm_reader)
+        plan = assembler.plan
+        answer = check_answer_size(plan, self.config.max_send_message_bytes)
+        target_bytes = len(target.data) if target is not None else 0
+        extra = HEADER_TARGET_COPIES * target_bytes + plan.working_nbytes() + ANSWER_COPIES * answer
+        header_held.resize(header_held.nbytes + extra, "the chunk header and its answer")
+        return assembler
+
+    async def _stream_chunks(self, call: Call, assembler: ChunkAssembler, first: wire.WireChunk) -> list[engine.Partial]:
+        """Read and evaluate the row chunks, at most max_chunks_in_flight held at once, in order."""
+        inflight: list[tuple[asyncio.Future, Reservation]] = []
+        partials: list[engine.Partial] = []
+
+        def schedule(message: wire.WireChunk, held: Reservation, first: bool = False) -> None:
+            rows = assembler.rows(message, first=first)
+            if rows is None:
+                held.release()
+                return
+            work = self.batcher.run_in_engine(
+                lambda: assembler.evaluate(rows, device=self.device, chunk_bytes=self.config.chunk_bytes, checkpoint=call.checkpoint)
+            )
+            inflight.append((asyncio.ensure_future(work), held))
+
+        try:
+            schedule(first, self.budget.empty(), first=True)
+            while True:
+                while len(inflight) >= self.config.max_chunks_in_flight:
+                    partials.append(await _finished(inflight.pop(0)))
+                got = await call.read("EvaluateChunk")
+                if got is None:
+                    break
+                try:
+                    schedule(_message(got[0]), got[1])
+                except BaseException:
+                    got[1].release()
+                    raise
+                del got
+            while inflight:
+                partials.append(await _finished(inflight.pop(0)))
+            return partials
+        finally:
             for future, held in inflight:
                 future.cancel()
                 held.release()
-            header_held.release()
 
     # ---------------------------------------------------------------- info
     async def GetServerInfo(self, request, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
@@ -481,6 +285,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
         )
 
 
+async def _finished(work: tuple[asyncio.Future, Reservation]) -> engine.Partial:
+    """The partial of a scheduled chunk; its bytes are released once it is computed."""
+    future, held = work
+    try:
+        return await future
+    finally:
+        held.release()
+
+
 def _message_error(message: wire.Malformed) -> engine.InvalidInput:
     return engine.InvalidInput("request", f"not a valid {message.kind} message: {message.error}")
 
@@ -492,7 +305,7 @@ def _shm_nbytes(request: wire.WireRequest) -> int:
 
 
 def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
-    """Register the servicer. Every method reads its messages itself (see _Call.read), so the
+    """Register the servicer. Every method reads its messages itself (see Call.read), so the
     unary Evaluate is registered as client-streaming: same wire, but the read waits for budget."""
     handlers = {
         "Evaluate": grpc.stream_unary_rpc_method_handler(

@@ -1,0 +1,180 @@
+"""One RPC's reading, budget, liveness and idle timeout; streams answered with flow control.
+
+A message is read only after the worst case of its size has been reserved from the
+:class:`~lossd_server.budget.MemoryBudget`: twice gRPC's receive limit, for the transport's
+buffer and its Python copy (until then the transport holds at most ``transport_window_bytes``
+of the call); then the reservation shrinks to the real size. A caller that sends (or reads)
+nothing for ``stream_idle_timeout_s`` is answered DEADLINE_EXCEEDED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from .batcher import Abandoned
+from .budget import MemoryBudget, Reservation
+from .errors import StreamIdle
+
+
+class CallTracker:
+    """Calls in progress, for the drain: the server stops once none is left."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.last_start = 0.0
+
+    def start(self) -> None:
+        self.active += 1
+        self.last_start = time.monotonic()
+
+    def end(self) -> None:
+        self.active -= 1
+
+    async def wait_quiet(self, deadline: float, quiet_s: float = 0.25, poll_s: float = 0.02) -> bool:
+        """Until no call is in progress and none started for ``quiet_s`` (calls that gRPC's
+        transport received are picked up by the idle event loop within that time), or
+        ``deadline`` (time.monotonic()). True when quiet."""
+        while time.monotonic() < deadline:
+            if self.active == 0 and time.monotonic() - self.last_start >= quiet_s:
+                return True
+            await asyncio.sleep(poll_s)
+        return self.active == 0
+
+
+class Call:
+    """One RPC: reads its messages within the budget, writes its answers, knows if it is alive."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, budget: MemoryBudget, read_reservation: int, idle_s: float) -> None:
+        self.context = context
+        self.budget = budget
+        self.read_reservation = read_reservation
+        self.idle_s = idle_s
+        remaining = context.time_remaining()
+        self.deadline = None if remaining is None else time.monotonic() + remaining
+        self.alive = True
+        self.last_activity = time.monotonic()
+
+    def checkpoint(self) -> None:
+        """For the engine between chunks: stop once the call is over or past its deadline."""
+        if not self.alive or (self.deadline is not None and time.monotonic() >= self.deadline):
+            raise Abandoned("the call ended or passed its deadline; evaluation stopped")
+
+    def _wait_s(self) -> float:
+        return self.idle_s if self.deadline is None else max(0.0, min(self.idle_s, self.deadline - time.monotonic()))
+
+    async def read(self, what: str, waiting_for_us: Callable[[], bool] | None = None) -> tuple[object, Reservation] | None:
+        """The next message with its bytes reserved; None at the end of the stream.
+
+        ``waiting_for_us``: while it returns True the client may rightly send nothing (it waits
+        for answers), so the idle timeout does not run.
+        """
+        held = await self.budget.reserve(self.read_reservation, f"reading a {what} message", timeout_s=self._wait_s())
+        try:
+            received = await self._idle_bounded(self.context.read(), f"sent no {what} message", waiting_for_us)
+            if received is grpc.aio.EOF:
+                held.release()
+                return None
+            held.resize(received.nbytes, f"a {what} message")
+        except BaseException:
+            held.release()
+            raise
+        self.last_activity = time.monotonic()
+        return received.message, held
+
+    async def write(self, message) -> None:
+        await self._idle_bounded(self.context.write(message), "read no answer")
+        self.last_activity = time.monotonic()
+
+    async def _idle_bounded(self, operation: Awaitable, doing: str, waiting_for_us: Callable[[], bool] | None = None):
+        idle = self.idle_s
+        if waiting_for_us is None:
+            try:
+                async with asyncio.timeout(idle):
+                    return await operation
+            except TimeoutError:
+                raise StreamIdle(f"the client {doing} for stream_idle_timeout_s={idle:g}s") from None
+        task = asyncio.ensure_future(operation)
+        try:
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=max(0.01, self.last_activity + idle - time.monotonic()))
+                if done:
+                    return task.result()
+                if waiting_for_us():
+                    self.last_activity = time.monotonic()
+                elif time.monotonic() - self.last_activity >= idle:
+                    raise StreamIdle(f"the client {doing} for stream_idle_timeout_s={idle:g}s")
+        finally:
+            if not task.done():
+                task.cancel()
+
+
+Answer = Callable[[object, Reservation], Awaitable[object]]
+
+
+async def serve_stream(call: Call, kind: str, window: int, answer: Answer) -> None:
+    """Answer a stream's messages concurrently, at most ``window`` read and not yet answered
+    (past that the stream is not read: flow control); send each answer as soon as it is ready
+    and release its bytes once it is sent. ``answer`` must not raise (but may be cancelled)."""
+    slots = asyncio.Semaphore(window)
+    done: asyncio.Queue = asyncio.Queue()
+    tasks: set[asyncio.Task] = set()
+    pending = [0]  # answers read and not yet sent
+    end = object()
+
+    async def one(message: object, held: Reservation) -> None:
+        try:
+            done.put_nowait((await answer(message, held), held))
+        except BaseException:
+            held.release()
+            raise
+
+    async def reader() -> None:
+        try:
+            while True:
+                await slots.acquire()
+                got = await call.read(kind, waiting_for_us=lambda: pending[0] > 0)
+                if got is None:
+                    return
+                pending[0] += 1
+                task = asyncio.ensure_future(one(*got))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            done.put_nowait(end)
+
+    reader_task = asyncio.ensure_future(reader())
+    try:
+        await _write_answers(call, done, end, reader_task, pending, slots)
+    finally:
+        reader_task.cancel()
+        for task in list(tasks):
+            task.cancel()
+        while not done.empty():
+            item = done.get_nowait()
+            if item is not end:
+                item[1].release()
+
+
+async def _write_answers(call: Call, done: asyncio.Queue, end: object, reader_task: asyncio.Task, pending: list[int], slots) -> None:
+    """Send answers in completion order until the reader has finished and nothing is pending;
+    the reader's failure (idle, budget) ends the stream."""
+    reading = True
+    while reading or pending[0]:
+        item = await done.get()
+        if item is end:
+            reading = False
+            if reader_task.exception() is not None:
+                raise reader_task.exception()
+            continue
+        answer, held = item
+        try:
+            await call.write(answer)
+        finally:
+            held.release()
+            del answer, item
+        pending[0] -= 1
+        slots.release()

@@ -1,0 +1,63 @@
+"""One mapping from what went wrong to the gRPC status a caller receives, for every RPC."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from . import codec, engine
+from .batcher import Abandoned, BatcherClosed, DeadlineExpired, QueueFull
+from .budget import BudgetExceeded
+
+log = logging.getLogger("lossd.service")
+
+
+class RequestError(Exception):
+    """A request that must be answered with ``code``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class StreamIdle(Exception):
+    """The client sent (or read) nothing for stream_idle_timeout_s."""
+
+
+def classify(exc: BaseException) -> RequestError | None:
+    """Map an exception to the status it must be answered with (None: a server bug)."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, (engine.InvalidInput, codec.TensorError)):
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, (QueueFull, BudgetExceeded)):
+        return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, (DeadlineExpired, StreamIdle)):
+        return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline expired before compute")
+    if isinstance(exc, BatcherClosed):
+        return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, Abandoned):
+        return RequestError(grpc.StatusCode.CANCELLED, str(exc))
+    return None
+
+
+def status_of(exc: BaseException, what: str) -> RequestError:
+    """classify(), logging server bugs as INTERNAL; drops the tracebacks so nothing they
+    reference (request tensors, futures, frames) outlives the call."""
+    err = classify(exc)
+    if err is None:
+        log.error("%s failed: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
+        err = RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    drop_tracebacks(exc)
+    return err
+
+
+def drop_tracebacks(exc: BaseException | None) -> None:
+    """Cut every traceback of an exception chain: they hold the frames of the failed call."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
