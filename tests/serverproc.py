@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from lossd_server.spawn import ServerProcess, spawn
 
-__all__ = ["ServerProcess", "start_server"]
+__all__ = ["HOG_FLAGS", "EngineHog", "ServerProcess", "start_server"]
 
 
 def start_server(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60.0, metrics: bool = False) -> ServerProcess:
@@ -22,3 +23,51 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout_s: float
         cmd += ["--metrics-port", "-1" if metrics else "0"]
     cmd += list(args)
     return spawn(cmd, env=env, timeout_s=timeout_s)
+
+
+HOG_FLAGS = ("--chunk-bytes", "32", "--compute-threads", "1")
+
+
+class EngineHog:
+    """Keeps a server's only engine worker busy until the ``with`` block ends.
+
+    The server must run with :data:`HOG_FLAGS` (one worker, 32-byte engine chunks: every row is
+    its own chunk). One request of a million 2-class rows then takes the worker tens of seconds in
+    a million checkpointed steps; leaving the block cancels it, and the engine stops at its next
+    step. Used to hold requests in the queue without a batching timer (lossd has none).
+    """
+
+    ROWS = 1_000_000
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self._future = None
+        self._channel = None
+
+    def __enter__(self) -> EngineHog:
+        import grpc
+        import numpy as np
+        from lossd_client import tensors
+        from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+
+        rng = np.random.default_rng(0)
+        msg = pb.EvaluateRequest()
+        tensors.to_proto(rng.standard_normal((self.ROWS, 2), dtype=np.float32), msg.input)
+        tensors.to_proto(rng.integers(0, 2, self.ROWS), msg.target)
+        data = msg.SerializeToString()
+        received = 'lossd_received_bytes_total{method="Evaluate"}'
+        before = self.server.metrics().get(received, 0.0)
+        self._channel = grpc.insecure_channel(self.server.address)
+        self._future = self._channel.unary_unary("/lossd.v1.LossService/Evaluate").future(data, timeout=300)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the server has it whole and nothing is queued
+            m = self.server.metrics()
+            if m.get(received, 0.0) - before >= len(data) and m.get("lossd_queue_depth", 1) == 0:
+                time.sleep(0.2)  # decoding and validation take milliseconds; the compute takes many seconds
+                return self
+            time.sleep(0.02)
+        raise RuntimeError("the hog request never reached the engine")
+
+    def __exit__(self, *exc: object) -> None:
+        self._future.cancel()
+        self._channel.close()

@@ -1,13 +1,15 @@
 """Batcher and batch engine, driven directly in an event loop.
 
-Batches are closed deterministically: a huge max_wait_ms plus a row limit (or the timer of a
-small max_wait_ms when every request was submitted in the same loop iteration) decides when a
-batch runs; no sleep races a batch.
+The batcher is work-conserving: an idle engine worker takes a request at once; requests that
+arrive while it computes form the next batch. Tests make that deterministic with a gate: the
+engine function blocks on a threading.Event until the test releases it, so what queues up
+meanwhile is known exactly; no sleep races a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -21,13 +23,16 @@ HUGE_WAIT_MS = 3_600_000.0
 
 
 class Recorder:
-    """Observer + evaluate wrapper that records what was computed."""
+    """Observer + evaluate wrapper that records what was computed; ``gate()`` makes the next
+    evaluation block until ``release()``."""
 
     def __init__(self, fail: bool = False) -> None:
         self.batches: list[BatchFigures] = []
         self.depths: list[int] = []
         self.computed: list[list[batch_engine.Job]] = []
         self.fail = fail
+        self._gate: threading.Event | None = None
+        self.entered = threading.Event()
 
     def on_batch(self, figures: BatchFigures) -> None:
         self.batches.append(figures)
@@ -35,8 +40,21 @@ class Recorder:
     def on_queue_depth(self, depth: int) -> None:
         self.depths.append(depth)
 
+    def gate(self) -> None:
+        self._gate = threading.Event()
+        self.entered.clear()
+
+    def release(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+            self._gate = None
+
     def evaluate(self, jobs, **kwargs):
         self.computed.append(list(jobs))
+        gate = self._gate
+        self.entered.set()
+        if gate is not None and not gate.wait(20):
+            raise RuntimeError("the test never released the gate")
         if self.fail:
             raise RuntimeError("engine exploded")
         return batch_engine.evaluate_batch(jobs, **kwargs)
@@ -60,6 +78,7 @@ async def with_batcher(recorder: Recorder, body, **config):
     try:
         return await body(batcher)
     finally:
+        recorder.release()
         await batcher.close()
 
 
@@ -68,49 +87,63 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def test_row_limit_closes_the_batch_and_every_result_is_exact():
+async def busy(rec: Recorder, b: Batcher, request) -> asyncio.Future:
+    """Submit ``request`` with the gate closed and wait until the engine holds it: the worker is busy."""
+    rec.gate()
+    task = asyncio.ensure_future(b.submit(*request))
+    while not rec.entered.is_set():
+        await asyncio.sleep(0.001)  # bounded by run()'s 20 s
+    return task
+
+
+def test_an_idle_worker_takes_a_request_at_once_whatever_max_wait_ms():
     rec = Recorder()
+    plan, x, t = ce_request(4)
+
+    async def body(b: Batcher):
+        return await b.submit(plan, x, t)
+
+    got = run(with_batcher(rec, body, max_wait_ms=HUGE_WAIT_MS))  # a timer would never fire in 20 s
+    assert [f.requests for f in rec.batches] == [1]
+    torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
+
+
+def test_requests_arriving_while_busy_form_the_next_batches_up_to_the_row_limit():
+    rec = Recorder()
+    first = ce_request(4, seed=99)
     reqs = [ce_request(4, seed=i, reduction=("mean", "sum", "none")[i % 3]) for i in range(5)]
 
     async def body(b: Batcher):
-        tasks = [asyncio.ensure_future(b.submit(*r)) for r in reqs[:4]]
+        head = await busy(rec, b, first)
+        tasks = [asyncio.ensure_future(b.submit(*r)) for r in reqs]
         await settle()
-        assert rec.batches == [] and b.queue_depth == 4
-        tasks.append(asyncio.ensure_future(b.submit(*reqs[4])))
-        return await asyncio.gather(*tasks)
+        assert b.queue_depth == 5 and [f.requests for f in rec.batches] == []
+        rec.release()
+        return await asyncio.gather(head, *tasks)
 
-    results = run(with_batcher(rec, body, max_wait_ms=HUGE_WAIT_MS, max_batch_rows=20))
-    assert [f.requests for f in rec.batches] == [5]
-    assert rec.batches[0].rows == 20 and rec.batches[0].bytes == 20 * 7 * 4
-    assert len(rec.batches[0].queue_wait_s) == 5 and all(w >= 0 for w in rec.batches[0].queue_wait_s)
-    assert rec.batches[0].compute_s > 0
+    results = run(with_batcher(rec, body, max_wait_ms=1.0, max_batch_rows=12))
+    assert [f.requests for f in rec.batches] == [1, 3, 2]
+    assert rec.batches[1].rows == 12 and rec.batches[1].bytes == 12 * 7 * 4
+    assert len(rec.batches[1].queue_wait_s) == 3 and all(w >= 0 for w in rec.batches[1].queue_wait_s)
+    assert rec.batches[1].compute_s > 0
     assert rec.depths[-1] == 0
-    for (plan, x, t), got in zip(reqs, results, strict=True):
+    for (plan, x, t), got in zip([first, *reqs], results, strict=True):
         torch.testing.assert_close(got.loss, F.cross_entropy(x, t, reduction=plan.spec.reduction))
 
 
-def test_byte_limit_closes_the_batch():
+def test_byte_limit_bounds_the_next_batch():
     rec = Recorder()
-    reqs = [ce_request(2, seed=i) for i in range(3)]
+    reqs = [ce_request(2, seed=i) for i in range(4)]
 
     async def body(b: Batcher):
-        return await asyncio.gather(*(b.submit(*r) for r in reqs))
+        head = await busy(rec, b, reqs[0])
+        tasks = [asyncio.ensure_future(b.submit(*r)) for r in reqs[1:]]
+        await settle()
+        rec.release()
+        return await asyncio.gather(head, *tasks)
 
-    run(with_batcher(rec, body, max_wait_ms=HUGE_WAIT_MS, max_batch_bytes=3 * 2 * 7 * 4))
-    assert [f.requests for f in rec.batches] == [3]
-
-
-def test_max_wait_closes_a_batch_started_by_its_first_request():
-    rec = Recorder()
-    reqs = [ce_request(3, seed=i) for i in range(4)]
-
-    async def body(b: Batcher):
-        return await asyncio.gather(*(b.submit(*r) for r in reqs))
-
-    results = run(with_batcher(rec, body, max_wait_ms=20.0))
-    assert [f.requests for f in rec.batches] == [4]
-    for (_, x, t), got in zip(reqs, results, strict=True):
-        torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
+    run(with_batcher(rec, body, max_wait_ms=1.0, max_batch_bytes=2 * 2 * 7 * 4))
+    assert [f.requests for f in rec.batches] == [1, 2, 1]
 
 
 def test_incompatible_requests_form_separate_batches_in_the_same_cycle():
@@ -209,6 +242,7 @@ def test_queue_full_names_the_limit_and_recovers():
     rec = Recorder()
 
     async def body(b: Batcher):
+        head = await busy(rec, b, ce_request(2, seed=8))
         waiting = [asyncio.ensure_future(b.submit(*ce_request(2, seed=i))) for i in range(2)]
         await settle()
         with pytest.raises(QueueFull) as info:
@@ -218,19 +252,21 @@ def test_queue_full_names_the_limit_and_recovers():
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
         assert b.queue_depth == 0
-        assert b._open == {}  # cancelled requests left their batch
+        rec.release()
+        await head
         closer = [asyncio.ensure_future(b.submit(*ce_request(50, seed=i))) for i in range(2)]
         return await asyncio.gather(*closer)
 
-    results = run(with_batcher(rec, body, max_wait_ms=HUGE_WAIT_MS, max_batch_rows=100, max_queue_requests=2))
+    results = run(with_batcher(rec, body, max_wait_ms=1.0, max_queue_requests=2))
     assert len(results) == 2
-    assert sum(len(b) for b in rec.computed) == 2  # the cancelled ones were never computed
+    assert sum(len(b) for b in rec.computed) == 3  # the cancelled ones were never computed
 
 
 def test_queue_bytes_limit():
     rec = Recorder()
 
     async def body(b: Batcher):
+        head = await busy(rec, b, ce_request(1, seed=7))
         first = asyncio.ensure_future(b.submit(*ce_request(4, seed=1)))
         await settle()
         with pytest.raises(QueueFull) as info:
@@ -238,48 +274,58 @@ def test_queue_bytes_limit():
         assert info.value.limit == "max_queue_bytes"
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
-        return await b.submit(*ce_request(8, seed=3))  # alone, an oversized request is still admitted
+        oversized = asyncio.ensure_future(b.submit(*ce_request(8, seed=3)))  # alone, an oversized request is still admitted
+        await settle()
+        rec.release()
+        await head
+        return await oversized
 
-    run(with_batcher(rec, body, max_wait_ms=HUGE_WAIT_MS, max_batch_rows=8, max_queue_bytes=4 * 7 * 4 + 10))
+    run(with_batcher(rec, body, max_wait_ms=1.0, max_queue_bytes=4 * 7 * 4 + 10))
 
 
 def test_cancelled_requests_are_never_computed():
     rec = Recorder()
-    reqs = [ce_request(2, seed=i) for i in range(3)]
+    reqs = [ce_request(2, seed=i) for i in range(4)]
 
     async def body(b: Batcher):
+        head = await busy(rec, b, reqs[3])
         victim = asyncio.ensure_future(b.submit(*reqs[0]))
+        others = [asyncio.ensure_future(b.submit(*r)) for r in reqs[1:3]]
         await settle()
         victim.cancel()
         await asyncio.gather(victim, return_exceptions=True)
         assert victim.cancelled()
-        return await asyncio.gather(b.submit(*reqs[1]), b.submit(*reqs[2]))
+        rec.release()
+        return await asyncio.gather(head, *others)
 
-    run(with_batcher(rec, body, max_wait_ms=HUGE_WAIT_MS, max_batch_rows=4))
+    run(with_batcher(rec, body, max_wait_ms=1.0))
     computed = [j for batch in rec.computed for j in batch]
-    assert reqs[0][0] not in [j.plan for j in computed] and len(computed) == 2
+    assert reqs[0][0] not in [j.plan for j in computed] and len(computed) == 3
 
 
 def test_expired_deadlines_are_dropped_before_compute():
     rec = Recorder()
-    reqs = [ce_request(2, seed=i) for i in range(2)]
+    reqs = [ce_request(2, seed=i) for i in range(3)]
 
     async def body(b: Batcher):
         with pytest.raises(DeadlineExpired):
             await b.submit(*reqs[0], deadline=time.monotonic() - 1.0)
+        head = await busy(rec, b, reqs[2])
         deadline = time.monotonic() + 0.05
         late = asyncio.ensure_future(b.submit(*reqs[0], deadline=deadline))
+        ok = asyncio.ensure_future(b.submit(*reqs[1]))
         await settle()
         while time.monotonic() < deadline + 0.01:  # bounded: 60 ms
             await asyncio.sleep(0.01)
-        ok = await b.submit(*reqs[1])  # fills the batch; the late request is in it
+        rec.release()
         with pytest.raises(DeadlineExpired):
             await late
-        return ok
+        await head
+        return await ok
 
-    run(with_batcher(rec, body, max_wait_ms=HUGE_WAIT_MS, max_batch_rows=4))
+    run(with_batcher(rec, body, max_wait_ms=1.0))
     computed = [j.plan for batch in rec.computed for j in batch]
-    assert computed == [reqs[1][0]]
+    assert computed == [reqs[2][0], reqs[1][0]]
 
 
 def test_engine_crash_fails_only_its_batch_and_the_batcher_keeps_serving():
@@ -306,23 +352,27 @@ def test_a_failing_request_fails_alone_inside_a_fused_batch():
         torch.testing.assert_close(out.loss, F.cross_entropy(gx, gt))
 
 
-def test_close_fails_queued_requests_instead_of_leaving_them_hanging():
+def test_close_fails_queued_and_computing_requests_instead_of_leaving_them_hanging():
     rec = Recorder()
 
     async def body():
-        b = Batcher(ServerConfig(max_wait_ms=HUGE_WAIT_MS), torch.device("cpu"), observer=rec, evaluate=rec.evaluate)
+        b = Batcher(ServerConfig(max_wait_ms=1.0), torch.device("cpu"), observer=rec, evaluate=rec.evaluate)
         await b.start()
+        head = await busy(rec, b, ce_request(2, seed=9))
         tasks = [asyncio.ensure_future(b.submit(*ce_request(2, seed=i))) for i in range(3)]
         await settle()
-        await b.close()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        assert all(isinstance(r, BatcherClosed) for r in results)
+        closing = asyncio.ensure_future(b.close())
+        await settle()
+        rec.release()  # the engine thread finishes; its caller was already told
+        await closing
+        results = await asyncio.gather(head, *tasks, return_exceptions=True)
+        assert all(isinstance(r, BatcherClosed) for r in results), results
         with pytest.raises(BatcherClosed):
             await b.submit(*ce_request(2))
         assert b.queue_depth == 0
 
     run(body())
-    assert rec.computed == []
+    assert len(rec.computed) == 1  # only the batch that was already computing
 
 
 def test_batch_key_compares_weights_by_value():
@@ -336,3 +386,26 @@ def test_batch_key_compares_weights_by_value():
     bce = engine.plan(engine.LossSpec(loss=engine.BCE_WITH_LOGITS), x.shape, x.dtype, torch.rand(2, 3))
     assert batch_engine.batch_key(bce, big) is None  # evaluated alone
     assert batch_engine.batch_key(a, 4) is None  # too large to copy into a fused batch
+
+
+def test_checkpoints_stop_only_their_own_job_in_a_mixed_batch():
+    class Stop(Exception):
+        pass
+
+    def stopped() -> None:
+        raise Stop("caller gone")
+
+    big_plan, big_x, big_t = ce_request(300, c=300, seed=1)  # over FUSE_MAX_REQUEST_BYTES: alone
+    small = [ce_request(2, seed=i) for i in range(3)]  # fused together
+    bce_x = torch.randn(4, 3)
+    bce_t = torch.rand(4, 3)
+    bce = engine.plan(engine.LossSpec(loss=engine.BCE_WITH_LOGITS), bce_x.shape, bce_x.dtype, bce_t)
+    jobs = [batch_engine.Job(big_plan, big_x, big_t), *(batch_engine.Job(*r) for r in small), batch_engine.Job(bce, bce_x, bce_t)]
+    checks = [stopped, None, stopped, None, None]
+    outcomes = batch_engine.evaluate_batch(jobs, checkpoints=checks)
+    assert isinstance(outcomes[0], Stop)
+    for (_, x, t), out in zip(small, outcomes[1:4], strict=True):
+        torch.testing.assert_close(out.loss, F.cross_entropy(x, t))  # one stopped job does not stop its fused group
+    torch.testing.assert_close(outcomes[4].loss, F.binary_cross_entropy_with_logits(bce_x, bce_t))
+    outcomes = batch_engine.evaluate_batch(jobs[1:4], checkpoints=[stopped] * 3)
+    assert all(isinstance(o, Stop) for o in outcomes)  # a fused group stops when all its callers are gone

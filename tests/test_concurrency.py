@@ -15,9 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lossd_client import AsyncLossClient, DeadlineExceededError, LossClient, LossRequest, ResourceExhaustedError
-from serverproc import ServerProcess, start_server
-
-HUGE_WAIT_MS = "3600000"
+from serverproc import HOG_FLAGS, EngineHog, ServerProcess, start_server
 
 
 def free_port() -> int:
@@ -121,26 +119,27 @@ def test_500_mixed_requests_64_in_flight_each_equal_to_torch_alone(metrics_serve
 
 
 def test_full_queue_answers_resource_exhausted_then_recovers(metrics_server):
-    server = metrics_server("--max-wait-ms", HUGE_WAIT_MS, "--max-batch-rows", "8", "--max-queue-requests", "4")
+    server = metrics_server(*HOG_FLAGS, "--max-queue-requests", "4")
     one_row = LossRequest(np.zeros((1, 5), np.float32), np.array([1]))
 
     async def main():
         async with AsyncLossClient(server.address, timeout_s=60) as client:
-            held = [asyncio.ensure_future(client.evaluate(one_row)) for _ in range(4)]
-            for _ in range(600):  # bounded: the four reach the queue within seconds
-                if scrape(server).get("lossd_queue_depth") == 4:
-                    break
-                await asyncio.sleep(0.05)
-            assert scrape(server)["lossd_queue_depth"] == 4
-            with pytest.raises(ResourceExhaustedError, match="max_queue_requests"):
-                await client.evaluate(one_row)
-            for task in held:
-                task.cancel()
-            await asyncio.gather(*held, return_exceptions=True)
-            for _ in range(600):
-                if scrape(server).get("lossd_queue_depth") == 0:
-                    break
-                await asyncio.sleep(0.05)
+            with EngineHog(server):
+                held = [asyncio.ensure_future(client.evaluate(one_row)) for _ in range(4)]
+                for _ in range(600):  # bounded: the four reach the queue within seconds
+                    if scrape(server).get("lossd_queue_depth") == 4:
+                        break
+                    await asyncio.sleep(0.05)
+                assert scrape(server)["lossd_queue_depth"] == 4
+                with pytest.raises(ResourceExhaustedError, match="max_queue_requests"):
+                    await client.evaluate(one_row)
+                for task in held:
+                    task.cancel()
+                await asyncio.gather(*held, return_exceptions=True)
+                for _ in range(600):
+                    if scrape(server).get("lossd_queue_depth") == 0:
+                        break
+                    await asyncio.sleep(0.05)
             x = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
             t = np.array([0, 1, 2, 3])
             return await asyncio.gather(*(client.evaluate(LossRequest(x, t)) for _ in range(2)))
@@ -150,37 +149,41 @@ def test_full_queue_answers_resource_exhausted_then_recovers(metrics_server):
     for r in results:
         torch.testing.assert_close(torch.as_tensor(r.loss), want)
     m = scrape(server)
-    assert m["lossd_batch_requests_sum"] == 2  # the cancelled calls were never computed
+    # the hog (stopped when it was cancelled) and the two good calls; the cancelled calls were never computed
+    assert m["lossd_batch_requests_sum"] - m["lossd_abandoned_evaluations_total"] == 2
     assert 'lossd_requests_total{code="RESOURCE_EXHAUSTED",method="Evaluate"}' in m
 
 
 def test_expired_deadline_is_answered_and_never_computed(metrics_server):
-    server = metrics_server("--max-wait-ms", HUGE_WAIT_MS, "--max-batch-rows", "4")
+    server = metrics_server(*HOG_FLAGS)
     x = np.ones((2, 3), np.float32)
     with LossClient(server.address) as client:
-        started = time.monotonic()
-        with pytest.raises(DeadlineExceededError):
-            client.evaluate(LossRequest(x, np.array([0, 1])), timeout_s=0.3)
-        assert time.monotonic() - started < 60
+        with EngineHog(server):
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                client.evaluate(LossRequest(x, np.array([0, 1])), timeout_s=0.3)
+            assert time.monotonic() - started < 60
         for _ in range(600):  # bounded: the server notices the expired call
             if scrape(server).get("lossd_queue_depth") == 0:
                 break
             time.sleep(0.05)
         got = client.evaluate(LossRequest(np.zeros((4, 3), np.float32), np.array([0, 1, 2, 0])), timeout_s=60)
     assert got.counted == 4
-    assert scrape(server)["lossd_batch_requests_sum"] == 1
+    m = scrape(server)
+    assert m["lossd_batch_requests_sum"] - m["lossd_abandoned_evaluations_total"] == 1
 
 
 def test_stream_deadline_expires_queued_items(metrics_server):
-    server = metrics_server("--max-wait-ms", HUGE_WAIT_MS, "--max-batch-rows", "1000")
+    server = metrics_server(*HOG_FLAGS)
     reqs = [LossRequest(np.ones((1, 3), np.float32), np.array([0])) for _ in range(3)]
     with LossClient(server.address) as client:
-        with pytest.raises(DeadlineExceededError):
-            list(client.evaluate_many(reqs, timeout_s=0.5))
+        with EngineHog(server):
+            with pytest.raises(DeadlineExceededError):
+                list(client.evaluate_many(reqs, timeout_s=0.5))
     for _ in range(600):
         if scrape(server).get("lossd_queue_depth") == 0:
             break
         time.sleep(0.05)
     m = scrape(server)
     assert m["lossd_queue_depth"] == 0
-    assert m.get("lossd_batch_requests_count", 0) == 0
+    assert m.get("lossd_batch_requests_count", 0) - m.get("lossd_abandoned_evaluations_total", 0) == 0

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lossd_client import AsyncLossClient, InvalidArgumentError, LossClient, LossRequest
-from serverproc import start_server
-
-HUGE_WAIT_MS = "3600000"
+from serverproc import HOG_FLAGS, EngineHog, start_server
 
 
 def cases(n: int, seed: int = 0, bad: frozenset[int] = frozenset()):
@@ -138,12 +138,10 @@ def test_empty_input(stream_server):
 
 
 def test_window_is_filled_and_never_exceeded():
-    """A batch closes only when `window` requests are queued (huge max_wait_ms, row limit), and the
-    queue holds at most `window`: the stream completes only if exactly that many are kept in flight."""
+    """While the engine is busy, evaluate_many keeps exactly `window` requests queued (the queue
+    holds at most `window`: one more would be answered RESOURCE_EXHAUSTED and fail the check)."""
     window, rows = 8, 3
-    server = start_server(
-        "--max-wait-ms", HUGE_WAIT_MS, "--max-batch-rows", str(window * rows), "--max-queue-requests", str(window)
-    )
+    server = start_server(*HOG_FLAGS, "--max-queue-requests", str(window), metrics=True)
     try:
         rng = np.random.default_rng(4)
         expected = []
@@ -152,7 +150,19 @@ def test_window_is_filled_and_never_exceeded():
             t = rng.integers(0, 4, rows)
             expected.append((LossRequest(x, t), F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t))))
         with LossClient(server.address, timeout_s=120) as client:
-            check(list(client.evaluate_many([r for r, _ in expected], window=window)), expected)
+            with EngineHog(server):
+                results = []
+                reader = threading.Thread(target=lambda: results.extend(client.evaluate_many([r for r, _ in expected], window=window)))
+                reader.start()
+                depth = 0
+                for _ in range(600):  # bounded: the window fills within seconds
+                    depth = server.metrics().get("lossd_queue_depth", 0)
+                    if depth == window:
+                        break
+                    time.sleep(0.05)
+                assert depth == window
+            reader.join(120)
+            check(results, expected)
 
         async def main():
             async with AsyncLossClient(server.address, timeout_s=120) as client:

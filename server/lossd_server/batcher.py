@@ -1,14 +1,16 @@
-"""Dynamic batching: a bounded queue of futures, grouped by compatibility, computed off the loop.
+"""Work-conserving dynamic batching: a bounded queue of futures, computed off the event loop.
 
-``submit`` admits a validated request (or answers :class:`QueueFull`), adds it to the open batch
-of its compatibility key (:func:`batch_engine.batch_key`) and awaits its future. A batch closes
-when it reaches ``max_batch_rows`` or ``max_batch_bytes``, or ``max_wait_ms`` after its *first*
-request arrived (an ``loop.call_later`` timer; nothing polls). Closed batches wait in a ready
-queue for a runner task; a runner drops the requests whose caller went away or whose deadline
-passed, then evaluates the rest in a worker thread, so the event loop keeps accepting requests
-while a batch computes. Batches closed while every runner was busy are merged with later ready
-batches of the same key (up to the same limits) when a runner picks them up. ``max_wait_ms=0``
-turns batching off: every request is its own batch, still computed off the loop.
+``submit`` admits a validated request (or answers :class:`QueueFull`), appends it to the queue
+and awaits its future. Each engine worker (``compute_threads`` of them) runs a loop on the event
+loop's side: when it is idle and a request arrives, it takes it **at once**; while it computes,
+the requests that arrive queue up, and when it is done it takes all of them (oldest first, up to
+``max_batch_rows`` / ``max_batch_bytes``) as the next batch. No timer ever holds a request back
+while a worker is idle: batches grow exactly as much as the load makes them, a single caller
+pays no batching delay, and under load one thread hop serves many requests. ``max_wait_ms=0``
+turns batching off (every request is its own batch, still computed off the loop); any positive
+value turns it on. Before computing, a worker drops requests whose caller went away or whose
+deadline passed; during compute the engine stops between chunks once no caller of the batch is
+left (:class:`Abandoned`).
 
 Every future is resolved on every path: with its result, its own error (a failed multi-request
 batch is re-run request by request so only the culprit fails), :class:`DeadlineExpired`, or
@@ -73,35 +75,14 @@ EvaluateFn = Callable[..., Sequence["engine.LossResult | BaseException"]]
 
 @dataclass(eq=False)
 class _Item:
-    job: batch_engine.Job
+    job: batch_engine.Job | None
     future: asyncio.Future
     deadline: float | None
     nbytes: int
     rows: int
     enqueued: float = field(default_factory=time.perf_counter)
-    waiting: bool = True
+    waiting: bool = True  # in the queue, not yet taken by a worker
     abandoned: bool = False  # the caller went away while its batch was computing
-    batch: _Batch | None = None
-
-
-@dataclass(eq=False)
-class _Batch:
-    key: batch_engine.BatchKey | None  # None: a request evaluated alone
-    items: list[_Item] = field(default_factory=list)
-    rows: int = 0
-    nbytes: int = 0
-    timer: asyncio.TimerHandle | None = None
-
-    def add(self, item: _Item) -> None:
-        self.items.append(item)
-        self.rows += item.rows
-        self.nbytes += item.nbytes
-        item.batch = self
-
-    def remove(self, item: _Item) -> None:
-        self.items.remove(item)
-        self.rows -= item.rows
-        self.nbytes -= item.nbytes
 
 
 class Batcher:
@@ -120,9 +101,7 @@ class Batcher:
         self.observer = observer
         self._evaluate = evaluate
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._open: dict[batch_engine.BatchKey, _Batch] = {}
-        self._ready: deque[_Batch] = deque()
+        self._queue: deque[_Item] = deque()
         self._wake: asyncio.Event | None = None
         self._runners: list[asyncio.Task] = []
         self._queued = 0
@@ -142,7 +121,6 @@ class Batcher:
     async def start(self) -> None:
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads(self.config))
-        self._loop = asyncio.get_running_loop()
         threads = max(1, self.config.compute_threads)
         self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="lossd-engine")
         self._wake = asyncio.Event()
@@ -152,13 +130,9 @@ class Batcher:
     async def close(self) -> None:
         """Fail whatever is still queued with BatcherClosed, stop the runners and the threads."""
         self._closed = True
-        pending = list(self._open.values()) + list(self._ready)
-        self._open.clear()
-        self._ready.clear()
-        for batch in pending:
-            if batch.timer is not None:
-                batch.timer.cancel()
-            for item in batch.items:
+        while self._queue:
+            item = self._queue.popleft()
+            if item.waiting:
                 self._take(item)
                 _fail(item.future, BatcherClosed("server is shutting down; request not computed"))
         for task in self._runners:
@@ -182,6 +156,26 @@ class Batcher:
         if self._closed or self._executor is None:
             raise BatcherClosed("server is not accepting work")
         nbytes = plan.input_nbytes
+        self._admit(nbytes)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExpired("deadline expired before the request was queued")
+        item = _Item(batch_engine.Job(plan, input, target), asyncio.get_running_loop().create_future(), deadline, nbytes, plan.rows)
+        self._queued += 1
+        self._queued_bytes += nbytes
+        self._depth_changed()
+        self._queue.append(item)
+        self._wake.set()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            item.abandoned = True
+            raise
+        finally:
+            if item.waiting:  # the caller went away before compute: its tensors go now
+                self._take(item)
+                item.job = None
+
+    def _admit(self, nbytes: int) -> None:
         cfg = self.config
         if self._queued >= cfg.max_queue_requests:
             raise QueueFull(
@@ -192,65 +186,6 @@ class Batcher:
                 "max_queue_bytes",
                 f"queue full: {self._queued_bytes} bytes queued, this request adds {nbytes} (max_queue_bytes={cfg.max_queue_bytes})",
             )
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExpired("deadline expired before the request was queued")
-        item = _Item(batch_engine.Job(plan, input, target), self._loop.create_future(), deadline, nbytes, plan.rows)
-        self._queued += 1
-        self._queued_bytes += nbytes
-        self._depth_changed()
-        self._enqueue(item)
-        try:
-            return await item.future
-        except asyncio.CancelledError:
-            item.abandoned = True
-            raise
-        finally:
-            if item.waiting:  # the caller went away (cancelled) before compute
-                self._take(item)
-                self._forget(item)
-
-    def _forget(self, item: _Item) -> None:
-        """Remove a cancelled request from its still-open batch (frees its tensors at once)."""
-        batch = item.batch
-        if batch is None or self._open.get(batch.key) is not batch:
-            return
-        batch.remove(item)
-        if not batch.items:
-            del self._open[batch.key]
-            if batch.timer is not None:
-                batch.timer.cancel()
-
-    def _enqueue(self, item: _Item) -> None:
-        cfg = self.config
-        key = batch_engine.batch_key(item.job.plan, cfg.max_batch_bytes) if self.batching else None
-        if key is None:
-            batch = _Batch(None)
-            batch.add(item)
-            self._make_ready(batch)
-            return
-        batch = self._open.get(key)
-        if batch is not None and (batch.rows + item.rows > cfg.max_batch_rows or batch.nbytes + item.nbytes > cfg.max_batch_bytes):
-            self._close(batch)
-            batch = None
-        if batch is None:
-            batch = _Batch(key)
-            self._open[key] = batch
-            batch.timer = self._loop.call_later(cfg.max_wait_ms / 1000.0, self._close, batch)
-        batch.add(item)
-        if batch.rows >= cfg.max_batch_rows or batch.nbytes >= cfg.max_batch_bytes:
-            self._close(batch)
-
-    def _close(self, batch: _Batch) -> None:
-        if self._open.get(batch.key) is batch:
-            del self._open[batch.key]
-        if batch.timer is not None:
-            batch.timer.cancel()
-            batch.timer = None
-        self._make_ready(batch)
-
-    def _make_ready(self, batch: _Batch) -> None:
-        self._ready.append(batch)
-        self._wake.set()
 
     def _take(self, item: _Item) -> None:
         if item.waiting:
@@ -264,48 +199,50 @@ class Batcher:
             self.observer.on_queue_depth(self._queued)
 
     # ------------------------------------------------------------------ compute
-    def _next_batch(self) -> _Batch:
-        """Pop the oldest ready batch and merge later ready batches of the same key into it."""
-        batch = self._ready.popleft()
-        if batch.key is None or not self._ready:
-            return batch
+    def _next_batch(self) -> list[_Item]:
+        """Everything queued, oldest first, up to the row and byte limits (one request when
+        batching is off; the first request always, however large)."""
         cfg = self.config
-        keep: deque[_Batch] = deque()
-        while self._ready:
-            other = self._ready.popleft()
-            if (
-                other.key == batch.key
-                and batch.rows + other.rows <= cfg.max_batch_rows
-                and batch.nbytes + other.nbytes <= cfg.max_batch_bytes
-            ):
-                for item in other.items:
-                    batch.add(item)
-            else:
-                keep.append(other)
-        self._ready = keep
+        batch: list[_Item] = []
+        rows = nbytes = 0
+        while self._queue:
+            item = self._queue[0]
+            if not item.waiting:  # cancelled while queued
+                self._queue.popleft()
+                continue
+            if batch and (not self.batching or rows + item.rows > cfg.max_batch_rows or nbytes + item.nbytes > cfg.max_batch_bytes):
+                break
+            self._queue.popleft()
+            batch.append(item)
+            rows += item.rows
+            nbytes += item.nbytes
         return batch
 
-    def _live_items(self, batch: _Batch) -> list[_Item]:
-        """Take the batch's items off the queue; drop cancelled ones and expire late ones."""
+    def _live_items(self, batch: list[_Item]) -> list[_Item]:
+        """Take the batch's items off the queue; expire those whose deadline passed."""
         now = time.monotonic()
         live = []
-        for item in batch.items:
+        for item in batch:
             self._take(item)
             if item.future.done():
+                item.job = None
                 continue
             if item.deadline is not None and now >= item.deadline:
                 _fail(item.future, DeadlineExpired("deadline expired while queued; the request was not computed"))
+                item.job = None
                 continue
             live.append(item)
         return live
 
     async def _run(self) -> None:
         while True:
-            while not self._ready:
+            while not any(item.waiting for item in self._queue):
+                self._queue.clear()
                 self._wake.clear()
                 await self._wake.wait()
-            batch = self._next_batch()
-            items = self._live_items(batch)
+            items = self._live_items(self._next_batch())
+            if self._queue:
+                self._wake.set()  # more than this batch was queued: an idle worker takes the rest
             try:
                 if items:
                     await self._compute(items)
@@ -317,15 +254,17 @@ class Batcher:
                 for item in items:
                     _fail(item.future, exc)
             finally:
-                _release(batch)
-                del batch, items
+                for item in items:
+                    item.job = None  # the answer went out: the request's tensors go now
+                del items
 
     async def _compute(self, items: list[_Item]) -> None:
         started = time.perf_counter()
         jobs = [item.job for item in items]
         outcomes, compute_s = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._evaluate_timed, jobs, _checkpoint(items)
+            self._executor, self._evaluate_timed, jobs, [_checkpoint(item) for item in items]
         )
+        del jobs
         for item, outcome in zip(items, outcomes, strict=True):
             if item.future.done():
                 continue
@@ -346,10 +285,10 @@ class Batcher:
             )
 
     def _evaluate_timed(
-        self, jobs: list[batch_engine.Job], checkpoint: Callable[[], None]
+        self, jobs: list[batch_engine.Job], checkpoints: list[Callable[[], None]]
     ) -> tuple[Sequence[engine.LossResult | BaseException], float]:
         t0 = time.perf_counter()
-        outcomes = self._evaluate(jobs, device=self.device, chunk_bytes=self.config.chunk_bytes, checkpoint=checkpoint)
+        outcomes = self._evaluate(jobs, device=self.device, chunk_bytes=self.config.chunk_bytes, checkpoints=checkpoints)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return outcomes, time.perf_counter() - t0
@@ -364,27 +303,15 @@ def torch_threads(config: ServerConfig) -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
-def _checkpoint(items: list[_Item]) -> Callable[[], None]:
-    """Called by the engine between chunks: raises Abandoned once no caller of the batch is left."""
+def _checkpoint(item: _Item) -> Callable[[], None]:
+    """Called by the engine between chunks: raises Abandoned once the caller went away or its
+    deadline passed."""
 
     def checkpoint() -> None:
-        now = time.monotonic()
-        for item in items:
-            if not item.abandoned and (item.deadline is None or now < item.deadline):
-                return
-        raise Abandoned("every caller of this batch went away or passed its deadline; evaluation stopped")
+        if item.abandoned or (item.deadline is not None and time.monotonic() >= item.deadline):
+            raise Abandoned("the caller went away or passed its deadline; evaluation stopped")
 
     return checkpoint
-
-
-def _release(batch: _Batch) -> None:
-    """Drop a finished batch's tensors now: _Item <-> _Batch is a reference cycle, and large
-    tensors do not trigger the cycle collector, so waiting for it would pin request memory
-    (a shared-memory mapping, or the request's bytes) long after the answer went out."""
-    for item in batch.items:
-        item.batch = None
-        item.job = None
-    batch.items.clear()
 
 
 def _fail(future: asyncio.Future, exc: BaseException) -> None:

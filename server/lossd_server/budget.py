@@ -12,6 +12,7 @@ control. Everything here runs on the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 SETTING = "memory_budget_bytes"
@@ -79,8 +80,9 @@ class MemoryBudget:
             if waiter.done() and not waiter.cancelled():
                 self._give(nbytes)  # granted as we gave up: hand it back
             else:
-                self._waiters.remove(entry)
                 waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
                 self._grant()
             if isinstance(exc, TimeoutError):
                 raise BudgetExceeded(
@@ -95,8 +97,15 @@ class MemoryBudget:
         self._grant()
 
     def _grant(self) -> None:
-        while self._waiters and self._fits(self._waiters[0][0]):
-            nbytes, waiter = self._waiters.popleft()
+        """Serve the line in order; a waiter that gave up (cancelled, timed out) leaves it."""
+        while self._waiters:
+            nbytes, waiter = self._waiters[0]
+            if waiter.done():
+                self._waiters.popleft()
+                continue
+            if not self._fits(nbytes):
+                return
+            self._waiters.popleft()
             self._take(nbytes)
             waiter.set_result(None)
 

@@ -88,3 +88,32 @@ def test_resize_grows_only_within_the_limit_and_shrinking_wakes_waiters():
         assert budget.held_bytes == 0
 
     run(main())
+
+
+def test_a_waiter_cancelled_while_others_release_never_breaks_the_releaser():
+    """Timeouts cancel the awaited future: the line must skip it, whoever releases next."""
+
+    async def main():
+        budget = MemoryBudget(100)
+        held = budget.reserve_now(100, "held")
+        waiters = [asyncio.ensure_future(budget.reserve(60, f"w{i}", timeout_s=0.01 if i % 2 else None)) for i in range(6)]
+        await asyncio.sleep(0.05)  # the odd ones time out and leave the line
+        for task in waiters[::2][:1]:
+            task.cancel()
+        await asyncio.sleep(0)
+        held.release()  # must not raise for the cancelled / timed-out waiters
+        granted = []
+        for task in waiters:
+            try:
+                granted.append(await asyncio.wait_for(asyncio.shield(task), 0.05))
+            except (BudgetExceeded, asyncio.CancelledError, TimeoutError):
+                pass
+        assert len(granted) == 1 and budget.held_bytes == 60  # the first live waiter, in order
+        for r in granted:
+            r.release()
+        for task in waiters:
+            task.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        assert budget.held_bytes == 0 and budget.waiting == 0
+
+    run(main())

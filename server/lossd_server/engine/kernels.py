@@ -35,8 +35,39 @@ def evaluate_chunk(plan: Plan, xu: torch.Tensor, tu: torch.Tensor | None, unit_s
     # class-index rows are consumed before the next chunk is upcast into the same scratch buffer
     x = plan.geometry.rows_of(xu, device, plan.compute_dtype, reuse=True)
     r0, r1 = unit_start * plan.geometry.unit_positions, u1 * plan.geometry.unit_positions
+    if plan.fused_kernel:
+        return class_fused(plan, x, r0, r1, unit_start, u1)
     terms = class_terms(plan, x, plan.target[r0:r1].to(device), plan.valid[r0:r1].to(device))
     return class_partial(plan, terms, unit_start, u1)
+
+
+def class_fused(plan: Plan, x: torch.Tensor, r0: int, r1: int, u0: int, u1: int) -> Partial:
+    """Rows ``[r0, r1)`` through torch's own cross_entropy / nll_loss kernel (reduction='none'):
+    per-element losses are torch's own, their float64 sum the numerator; the denominator and
+    count were taken from the targets when the plan was made."""
+    spec = plan.spec
+    t = plan.target[r0:r1].to(x.device)
+    w = _weight_on(plan, x.device)
+    if spec.loss == CROSS_ENTROPY:
+        losses = F.cross_entropy(x, t, weight=w, ignore_index=spec.ignore_index, reduction="none", label_smoothing=spec.smoothing)
+    else:
+        losses = F.nll_loss(x, t, weight=w, ignore_index=spec.ignore_index, reduction="none")
+    if r0 == 0 and r1 == plan.rows:
+        weight_sum, counted = plan.target_weight_sum, plan.target_counted
+    else:
+        weight_sum, counted = target_totals(plan.target[r0:r1], plan.valid[r0:r1], plan.weight, plan.compute_dtype)
+    return Partial(u0, u1, losses.cpu() if plan.needs_losses() else None, float(losses.sum(dtype=torch.float64)), weight_sum, counted)
+
+
+def target_totals(flat: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor | None, compute_dtype: torch.dtype) -> tuple[float, int]:
+    """(Σ w[y] in float64 over the counted targets, as the compute dtype sees w; their count)."""
+    counted = int(valid.sum())
+    if weight is None:
+        return float(counted), counted
+    if not weight.numel():
+        return 0.0, counted
+    w = weight.to(compute_dtype)[flat.masked_fill(~valid, 0)]
+    return float(torch.where(valid, w, 0.0).sum(dtype=torch.float64)), counted
 
 
 def share(label_smoothing: float, num_classes: int) -> float:

@@ -46,6 +46,22 @@ class Plan:
     target: torch.Tensor | None = None  # class indices: flat int64, shifted, ignored ones kept
     valid: torch.Tensor | None = None  # class indices: not ignored
     seq_len: int = 1  # class indices: positions per sequence (the target's last axis)
+    target_weight_sum: float = 0.0  # class indices: Σ w[y] over the targets that count (float64)
+    target_counted: int = 0  # class indices: targets that count
+
+    @property
+    def fused_kernel(self) -> bool:
+        """Class indices evaluated by torch's own fused cross_entropy / nll_loss kernel per chunk:
+        no extras or sequence statistics (they need the log-probabilities), at least one class,
+        and no label-smoothed mean (torch divides its two parts separately: both sums are kept)."""
+        spec = self.spec
+        return (
+            self.kind is TargetKind.CLASS
+            and not spec.extras
+            and not spec.sequence_stats
+            and self.num_classes > 0
+            and not (spec.smoothing > 0.0 and spec.reduction == "mean")
+        )
 
     # ------------------------------------------------------------------ geometry, for callers
     @property

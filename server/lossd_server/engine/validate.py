@@ -14,6 +14,7 @@ import torch
 
 from .dtypes import output_dtype
 from .geometry import Geometry, class_axis_of, default_class_axis, torch_layout
+from .kernels import target_totals
 from .plan import Plan
 from .spec import BCE_WITH_LOGITS, CROSS_ENTROPY, EXTRAS, LOSSES, NLL, REDUCTIONS, InvalidInput, LossSpec, TargetKind, dtype_name
 
@@ -161,8 +162,24 @@ def _class(spec, input_shape, input_dtype, target, weight, class_axis, target_st
     out, compute = _dtypes(spec, TargetKind.CLASS, geometry, input_dtype, target, weight, None)
     flat, valid = _resolve_targets(spec, target, geometry.num_classes)
     seq_len = tshape[-1] if tshape else 1
+    weight_sum, counted = target_totals(flat, valid, weight, compute)
     return Plan(
-        spec, TargetKind.CLASS, geometry, input_dtype, tshape, target.dtype, output_shape, out, compute, weight, None, flat, valid, seq_len
+        spec,
+        TargetKind.CLASS,
+        geometry,
+        input_dtype,
+        tshape,
+        target.dtype,
+        output_shape,
+        out,
+        compute,
+        weight,
+        None,
+        flat,
+        valid,
+        seq_len,
+        weight_sum,
+        counted,
     )
 
 
