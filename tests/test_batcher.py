@@ -73,6 +73,9 @@ def run(coro):
 
 
 async def with_batcher(recorder: Recorder, body, **config):
+    """A started batcher; batches are computed on its engine thread unless the test says otherwise
+    (the gate blocks the thread that computes: it must not be the event loop)."""
+    config.setdefault("inline_batch_bytes", 0)
     batcher = Batcher(ServerConfig(**config), torch.device("cpu"), observer=recorder, evaluate=recorder.evaluate)
     await batcher.start()
     try:
@@ -226,7 +229,7 @@ def test_batching_off_evaluates_each_request_alone_off_the_loop():
         return rec.evaluate(jobs, **kwargs)
 
     async def body():
-        b = Batcher(ServerConfig(max_wait_ms=0), torch.device("cpu"), observer=rec, evaluate=evaluate)
+        b = Batcher(ServerConfig(max_wait_ms=0, inline_batch_bytes=0), torch.device("cpu"), observer=rec, evaluate=evaluate)
         await b.start()
         try:
             return await asyncio.gather(*(b.submit(*r) for r in reqs))
@@ -356,7 +359,7 @@ def test_close_fails_queued_and_computing_requests_instead_of_leaving_them_hangi
     rec = Recorder()
 
     async def body():
-        b = Batcher(ServerConfig(max_wait_ms=1.0), torch.device("cpu"), observer=rec, evaluate=rec.evaluate)
+        b = Batcher(ServerConfig(max_wait_ms=1.0, inline_batch_bytes=0), torch.device("cpu"), observer=rec, evaluate=rec.evaluate)
         await b.start()
         head = await busy(rec, b, ce_request(2, seed=9))
         tasks = [asyncio.ensure_future(b.submit(*ce_request(2, seed=i))) for i in range(3)]
@@ -409,3 +412,26 @@ def test_checkpoints_stop_only_their_own_job_in_a_mixed_batch():
     torch.testing.assert_close(outcomes[4].loss, F.binary_cross_entropy_with_logits(bce_x, bce_t))
     outcomes = batch_engine.evaluate_batch(jobs[1:4], checkpoints=[stopped] * 3)
     assert all(isinstance(o, Stop) for o in outcomes)  # a fused group stops when all its callers are gone
+
+
+@pytest.mark.parametrize("inline_bytes,expect_loop", [(1 << 20, True), (0, False)])
+def test_small_batches_are_computed_on_the_event_loop_and_large_ones_on_an_engine_thread(inline_bytes, expect_loop):
+    rec = Recorder()
+    threads = []
+
+    def evaluate(jobs, **kwargs):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return rec.evaluate(jobs, **kwargs)
+
+    async def body():
+        b = Batcher(ServerConfig(inline_batch_bytes=inline_bytes), torch.device("cpu"), observer=rec, evaluate=evaluate)
+        await b.start()
+        try:
+            plan, x, t = ce_request(3)
+            return await b.submit(plan, x, t), (x, t)
+        finally:
+            await b.close()
+
+    got, (x, t) = run(body())
+    assert threads == [expect_loop]
+    torch.testing.assert_close(got.loss, F.cross_entropy(x, t))

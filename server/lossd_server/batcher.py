@@ -6,7 +6,11 @@ loop's side: when it is idle and a request arrives, it takes it **at once**; whi
 the requests that arrive queue up, and when it is done it takes all of them (oldest first, up to
 ``max_batch_rows`` / ``max_batch_bytes``) as the next batch. No timer ever holds a request back
 while a worker is idle: batches grow exactly as much as the load makes them, a single caller
-pays no batching delay, and under load one thread hop serves many requests. ``max_wait_ms=0``
+pays no batching delay, and under load one thread hop serves many requests. On the CPU, a
+batch of at most ``inline_batch_bytes`` input bytes is computed on the event loop itself: the hop
+to an engine thread and back (futures, wake-ups, the GIL changing hands) cost more than such a
+batch (measured: 907 -> 737 us of server CPU per 64x1000 call at 64 in flight); the calls that
+arrive meanwhile wait in gRPC's transport and form the next batch. ``max_wait_ms=0``
 turns batching off (every request is its own batch, still computed off the loop); any positive
 value turns it on. Before computing, a worker drops requests whose caller went away or whose
 deadline passed; during compute the engine stops between chunks once no caller of the batch is
@@ -261,9 +265,11 @@ class Batcher:
     async def _compute(self, items: list[_Item]) -> None:
         started = time.perf_counter()
         jobs = [item.job for item in items]
-        outcomes, compute_s = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._evaluate_timed, jobs, [_checkpoint(item) for item in items]
-        )
+        checkpoints = [_checkpoint(item) for item in items]
+        if self.device.type == "cpu" and sum(item.nbytes for item in items) <= self.config.inline_batch_bytes:
+            outcomes, compute_s = self._evaluate_timed(jobs, checkpoints)  # cheaper than the thread hop
+        else:
+            outcomes, compute_s = await asyncio.get_running_loop().run_in_executor(self._executor, self._evaluate_timed, jobs, checkpoints)
         del jobs
         for item, outcome in zip(items, outcomes, strict=True):
             if item.future.done():

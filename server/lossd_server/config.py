@@ -53,6 +53,7 @@ class ServerConfig:
     chunk_bytes: int = 4 * MiB
     max_chunks_in_flight: int = 4
     compute_threads: int = 1
+    inline_batch_bytes: int = 1 * MiB
     torch_threads: int = 0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
@@ -104,6 +105,7 @@ _HELP = {
     "chunk_bytes": "compute-dtype bytes of logits evaluated per engine chunk (bounds extra memory)",
     "max_chunks_in_flight": "EvaluateChunked: received chunks held at once per call",
     "compute_threads": "engine worker threads",
+    "inline_batch_bytes": "CPU batches of at most this many input bytes are computed on the event loop (cheaper than a thread hop); 0: always on an engine thread",
     "torch_threads": "torch intra-op threads; 0 = one less than the CPU count (a core stays free for gRPC and the event loop)",
     "metrics_host": "address of the Prometheus /metrics HTTP server",
     "metrics_port": "port of the Prometheus /metrics HTTP server; 0 disables it, -1 lets the OS pick (the chosen port is logged)",

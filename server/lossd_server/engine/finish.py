@@ -22,6 +22,14 @@ def divide(a: float, b: float) -> float:
     return a / b
 
 
+def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim tensor of a float64 value rounded to ``dtype`` (float32 / float64 directly; half
+    and bfloat16 through a float64 tensor, as torch rounds them)."""
+    if dtype in (torch.float32, torch.float64):
+        return torch.tensor(value, dtype=dtype)
+    return torch.tensor(value, dtype=torch.float64).to(dtype)
+
+
 def reduce(plan: Plan, partial: Partial) -> torch.Tensor:
     """torch's ``loss`` for the plan's reduction, in torch's output dtype."""
     spec = plan.spec
@@ -32,7 +40,7 @@ def reduce(plan: Plan, partial: Partial) -> torch.Tensor:
         total = partial.loss_sum
         if plan.kind is TargetKind.CLASS and plan.num_classes == 0 and spec.loss == CROSS_ENTROPY and spec.label_smoothing > 0:
             total = math.nan  # torch: smooth_loss.sum() * (label_smoothing / 0) = 0 * inf
-        return torch.tensor(total, dtype=torch.float64).to(plan.output_dtype)
+        return _scalar(total, plan.output_dtype)
     ls = spec.smoothing
     if plan.kind is not TargetKind.CLASS and math.prod(plan.input_shape) == 0:
         mean = math.nan
@@ -44,7 +52,7 @@ def reduce(plan: Plan, partial: Partial) -> torch.Tensor:
         )
     else:
         mean = divide(partial.loss_sum, partial.weight_sum)
-    return torch.tensor(mean, dtype=torch.float64).to(plan.output_dtype)
+    return _scalar(mean, plan.output_dtype)
 
 
 def finish(plan: Plan, partial: Partial) -> LossResult:

@@ -104,7 +104,9 @@ class Geometry:
 
         ``reuse``: the rows may live in a scratch buffer (see :func:`~.scratch.upcast`).
         """
-        xu = xu.to(device=device, non_blocking=True)
+        if xu.device != device:
+            xu = xu.to(device=device, non_blocking=True)
         if self.unit_positions != 1:
             xu = xu.transpose(1, 2)
-        return upcast(xu.reshape(xu.shape[0] * self.unit_positions, self.num_classes), compute_dtype, reuse=reuse)
+        rows = xu.reshape(xu.shape[0] * self.unit_positions, self.num_classes)
+        return rows if rows.dtype == compute_dtype else upcast(rows, compute_dtype, reuse=reuse)

@@ -46,7 +46,9 @@ def class_fused(plan: Plan, x: torch.Tensor, r0: int, r1: int, u0: int, u1: int)
     per-element losses are torch's own, their float64 sum the numerator; the denominator and
     count were taken from the targets when the plan was made."""
     spec = plan.spec
-    t = plan.target[r0:r1].to(x.device)
+    t = plan.target if r0 == 0 and r1 == plan.rows else plan.target[r0:r1]
+    if t.device != x.device:
+        t = t.to(x.device)
     w = _weight_on(plan, x.device)
     if spec.loss == CROSS_ENTROPY:
         losses = F.cross_entropy(x, t, weight=w, ignore_index=spec.ignore_index, reduction="none", label_smoothing=spec.smoothing)

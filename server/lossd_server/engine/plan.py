@@ -151,6 +151,7 @@ class Plan:
         caller went away or its deadline passed). torch errors become :class:`InvalidInput`.
         """
         n_units = x_units.shape[0]
+        device = torch.device(device)
         # Units without elements (a zero-size dimension after the leading ones) cost nothing to
         # evaluate, however many there are: one step, never a loop over 2**62 empty units.
         step = self.geometry.units_per_chunk(chunk_bytes, self.compute_dtype) if self.unit_elements else max(1, n_units)
@@ -160,8 +161,10 @@ class Plan:
                 if checkpoint is not None:
                     checkpoint()
                 u1 = min(n_units, u0 + step)
-                tu = None if target_units is None else target_units[u0:u1]
-                parts.append(kernels.evaluate_chunk(self, x_units[u0:u1], tu, unit_start + u0, device))
+                whole = u0 == 0 and u1 == n_units  # one chunk: no slicing
+                xu = x_units if whole else x_units[u0:u1]
+                tu = target_units if whole or target_units is None else target_units[u0:u1]
+                parts.append(kernels.evaluate_chunk(self, xu, tu, unit_start + u0, device))
         except (RuntimeError, IndexError, ValueError) as exc:
             if isinstance(exc, InvalidInput):
                 raise
