@@ -152,6 +152,19 @@ class Batcher:
         """Run ``fn(*args)`` on an engine thread (EvaluateChunked uses it for its row chunks)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def compute_soon(self, fn: Callable[[], Any], nbytes: int) -> asyncio.Future:
+        """``fn()``'s outcome as a future: computed at once on the event loop when it is small
+        CPU work (see ``inline_batch_bytes``), else on an engine thread."""
+        loop = asyncio.get_running_loop()
+        if self.device.type != "cpu" or nbytes > self.config.inline_batch_bytes:
+            return loop.run_in_executor(self._executor, fn)
+        future = loop.create_future()
+        try:
+            future.set_result(fn())
+        except Exception as exc:  # noqa: BLE001 - delivered through the future, like the executor's
+            future.set_exception(exc)
+        return future
+
     # ------------------------------------------------------------------ admission
     async def submit(
         self, plan: engine.Plan, input: torch.Tensor, target: torch.Tensor, *, deadline: float | None = None

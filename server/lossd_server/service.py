@@ -237,10 +237,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if rows is None:
                 held.release()
                 return
-            work = self.batcher.run_in_engine(
-                lambda: assembler.evaluate(rows, device=self.device, chunk_bytes=self.config.chunk_bytes, checkpoint=call.checkpoint)
+            work = self.batcher.compute_soon(
+                lambda: assembler.evaluate(rows, device=self.device, chunk_bytes=self.config.chunk_bytes, checkpoint=call.checkpoint),
+                len(message.input_rows) + len(message.target_rows),
             )
-            inflight.append((asyncio.ensure_future(work), held))
+            inflight.append((work, held))
 
         try:
             schedule(first, self.budget.empty(), first=True)
