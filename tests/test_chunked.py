@@ -158,3 +158,20 @@ def test_chunk_payloads_cut_whole_rows():
     rows = [np.frombuffer(m.input_rows, np.float32).reshape(-1, 7) for m in msgs[1:]]
     assert [len(r) for r in rows] == [3, 3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(rows), x)
+
+
+@pytest.mark.parametrize("class_axis", [3, -4])
+def test_an_out_of_range_class_axis_is_sent_and_the_server_names_it(small, class_axis):
+    """The client lays the rows out without failing; the server answers INVALID_ARGUMENT, as for a unary request."""
+    x = torch.randn(40, 30, 20)  # 96 KB: chunked
+    with pytest.raises(InvalidArgumentError, match=rf"options.class_axis: axis {class_axis} is out of range"):
+        small.evaluate(LossRequest(x, torch.zeros(40, 20, dtype=torch.int64), class_axis=class_axis))
+
+
+def test_a_one_dimensional_bce_request_is_cut_into_rows(client, small):
+    """BCE has no class axis: an (N,) input is N rows (as the server counts them), so it streams in several chunks."""
+    gen = torch.Generator().manual_seed(15)
+    x, y = torch.randn(50_000, generator=gen), torch.rand(50_000, generator=gen)  # 400 KB with its target
+    req = LossRequest(x, y, loss="binary_cross_entropy_with_logits", reduction="none")
+    assert len(list(rq.chunk_payloads(req, max_message_bytes=LIMIT))) > 4
+    assert_same(small.evaluate(req), client.evaluate(req))

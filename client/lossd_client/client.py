@@ -16,8 +16,8 @@ from typing import Any
 
 import grpc
 
+from . import layout, tensors
 from . import requests as rq
-from . import tensors
 from ._proto.lossd.v1 import loss_pb2 as pb
 from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from .errors import LossdError, from_rpc_error
@@ -177,7 +177,7 @@ class _Base:
         retries: int = 5,
         chunk_bytes: int = rq.DEFAULT_CHUNK_BYTES,
         chunks_in_flight: int = 8,
-        chunked_above_bytes: int = rq.CHUNKED_ABOVE_BYTES,
+        chunked_above_bytes: int = layout.CHUNKED_ABOVE_BYTES,
         shared_memory: bool = False,
         shm_min_bytes: int = 1024 * 1024,
     ) -> None:
@@ -411,7 +411,7 @@ class LossClient(_Base):
         """Tensor bytes a unary request may carry (the server's limit less room for the rest)."""
         if self._server_max is None:
             self._server_max = int(self.server_info(timeout_s=timeout).max_receive_message_bytes)
-        return _unary_budget(self._server_max)
+        return layout.unary_budget(self._server_max)
 
 
 class AsyncLossClient(_Base):
@@ -614,9 +614,4 @@ class AsyncLossClient(_Base):
         if self._server_max is None:
             info = await self.server_info(timeout_s=timeout)
             self._server_max = int(info.max_receive_message_bytes)
-        return _unary_budget(self._server_max)
-
-
-def _unary_budget(max_message_bytes: int) -> int:
-    """Tensor bytes that fit in one message of ``max_message_bytes`` with its other fields."""
-    return max_message_bytes - min(4096, max_message_bytes // 4)
+        return layout.unary_budget(self._server_max)

@@ -9,31 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from . import tensors
+from . import layout, tensors
 from ._proto.lossd.v1 import loss_pb2 as pb
 from .errors import InvalidArgumentError, from_status_value
 
-_LOSSES = {
-    "cross_entropy": pb.CROSS_ENTROPY,
-    "nll_loss": pb.NLL,
-    "binary_cross_entropy_with_logits": pb.BINARY_CROSS_ENTROPY_WITH_LOGITS,
-}
-#: "elementwise_mean" is torch's deprecated spelling of "mean", still accepted by torch.
-_REDUCTIONS = {"mean": pb.MEAN, "sum": pb.SUM, "none": pb.NONE, "elementwise_mean": pb.MEAN}
-_EXTRAS = {
-    "target_logprob": pb.TARGET_LOGPROB,
-    "entropy": pb.ENTROPY,
-    "target_rank": pb.TARGET_RANK,
-    "argmax_correct": pb.ARGMAX_CORRECT,
-}
 #: Bytes of input per EvaluateChunked message: big enough to amortise per-message cost, small
 #: enough that several can be in flight without large buffers (measured on loopback TCP).
 DEFAULT_CHUNK_BYTES = 1024 * 1024
-#: Requests with more tensor bytes than this go through EvaluateChunked even when they would fit in
-#: one message: a unary request costs the server about 4x its size in copies (gRPC's receive
-#: buffer, the bytes handed to Python, the parsed message, each read of a bytes field), a
-#: chunked one a few chunks.
-CHUNKED_ABOVE_BYTES = 4 * 1024 * 1024
 
 
 def legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
@@ -115,29 +97,29 @@ def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool
     With a :class:`~lossd_client.shm.SharedMemoryArena`, large input/target bytes travel
     through same-host shared memory instead of inline.
     """
-    if req.loss not in _LOSSES:
-        raise InvalidArgumentError(f"loss: unknown loss {req.loss!r}; expected one of {', '.join(_LOSSES)}")
-    if req.reduction not in _REDUCTIONS:
+    if req.loss not in layout.LOSSES:
+        raise InvalidArgumentError(f"loss: unknown loss {req.loss!r}; expected one of {', '.join(layout.LOSSES)}")
+    if req.reduction not in layout.REDUCTIONS:
         raise InvalidArgumentError(f"{req.reduction} is not a valid value for reduction")
     msg = pb.EvaluateRequest(id=req.id)
     options = msg.options
-    options.loss = _LOSSES[req.loss]
-    options.reduction = _REDUCTIONS[req.reduction]
+    options.loss = layout.LOSSES[req.loss]
+    options.reduction = layout.REDUCTIONS[req.reduction]
     try:
         ignore_index = int(req.ignore_index)
         label_smoothing = float(req.label_smoothing)
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"options: {exc}") from exc
-    if req.loss != "binary_cross_entropy_with_logits":
+    if req.loss != layout.BCE_WITH_LOGITS:
         options.ignore_index = ignore_index
     options.label_smoothing = label_smoothing
     if req.class_axis is not None:
         options.class_axis = int(req.class_axis)
     options.shift_targets = bool(req.shift_targets)
     for name in req.extras:
-        if name not in _EXTRAS:
-            raise InvalidArgumentError(f"extras: unknown extra {name!r}; expected one of {', '.join(_EXTRAS)}")
-        options.extras.append(_EXTRAS[name])
+        if name not in layout.EXTRAS:
+            raise InvalidArgumentError(f"extras: unknown extra {name!r}; expected one of {', '.join(layout.EXTRAS)}")
+        options.extras.append(layout.EXTRAS[name])
     options.sequence_stats = bool(req.sequence_stats)
     try:
         if req.weight is not None:
@@ -179,20 +161,11 @@ def parse(response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult:
 
 def chunk_layout(msg: pb.EvaluateRequest) -> tuple[int, int, bool]:
     """(units, bytes per input unit, whether the target is streamed with the rows)."""
-    shape = list(msg.input.shape)
-    opts = msg.options
-    itemsize = tensors.ITEMSIZE.get(msg.input.dtype, 1)
-    streamed = list(msg.target.shape) == shape and opts.loss != pb.NLL
-    if opts.loss == pb.BINARY_CROSS_ENTROPY_WITH_LOGITS:
-        axis = 1 if len(shape) > 1 else 0
-    elif opts.HasField("class_axis") and shape:
-        axis = opts.class_axis % len(shape) if -len(shape) <= opts.class_axis < len(shape) else 1
-    else:
-        axis = 0 if len(shape) <= 1 else 1
-    if not shape:
-        return 1, itemsize, streamed
-    units = math.prod(shape[:axis]) if axis > 0 else 1
-    return units, math.prod(shape[axis:]) * itemsize, streamed
+    loss = layout.LOSS_NAMES.get(msg.options.loss, layout.CROSS_ENTROPY)
+    class_axis = msg.options.class_axis if msg.options.HasField("class_axis") else None
+    units, per_unit = _rows(loss, msg.input.shape, class_axis)
+    streamed = layout.target_travels_with_rows(loss, msg.input.shape, msg.target.shape)
+    return units, per_unit * layout.ITEMSIZE.get(msg.input.dtype, 1), streamed
 
 
 def chunk_messages(msg: pb.EvaluateRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.EvaluateChunk]:
@@ -239,18 +212,13 @@ def _nbytes(value: Any) -> int:
     return value.nbytes if isinstance(value, np.ndarray) else np.asarray(value).nbytes
 
 
-def _row_layout(shape: Sequence[int], loss: str, class_axis: int | None) -> tuple[int, int]:
-    """(rows, elements per row): the leading positions before the class axis (dim 0 for BCE)."""
-    shape = list(shape)
-    if not shape:
-        return 1, 1
-    if loss == "binary_cross_entropy_with_logits":
-        axis = 1 if len(shape) > 1 else 0
-    elif class_axis is not None and -len(shape) <= class_axis < len(shape):
-        axis = class_axis % len(shape)
-    else:
-        axis = 0 if len(shape) == 1 else 1
-    return (math.prod(shape[:axis]) if axis > 0 else 1), math.prod(shape[axis:])
+def _rows(loss: str, shape: Sequence[int], class_axis: int | None) -> tuple[int, int]:
+    """layout.rows; an out-of-range class_axis is laid out as the default one: the server rejects
+    the request's header with INVALID_ARGUMENT (naming options.class_axis) before any row."""
+    try:
+        return layout.rows(loss, shape, class_axis)
+    except ValueError:
+        return layout.rows(loss, shape)
 
 
 def _varint(n: int) -> bytes:
@@ -283,7 +251,7 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
         twire, tshape, tdata = tensors.as_wire_bytes(req.target)
     except tensors.UnsupportedTensorError as exc:
         raise InvalidArgumentError(str(exc)) from exc
-    streamed = tshape == shape and req.loss != "nll_loss"
+    streamed = layout.target_travels_with_rows(req.loss, shape, tshape)
     small, _ = build(replace(req, input=_EMPTY, target=_EMPTY if streamed else req.target))
     header = pb.ChunkHeader(id=req.id, input_dtype=wire, input_shape=shape)
     header.options.CopyFrom(small.options)
@@ -299,9 +267,9 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
             f"target: the chunk header (options and the whole class-index target, {len(first)} bytes) does not fit in one "
             f"message of the server's max_message_bytes ({max_message_bytes}); split the request by sequences"
         )
-    rows, per_row = _row_layout(shape, req.loss, req.class_axis)
-    row_bytes = per_row * tensors.ITEMSIZE[wire]
-    target_row_bytes = per_row * tensors.ITEMSIZE[twire] if streamed else 0
+    rows, per_row = _rows(req.loss, shape, req.class_axis)
+    row_bytes = layout.row_bytes(per_row, wire)
+    target_row_bytes = layout.row_bytes(per_row, twire) if streamed else 0
     if max_message_bytes is not None and row_bytes + target_row_bytes > budget:
         raise InvalidArgumentError(
             f"input: one row ({row_bytes + target_row_bytes} bytes of input and target) does not fit in one message of the "
