@@ -37,7 +37,7 @@ import numpy as np
 from . import layout, tensors
 from .client import LossClient
 from .errors import LossdError
-from .requests import EvaluateResult, LossRequest
+from .types import EvaluateResult, LossRequest
 
 LOGITS_KEYS = ("logits", "input", "inputs", "scores", "log_probs", "logprobs")
 TARGET_KEYS = ("targets", "target", "labels", "tokens", "input_ids")

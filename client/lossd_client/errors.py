@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import grpc
 
 
@@ -74,18 +77,30 @@ _BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {
 
 
 def error_for(code: grpc.StatusCode, details: str) -> LossdError:
+    """The exception for a status code (LossdError itself for codes without their own class)."""
     cls = _BY_CODE.get(code, LossdError)
     return cls(details, code)
 
 
 def from_rpc_error(exc: grpc.RpcError) -> LossdError:
+    """The exception for a failed gRPC call."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return error_for(code, details or code.name)
 
 
 def from_status_value(value: int, details: str) -> LossdError:
+    """The exception for a numeric status code (a stream item's ItemError)."""
     for code in grpc.StatusCode:
         if code.value[0] == value:
             return error_for(code, details)
     return LossdError(details)
+
+
+@contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Raise a grpc.RpcError from the block as its LossdError (``from`` the RpcError); sync or async calls alike."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from exc

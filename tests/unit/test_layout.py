@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lossd_client import layout
-from lossd_client import requests as rq
+from lossd_client import LossRequest, core, layout
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
-from lossd_client.requests import LossRequest
 from lossd_server import codec, convert, engine, wire
 from lossd_server.chunks import ChunkAssembler
 
@@ -153,7 +151,7 @@ def test_client_chunks_are_the_rows_the_server_assembles(loss, x, t, class_axis,
     """Payloads cut by the client (a few rows per message) assemble on the server to torch's answer."""
     req = LossRequest(x, t, loss=loss, class_axis=class_axis, reduction=reduction)
     rows, per_row = layout.rows(loss, tuple(x.shape), class_axis)
-    payloads = list(rq.chunk_payloads(req, chunk_bytes=max(1, 3 * per_row * 4)))
+    payloads = list(core.chunk_payloads(req, chunk_bytes=max(1, 3 * per_row * 4)))
     messages = [wire.parse(pb.EvaluateChunk, p) for p in payloads]
     assembler = ChunkAssembler(messages[0].header)
     partials = []
@@ -169,7 +167,7 @@ def test_client_chunks_are_the_rows_the_server_assembles(loss, x, t, class_axis,
 
 def test_an_out_of_range_class_axis_reaches_the_server_which_names_it():
     req = LossRequest(torch.randn(4, 3, 5), torch.randint(0, 3, (4, 5)), class_axis=3)
-    payloads = list(rq.chunk_payloads(req, chunk_bytes=64))  # the client lays it out and sends it
+    payloads = list(core.chunk_payloads(req, chunk_bytes=64))  # the client lays it out and sends it
     with pytest.raises(engine.InvalidInput) as info:
         ChunkAssembler(wire.parse(pb.EvaluateChunk, payloads[0]).header)
     assert info.value.field == "options.class_axis" and "out of range" in str(info.value)

@@ -1,23 +1,40 @@
-"""Building requests and reading responses; shared by the sync and async clients."""
+"""The client's logic without I/O, shared by :class:`LossClient` and :class:`AsyncLossClient`.
+
+- requests: :func:`loss_request` (torch's keywords), :func:`build` (LossRequest -> wire message),
+  :func:`chunk_payloads` (one request as EvaluateChunked messages of whole rows);
+- routing: :func:`route` sends a request through shared memory, one unary message or
+  EvaluateChunked, and :class:`Call` is what the clients then send;
+- answers: :func:`parse`, :func:`perplexity_result`, :func:`loglikelihood_result`,
+  :func:`health_status`;
+- ``evaluate_many``: :class:`Stream` numbers the requests, packs them into messages and hands
+  the answers back in input order.
+
+Nothing here opens a channel or waits: the clients do the I/O and nothing else.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from . import layout, tensors
 from ._proto.lossd.v1 import loss_pb2 as pb
-from .errors import InvalidArgumentError, from_status_value
+from .errors import InvalidArgumentError, LossdError, from_status_value
+from .shm import SegmentPool, SharedMemoryArena
+from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats
 
 #: Bytes of input per EvaluateChunked message: big enough to amortise per-message cost, small
 #: enough that several can be in flight without large buffers (measured on loopback TCP).
 DEFAULT_CHUNK_BYTES = 1024 * 1024
+#: Requests with at most this many tensor bytes never ask the server for its limit (a server's
+#: --max-message-bytes is at least 1024, whose unary budget is 768 bytes).
+SMALL_REQUEST_BYTES = 512
 
 
+# --------------------------------------------------------------------------- requests
 def legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
     """torch's _Reduction.legacy_get_string."""
     size_average = True if size_average is None else size_average
@@ -29,66 +46,18 @@ def legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
     return "none"
 
 
-@dataclass
-class LossRequest:
-    """One evaluation, as :meth:`LossClient.evaluate` takes it (used by ``evaluate_many``)."""
-
-    input: Any
-    target: Any
-    loss: str = "cross_entropy"
-    weight: Any = None
-    ignore_index: int = -100
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    pos_weight: Any = None
-    class_axis: int | None = None
-    shift_targets: bool = False
-    extras: Sequence[str] = ()
-    sequence_stats: bool = False
-    id: str = ""
+def loss_request(
+    loss: str, input: Any, target: Any, *, size_average: bool | None = None, reduce: bool | None = None, **options: Any
+) -> LossRequest:
+    """A LossRequest from torch.nn.functional's arguments (legacy ``size_average``/``reduce`` included)."""
+    if size_average is not None or reduce is not None:
+        options["reduction"] = legacy_reduction(size_average, reduce)
+    return LossRequest(input, target, loss, **options)
 
 
-@dataclass
-class SequenceStats:
-    """Per-sequence statistics (rows of the target's last axis)."""
-
-    nll_sum: np.ndarray
-    tokens: np.ndarray
-    mean_nll: np.ndarray
-    perplexity: np.ndarray
-    is_greedy: np.ndarray
-
-
-@dataclass
-class EvaluateResult:
-    """What torch returns (``loss``) plus the float64 totals that combine across requests."""
-
-    loss: Any
-    loss_sum: float
-    weight_sum: float
-    counted: int
-    sequences: SequenceStats | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    id: str = ""
-
-    @property
-    def mean(self) -> float:
-        """loss_sum / weight_sum (torch's mean for these options)."""
-        return self.loss_sum / self.weight_sum if self.weight_sum else math.nan
-
-
-def _fsum(values: Sequence[float]) -> float:
-    """Exactly rounded sum; IEEE semantics (inf - inf = nan, overflow = inf) when not finite."""
-    try:
-        return math.fsum(values)
-    except (ValueError, OverflowError):
-        return sum(values)
-
-
-def combine(results: Sequence[EvaluateResult]) -> float:
-    """The exact mean over several results (requests, shards or replicas)."""
-    total, weight = _fsum([r.loss_sum for r in results]), _fsum([r.weight_sum for r in results])
-    return total / weight if weight else math.nan
+def request_of(request: LossRequest | None, fields: Mapping[str, Any]) -> LossRequest:
+    """``evaluate``'s argument: a LossRequest, or else its fields given as keywords."""
+    return request if request is not None else LossRequest(**fields)
 
 
 def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool]:
@@ -133,30 +102,6 @@ def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool
     except tensors.UnsupportedTensorError as exc:
         raise InvalidArgumentError(str(exc)) from exc
     return msg, tensors.is_torch_tensor(req.input)
-
-
-def parse(response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult:
-    if response.HasField("error"):
-        raise from_status_value(response.error.code, response.error.message)
-    result = EvaluateResult(
-        loss=tensors.from_proto(response.loss, as_torch=as_torch),
-        loss_sum=response.loss_sum,
-        weight_sum=response.weight_sum,
-        counted=response.counted,
-        id=response.id,
-    )
-    for name, value in response.extras.items():
-        result.extras[name] = tensors.from_proto(value, as_torch=as_torch)
-    if response.HasField("sequences"):
-        s = response.sequences
-        result.sequences = SequenceStats(
-            nll_sum=np.array(s.nll_sum, dtype=np.float64),
-            tokens=np.array(s.tokens, dtype=np.int64),
-            mean_nll=np.array(s.mean_nll, dtype=np.float64),
-            perplexity=np.array(s.perplexity, dtype=np.float64),
-            is_greedy=np.array(s.is_greedy, dtype=bool),
-        )
-    return result
 
 
 def chunk_layout(msg: pb.EvaluateRequest) -> tuple[int, int, bool]:
@@ -295,7 +240,102 @@ def _payloads(
         yield b"".join(parts)
 
 
+# --------------------------------------------------------------------------- routing
+@dataclass
+class Call:
+    """One evaluation ready to send: a unary ``message`` or EvaluateChunked ``payloads``.
+
+    A context manager: leaving it gives the shared-memory segments the call used back to their pool.
+    """
+
+    message: pb.EvaluateRequest | None
+    payloads: Iterator[bytes] | None
+    as_torch: bool
+    arena: SharedMemoryArena | None = None
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the request goes through EvaluateChunked (``payloads``) instead of Evaluate."""
+        return self.payloads is not None
+
+    def parse(self, response: pb.EvaluateResponse) -> EvaluateResult:
+        """The answer, as the caller's kind of array (see :func:`parse`)."""
+        return parse(response, self.as_torch)
+
+    def __enter__(self) -> Call:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.arena is not None:
+            self.arena.close()
+
+
+def needs_server_limit(req: LossRequest, *, shared_memory: bool, server_max: int | None) -> bool:
+    """Whether :func:`route` needs the server's message limit (GetServerInfo) before it can decide."""
+    return not shared_memory and server_max is None and request_nbytes(req) > SMALL_REQUEST_BYTES
+
+
+def route(
+    req: LossRequest,
+    *,
+    server_max: int | None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunked_above_bytes: int = layout.CHUNKED_ABOVE_BYTES,
+    segments: SegmentPool | None = None,
+    shm_min_bytes: int = 0,
+) -> Call:
+    """How to send ``req``: through shared memory when ``segments`` are given (same host), else
+    EvaluateChunked when its tensor bytes exceed the server's unary budget or
+    ``chunked_above_bytes``, else one Evaluate message. ``server_max`` is the server's
+    --max-message-bytes (see :func:`needs_server_limit`). Raises InvalidArgumentError for a
+    request that cannot be sent.
+    """
+    if segments is not None:
+        arena = SharedMemoryArena(shm_min_bytes, segments)
+        try:
+            msg, as_torch = build(req, arena)
+        except BaseException:
+            arena.close()
+            raise
+        return Call(msg, None, as_torch, arena)
+    size = request_nbytes(req)
+    if size > SMALL_REQUEST_BYTES:
+        if server_max is None:
+            raise ValueError("route: a request of more than SMALL_REQUEST_BYTES needs the server's limit (see needs_server_limit)")
+        if size > layout.unary_budget(server_max) or size > chunked_above_bytes:
+            return Call(None, chunk_payloads(req, chunk_bytes, server_max), tensors.is_torch_tensor(req.input))
+    msg, as_torch = build(req)
+    return Call(msg, None, as_torch)
+
+
+# --------------------------------------------------------------------------- answers
+def parse(response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult:
+    """A response -> EvaluateResult (torch tensors when ``as_torch``); raises the item's error as a LossdError."""
+    if response.HasField("error"):
+        raise from_status_value(response.error.code, response.error.message)
+    result = EvaluateResult(
+        loss=tensors.from_proto(response.loss, as_torch=as_torch),
+        loss_sum=response.loss_sum,
+        weight_sum=response.weight_sum,
+        counted=response.counted,
+        id=response.id,
+    )
+    for name, value in response.extras.items():
+        result.extras[name] = tensors.from_proto(value, as_torch=as_torch)
+    if response.HasField("sequences"):
+        s = response.sequences
+        result.sequences = SequenceStats(
+            nll_sum=np.array(s.nll_sum, dtype=np.float64),
+            tokens=np.array(s.tokens, dtype=np.int64),
+            mean_nll=np.array(s.mean_nll, dtype=np.float64),
+            perplexity=np.array(s.perplexity, dtype=np.float64),
+            is_greedy=np.array(s.is_greedy, dtype=bool),
+        )
+    return result
+
+
 def perplexity_request(logits: Any, tokens: Any, *, shift: bool, ignore_index: int) -> LossRequest:
+    """(B, T, V) logits and (B, T) tokens -> the request behind :meth:`LossClient.perplexity`."""
     return LossRequest(
         logits,
         tokens,
@@ -327,33 +367,8 @@ def loglikelihood_request(logits: Any, tokens: Any, continuation_start: Any) -> 
     return LossRequest(logits, target, reduction="sum", class_axis=-1, shift_targets=True, sequence_stats=True, ignore_index=-100)
 
 
-@dataclass
-class PerplexityResult:
-    """Per-token NLL (float32, never rounded to the logits' dtype), per-sequence and corpus figures.
-
-    ``token_nll`` is shaped like the tokens; with ``shift`` position t holds -log p(token t+1), and
-    positions that score nothing (the last one, ignored tokens) hold 0.
-    """
-
-    token_nll: Any
-    sequence_nll_sum: np.ndarray
-    sequence_tokens: np.ndarray
-    sequence_perplexity: np.ndarray
-    nll_sum: float
-    tokens: int
-
-    @property
-    def mean_nll(self) -> float:
-        """Corpus mean NLL per counted token: nll_sum / tokens."""
-        return self.nll_sum / self.tokens if self.tokens else math.nan
-
-    @property
-    def perplexity(self) -> float:
-        """Corpus perplexity: exp(total NLL / total counted tokens)."""
-        return math.exp(self.mean_nll) if self.tokens else math.nan
-
-
 def perplexity_result(result: EvaluateResult) -> PerplexityResult:
+    """The answer to :func:`perplexity_request` as a PerplexityResult."""
     logprob = result.extras["target_logprob"]
     s = result.sequences
     return PerplexityResult(
@@ -366,14 +381,86 @@ def perplexity_result(result: EvaluateResult) -> PerplexityResult:
     )
 
 
-@dataclass
-class LoglikelihoodResult:
-    """Per sequence: sum of continuation log-probs and whether greedy decoding gives it."""
-
-    logprob: np.ndarray
-    is_greedy: np.ndarray
-
-
 def loglikelihood_result(result: EvaluateResult) -> LoglikelihoodResult:
+    """The answer to :func:`loglikelihood_request` as a LoglikelihoodResult."""
     s = result.sequences
     return LoglikelihoodResult(logprob=-s.nll_sum, is_greedy=s.is_greedy)
+
+
+def health_status(reply: Any) -> str:
+    """A grpc.health.v1 HealthCheckResponse's status name: SERVING, NOT_SERVING, ..."""
+    from grpc_health.v1 import health_pb2
+
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+# --------------------------------------------------------------------------- evaluate_many
+def pack_size(window: int, pack: int | None) -> int:
+    """Requests per message: ``window // 4`` by default (several messages in flight), at most ``window``."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return max(1, window // 4) if pack is None else max(1, min(pack, window))
+
+
+class Stream:
+    """One ``evaluate_many`` call without its I/O: the items in submission order, packed into
+    messages, and the answers handed back in that order.
+
+    The client feeds requests with :meth:`add` while it holds a window slot, sends
+    :meth:`message` of each batch, and gives every message it receives to :meth:`ready`.
+    """
+
+    def __init__(self, window: int, pack: int | None, return_exceptions: bool) -> None:
+        self.pack = pack_size(window, pack)
+        self.window = window
+        self.return_exceptions = return_exceptions
+        self._as_torch: dict[str, bool] = {}
+        self._order: list[str] = []
+        self._ready: dict[str, pb.EvaluateResponse] = {}
+        self._next = 0
+
+    @property
+    def method(self) -> str:
+        """The RPC: EvaluateStream (one request per message) or EvaluatePacked."""
+        return "EvaluateStream" if self.pack == 1 else "EvaluatePacked"
+
+    def add(self, req: LossRequest) -> pb.EvaluateRequest:
+        """The next request's wire message, numbered."""
+        msg, as_torch = build(req)
+        msg.id = str(len(self._order))
+        self._as_torch[msg.id] = as_torch
+        self._order.append(msg.id)
+        return msg
+
+    def message(self, batch: Sequence[pb.EvaluateRequest]) -> pb.EvaluateRequest | pb.EvaluateBatch:
+        """What one stream message carries: the request, or an EvaluateBatch of them."""
+        return batch[0] if self.pack == 1 else pb.EvaluateBatch(requests=batch)
+
+    def answers(self, message: Any) -> Sequence[pb.EvaluateResponse]:
+        """The responses one received message carries (each frees one window slot)."""
+        return [message] if self.pack == 1 else message.responses
+
+    def ready(self, responses: Iterable[pb.EvaluateResponse]) -> Iterator[EvaluateResult | LossdError]:
+        """Results that are next in input order, once their answers are in."""
+        for response in responses:
+            if response.id not in self._as_torch:
+                parse(response, False)  # raises the item's error
+                raise LossdError(f"answer for unknown id {response.id!r}")
+            self._ready[response.id] = response
+        while self._next < len(self._order) and self._order[self._next] in self._ready:
+            rid = self._order[self._next]
+            self._next += 1
+            yield self._result(self._ready.pop(rid), self._as_torch.pop(rid))
+
+    def _result(self, response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult | LossdError:
+        try:
+            return parse(response, as_torch)
+        except LossdError as exc:
+            if self.return_exceptions:
+                return exc
+            raise
+
+    def finish(self) -> None:
+        """At the end of the stream: a LossdError if answers are missing."""
+        if self._next < len(self._order):
+            raise LossdError(f"the stream ended with {len(self._order) - self._next} of {len(self._order)} results missing")
