@@ -41,15 +41,30 @@ def test_health_is_serving_for_overall_and_named_service(server):
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_server_info(client):
+def test_server_info(client, server):
+    import asyncio
+    import dataclasses
+
     import torch
+    from lossd_client import AsyncLossClient, ServerInfo
+    from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
     info = client.server_info()
+    assert isinstance(info, ServerInfo)
     assert info.torch_version == torch.__version__
     assert info.device == "cpu"
     assert info.max_receive_message_bytes > 0 and info.max_send_message_bytes > 0
     assert info.max_batch_rows > 0 and info.max_queue_requests > 0
-    assert set(info.input_dtypes) >= {1, 2, 3, 4}
+    assert set(info.input_dtypes) >= {"float32", "float16", "bfloat16", "float64"}
+    assert "int64" in info.target_dtypes and isinstance(info.allow_client_shm, bool)
+    # field for field as the proto's
+    assert [f.name for f in dataclasses.fields(ServerInfo)] == [f.name for f in sorted(pb.ServerInfo.DESCRIPTOR.fields, key=lambda f: f.number)]
+
+    async def from_async():
+        async with AsyncLossClient(server.address, timeout_s=30) as c:
+            return await c.server_info()
+
+    assert asyncio.run(from_async()) == info
 
 
 def test_readme_client_example_prints_torch_value(server):

@@ -19,7 +19,7 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats, combine
+from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats, ServerInfo, combine
 
 try:
     __version__ = version("lossd-client")
@@ -40,6 +40,7 @@ __all__ = [
     "PerplexityResult",
     "ResourceExhaustedError",
     "SequenceStats",
+    "ServerInfo",
     "UnauthenticatedError",
     "UnavailableError",
     "combine",

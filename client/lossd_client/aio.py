@@ -18,7 +18,7 @@ from . import core
 from ._proto.lossd.v1 import loss_pb2 as pb
 from .base import ClientBase
 from .errors import LossdError, from_rpc_error, rpc_errors
-from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult
+from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
 
 __all__ = ["AsyncLossClient"]
 
@@ -57,7 +57,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
 
     async def evaluate_many(
         self,
-        requests: Iterable[LossRequest] | AsyncIterable[LossRequest],
+        requests: Iterable[Any] | AsyncIterable[Any],
         *,
         window: int = 64,
         pack: int | None = None,
@@ -88,10 +88,10 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
             write_task.cancel()
             call.cancel()
 
-    async def server_info(self, *, timeout_s: float | None = None) -> pb.ServerInfo:
+    async def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         """The server's versions, device and limits (GetServerInfo)."""
         with rpc_errors():
-            return await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s))
+            return core.server_info(await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s)))
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The server's health status name (SERVING, NOT_SERVING, ...)."""
@@ -103,7 +103,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         return finish(await self.evaluate(build(), timeout_s=timeout_s))
 
 
-async def _items(requests: Iterable[LossRequest] | AsyncIterable[LossRequest]) -> AsyncIterator[LossRequest]:
+async def _items(requests: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
     if hasattr(requests, "__aiter__"):
         async for item in requests:  # type: ignore[union-attr]
             yield item
@@ -112,22 +112,39 @@ async def _items(requests: Iterable[LossRequest] | AsyncIterable[LossRequest]) -
             yield item
 
 
-async def _write(
-    call: Any, stream: core.Stream, requests: Iterable[LossRequest] | AsyncIterable[LossRequest], slots: asyncio.Semaphore
-) -> None:
-    """The request side of ``evaluate_many``: a request is taken while a window slot is free; a
-    batch is sent when it is full or no slot is left. Any failure cancels the call."""
+async def _write(call: Any, stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore) -> None:
+    """The request side of ``evaluate_many``: an item is taken while a window slot is free; a batch
+    is sent when it is full or no slot is left. A failing item or source ends the writing (the
+    stream raises it after the answers before it); anything else cancels the call."""
     try:
         batch: list[pb.EvaluateRequest] = []
-        async for req in _items(requests):
+        source = _items(requests)
+        while (item := await _next(source, stream)) is not _END:
             if batch and (len(batch) >= stream.pack or slots.locked()):
                 await call.write(stream.message(batch))
                 batch = []
             await slots.acquire()
-            batch.append(stream.add(req))
+            msg = stream.add(item)
+            if msg is None:
+                break
+            batch.append(msg)
         if batch:
             await call.write(stream.message(batch))
         await call.done_writing()
     except BaseException:
         call.cancel()  # the reader must not wait for answers that will never come
         raise
+
+
+async def _next(source: AsyncIterator[Any], stream: core.Stream) -> Any:
+    """The source's next item; _END at its end or when it fails (the failure goes to the stream)."""
+    try:
+        return await anext(source)
+    except StopAsyncIteration:
+        return _END
+    except Exception as exc:  # noqa: BLE001 - the caller's iterable failed: raised after the answers before it
+        stream.fail(exc)
+        return _END
+
+
+_END = object()

@@ -453,17 +453,15 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     with _client(args) as client:
         info = client.server_info(timeout_s=args.timeout_s or 30.0)
-    data = MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    data = asdict(info)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         width = max(len(k) for k in data)
         for key, value in data.items():
-            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            shown = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             print(f"{key.ljust(width)}  {shown}")
     return EXIT_OK
 

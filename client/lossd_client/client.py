@@ -21,7 +21,7 @@ from ._proto.lossd.v1 import loss_pb2 as pb
 from .base import ClientBase
 from .channel import normalise_target, service_config
 from .errors import LossdError, rpc_errors
-from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult
+from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
 
 __all__ = ["AsyncLossClient", "LossClient", "normalise_target", "service_config"]
 
@@ -67,7 +67,7 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult]):
 
     def evaluate_many(
         self,
-        requests: Iterable[LossRequest],
+        requests: Iterable[Any],
         *,
         window: int = 64,
         pack: int | None = None,
@@ -76,9 +76,11 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult]):
     ) -> Iterator[EvaluateResult | LossdError]:
         """Score many requests over one stream, ``window`` in flight; results in input order.
 
-        Requests travel ``pack`` per message over EvaluatePacked (default ``window // 4``, so
-        several messages are in flight while the server computes); ``pack=1`` uses
-        EvaluateStream, one request per message.
+        Each item is a :class:`LossRequest`, a mapping with its field names, or an
+        ``(input, target)`` pair; anything else raises TypeError (after the results of the items
+        before it). Requests travel ``pack`` per message over EvaluatePacked (default
+        ``window // 4``, so several messages are in flight while the server computes); ``pack=1``
+        uses EvaluateStream, one request per message.
         """
         stream = core.Stream(window, pack, return_exceptions)
         feeder = _Feeder(iter(requests), stream)
@@ -94,10 +96,10 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult]):
             feeder.stop()
             call.cancel()
 
-    def server_info(self, *, timeout_s: float | None = None) -> pb.ServerInfo:
+    def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         """The server's versions, device and limits (GetServerInfo)."""
         with rpc_errors():
-            return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s))
+            return core.server_info(self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s)))
 
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The server's health status name (SERVING, NOT_SERVING, ...)."""
@@ -113,30 +115,35 @@ class _Feeder:
     """The request side of a blocking ``evaluate_many``, iterated by gRPC's own thread: an item is
     taken only while one of the ``window`` slots is free, and packed ``stream.pack`` per message."""
 
-    def __init__(self, source: Iterator[LossRequest], stream: core.Stream) -> None:
+    def __init__(self, source: Iterator[Any], stream: core.Stream) -> None:
         self._source = source
         self._stream = stream
         self._slots = threading.Semaphore(stream.window)
         self._stopped = threading.Event()
 
     def messages(self) -> Iterator[pb.EvaluateRequest | pb.EvaluateBatch]:
-        """The stream's messages; ends with the source or when stopped."""
+        """The stream's messages; ends with the source, when stopped, or after a failure."""
         while True:
             batch = self._batch()
             if not batch:
                 return
             yield self._stream.message(batch)
-            if len(batch) < self._stream.pack and self._stopped.is_set():
+            if len(batch) < self._stream.pack and (self._stopped.is_set() or self._stream.failure is not None):
                 return
 
     def _batch(self) -> list[pb.EvaluateRequest]:
         batch: list[pb.EvaluateRequest] = []
-        while len(batch) < self._stream.pack and self._slot(first=not batch):
-            req = next(self._source, None)
-            if req is None:
+        while len(batch) < self._stream.pack and self._stream.failure is None and self._slot(first=not batch):
+            try:
+                item = next(self._source, _END)
+            except Exception as exc:  # noqa: BLE001 - the caller's iterator failed: raised after the answers before it
+                self._stream.fail(exc)
+                break
+            msg = None if item is _END else self._stream.add(item)
+            if msg is None:
                 self._slots.release()
                 break
-            batch.append(self._stream.add(req))
+            batch.append(msg)
         return batch
 
     def _slot(self, first: bool) -> bool:
@@ -157,5 +164,7 @@ class _Feeder:
         """The reader is gone: take no more items."""
         self._stopped.set()
 
+
+_END = object()
 
 from .aio import AsyncLossClient  # noqa: E402 - re-exported: `from lossd_client.client import AsyncLossClient` keeps working

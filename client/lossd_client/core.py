@@ -5,15 +5,16 @@
 - routing: :func:`route` sends a request through shared memory, one unary message or
   EvaluateChunked, and :class:`Call` is what the clients then send;
 - answers: :func:`parse`, :func:`perplexity_result`, :func:`loglikelihood_result`,
-  :func:`health_status`;
+  :func:`server_info`, :func:`health_status`;
 - ``evaluate_many``: :class:`Stream` numbers the requests, packs them into messages and hands
-  the answers back in input order.
+  the answers back in input order; :func:`as_loss_request` says what an item may be.
 
 Nothing here opens a channel or waits: the clients do the I/O and nothing else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,7 +25,7 @@ from . import layout, tensors
 from ._proto.lossd.v1 import loss_pb2 as pb
 from .errors import InvalidArgumentError, LossdError, from_status_value
 from .shm import SegmentPool, SharedMemoryArena
-from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats
+from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats, ServerInfo
 
 #: Bytes of input per EvaluateChunked message: big enough to amortise per-message cost, small
 #: enough that several can be in flight without large buffers (measured on loopback TCP).
@@ -387,6 +388,14 @@ def loglikelihood_result(result: EvaluateResult) -> LoglikelihoodResult:
     return LoglikelihoodResult(logprob=-s.nll_sum, is_greedy=s.is_greedy)
 
 
+def server_info(msg: pb.ServerInfo) -> ServerInfo:
+    """A GetServerInfo answer as a :class:`ServerInfo` (dtypes by name)."""
+    values = {f.name: getattr(msg, f.name) for f in dataclasses.fields(ServerInfo)}
+    for name in ("input_dtypes", "target_dtypes"):
+        values[name] = tuple(layout.dtype_name(d) for d in values[name])
+    return ServerInfo(**values)
+
+
 def health_status(reply: Any) -> str:
     """A grpc.health.v1 HealthCheckResponse's status name: SERVING, NOT_SERVING, ..."""
     from grpc_health.v1 import health_pb2
@@ -395,6 +404,26 @@ def health_status(reply: Any) -> str:
 
 
 # --------------------------------------------------------------------------- evaluate_many
+ACCEPTED_ITEMS = "a LossRequest, a mapping with LossRequest's field names, or an (input, target) pair"
+
+
+def as_loss_request(item: Any, index: int) -> LossRequest:
+    """Item ``index`` of ``evaluate_many`` as a LossRequest; TypeError naming it for anything else."""
+    if isinstance(item, LossRequest):
+        return item
+    if isinstance(item, Mapping):
+        try:
+            return LossRequest(**item)
+        except TypeError as exc:  # a missing, unknown or non-string key
+            raise TypeError(
+                f"evaluate_many: item {index} is a mapping that does not fit LossRequest ({exc}); expected {ACCEPTED_ITEMS}"
+            ) from None
+    if isinstance(item, tuple) and len(item) == 2:
+        return LossRequest(*item)
+    got = f"a tuple of {len(item)} items" if isinstance(item, tuple) else f"{type(item).__module__}.{type(item).__qualname__}"
+    raise TypeError(f"evaluate_many: item {index} is {got}; expected {ACCEPTED_ITEMS}")
+
+
 def pack_size(window: int, pack: int | None) -> int:
     """Requests per message: ``window // 4`` by default (several messages in flight), at most ``window``."""
     if window < 1:
@@ -406,14 +435,17 @@ class Stream:
     """One ``evaluate_many`` call without its I/O: the items in submission order, packed into
     messages, and the answers handed back in that order.
 
-    The client feeds requests with :meth:`add` while it holds a window slot, sends
+    The client feeds items with :meth:`add` while it holds a window slot, sends
     :meth:`message` of each batch, and gives every message it receives to :meth:`ready`.
+    An item that cannot be built, or a source that fails, is recorded (:meth:`fail`) and
+    raised by :meth:`finish` after the answers to the items before it.
     """
 
     def __init__(self, window: int, pack: int | None, return_exceptions: bool) -> None:
         self.pack = pack_size(window, pack)
         self.window = window
         self.return_exceptions = return_exceptions
+        self.failure: Exception | None = None
         self._as_torch: dict[str, bool] = {}
         self._order: list[str] = []
         self._ready: dict[str, pb.EvaluateResponse] = {}
@@ -424,13 +456,21 @@ class Stream:
         """The RPC: EvaluateStream (one request per message) or EvaluatePacked."""
         return "EvaluateStream" if self.pack == 1 else "EvaluatePacked"
 
-    def add(self, req: LossRequest) -> pb.EvaluateRequest:
-        """The next request's wire message, numbered."""
-        msg, as_torch = build(req)
+    def add(self, item: Any) -> pb.EvaluateRequest | None:
+        """The next item's wire request, numbered; None when it cannot be built (then :meth:`fail`)."""
+        try:
+            msg, as_torch = build(as_loss_request(item, len(self._order)))
+        except Exception as exc:  # noqa: BLE001 - raised by finish(), in order
+            self.fail(exc)
+            return None
         msg.id = str(len(self._order))
         self._as_torch[msg.id] = as_torch
         self._order.append(msg.id)
         return msg
+
+    def fail(self, exc: Exception) -> None:
+        """Stop taking items: ``exc`` is raised by :meth:`finish` after the answers sent before it."""
+        self.failure = exc
 
     def message(self, batch: Sequence[pb.EvaluateRequest]) -> pb.EvaluateRequest | pb.EvaluateBatch:
         """What one stream message carries: the request, or an EvaluateBatch of them."""
@@ -461,6 +501,8 @@ class Stream:
             raise
 
     def finish(self) -> None:
-        """At the end of the stream: a LossdError if answers are missing."""
+        """At the end of the stream: raise the recorded failure, or a LossdError if answers are missing."""
+        if self.failure is not None:
+            raise self.failure
         if self._next < len(self._order):
             raise LossdError(f"the stream ended with {len(self._order) - self._next} of {len(self._order)} results missing")

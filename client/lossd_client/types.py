@@ -1,8 +1,8 @@
 """What the client takes and returns: one request, its results, and exact combination of totals.
 
 Plain dataclasses, no I/O: :class:`LossRequest` goes in; :class:`EvaluateResult` (with
-:class:`SequenceStats`), :class:`PerplexityResult` and :class:`LoglikelihoodResult` come out;
-:func:`combine` adds totals up exactly.
+:class:`SequenceStats`), :class:`PerplexityResult`, :class:`LoglikelihoodResult` and
+:class:`ServerInfo` come out; :func:`combine` adds totals up exactly.
 """
 
 from __future__ import annotations
@@ -109,3 +109,40 @@ class LoglikelihoodResult:
 
     logprob: np.ndarray
     is_greedy: np.ndarray
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The server's versions, device and limits (``GetServerInfo``), field for field as the proto's.
+
+    Dtypes are names as numpy and torch spell them (``"float32"``, ``"bfloat16"``).
+    """
+
+    #: lossd-server package version.
+    version: str
+    #: ``torch.__version__`` on the server.
+    torch_version: str
+    #: Device the engine runs on, e.g. ``"cpu"`` or ``"cuda:0"``.
+    device: str
+    #: Largest message the server receives, in bytes (larger requests go through EvaluateChunked).
+    max_receive_message_bytes: int
+    #: Largest message the server sends, in bytes.
+    max_send_message_bytes: int
+    #: A batch closes at this many rows ...
+    max_batch_rows: int
+    #: ... or this many input bytes ...
+    max_batch_bytes: int
+    #: ... or this long after its first request.
+    max_wait_ms: float
+    #: Queued requests beyond which the server answers RESOURCE_EXHAUSTED.
+    max_queue_requests: int
+    #: Queued input bytes beyond which the server answers RESOURCE_EXHAUSTED.
+    max_queue_bytes: int
+    #: Input dtypes the server accepts.
+    input_dtypes: tuple[str, ...]
+    #: Target dtypes the server accepts.
+    target_dtypes: tuple[str, ...]
+    #: Whether the server honours same-host shared-memory tensor references.
+    allow_client_shm: bool
+    #: The device's name: the CPU model or the CUDA device name.
+    device_name: str

@@ -26,6 +26,7 @@ CLASSES_WITH_METHODS = (
     lossd_client.LossClient,
     lossd_client.AsyncLossClient,
     lossd_client.base.ClientBase,  # the methods both clients share (cross_entropy, perplexity, ...)
+    lossd_client.ServerInfo,
     lossd_client.LossRequest,
     lossd_client.EvaluateResult,
     lossd_client.PerplexityResult,
@@ -114,5 +115,6 @@ def test_make_docs_builds_the_reference(tmp_path):
         "AsyncLossClient.evaluate_many",
         "AsyncLossClient.nll_loss",
         "PerplexityResult.perplexity",
+        "ServerInfo.device_name",
     ):
         assert f'id="{method}"' in html, method
