@@ -7,11 +7,22 @@ from contextlib import contextmanager
 
 import grpc
 
+_BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {}
+
 
 class LossdError(Exception):
-    """Base class; ``code`` is the gRPC status code, ``details`` the server's message."""
+    """Base class; ``code`` is the gRPC status code, ``details`` the server's message.
+
+    A subclass declared with ``code=`` is the exception for that status code.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init_subclass__(cls, code: grpc.StatusCode | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+            _BY_CODE[code] = cls
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(details)
@@ -20,60 +31,38 @@ class LossdError(Exception):
             self.code = code
 
 
-class InvalidArgumentError(LossdError, ValueError):
-    """The request was rejected as torch would reject it (INVALID_ARGUMENT)."""
+class InvalidArgumentError(LossdError, ValueError, code=grpc.StatusCode.INVALID_ARGUMENT):
+    """The request was rejected as torch would reject it (INVALID_ARGUMENT); also a ``ValueError``.
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class ResourceExhaustedError(LossdError):
-    """The server's queue or message limit was hit (RESOURCE_EXHAUSTED)."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    ``details`` names the field, what was expected and what was received.
+    """
 
 
-class DeadlineExceededError(LossdError, TimeoutError):
+class ResourceExhaustedError(LossdError, code=grpc.StatusCode.RESOURCE_EXHAUSTED):
+    """The server's queue or message limit was hit (RESOURCE_EXHAUSTED); ``details`` names the limit."""
+
+
+class DeadlineExceededError(LossdError, TimeoutError, code=grpc.StatusCode.DEADLINE_EXCEEDED):
     """The call's deadline (``timeout_s``) passed before the answer (DEADLINE_EXCEEDED); also a ``TimeoutError``."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+class UnavailableError(LossdError, ConnectionError, code=grpc.StatusCode.UNAVAILABLE):
+    """No server could be reached, or it is shutting down (UNAVAILABLE); also a ``ConnectionError``.
+
+    The clients retry it with backoff (``retries``) before raising it.
+    """
 
 
-class UnavailableError(LossdError, ConnectionError):
-    """No server could be reached, or it is shutting down (UNAVAILABLE); also a ``ConnectionError``."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class CancelledError(LossdError):
+class CancelledError(LossdError, code=grpc.StatusCode.CANCELLED):
     """The call was cancelled, by the client or by a draining server (CANCELLED)."""
 
-    code = grpc.StatusCode.CANCELLED
 
-
-class UnauthenticatedError(LossdError, PermissionError):
+class UnauthenticatedError(LossdError, PermissionError, code=grpc.StatusCode.UNAUTHENTICATED):
     """The call's credentials were refused (UNAUTHENTICATED); also a ``PermissionError``."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
 
-
-class InternalError(LossdError):
+class InternalError(LossdError, code=grpc.StatusCode.INTERNAL):
     """The server failed while evaluating a valid request (INTERNAL)."""
-
-    code = grpc.StatusCode.INTERNAL
-
-
-_BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidArgumentError,
-        ResourceExhaustedError,
-        DeadlineExceededError,
-        UnavailableError,
-        CancelledError,
-        UnauthenticatedError,
-        InternalError,
-    )
-}
 
 
 def error_for(code: grpc.StatusCode, details: str) -> LossdError:
