@@ -29,8 +29,7 @@ from collections.abc import Callable
 import grpc
 import torch
 import torch.nn.functional as F
-from lossd_client import LossClient, LossRequest
-from lossd_client import requests as rq
+from lossd_client import LossClient, LossRequest, core
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
 from . import servers
@@ -119,7 +118,7 @@ def _naive_call(address: str, x: torch.Tensor, t: torch.Tensor) -> Callable[[], 
     stub = pb_grpc.LossServiceStub(grpc.insecure_channel(address, options=opts))
 
     def call() -> int:
-        msg, _ = rq.build(LossRequest(x, t, reduction="none"))
+        msg, _ = core.build(LossRequest(x, t, reduction="none"))
         return len(stub.Evaluate(msg, timeout=600).loss.data)
 
     return call

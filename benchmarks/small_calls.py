@@ -13,8 +13,7 @@ import time
 
 import grpc
 import numpy as np
-from lossd_client import LossRequest
-from lossd_client import requests as rq
+from lossd_client import LossRequest, core
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
 from . import servers
@@ -27,7 +26,7 @@ def main() -> None:
     parser.add_argument("--futures", type=int, default=8)
     args, flags = parser.parse_known_args()
     rng = np.random.default_rng(0)
-    msg, _ = rq.build(LossRequest(rng.standard_normal((64, 1000), dtype=np.float32), rng.integers(0, 1000, 64)))
+    msg, _ = core.build(LossRequest(rng.standard_normal((64, 1000), dtype=np.float32), rng.integers(0, 1000, 64)))
     with servers.start_lossd(*flags) as server, grpc.insecure_channel(server.address) as channel:
         print("server pid", server.proc.pid, flush=True)
         stub = pb_grpc.LossServiceStub(channel)

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lossd_client import LossRequest
-from lossd_client import requests as rq
+from lossd_client import LossRequest, core
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
 
@@ -19,7 +18,7 @@ class Workload:
     in_flight: int
 
     def __post_init__(self) -> None:
-        self.messages: list[pb.EvaluateRequest] = [rq.build(r)[0] for r in self.requests]
+        self.messages: list[pb.EvaluateRequest] = [core.build(r)[0] for r in self.requests]
         self.rows = [_rows(r) for r in self.requests]
 
     @property

@@ -11,8 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from lossd_client import AsyncLossClient, LossClient, LossRequest
-from lossd_client import requests as rq
+from lossd_client import AsyncLossClient, LossClient, LossRequest, core
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from lossd_client.errors import InvalidArgumentError
 from serverproc import start_server
@@ -54,7 +53,7 @@ def assert_same(chunked, whole) -> None:
 
 
 def unary_is_rejected(address: str, req: LossRequest) -> grpc.RpcError:
-    msg, _ = rq.build(req)
+    msg, _ = core.build(req)
     with grpc.insecure_channel(address) as channel:
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.LossServiceStub(channel).Evaluate(msg, timeout=60)
@@ -69,7 +68,7 @@ def test_lm_request_several_times_the_limit(client, small, small_server, reducti
     tokens = torch.randint(0, 200, (4, 96), generator=gen)
     tokens[1, 50:] = -100
     req = LossRequest(logits, tokens, reduction=reduction, class_axis=-1, shift_targets=True, extras=EXTRAS, sequence_stats=True)
-    assert rq.request_nbytes(req) > 2 * LIMIT
+    assert core.request_nbytes(req) > 2 * LIMIT
     assert_same(small.evaluate(req), client.evaluate(req))
     err = unary_is_rejected(small_server.address, req)  # so the client above cannot have sent it whole
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -92,7 +91,7 @@ def test_probability_targets_are_streamed(client, small, reduction):
     x = torch.randn(3000, 12, generator=gen)
     p = torch.rand(3000, 12, generator=gen).softmax(1)
     req = LossRequest(x, p, reduction=reduction, label_smoothing=0.05)
-    assert rq.request_nbytes(req) > 4 * LIMIT
+    assert core.request_nbytes(req) > 4 * LIMIT
     assert_same(small.evaluate(req), client.evaluate(req))
 
 
@@ -105,7 +104,7 @@ def test_bce_targets_are_streamed(client, small, reduction):
         x, y, loss="binary_cross_entropy_with_logits", reduction=reduction,
         weight=torch.rand(3, 4, generator=gen), pos_weight=torch.rand(4, generator=gen) + 0.5,
     )
-    assert rq.request_nbytes(req) > 4 * LIMIT
+    assert core.request_nbytes(req) > 4 * LIMIT
     assert_same(small.evaluate(req), client.evaluate(req))
 
 
@@ -150,7 +149,7 @@ def test_validation_errors_still_name_the_field(small):
 
 def test_chunk_payloads_cut_whole_rows():
     x = np.arange(10 * 7, dtype=np.float32).reshape(10, 7)
-    chunks = list(rq.chunk_payloads(LossRequest(x, np.zeros(10, np.int64)), chunk_bytes=3 * 28))
+    chunks = list(core.chunk_payloads(LossRequest(x, np.zeros(10, np.int64)), chunk_bytes=3 * 28))
     from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
     msgs = [pb.EvaluateChunk.FromString(c) for c in chunks]
@@ -158,3 +157,20 @@ def test_chunk_payloads_cut_whole_rows():
     rows = [np.frombuffer(m.input_rows, np.float32).reshape(-1, 7) for m in msgs[1:]]
     assert [len(r) for r in rows] == [3, 3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(rows), x)
+
+
+@pytest.mark.parametrize("class_axis", [3, -4])
+def test_an_out_of_range_class_axis_is_sent_and_the_server_names_it(small, class_axis):
+    """The client lays the rows out without failing; the server answers INVALID_ARGUMENT, as for a unary request."""
+    x = torch.randn(40, 30, 20)  # 96 KB: chunked
+    with pytest.raises(InvalidArgumentError, match=rf"options.class_axis: axis {class_axis} is out of range"):
+        small.evaluate(LossRequest(x, torch.zeros(40, 20, dtype=torch.int64), class_axis=class_axis))
+
+
+def test_a_one_dimensional_bce_request_is_cut_into_rows(client, small):
+    """BCE has no class axis: an (N,) input is N rows (as the server counts them), so it streams in several chunks."""
+    gen = torch.Generator().manual_seed(15)
+    x, y = torch.randn(50_000, generator=gen), torch.rand(50_000, generator=gen)  # 400 KB with its target
+    req = LossRequest(x, y, loss="binary_cross_entropy_with_logits", reduction="none")
+    assert len(list(core.chunk_payloads(req, max_message_bytes=LIMIT))) > 4
+    assert_same(small.evaluate(req), client.evaluate(req))

@@ -41,15 +41,56 @@ def test_health_is_serving_for_overall_and_named_service(server):
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_server_info(client):
+def test_server_info(client, server):
+    import asyncio
+    import dataclasses
+
     import torch
+    from lossd_client import AsyncLossClient, ServerInfo
+    from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
     info = client.server_info()
+    assert isinstance(info, ServerInfo)
     assert info.torch_version == torch.__version__
     assert info.device == "cpu"
     assert info.max_receive_message_bytes > 0 and info.max_send_message_bytes > 0
     assert info.max_batch_rows > 0 and info.max_queue_requests > 0
-    assert set(info.input_dtypes) >= {1, 2, 3, 4}
+    assert set(info.input_dtypes) >= {"float32", "float16", "bfloat16", "float64"}
+    assert "int64" in info.target_dtypes and isinstance(info.allow_client_shm, bool)
+    assert info.device_name == _cpu_model() and info.device_name != "x86_64"
+    # field for field as the proto's
+    assert [f.name for f in dataclasses.fields(ServerInfo)] == [f.name for f in sorted(pb.ServerInfo.DESCRIPTOR.fields, key=lambda f: f.number)]
+
+    async def from_async():
+        async with AsyncLossClient(server.address, timeout_s=30) as c:
+            return await c.server_info()
+
+    assert asyncio.run(from_async()) == info
+
+
+def _cpu_model() -> str:
+    """What lscpu calls "Model name", read from /proc/cpuinfo here (x86 and most ARM kernels have it)."""
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def test_device_name_is_the_cpu_model_or_the_machine(tmp_path):
+    import platform
+
+    import torch
+    from lossd_server.service import device_name
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz\n\n")
+    assert device_name(torch.device("cpu"), str(cpuinfo)) == "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # some ARM kernels: no model name
+    assert device_name(torch.device("cpu"), str(cpuinfo)) == (platform.processor() or platform.machine() or "cpu")
+    assert device_name(torch.device("cpu"), str(tmp_path / "missing")) == (platform.processor() or platform.machine() or "cpu")
 
 
 def test_readme_client_example_prints_torch_value(server):

@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from lossd_client import LossClient, LossRequest
-from lossd_client import requests as rq
+from lossd_client import LossClient, LossRequest, core
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from lossd_server import app
 from lossd_server.config import ServerConfig
@@ -37,7 +36,7 @@ def test_sigterm_with_large_calls_on_the_wire_loses_nothing():
             LossRequest(g.standard_normal((ROWS, CLASSES), dtype=np.float32), g.integers(-1, CLASSES, ROWS), ignore_index=-1)
             for _ in range(N_CALLS)
         ]
-        messages = [rq.build(r)[0] for r in requests]
+        messages = [core.build(r)[0] for r in requests]
         assert all(m.ByteSize() >= 16 * 2**20 for m in messages)
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         with grpc.insecure_channel(proc.address, options=options) as channel:
@@ -52,7 +51,7 @@ def test_sigterm_with_large_calls_on_the_wire_loses_nothing():
         proc.stop()
     for req, reply in zip(requests, replies, strict=True):
         want = F.cross_entropy(torch.from_numpy(req.input), torch.from_numpy(req.target), ignore_index=-1)
-        got = rq.parse(reply, as_torch=True).loss
+        got = core.parse(reply, as_torch=True).loss
         torch.testing.assert_close(got, want)
     log = proc.log()
     assert "(drain)" in log, log

@@ -10,8 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from lossd_client import LossClient, LossRequest
-from lossd_client import requests as rq
+from lossd_client import LossClient, LossRequest, core
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from lossd_client.errors import InvalidArgumentError
@@ -83,11 +82,11 @@ def test_request_counter_latency_and_bytes_move_exactly(mserver, mclient):
         got = mclient.evaluate(req).loss
         want = torch.nn.functional.cross_entropy(torch.from_numpy(req.input), torch.from_numpy(req.target))
         torch.testing.assert_close(torch.from_numpy(np.asarray(got)), want)
-        sent += rq.build(req)[0].ByteSize()
+        sent += core.build(req)[0].ByteSize()
     for _ in range(2):
         with pytest.raises(InvalidArgumentError):
             mclient.evaluate(_bad_request())
-        sent += rq.build(_bad_request())[0].ByteSize()
+        sent += core.build(_bad_request())[0].ByteSize()
     after = scrape(mserver.metrics_port)
 
     assert delta(before, after, "lossd_requests_total", method="Evaluate", code="OK") == 3
@@ -114,10 +113,10 @@ def test_streaming_methods_are_counted_by_status(mserver):
         with pytest.raises(grpc.RpcError) as info:
             stub.EvaluateChunked(iter([headerless]), timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        msg, _ = rq.build(_ok_request(7))
-        reply = stub.EvaluateChunked(rq.chunk_messages(msg, chunk_bytes=64), timeout=30)
+        msg, _ = core.build(_ok_request(7))
+        reply = stub.EvaluateChunked(core.chunk_messages(msg, chunk_bytes=64), timeout=30)
         assert reply.counted == 10
-        items = [rq.build(_ok_request(i))[0] for i in range(4)]
+        items = [core.build(_ok_request(i))[0] for i in range(4)]
         for i, item in enumerate(items):
             item.id = str(i)
         answers = list(stub.EvaluateStream(iter(items), timeout=30))
@@ -128,7 +127,7 @@ def test_streaming_methods_are_counted_by_status(mserver):
     assert delta(before, after, "lossd_requests_total", method="EvaluateChunked", code="OK") == 1
     assert delta(before, after, "lossd_requests_total", method="EvaluateStream", code="OK") == 1
     assert delta(before, after, "lossd_requests_total", method="GetServerInfo", code="OK") == 1
-    chunk_bytes = headerless.ByteSize() + sum(c.ByteSize() for c in rq.chunk_messages(msg, chunk_bytes=64))
+    chunk_bytes = headerless.ByteSize() + sum(c.ByteSize() for c in core.chunk_messages(msg, chunk_bytes=64))
     assert delta(before, after, "lossd_received_bytes_total", method="EvaluateChunked") == chunk_bytes
     assert delta(before, after, "lossd_received_bytes_total", method="EvaluateStream") == sum(i.ByteSize() for i in items)
 

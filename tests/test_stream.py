@@ -121,7 +121,7 @@ def test_without_return_exceptions_the_first_error_raises_in_order(stream_server
 def test_a_request_the_client_cannot_build_raises_instead_of_hanging(stream_server):
     reqs = [LossRequest(np.zeros((2, 3), np.float32), np.array([0, 1])), LossRequest(np.array(["a"]), np.array([0]))]
     with LossClient(stream_server.address, timeout_s=60) as client:
-        with pytest.raises(Exception):  # noqa: B017 - grpc reports the iterator's failure as it can
+        with pytest.raises(InvalidArgumentError, match="unsupported numpy dtype"):
             list(client.evaluate_many(reqs))
 
     async def main():
@@ -171,3 +171,105 @@ def test_window_is_filled_and_never_exceeded():
         check(asyncio.run(asyncio.wait_for(main(), 120)), expected)
     finally:
         server.stop()
+
+
+def accepted_forms():
+    """The same four evaluations as a LossRequest, a mapping with its field names and an (input, target) pair."""
+    rng = np.random.default_rng(6)
+    x = [rng.standard_normal((3 + i, 5)).astype(np.float32) for i in range(4)]
+    t = [rng.integers(0, 5, 3 + i) for i in range(4)]
+    items = [
+        LossRequest(x[0], t[0], reduction="sum"),
+        {"input": x[1], "target": t[1], "reduction": "none", "label_smoothing": 0.1},
+        (x[2], t[2]),
+        {"input": torch.from_numpy(x[3]), "target": torch.from_numpy(t[3]), "loss": "nll_loss"},
+    ]
+    want = [
+        F.cross_entropy(torch.from_numpy(x[0]), torch.from_numpy(t[0]), reduction="sum"),
+        F.cross_entropy(torch.from_numpy(x[1]), torch.from_numpy(t[1]), reduction="none", label_smoothing=0.1),
+        F.cross_entropy(torch.from_numpy(x[2]), torch.from_numpy(t[2])),
+        F.nll_loss(torch.from_numpy(x[3]), torch.from_numpy(t[3])),
+    ]
+    return items, want
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pack", [1, None])
+def test_evaluate_many_takes_requests_mappings_and_pairs(stream_server, pack):
+    items, want = accepted_forms()
+    with LossClient(stream_server.address, timeout_s=60) as client:
+        got = list(client.evaluate_many(items, window=4, pack=pack))
+
+    async def main():
+        async with AsyncLossClient(stream_server.address, timeout_s=60) as client:
+            return [r async for r in client.evaluate_many(items, window=4, pack=pack)]
+
+    for results in (got, asyncio.run(asyncio.wait_for(main(), 60))):
+        assert [type(r.loss) for r in results] == [np.ndarray, np.ndarray, np.ndarray, torch.Tensor]
+        for result, expected in zip(results, want, strict=True):
+            torch.testing.assert_close(torch.as_tensor(result.loss), expected)
+
+
+NOT_ACCEPTED = [
+    ([1.0, 2.0], "item 1 is builtins.list"),
+    ("logits", "item 1 is builtins.str"),
+    (None, "item 1 is builtins.NoneType"),
+    ((np.zeros((2, 3), np.float32),), "item 1 is a tuple of 1 items"),
+    ({"inputs": np.zeros((2, 3), np.float32), "target": np.array([0, 1])}, r"item 1 is a mapping that does not fit LossRequest \(.*'inputs'"),
+    ({"input": np.zeros((2, 3), np.float32)}, r"item 1 is a mapping that does not fit LossRequest \(.*'target'"),
+]
+ACCEPTS = r"expected a LossRequest, a mapping with LossRequest's field names, or an \(input, target\) pair"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("bad", "named"), NOT_ACCEPTED, ids=["list", "str", "None", "1-tuple", "unknown-key", "missing-key"])
+def test_evaluate_many_names_what_it_cannot_take_and_closes_the_stream(stream_server, bad, named):
+    """TypeError naming the item and what is accepted, after the results before it; nothing hangs
+    (a deadline bounds every call) and the client still works afterwards."""
+    good = LossRequest(np.zeros((2, 3), np.float32), np.array([0, 1]))
+    items = [good, bad, good]
+    with LossClient(stream_server.address, timeout_s=30) as client:
+        got = []
+        with pytest.raises(TypeError, match=f"evaluate_many: {named}.*; {ACCEPTS}$"):
+            for result in client.evaluate_many(items, window=4):
+                got.append(result)
+        assert len(got) == 1 and float(got[0].loss) == pytest.approx(np.log(3))
+        assert len(list(client.evaluate_many([good, good], window=4))) == 2
+
+    async def main():
+        async with AsyncLossClient(stream_server.address, timeout_s=30) as client:
+            seen = []
+            with pytest.raises(TypeError, match=f"evaluate_many: {named}.*; {ACCEPTS}$"):
+                async for result in client.evaluate_many(items, window=4, pack=1):
+                    seen.append(result)
+            assert len(seen) == 1
+            return [r async for r in client.evaluate_many(iter([good, good]), window=4)]
+
+    assert len(asyncio.run(asyncio.wait_for(main(), 60))) == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_source_raises_its_own_error_after_the_results_before_it(stream_server):
+    good = LossRequest(np.zeros((2, 3), np.float32), np.array([0, 1]))
+
+    def source():
+        yield good
+        raise RuntimeError("the caller's generator failed")
+
+    async def asource():
+        yield good
+        raise RuntimeError("the caller's generator failed")
+
+    with LossClient(stream_server.address, timeout_s=30) as client:
+        got = []
+        with pytest.raises(RuntimeError, match="generator failed"):
+            for result in client.evaluate_many(source()):
+                got.append(result)
+        assert len(got) == 1
+
+    async def main():
+        async with AsyncLossClient(stream_server.address, timeout_s=30) as client:
+            return [r async for r in client.evaluate_many(asource())]
+
+    with pytest.raises(RuntimeError, match="generator failed"):
+        asyncio.run(asyncio.wait_for(main(), 60))

@@ -7,7 +7,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .client import AsyncLossClient, LossClient
+from .aio import AsyncLossClient
+from .client import LossClient
 from .errors import (
     CancelledError,
     DeadlineExceededError,
@@ -18,7 +19,7 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from .requests import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats, combine
+from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats, ServerInfo, combine
 
 try:
     __version__ = version("lossd-client")
@@ -39,6 +40,7 @@ __all__ = [
     "PerplexityResult",
     "ResourceExhaustedError",
     "SequenceStats",
+    "ServerInfo",
     "UnauthenticatedError",
     "UnavailableError",
     "combine",

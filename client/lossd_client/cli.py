@@ -34,14 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from . import tensors
+from . import layout, tensors
 from .client import LossClient
 from .errors import LossdError
-from .requests import EvaluateResult, LossRequest
+from .types import EvaluateResult, LossRequest
 
 LOGITS_KEYS = ("logits", "input", "inputs", "scores", "log_probs", "logprobs")
 TARGET_KEYS = ("targets", "target", "labels", "tokens", "input_ids")
-LOSSES = ("cross_entropy", "nll_loss", "binary_cross_entropy_with_logits")
+LOSSES = tuple(layout.LOSSES)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -281,14 +281,14 @@ def split_rows(logits: Any, target: Any, args: argparse.Namespace) -> tuple[int,
     ``--shift`` moves the targets along (the target's last axis).
     """
     shape, tshape = _shape(logits), _shape(target)
-    if args.loss == "binary_cross_entropy_with_logits":
-        return (shape[0], math.prod(shape[1:])) if shape and tshape[:1] == shape[:1] else (1, math.prod(shape))
+    if args.loss == layout.BCE_WITH_LOGITS:
+        return layout.rows(args.loss, shape) if shape and tshape[:1] == shape[:1] else (1, math.prod(shape))
     if len(shape) < 2:
         return 1, 1
-    axis = 1 if args.class_axis is None else args.class_axis
-    if not -len(shape) <= axis < len(shape):
+    try:
+        axis = layout.resolve_class_axis(len(shape), args.class_axis)
+    except ValueError:
         return 1, math.prod(shape)  # the server answers with torch's error
-    axis %= len(shape)
     positions = math.prod(shape) // shape[axis] if shape[axis] else 0
     if axis == 0 or tshape[:1] != shape[:1] or (args.shift and len(tshape) < 2):
         return 1, positions
@@ -346,7 +346,7 @@ def _summarise(
     counted = sum(int(r.counted) for r in results)
     mean = loss_sum / weight_sum if weight_sum else math.nan
     perplexity = None
-    if args.loss != "binary_cross_entropy_with_logits":
+    if args.loss != layout.BCE_WITH_LOGITS:
         perplexity = math.exp(mean) if weight_sum and mean < 709 else (math.inf if weight_sum else math.nan)
     per_element = [np.asarray(r.loss) for r in results] if args.reduction == "none" else []
     return Score(
@@ -369,7 +369,7 @@ def total(scores: Sequence[Score], args: argparse.Namespace) -> Score:
     weight_sum = math.fsum(s.weight_sum for s in scores)
     mean = loss_sum / weight_sum if weight_sum else math.nan
     perplexity = None
-    if args.loss != "binary_cross_entropy_with_logits":
+    if args.loss != layout.BCE_WITH_LOGITS:
         perplexity = math.exp(mean) if weight_sum and mean < 709 else (math.inf if weight_sum else math.nan)
     return Score(
         "total", loss_sum if args.reduction == "sum" else mean, loss_sum, weight_sum, sum(s.counted for s in scores), perplexity,
@@ -453,17 +453,15 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     with _client(args) as client:
         info = client.server_info(timeout_s=args.timeout_s or 30.0)
-    data = MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    data = asdict(info)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         width = max(len(k) for k in data)
         for key, value in data.items():
-            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            shown = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             print(f"{key.ljust(width)}  {shown}")
     return EXIT_OK
 

@@ -221,12 +221,7 @@ def summarize(
     """
     kl_arr = np.asarray(kl)
     shape = kl_arr.shape
-    mask = None
-    if counted is not None:
-        mask = np.asarray(counted)
-        if mask.shape != shape:
-            raise ValueError(f"counted has shape {mask.shape}, kl has {shape}")
-        mask = mask.astype(bool).reshape(-1)
+    mask = _mask(counted, shape)
     kl_v = _counted(kl_arr, mask, "kl", shape)
     agree = _counted(argmax_agree, mask, "argmax_agree", shape)
     n = kl_v.size
@@ -235,26 +230,11 @@ def summarize(
     if (p_ref is None) != (p_cand is None):
         raise ValueError("p_ref and p_cand go together")
 
-    kld = Estimate(_mean(kl_v), standard_error(kl_v))
     f = _mean(agree)
     same_top = Estimate(f, math.sqrt(f * (1.0 - f) / (n - 1)) if n >= 2 else math.nan)
-
-    ppl_cand = ppl_ref = ln_ratio = ratio = diff = None
-    correlation = None
+    ppl: dict[str, Any] = dict.fromkeys(("ppl_cand", "ppl_ref", "ln_ppl_correlation", "ln_ppl_ratio", "ppl_ratio", "ppl_diff"))
     if nll_ref is not None:
-        a = _counted(nll_cand, mask, "nll_cand", shape)  # Q
-        b = _counted(nll_ref, mask, "nll_ref", shape)  # base
-        se_a, se_b = standard_error(a), standard_error(b)
-        cov = covariance_of_means(a, b)
-        ppl_cand = Estimate(_exp(_mean(a)), _exp(_mean(a)) * se_a)
-        ppl_ref = Estimate(_exp(_mean(b)), _exp(_mean(b)) * se_b)
-        correlation = cov / (se_a * se_b) if se_a > 0 and se_b > 0 else math.nan
-        ln_value = _mean(a) - _mean(b)
-        ln_ratio = Estimate(ln_value, standard_error(a - b))
-        ratio = Estimate(_exp(ln_value), _exp(ln_value) * ln_ratio.error)
-        var_diff = ppl_cand.error**2 + ppl_ref.error**2 - 2.0 * ppl_cand.value * ppl_ref.value * cov
-        diff = Estimate(ppl_cand.value - ppl_ref.value, math.sqrt(max(var_diff, 0.0)) if not math.isnan(var_diff) else math.nan)
-
+        ppl = _perplexity_statistics(_counted(nll_cand, mask, "nll_cand", shape), _counted(nll_ref, mask, "nll_ref", shape))
     if delta_p is not None:
         dp = _counted(delta_p, mask, "delta_p", shape)
     elif p_ref is not None:
@@ -263,30 +243,56 @@ def summarize(
         dp = np.exp(-_counted(nll_cand, mask, "nll_cand", shape)) - np.exp(-_counted(nll_ref, mask, "nll_ref", shape))
     else:
         dp = None
-
-    dp_est = dp_pct = dp_rms = None
-    if dp is not None:
-        dp_est = Estimate(_mean(dp), standard_error(dp))
-        dp_pct = percentiles(dp, DELTA_P_PERCENTILES)
-        dp2 = dp * dp
-        rms = math.sqrt(_mean(dp2)) if n else math.nan
-        dp_rms = Estimate(rms, 0.5 / rms * standard_error(dp2) if rms > 0 else math.nan)
-
     return CompareSummary(
         tokens=n,
-        ppl_cand=ppl_cand,
-        ppl_ref=ppl_ref,
-        ln_ppl_correlation=correlation,
-        ln_ppl_ratio=ln_ratio,
-        ppl_ratio=ratio,
-        ppl_diff=diff,
-        kld=kld,
+        **ppl,
+        kld=Estimate(_mean(kl_v), standard_error(kl_v)),
         kld_percentiles=percentiles(kl_v, KLD_PERCENTILES),
-        delta_p=dp_est,
-        delta_p_percentiles=dp_pct,
-        delta_p_rms=dp_rms,
+        **_delta_p_statistics(dp, n),
         same_top_p=same_top,
     )
+
+
+def _mask(counted: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The flat boolean mask of counted tokens (None: all of them)."""
+    if counted is None:
+        return None
+    mask = np.asarray(counted)
+    if mask.shape != shape:
+        raise ValueError(f"counted has shape {mask.shape}, kl has {shape}")
+    return mask.astype(bool).reshape(-1)
+
+
+def _perplexity_statistics(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """The perplexity fields of CompareSummary from the counted NLLs of Q (``a``) and base (``b``)."""
+    se_a, se_b = standard_error(a), standard_error(b)
+    cov = covariance_of_means(a, b)
+    ppl_cand = Estimate(_exp(_mean(a)), _exp(_mean(a)) * se_a)
+    ppl_ref = Estimate(_exp(_mean(b)), _exp(_mean(b)) * se_b)
+    ln_value = _mean(a) - _mean(b)
+    ln_ratio = Estimate(ln_value, standard_error(a - b))
+    var_diff = ppl_cand.error**2 + ppl_ref.error**2 - 2.0 * ppl_cand.value * ppl_ref.value * cov
+    return {
+        "ppl_cand": ppl_cand,
+        "ppl_ref": ppl_ref,
+        "ln_ppl_correlation": cov / (se_a * se_b) if se_a > 0 and se_b > 0 else math.nan,
+        "ln_ppl_ratio": ln_ratio,
+        "ppl_ratio": Estimate(_exp(ln_value), _exp(ln_value) * ln_ratio.error),
+        "ppl_diff": Estimate(ppl_cand.value - ppl_ref.value, math.sqrt(max(var_diff, 0.0)) if not math.isnan(var_diff) else math.nan),
+    }
+
+
+def _delta_p_statistics(dp: np.ndarray | None, n: int) -> dict[str, Any]:
+    """The Δp fields of CompareSummary (None without Δp)."""
+    if dp is None:
+        return {"delta_p": None, "delta_p_percentiles": None, "delta_p_rms": None}
+    dp2 = dp * dp
+    rms = math.sqrt(_mean(dp2)) if n else math.nan
+    return {
+        "delta_p": Estimate(_mean(dp), standard_error(dp)),
+        "delta_p_percentiles": percentiles(dp, DELTA_P_PERCENTILES),
+        "delta_p_rms": Estimate(rms, 0.5 / rms * standard_error(dp2) if rms > 0 else math.nan),
+    }
 
 
 # ---------------------------------------------------------------------------- table

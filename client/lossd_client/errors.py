@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import grpc
+
+_BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {}
 
 
 class LossdError(Exception):
-    """Base class; ``code`` is the gRPC status code, ``details`` the server's message."""
+    """Base class; ``code`` is the gRPC status code, ``details`` the server's message.
+
+    A subclass declared with ``code=`` is the exception for that status code.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init_subclass__(cls, code: grpc.StatusCode | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+            _BY_CODE[code] = cls
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(details)
@@ -17,75 +31,65 @@ class LossdError(Exception):
             self.code = code
 
 
-class InvalidArgumentError(LossdError, ValueError):
-    """The request was rejected as torch would reject it (INVALID_ARGUMENT)."""
+class InvalidArgumentError(LossdError, ValueError, code=grpc.StatusCode.INVALID_ARGUMENT):
+    """The request was rejected as torch would reject it (INVALID_ARGUMENT); also a ``ValueError``.
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class ResourceExhaustedError(LossdError):
-    """The server's queue or message limit was hit (RESOURCE_EXHAUSTED)."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    ``details`` names the field, what was expected and what was received.
+    """
 
 
-class DeadlineExceededError(LossdError, TimeoutError):
+class ResourceExhaustedError(LossdError, code=grpc.StatusCode.RESOURCE_EXHAUSTED):
+    """The server's queue or message limit was hit (RESOURCE_EXHAUSTED); ``details`` names the limit."""
+
+
+class DeadlineExceededError(LossdError, TimeoutError, code=grpc.StatusCode.DEADLINE_EXCEEDED):
     """The call's deadline (``timeout_s``) passed before the answer (DEADLINE_EXCEEDED); also a ``TimeoutError``."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+class UnavailableError(LossdError, ConnectionError, code=grpc.StatusCode.UNAVAILABLE):
+    """No server could be reached, or it is shutting down (UNAVAILABLE); also a ``ConnectionError``.
+
+    The clients retry it with backoff (``retries``) before raising it.
+    """
 
 
-class UnavailableError(LossdError, ConnectionError):
-    """No server could be reached, or it is shutting down (UNAVAILABLE); also a ``ConnectionError``."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class CancelledError(LossdError):
+class CancelledError(LossdError, code=grpc.StatusCode.CANCELLED):
     """The call was cancelled, by the client or by a draining server (CANCELLED)."""
 
-    code = grpc.StatusCode.CANCELLED
 
-
-class UnauthenticatedError(LossdError, PermissionError):
+class UnauthenticatedError(LossdError, PermissionError, code=grpc.StatusCode.UNAUTHENTICATED):
     """The call's credentials were refused (UNAUTHENTICATED); also a ``PermissionError``."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
 
-
-class InternalError(LossdError):
+class InternalError(LossdError, code=grpc.StatusCode.INTERNAL):
     """The server failed while evaluating a valid request (INTERNAL)."""
-
-    code = grpc.StatusCode.INTERNAL
-
-
-_BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidArgumentError,
-        ResourceExhaustedError,
-        DeadlineExceededError,
-        UnavailableError,
-        CancelledError,
-        UnauthenticatedError,
-        InternalError,
-    )
-}
 
 
 def error_for(code: grpc.StatusCode, details: str) -> LossdError:
+    """The exception for a status code (LossdError itself for codes without their own class)."""
     cls = _BY_CODE.get(code, LossdError)
     return cls(details, code)
 
 
 def from_rpc_error(exc: grpc.RpcError) -> LossdError:
+    """The exception for a failed gRPC call."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return error_for(code, details or code.name)
 
 
 def from_status_value(value: int, details: str) -> LossdError:
+    """The exception for a numeric status code (a stream item's ItemError)."""
     for code in grpc.StatusCode:
         if code.value[0] == value:
             return error_for(code, details)
     return LossdError(details)
+
+
+@contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Raise a grpc.RpcError from the block as its LossdError (``from`` the RpcError); sync or async calls alike."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from exc

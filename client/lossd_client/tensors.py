@@ -15,44 +15,9 @@ from typing import Any
 import numpy as np
 
 from ._proto.lossd.v1 import loss_pb2 as pb
+from .layout import DTYPE_NAMES, DTYPES
 
-_NUMPY_TO_WIRE: dict[str, int] = {
-    "float32": pb.FLOAT32,
-    "float16": pb.FLOAT16,
-    "float64": pb.FLOAT64,
-    "int64": pb.INT64,
-    "int32": pb.INT32,
-    "int16": pb.INT16,
-    "int8": pb.INT8,
-    "uint8": pb.UINT8,
-    "bool": pb.BOOL,
-    "bfloat16": pb.BFLOAT16,
-}
-_WIRE_TO_NUMPY: dict[int, str] = {v: k for k, v in _NUMPY_TO_WIRE.items()}
-_TORCH_NAME_TO_WIRE: dict[str, int] = {
-    "torch.float32": pb.FLOAT32,
-    "torch.float16": pb.FLOAT16,
-    "torch.bfloat16": pb.BFLOAT16,
-    "torch.float64": pb.FLOAT64,
-    "torch.int64": pb.INT64,
-    "torch.int32": pb.INT32,
-    "torch.int16": pb.INT16,
-    "torch.int8": pb.INT8,
-    "torch.uint8": pb.UINT8,
-    "torch.bool": pb.BOOL,
-}
-ITEMSIZE: dict[int, int] = {
-    pb.FLOAT32: 4,
-    pb.FLOAT16: 2,
-    pb.BFLOAT16: 2,
-    pb.FLOAT64: 8,
-    pb.INT64: 8,
-    pb.INT32: 4,
-    pb.INT16: 2,
-    pb.INT8: 1,
-    pb.UINT8: 1,
-    pb.BOOL: 1,
-}
+_TORCH_NAME_TO_WIRE: dict[str, int] = {f"torch.{name}": wire for name, wire in DTYPES.items()}
 
 
 class UnsupportedTensorError(TypeError):
@@ -60,6 +25,7 @@ class UnsupportedTensorError(TypeError):
 
 
 def is_torch_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor (False without importing torch when it was never imported)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
 
@@ -81,7 +47,7 @@ def wire_dtype_of(value: Any) -> int:
             raise UnsupportedTensorError(f"unsupported torch dtype {value.dtype}") from None
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     try:
-        return _NUMPY_TO_WIRE[arr.dtype.name]
+        return DTYPES[arr.dtype.name]
     except KeyError:
         raise UnsupportedTensorError(f"unsupported numpy dtype {arr.dtype}") from None
 
@@ -127,7 +93,7 @@ def to_proto(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
 
 def numpy_from_proto(msg: pb.Tensor) -> np.ndarray:
     """Decode a wire Tensor into a numpy array (bfloat16 needs ml_dtypes)."""
-    name = _WIRE_TO_NUMPY.get(msg.dtype)
+    name = DTYPE_NAMES.get(msg.dtype)
     if name is None:
         raise UnsupportedTensorError(f"unknown wire dtype {msg.dtype}")
     if name == "bfloat16":
@@ -146,7 +112,7 @@ def torch_from_proto(msg: pb.Tensor) -> Any:
     import torch
 
     if not msg.data and 0 in msg.shape:  # numpy cannot hold every empty shape torch can, e.g. (2**62, 0)
-        name = "bfloat16" if msg.dtype == pb.BFLOAT16 else _WIRE_TO_NUMPY.get(msg.dtype)
+        name = DTYPE_NAMES.get(msg.dtype)
         if name is None:
             raise UnsupportedTensorError(f"unknown wire dtype {msg.dtype}")
         return torch.empty(tuple(msg.shape), dtype=getattr(torch, name))
@@ -157,4 +123,5 @@ def torch_from_proto(msg: pb.Tensor) -> Any:
 
 
 def from_proto(msg: pb.Tensor, *, as_torch: bool) -> Any:
+    """Decode a wire Tensor as a torch tensor (``as_torch``) or a numpy array."""
     return torch_from_proto(msg) if as_torch else numpy_from_proto(msg)

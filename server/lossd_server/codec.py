@@ -11,23 +11,12 @@ import warnings
 
 import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+from lossd_client.layout import DTYPE_NAMES, ITEMSIZE
 
 from .wire import WireTensor, tensor_of
 
-WIRE_TO_TORCH: dict[int, torch.dtype] = {
-    pb.FLOAT32: torch.float32,
-    pb.FLOAT16: torch.float16,
-    pb.BFLOAT16: torch.bfloat16,
-    pb.FLOAT64: torch.float64,
-    pb.INT64: torch.int64,
-    pb.INT32: torch.int32,
-    pb.INT16: torch.int16,
-    pb.INT8: torch.int8,
-    pb.UINT8: torch.uint8,
-    pb.BOOL: torch.bool,
-}
+WIRE_TO_TORCH: dict[int, torch.dtype] = {wire: getattr(torch, name) for wire, name in DTYPE_NAMES.items()}
 TORCH_TO_WIRE: dict[torch.dtype, int] = {v: k for k, v in WIRE_TO_TORCH.items()}
-ITEMSIZE: dict[int, int] = {k: torch.empty((), dtype=v).element_size() for k, v in WIRE_TO_TORCH.items()}
 # Request bytes are immutable and the engine never writes to its inputs: torch's warning about
 # non-writable buffers is expected on every decode, so it is silenced once, not per call.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)

@@ -6,23 +6,11 @@ from dataclasses import dataclass
 
 import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+from lossd_client.layout import EXTRA_NAMES, LOSS_NAMES, REDUCTION_NAMES
 
 from . import codec, engine
 from .wire import WireRequest
 
-LOSS_NAMES = {
-    pb.LOSS_KIND_UNSPECIFIED: engine.CROSS_ENTROPY,
-    pb.CROSS_ENTROPY: engine.CROSS_ENTROPY,
-    pb.NLL: engine.NLL,
-    pb.BINARY_CROSS_ENTROPY_WITH_LOGITS: engine.BCE_WITH_LOGITS,
-}
-REDUCTION_NAMES = {pb.REDUCTION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum", pb.NONE: "none"}
-EXTRA_NAMES = {
-    pb.TARGET_LOGPROB: "target_logprob",
-    pb.ENTROPY: "entropy",
-    pb.TARGET_RANK: "target_rank",
-    pb.ARGMAX_CORRECT: "argmax_correct",
-}
 INPUT_DTYPES = [pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
 TARGET_DTYPES = [pb.INT64, pb.UINT8, pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
 

@@ -326,9 +326,18 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lossd.v1.LossService", handlers),))
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CUDA device's name, or the CPU model ("model name" in /proc/cpuinfo; the machine type where there is none)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
     import platform
 
     return platform.processor() or platform.machine() or "cpu"

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import lossd_client
+import lossd_client.base
 import lossd_client.hf
 import pytest
 from hostenv import REPO
@@ -24,6 +25,8 @@ MODULES = ("lossd_client", "lossd_client.hf")
 CLASSES_WITH_METHODS = (
     lossd_client.LossClient,
     lossd_client.AsyncLossClient,
+    lossd_client.base.ClientBase,  # the methods both clients share (cross_entropy, perplexity, ...)
+    lossd_client.ServerInfo,
     lossd_client.LossRequest,
     lossd_client.EvaluateResult,
     lossd_client.PerplexityResult,
@@ -105,5 +108,13 @@ def test_make_docs_builds_the_reference(tmp_path):
         for name in sys.modules[module].__all__:
             assert f'id="{name}"' in html, f"{name} is not in {page.name}"
     html = (out / "lossd_client.html").read_text()
-    for method in ("LossClient.perplexity", "LossClient.evaluate", "AsyncLossClient.evaluate_many", "PerplexityResult.perplexity"):
+    for method in (
+        "LossClient.perplexity",
+        "LossClient.evaluate",
+        "LossClient.cross_entropy",
+        "AsyncLossClient.evaluate_many",
+        "AsyncLossClient.nll_loss",
+        "PerplexityResult.perplexity",
+        "ServerInfo.device_name",
+    ):
         assert f'id="{method}"' in html, method

@@ -22,8 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from lossd_client import LossClient, LossRequest, tensors
-from lossd_client import requests as rq
+from lossd_client import LossClient, LossRequest, core, tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from serverproc import ServerProcess, start_server
@@ -126,7 +125,7 @@ def test_zero_element_shapes_with_huge_dims_are_answered_at_once(budgeted, name,
         else:
             header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=in_shape, target=target, options=opts)
             reply = stub.EvaluateChunked(iter([pb.EvaluateChunk(header=header)]), timeout=20)
-    got = rq.parse(reply, as_torch=True).loss
+    got = core.parse(reply, as_torch=True).loss
     red = {pb.MEAN: "mean", pb.SUM: "sum", pb.NONE: "none"}[reduction]
     bce = options.get("loss") == pb.BINARY_CROSS_ENTROPY_WITH_LOGITS
     if red == "none":  # torch takes seconds to build these empty outputs; their shape and dtype are its rule
@@ -229,7 +228,7 @@ def test_32_concurrent_large_unary_calls_wait_for_the_budget_and_all_succeed(bud
         futures = [stub.Evaluate.future(msg, timeout=300) for _ in range(32)]
         replies = [f.result() for f in futures]
     for reply in replies:
-        torch.testing.assert_close(rq.parse(reply, as_torch=True).loss, want)
+        torch.testing.assert_close(core.parse(reply, as_torch=True).loss, want)
     assert_within_budget(server, baseline)
     assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
 
@@ -275,7 +274,7 @@ def test_32_chunked_calls_with_32_mib_chunks_stay_within_the_budget(budgeted):
         futures = [stub.EvaluateChunked.future(iter(messages), timeout=300) for _ in range(32)]
         replies = [f.result() for f in futures]
     for reply in replies:
-        torch.testing.assert_close(rq.parse(reply, as_torch=True).loss, want, rtol=1e-5, atol=1e-2)
+        torch.testing.assert_close(core.parse(reply, as_torch=True).loss, want, rtol=1e-5, atol=1e-2)
     assert_within_budget(server, baseline)
 
 
@@ -371,7 +370,7 @@ def test_sigterm_with_32_large_calls_on_the_wire_answers_every_one(delay_s):
             replies = [f.result() for f in futures if not f.exception()]
         assert outcomes == ["OK"] * 32, outcomes
         for reply in replies:
-            torch.testing.assert_close(rq.parse(reply, as_torch=True).loss, want)
+            torch.testing.assert_close(core.parse(reply, as_torch=True).loss, want)
         assert server.proc.wait(120) == 0, server.log()
     finally:
         server.stop()

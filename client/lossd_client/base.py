@@ -1,0 +1,160 @@
+"""ClientBase: the options and the methods :class:`LossClient` and :class:`AsyncLossClient` share.
+
+Every public method whose body is the same in both clients is written once here: it builds its
+request with :mod:`lossd_client.core` and hands it to ``_run``, the one method each client
+implements with its own I/O (a blocking call, or a coroutine to await). ``evaluate``,
+``evaluate_many``, ``server_info`` and ``health`` talk to the channel and live in each client.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from . import core, layout
+from ._proto.lossd.v1 import loss_pb2 as pb
+from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+from .channel import SERVICE, channel_options, credentials, normalise_target
+from .shm import SegmentPool
+from .types import EvaluateResult, LossRequest
+
+#: What the loss methods return: the loss (LossClient) or an awaitable of it (AsyncLossClient).
+LossT = TypeVar("LossT")
+#: What ``perplexity`` returns: a PerplexityResult or an awaitable of one.
+PerplexityT = TypeVar("PerplexityT")
+#: What ``loglikelihood`` returns: a LoglikelihoodResult or an awaitable of one.
+LoglikelihoodT = TypeVar("LoglikelihoodT")
+
+_loss_of = operator.attrgetter("loss")
+
+
+class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT]):
+    """Connection options and the torch.nn.functional mirror; subclasses add the I/O.
+
+    :param target: one ``host:port``, a ``dns:///name:port`` target, or a list of addresses
+        (client-side round robin over them).
+    :param timeout_s: default deadline of every call in seconds (None: no deadline); each method
+        takes its own ``timeout_s`` too.
+    :param root_certificates: PEM bytes of the CAs to trust: use TLS.
+    :param private_key: PEM bytes of the client's key (mTLS, with ``certificate_chain``).
+    :param certificate_chain: PEM bytes of the client's certificate chain (mTLS).
+    :param max_message_bytes: the channel's message limit both ways (-1: unlimited).
+    :param retries: attempts per call on UNAVAILABLE or CANCELLED (2 to 5, with backoff).
+    :param chunk_bytes: input bytes per EvaluateChunked message.
+    :param chunks_in_flight: kept for compatibility; unused (gRPC's flow control bounds the
+        chunks in flight).
+    :param chunked_above_bytes: requests with more tensor bytes than this go through
+        EvaluateChunked even when they fit in one message (bounds the server's memory per request).
+    :param shared_memory: send tensors of at least ``shm_min_bytes`` through same-host shared
+        memory (the server must run with ``--allow-client-shm``).
+    :param shm_min_bytes: smallest tensor sent through shared memory.
+    """
+
+    #: ``grpc`` or ``grpc.aio``: the module the channel comes from.
+    _grpc: Any
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "127.0.0.1:50051",
+        *,
+        timeout_s: float | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        max_message_bytes: int = -1,
+        retries: int = 5,
+        chunk_bytes: int = core.DEFAULT_CHUNK_BYTES,
+        chunks_in_flight: int = 8,
+        chunked_above_bytes: int = layout.CHUNKED_ABOVE_BYTES,
+        shared_memory: bool = False,
+        shm_min_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.target = normalise_target(target)
+        self.timeout_s = timeout_s
+        self.chunk_bytes = chunk_bytes
+        self.chunks_in_flight = chunks_in_flight
+        self.chunked_above_bytes = chunked_above_bytes
+        self.shared_memory = shared_memory
+        self.shm_min_bytes = shm_min_bytes
+        self._segments = SegmentPool()
+        self._server_max: int | None = None
+        tls = credentials(root_certificates, private_key, certificate_chain)
+        options = channel_options(max_message_bytes, retries)
+        if tls is None:
+            self._channel = self._grpc.insecure_channel(self.target, options=options)
+        else:
+            self._channel = self._grpc.secure_channel(self.target, tls, options=options)
+        self._stub = pb_grpc.LossServiceStub(self._channel)
+        self._evaluate_chunked = self._channel.stream_unary(
+            f"/{SERVICE}/EvaluateChunked", request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString
+        )
+
+    # ------------------------------------------------------------------ torch.nn.functional mirror
+    def cross_entropy(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100, reduction: str = "mean",
+                      label_smoothing: float = 0.0, *, size_average: bool | None = None, reduce: bool | None = None,
+                      timeout_s: float | None = None) -> LossT:  # fmt: skip
+        """torch.nn.functional.cross_entropy, evaluated by the server (awaitable on AsyncLossClient)."""
+        options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "label_smoothing": label_smoothing}
+        build = functools.partial(
+            core.loss_request, layout.CROSS_ENTROPY, input, target, size_average=size_average, reduce=reduce, **options
+        )
+        return self._run(build, timeout_s, _loss_of)
+
+    def nll_loss(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100, reduction: str = "mean", *,
+                 size_average: bool | None = None, reduce: bool | None = None, timeout_s: float | None = None) -> LossT:  # fmt: skip
+        """torch.nn.functional.nll_loss, evaluated by the server (awaitable on AsyncLossClient)."""
+        options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction}
+        build = functools.partial(core.loss_request, layout.NLL_LOSS, input, target, size_average=size_average, reduce=reduce, **options)
+        return self._run(build, timeout_s, _loss_of)
+
+    def binary_cross_entropy_with_logits(self, input: Any, target: Any, weight: Any = None, reduction: str = "mean",
+                                         pos_weight: Any = None, *, size_average: bool | None = None, reduce: bool | None = None,
+                                         timeout_s: float | None = None) -> LossT:  # fmt: skip
+        """torch.nn.functional.binary_cross_entropy_with_logits, evaluated by the server (awaitable on AsyncLossClient)."""
+        options = {"weight": weight, "reduction": reduction, "pos_weight": pos_weight}
+        build = functools.partial(
+            core.loss_request, layout.BCE_WITH_LOGITS, input, target, size_average=size_average, reduce=reduce, **options
+        )
+        return self._run(build, timeout_s, _loss_of)
+
+    # ------------------------------------------------------------------ language models
+    def perplexity(
+        self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None
+    ) -> PerplexityT:
+        """(B, T, V) logits and (B, T) token ids -> per-token NLL, per-sequence and corpus perplexity."""
+        build = functools.partial(core.perplexity_request, logits, tokens, shift=shift, ignore_index=ignore_index)
+        return self._run(build, timeout_s, core.perplexity_result)
+
+    def loglikelihood(self, logits: Any, tokens: Any, continuation_start: Any, *, timeout_s: float | None = None) -> LoglikelihoodT:
+        """lm-evaluation-harness loglikelihood: per sequence (sum of continuation log-probs, is_greedy)."""
+        build = functools.partial(core.loglikelihood_request, logits, tokens, continuation_start)
+        return self._run(build, timeout_s, core.loglikelihood_result)
+
+    # ------------------------------------------------------------------ what the subclasses use
+    def _run(self, build: Callable[[], LossRequest], timeout_s: float | None, finish: Callable[[EvaluateResult], Any]) -> Any:
+        """``finish(evaluate(build()))``: blocking in LossClient, a coroutine in AsyncLossClient."""
+        raise NotImplementedError
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return self.timeout_s if timeout_s is None else timeout_s
+
+    def _needs_limit(self, req: LossRequest) -> bool:
+        return core.needs_server_limit(req, shared_memory=self.shared_memory, server_max=self._server_max)
+
+    def _route(self, req: LossRequest) -> core.Call:
+        return core.route(
+            req,
+            server_max=self._server_max,
+            chunk_bytes=self.chunk_bytes,
+            chunked_above_bytes=self.chunked_above_bytes,
+            segments=self._segments if self.shared_memory else None,
+            shm_min_bytes=self.shm_min_bytes,
+        )
+
+    def _health_check(self, service: str) -> tuple[Callable[..., Any], Any]:
+        """(the Health service's Check method on this channel, the request for ``service``)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        return health_pb2_grpc.HealthStub(self._channel).Check, health_pb2.HealthCheckRequest(service=service)

@@ -1,0 +1,508 @@
+"""The client's logic without I/O, shared by :class:`LossClient` and :class:`AsyncLossClient`.
+
+- requests: :func:`loss_request` (torch's keywords), :func:`build` (LossRequest -> wire message),
+  :func:`chunk_payloads` (one request as EvaluateChunked messages of whole rows);
+- routing: :func:`route` sends a request through shared memory, one unary message or
+  EvaluateChunked, and :class:`Call` is what the clients then send;
+- answers: :func:`parse`, :func:`perplexity_result`, :func:`loglikelihood_result`,
+  :func:`server_info`, :func:`health_status`;
+- ``evaluate_many``: :class:`Stream` numbers the requests, packs them into messages and hands
+  the answers back in input order; :func:`as_loss_request` says what an item may be.
+
+Nothing here opens a channel or waits: the clients do the I/O and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from . import layout, tensors
+from ._proto.lossd.v1 import loss_pb2 as pb
+from .errors import InvalidArgumentError, LossdError, from_status_value
+from .shm import SegmentPool, SharedMemoryArena
+from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats, ServerInfo
+
+#: Bytes of input per EvaluateChunked message: big enough to amortise per-message cost, small
+#: enough that several can be in flight without large buffers (measured on loopback TCP).
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+#: Requests with at most this many tensor bytes never ask the server for its limit (a server's
+#: --max-message-bytes is at least 1024, whose unary budget is 768 bytes).
+SMALL_REQUEST_BYTES = 512
+
+
+# --------------------------------------------------------------------------- requests
+def legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
+    """torch's _Reduction.legacy_get_string."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        return "mean"
+    if reduce:
+        return "sum"
+    return "none"
+
+
+def loss_request(
+    loss: str, input: Any, target: Any, *, size_average: bool | None = None, reduce: bool | None = None, **options: Any
+) -> LossRequest:
+    """A LossRequest from torch.nn.functional's arguments (legacy ``size_average``/``reduce`` included)."""
+    if size_average is not None or reduce is not None:
+        options["reduction"] = legacy_reduction(size_average, reduce)
+    return LossRequest(input, target, loss, **options)
+
+
+def request_of(request: LossRequest | None, fields: Mapping[str, Any]) -> LossRequest:
+    """``evaluate``'s argument: a LossRequest, or else its fields given as keywords."""
+    return request if request is not None else LossRequest(**fields)
+
+
+def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool]:
+    """LossRequest -> (wire request, whether to answer with torch tensors).
+
+    With a :class:`~lossd_client.shm.SharedMemoryArena`, large input/target bytes travel
+    through same-host shared memory instead of inline.
+    """
+    if req.loss not in layout.LOSSES:
+        raise InvalidArgumentError(f"loss: unknown loss {req.loss!r}; expected one of {', '.join(layout.LOSSES)}")
+    if req.reduction not in layout.REDUCTIONS:
+        raise InvalidArgumentError(f"{req.reduction} is not a valid value for reduction")
+    msg = pb.EvaluateRequest(id=req.id)
+    options = msg.options
+    options.loss = layout.LOSSES[req.loss]
+    options.reduction = layout.REDUCTIONS[req.reduction]
+    try:
+        ignore_index = int(req.ignore_index)
+        label_smoothing = float(req.label_smoothing)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"options: {exc}") from exc
+    if req.loss != layout.BCE_WITH_LOGITS:
+        options.ignore_index = ignore_index
+    options.label_smoothing = label_smoothing
+    if req.class_axis is not None:
+        options.class_axis = int(req.class_axis)
+    options.shift_targets = bool(req.shift_targets)
+    for name in req.extras:
+        if name not in layout.EXTRAS:
+            raise InvalidArgumentError(f"extras: unknown extra {name!r}; expected one of {', '.join(layout.EXTRAS)}")
+        options.extras.append(layout.EXTRAS[name])
+    options.sequence_stats = bool(req.sequence_stats)
+    try:
+        if req.weight is not None:
+            tensors.to_proto(req.weight, options.weight)
+        if req.pos_weight is not None:
+            tensors.to_proto(req.pos_weight, options.pos_weight)
+        if arena is None or not arena.place(req.input, msg.input):
+            tensors.to_proto(req.input, msg.input)
+        if arena is None or not arena.place(req.target, msg.target):
+            tensors.to_proto(req.target, msg.target)
+    except tensors.UnsupportedTensorError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
+    return msg, tensors.is_torch_tensor(req.input)
+
+
+def chunk_layout(msg: pb.EvaluateRequest) -> tuple[int, int, bool]:
+    """(units, bytes per input unit, whether the target is streamed with the rows)."""
+    loss = layout.LOSS_NAMES.get(msg.options.loss, layout.CROSS_ENTROPY)
+    class_axis = msg.options.class_axis if msg.options.HasField("class_axis") else None
+    units, per_unit = _rows(loss, msg.input.shape, class_axis)
+    streamed = layout.target_travels_with_rows(loss, msg.input.shape, msg.target.shape)
+    return units, per_unit * layout.ITEMSIZE.get(msg.input.dtype, 1), streamed
+
+
+def chunk_messages(msg: pb.EvaluateRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.EvaluateChunk]:
+    """Split one request into a ChunkHeader and row chunks of about ``chunk_bytes`` each."""
+    units, unit_bytes, streamed = chunk_layout(msg)
+    header = pb.ChunkHeader(id=msg.id, input_dtype=msg.input.dtype, input_shape=msg.input.shape)
+    header.options.CopyFrom(msg.options)
+    header.target.dtype = msg.target.dtype
+    header.target.shape[:] = msg.target.shape
+    target_unit_bytes = 0
+    if streamed:
+        target_unit_bytes = len(msg.target.data) // units if units else 0
+    else:
+        header.target.data = msg.target.data
+    per_chunk = max(1, chunk_bytes // max(1, unit_bytes))
+    data = memoryview(msg.input.data)
+    tdata = memoryview(msg.target.data)
+    first = pb.EvaluateChunk(header=header)
+    if units == 0:
+        yield first
+        return
+    for u0 in range(0, units, per_chunk):
+        u1 = min(units, u0 + per_chunk)
+        chunk = first if u0 == 0 else pb.EvaluateChunk()
+        chunk.input_rows = data[u0 * unit_bytes : u1 * unit_bytes].tobytes()
+        if streamed:
+            chunk.target_rows = tdata[u0 * target_unit_bytes : u1 * target_unit_bytes].tobytes()
+        yield chunk
+
+
+#: Bytes of framing and header fields allowed for on top of the rows of one chunk message.
+_CHUNK_OVERHEAD_BYTES = 256
+_EMPTY = np.empty(0, dtype=np.float32)
+
+
+def request_nbytes(req: LossRequest) -> int:
+    """Tensor bytes the request puts on the wire, counted without serialising anything."""
+    return sum(_nbytes(v) for v in (req.input, req.target, req.weight, req.pos_weight) if v is not None)
+
+
+def _nbytes(value: Any) -> int:
+    if tensors.is_torch_tensor(value):
+        return value.numel() * value.element_size()
+    return value.nbytes if isinstance(value, np.ndarray) else np.asarray(value).nbytes
+
+
+def _rows(loss: str, shape: Sequence[int], class_axis: int | None) -> tuple[int, int]:
+    """layout.rows; an out-of-range class_axis is laid out as the default one: the server rejects
+    the request's header with INVALID_ARGUMENT (naming options.class_axis) before any row."""
+    try:
+        return layout.rows(loss, shape, class_axis)
+    except ValueError:
+        return layout.rows(loss, shape)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _bytes_field(number: int, payload: memoryview) -> list[Any]:
+    return [bytes([(number << 3) | 2]) + _varint(len(payload)), payload]
+
+
+def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_message_bytes: int | None = None) -> Iterator[bytes]:
+    """One request as serialised EvaluateChunk messages: a ChunkHeader, then whole-row chunks.
+
+    Checks everything (and raises InvalidArgumentError) before returning the iterator.
+
+    Rows are cut straight out of the caller's array, one copy per chunk; the whole request is
+    never built as one protobuf message (serialising a 256 MB message costs seconds). Each message
+    stays within ``max_message_bytes`` (the server's receive limit) when given.
+    """
+    try:
+        wire, shape, data = tensors.as_wire_bytes(req.input)
+        twire, tshape, tdata = tensors.as_wire_bytes(req.target)
+    except tensors.UnsupportedTensorError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
+    streamed = layout.target_travels_with_rows(req.loss, shape, tshape)
+    small, _ = build(replace(req, input=_EMPTY, target=_EMPTY if streamed else req.target))
+    header = pb.ChunkHeader(id=req.id, input_dtype=wire, input_shape=shape)
+    header.options.CopyFrom(small.options)
+    if streamed:
+        header.target.dtype = twire
+        header.target.shape[:] = tshape
+    else:
+        header.target.CopyFrom(small.target)
+    first = pb.EvaluateChunk(header=header).SerializeToString()
+    budget = chunk_bytes if max_message_bytes is None else min(chunk_bytes, max_message_bytes - _CHUNK_OVERHEAD_BYTES)
+    if max_message_bytes is not None and len(first) > max_message_bytes:
+        raise InvalidArgumentError(
+            f"target: the chunk header (options and the whole class-index target, {len(first)} bytes) does not fit in one "
+            f"message of the server's max_message_bytes ({max_message_bytes}); split the request by sequences"
+        )
+    rows, per_row = _rows(req.loss, shape, req.class_axis)
+    row_bytes = layout.row_bytes(per_row, wire)
+    target_row_bytes = layout.row_bytes(per_row, twire) if streamed else 0
+    if max_message_bytes is not None and row_bytes + target_row_bytes > budget:
+        raise InvalidArgumentError(
+            f"input: one row ({row_bytes + target_row_bytes} bytes of input and target) does not fit in one message of the "
+            f"server's max_message_bytes ({max_message_bytes}); raise the server's --max-message-bytes"
+        )
+    per_chunk = max(1, budget // max(1, row_bytes + target_row_bytes))
+    return _payloads(first, data, tdata if streamed else None, rows, row_bytes, target_row_bytes, per_chunk)
+
+
+def _payloads(
+    first: bytes, data: memoryview, tdata: memoryview | None, rows: int, row_bytes: int, target_row_bytes: int, per_chunk: int
+) -> Iterator[bytes]:
+    yield first
+    if rows == 0 or len(data) == 0:
+        if rows:
+            yield b""
+        return
+    for r0 in range(0, rows, per_chunk):
+        r1 = min(rows, r0 + per_chunk)
+        parts = _bytes_field(2, data[r0 * row_bytes : r1 * row_bytes])
+        if tdata is not None:
+            parts += _bytes_field(3, tdata[r0 * target_row_bytes : r1 * target_row_bytes])
+        yield b"".join(parts)
+
+
+# --------------------------------------------------------------------------- routing
+@dataclass
+class Call:
+    """One evaluation ready to send: a unary ``message`` or EvaluateChunked ``payloads``.
+
+    A context manager: leaving it gives the shared-memory segments the call used back to their pool.
+    """
+
+    message: pb.EvaluateRequest | None
+    payloads: Iterator[bytes] | None
+    as_torch: bool
+    arena: SharedMemoryArena | None = None
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the request goes through EvaluateChunked (``payloads``) instead of Evaluate."""
+        return self.payloads is not None
+
+    def parse(self, response: pb.EvaluateResponse) -> EvaluateResult:
+        """The answer, as the caller's kind of array (see :func:`parse`)."""
+        return parse(response, self.as_torch)
+
+    def __enter__(self) -> Call:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.arena is not None:
+            self.arena.close()
+
+
+def needs_server_limit(req: LossRequest, *, shared_memory: bool, server_max: int | None) -> bool:
+    """Whether :func:`route` needs the server's message limit (GetServerInfo) before it can decide."""
+    return not shared_memory and server_max is None and request_nbytes(req) > SMALL_REQUEST_BYTES
+
+
+def route(
+    req: LossRequest,
+    *,
+    server_max: int | None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunked_above_bytes: int = layout.CHUNKED_ABOVE_BYTES,
+    segments: SegmentPool | None = None,
+    shm_min_bytes: int = 0,
+) -> Call:
+    """How to send ``req``: through shared memory when ``segments`` are given (same host), else
+    EvaluateChunked when its tensor bytes exceed the server's unary budget or
+    ``chunked_above_bytes``, else one Evaluate message. ``server_max`` is the server's
+    --max-message-bytes (see :func:`needs_server_limit`). Raises InvalidArgumentError for a
+    request that cannot be sent.
+    """
+    if segments is not None:
+        arena = SharedMemoryArena(shm_min_bytes, segments)
+        try:
+            msg, as_torch = build(req, arena)
+        except BaseException:
+            arena.close()
+            raise
+        return Call(msg, None, as_torch, arena)
+    size = request_nbytes(req)
+    if size > SMALL_REQUEST_BYTES:
+        if server_max is None:
+            raise ValueError("route: a request of more than SMALL_REQUEST_BYTES needs the server's limit (see needs_server_limit)")
+        if size > layout.unary_budget(server_max) or size > chunked_above_bytes:
+            return Call(None, chunk_payloads(req, chunk_bytes, server_max), tensors.is_torch_tensor(req.input))
+    msg, as_torch = build(req)
+    return Call(msg, None, as_torch)
+
+
+# --------------------------------------------------------------------------- answers
+def parse(response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult:
+    """A response -> EvaluateResult (torch tensors when ``as_torch``); raises the item's error as a LossdError."""
+    if response.HasField("error"):
+        raise from_status_value(response.error.code, response.error.message)
+    result = EvaluateResult(
+        loss=tensors.from_proto(response.loss, as_torch=as_torch),
+        loss_sum=response.loss_sum,
+        weight_sum=response.weight_sum,
+        counted=response.counted,
+        id=response.id,
+    )
+    for name, value in response.extras.items():
+        result.extras[name] = tensors.from_proto(value, as_torch=as_torch)
+    if response.HasField("sequences"):
+        s = response.sequences
+        result.sequences = SequenceStats(
+            nll_sum=np.array(s.nll_sum, dtype=np.float64),
+            tokens=np.array(s.tokens, dtype=np.int64),
+            mean_nll=np.array(s.mean_nll, dtype=np.float64),
+            perplexity=np.array(s.perplexity, dtype=np.float64),
+            is_greedy=np.array(s.is_greedy, dtype=bool),
+        )
+    return result
+
+
+def perplexity_request(logits: Any, tokens: Any, *, shift: bool, ignore_index: int) -> LossRequest:
+    """(B, T, V) logits and (B, T) tokens -> the request behind :meth:`LossClient.perplexity`."""
+    return LossRequest(
+        logits,
+        tokens,
+        reduction="sum",
+        ignore_index=ignore_index,
+        class_axis=-1,
+        shift_targets=shift,
+        extras=("target_logprob",),
+        sequence_stats=True,
+    )
+
+
+def loglikelihood_request(logits: Any, tokens: Any, continuation_start: Any) -> LossRequest:
+    """Score tokens[continuation_start:] given the preceding context (lm-evaluation-harness)."""
+    if tensors.is_torch_tensor(tokens):
+        tok = tokens.detach().cpu().numpy()
+    else:
+        tok = np.asarray(tokens)
+    tok = np.array(tok, dtype=np.int64, copy=True)
+    if tok.ndim == 1:
+        tok = tok[None, :]
+    starts = np.broadcast_to(np.asarray(continuation_start, dtype=np.int64), (tok.shape[0],))
+    positions = np.arange(tok.shape[1])
+    for row, start in enumerate(starts):
+        if not 1 <= start <= tok.shape[1]:
+            raise InvalidArgumentError(f"continuation_start: {start} is outside [1, {tok.shape[1]}] for sequence {row}")
+        tok[row, positions < start] = -100
+    target = tok.reshape(np.asarray(tokens).shape if not tensors.is_torch_tensor(tokens) else tuple(tokens.shape))
+    return LossRequest(logits, target, reduction="sum", class_axis=-1, shift_targets=True, sequence_stats=True, ignore_index=-100)
+
+
+def perplexity_result(result: EvaluateResult) -> PerplexityResult:
+    """The answer to :func:`perplexity_request` as a PerplexityResult."""
+    logprob = result.extras["target_logprob"]
+    s = result.sequences
+    return PerplexityResult(
+        token_nll=-logprob,
+        sequence_nll_sum=s.nll_sum,
+        sequence_tokens=s.tokens,
+        sequence_perplexity=s.perplexity,
+        nll_sum=result.loss_sum,
+        tokens=result.counted,
+    )
+
+
+def loglikelihood_result(result: EvaluateResult) -> LoglikelihoodResult:
+    """The answer to :func:`loglikelihood_request` as a LoglikelihoodResult."""
+    s = result.sequences
+    return LoglikelihoodResult(logprob=-s.nll_sum, is_greedy=s.is_greedy)
+
+
+def server_info(msg: pb.ServerInfo) -> ServerInfo:
+    """A GetServerInfo answer as a :class:`ServerInfo` (dtypes by name)."""
+    values = {f.name: getattr(msg, f.name) for f in dataclasses.fields(ServerInfo)}
+    for name in ("input_dtypes", "target_dtypes"):
+        values[name] = tuple(layout.dtype_name(d) for d in values[name])
+    return ServerInfo(**values)
+
+
+def health_status(reply: Any) -> str:
+    """A grpc.health.v1 HealthCheckResponse's status name: SERVING, NOT_SERVING, ..."""
+    from grpc_health.v1 import health_pb2
+
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+# --------------------------------------------------------------------------- evaluate_many
+ACCEPTED_ITEMS = "a LossRequest, a mapping with LossRequest's field names, or an (input, target) pair"
+
+
+def as_loss_request(item: Any, index: int) -> LossRequest:
+    """Item ``index`` of ``evaluate_many`` as a LossRequest; TypeError naming it for anything else."""
+    if isinstance(item, LossRequest):
+        return item
+    if isinstance(item, Mapping):
+        try:
+            return LossRequest(**item)
+        except TypeError as exc:  # a missing, unknown or non-string key
+            raise TypeError(
+                f"evaluate_many: item {index} is a mapping that does not fit LossRequest ({exc}); expected {ACCEPTED_ITEMS}"
+            ) from None
+    if isinstance(item, tuple) and len(item) == 2:
+        return LossRequest(*item)
+    got = f"a tuple of {len(item)} items" if isinstance(item, tuple) else f"{type(item).__module__}.{type(item).__qualname__}"
+    raise TypeError(f"evaluate_many: item {index} is {got}; expected {ACCEPTED_ITEMS}")
+
+
+def pack_size(window: int, pack: int | None) -> int:
+    """Requests per message: ``window // 4`` by default (several messages in flight), at most ``window``."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return max(1, window // 4) if pack is None else max(1, min(pack, window))
+
+
+class Stream:
+    """One ``evaluate_many`` call without its I/O: the items in submission order, packed into
+    messages, and the answers handed back in that order.
+
+    The client feeds items with :meth:`add` while it holds a window slot, sends
+    :meth:`message` of each batch, and gives every message it receives to :meth:`ready`.
+    An item that cannot be built, or a source that fails, is recorded (:meth:`fail`) and
+    raised by :meth:`finish` after the answers to the items before it.
+    """
+
+    def __init__(self, window: int, pack: int | None, return_exceptions: bool) -> None:
+        self.pack = pack_size(window, pack)
+        self.window = window
+        self.return_exceptions = return_exceptions
+        self.failure: Exception | None = None
+        self._as_torch: dict[str, bool] = {}
+        self._order: list[str] = []
+        self._ready: dict[str, pb.EvaluateResponse] = {}
+        self._next = 0
+
+    @property
+    def method(self) -> str:
+        """The RPC: EvaluateStream (one request per message) or EvaluatePacked."""
+        return "EvaluateStream" if self.pack == 1 else "EvaluatePacked"
+
+    def add(self, item: Any) -> pb.EvaluateRequest | None:
+        """The next item's wire request, numbered; None when it cannot be built (then :meth:`fail`)."""
+        try:
+            msg, as_torch = build(as_loss_request(item, len(self._order)))
+        except Exception as exc:  # noqa: BLE001 - raised by finish(), in order
+            self.fail(exc)
+            return None
+        msg.id = str(len(self._order))
+        self._as_torch[msg.id] = as_torch
+        self._order.append(msg.id)
+        return msg
+
+    def fail(self, exc: Exception) -> None:
+        """Stop taking items: ``exc`` is raised by :meth:`finish` after the answers sent before it."""
+        self.failure = exc
+
+    def message(self, batch: Sequence[pb.EvaluateRequest]) -> pb.EvaluateRequest | pb.EvaluateBatch:
+        """What one stream message carries: the request, or an EvaluateBatch of them."""
+        return batch[0] if self.pack == 1 else pb.EvaluateBatch(requests=batch)
+
+    def answers(self, message: Any) -> Sequence[pb.EvaluateResponse]:
+        """The responses one received message carries (each frees one window slot)."""
+        return [message] if self.pack == 1 else message.responses
+
+    def ready(self, responses: Iterable[pb.EvaluateResponse]) -> Iterator[EvaluateResult | LossdError]:
+        """Results that are next in input order, once their answers are in."""
+        for response in responses:
+            if response.id not in self._as_torch:
+                parse(response, False)  # raises the item's error
+                raise LossdError(f"answer for unknown id {response.id!r}")
+            self._ready[response.id] = response
+        while self._next < len(self._order) and self._order[self._next] in self._ready:
+            rid = self._order[self._next]
+            self._next += 1
+            yield self._result(self._ready.pop(rid), self._as_torch.pop(rid))
+
+    def _result(self, response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult | LossdError:
+        try:
+            return parse(response, as_torch)
+        except LossdError as exc:
+            if self.return_exceptions:
+                return exc
+            raise
+
+    def finish(self) -> None:
+        """At the end of the stream: raise the recorded failure, or a LossdError if answers are missing."""
+        if self.failure is not None:
+            raise self.failure
+        if self._next < len(self._order):
+            raise LossdError(f"the stream ended with {len(self._order) - self._next} of {len(self._order)} results missing")
