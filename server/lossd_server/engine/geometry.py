@@ -12,30 +12,24 @@ import math
 from dataclasses import dataclass
 
 import torch
+from lossd_client import layout
 
 from .scratch import upcast
 from .spec import InvalidInput, TargetKind
 
 
-def default_class_axis(ndim: int) -> int:
-    """torch's class axis: 0 for a 1-d input, else 1."""
-    return 0 if ndim == 1 else 1
-
-
 def class_axis_of(input_shape: tuple[int, ...], class_axis: int | None) -> int:
     """The class axis of a cross_entropy / nll_loss input, normalised; InvalidInput when out of range."""
-    ndim = len(input_shape)
-    if class_axis is None:
-        return default_class_axis(ndim)
-    if not -ndim <= class_axis < ndim:
-        raise InvalidInput("options.class_axis", f"axis {class_axis} is out of range for an input with {ndim} dimensions")
-    return class_axis % ndim
+    try:
+        return layout.resolve_class_axis(len(input_shape), class_axis)
+    except ValueError as exc:
+        raise InvalidInput("options.class_axis", str(exc)) from None
 
 
 def torch_layout(shape: tuple[int, ...], class_axis: int) -> tuple[int, ...]:
     """The shape an input (or a target shaped like it) would have with the classes on torch's axis."""
     out = list(shape)
-    if class_axis != default_class_axis(len(out)) and len(out) > 1:
+    if class_axis != layout.default_class_axis(len(out)) and len(out) > 1:
         out.insert(1, out.pop(class_axis))
     return tuple(out)
 
@@ -53,11 +47,12 @@ class Geometry:
 
     @classmethod
     def of(cls, input_shape: tuple[int, ...], kind: TargetKind, class_axis: int) -> Geometry:
+        """The layout of an input whose classes are on ``class_axis`` (ignored for BCE); its units
+        are lossd_client.layout's rows, the rule by which EvaluateChunked's client cuts them."""
         if kind is TargetKind.BCE:
-            return cls(
-                input_shape, kind, 1 if len(input_shape) > 1 else 0, 1, input_shape[0] if input_shape else 1, math.prod(input_shape[1:])
-            )
-        units = math.prod(input_shape[:class_axis]) if class_axis > 0 else 1
+            units, per_unit = layout.rows(layout.BCE_WITH_LOGITS, input_shape)
+            return cls(input_shape, kind, 1 if len(input_shape) > 1 else 0, 1, units, per_unit)
+        units, _ = layout.rows(layout.CROSS_ENTROPY, input_shape, class_axis)
         return cls(input_shape, kind, class_axis, input_shape[class_axis], units, math.prod(input_shape[class_axis + 1 :]))
 
     @property
@@ -74,10 +69,9 @@ class Geometry:
     @property
     def unit_shape(self) -> tuple[int, ...]:
         """Shape of one unit of the input, in its own layout."""
-        shape = self.input_shape
         if self.kind is TargetKind.BCE:
-            return tuple(shape[1:])
-        return tuple(shape[self.class_axis :]) if self.class_axis > 0 else tuple(shape)
+            return layout.row_shape(layout.BCE_WITH_LOGITS, self.input_shape)
+        return layout.row_shape(layout.CROSS_ENTROPY, self.input_shape, self.class_axis)
 
     def units_per_chunk(self, chunk_bytes: int, compute_dtype: torch.dtype) -> int:
         per_unit = max(1, self.unit_elements) * (8 if compute_dtype == torch.float64 else 4)

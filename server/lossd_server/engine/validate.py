@@ -11,9 +11,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+from lossd_client.layout import default_class_axis
 
 from .dtypes import output_dtype
-from .geometry import Geometry, class_axis_of, default_class_axis, torch_layout
+from .geometry import Geometry, class_axis_of, torch_layout
 from .kernels import target_totals
 from .plan import Plan
 from .spec import BCE_WITH_LOGITS, CROSS_ENTROPY, EXTRAS, LOSSES, NLL, REDUCTIONS, InvalidInput, LossSpec, TargetKind, dtype_name
