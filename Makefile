@@ -26,8 +26,8 @@ install: $(STAMP) ## create .venv and install both packages with every dependenc
 run: $(STAMP) ## serve on $(HOST):$(PORT) (override: make run PORT=50052)
 	$(VENV)/bin/lossd-server --host $(HOST) --port $(PORT)
 
-test: $(STAMP) ## install, then run the whole test suite (fails when no test ran)
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+test: $(STAMP) ## install, then run the whole suite (fails when no test ran); one layer: make test LAYER=unit|service|container|neighbours
+	$(PY) -m pytest $(if $(LAYER),-m $(LAYER)) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 demo: $(STAMP) ## start a server, run the examples against it, stop it

@@ -1,13 +1,36 @@
+"""Shared fixtures. Tests are grouped by layer, one folder each, and marked by it:
+
+- ``unit``: pure code (engine, batcher, wire, layout, ...), no server;
+- ``service``: a real lossd server on a loopback port, driven through gRPC and the client;
+- ``container``: the image built and run with podman (root only; skipped with the reason otherwise);
+- ``neighbours``: real Prometheus, Kubernetes schemas, the client wheel in a torch-free venv,
+  Hugging Face, the API docs.
+
+``make test LAYER=unit`` (or ``pytest -m unit``) runs one layer.
+"""
+
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from serverproc import ServerProcess, start_server  # noqa: E402
+
+LAYERS = ("unit", "service", "container", "neighbours")
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with the layer its folder names."""
+    for item in items:
+        parts = Path(str(item.fspath)).resolve().relative_to(_HERE).parts
+        if parts and parts[0] in LAYERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
 
 
 @pytest.fixture(scope="session")
