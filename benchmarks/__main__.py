@@ -10,8 +10,8 @@ pre-serialised request bytes to every server. Each row: req/s, p50/p99 latency, 
 server. Then a bounded soak of small requests reporting the server's RSS after warm-up and at the end.
 
 Large requests (benchmarks.large): one 2048x32000 request in fp32 and bf16 through in-process torch,
-the in-process lossd engine, the naive unary gRPC server, lossd streaming and lossd shared memory;
-printed, stored in the same JSON and plotted to a PNG next to it.
+the in-process lossd engine, the floor's client-streaming sink, the naive unary gRPC server, lossd
+streaming and lossd shared memory; printed, stored in the same JSON and plotted to a PNG next to it.
 """
 
 from __future__ import annotations
@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     machine = chart.machine_line(torch.__version__, args.device)
     png = None
     if "large" in sections:
-        print(f"\nlarge requests (reduction='none', best of {args.repeats}; x torch: throughput / in-process F.cross_entropy's)")
+        print(
+            f"\nlarge requests (reduction='none', best of {args.repeats}; x torch, x floor: throughput / in-process F.cross_entropy's, "
+            "/ the floor's (same bytes in 1 MiB chunks to a grpc.aio sink), same dtype)"
+        )
         print(large.table(sections["large"]))
         png = args.png or os.path.splitext(args.out)[0] + ".png"
         chart.plot_large(sections["large"], png, machine)
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         "batch req/rows: mean executed batch size from the server's /metrics over the cell; "
         "peak RSS: VmHWM of the server process at the end of the cell (lifetime peak); ratio_to_floor / ratio_to_naive: req/s ratio to "
         "(F) / (b) of the same workload; server_cpu_ratio_to_floor: server CPU per call / (F)'s; "
-        "large: see benchmarks/large.py (peak memory above idle counts mapped shared-memory pages of the shm path)",
+        "large: see benchmarks/large.py (peak memory above idle counts mapped shared-memory pages of the shm path; "
+        "ratio_to_floor: throughput / the floor row's of the same dtype)",
     }
     write_json(args.out, meta, rows, sections)
     print(f"\nwritten to {os.path.relpath(args.out)}{' and ' + os.path.relpath(png) if png else ''} in {meta['total_s']:.0f} s")
