@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--skip-small] [--skip-large] [--device cpu|cuda] [--out PATH]``: one run.
+"""``python -m benchmarks [--quick] [--skip-small] [--skip-large] [--skip-cold] [--device cpu|cuda] [--out PATH]``: one run.
 
 Small requests, every workload through every configuration back to back (same run, same data):
 (a) in-process torch, (F) the floor (benchmarks.floor_server: a bare grpc.aio server that receives
@@ -12,6 +12,10 @@ server. Then a bounded soak of small requests reporting the server's RSS after w
 Large requests (benchmarks.large): one 2048x32000 request in fp32 and bf16 through in-process torch,
 the in-process lossd engine, the floor's client-streaming sink, the naive unary gRPC server, lossd
 streaming and lossd shared memory; printed, stored in the same JSON and plotted to a PNG next to it.
+
+Cold start (benchmarks.cold_start): Popen of ``python -m lossd_server --port 0 --metrics-port 0`` to
+the first health check answering SERVING, best and median of ``--cold-starts``; the floor server's
+start to its first answered call for reference.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 
 import torch
 
-from . import chart, drivers, large, servers, workloads
+from . import chart, cold_start, drivers, large, servers, workloads
 from .report import Row, add_ratios, table, write_json
 from .workloads import Workload
 
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--soak", type=int, default=20000, help="requests in the soak after warm-up")
     p.add_argument("--skip-small", action="store_true", help="leave out the small-request section and the soak")
     p.add_argument("--skip-large", action="store_true", help="leave out the large-request section")
+    p.add_argument("--skip-cold", action="store_true", help="leave out the cold-start section")
+    p.add_argument("--cold-starts", type=int, default=5, help="starts of lossd (and of the floor) in the cold-start section")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per large-request cell, best kept (default 3, --quick 1)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     p.add_argument("--png", default=None, help="large-request chart (default: --out with .png)")
@@ -147,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
         print("large requests", file=sys.stderr, flush=True)
         args.repeats = args.repeats or (1 if args.quick else 3)
         sections["large"] = large.run(args)
+    if not args.skip_cold:
+        print("cold start", file=sys.stderr, flush=True)
+        sections["cold_start"] = cold_start.run(args.cold_starts, args.device)
 
     if rows:
         print(
@@ -172,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         print(large.table(sections["large"]))
         png = args.png or os.path.splitext(args.out)[0] + ".png"
         chart.plot_large(sections["large"], png, machine)
+    if "cold_start" in sections:
+        print(f"\ncold start (Popen to ready, {args.cold_starts} starts each)")
+        print(cold_start.table(sections["cold_start"]))
     meta = {
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]),
         "device": args.device,
@@ -192,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak RSS: VmHWM of the server process at the end of the cell (lifetime peak); ratio_to_floor / ratio_to_naive: req/s ratio to "
         "(F) / (b) of the same workload; server_cpu_ratio_to_floor: server CPU per call / (F)'s; "
         "large: see benchmarks/large.py (peak memory above idle counts mapped shared-memory pages of the shm path; "
-        "ratio_to_floor: throughput / the floor row's of the same dtype)",
+        "ratio_to_floor: throughput / the floor row's of the same dtype); cold_start: see benchmarks/cold_start.py",
     }
     write_json(args.out, meta, rows, sections)
     print(f"\nwritten to {os.path.relpath(args.out)}{' and ' + os.path.relpath(png) if png else ''} in {meta['total_s']:.0f} s")
