@@ -43,7 +43,7 @@ docs: $(STAMP) ## HTML API reference of the client (pdoc, from its docstrings) i
 proto: $(STAMP) ## regenerate client/lossd_client/_proto from proto/
 	$(PY) proto/generate.py
 
-bench: $(STAMP) ## benchmarks: ratios against in-process torch and a naive gRPC server
+bench: $(STAMP) ## benchmarks: ratios to the transport floor, a naive gRPC server and in-process torch; cold start
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 image: $(STAMP) ## build, run and probe the CPU image with podman (root; see ../shared/container)

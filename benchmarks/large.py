@@ -3,11 +3,16 @@
 Same data, same run, one row per (dtype, path):
 
 - in-process ``F.cross_entropy`` and in-process ``lossd_server.engine.evaluate``, each in a fresh subprocess;
+- the floor: the same request as ``lossd_client`` streams it (``core.chunk_payloads``: a ChunkHeader,
+  then 1 MiB row chunks, pre-serialised, over a channel with ``LossClient``'s options) to
+  benchmarks.floor_server's ``EvaluateChunked`` sink, which reads every message and computes nothing;
 - the naive unary gRPC server (benchmarks.naive_server's servicer with 2 GiB message limits);
 - lossd streaming (``LossClient.evaluate`` switches to EvaluateChunked by itself);
 - lossd same-host shared memory (server ``--allow-client-shm``, ``LossClient(shared_memory=True)``).
 
-End-to-end GB/s is request input bytes over wall time of the call (best of ``--repeats``). Peak memory
+End-to-end GB/s is request input bytes over wall time of the call (best of ``--repeats``); every row's
+throughput is also given as a ratio to in-process ``F.cross_entropy``'s and to the floor's (same dtype,
+same run). Peak memory
 above idle: the process's peak RSS is reset (``/proc/<pid>/clear_refs``) after a small warm-up call, then
 VmHWM after the timed calls minus VmRSS before them; in-process rows measure their own subprocess with
 its inputs already allocated, server rows measure the server process (a fresh one per dtype).
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from lossd_client import LossClient, LossRequest, core
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+from lossd_client.channel import channel_options  # the channel LossClient opens (limits, retries, retry buffer)
 
 from . import servers
 
@@ -38,10 +44,11 @@ ROWS, CLASSES = 2048, 32000
 GIB = 1 << 30
 TORCH = "in-process F.cross_entropy"
 ENGINE = "in-process lossd engine"
+FLOOR = "floor: 1 MiB chunks to a grpc.aio sink"
 NAIVE = "naive unary gRPC"
 STREAM = "lossd streaming (EvaluateChunked)"
 SHM = "lossd shared memory"
-PATHS = (TORCH, ENGINE, NAIVE, STREAM, SHM)
+PATHS = (TORCH, ENGINE, FLOOR, NAIVE, STREAM, SHM)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -124,6 +131,16 @@ def _naive_call(address: str, x: torch.Tensor, t: torch.Tensor) -> Callable[[], 
     return call
 
 
+def _floor_call(channel: grpc.Channel, x: torch.Tensor, t: torch.Tensor) -> Callable[[], int]:
+    """LossClient's chunked transfer without LossClient: the same serialised chunks, to a sink that only reads them."""
+    call = channel.stream_unary("/lossd.v1.LossService/EvaluateChunked", request_serializer=None, response_deserializer=None)
+
+    def send() -> int:
+        return len(call(core.chunk_payloads(LossRequest(x, t, reduction="none"), core.DEFAULT_CHUNK_BYTES), timeout=600))
+
+    return send
+
+
 def _server_cell(server: servers.Server, call: Callable[[], object], warm: Callable[[], object], nbytes: int, repeats: int) -> dict:
     warm()
     time.sleep(0.2)
@@ -154,6 +171,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: print(s
         for path in (TORCH, ENGINE):
             cells[path] = _inproc_cell(path, dtype_name, repeats, device)
             log(f"  {name} {path}: {cells[path]['seconds']:.3f} s")
+        with servers.start_floor() as floor, grpc.insecure_channel(floor.address, options=channel_options(-1, 5)) as channel:
+            cells[FLOOR] = _server_cell(floor, _floor_call(channel, x, t), _floor_call(channel, x[:64], t[:64]), nbytes, repeats)
+        log(f"  {name} {FLOOR}: {cells[FLOOR]['seconds']:.3f} s")
         with _start_naive(device) as naive:
             cells[NAIVE] = _server_cell(naive, _naive_call(naive.address, x, t), _naive_call(naive.address, x[:8], t[:8]), nbytes, repeats)
         log(f"  {name} {NAIVE}: {cells[NAIVE]['seconds']:.3f} s")
@@ -161,9 +181,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: print(s
         log(f"  {name} {STREAM}: {cells[STREAM]['seconds']:.3f} s")
         cells[SHM] = _lossd_cell(x, t, device, repeats, shm=True)
         log(f"  {name} {SHM}: {cells[SHM]['seconds']:.3f} s")
-        base = cells[TORCH]["seconds"]
+        base, floor_s = cells[TORCH]["seconds"], cells[FLOOR]["seconds"]
         for path in PATHS:
-            rows.append({"workload": name, "dtype": dtype_name, "config": path, "bytes": nbytes, **cells[path], "ratio_to_torch": base / cells[path]["seconds"]})
+            secs = cells[path]["seconds"]
+            rows.append(
+                {"workload": name, "dtype": dtype_name, "config": path, "bytes": nbytes, **cells[path], "ratio_to_torch": base / secs, "ratio_to_floor": floor_s / secs}
+            )
         del x, t
     huge = _huge(args.huge_gib, device) if getattr(args, "huge_gib", 0) else None
     return {"rows": rows, "huge": huge, "repeats": repeats, "reduction": "none"}
@@ -223,7 +246,7 @@ def _serve_naive(device: str) -> None:
 
 
 def table(result: dict) -> str:
-    head = f"{'workload':<28} {'path':<36} {'seconds':>8} {'GB/s':>6} {'x torch':>7} {'peak memory above idle':>24}"
+    head = f"{'workload':<28} {'path':<38} {'seconds':>8} {'GB/s':>6} {'x torch':>7} {'x floor':>7} {'peak memory above idle':>24}"
     lines = [head, "-" * len(head)]
     last = None
     for r in result["rows"]:
@@ -231,7 +254,9 @@ def table(result: dict) -> str:
             lines.append("")
         last = r["workload"]
         mem = f"{r['peak_above_idle_mib']:.0f} MiB ({r['peak_ratio']:.2f}x input)"
-        lines.append(f"{r['workload']:<28} {r['config']:<36} {r['seconds']:>8.3f} {r['gb_per_s']:>6.2f} {r['ratio_to_torch']:>7.2f} {mem:>24}")
+        lines.append(
+            f"{r['workload']:<28} {r['config']:<38} {r['seconds']:>8.3f} {r['gb_per_s']:>6.2f} {r['ratio_to_torch']:>7.2f} {r['ratio_to_floor']:>7.2f} {mem:>24}"
+        )
     h = result.get("huge")
     if h:
         lines.append(

@@ -1,4 +1,4 @@
-"""Launch benchmark servers as subprocesses; read their RSS and lossd's /metrics."""
+"""Launch benchmark servers as subprocesses; read their RSS, their CPU time and lossd's /metrics."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ import sys
 from lossd_server.spawn import ServerProcess, spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | str) -> float:
+    """utime + stime of a process (all its threads) from /proc/PID/stat, in seconds (resolution 1/CLK_TCK)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def free_port() -> int:
@@ -28,6 +36,10 @@ class Server(ServerProcess):
 
     def rss_mib(self) -> float:
         return self.status_kib("VmRSS") / 1024
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used so far (user + system, every thread)."""
+        return cpu_seconds(self.proc.pid)
 
 
 def _launch(name: str, cmd: list[str], metrics_port: int | None, timeout_s: float = 90.0) -> Server:
@@ -51,3 +63,9 @@ def start_lossd(*flags: str, device: str = "cpu", name: str = "lossd") -> Server
 def start_naive(device: str = "cpu") -> Server:
     cmd = [sys.executable, "-m", "benchmarks.naive_server", "--port", "0", "--device", device]
     return _launch("naive", cmd, None)
+
+
+def start_floor() -> Server:
+    """benchmarks.floor_server: receives the bytes, answers an empty message (the transport floor)."""
+    cmd = [sys.executable, "-m", "benchmarks.floor_server", "--port", "0"]
+    return _launch("floor", cmd, None)

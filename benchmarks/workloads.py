@@ -19,6 +19,7 @@ class Workload:
 
     def __post_init__(self) -> None:
         self.messages: list[pb.EvaluateRequest] = [core.build(r)[0] for r in self.requests]
+        self.payloads: list[bytes] = [m.SerializeToString() for m in self.messages]  # what the unary drivers send
         self.rows = [_rows(r) for r in self.requests]
 
     @property
