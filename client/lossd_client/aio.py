@@ -49,9 +49,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
             self._server_max = (await self.server_info(timeout_s=timeout)).max_receive_message_bytes
         with self._route(req) as call, rpc_errors():
             response = await (
-                self._evaluate_chunked(call.payloads, timeout=timeout)
-                if call.chunked
-                else self._stub.Evaluate(call.message, timeout=timeout)
+                self._evaluate_chunked(call.payloads, timeout=timeout) if call.chunked else self._evaluate(call.message, timeout=timeout)
             )
         return call.parse(response)
 
@@ -66,7 +64,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
     ) -> AsyncIterator[EvaluateResult | LossdError]:
         """Async twin of :meth:`LossClient.evaluate_many` (the requests may also be an async iterable)."""
         stream = core.Stream(window, pack, return_exceptions)
-        call = getattr(self._stub, stream.method)(timeout=self._timeout(timeout_s))
+        call = self._streams[stream.method](timeout=self._timeout(timeout_s))
         slots = asyncio.Semaphore(window)
         write_task = asyncio.ensure_future(_write(call, stream, requests, slots))
         try:
@@ -117,10 +115,10 @@ async def _write(call: Any, stream: core.Stream, requests: Iterable[Any] | Async
     is sent when it is full or no slot is left. A failing item or source ends the writing (the
     stream raises it after the answers before it); anything else cancels the call."""
     try:
-        batch: list[pb.EvaluateRequest] = []
+        batch: list[core.Encoded] = []
         source = _items(requests)
         while (item := await _next(source, stream)) is not _END:
-            if batch and (len(batch) >= stream.pack or slots.locked()):
+            if batch and (stream.full(batch) or slots.locked()):
                 await call.write(stream.message(batch))
                 batch = []
             await slots.acquire()

@@ -87,9 +87,14 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT]):
         else:
             self._channel = self._grpc.secure_channel(self.target, tls, options=options)
         self._stub = pb_grpc.LossServiceStub(self._channel)
-        self._evaluate_chunked = self._channel.stream_unary(
-            f"/{SERVICE}/EvaluateChunked", request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString
-        )
+        # requests go out as bytes the core serialised (see core.encode); answers are parsed here
+        raw = _raw_method
+        self._evaluate = raw(self._channel.unary_unary, "Evaluate", pb.EvaluateResponse)
+        self._evaluate_chunked = raw(self._channel.stream_unary, "EvaluateChunked", pb.EvaluateResponse)
+        self._streams = {
+            "EvaluateStream": raw(self._channel.stream_stream, "EvaluateStream", pb.EvaluateResponse),
+            "EvaluatePacked": raw(self._channel.stream_stream, "EvaluatePacked", pb.EvaluateBatchResults),
+        }
 
     # ------------------------------------------------------------------ torch.nn.functional mirror
     def cross_entropy(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100, reduction: str = "mean",
@@ -158,3 +163,8 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT]):
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         return health_pb2_grpc.HealthStub(self._channel).Check, health_pb2.HealthCheckRequest(service=service)
+
+
+def _raw_method(kind: Callable[..., Any], method: str, response: Any) -> Any:
+    """A LossService method that sends pre-serialised request bytes."""
+    return kind(f"/{SERVICE}/{method}", request_serializer=None, response_deserializer=response.FromString)

@@ -59,9 +59,7 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult]):
             self._server_max = self.server_info(timeout_s=timeout).max_receive_message_bytes
         with self._route(req) as call, rpc_errors():
             response = (
-                self._evaluate_chunked(call.payloads, timeout=timeout)
-                if call.chunked
-                else self._stub.Evaluate(call.message, timeout=timeout)
+                self._evaluate_chunked(call.payloads, timeout=timeout) if call.chunked else self._evaluate(call.message, timeout=timeout)
             )
         return call.parse(response)
 
@@ -84,7 +82,7 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult]):
         """
         stream = core.Stream(window, pack, return_exceptions)
         feeder = _Feeder(iter(requests), stream)
-        call = getattr(self._stub, stream.method)(feeder.messages(), timeout=self._timeout(timeout_s))
+        call = self._streams[stream.method](feeder.messages(), timeout=self._timeout(timeout_s))
         try:
             with rpc_errors():
                 for message in call:
@@ -121,19 +119,19 @@ class _Feeder:
         self._slots = threading.Semaphore(stream.window)
         self._stopped = threading.Event()
 
-    def messages(self) -> Iterator[pb.EvaluateRequest | pb.EvaluateBatch]:
+    def messages(self) -> Iterator[bytes]:
         """The stream's messages; ends with the source, when stopped, or after a failure."""
         while True:
             batch = self._batch()
             if not batch:
                 return
             yield self._stream.message(batch)
-            if len(batch) < self._stream.pack and (self._stopped.is_set() or self._stream.failure is not None):
+            if not self._stream.full(batch) and (self._stopped.is_set() or self._stream.failure is not None):
                 return
 
-    def _batch(self) -> list[pb.EvaluateRequest]:
-        batch: list[pb.EvaluateRequest] = []
-        while len(batch) < self._stream.pack and self._stream.failure is None and self._slot(first=not batch):
+    def _batch(self) -> list[core.Encoded]:
+        batch: list[core.Encoded] = []
+        while not (batch and self._stream.full(batch)) and self._stream.failure is None and self._slot(first=not batch):
             try:
                 item = next(self._source, _END)
             except Exception as exc:  # noqa: BLE001 - the caller's iterator failed: raised after the answers before it

@@ -30,6 +30,8 @@ from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityR
 #: Bytes of input per EvaluateChunked message: big enough to amortise per-message cost, small
 #: enough that several can be in flight without large buffers (measured on loopback TCP).
 DEFAULT_CHUNK_BYTES = 1024 * 1024
+#: evaluate_many packs requests into EvaluatePacked messages of about this many bytes at most.
+PACK_BYTES = 1024 * 1024
 #: Requests with at most this many tensor bytes never ask the server for its limit (a server's
 #: --max-message-bytes is at least 1024, whose unary budget is 768 bytes).
 SMALL_REQUEST_BYTES = 512
@@ -103,6 +105,44 @@ def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool
     except tensors.UnsupportedTensorError as exc:
         raise InvalidArgumentError(str(exc)) from exc
     return msg, tensors.is_torch_tensor(req.input)
+
+
+@dataclass
+class Encoded:
+    """A serialised EvaluateRequest as the pieces of one message (the tensor bytes are views of
+    the caller's arrays, joined once when the message is sent)."""
+
+    parts: list[Any]
+    nbytes: int
+    as_torch: bool
+
+    def framed(self, number: int) -> list[Any]:
+        """The pieces as a length-delimited field ``number`` of an enclosing message."""
+        return [_key(number) + _varint(self.nbytes), *self.parts]
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def encode(req: LossRequest) -> Encoded:
+    """LossRequest -> the serialised EvaluateRequest, without routing the tensor bytes through
+    protobuf objects: the small fields are serialised by protobuf (:func:`build` on empty
+    placeholders), ``input.data`` and ``target.data`` are raw fields cut from the caller's arrays.
+    protobuf copies a bytes field on every assignment and again when serialising; for a 16-request
+    EvaluateBatch of 64x1000 fp32 that was 8 ms of client CPU per message."""
+    try:
+        tensors_ = [tensors.as_wire_bytes(req.input), tensors.as_wire_bytes(req.target)]
+    except tensors.UnsupportedTensorError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
+    small, _ = build(replace(req, input=_EMPTY, target=_EMPTY))
+    small.ClearField("input")
+    small.ClearField("target")
+    parts: list[Any] = [small.SerializeToString()]
+    for number, (wire, shape, data) in zip((2, 3), tensors_, strict=True):
+        head = pb.Tensor(dtype=wire, shape=shape).SerializeToString()
+        data_key = _key(3) + _varint(len(data)) if len(data) else b""
+        parts += [_key(number) + _varint(len(head) + len(data_key) + len(data)) + head + data_key, data]
+    return Encoded(parts, sum(len(p) for p in parts), tensors.is_torch_tensor(req.input))
 
 
 def chunk_layout(msg: pb.EvaluateRequest) -> tuple[int, int, bool]:
@@ -179,8 +219,13 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _key(number: int) -> bytes:
+    """The key of a length-delimited field (wire type 2)."""
+    return _varint((number << 3) | 2)
+
+
 def _bytes_field(number: int, payload: memoryview) -> list[Any]:
-    return [bytes([(number << 3) | 2]) + _varint(len(payload)), payload]
+    return [_key(number) + _varint(len(payload)), payload]
 
 
 def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_message_bytes: int | None = None) -> Iterator[bytes]:
@@ -249,7 +294,7 @@ class Call:
     A context manager: leaving it gives the shared-memory segments the call used back to their pool.
     """
 
-    message: pb.EvaluateRequest | None
+    message: bytes | None  # a serialised EvaluateRequest
     payloads: Iterator[bytes] | None
     as_torch: bool
     arena: SharedMemoryArena | None = None
@@ -298,15 +343,15 @@ def route(
         except BaseException:
             arena.close()
             raise
-        return Call(msg, None, as_torch, arena)
+        return Call(msg.SerializeToString(), None, as_torch, arena)
     size = request_nbytes(req)
     if size > SMALL_REQUEST_BYTES:
         if server_max is None:
             raise ValueError("route: a request of more than SMALL_REQUEST_BYTES needs the server's limit (see needs_server_limit)")
         if size > layout.unary_budget(server_max) or size > chunked_above_bytes:
             return Call(None, chunk_payloads(req, chunk_bytes, server_max), tensors.is_torch_tensor(req.input))
-    msg, as_torch = build(req)
-    return Call(msg, None, as_torch)
+    encoded = encode(req)
+    return Call(encoded.tobytes(), None, encoded.as_torch)
 
 
 # --------------------------------------------------------------------------- answers
@@ -456,25 +501,33 @@ class Stream:
         """The RPC: EvaluateStream (one request per message) or EvaluatePacked."""
         return "EvaluateStream" if self.pack == 1 else "EvaluatePacked"
 
-    def add(self, item: Any) -> pb.EvaluateRequest | None:
+    def add(self, item: Any) -> Encoded | None:
         """The next item's wire request, numbered; None when it cannot be built (then :meth:`fail`)."""
+        rid = str(len(self._order))
         try:
-            msg, as_torch = build(as_loss_request(item, len(self._order)))
+            encoded = encode(replace(as_loss_request(item, len(self._order)), id=rid))
         except Exception as exc:  # noqa: BLE001 - raised by finish(), in order
             self.fail(exc)
             return None
-        msg.id = str(len(self._order))
-        self._as_torch[msg.id] = as_torch
-        self._order.append(msg.id)
-        return msg
+        self._as_torch[rid] = encoded.as_torch
+        self._order.append(rid)
+        return encoded
 
     def fail(self, exc: Exception) -> None:
         """Stop taking items: ``exc`` is raised by :meth:`finish` after the answers sent before it."""
         self.failure = exc
 
-    def message(self, batch: Sequence[pb.EvaluateRequest]) -> pb.EvaluateRequest | pb.EvaluateBatch:
-        """What one stream message carries: the request, or an EvaluateBatch of them."""
-        return batch[0] if self.pack == 1 else pb.EvaluateBatch(requests=batch)
+    def full(self, batch: Sequence[Encoded]) -> bool:
+        """Whether a message holds enough: ``pack`` requests, or about PACK_BYTES of them (large
+        messages cost the client fresh multi-megabyte buffers: 16 requests of 64x1000 fp32 per
+        message took 397 us of client CPU per request, 4 took 212 us)."""
+        return len(batch) >= self.pack or sum(encoded.nbytes for encoded in batch) >= PACK_BYTES
+
+    def message(self, batch: Sequence[Encoded]) -> bytes:
+        """What one stream message carries, serialised: the request, or an EvaluateBatch of them."""
+        if self.pack == 1:
+            return batch[0].tobytes()
+        return b"".join(part for encoded in batch for part in encoded.framed(1))
 
     def answers(self, message: Any) -> Sequence[pb.EvaluateResponse]:
         """The responses one received message carries (each frees one window slot)."""
