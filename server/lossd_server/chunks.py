@@ -63,8 +63,8 @@ class ChunkAssembler:
         )
         self.target_dtype = target_dtype
         self.unit_shape = self.plan.geometry.unit_shape
-        self.in_unit_bytes = self.plan.unit_elements * codec.ITEMSIZE[header.input_dtype]
-        self.target_unit_bytes = self.plan.unit_elements * codec.ITEMSIZE[header.target.dtype] if self.streamed else 0
+        self.in_unit_bytes = self.plan.geometry.unit_elements * codec.ITEMSIZE[header.input_dtype]
+        self.target_unit_bytes = self.plan.geometry.unit_elements * codec.ITEMSIZE[header.target.dtype] if self.streamed else 0
         self.next_unit = 0
 
     def rows(self, chunk: WireChunk, *, first: bool = False) -> RowChunk | None:

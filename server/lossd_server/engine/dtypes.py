@@ -88,17 +88,8 @@ def _dtype_error(kind, input_dtype, target_dtype, weight_dtype, pos_weight_dtype
     return InvalidInput(field if weight_dtype or pos_weight_dtype else "input", f"dtype combination rejected by torch: {text}")
 
 
-def output_dtype(
-    spec: LossSpec,
-    kind: TargetKind,
-    input_shape: tuple[int, ...],
-    input_dtype: torch.dtype,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    pos_weight: torch.Tensor | None,
-    *,
-    torch_layout: bool,
-) -> torch.dtype:
+def output_dtype(spec: LossSpec, kind: TargetKind, input_shape: tuple[int, ...], input_dtype: torch.dtype, target: torch.Tensor,
+                 weight: torch.Tensor | None, pos_weight: torch.Tensor | None, *, torch_layout: bool) -> torch.dtype:  # fmt: skip
     """torch's output dtype for this request, or InvalidInput when torch rejects its dtypes.
 
     ``torch_layout``: the input is in torch's own (N, C, ...) layout, so that an empty input can

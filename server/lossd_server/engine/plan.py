@@ -64,29 +64,10 @@ class Plan:
         )
 
     # ------------------------------------------------------------------ geometry, for callers
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.geometry.input_shape
-
-    @property
-    def class_axis(self) -> int:
-        return self.geometry.class_axis
-
-    @property
-    def num_classes(self) -> int:
-        return self.geometry.num_classes
-
-    @property
-    def units(self) -> int:
-        return self.geometry.units
-
-    @property
-    def rows(self) -> int:
-        return self.geometry.rows
-
-    @property
-    def unit_elements(self) -> int:
-        return self.geometry.unit_elements
+    input_shape = property(lambda self: self.geometry.input_shape, doc="The input's shape.")
+    num_classes = property(lambda self: self.geometry.num_classes, doc="C (1 for BCE).")
+    units = property(lambda self: self.geometry.units, doc="Leading positions before the class axis.")
+    rows = property(lambda self: self.geometry.rows, doc="Loss positions: units x positions per unit.")
 
     def unit_view(self, x: torch.Tensor) -> torch.Tensor:
         return self.geometry.unit_view(x)
@@ -154,7 +135,7 @@ class Plan:
         device = torch.device(device)
         # Units without elements (a zero-size dimension after the leading ones) cost nothing to
         # evaluate, however many there are: one step, never a loop over 2**62 empty units.
-        step = self.geometry.units_per_chunk(chunk_bytes, self.compute_dtype) if self.unit_elements else max(1, n_units)
+        step = self.geometry.units_per_chunk(chunk_bytes, self.compute_dtype) if self.geometry.unit_elements else max(1, n_units)
         parts = []
         try:
             for u0 in range(0, n_units, step):
