@@ -295,3 +295,24 @@ def test_input_is_never_modified() -> None:
     engine.evaluate(engine.LossSpec(label_smoothing=0.2, reduction="none"), x, t, w, chunk_bytes=64)
     for a, b in zip((x, t, w), before, strict=True):
         assert torch.equal(a, b)
+
+
+def test_cached_validation_still_checks_each_requests_targets() -> None:
+    """Plans for an options/shape/dtype combination seen before come from a cache: the targets of
+    every request are still resolved and checked, and a combination torch accepts only because
+    every target was ignored is never cached."""
+    x = torch.randn(4, 5)
+    for seed in range(3):
+        t = torch.randint(0, 5, (4,), generator=torch.Generator().manual_seed(seed))
+        t[seed] = -100
+        torch.testing.assert_close(evaluate(engine.LossSpec(), {"input": x, "target": t}).loss, F.cross_entropy(x, t))
+    with pytest.raises(engine.InvalidInput, match="out of bounds"):
+        engine.plan(engine.LossSpec(), x.shape, x.dtype, torch.tensor([0, 1, 7, 2]))
+    x64, w = torch.randn(1, 2, dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64)
+    ignored = torch.tensor([0], dtype=torch.uint8)
+    spec = engine.LossSpec(ignore_index=0, label_smoothing=0.1)
+    got = evaluate(spec, {"input": x64, "target": ignored, "weight": w}).loss
+    want = F.cross_entropy(x64, ignored, weight=w, ignore_index=0, label_smoothing=0.1)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    with pytest.raises(engine.InvalidInput):  # torch rejects uint8 + weight + smoothing once a target counts
+        engine.plan(spec, x64.shape, x64.dtype, torch.tensor([1], dtype=torch.uint8), w)

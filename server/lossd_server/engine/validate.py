@@ -7,13 +7,15 @@ told about the one torch would report.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from lossd_client.layout import default_class_axis
 
-from .dtypes import output_dtype
+from .dtypes import output_dtype, probed_output_dtype
 from .geometry import Geometry, class_axis_of, torch_layout
 from .kernels import target_totals
 from .plan import Plan
@@ -38,7 +40,22 @@ def build_plan(
     *,
     target_streamed: bool = False,
 ) -> Plan:
-    """Validate a request as torch would (``target`` may be a meta tensor when it is streamed)."""
+    """Validate a request as torch would (``target`` may be a meta tensor when it is streamed).
+
+    Everything but the class-index target values depends only on the options, shapes and dtypes:
+    a plan validated for the same combination before is reused from a bounded cache (a template),
+    and only the targets are resolved and checked (see :class:`_Templates`).
+    """
+    key = _TEMPLATES.key(spec, input_shape, input_dtype, target, weight, pos_weight, target_streamed)
+    template = _TEMPLATES.get(key)
+    if template is not None:
+        return _from_template(template, target, weight, pos_weight)
+    plan = _validate(spec, input_shape, input_dtype, target, weight, pos_weight, target_streamed)
+    _TEMPLATES.put(key, plan, target, weight, pos_weight)
+    return plan
+
+
+def _validate(spec, input_shape, input_dtype, target, weight, pos_weight, target_streamed) -> Plan:
     if spec.loss not in LOSSES:
         raise InvalidInput("options.loss", f"unknown loss {spec.loss!r}")
     if spec.reduction not in REDUCTIONS:
@@ -238,3 +255,67 @@ def _bce(spec, input_shape, input_dtype, target, weight, pos_weight) -> Plan:
     geometry = Geometry.of(input_shape, TargetKind.BCE, 0)
     out, compute = _dtypes(spec, TargetKind.BCE, geometry, input_dtype, target, weight, pos_weight)
     return Plan(spec, TargetKind.BCE, geometry, input_dtype, tshape, target.dtype, input_shape, out, compute, weight, pos_weight)
+
+
+class _Templates:
+    """A bounded LRU of validated plans by everything validation depends on except the tensors'
+    values; only plans whose validation could not have depended on values are kept: inputs with
+    elements (empty ones are checked by torch on the real tensors), and dtype combinations torch
+    accepts for any target values (not only when every target is ignored)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+
+    @staticmethod
+    def key(spec, input_shape, input_dtype, target, weight, pos_weight, target_streamed) -> tuple | None:
+        if not math.prod(input_shape) or target.device.type == "meta":
+            return None
+        metas = tuple(None if w is None else (tuple(w.shape), w.dtype) for w in (weight, pos_weight))
+        return (spec, input_shape, input_dtype, tuple(target.shape), target.dtype, metas, target_streamed)
+
+    def get(self, key: tuple | None) -> Plan | None:
+        if key is None or key not in self._plans:
+            return None
+        self._plans.move_to_end(key)
+        return self._plans[key]
+
+    def put(self, key: tuple | None, plan: Plan, target, weight, pos_weight) -> None:
+        if key is None or not _valid_for_any_targets(plan, target, weight, pos_weight):
+            return
+        self._plans[key] = dataclasses.replace(plan, weight=None, pos_weight=None, target=None, valid=None)
+        if len(self._plans) > self.size:
+            self._plans.popitem(last=False)
+
+
+_TEMPLATES = _Templates()
+
+
+def _valid_for_any_targets(plan: Plan, target, weight, pos_weight) -> bool:
+    """Whether torch accepts these dtypes whatever the targets (the plain dtype probe passes)."""
+    if plan.kind is not TargetKind.CLASS:
+        return True
+    try:
+        probed_output_dtype(
+            plan.spec.loss, plan.kind, plan.input_dtype, target.dtype, None if weight is None else weight.dtype, None,
+            plan.spec.label_smoothing > 0.0, plan.spec.reduction,
+        )  # fmt: skip
+    except InvalidInput:
+        return False
+    return True
+
+
+def _from_template(template: Plan, target: torch.Tensor, weight, pos_weight) -> Plan:
+    """The cached plan with this request's tensors: class-index targets resolved and checked."""
+    t = template
+    if t.kind is not TargetKind.CLASS:
+        flat = valid = None
+        weight_sum, counted = 0.0, 0
+    else:
+        flat, valid = _resolve_targets(t.spec, target, t.num_classes)
+        weight_sum, counted = target_totals(flat, valid, weight, t.compute_dtype)
+    # positional: dataclasses.replace() cost a third of a cached validation
+    return Plan(
+        t.spec, t.kind, t.geometry, t.input_dtype, t.target_shape, t.target_dtype, t.output_shape, t.output_dtype,
+        t.compute_dtype, weight, pos_weight, flat, valid, t.seq_len, weight_sum, counted,
+    )  # fmt: skip
