@@ -202,6 +202,52 @@ def test_stream_of_random_requests_answers_every_item(channel: grpc.Channel, ite
             assert r.error.code in (grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), r.error
 
 
+@st.composite
+def chunk_streams(draw: st.DrawFn) -> list[pb.EvaluateChunk]:
+    """A random request as EvaluateChunked messages: its header (target whole or shape only), then
+    row messages of random sizes (often not whole rows, too many or too few), maybe a second header."""
+    request = draw(requests())
+    header = pb.ChunkHeader(id=request.id, options=request.options, input_dtype=request.input.dtype, input_shape=request.input.shape)
+    if request.HasField("target"):
+        header.target.CopyFrom(request.target)
+        if draw(st.booleans()):
+            header.target.data = b""  # a target that travels with the rows
+    messages = [pb.EvaluateChunk(header=header)]
+    data, tdata = request.input.data, request.target.data
+    for _ in range(draw(st.integers(0, 4))):
+        cut = draw(st.integers(0, len(data)))
+        tcut = draw(st.integers(0, len(tdata)))
+        messages.append(pb.EvaluateChunk(input_rows=data[:cut], target_rows=tdata[:tcut] if draw(st.booleans()) else b""))
+        data, tdata = data[cut:], tdata[tcut:]
+    if draw(st.integers(0, 9)) == 0:
+        messages.append(pb.EvaluateChunk(header=header))
+    return messages
+
+
+@FUZZ
+@given(messages=chunk_streams())
+def test_chunked_streams_never_get_internal(channel: grpc.Channel, messages: list[pb.EvaluateChunk]) -> None:
+    code, details = status_of(pb_grpc.LossServiceStub(channel).EvaluateChunked, iter(messages))
+    event(code.name)
+    assert code in WELL_FORMED_CODES, (code, details)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.lists(requests(), min_size=1, max_size=4), min_size=1, max_size=3))
+def test_packed_stream_of_random_requests_answers_every_item(channel: grpc.Channel, batches: list[list[pb.EvaluateRequest]]) -> None:
+    n = 0
+    for batch in batches:
+        for item in batch:
+            item.id = str(n)
+            n += 1
+    replies = list(pb_grpc.LossServiceStub(channel).EvaluatePacked(iter(pb.EvaluateBatch(requests=b) for b in batches), timeout=CALL_TIMEOUT_S))
+    answered = [r for message in replies for r in message.responses]
+    assert sorted(r.id for r in answered) == sorted(str(i) for i in range(n))
+    for r in answered:
+        if r.HasField("error"):
+            assert r.error.code in (grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), r.error
+
+
 def test_server_still_serving_after_fuzzing(channel: grpc.Channel, fuzz_server: ServerProcess) -> None:
     """Runs last in this module: after every fuzz example above, the server is healthy."""
     assert_still_serving(channel, fuzz_server)
