@@ -4,7 +4,8 @@
 - ``service``: a real lossd server on a loopback port, driven through gRPC and the client;
 - ``container``: the image built and run with podman (root only; skipped with the reason otherwise);
 - ``neighbours``: real Prometheus, Kubernetes schemas, the client wheel in a torch-free venv,
-  Hugging Face, the API docs.
+  Hugging Face, the API docs;
+- ``gpu``: the CUDA path on a real server (skipped where CUDA is absent).
 
 ``make test LAYER=unit`` (or ``pytest -m unit``) runs one layer.
 """
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from serverproc import ServerProcess, start_server  # noqa: E402
 
-LAYERS = ("unit", "service", "container", "neighbours")
+LAYERS = ("unit", "service", "container", "neighbours", "gpu")
 _HERE = Path(__file__).resolve().parent
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 from lossd_server.spawn import ServerProcess, spawn
 
-__all__ = ["HOG_FLAGS", "EngineHog", "ServerProcess", "start_server"]
+__all__ = ["HOG_FLAGS", "TEST_DEVICE", "EngineHog", "ServerProcess", "start_server"]
+
+#: ``LOSSD_TEST_DEVICE=cuda`` runs every test server (and the engine's parity tests) on that device:
+#: the service layer then checks CUDA results against CPU torch (``make test LAYER=service`` on a GPU).
+TEST_DEVICE = os.environ.get("LOSSD_TEST_DEVICE", "")
 
 
 def start_server(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60.0, metrics: bool = False) -> ServerProcess:
@@ -21,6 +26,8 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout_s: float
         cmd += ["--port", "0"]
     if not any(a.startswith("--metrics-port") for a in args):
         cmd += ["--metrics-port", "-1" if metrics else "0"]
+    if TEST_DEVICE and not any(a.startswith("--device") for a in args):
+        cmd += ["--device", TEST_DEVICE]
     cmd += list(args)
     return spawn(cmd, env=env, timeout_s=timeout_s)
 

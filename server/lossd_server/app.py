@@ -177,6 +177,8 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None) -> Los
     if config.port:
         _check_bindable(config.host, config.port)
     device = resolve_device(config.device)
+    if device.type == "cuda" and config.cuda_memory_fraction > 0:
+        torch.cuda.set_per_process_memory_fraction(config.cuda_memory_fraction, device)
     options = [
         ("grpc.max_receive_message_length", config.receive_limit_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),

@@ -164,22 +164,46 @@ def evaluate_batch(
     return outcomes
 
 
+class DeviceMemoryExhausted(RuntimeError):
+    """A request that does not fit in the device's free memory even on its own (RESOURCE_EXHAUSTED)."""
+
+
 def _alone(job: Job, device, chunk_bytes: int, checkpoint: Checkpoint) -> engine.LossResult | BaseException:
     try:
         return evaluate_alone(job, device=device, chunk_bytes=chunk_bytes, checkpoint=checkpoint)
+    except torch.OutOfMemoryError:
+        _free_device_cache(device)
+        return DeviceMemoryExhausted(
+            f"the request ({job.plan.input_nbytes} input bytes, evaluated alone in chunks of {chunk_bytes} bytes) does not fit in "
+            f"the free memory of {device} (see --cuda-memory-fraction); split it into smaller requests"
+        )
     except Exception as exc:  # noqa: BLE001 - reported for this job only
         return exc
 
 
 def _fused_or_alone(group: list[Job], checks: list[Checkpoint], device, chunk_bytes: int) -> list[engine.LossResult | BaseException]:
+    """A fused pass over the group; when the device runs out of memory, each half is tried on its
+    own (down to single requests); when it fails otherwise, each request is evaluated alone so that
+    only the culprit fails."""
     if len(group) > 1:
         try:
             if all(check is not None for check in checks):
                 _all_stopped(checks)
             return list(evaluate_fused(group, device=device, chunk_bytes=chunk_bytes))
+        except torch.OutOfMemoryError:
+            _free_device_cache(device)
+            half = len(group) // 2
+            return _fused_or_alone(group[:half], checks[:half], device, chunk_bytes) + _fused_or_alone(
+                group[half:], checks[half:], device, chunk_bytes
+            )
         except Exception:  # noqa: BLE001 - isolated below
             pass
     return [_alone(job, device, chunk_bytes, check) for job, check in zip(group, checks, strict=True)]
+
+
+def _free_device_cache(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _all_stopped(checks: list[Checkpoint]) -> None:

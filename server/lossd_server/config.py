@@ -39,6 +39,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     device: str = "auto"
+    cuda_memory_fraction: float = 0.0
     max_message_bytes: int = 64 * MiB
     max_send_message_bytes: int = 2**31 - 1
     memory_budget_bytes: int = dataclasses.field(default_factory=default_memory_budget_bytes)
@@ -91,6 +92,7 @@ _HELP = {
     "host": "address to bind (0.0.0.0 inside containers)",
     "port": "gRPC port; 0 lets the OS pick (the chosen port is logged)",
     "device": "auto (CUDA when present), cpu, cuda or cuda:N",
+    "cuda_memory_fraction": "on CUDA: the fraction of the device's memory this process may allocate (0: torch's default, all of it)",
     "max_message_bytes": "largest request message (tensor bytes) received; bigger requests must use EvaluateChunked",
     "max_send_message_bytes": "largest answer sent; a request whose answer would be larger is refused before it is computed",
     "memory_budget_bytes": "bytes held for callers at once (messages, tensors, chunks, answers); past it calls wait or are refused",
@@ -192,6 +194,8 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit(f"--port must be in [0, 65535], got {config.port}")
     if not -1 <= config.metrics_port <= 65535:
         raise SystemExit(f"--metrics-port must be -1 (OS picks), 0 (off) or a port, got {config.metrics_port}")
+    if not 0.0 <= config.cuda_memory_fraction <= 1.0:
+        raise SystemExit(f"--cuda-memory-fraction must be in [0, 1], got {config.cuda_memory_fraction}")
     if config.drain_s < 0 or config.grace_s < 0:
         raise SystemExit("--drain-s and --grace-s must be >= 0")
     if config.max_message_bytes < 1024:

@@ -7,6 +7,7 @@ import logging
 import grpc
 
 from . import codec, engine
+from .batch_engine import DeviceMemoryExhausted
 from .batcher import Abandoned, BatcherClosed, DeadlineExpired, QueueFull
 from .budget import BudgetExceeded
 
@@ -32,7 +33,7 @@ def classify(exc: BaseException) -> RequestError | None:
         return exc
     if isinstance(exc, (engine.InvalidInput, codec.TensorError)):
         return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, (QueueFull, BudgetExceeded)):
+    if isinstance(exc, (QueueFull, BudgetExceeded, DeviceMemoryExhausted)):
         return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, (DeadlineExpired, StreamIdle)):
         return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline expired before compute")

@@ -435,3 +435,36 @@ def test_small_batches_are_computed_on_the_event_loop_and_large_ones_on_an_engin
     got, (x, t) = run(body())
     assert threads == [expect_loop]
     torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
+
+
+def test_device_memory_exhaustion_splits_a_fused_batch_and_refuses_only_what_never_fits(monkeypatch):
+    """The policy behind CUDA out-of-memory errors, driven on the CPU by raising torch's own
+    OutOfMemoryError: a fused group that does not fit is tried in halves; a request that does not
+    fit even alone is refused (RESOURCE_EXHAUSTED) and the others are answered."""
+    small = [ce_request(2, seed=i) for i in range(6)]
+    huge_plan, huge_x, huge_t = ce_request(300, c=300, seed=9)  # evaluated alone (over the fusion size)
+    real_fused, real_run = batch_engine.evaluate_fused, engine.run
+    fused_sizes = []
+
+    def fused(jobs, **kwargs):
+        fused_sizes.append(len(jobs))
+        if len(jobs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_fused(jobs, **kwargs)
+
+    def run(plan, *args, **kwargs):
+        if plan is huge_plan:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run(plan, *args, **kwargs)
+
+    monkeypatch.setattr(batch_engine, "evaluate_fused", fused)
+    monkeypatch.setattr(batch_engine.engine, "run", run)
+    jobs = [batch_engine.Job(huge_plan, huge_x, huge_t), *(batch_engine.Job(*r) for r in small)]
+    outcomes = batch_engine.evaluate_batch(jobs)
+    assert isinstance(outcomes[0], batch_engine.DeviceMemoryExhausted) and "split it into smaller requests" in str(outcomes[0])
+    for (_, x, t), out in zip(small, outcomes[1:], strict=True):
+        torch.testing.assert_close(out.loss, F.cross_entropy(x, t))
+    assert fused_sizes == [6, 3, 2, 3, 2]  # halves, then halves of halves (a single job is evaluated alone)
+    from lossd_server.errors import classify
+
+    assert classify(outcomes[0]).code.name == "RESOURCE_EXHAUSTED"

@@ -58,7 +58,11 @@ def assert_matches_torch(actual: torch.Tensor, fn: str, tensors: dict[str, Any],
     raise AssertionError("\n".join(errors))
 
 
+DEVICE = os.environ.get("LOSSD_TEST_DEVICE") or "cpu"  # LOSSD_TEST_DEVICE=cuda: the engine on a GPU against CPU torch
+
+
 def evaluate(spec: engine.LossSpec, tensors: dict[str, Any], **kwargs: Any) -> engine.LossResult:
+    kwargs.setdefault("device", DEVICE)
     return engine.evaluate(spec, tensors["input"], tensors["target"], tensors.get("weight"), tensors.get("pos_weight"), **kwargs)
 
 
