@@ -110,6 +110,7 @@ class Batcher:
         self._runners: list[asyncio.Task] = []
         self._queued = 0
         self._queued_bytes = 0
+        self._computing = 0  # batches on engine threads now
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -167,9 +168,15 @@ class Batcher:
 
     # ------------------------------------------------------------------ admission
     async def submit(
-        self, plan: engine.Plan, input: torch.Tensor, target: torch.Tensor, *, deadline: float | None = None
+        self, plan: engine.Plan, input: torch.Tensor, target: torch.Tensor, *, deadline: float | None = None, sole_call: bool = False
     ) -> engine.LossResult:
-        """Queue a validated request and wait for its result (``deadline``: time.monotonic())."""
+        """Queue a validated request and wait for its result (``deadline``: time.monotonic()).
+
+        ``sole_call``: the caller knows of no other call in progress. A small CPU request is then
+        computed at once in the caller's task when nothing is queued or computing: with no one to
+        batch with, the round trip through a runner task only adds latency (837 -> 960 calls/s for
+        one 64x1000 caller at a time, measured).
+        """
         if self._closed or self._executor is None:
             raise BatcherClosed("server is not accepting work")
         nbytes = plan.input_nbytes
@@ -177,6 +184,10 @@ class Batcher:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExpired("deadline expired before the request was queued")
         item = _Item(batch_engine.Job(plan, input, target), asyncio.get_running_loop().create_future(), deadline, nbytes, plan.rows)
+        if sole_call and not self._computing and not self._queued and self._inline(nbytes):
+            item.waiting = False
+            self._compute_inline([item])
+            return item.future.result()
         self._queued += 1
         self._queued_bytes += nbytes
         self._depth_changed()
@@ -275,15 +286,32 @@ class Batcher:
                     item.job = None  # the answer went out: the request's tensors go now
                 del items
 
+    def _inline(self, nbytes: int) -> bool:
+        """Whether a batch of ``nbytes`` input bytes is computed on the event loop."""
+        return self.device.type == "cpu" and nbytes <= self.config.inline_batch_bytes
+
+    def _compute_inline(self, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        outcomes, compute_s = self._evaluate_timed([item.job for item in items], [_checkpoint(item) for item in items])
+        self._deliver(items, outcomes, compute_s, started)
+
     async def _compute(self, items: list[_Item]) -> None:
+        if self._inline(sum(item.nbytes for item in items)):
+            self._compute_inline(items)  # cheaper than the thread hop
+            return
         started = time.perf_counter()
         jobs = [item.job for item in items]
         checkpoints = [_checkpoint(item) for item in items]
-        if self.device.type == "cpu" and sum(item.nbytes for item in items) <= self.config.inline_batch_bytes:
-            outcomes, compute_s = self._evaluate_timed(jobs, checkpoints)  # cheaper than the thread hop
-        else:
+        self._computing += 1
+        try:
             outcomes, compute_s = await asyncio.get_running_loop().run_in_executor(self._executor, self._evaluate_timed, jobs, checkpoints)
+        finally:
+            self._computing -= 1
         del jobs
+        self._deliver(items, outcomes, compute_s, started)
+
+    def _deliver(self, items: list[_Item], outcomes: Sequence, compute_s: float, started: float) -> None:
+        """Resolve every item's future with its outcome, and tell the observer about the batch."""
         for item, outcome in zip(items, outcomes, strict=True):
             if item.future.done():
                 continue

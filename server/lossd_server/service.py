@@ -109,7 +109,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         plan = decoded.plan
         answer = check_answer_size(plan, self.config.max_send_message_bytes)
         held.resize(held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer, "the request and its answer")
-        result = await self.batcher.submit(plan, decoded.input, decoded.target, deadline=call.deadline)
+        result = await self.batcher.submit(plan, decoded.input, decoded.target, deadline=call.deadline, sole_call=self.calls.active == 1)
         del decoded, plan
         response = convert.encode_result(request.id, result)
         held.resize(ANSWER_COPIES * answer, "the answer")

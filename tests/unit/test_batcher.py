@@ -468,3 +468,23 @@ def test_device_memory_exhaustion_splits_a_fused_batch_and_refuses_only_what_nev
     from lossd_server.errors import classify
 
     assert classify(outcomes[0]).code.name == "RESOURCE_EXHAUSTED"
+
+
+def test_a_sole_call_is_computed_in_its_own_task_unless_work_is_queued():
+    rec = Recorder()
+    plan, x, t = ce_request(3)
+
+    async def body(b: Batcher):
+        got = await b.submit(plan, x, t, sole_call=True)
+        assert rec.depths == []  # never queued
+        head = await busy(rec, b, ce_request(20, seed=5))  # 560 bytes: an engine thread is computing it now
+        queued = asyncio.ensure_future(b.submit(plan, x, t, sole_call=True))
+        await settle()
+        assert b.queue_depth == 1  # with work in progress it waits its turn like any request
+        rec.release()
+        await head
+        return got, await queued
+
+    first, second = run(with_batcher(rec, body, max_wait_ms=1.0, inline_batch_bytes=100))  # 3 x 7 fp32 = 84 bytes: inline
+    for got in (first, second):
+        torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
