@@ -119,6 +119,17 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT]):
         )
         return self._run(build, timeout_s, _loss_of)
 
+    def kl_div(self, input: Any, target: Any, size_average: bool | None = None, reduce: bool | None = None, reduction: str = "mean",
+               log_target: bool = False, *, timeout_s: float | None = None) -> LossT:  # fmt: skip
+        """torch.nn.functional.kl_div, evaluated by the server (awaitable on AsyncLossClient).
+
+        ``evaluate`` with ``loss="kl_div"`` also returns the float64 totals: ``loss_sum`` and
+        ``weight_sum``, the denominator of the reduction (elements for 'mean', ``input.size(0)``
+        for 'batchmean', 1 for 'sum'), so ``combine`` gives the exact result over many requests.
+        """
+        options = {"reduction": reduction, "log_target": log_target, "size_average": size_average, "reduce": reduce}
+        return self._run(functools.partial(LossRequest, input, target, layout.KL_DIV, **options), timeout_s, _loss_of)
+
     # ------------------------------------------------------------------ language models
     def perplexity(
         self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None

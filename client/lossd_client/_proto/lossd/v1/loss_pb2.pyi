@@ -27,6 +27,7 @@ class LossKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CROSS_ENTROPY: _ClassVar[LossKind]
     NLL: _ClassVar[LossKind]
     BINARY_CROSS_ENTROPY_WITH_LOGITS: _ClassVar[LossKind]
+    KL_DIV: _ClassVar[LossKind]
 
 class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,6 +35,7 @@ class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MEAN: _ClassVar[Reduction]
     SUM: _ClassVar[Reduction]
     NONE: _ClassVar[Reduction]
+    BATCHMEAN: _ClassVar[Reduction]
 
 class Extra(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,10 +59,12 @@ LOSS_KIND_UNSPECIFIED: LossKind
 CROSS_ENTROPY: LossKind
 NLL: LossKind
 BINARY_CROSS_ENTROPY_WITH_LOGITS: LossKind
+KL_DIV: LossKind
 REDUCTION_UNSPECIFIED: Reduction
 MEAN: Reduction
 SUM: Reduction
 NONE: Reduction
+BATCHMEAN: Reduction
 EXTRA_UNSPECIFIED: Extra
 TARGET_LOGPROB: Extra
 ENTROPY: Extra
@@ -92,7 +96,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class LossOptions(_message.Message):
-    __slots__ = ("loss", "reduction", "ignore_index", "label_smoothing", "weight", "pos_weight", "class_axis", "shift_targets", "extras", "sequence_stats")
+    __slots__ = ("loss", "reduction", "ignore_index", "label_smoothing", "weight", "pos_weight", "class_axis", "shift_targets", "extras", "sequence_stats", "log_target", "size_average", "reduce")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     REDUCTION_FIELD_NUMBER: _ClassVar[int]
     IGNORE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +107,9 @@ class LossOptions(_message.Message):
     SHIFT_TARGETS_FIELD_NUMBER: _ClassVar[int]
     EXTRAS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_STATS_FIELD_NUMBER: _ClassVar[int]
+    LOG_TARGET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_AVERAGE_FIELD_NUMBER: _ClassVar[int]
+    REDUCE_FIELD_NUMBER: _ClassVar[int]
     loss: LossKind
     reduction: Reduction
     ignore_index: int
@@ -113,7 +120,10 @@ class LossOptions(_message.Message):
     shift_targets: bool
     extras: _containers.RepeatedScalarFieldContainer[Extra]
     sequence_stats: bool
-    def __init__(self, loss: _Optional[_Union[LossKind, str]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., ignore_index: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., pos_weight: _Optional[_Union[Tensor, _Mapping]] = ..., class_axis: _Optional[int] = ..., shift_targets: _Optional[bool] = ..., extras: _Optional[_Iterable[_Union[Extra, str]]] = ..., sequence_stats: _Optional[bool] = ...) -> None: ...
+    log_target: bool
+    size_average: bool
+    reduce: bool
+    def __init__(self, loss: _Optional[_Union[LossKind, str]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., ignore_index: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., pos_weight: _Optional[_Union[Tensor, _Mapping]] = ..., class_axis: _Optional[int] = ..., shift_targets: _Optional[bool] = ..., extras: _Optional[_Iterable[_Union[Extra, str]]] = ..., sequence_stats: _Optional[bool] = ..., log_target: _Optional[bool] = ..., size_average: _Optional[bool] = ..., reduce: _Optional[bool] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("id", "input", "target", "options")

@@ -8,7 +8,7 @@ torch (2.13) computes, element by element over the broadcast of ``input`` and ``
 then reduces: ``none`` keeps the elements, ``sum`` / ``mean`` sum them (``mean`` divides by their
 count), ``batchmean`` sums and divides by ``input.size(0)`` (not by the broadcast batch; no
 division for a 0-dim input). The legacy keywords ``size_average`` / ``reduce`` override
-``reduction`` (see :func:`legacy_reduction`), but a ``reduction='batchmean'`` passed beside them
+``reduction`` (see :func:`lossd_client.layout.legacy_reduction`), but a ``reduction='batchmean'`` passed beside them
 still divides the result, whatever it is, by ``input.size(0)`` exactly as torch does;
 ``'elementwise_mean'`` is a deprecated alias of ``'mean'``.
 
@@ -38,28 +38,26 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from lossd_client.layout import legacy_reduction
 
 from ._exact import HALF_DTYPES, divide, dtype_name, fsum, itemsize, to_compute
-from .engine import DEFAULT_CHUNK_BYTES, InvalidInput
+from .spec import DEFAULT_CHUNK_BYTES, InvalidInput
 
 #: Reduction strings torch's kl_div takes ('elementwise_mean' is its deprecated alias of 'mean').
 KL_DIV_REDUCTIONS = ("mean", "sum", "none", "batchmean")
 
-
-def legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
-    """The reduction torch uses for the legacy keywords (``torch.nn._reduction.legacy_get_string``).
-
-    ``None`` counts as ``True`` for both; ``reduce=False`` gives ``'none'`` whatever
-    ``size_average`` says; otherwise ``size_average=False`` gives ``'sum'`` and the rest ``'mean'``.
-    (torch also warns that the keywords are deprecated; :func:`plan_kl_div` reports that warning.)
-    """
-    size_average = True if size_average is None else size_average
-    reduce = True if reduce is None else reduce
-    if size_average and reduce:
-        return "mean"
-    if reduce:
-        return "sum"
-    return "none"
+__all__ = [
+    "KL_DIV_REDUCTIONS",
+    "KlDivPartial",
+    "KlDivPlan",
+    "KlDivResult",
+    "evaluate_kl_div",
+    "evaluate_kl_div_rows",
+    "finish_kl_div",
+    "legacy_reduction",
+    "merge_kl_div_partials",
+    "plan_kl_div",
+]
 
 
 @dataclass(frozen=True)
