@@ -137,14 +137,19 @@ def chunk_messages(msg: pb.EvaluateRequest, chunk_bytes: int = DEFAULT_CHUNK_BYT
         yield chunk
 
 
-#: Bytes of framing and header fields allowed for on top of the rows of one chunk message.
-_CHUNK_OVERHEAD_BYTES = 256
+#: Bytes of framing and header fields allowed for on top of the rows of one chunk message (also CompareChunk's).
+CHUNK_OVERHEAD_BYTES = 256
 _EMPTY = np.empty(0, dtype=np.float32)
 
 
 def request_nbytes(req: LossRequest) -> int:
     """Tensor bytes the request puts on the wire, counted without serialising anything."""
-    return sum(_nbytes(v) for v in (req.input, req.target, req.weight, req.pos_weight) if v is not None)
+    return tensors_nbytes(req.input, req.target, req.weight, req.pos_weight)
+
+
+def tensors_nbytes(*values: Any) -> int:
+    """Bytes of the arrays or tensors (None skipped), counted without serialising anything."""
+    return sum(_nbytes(v) for v in values if v is not None)
 
 
 def _nbytes(value: Any) -> int:
@@ -202,7 +207,7 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
     else:
         header.target.CopyFrom(small.target)
     first = pb.EvaluateChunk(header=header).SerializeToString()
-    budget = chunk_bytes if max_message_bytes is None else min(chunk_bytes, max_message_bytes - _CHUNK_OVERHEAD_BYTES)
+    budget = chunk_bytes if max_message_bytes is None else min(chunk_bytes, max_message_bytes - CHUNK_OVERHEAD_BYTES)
     if max_message_bytes is not None and len(first) > max_message_bytes:
         raise InvalidArgumentError(
             f"target: the chunk header (options and the target sent whole, {len(first)} bytes) does not fit in one "
@@ -217,12 +222,15 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
             f"server's max_message_bytes ({max_message_bytes}); raise the server's --max-message-bytes"
         )
     per_chunk = max(1, budget // max(1, row_bytes + target_row_bytes))
-    return _payloads(first, data, tdata if streamed else None, rows, row_bytes, target_row_bytes, per_chunk)
+    return row_payloads(first, data, tdata if streamed else None, rows, row_bytes, target_row_bytes, per_chunk)
 
 
-def _payloads(
+def row_payloads(
     first: bytes, data: memoryview, tdata: memoryview | None, rows: int, row_bytes: int, target_row_bytes: int, per_chunk: int
 ) -> Iterator[bytes]:
+    """``first``, then messages of ``per_chunk`` whole rows: field 2 from ``data``, field 3 from
+    ``tdata`` (EvaluateChunk's input_rows / target_rows, CompareChunk's reference_rows /
+    candidate_rows), serialised by hand."""
     yield first
     if rows == 0 or len(data) == 0:
         if rows:

@@ -152,3 +152,5 @@ class ServerInfo:
     allow_client_shm: bool
     #: The device's name: the CPU model or the CUDA device name.
     device_name: str
+    #: Largest ``top_k`` a comparison may ask for.
+    max_top_k: int

@@ -79,6 +79,10 @@ class ChunkAssembler:
         # an empty target shaped like the input came whole in the header (zero bytes): its units
         return plan.unit_view(target) if plan.kind is not engine.TargetKind.CLASS and not self.streamed else None
 
+    def message_nbytes(self, chunk: WireChunk) -> int:
+        """Row bytes a message carries."""
+        return len(chunk.input_rows) + len(chunk.target_rows)
+
     def rows(self, chunk: WireChunk, *, first: bool = False) -> RowChunk | None:
         """The rows a message carries (None when it carries none); raises InvalidInput."""
         if chunk.header is not None and not first:

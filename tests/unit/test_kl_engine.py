@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from chunk_feed import feed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kl_cases import assert_within, cases, check_values, result_magnitude, torch_kl_div
@@ -80,14 +81,7 @@ def test_row_chunks_through_the_assembler_equal_the_whole(case: tuple[torch.Tens
             ChunkAssembler(messages[0].header)
         assert info.value.field == "header.input_shape"
         return
-    assembler = ChunkAssembler(messages[0].header)
-    partials = []
-    for i, message in enumerate(messages):
-        rows = assembler.rows(message, first=i == 0)
-        if rows is not None:
-            partials.append(assembler.evaluate(rows, device=torch.device("cpu"), chunk_bytes=32))
-    assembler.check_complete()
-    chunked = assembler.finish(partials)
+    chunked = feed(ChunkAssembler(messages[0].header), messages, chunk_bytes=32)
     assert (chunked.counted, chunked.weight_sum) == (whole.counted, whole.weight_sum)
     if plan.needs_losses():
         torch.testing.assert_close(chunked.loss, whole.loss, rtol=0, atol=0, equal_nan=True)

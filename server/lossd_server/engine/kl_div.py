@@ -209,6 +209,10 @@ def _broadcast(input_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> t
     return tuple(out)
 
 
+#: The reduction torch's kernel applies for a reduction string ('batchmean' runs as 'sum', then divides).
+_KERNEL_REDUCTION = {"batchmean": "sum", "elementwise_mean": "mean"}
+
+
 def plan_kl_div(
     input_shape: Sequence[int],
     input_dtype: torch.dtype,
@@ -241,14 +245,7 @@ def plan_kl_div(
     )
     output_shape = _broadcast(input_shape, target_shape)
 
-    if legacy:
-        effective = legacy_reduction(size_average, reduce)
-    elif reduction == "batchmean":
-        effective = "sum"
-    elif reduction == "elementwise_mean":
-        effective = "mean"
-    else:
-        effective = reduction
+    effective = legacy_reduction(size_average, reduce) if legacy else _KERNEL_REDUCTION.get(reduction, reduction)
     batch_divisor = input_shape[0] if reduction == "batchmean" and len(input_shape) != 0 else None
 
     ndim = len(output_shape)
