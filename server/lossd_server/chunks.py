@@ -79,8 +79,9 @@ class ChunkAssembler:
         # an empty target shaped like the input came whole in the header (zero bytes): its units
         return plan.unit_view(target) if plan.kind is not engine.TargetKind.CLASS and not self.streamed else None
 
-    def message_nbytes(self, chunk: WireChunk) -> int:
-        """Row bytes a message carries."""
+    def work_nbytes(self, chunk: WireChunk) -> int:
+        """What evaluating a message costs, in input bytes of a loss evaluation (the unit of
+        ``inline_batch_bytes``): its row bytes."""
         return len(chunk.input_rows) + len(chunk.target_rows)
 
     def rows(self, chunk: WireChunk, *, first: bool = False) -> RowChunk | None:

@@ -24,7 +24,7 @@ from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from . import compare_convert, engine, service, wire
 from .budget import Reservation
 from .calls import Call
-from .compare_chunks import CompareAssembler
+from .compare_chunks import COMPARE_COST, CompareAssembler
 from .engine import comparison
 from .errors import RequestError
 
@@ -103,7 +103,7 @@ class CompareRpcs:
             checkpoint=call.checkpoint,
         )
         del decoded
-        result = await servicer.batcher.compute_soon(work, nbytes + shm_bytes)
+        result = await servicer.batcher.compute_soon(work, COMPARE_COST * (nbytes + shm_bytes))
         del work
         response = compare_convert.encode_result(request.id, result)
         held.resize(service.ANSWER_COPIES * answer, "the answer")

@@ -242,7 +242,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 return
             work = self.batcher.compute_soon(
                 lambda: assembler.evaluate(rows, device=self.device, chunk_bytes=self.config.chunk_bytes, checkpoint=call.checkpoint),
-                assembler.message_nbytes(message),
+                assembler.work_nbytes(message),
             )
             inflight.append((work, held))
 
