@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import pathlib
 import subprocess
 import sys
 from typing import Any
@@ -328,3 +329,11 @@ def test_cli_without_tokens_and_its_errors(server, saved, tmp_path):
     np.savez(tmp_path / "other.npz", logits=reference[:, :10].numpy())
     bad = lossd_client(server.address, "compare", str(tmp_path / "other.npz"), str(d / "quantized.pt"), "--no-progress")
     assert bad.returncode == 1 and "INVALID_ARGUMENT: candidate:" in bad.stderr
+
+
+def test_the_example_compares_a_model_with_its_rounded_copy_and_agrees_with_torch(server):
+    example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "compare_models.py"
+    cmd = [sys.executable, str(example), "--target", server.address, "--train-seconds", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Mean    KLD:" in out.stdout and "Same top p:" in out.stdout and "agrees with local torch" in out.stdout
