@@ -38,7 +38,7 @@ lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff format --check client/lossd_client server/lossd_server
 
 docs: $(STAMP) ## HTML API reference of the client (pdoc, from its docstrings) into docs/api/
-	$(VENV)/bin/pdoc -o docs/api --docformat restructuredtext lossd_client lossd_client.hf lossd_client.base lossd_client.layout
+	$(VENV)/bin/pdoc -o docs/api --docformat restructuredtext lossd_client lossd_client.hf lossd_client.base lossd_client.layout lossd_client.compare lossd_client.compare_stats
 
 proto: $(STAMP) ## regenerate client/lossd_client/_proto from proto/
 	$(PY) proto/generate.py

@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--skip-small] [--skip-large] [--skip-cold] [--device cpu|cuda] [--out PATH]``: one run.
+"""``python -m benchmarks [--quick] [--skip-small] [--skip-large] [--skip-cold] [--skip-compare] [--device cpu|cuda] [--out PATH]``: one run.
 
 Small requests, every workload through every configuration back to back (same run, same data):
 (a) in-process torch, (F) the floor (benchmarks.floor_server: a bare grpc.aio server that receives
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from . import chart, cold_start, drivers, large, servers, workloads
+from . import chart, cold_start, compare, drivers, large, servers, workloads
 from .report import Row, add_ratios, table, write_json
 from .workloads import Workload
 
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-small", action="store_true", help="leave out the small-request section and the soak")
     p.add_argument("--skip-large", action="store_true", help="leave out the large-request section")
     p.add_argument("--skip-cold", action="store_true", help="leave out the cold-start section")
+    p.add_argument("--skip-compare", action="store_true", help="leave out comparing two 2048x32000 bf16 logit sets (benchmarks.compare)")
     p.add_argument("--cold-starts", type=int, default=5, help="starts of lossd (and of the floor) in the cold-start section")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per large-request cell, best kept (default 3, --quick 1)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_cold:
         print("cold start", file=sys.stderr, flush=True)
         sections["cold_start"] = cold_start.run(args.cold_starts, args.device)
+    if not args.skip_compare:
+        print("comparing two models", file=sys.stderr, flush=True)
+        sections["compare"] = compare.run(args)
 
     if rows:
         print(
@@ -184,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     if "cold_start" in sections:
         print(f"\ncold start (Popen to ready, {args.cold_starts} starts each)")
         print(cold_start.table(sections["cold_start"]))
+    if "compare" in sections:
+        print(f"\ncomparing two models end to end (best of {sections['compare']['repeats']}; x floor: the floor's seconds / the row's)")
+        print(compare.table(sections["compare"]))
     meta = {
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]),
         "device": args.device,

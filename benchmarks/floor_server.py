@@ -2,7 +2,7 @@
 
 Every lossd method is answered with a few bytes (an empty response), nothing is parsed,
 nothing is computed: whatever lossd spends above this server's CPU per call is lossd's own.
-EvaluateChunked is a client-streaming sink that reads every message. Same receive limits and
+EvaluateChunked and CompareChunked are client-streaming sinks that read every message. Same receive limits and
 transport options as lossd.
 
 Run: ``python -m benchmarks.floor_server --port 0`` (prints ``listening on 127.0.0.1:<port>``).
@@ -50,6 +50,8 @@ async def serve(host: str, port: int) -> None:
         "EvaluateChunked": grpc.stream_unary_rpc_method_handler(sink),
         "EvaluateStream": grpc.stream_stream_rpc_method_handler(echo_stream),
         "EvaluatePacked": grpc.stream_stream_rpc_method_handler(echo_stream),
+        "Compare": grpc.unary_unary_rpc_method_handler(unary),
+        "CompareChunked": grpc.stream_unary_rpc_method_handler(sink),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     bound = server.add_insecure_port(f"{host}:{port}")

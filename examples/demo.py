@@ -2,7 +2,8 @@
 
 1. remote scoring of model outputs (the worked examples, remote next to local torch),
 2. many small scoring calls streamed over one connection (evaluate_many),
-3. per-token perplexity of language-model logits ((B, T, V), causal shift done by the server).
+3. per-token perplexity of language-model logits ((B, T, V), causal shift done by the server),
+4. comparing a model with its bf16-rounded copy token by token (llama.cpp's --kl-divergence table).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _server import local_server
+from compare_models import run as run_compare_models
 from lossd_client import LossClient, LossRequest, combine
 from worked_examples import run as run_worked_examples
 
@@ -57,6 +59,9 @@ def main() -> int:
         print(f"  corpus perplexity: {ppl.perplexity:.4f} over {ppl.tokens} tokens (torch: {want_corpus_ppl:.4f})")
         print(f"  per-token NLL dtype: {ppl.token_nll.dtype} (float32 accumulation, not rounded to bf16)")
         ok &= np.allclose(ppl.sequence_perplexity, want_seq, rtol=1e-5) and math.isclose(ppl.perplexity, want_corpus_ppl, rel_tol=1e-5)
+
+        print("\n== 4. a character model against its bf16-rounded copy, token by token (client.compare)")
+        ok &= run_compare_models(client, train_seconds=5.0)
     print("\ndemo", "OK: every number matched local torch" if ok else "FAILED: a number differed from torch")
     return 0 if ok else 1
 

@@ -3,12 +3,15 @@
 >>> from lossd_client import LossClient
 >>> with LossClient("127.0.0.1:50051") as client:
 ...     loss = client.cross_entropy(logits, targets)
+...     diff = client.compare(base_logits, quantized_logits, tokens)   # llama.cpp's --kl-divergence statistics
+...     print(diff.summary.kld.value)
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from .aio import AsyncLossClient
 from .client import LossClient
+from .compare import CompareResult
 from .errors import (
     CancelledError,
     DeadlineExceededError,
@@ -29,6 +32,7 @@ except PackageNotFoundError:  # running from a source tree
 __all__ = [
     "AsyncLossClient",
     "CancelledError",
+    "CompareResult",
     "DeadlineExceededError",
     "EvaluateResult",
     "InternalError",

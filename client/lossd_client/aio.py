@@ -14,16 +14,17 @@ from typing import Any
 
 import grpc
 
-from . import core
+from . import compare, core
 from ._proto.lossd.v1 import loss_pb2 as pb
 from .base import ClientBase
+from .compare import CompareResult
 from .errors import LossdError, from_rpc_error, rpc_errors
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
 
 __all__ = ["AsyncLossClient"]
 
 
-class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Awaitable[LoglikelihoodResult]]):
+class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Awaitable[LoglikelihoodResult], Awaitable[CompareResult]]):
     """asyncio twin of :class:`LossClient` (same methods, awaitable); ``async with`` it.
 
     Every option is a keyword, described on :class:`~lossd_client.base.ClientBase`.
@@ -99,6 +100,13 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
 
     async def _run(self, build: Callable[[], LossRequest], timeout_s: float | None, finish: Callable[[EvaluateResult], Any]) -> Any:
         return finish(await self.evaluate(build(), timeout_s=timeout_s))
+
+    async def _compare(self, inputs: compare.CompareInputs, timeout: float | None, progress: Callable[[int], None] | None) -> CompareResult:
+        if compare.needs_server_limit(inputs, self._server_max):
+            self._server_max = (await self.server_info(timeout_s=timeout)).max_receive_message_bytes
+        call, rpc = self._compare_call(inputs, progress)
+        with rpc_errors():
+            return call.parse(await rpc(call.request, timeout=timeout))
 
 
 async def _items(requests: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:

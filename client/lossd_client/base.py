@@ -13,7 +13,7 @@ import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from . import core, layout
+from . import compare, core, layout
 from ._proto.lossd.v1 import loss_pb2 as pb
 from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from .channel import SERVICE, channel_options, credentials, normalise_target
@@ -26,11 +26,13 @@ LossT = TypeVar("LossT")
 PerplexityT = TypeVar("PerplexityT")
 #: What ``loglikelihood`` returns: a LoglikelihoodResult or an awaitable of one.
 LoglikelihoodT = TypeVar("LoglikelihoodT")
+#: What ``compare`` returns: a CompareResult or an awaitable of one.
+CompareT = TypeVar("CompareT")
 
 _loss_of = operator.attrgetter("loss")
 
 
-class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT]):
+class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
     """Connection options and the torch.nn.functional mirror; subclasses add the I/O.
 
     :param target: one ``host:port``, a ``dns:///name:port`` target, or a list of addresses
@@ -124,6 +126,17 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT]):
         )
         return self._run(build, timeout_s, _loss_of)
 
+    def kl_div(self, input: Any, target: Any, size_average: bool | None = None, reduce: bool | None = None, reduction: str = "mean",
+               log_target: bool = False, *, timeout_s: float | None = None) -> LossT:  # fmt: skip
+        """torch.nn.functional.kl_div, evaluated by the server (awaitable on AsyncLossClient).
+
+        ``evaluate`` with ``loss="kl_div"`` also returns the float64 totals: ``loss_sum`` and
+        ``weight_sum``, the denominator of the reduction (elements for 'mean', ``input.size(0)``
+        for 'batchmean', 1 for 'sum'), so ``combine`` gives the exact result over many requests.
+        """
+        options = {"reduction": reduction, "log_target": log_target, "size_average": size_average, "reduce": reduce}
+        return self._run(functools.partial(LossRequest, input, target, layout.KL_DIV, **options), timeout_s, _loss_of)
+
     # ------------------------------------------------------------------ language models
     def perplexity(
         self, logits: Any, tokens: Any, *, shift: bool = True, ignore_index: int = -100, timeout_s: float | None = None
@@ -136,6 +149,44 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT]):
         """lm-evaluation-harness loglikelihood: per sequence (sum of continuation log-probs, is_greedy)."""
         build = functools.partial(core.loglikelihood_request, logits, tokens, continuation_start)
         return self._run(build, timeout_s, core.loglikelihood_result)
+
+    # ------------------------------------------------------------------ comparing two models
+    def compare(self, reference: Any, candidate: Any, tokens: Any = None, *, ignore_index: int = -100, shift_targets: bool = False,
+                top_k: int = 0, timeout_s: float | None = None, progress: Callable[[int], None] | None = None) -> CompareT:  # fmt: skip
+        """Compare two models' ``(..., V)`` logits (class axis last, same shape) token by token.
+
+        Returns a :class:`~lossd_client.compare.CompareResult` (awaitable on AsyncLossClient): dense
+        arrays shaped like ``tokens`` (KL(reference || candidate), argmax agreement, the counted
+        positions and, with ``tokens``, each model's probability and NLL of the token and
+        ``delta_p = p_cand - p_ref``), float64 ``totals`` and the ``summary`` of
+        ``llama-perplexity --kl-divergence`` (:func:`lossd_client.compare_stats.summarize`: means
+        with standard errors by the usual formulas, percentiles of the dense values). ``tokens``
+        equal to ``ignore_index`` do not count; ``shift_targets`` scores position t against token
+        t+1; ``top_k`` adds each model's top classes and log-probabilities per position (at most the
+        server's ``max_top_k``). Large logits stream through CompareChunked by themselves;
+        ``progress`` is called with the bytes of each message as it is sent.
+        """
+        inputs = compare.CompareInputs(reference, candidate, tokens, ignore_index, shift_targets, top_k)
+        return self._compare(inputs, self._timeout(timeout_s), progress)
+
+    def _compare(self, inputs: compare.CompareInputs, timeout: float | None, progress: Callable[[int], None] | None) -> Any:
+        """The comparison's I/O: blocking in LossClient, a coroutine in AsyncLossClient."""
+        raise NotImplementedError
+
+    def _compare_call(self, inputs: compare.CompareInputs, progress: Callable[[int], None] | None) -> tuple[compare.Call, Any]:
+        """(what to send, the RPC to send it with): Compare, or CompareChunked above the message limit."""
+        call = compare.route(
+            inputs,
+            server_max=self._server_max,
+            chunk_bytes=self.chunk_bytes,
+            chunked_above_bytes=self.chunked_above_bytes,
+            progress=progress,
+        )
+        if not call.chunked:
+            return call, self._stub.Compare
+        return call, self._channel.stream_unary(
+            f"/{SERVICE}/CompareChunked", request_serializer=None, response_deserializer=pb.CompareResponse.FromString
+        )
 
     # ------------------------------------------------------------------ what the subclasses use
     def _run(self, build: Callable[[], LossRequest], timeout_s: float | None, finish: Callable[[EvaluateResult], Any]) -> Any:

@@ -3,6 +3,7 @@
     lossd-client health                      # exit 0 iff the server reports SERVING
     lossd-client info --json
     lossd-client score run.npz --class-axis -1 --shift
+    lossd-client compare base.npz quantized.npz --shift     # see lossd_client.cli_compare
 
 ``score`` reads logits and targets from ``.npz`` (np.load, no pickles), ``.safetensors``
 (memory-mapped, read without torch) or torch ``.pt`` (``torch.load(weights_only=True)``: plain
@@ -495,7 +496,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lossd-client", description="Talk to a lossd server: health, info, score saved logits.")
+    p = argparse.ArgumentParser(prog="lossd-client", description="Talk to a lossd server: health, info, score or compare saved logits.")
     p.add_argument("--target", default=os.environ.get("LOSSD_TARGET", "127.0.0.1:50051"),
                    help="host:port, dns:///name:port, or comma-separated addresses (round robin) [env LOSSD_TARGET; default %(default)s]")  # fmt: skip
     p.add_argument("--timeout-s", type=float, default=None, help="per-call deadline in seconds (health: 5 s, info: 30 s when unset)")
@@ -527,6 +528,10 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(run=cmd_score)
+
+    from .cli_compare import add_parser  # the compare command lives in its own module (it imports this one)
+
+    add_parser(sub)
     return p
 
 
@@ -547,4 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m lossd_client.cli`: run the imported module's main, so that the commands defined in
+    # other modules (lossd_client.cli_compare) raise the exceptions this main catches
+    from lossd_client.cli import main as imported_main
+
+    sys.exit(imported_main())

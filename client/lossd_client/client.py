@@ -16,17 +16,18 @@ from typing import Any
 
 import grpc
 
-from . import core
+from . import compare, core
 from ._proto.lossd.v1 import loss_pb2 as pb
 from .base import ClientBase
 from .channel import normalise_target, service_config
+from .compare import CompareResult
 from .errors import LossdError, rpc_errors
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
 
 __all__ = ["AsyncLossClient", "LossClient", "normalise_target", "service_config"]
 
 
-class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult]):
+class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareResult]):
     """Blocking client. ``LossClient("127.0.0.1:50051")``; use as a context manager.
 
     ``target`` may be one ``host:port``, a ``dns:///name:port`` target, or a list of addresses
@@ -107,6 +108,13 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult]):
 
     def _run(self, build: Callable[[], LossRequest], timeout_s: float | None, finish: Callable[[EvaluateResult], Any]) -> Any:
         return finish(self.evaluate(build(), timeout_s=timeout_s))
+
+    def _compare(self, inputs: compare.CompareInputs, timeout: float | None, progress: Callable[[int], None] | None) -> CompareResult:
+        if compare.needs_server_limit(inputs, self._server_max):
+            self._server_max = self.server_info(timeout_s=timeout).max_receive_message_bytes
+        call, rpc = self._compare_call(inputs, progress)
+        with rpc_errors():
+            return call.parse(rpc(call.request, timeout=timeout))
 
 
 class _Feeder:

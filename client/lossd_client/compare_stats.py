@@ -48,7 +48,8 @@ percent; :func:`format_table` reproduces it (with a first line giving the token 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -154,6 +155,50 @@ def _percentile_key(q: float) -> str:
     if q == 0.5:
         return "median"
     return f"{100 * q:g}"
+
+
+# ---------------------------------------------------------------------------- totals
+@dataclass(frozen=True)
+class CompareTotals:
+    """float64 totals over counted tokens (``CompareResponse.totals``, field for field); add them
+    up (:func:`combine_totals`) to combine requests, shards or replicas.
+
+    Without targets the nll and delta_p sums are 0.
+    """
+
+    #: Counted tokens, and those whose argmax agree.
+    tokens: int = 0
+    argmax_agree: int = 0
+    #: Σ kl, Σ kl².
+    sum_kl: float = 0.0
+    sum_kl2: float = 0.0
+    #: Σ nll_ref, Σ nll_ref², Σ nll_cand, Σ nll_cand², Σ nll_ref nll_cand.
+    sum_nll_ref: float = 0.0
+    sum_nll_ref2: float = 0.0
+    sum_nll_cand: float = 0.0
+    sum_nll_cand2: float = 0.0
+    sum_nll_ref_nll_cand: float = 0.0
+    #: Σ Δp, Σ Δp², Σ Δp⁴.
+    sum_delta_p: float = 0.0
+    sum_delta_p2: float = 0.0
+    sum_delta_p4: float = 0.0
+
+
+def combine_totals(parts: Sequence[CompareTotals]) -> CompareTotals:
+    """Field-wise sum (integers exactly, floats exactly rounded with math.fsum)."""
+    values = {}
+    for f in fields(CompareTotals):
+        column = [getattr(p, f.name) for p in parts]
+        values[f.name] = sum(column) if f.type == "int" else _fsum(column)
+    return CompareTotals(**values)
+
+
+def _fsum(values: list[float]) -> float:
+    """Exactly rounded sum; IEEE semantics (inf - inf = nan, overflow = inf) when not finite."""
+    try:
+        return math.fsum(values)
+    except (ValueError, OverflowError):
+        return sum(values, 0.0)
 
 
 # ---------------------------------------------------------------------------- formulas

@@ -38,23 +38,12 @@ SMALL_REQUEST_BYTES = 512
 
 
 # --------------------------------------------------------------------------- requests
-def legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
-    """torch's _Reduction.legacy_get_string."""
-    size_average = True if size_average is None else size_average
-    reduce = True if reduce is None else reduce
-    if size_average and reduce:
-        return "mean"
-    if reduce:
-        return "sum"
-    return "none"
-
-
 def loss_request(
     loss: str, input: Any, target: Any, *, size_average: bool | None = None, reduce: bool | None = None, **options: Any
 ) -> LossRequest:
     """A LossRequest from torch.nn.functional's arguments (legacy ``size_average``/``reduce`` included)."""
     if size_average is not None or reduce is not None:
-        options["reduction"] = legacy_reduction(size_average, reduce)
+        options["reduction"] = layout.legacy_reduction(size_average, reduce)
     return LossRequest(input, target, loss, **options)
 
 
@@ -71,19 +60,25 @@ def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool
     """
     if req.loss not in layout.LOSSES:
         raise InvalidArgumentError(f"loss: unknown loss {req.loss!r}; expected one of {', '.join(layout.LOSSES)}")
-    if req.reduction not in layout.REDUCTIONS:
+    legacy = req.size_average is not None or req.reduce is not None
+    if req.reduction not in layout.REDUCTIONS and not legacy:  # beside the legacy keywords torch ignores it
         raise InvalidArgumentError(f"{req.reduction} is not a valid value for reduction")
     msg = pb.EvaluateRequest(id=req.id)
     options = msg.options
     options.loss = layout.LOSSES[req.loss]
-    options.reduction = layout.REDUCTIONS[req.reduction]
+    options.reduction = layout.REDUCTIONS.get(req.reduction, pb.MEAN)
     try:
         ignore_index = int(req.ignore_index)
         label_smoothing = float(req.label_smoothing)
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"options: {exc}") from exc
-    if req.loss != layout.BCE_WITH_LOGITS:
+    if req.loss in (layout.CROSS_ENTROPY, layout.NLL_LOSS):
         options.ignore_index = ignore_index
+    options.log_target = bool(req.log_target)
+    if req.size_average is not None:
+        options.size_average = bool(req.size_average)
+    if req.reduce is not None:
+        options.reduce = bool(req.reduce)
     options.label_smoothing = label_smoothing
     if req.class_axis is not None:
         options.class_axis = int(req.class_axis)
@@ -182,14 +177,19 @@ def chunk_messages(msg: pb.EvaluateRequest, chunk_bytes: int = DEFAULT_CHUNK_BYT
         yield chunk
 
 
-#: Bytes of framing and header fields allowed for on top of the rows of one chunk message.
-_CHUNK_OVERHEAD_BYTES = 256
+#: Bytes of framing and header fields allowed for on top of the rows of one chunk message (also CompareChunk's).
+CHUNK_OVERHEAD_BYTES = 256
 _EMPTY = np.empty(0, dtype=np.float32)
 
 
 def request_nbytes(req: LossRequest) -> int:
     """Tensor bytes the request puts on the wire, counted without serialising anything."""
-    return sum(_nbytes(v) for v in (req.input, req.target, req.weight, req.pos_weight) if v is not None)
+    return tensors_nbytes(req.input, req.target, req.weight, req.pos_weight)
+
+
+def tensors_nbytes(*values: Any) -> int:
+    """Bytes of the arrays or tensors (None skipped), counted without serialising anything."""
+    return sum(_nbytes(v) for v in values if v is not None)
 
 
 def _nbytes(value: Any) -> int:
@@ -252,10 +252,10 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
     else:
         header.target.CopyFrom(small.target)
     first = pb.EvaluateChunk(header=header).SerializeToString()
-    budget = chunk_bytes if max_message_bytes is None else min(chunk_bytes, max_message_bytes - _CHUNK_OVERHEAD_BYTES)
+    budget = chunk_bytes if max_message_bytes is None else min(chunk_bytes, max_message_bytes - CHUNK_OVERHEAD_BYTES)
     if max_message_bytes is not None and len(first) > max_message_bytes:
         raise InvalidArgumentError(
-            f"target: the chunk header (options and the whole class-index target, {len(first)} bytes) does not fit in one "
+            f"target: the chunk header (options and the target sent whole, {len(first)} bytes) does not fit in one "
             f"message of the server's max_message_bytes ({max_message_bytes}); split the request by sequences"
         )
     rows, per_row = _rows(req.loss, shape, req.class_axis)
@@ -267,12 +267,15 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
             f"server's max_message_bytes ({max_message_bytes}); raise the server's --max-message-bytes"
         )
     per_chunk = max(1, budget // max(1, row_bytes + target_row_bytes))
-    return _payloads(first, data, tdata if streamed else None, rows, row_bytes, target_row_bytes, per_chunk)
+    return row_payloads(first, data, tdata if streamed else None, rows, row_bytes, target_row_bytes, per_chunk)
 
 
-def _payloads(
+def row_payloads(
     first: bytes, data: memoryview, tdata: memoryview | None, rows: int, row_bytes: int, target_row_bytes: int, per_chunk: int
 ) -> Iterator[bytes]:
+    """``first``, then messages of ``per_chunk`` whole rows: field 2 from ``data``, field 3 from
+    ``tdata`` (EvaluateChunk's input_rows / target_rows, CompareChunk's reference_rows /
+    candidate_rows), serialised by hand."""
     yield first
     if rows == 0 or len(data) == 0:
         if rows:
@@ -348,10 +351,15 @@ def route(
     if size > SMALL_REQUEST_BYTES:
         if server_max is None:
             raise ValueError("route: a request of more than SMALL_REQUEST_BYTES needs the server's limit (see needs_server_limit)")
-        if size > layout.unary_budget(server_max) or size > chunked_above_bytes:
+        if size > layout.unary_budget(server_max) or (size > chunked_above_bytes and _streams(req)):
             return Call(None, chunk_payloads(req, chunk_bytes, server_max), tensors.is_torch_tensor(req.input))
     encoded = encode(req)
     return Call(encoded.tobytes(), None, encoded.as_torch)
+
+
+def _streams(req: LossRequest) -> bool:
+    """Whether EvaluateChunked can carry the request (see layout.input_rows_are_output_rows)."""
+    return layout.input_rows_are_output_rows(req.loss, np.shape(req.input), np.shape(req.target))
 
 
 # --------------------------------------------------------------------------- answers

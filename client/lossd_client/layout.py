@@ -20,18 +20,27 @@ from ._proto.lossd.v1 import loss_pb2 as pb
 CROSS_ENTROPY = "cross_entropy"
 NLL_LOSS = "nll_loss"
 BCE_WITH_LOGITS = "binary_cross_entropy_with_logits"
+KL_DIV = "kl_div"
 
 #: Loss name (as torch.nn.functional spells it) -> ``LossKind`` enum value.
 LOSSES: dict[str, int] = {
     CROSS_ENTROPY: pb.CROSS_ENTROPY,
     NLL_LOSS: pb.NLL,
     BCE_WITH_LOGITS: pb.BINARY_CROSS_ENTROPY_WITH_LOGITS,
+    KL_DIV: pb.KL_DIV,
 }
 #: ``LossKind`` enum value -> loss name; an unset loss (``LOSS_KIND_UNSPECIFIED``) is cross_entropy.
 LOSS_NAMES: dict[int, str] = {pb.LOSS_KIND_UNSPECIFIED: CROSS_ENTROPY, **{kind: name for name, kind in LOSSES.items()}}
 
 #: ``Reduction`` enum value -> reduction name; an unset reduction (``REDUCTION_UNSPECIFIED``) is "mean".
-REDUCTION_NAMES: dict[int, str] = {pb.REDUCTION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum", pb.NONE: "none"}
+#: "batchmean" is kl_div's own (every other loss rejects it, as torch does).
+REDUCTION_NAMES: dict[int, str] = {
+    pb.REDUCTION_UNSPECIFIED: "mean",
+    pb.MEAN: "mean",
+    pb.SUM: "sum",
+    pb.NONE: "none",
+    pb.BATCHMEAN: "batchmean",
+}
 #: Reduction name -> ``Reduction`` enum value; "elementwise_mean" is torch's deprecated spelling of
 #: "mean", still accepted by torch.
 REDUCTIONS: dict[str, int] = {
@@ -71,6 +80,22 @@ DTYPES: dict[str, int] = {name: wire for wire, name, _ in _DTYPES}
 ITEMSIZE: dict[int, int] = {wire: size for wire, _, size in _DTYPES}
 
 
+def legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
+    """The reduction torch uses for its deprecated ``size_average`` / ``reduce`` keywords
+    (``torch.nn._reduction.legacy_get_string``).
+
+    ``None`` counts as ``True`` for both; ``reduce=False`` gives ``'none'`` whatever
+    ``size_average`` says; otherwise ``size_average=False`` gives ``'sum'`` and the rest ``'mean'``.
+    """
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        return "mean"
+    if reduce:
+        return "sum"
+    return "none"
+
+
 def dtype_name(wire_dtype: int) -> str:
     """The name of a ``DType`` enum value (``"float32"``); ``"dtype <n>"`` for a value this client does not know."""
     return DTYPE_NAMES.get(wire_dtype, f"dtype {wire_dtype}")
@@ -106,14 +131,14 @@ def row_shape(loss: str, input_shape: Sequence[int], class_axis: int | None = No
 
     The rows are the positions of the axes before the class axis, so a row is the input from
     the class axis on (cross_entropy, nll_loss), or from axis 1 on for
-    binary_cross_entropy_with_logits, which has no class axis. A 0-d input, or a class axis 0,
-    is one row holding the whole input. Raises ValueError for an out-of-range ``class_axis``
-    (cross_entropy, nll_loss), as the server rejects it.
+    binary_cross_entropy_with_logits and kl_div, which have no class axis. A 0-d input, or a
+    class axis 0, is one row holding the whole input. Raises ValueError for an out-of-range
+    ``class_axis`` (cross_entropy, nll_loss), as the server rejects it.
     """
     shape = tuple(int(s) for s in input_shape)
     if not shape:
         return ()
-    lead = 1 if loss == BCE_WITH_LOGITS else resolve_class_axis(len(shape), class_axis)
+    lead = 1 if loss in (BCE_WITH_LOGITS, KL_DIV) else resolve_class_axis(len(shape), class_axis)
     return shape[lead:]
 
 
@@ -132,11 +157,36 @@ def row_bytes(elements_per_row: int, wire_dtype: int) -> int:
 def target_travels_with_rows(loss: str, input_shape: Sequence[int], target_shape: Sequence[int]) -> bool:
     """EvaluateChunked: whether the target is split into rows like the input (``target_rows``).
 
-    Probability targets (cross_entropy) and BCE targets are shaped like the input and travel with
-    its rows; class-index targets (and anything not shaped like the input) travel whole in the
-    ChunkHeader.
+    Probability targets (cross_entropy), BCE and kl_div targets are shaped like the input and
+    travel with its rows; class-index targets (and anything not shaped like the input, such as a
+    kl_div target broadcast along the input's rows) travel whole in the ChunkHeader.
     """
     return loss != NLL_LOSS and tuple(target_shape) == tuple(input_shape)
+
+
+def input_rows_are_output_rows(loss: str, input_shape: Sequence[int], target_shape: Sequence[int]) -> bool:
+    """Whether the input's rows are the rows of the result, so that it can stream in row chunks.
+
+    Always for class-index, probability and BCE targets; for kl_div, whose operands broadcast,
+    unless the target broadcasts the input along dim 0 (the input has fewer dimensions, or size 1
+    where the target has more): such an input has no rows of the output and travels whole.
+    """
+    a, b = tuple(input_shape), tuple(target_shape)
+    if loss != KL_DIV or len(a) > len(b) or not b:
+        return True
+    return len(a) == len(b) and b[0] in (1, a[0])
+
+
+def logits_rows(shape: Sequence[int]) -> tuple[int, int]:
+    """Compare: ``(rows, V)`` of logits with the vocabulary axis last, ``(..., V)``.
+
+    A row is one position's V logits (the positions of the leading axes, in C order); a 0-d
+    shape is one row of one element (the server rejects it).
+    """
+    dims = tuple(int(s) for s in shape)
+    if not dims:
+        return 1, 1
+    return math.prod(dims[:-1]), dims[-1]
 
 
 # --------------------------------------------------------------------------- message sizes

@@ -32,6 +32,12 @@ class LossRequest:
     extras: Sequence[str] = ()
     sequence_stats: bool = False
     id: str = ""
+    #: kl_div: the target holds log-probabilities.
+    log_target: bool = False
+    #: torch's deprecated keywords (None: not given); when either is set they decide the reduction,
+    #: as in torch (kl_div: a 'batchmean' reduction beside them still divides by input.size(0)).
+    size_average: bool | None = None
+    reduce: bool | None = None
 
 
 @dataclass
@@ -146,3 +152,5 @@ class ServerInfo:
     allow_client_shm: bool
     #: The device's name: the CPU model or the CUDA device name.
     device_name: str
+    #: Largest ``top_k`` a comparison may ask for.
+    max_top_k: int

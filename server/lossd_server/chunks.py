@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from lossd_client.layout import target_travels_with_rows
+from lossd_client.layout import input_rows_are_output_rows, target_travels_with_rows
 
 from . import codec, convert, engine
 from .wire import WireChunk, WireHeader
@@ -57,15 +57,32 @@ class ChunkAssembler:
         else:
             target = codec.decode("header.target", header.target, shm_reader)
         self.plan = engine.plan(spec, self.input_shape, self.input_dtype, target, weight, pos_weight, target_streamed=self.streamed)
-        # an empty target shaped like the input came whole in the header (zero bytes): its units
-        self._header_target_units = (
-            self.plan.unit_view(target) if self.plan.kind is not engine.TargetKind.CLASS and not self.streamed else None
-        )
+        self._header_target_units = self._whole_target_units(target)
         self.target_dtype = target_dtype
         self.unit_shape = self.plan.geometry.unit_shape
         self.in_unit_bytes = self.plan.geometry.unit_elements * codec.ITEMSIZE[header.input_dtype]
         self.target_unit_bytes = self.plan.geometry.unit_elements * codec.ITEMSIZE[header.target.dtype] if self.streamed else 0
         self.next_unit = 0
+
+    def _whole_target_units(self, target: torch.Tensor) -> torch.Tensor | None:
+        """A target that came whole in the header, as units to slice with the input's rows (None for
+        class indices, which the plan holds, and for targets streamed in target_rows)."""
+        plan = self.plan
+        if plan.kind is engine.TargetKind.KL:
+            if not input_rows_are_output_rows(plan.spec.loss, self.input_shape, target.shape):
+                raise engine.InvalidInput(
+                    "header.input_shape",
+                    f"the input {list(self.input_shape)} is broadcast along the rows of the target {list(target.shape)}: "
+                    "it has no rows of the result to stream; send the request whole with Evaluate",
+                )
+            return None if self.streamed else plan.target_rows(target)
+        # an empty target shaped like the input came whole in the header (zero bytes): its units
+        return plan.unit_view(target) if plan.kind is not engine.TargetKind.CLASS and not self.streamed else None
+
+    def work_nbytes(self, chunk: WireChunk) -> int:
+        """What evaluating a message costs, in input bytes of a loss evaluation (the unit of
+        ``inline_batch_bytes``): its row bytes."""
+        return len(chunk.input_rows) + len(chunk.target_rows)
 
     def rows(self, chunk: WireChunk, *, first: bool = False) -> RowChunk | None:
         """The rows a message carries (None when it carries none); raises InvalidInput."""

@@ -53,6 +53,7 @@ class ServerConfig:
     max_queue_bytes: int = 2048 * MiB
     chunk_bytes: int = 4 * MiB
     max_chunks_in_flight: int = 4
+    max_top_k: int = 20
     compute_threads: int = 1
     inline_batch_bytes: int = 1 * MiB
     torch_threads: int = 0
@@ -105,7 +106,8 @@ _HELP = {
     "max_queue_requests": "queued requests beyond this are answered RESOURCE_EXHAUSTED",
     "max_queue_bytes": "queued input bytes beyond this are answered RESOURCE_EXHAUSTED",
     "chunk_bytes": "compute-dtype bytes of logits evaluated per engine chunk (bounds extra memory)",
-    "max_chunks_in_flight": "EvaluateChunked: received chunks held at once per call",
+    "max_chunks_in_flight": "EvaluateChunked / CompareChunked: received chunks held at once per call",
+    "max_top_k": "Compare: largest top_k (classes returned per position and model, with their log-probabilities)",
     "compute_threads": "engine worker threads",
     "inline_batch_bytes": "CPU batches of at most this many input bytes are computed on the event loop (cheaper than a thread hop); 0: always on an engine thread",
     "torch_threads": "torch intra-op threads; 0 = one less than the CPU count (a core stays free for gRPC and the event loop)",
@@ -209,6 +211,8 @@ def validate(config: ServerConfig) -> None:
         )
     if config.max_send_message_bytes < 1024 or config.max_send_message_bytes > 2**31 - 1:
         raise SystemExit(f"--max-send-message-bytes must be in [1024, {2**31 - 1}], got {config.max_send_message_bytes}")
+    if config.max_top_k < 0:
+        raise SystemExit(f"--max-top-k must be >= 0, got {config.max_top_k}")
     if config.transport_window_bytes < 64 * 1024:
         raise SystemExit("--transport-window-bytes must be at least 65536")
     if config.stream_idle_timeout_s <= 0:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
-from lossd_client.layout import EXTRA_NAMES, LOSS_NAMES, REDUCTION_NAMES
+from lossd_client.layout import EXTRA_NAMES, KL_DIV, LOSS_NAMES, REDUCTION_NAMES, legacy_reduction
 
 from . import codec, engine
 from .wire import WireRequest
@@ -37,19 +37,39 @@ def decode_options(options: pb.LossOptions, shm_reader=None) -> tuple[engine.Los
     ls = float(options.label_smoothing)
     if ls > 1.0:  # torch 2.13: NaN and negative values are accepted (and ignored for class indices)
         raise engine.InvalidInput("options.label_smoothing", f"label_smoothing must be between 0.0 and 1.0. Got: {ls:g}")
+    loss = LOSS_NAMES[options.loss]
+    reduction, size_average, reduce = _reduction(options, loss)
     spec = engine.LossSpec(
-        loss=LOSS_NAMES[options.loss],
-        reduction=REDUCTION_NAMES[options.reduction],
+        loss=loss,
+        reduction=reduction,
         ignore_index=options.ignore_index if options.HasField("ignore_index") else -100,
         label_smoothing=ls,
         class_axis=options.class_axis if options.HasField("class_axis") else None,
         shift_targets=options.shift_targets,
         extras=tuple(extras),
         sequence_stats=options.sequence_stats,
+        log_target=options.log_target,
+        size_average=size_average,
+        reduce=reduce,
     )
     weight = codec.decode("options.weight", options.weight, shm_reader) if options.HasField("weight") else None
     pos_weight = codec.decode("options.pos_weight", options.pos_weight, shm_reader) if options.HasField("pos_weight") else None
     return spec, weight, pos_weight
+
+
+def _reduction(options: pb.LossOptions, loss: str) -> tuple[str, bool | None, bool | None]:
+    """(reduction, size_average, reduce): torch's legacy keywords decide the reduction when either
+    is set, as torch does; kl_div keeps them (a 'batchmean' beside them still divides)."""
+    size_average = options.size_average if options.HasField("size_average") else None
+    reduce = options.reduce if options.HasField("reduce") else None
+    reduction = REDUCTION_NAMES[options.reduction]
+    if loss == KL_DIV:
+        return reduction, size_average, reduce
+    if options.log_target:
+        raise engine.InvalidInput("options.log_target", f"only kl_div takes log_target, not {loss}")
+    if size_average is not None or reduce is not None:
+        return legacy_reduction(size_average, reduce), None, None
+    return reduction, None, None
 
 
 def decode_request(request: WireRequest, shm_reader=None) -> DecodedRequest:

@@ -20,7 +20,7 @@ import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
-from . import __version__, convert, engine, wire
+from . import __version__, compare_service, convert, engine, wire
 from .batcher import Batcher
 from .budget import MemoryBudget, Reservation
 from .calls import Call, CallTracker, serve_stream
@@ -227,8 +227,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         header_held.resize(header_held.nbytes + extra, "the chunk header and its answer")
         return assembler
 
-    async def _stream_chunks(self, call: Call, assembler: ChunkAssembler, first: wire.WireChunk) -> list[engine.Partial]:
-        """Read and evaluate the row chunks, at most max_chunks_in_flight held at once, in order."""
+    async def _stream_chunks(
+        self, call: Call, assembler: ChunkAssembler, first: wire.WireChunk, what: str = "EvaluateChunk"
+    ) -> list[engine.Partial]:
+        """Read and evaluate the row chunks, at most max_chunks_in_flight held at once, in order
+        (also CompareChunked's, whose assembler has the same interface)."""
         inflight: list[tuple[asyncio.Future, Reservation]] = []
         partials: list[engine.Partial] = []
 
@@ -239,7 +242,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 return
             work = self.batcher.compute_soon(
                 lambda: assembler.evaluate(rows, device=self.device, chunk_bytes=self.config.chunk_bytes, checkpoint=call.checkpoint),
-                len(message.input_rows) + len(message.target_rows),
+                assembler.work_nbytes(message),
             )
             inflight.append((work, held))
 
@@ -248,7 +251,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             while True:
                 while len(inflight) >= self.config.max_chunks_in_flight:
                     partials.append(await _finished(inflight.pop(0)))
-                got = await call.read("EvaluateChunk")
+                got = await call.read(what)
                 if got is None:
                     break
                 try:
@@ -283,6 +286,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             input_dtypes=convert.INPUT_DTYPES,
             target_dtypes=convert.TARGET_DTYPES,
             allow_client_shm=cfg.allow_client_shm,
+            max_top_k=cfg.max_top_k,
         )
 
 
@@ -322,6 +326,7 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
             servicer.EvaluateChunked, wire.deserializer(pb.EvaluateChunk), pb.EvaluateResponse.SerializeToString
         ),
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(servicer.GetServerInfo, lambda data: None, pb.ServerInfo.SerializeToString),
+        **compare_service.handlers(servicer),  # Compare, CompareChunked
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lossd.v1.LossService", handlers),))
 

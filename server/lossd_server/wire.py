@@ -2,10 +2,10 @@
 
 protobuf's Python API copies a bytes field every time it is read (and the parser copies it once
 more), so a 62.5 MiB request used to cost the server four times its size. Here the messages that
-carry bulk bytes (EvaluateRequest, EvaluateBatch, EvaluateChunk and their Tensor / ChunkHeader
-parts) are walked field by field and ``Tensor.data``, ``input_rows`` and ``target_rows`` become
+carry bulk bytes (EvaluateRequest, EvaluateBatch, EvaluateChunk, CompareRequest, CompareChunk and
+their Tensor / header parts) are walked field by field and ``Tensor.data``, ``input_rows`` and ``target_rows`` become
 ``memoryview`` slices of the received bytes: the tensors the engine reads *are* the request.
-The small parts (LossOptions, SharedMemoryRef) go through protobuf itself.
+The small parts (LossOptions, CompareOptions, SharedMemoryRef) go through protobuf itself.
 
 Anything this walker does not handle exactly as protobuf would (a sub-message field given twice,
 which protobuf merges, groups, a known field with another wire type) is handed to protobuf's own
@@ -69,6 +69,39 @@ class WireChunk:
     header: WireHeader | None = None
     input_rows: memoryview = memoryview(b"")
     target_rows: memoryview = memoryview(b"")
+
+
+@dataclass(slots=True)
+class WireCompareRequest:
+    """A CompareRequest; absent tensors are None."""
+
+    id: str = ""
+    reference: WireTensor | None = None
+    candidate: WireTensor | None = None
+    target: WireTensor | None = None
+    options: pb.CompareOptions = field(default_factory=pb.CompareOptions)
+
+
+@dataclass(slots=True)
+class WireCompareHeader:
+    """A CompareHeader."""
+
+    id: str = ""
+    options: pb.CompareOptions = field(default_factory=pb.CompareOptions)
+    reference_dtype: int = 0
+    reference_shape: tuple[int, ...] = ()
+    candidate_dtype: int = 0
+    candidate_shape: tuple[int, ...] = ()
+    target: WireTensor | None = None
+
+
+@dataclass(slots=True)
+class WireCompareChunk:
+    """A CompareChunk."""
+
+    header: WireCompareHeader | None = None
+    reference_rows: memoryview = memoryview(b"")
+    candidate_rows: memoryview = memoryview(b"")
 
 
 @dataclass(slots=True)
@@ -276,6 +309,62 @@ def _batch(buf: bytes, view: memoryview) -> list[WireRequest]:
     return requests
 
 
+def _walk(buf: bytes, view: memoryview, start: int, stop: int, out, fields: dict[int, tuple[str, object]]):
+    """Fill ``out`` from the message in ``buf[start:stop]``, as protobuf would: ``fields`` maps a
+    field number to (attribute, kind), the kind being "text", "enum", "shape", "bytes" (a view),
+    "tensor", a protobuf message class (parsed by protobuf) or a walker of a sub-message; unknown
+    fields are skipped, the last scalar wins, a sub-message given twice (merged by protobuf)
+    hands the message to protobuf."""
+    shapes: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    for number, wire_type, value in _fields(buf, start, stop):
+        if number not in fields:
+            continue
+        name, kind = fields[number]
+        if kind == "enum":
+            _expect(wire_type, _VARINT)
+            setattr(out, name, _int32(value))
+        elif kind == "shape":
+            _shape_into(shapes.setdefault(name, []), buf, wire_type, value)
+        else:
+            _expect(wire_type, _LENGTH)
+            if kind == "text":
+                setattr(out, name, _text(buf, value))
+            elif kind == "bytes":
+                setattr(out, name, view[value[0] : value[1]])
+            elif number in seen:
+                raise _Unusual("repeated sub-message")
+            else:
+                seen.add(number)
+                setattr(out, name, _part(kind, buf, view, value))
+    for name, dims in shapes.items():
+        setattr(out, name, tuple(dims))
+    return out
+
+
+def _part(kind: object, buf: bytes, view: memoryview, span: tuple[int, int]):
+    """A sub-message of :func:`_walk`: a tensor, a protobuf message, or what a walker makes of it."""
+    if kind == "tensor":
+        return _tensor(buf, view, *span)
+    if isinstance(kind, type):
+        return kind.FromString(buf[span[0] : span[1]])
+    return kind(buf, view, *span)
+
+
+_COMPARE_REQUEST = {1: ("id", "text"), 2: ("reference", "tensor"), 3: ("candidate", "tensor"), 4: ("target", "tensor"), 5: ("options", pb.CompareOptions)}  # fmt: skip
+_COMPARE_HEADER = {
+    1: ("id", "text"), 2: ("options", pb.CompareOptions), 3: ("reference_dtype", "enum"), 4: ("reference_shape", "shape"),
+    5: ("candidate_dtype", "enum"), 6: ("candidate_shape", "shape"), 7: ("target", "tensor"),
+}  # fmt: skip
+
+
+def _compare_header(buf: bytes, view: memoryview, start: int, stop: int) -> WireCompareHeader:
+    return _walk(buf, view, start, stop, WireCompareHeader(), _COMPARE_HEADER)
+
+
+_COMPARE_CHUNK = {1: ("header", _compare_header), 2: ("reference_rows", "bytes"), 3: ("candidate_rows", "bytes")}
+
+
 # --------------------------------------------------------------------------- protobuf fallback
 def tensor_of(msg: pb.Tensor) -> WireTensor:
     return WireTensor(msg.dtype, tuple(msg.shape), memoryview(msg.data), msg.shm if msg.HasField("shm") else None)
@@ -298,15 +387,44 @@ def _chunk_of(msg: pb.EvaluateChunk) -> WireChunk:
     return WireChunk(header, memoryview(msg.input_rows), memoryview(msg.target_rows))
 
 
+def _optional_tensor(msg, name: str) -> WireTensor | None:
+    return tensor_of(getattr(msg, name)) if msg.HasField(name) else None
+
+
+def _compare_request_of(msg: pb.CompareRequest) -> WireCompareRequest:
+    tensors = [_optional_tensor(msg, name) for name in ("reference", "candidate", "target")]
+    return WireCompareRequest(msg.id, *tensors, msg.options)
+
+
+def _compare_chunk_of(msg: pb.CompareChunk) -> WireCompareChunk:
+    header = None
+    if msg.HasField("header"):
+        h = msg.header
+        header = WireCompareHeader(
+            h.id,
+            h.options,
+            h.reference_dtype,
+            tuple(h.reference_shape),
+            h.candidate_dtype,
+            tuple(h.candidate_shape),
+            _optional_tensor(h, "target"),
+        )
+    return WireCompareChunk(header, memoryview(msg.reference_rows), memoryview(msg.candidate_rows))
+
+
 _FAST: dict[type, Callable] = {
     pb.EvaluateRequest: lambda buf, view: _request(buf, view, 0, len(buf)),
     pb.EvaluateBatch: _batch,
     pb.EvaluateChunk: _chunk,
+    pb.CompareRequest: lambda buf, view: _walk(buf, view, 0, len(buf), WireCompareRequest(), _COMPARE_REQUEST),
+    pb.CompareChunk: lambda buf, view: _walk(buf, view, 0, len(buf), WireCompareChunk(), _COMPARE_CHUNK),
 }
 _SLOW: dict[type, Callable] = {
     pb.EvaluateRequest: _request_of,
     pb.EvaluateBatch: lambda msg: [_request_of(r) for r in msg.requests],
     pb.EvaluateChunk: _chunk_of,
+    pb.CompareRequest: _compare_request_of,
+    pb.CompareChunk: _compare_chunk_of,
 }
 
 

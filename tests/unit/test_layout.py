@@ -14,7 +14,7 @@ from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_server import codec, convert, engine, wire
 from lossd_server.chunks import ChunkAssembler
 
-CE, NLL, BCE = layout.CROSS_ENTROPY, layout.NLL_LOSS, layout.BCE_WITH_LOGITS
+CE, NLL, BCE, KL = layout.CROSS_ENTROPY, layout.NLL_LOSS, layout.BCE_WITH_LOGITS, layout.KL_DIV
 
 
 # --------------------------------------------------------------------------- wire tables
@@ -34,11 +34,11 @@ def test_name_tables_cover_every_enum_value_both_ways():
     assert set(layout.LOSS_NAMES) == set(pb.LossKind.values())
     assert set(layout.REDUCTION_NAMES) == set(pb.Reduction.values())
     assert set(layout.EXTRA_NAMES) == set(pb.Extra.values()) - {0}
-    assert list(layout.LOSSES) == [CE, NLL, BCE]
+    assert list(layout.LOSSES) == [CE, NLL, BCE, layout.KL_DIV]
     assert layout.LOSS_NAMES[pb.LOSS_KIND_UNSPECIFIED] == CE and layout.REDUCTION_NAMES[pb.REDUCTION_UNSPECIFIED] == "mean"
     for name, value in layout.LOSSES.items():
         assert layout.LOSS_NAMES[value] == name
-    assert layout.REDUCTIONS == {"mean": pb.MEAN, "sum": pb.SUM, "none": pb.NONE, "elementwise_mean": pb.MEAN}
+    assert layout.REDUCTIONS == {"mean": pb.MEAN, "sum": pb.SUM, "none": pb.NONE, "batchmean": pb.BATCHMEAN, "elementwise_mean": pb.MEAN}
     for name, value in layout.EXTRAS.items():
         assert layout.EXTRA_NAMES[value] == name
 
@@ -87,6 +87,9 @@ def test_the_server_names_an_out_of_range_class_axis_with_the_same_words():
         (BCE, (6,), None, (6, 1)),  # no class axis: rows along axis 0, as the server counts them
         (BCE, (6, 2, 3), None, (6, 6)),
         (BCE, (0,), None, (0, 1)),
+        (KL, (), None, (1, 1)),  # kl_div: rows along axis 0, like BCE
+        (KL, (6,), None, (6, 1)),
+        (KL, (6, 2, 3), None, (6, 6)),
     ],
 )
 def test_rows(loss, shape, class_axis, expected):
@@ -108,6 +111,18 @@ def test_target_travels_with_rows():
     assert layout.target_travels_with_rows(BCE, (4, 3), (4, 3))
     assert not layout.target_travels_with_rows(CE, (4, 3), (4,))  # class indices
     assert not layout.target_travels_with_rows(NLL, (4, 3), (4, 3))
+    assert layout.target_travels_with_rows(KL, (4, 3), (4, 3))
+    assert not layout.target_travels_with_rows(KL, (4, 3), (1, 3))  # broadcast along the rows: whole in the header
+
+
+def test_input_rows_are_output_rows():
+    for loss in (CE, NLL, BCE):
+        assert layout.input_rows_are_output_rows(loss, (1, 3), (4, 3))
+    by_rows = [((4, 3), (4, 3)), ((4, 3), (1, 3)), ((4, 3), (3,)), ((4, 3), ()), ((), ()), ((1, 3), (1, 3)), ((4, 1), (4, 5))]
+    for input_shape, target_shape in by_rows:
+        assert layout.input_rows_are_output_rows(KL, input_shape, target_shape), (input_shape, target_shape)
+    for input_shape, target_shape in [((1, 3), (4, 3)), ((3,), (4, 3)), ((), (4,))]:
+        assert not layout.input_rows_are_output_rows(KL, input_shape, target_shape), (input_shape, target_shape)
 
 
 def test_unary_budget():
@@ -120,6 +135,8 @@ def test_unary_budget():
 def _torch_answer(loss, x, t, class_axis, reduction):
     if loss == BCE:
         return F.binary_cross_entropy_with_logits(x, t, reduction=reduction)
+    if loss == KL:
+        return F.kl_div(x, t, reduction=reduction)
     if class_axis is not None and x.dim() > 1:
         x = x.movedim(class_axis, 1)
     fn = F.nll_loss if loss == NLL else F.cross_entropy
@@ -142,6 +159,10 @@ LAYOUTS = [
     (BCE, torch.randn(5, 2, 3, generator=_g(16)), torch.rand(5, 2, 3, generator=_g(17)), None),
     (CE, torch.randn(0, 5), torch.zeros(0, dtype=torch.int64), None),
     (BCE, torch.randn(0), torch.rand(0), None),
+    (KL, torch.randn(9, 5, generator=_g(18)).log_softmax(1), torch.rand(9, 5, generator=_g(19)), None),
+    (KL, torch.randn(6, 4, 3, generator=_g(20)), torch.rand(4, 3, generator=_g(21)), None),  # target whole in the header
+    (KL, torch.randn(7, generator=_g(22)), torch.rand(7, generator=_g(23)), None),
+    (KL, torch.randn((), generator=_g(24)), torch.rand((), generator=_g(25)), None),
 ]
 
 

@@ -11,6 +11,9 @@ chunks give every caller exactly its own torch result.
 
 Half and bfloat16 inputs are computed with float32 accumulation and answered in torch's output
 dtype; float64 input is computed in float64.
+
+kl_div has its own plan (:mod:`.kl_plan`, over :mod:`.kl_div`) with the same interface; the
+comparison of two models' logits lives in :mod:`.compare` and :mod:`.comparison`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from .finish import divide
 from .kernels import class_partial, class_terms
+from .kl_plan import KlDivLossPlan, plan_kl
 from .plan import Checkpoint, Plan
 from .results import ClassTerms, LossResult, Partial, SequenceStats, merge_partials
 from .spec import (
@@ -28,6 +32,7 @@ from .spec import (
     CROSS_ENTROPY,
     DEFAULT_CHUNK_BYTES,
     EXTRAS,
+    KL_DIV,
     LOSSES,
     NLL,
     REDUCTIONS,
@@ -42,12 +47,14 @@ __all__ = [
     "CROSS_ENTROPY",
     "DEFAULT_CHUNK_BYTES",
     "EXTRAS",
+    "KL_DIV",
     "LOSSES",
     "NLL",
     "REDUCTIONS",
     "Checkpoint",
     "ClassTerms",
     "InvalidInput",
+    "KlDivLossPlan",
     "LossResult",
     "LossSpec",
     "Partial",
@@ -73,13 +80,15 @@ def plan(
     pos_weight: torch.Tensor | None = None,
     *,
     target_streamed: bool = False,
-) -> Plan:
+) -> Plan | KlDivLossPlan:
     """Validate a request as torch would; raise InvalidInput naming the field when torch would reject it."""
+    if spec.loss == KL_DIV:
+        return plan_kl(spec, tuple(int(s) for s in input_shape), input_dtype, target, weight, pos_weight)
     return build_plan(spec, tuple(int(s) for s in input_shape), input_dtype, target, weight, pos_weight, target_streamed=target_streamed)
 
 
 def run(
-    p: Plan,
+    p: Plan | KlDivLossPlan,
     input: torch.Tensor,
     target: torch.Tensor,
     *,
@@ -88,6 +97,8 @@ def run(
     checkpoint: Callable[[], None] | None = None,
 ) -> LossResult:
     """Evaluate a validated plan on its whole input (``checkpoint``: see :meth:`Plan.evaluate_units`)."""
+    if p.kind is TargetKind.KL:
+        return p.run(input, target, device=device, chunk_bytes=chunk_bytes, checkpoint=checkpoint)
     target_units = p.unit_view(target) if p.kind in (TargetKind.PROB, TargetKind.BCE) else None
     partial = p.evaluate_units(
         p.unit_view(input), 0, target_units=target_units, device=device, chunk_bytes=chunk_bytes, checkpoint=checkpoint

@@ -10,6 +10,8 @@ import torch
 CROSS_ENTROPY = "cross_entropy"
 NLL = "nll_loss"
 BCE_WITH_LOGITS = "binary_cross_entropy_with_logits"
+#: kl_div is planned apart (:mod:`.kl_plan`); LOSSES are the losses :func:`~.validate.build_plan` plans.
+KL_DIV = "kl_div"
 LOSSES = (CROSS_ENTROPY, NLL, BCE_WITH_LOGITS)
 REDUCTIONS = ("mean", "sum", "none")
 EXTRAS = ("target_logprob", "entropy", "target_rank", "argmax_correct")
@@ -30,6 +32,7 @@ class TargetKind(enum.Enum):
     CLASS = "class"  # class indices (cross_entropy, nll_loss)
     PROB = "prob"  # class probabilities shaped like the input (cross_entropy)
     BCE = "bce"  # binary targets shaped like the input (binary_cross_entropy_with_logits)
+    KL = "kl"  # probabilities or log-probabilities broadcast with the input (kl_div; see .kl_plan)
 
 
 class InvalidInput(ValueError):
@@ -53,6 +56,9 @@ class LossSpec:
     shift_targets: bool = False
     extras: tuple[str, ...] = ()
     sequence_stats: bool = False
+    log_target: bool = False  # kl_div only
+    size_average: bool | None = None  # torch's legacy keywords, kl_div only (other losses resolve them into reduction)
+    reduce: bool | None = None
 
     @property
     def smoothing(self) -> float:

@@ -27,6 +27,7 @@ class LossKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CROSS_ENTROPY: _ClassVar[LossKind]
     NLL: _ClassVar[LossKind]
     BINARY_CROSS_ENTROPY_WITH_LOGITS: _ClassVar[LossKind]
+    KL_DIV: _ClassVar[LossKind]
 
 class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,6 +35,7 @@ class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MEAN: _ClassVar[Reduction]
     SUM: _ClassVar[Reduction]
     NONE: _ClassVar[Reduction]
+    BATCHMEAN: _ClassVar[Reduction]
 
 class Extra(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,10 +59,12 @@ LOSS_KIND_UNSPECIFIED: LossKind
 CROSS_ENTROPY: LossKind
 NLL: LossKind
 BINARY_CROSS_ENTROPY_WITH_LOGITS: LossKind
+KL_DIV: LossKind
 REDUCTION_UNSPECIFIED: Reduction
 MEAN: Reduction
 SUM: Reduction
 NONE: Reduction
+BATCHMEAN: Reduction
 EXTRA_UNSPECIFIED: Extra
 TARGET_LOGPROB: Extra
 ENTROPY: Extra
@@ -92,7 +96,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class LossOptions(_message.Message):
-    __slots__ = ("loss", "reduction", "ignore_index", "label_smoothing", "weight", "pos_weight", "class_axis", "shift_targets", "extras", "sequence_stats")
+    __slots__ = ("loss", "reduction", "ignore_index", "label_smoothing", "weight", "pos_weight", "class_axis", "shift_targets", "extras", "sequence_stats", "log_target", "size_average", "reduce")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     REDUCTION_FIELD_NUMBER: _ClassVar[int]
     IGNORE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +107,9 @@ class LossOptions(_message.Message):
     SHIFT_TARGETS_FIELD_NUMBER: _ClassVar[int]
     EXTRAS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_STATS_FIELD_NUMBER: _ClassVar[int]
+    LOG_TARGET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_AVERAGE_FIELD_NUMBER: _ClassVar[int]
+    REDUCE_FIELD_NUMBER: _ClassVar[int]
     loss: LossKind
     reduction: Reduction
     ignore_index: int
@@ -113,7 +120,10 @@ class LossOptions(_message.Message):
     shift_targets: bool
     extras: _containers.RepeatedScalarFieldContainer[Extra]
     sequence_stats: bool
-    def __init__(self, loss: _Optional[_Union[LossKind, str]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., ignore_index: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., pos_weight: _Optional[_Union[Tensor, _Mapping]] = ..., class_axis: _Optional[int] = ..., shift_targets: _Optional[bool] = ..., extras: _Optional[_Iterable[_Union[Extra, str]]] = ..., sequence_stats: _Optional[bool] = ...) -> None: ...
+    log_target: bool
+    size_average: bool
+    reduce: bool
+    def __init__(self, loss: _Optional[_Union[LossKind, str]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., ignore_index: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., pos_weight: _Optional[_Union[Tensor, _Mapping]] = ..., class_axis: _Optional[int] = ..., shift_targets: _Optional[bool] = ..., extras: _Optional[_Iterable[_Union[Extra, str]]] = ..., sequence_stats: _Optional[bool] = ..., log_target: _Optional[bool] = ..., size_average: _Optional[bool] = ..., reduce: _Optional[bool] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("id", "input", "target", "options")
@@ -217,7 +227,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "torch_version", "device", "max_receive_message_bytes", "max_send_message_bytes", "max_batch_rows", "max_batch_bytes", "max_wait_ms", "max_queue_requests", "max_queue_bytes", "input_dtypes", "target_dtypes", "allow_client_shm", "device_name")
+    __slots__ = ("version", "torch_version", "device", "max_receive_message_bytes", "max_send_message_bytes", "max_batch_rows", "max_batch_bytes", "max_wait_ms", "max_queue_requests", "max_queue_bytes", "input_dtypes", "target_dtypes", "allow_client_shm", "device_name", "max_top_k")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +242,7 @@ class ServerInfo(_message.Message):
     TARGET_DTYPES_FIELD_NUMBER: _ClassVar[int]
     ALLOW_CLIENT_SHM_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     version: str
     torch_version: str
     device: str
@@ -246,4 +257,121 @@ class ServerInfo(_message.Message):
     target_dtypes: _containers.RepeatedScalarFieldContainer[DType]
     allow_client_shm: bool
     device_name: str
-    def __init__(self, version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device: _Optional[str] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_queue_requests: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., target_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., allow_client_shm: _Optional[bool] = ..., device_name: _Optional[str] = ...) -> None: ...
+    max_top_k: int
+    def __init__(self, version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device: _Optional[str] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_queue_requests: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., target_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., allow_client_shm: _Optional[bool] = ..., device_name: _Optional[str] = ..., max_top_k: _Optional[int] = ...) -> None: ...
+
+class CompareOptions(_message.Message):
+    __slots__ = ("ignore_index", "shift_targets", "top_k")
+    IGNORE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ignore_index: int
+    shift_targets: bool
+    top_k: int
+    def __init__(self, ignore_index: _Optional[int] = ..., shift_targets: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class CompareRequest(_message.Message):
+    __slots__ = ("id", "reference", "candidate", "target", "options")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    reference: Tensor
+    candidate: Tensor
+    target: Tensor
+    options: CompareOptions
+    def __init__(self, id: _Optional[str] = ..., reference: _Optional[_Union[Tensor, _Mapping]] = ..., candidate: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Union[CompareOptions, _Mapping]] = ...) -> None: ...
+
+class CompareTotals(_message.Message):
+    __slots__ = ("tokens", "argmax_agree", "sum_kl", "sum_kl2", "sum_nll_ref", "sum_nll_ref2", "sum_nll_cand", "sum_nll_cand2", "sum_nll_ref_nll_cand", "sum_delta_p", "sum_delta_p2", "sum_delta_p4")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ARGMAX_AGREE_FIELD_NUMBER: _ClassVar[int]
+    SUM_KL_FIELD_NUMBER: _ClassVar[int]
+    SUM_KL2_FIELD_NUMBER: _ClassVar[int]
+    SUM_NLL_REF_FIELD_NUMBER: _ClassVar[int]
+    SUM_NLL_REF2_FIELD_NUMBER: _ClassVar[int]
+    SUM_NLL_CAND_FIELD_NUMBER: _ClassVar[int]
+    SUM_NLL_CAND2_FIELD_NUMBER: _ClassVar[int]
+    SUM_NLL_REF_NLL_CAND_FIELD_NUMBER: _ClassVar[int]
+    SUM_DELTA_P_FIELD_NUMBER: _ClassVar[int]
+    SUM_DELTA_P2_FIELD_NUMBER: _ClassVar[int]
+    SUM_DELTA_P4_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    argmax_agree: int
+    sum_kl: float
+    sum_kl2: float
+    sum_nll_ref: float
+    sum_nll_ref2: float
+    sum_nll_cand: float
+    sum_nll_cand2: float
+    sum_nll_ref_nll_cand: float
+    sum_delta_p: float
+    sum_delta_p2: float
+    sum_delta_p4: float
+    def __init__(self, tokens: _Optional[int] = ..., argmax_agree: _Optional[int] = ..., sum_kl: _Optional[float] = ..., sum_kl2: _Optional[float] = ..., sum_nll_ref: _Optional[float] = ..., sum_nll_ref2: _Optional[float] = ..., sum_nll_cand: _Optional[float] = ..., sum_nll_cand2: _Optional[float] = ..., sum_nll_ref_nll_cand: _Optional[float] = ..., sum_delta_p: _Optional[float] = ..., sum_delta_p2: _Optional[float] = ..., sum_delta_p4: _Optional[float] = ...) -> None: ...
+
+class TopK(_message.Message):
+    __slots__ = ("ids", "logprobs")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ids: Tensor
+    logprobs: Tensor
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class CompareResponse(_message.Message):
+    __slots__ = ("id", "kl", "argmax_agree", "counted", "p_ref", "p_cand", "delta_p", "nll_ref", "nll_cand", "totals", "reference_top_k", "candidate_top_k")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KL_FIELD_NUMBER: _ClassVar[int]
+    ARGMAX_AGREE_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
+    P_REF_FIELD_NUMBER: _ClassVar[int]
+    P_CAND_FIELD_NUMBER: _ClassVar[int]
+    DELTA_P_FIELD_NUMBER: _ClassVar[int]
+    NLL_REF_FIELD_NUMBER: _ClassVar[int]
+    NLL_CAND_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kl: Tensor
+    argmax_agree: Tensor
+    counted: Tensor
+    p_ref: Tensor
+    p_cand: Tensor
+    delta_p: Tensor
+    nll_ref: Tensor
+    nll_cand: Tensor
+    totals: CompareTotals
+    reference_top_k: TopK
+    candidate_top_k: TopK
+    def __init__(self, id: _Optional[str] = ..., kl: _Optional[_Union[Tensor, _Mapping]] = ..., argmax_agree: _Optional[_Union[Tensor, _Mapping]] = ..., counted: _Optional[_Union[Tensor, _Mapping]] = ..., p_ref: _Optional[_Union[Tensor, _Mapping]] = ..., p_cand: _Optional[_Union[Tensor, _Mapping]] = ..., delta_p: _Optional[_Union[Tensor, _Mapping]] = ..., nll_ref: _Optional[_Union[Tensor, _Mapping]] = ..., nll_cand: _Optional[_Union[Tensor, _Mapping]] = ..., totals: _Optional[_Union[CompareTotals, _Mapping]] = ..., reference_top_k: _Optional[_Union[TopK, _Mapping]] = ..., candidate_top_k: _Optional[_Union[TopK, _Mapping]] = ...) -> None: ...
+
+class CompareHeader(_message.Message):
+    __slots__ = ("id", "options", "reference_dtype", "reference_shape", "candidate_dtype", "candidate_shape", "target")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    options: CompareOptions
+    reference_dtype: DType
+    reference_shape: _containers.RepeatedScalarFieldContainer[int]
+    candidate_dtype: DType
+    candidate_shape: _containers.RepeatedScalarFieldContainer[int]
+    target: Tensor
+    def __init__(self, id: _Optional[str] = ..., options: _Optional[_Union[CompareOptions, _Mapping]] = ..., reference_dtype: _Optional[_Union[DType, str]] = ..., reference_shape: _Optional[_Iterable[int]] = ..., candidate_dtype: _Optional[_Union[DType, str]] = ..., candidate_shape: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class CompareChunk(_message.Message):
+    __slots__ = ("header", "reference_rows", "candidate_rows")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    header: CompareHeader
+    reference_rows: bytes
+    candidate_rows: bytes
+    def __init__(self, header: _Optional[_Union[CompareHeader, _Mapping]] = ..., reference_rows: _Optional[bytes] = ..., candidate_rows: _Optional[bytes] = ...) -> None: ...

@@ -59,6 +59,16 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_loss__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_loss__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.Compare = channel.unary_unary(
+                '/lossd.v1.LossService/Compare',
+                request_serializer=lossd_dot_v1_dot_loss__pb2.CompareRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__pb2.CompareResponse.FromString,
+                _registered_method=True)
+        self.CompareChunked = channel.stream_unary(
+                '/lossd.v1.LossService/CompareChunked',
+                request_serializer=lossd_dot_v1_dot_loss__pb2.CompareChunk.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__pb2.CompareResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -101,6 +111,20 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compare(self, request, context):
+        """Compare two models' logits token by token (see CompareRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareChunked(self, request_iterator, context):
+        """One comparison larger than one message: a CompareHeader then row chunks of both models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +152,16 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=lossd_dot_v1_dot_loss__pb2.GetServerInfoRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_loss__pb2.ServerInfo.SerializeToString,
+            ),
+            'Compare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compare,
+                    request_deserializer=lossd_dot_v1_dot_loss__pb2.CompareRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__pb2.CompareResponse.SerializeToString,
+            ),
+            'CompareChunked': grpc.stream_unary_rpc_method_handler(
+                    servicer.CompareChunked,
+                    request_deserializer=lossd_dot_v1_dot_loss__pb2.CompareChunk.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__pb2.CompareResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +299,60 @@ class LossService:
             '/lossd.v1.LossService/GetServerInfo',
             lossd_dot_v1_dot_loss__pb2.GetServerInfoRequest.SerializeToString,
             lossd_dot_v1_dot_loss__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/Compare',
+            lossd_dot_v1_dot_loss__pb2.CompareRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__pb2.CompareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareChunked(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/lossd.v1.LossService/CompareChunked',
+            lossd_dot_v1_dot_loss__pb2.CompareChunk.SerializeToString,
+            lossd_dot_v1_dot_loss__pb2.CompareResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,7 +8,7 @@ torch (2.13) computes, element by element over the broadcast of ``input`` and ``
 then reduces: ``none`` keeps the elements, ``sum`` / ``mean`` sum them (``mean`` divides by their
 count), ``batchmean`` sums and divides by ``input.size(0)`` (not by the broadcast batch; no
 division for a 0-dim input). The legacy keywords ``size_average`` / ``reduce`` override
-``reduction`` (see :func:`legacy_reduction`), but a ``reduction='batchmean'`` passed beside them
+``reduction`` (see :func:`lossd_client.layout.legacy_reduction`), but a ``reduction='batchmean'`` passed beside them
 still divides the result, whatever it is, by ``input.size(0)`` exactly as torch does;
 ``'elementwise_mean'`` is a deprecated alias of ``'mean'``.
 
@@ -38,28 +38,26 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from lossd_client.layout import legacy_reduction
 
 from ._exact import HALF_DTYPES, divide, dtype_name, fsum, itemsize, to_compute
-from .engine import DEFAULT_CHUNK_BYTES, InvalidInput
+from .spec import DEFAULT_CHUNK_BYTES, InvalidInput
 
 #: Reduction strings torch's kl_div takes ('elementwise_mean' is its deprecated alias of 'mean').
 KL_DIV_REDUCTIONS = ("mean", "sum", "none", "batchmean")
 
-
-def legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
-    """The reduction torch uses for the legacy keywords (``torch.nn._reduction.legacy_get_string``).
-
-    ``None`` counts as ``True`` for both; ``reduce=False`` gives ``'none'`` whatever
-    ``size_average`` says; otherwise ``size_average=False`` gives ``'sum'`` and the rest ``'mean'``.
-    (torch also warns that the keywords are deprecated; :func:`plan_kl_div` reports that warning.)
-    """
-    size_average = True if size_average is None else size_average
-    reduce = True if reduce is None else reduce
-    if size_average and reduce:
-        return "mean"
-    if reduce:
-        return "sum"
-    return "none"
+__all__ = [
+    "KL_DIV_REDUCTIONS",
+    "KlDivPartial",
+    "KlDivPlan",
+    "KlDivResult",
+    "evaluate_kl_div",
+    "evaluate_kl_div_rows",
+    "finish_kl_div",
+    "legacy_reduction",
+    "merge_kl_div_partials",
+    "plan_kl_div",
+]
 
 
 @dataclass(frozen=True)
@@ -211,6 +209,10 @@ def _broadcast(input_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> t
     return tuple(out)
 
 
+#: The reduction torch's kernel applies for a reduction string ('batchmean' runs as 'sum', then divides).
+_KERNEL_REDUCTION = {"batchmean": "sum", "elementwise_mean": "mean"}
+
+
 def plan_kl_div(
     input_shape: Sequence[int],
     input_dtype: torch.dtype,
@@ -243,14 +245,7 @@ def plan_kl_div(
     )
     output_shape = _broadcast(input_shape, target_shape)
 
-    if legacy:
-        effective = legacy_reduction(size_average, reduce)
-    elif reduction == "batchmean":
-        effective = "sum"
-    elif reduction == "elementwise_mean":
-        effective = "mean"
-    else:
-        effective = reduction
+    effective = legacy_reduction(size_average, reduce) if legacy else _KERNEL_REDUCTION.get(reduction, reduction)
     batch_divisor = input_shape[0] if reduction == "batchmean" and len(input_shape) != 0 else None
 
     ndim = len(output_shape)

@@ -1,4 +1,4 @@
-"""lossd_server.compare against an independent float64 torch computation.
+"""lossd_server.engine.compare against an independent float64 torch computation.
 
 Per token: KL(reference || candidate) as ``F.kl_div(log_softmax(cand), log_softmax(ref),
 log_target=True, reduction='none').sum(-1)`` in float64 (terms where the reference probability is
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lossd_client.compare_stats import summarize
-from lossd_server import compare as cmp
 from lossd_server.engine import InvalidInput
+from lossd_server.engine import compare as cmp
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

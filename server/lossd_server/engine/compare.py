@@ -32,10 +32,10 @@ y[target]``, ``p = exp(-nll)``, ``delta_p`` the float64 difference), then stored
 dtype. A reference probability that underflows the compute dtype (below ~1e-45 in float32)
 counts as 0.
 
-The float64 :class:`CompareTotals` (sums, sums of squares and cross products over counted tokens)
-combine across row chunks, requests, shards and replicas by addition
-(:func:`combine_totals`); :mod:`lossd_client.compare_stats` turns dense values into llama.cpp's
-``--kl-divergence`` summary. :func:`compare_rows` evaluates any row range of both tensors, so a
+The float64 :class:`~lossd_client.compare_stats.CompareTotals` (sums, sums of squares and cross
+products over counted tokens; defined in the client, which shares them) combine across row
+chunks, requests, shards and replicas by addition (:func:`~lossd_client.compare_stats.combine_totals`);
+:mod:`lossd_client.compare_stats` turns dense values into llama.cpp's ``--kl-divergence`` summary. :func:`compare_rows` evaluates any row range of both tensors, so a
 caller can stream them in bounded chunks; :func:`merge_compare_partials` joins consecutive ranges.
 """
 
@@ -43,48 +43,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import torch
+from lossd_client.compare_stats import CompareTotals, combine_totals
 
-from ._exact import FLOAT_DTYPES, dtype_name, fsum, itemsize, to_compute
-from .engine import DEFAULT_CHUNK_BYTES, InvalidInput
+from ._exact import FLOAT_DTYPES, dtype_name, itemsize, to_compute
+from .spec import DEFAULT_CHUNK_BYTES, InvalidInput, LossSpec
+from .validate import _resolve_targets as resolve_targets
 
 #: Class-index target dtypes accepted (converted to int64).
 TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 #: Names of the dense per-token outputs that exist only with targets.
 TARGET_OUTPUTS = ("p_ref", "p_cand", "delta_p", "nll_ref", "nll_cand")
-
-
-@dataclass(frozen=True)
-class CompareTotals:
-    """float64 totals over counted tokens; add them up (:func:`combine_totals`) to combine.
-
-    Without targets the nll and delta_p sums are 0.
-    """
-
-    tokens: int = 0
-    argmax_agree: int = 0
-    sum_kl: float = 0.0
-    sum_kl2: float = 0.0
-    sum_nll_ref: float = 0.0
-    sum_nll_ref2: float = 0.0
-    sum_nll_cand: float = 0.0
-    sum_nll_cand2: float = 0.0
-    sum_nll_ref_nll_cand: float = 0.0
-    sum_delta_p: float = 0.0
-    sum_delta_p2: float = 0.0
-    sum_delta_p4: float = 0.0
-
-
-def combine_totals(parts: Sequence[CompareTotals]) -> CompareTotals:
-    """Field-wise sum (integers exactly, floats exactly rounded with math.fsum)."""
-    values = {}
-    for f in fields(CompareTotals):
-        column = [getattr(p, f.name) for p in parts]
-        values[f.name] = sum(column) if f.type == "int" else fsum(column)
-    return CompareTotals(**values)
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,25 +93,8 @@ class ComparePlan:
 
 
 @dataclass
-class ComparePartial:
-    """Dense per-token values of rows ``[row_start, row_stop)`` (1-d, compute dtype) and their totals."""
-
-    row_start: int
-    row_stop: int
-    kl: torch.Tensor
-    argmax_agree: torch.Tensor
-    counted: torch.Tensor
-    totals: CompareTotals
-    p_ref: torch.Tensor | None = None
-    p_cand: torch.Tensor | None = None
-    delta_p: torch.Tensor | None = None
-    nll_ref: torch.Tensor | None = None
-    nll_cand: torch.Tensor | None = None
-
-
-@dataclass
-class CompareResult:
-    """Dense per-token outputs shaped like the targets (``token_shape``) and the float64 totals.
+class CompareValues:
+    """Dense per-token values and their float64 totals.
 
     ``kl`` and the target outputs are in the compute dtype; ``argmax_agree`` and ``counted`` bool.
     The target outputs are None without targets.
@@ -154,6 +109,19 @@ class CompareResult:
     delta_p: torch.Tensor | None = None
     nll_ref: torch.Tensor | None = None
     nll_cand: torch.Tensor | None = None
+
+
+@dataclass
+class ComparePartial(CompareValues):
+    """The values of rows ``[row_start, row_stop)``, 1-d."""
+
+    row_start: int = field(default=0, kw_only=True)
+    row_stop: int = field(default=0, kw_only=True)
+
+
+@dataclass
+class CompareResult(CompareValues):
+    """The values of every row, shaped like the targets (``token_shape``)."""
 
 
 # ---------------------------------------------------------------------------- validation
@@ -233,35 +201,13 @@ def _targets(
             "target",
             f"expected class indices shaped like the logits without the vocabulary axis, {list(token_shape)}, got {list(target.shape)}",
         )
-    flat = target.reshape(-1).to(torch.int64)
-    if shift:
-        if target.dim() == 0:
-            raise InvalidInput("options.shift_targets", "needs a target with a sequence axis, got a 0-dim target")
-        length = target.shape[-1]
-        seqs = flat.reshape(-1, length) if length > 0 else flat.reshape(0, 0)
-        shifted = torch.full_like(seqs, ignore_index)
-        shifted[:, :-1] = seqs[:, 1:]
-        flat = shifted.reshape(-1)
-    counted = flat != ignore_index
-    bad = counted & ((flat < 0) | (flat >= vocab))
-    if bool(bad.any()):
-        first = int(flat[bad.nonzero()[0, 0]])
-        raise InvalidInput(
-            "target", f"Target {first} is out of bounds (expected class indices in [0, {vocab}) or ignore_index {ignore_index})"
-        )
-    return flat, counted
+    # the class-index rule of every loss: ignore_index, the causal shift, targets in [0, V)
+    return resolve_targets(LossSpec(ignore_index=ignore_index, shift_targets=shift), target, vocab)
 
 
 # ---------------------------------------------------------------------------- evaluation
-def compare_rows(
-    plan: ComparePlan,
-    reference: torch.Tensor,
-    candidate: torch.Tensor,
-    row_start: int = 0,
-    *,
-    device: torch.device | str = "cpu",
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> ComparePartial:
+def compare_rows(plan: ComparePlan, reference: torch.Tensor, candidate: torch.Tensor, row_start: int = 0, *,
+                 device: torch.device | str = "cpu", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ComparePartial:  # fmt: skip
     """Compare rows ``[row_start, row_start + n)``: ``reference`` and ``candidate`` are (n, V).
 
     Evaluated in sub-chunks of :meth:`ComparePlan.rows_per_chunk` rows, so half-precision
@@ -287,9 +233,8 @@ def compare_rows(
 def _empty_partial(plan: ComparePlan, row_start: int) -> ComparePartial:
     empty = torch.empty(0, dtype=plan.compute_dtype)
     extra = dict.fromkeys(TARGET_OUTPUTS, empty) if plan.has_targets else {}
-    return ComparePartial(
-        row_start, row_start, empty, torch.empty(0, dtype=torch.bool), torch.empty(0, dtype=torch.bool), CompareTotals(), **extra
-    )
+    flags = torch.empty(0, dtype=torch.bool)
+    return ComparePartial(empty, flags, flags, CompareTotals(), **extra, row_start=row_start, row_stop=row_start)
 
 
 def _sum(x: torch.Tensor) -> float:
@@ -358,7 +303,7 @@ def _compare_chunk(plan: ComparePlan, ref: torch.Tensor, cand: torch.Tensor, r0:
             sum_delta_p4=_sum(dp2 * dp2),
         )
     extra = {k: v.cpu() for k, v in extra.items()}
-    return ComparePartial(r0, r1, kl.cpu(), agree.cpu(), counted.cpu(), CompareTotals(**totals), **extra)
+    return ComparePartial(kl.cpu(), agree.cpu(), counted.cpu(), CompareTotals(**totals), **extra, row_start=r0, row_stop=r1)
 
 
 def merge_compare_partials(parts: Sequence[ComparePartial]) -> ComparePartial:
@@ -366,13 +311,13 @@ def merge_compare_partials(parts: Sequence[ComparePartial]) -> ComparePartial:
     first = parts[0]
     extra = {k: torch.cat([getattr(p, k) for p in parts]) for k in TARGET_OUTPUTS if getattr(first, k) is not None}
     return ComparePartial(
-        first.row_start,
-        parts[-1].row_stop,
         torch.cat([p.kl for p in parts]),
         torch.cat([p.argmax_agree for p in parts]),
         torch.cat([p.counted for p in parts]),
         combine_totals([p.totals for p in parts]),
         **extra,
+        row_start=first.row_start,
+        row_stop=parts[-1].row_stop,
     )
 
 

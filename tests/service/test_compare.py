@@ -1,0 +1,339 @@
+"""Compare and CompareChunked through real servers on loopback: per-token values against torch in
+float64, every summary statistic against the plain numpy formulas of tests/compare_reference.py,
+chunked equal to unchunked (a server with a 64 KiB --max-message-bytes forces chunking), top-k
+against torch.sort, bad input answered INVALID_ARGUMENT naming the field, and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from compare_reference import LLAMA_CPP_LABELS, assert_summary_matches, reference_summary
+from lossd_client import AsyncLossClient, LossClient, compare
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+from lossd_client.compare_stats import combine_totals, format_table
+from lossd_client.errors import InvalidArgumentError, ResourceExhaustedError
+from serverproc import start_server
+
+LIMIT = 65536
+ANSWER_LIMIT = 400_000
+TARGET_OUTPUTS = ("p_ref", "p_cand", "delta_p", "nll_ref", "nll_cand")
+#: (rtol, atol) of float32-computed values against float64 torch.
+TOLERANCES = {"kl": (1e-5, 1e-6), "p_ref": (1e-5, 1e-7), "p_cand": (1e-5, 1e-7), "delta_p": (1e-5, 2e-7), "nll_ref": (1e-6, 2e-6), "nll_cand": (1e-6, 2e-6)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    """Small messages (comparisons stream in chunks), top_k up to 8, a small answer limit."""
+    flags = (
+        "--max-message-bytes",
+        str(LIMIT),
+        "--max-chunks-in-flight",
+        "2",
+        "--max-top-k",
+        "8",
+        "--max-send-message-bytes",
+        str(ANSWER_LIMIT),
+    )
+    with start_server(*flags) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def small(small_server):
+    with LossClient(small_server.address, timeout_s=120) as c:
+        yield c
+
+
+def model_logits(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0, noise: float = 0.3):
+    """A reference and a candidate close to it (as a quantized copy would be), in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    reference = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    candidate = reference + noise * torch.randn(shape, generator=g, dtype=torch.float64)
+    return reference.to(dtype), candidate.to(dtype)
+
+
+def tokens_for(shape: tuple[int, ...], seed: int = 1, ignore_index: int = -100) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    tokens[torch.rand(shape[:-1], generator=g) < 0.1] = ignore_index
+    return tokens
+
+
+def torch_reference(reference, candidate, tokens, ignore_index: int = -100, shift: bool = False) -> dict[str, torch.Tensor]:
+    """The per-token values in float64 with torch's own functions (F.kl_div, log_softmax)."""
+    lr, lc = F.log_softmax(reference.double(), -1), F.log_softmax(candidate.double(), -1)
+    out = {
+        "kl": F.kl_div(lc, lr, log_target=True, reduction="none").sum(-1),
+        "argmax_agree": reference.double().argmax(-1) == candidate.double().argmax(-1),
+    }
+    if tokens is None:
+        out["counted"] = torch.ones(reference.shape[:-1], dtype=torch.bool)
+        return out
+    t = F.pad(tokens[..., 1:], (0, 1), value=ignore_index) if shift else tokens
+    counted = t != ignore_index
+    index = t.where(counted, 0).unsqueeze(-1)
+    out.update(counted=counted, nll_ref=-lr.gather(-1, index).squeeze(-1), nll_cand=-lc.gather(-1, index).squeeze(-1))
+    out.update(p_ref=out["nll_ref"].neg().exp(), p_cand=out["nll_cand"].neg().exp())
+    out["delta_p"] = out["p_cand"] - out["p_ref"]
+    return {name: v if name == "counted" else v.where(counted, torch.zeros((), dtype=v.dtype)) for name, v in out.items()}
+
+
+def counted_values(result: compare.CompareResult, name: str) -> np.ndarray:
+    mask = compare.as_numpy(result.counted).reshape(-1)
+    return compare.as_numpy(getattr(result, name)).astype(np.float64).reshape(-1)[mask]
+
+
+def assert_summary_is_the_numpy_formulas(result: compare.CompareResult) -> None:
+    """Every statistic of the summary against the written-out formulas, over the dense values returned."""
+    kl, agree = counted_values(result, "kl"), counted_values(result, "argmax_agree")
+    if result.nll_ref is None:
+        assert_summary_matches(result.summary, reference_summary(kl, agree, None, None, None))
+        return
+    nll_ref, nll_cand, dp = counted_values(result, "nll_ref"), counted_values(result, "nll_cand"), counted_values(result, "delta_p")
+    assert_summary_matches(result.summary, reference_summary(kl, agree, nll_ref, nll_cand, dp))
+
+
+def assert_totals_are_the_dense_sums(result: compare.CompareResult) -> None:
+    t = result.totals
+    kl = counted_values(result, "kl")
+    assert t.tokens == kl.size and t.argmax_agree == int(counted_values(result, "argmax_agree").sum())
+    pairs = [(t.sum_kl, kl), (t.sum_kl2, kl * kl)]
+    if result.nll_ref is not None:
+        a, b, d = counted_values(result, "nll_ref"), counted_values(result, "nll_cand"), counted_values(result, "delta_p")
+        pairs += [(t.sum_nll_ref, a), (t.sum_nll_cand2, b * b), (t.sum_nll_ref_nll_cand, a * b), (t.sum_delta_p, d), (t.sum_delta_p4, d**4)]
+    for total, values in pairs:
+        assert total == pytest.approx(math.fsum(values), rel=1e-12, abs=1e-15 * float(np.abs(values).sum()) + 1e-300)
+
+
+# ---------------------------------------------------------------------------- values
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize(
+    ("shape", "with_tokens", "shift", "ignore_index"),
+    [((3, 40, 500), True, True, -100), ((120, 300), True, False, 7), ((2, 30, 200), False, False, -100)],
+)
+def test_per_token_values_match_float64_torch(client, dtype, shape, with_tokens, shift, ignore_index):
+    reference, candidate = model_logits(shape, dtype)
+    tokens = tokens_for(shape, ignore_index=ignore_index) if with_tokens else None
+    result = client.compare(reference, candidate, tokens, ignore_index=ignore_index, shift_targets=shift)
+    expected = torch_reference(reference, candidate, tokens, ignore_index, shift)
+    assert torch.equal(result.counted, expected["counted"]) and torch.equal(result.argmax_agree, expected["argmax_agree"])
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    for name in ("kl", *TARGET_OUTPUTS):
+        got = getattr(result, name)
+        if name not in expected:
+            assert got is None, name
+            continue
+        assert got.dtype == compute and got.shape == shape[:-1], name
+        rtol, atol = (1e-12, 1e-13) if dtype == torch.float64 else TOLERANCES[name]
+        torch.testing.assert_close(got.double(), expected[name], rtol=rtol, atol=atol, msg=name)
+    assert_totals_are_the_dense_sums(result)
+    assert_summary_is_the_numpy_formulas(result)
+
+
+def test_a_model_against_itself(client):
+    reference, _ = model_logits((2, 50, 100), torch.bfloat16)
+    result = client.compare(reference, reference, tokens_for((2, 50, 100)))
+    assert float(result.kl.abs().max()) <= 1e-6 and bool(result.argmax_agree[result.counted].all())
+    assert result.summary.same_top_p.value == 1.0 and result.summary.ppl_ratio.value == pytest.approx(1.0, abs=1e-9)
+
+
+def test_totals_combine_across_requests(client):
+    reference, candidate = model_logits((6, 30, 80))
+    tokens = tokens_for((6, 30, 80))
+    whole = client.compare(reference, candidate, tokens, shift_targets=True)
+    parts = [client.compare(reference[i : i + 2], candidate[i : i + 2], tokens[i : i + 2], shift_targets=True) for i in range(0, 6, 2)]
+    combined = combine_totals([p.totals for p in parts])
+    assert (combined.tokens, combined.argmax_agree) == (whole.totals.tokens, whole.totals.argmax_agree)
+    for name in ("sum_kl", "sum_nll_ref", "sum_nll_ref_nll_cand", "sum_delta_p2"):
+        assert getattr(combined, name) == pytest.approx(getattr(whole.totals, name), rel=1e-12)
+
+
+def test_top_k_against_torch(client):
+    reference, candidate = model_logits((3, 20, 64), torch.bfloat16)
+    result = client.compare(reference, candidate, top_k=5)
+    for logits, top in ((reference, result.reference_top_k), (candidate, result.candidate_top_k)):
+        order = torch.sort(logits.double(), dim=-1, descending=True, stable=True).indices[..., :5]
+        assert top.ids.dtype == torch.int64 and torch.equal(top.ids, order)
+        want = F.log_softmax(logits.double(), -1).gather(-1, order)
+        torch.testing.assert_close(top.logprobs.double(), want, rtol=1e-6, atol=2e-6)
+    assert client.compare(reference, candidate).reference_top_k is None
+
+
+def test_numpy_in_numpy_out_and_the_async_twin(server):
+    rng = np.random.default_rng(2)
+    reference = rng.standard_normal((4, 25, 40), dtype=np.float32)
+    candidate = reference + 0.1 * rng.standard_normal((4, 25, 40), dtype=np.float32)
+    tokens = rng.integers(0, 40, (4, 25))
+
+    async def run():
+        async with AsyncLossClient(server.address, timeout_s=60) as c:
+            return await c.compare(reference, candidate, tokens, shift_targets=True, top_k=2)
+
+    result = asyncio.run(run())
+    assert isinstance(result.kl, np.ndarray) and result.kl.dtype == np.float32 and result.kl.shape == (4, 25)
+    assert isinstance(result.reference_top_k.ids, np.ndarray) and result.reference_top_k.ids.shape == (4, 25, 2)
+    expected = torch_reference(torch.from_numpy(reference), torch.from_numpy(candidate), torch.from_numpy(tokens), shift=True)
+    np.testing.assert_allclose(result.nll_cand, expected["nll_cand"].numpy(), rtol=1e-6, atol=2e-6)
+    assert not result.counted[:, -1].any() and result.summary.tokens == int(result.counted.sum())
+
+
+# ---------------------------------------------------------------------------- large inputs
+def test_chunked_equals_unchunked(client, small, small_server):
+    reference, candidate = model_logits((4, 96, 500), torch.bfloat16)  # 768 KB of logits
+    tokens = tokens_for((4, 96, 500))
+    sent = []
+    whole = client.compare(reference, candidate, tokens, shift_targets=True, top_k=5)
+    chunked = small.compare(reference, candidate, tokens, shift_targets=True, top_k=5, progress=sent.append)
+    assert len(sent) > 10 and sum(sent) >= 2 * reference.numel() * 2  # many messages: it was streamed
+    for name in compare.DENSE_OUTPUTS:
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    for name in ("reference_top_k", "candidate_top_k"):
+        assert torch.equal(getattr(chunked, name).ids, getattr(whole, name).ids)
+        assert torch.equal(getattr(chunked, name).logprobs, getattr(whole, name).logprobs)
+    assert chunked.totals.tokens == whole.totals.tokens and chunked.totals.sum_kl == pytest.approx(whole.totals.sum_kl, rel=1e-12)
+    assert chunked.summary.kld == whole.summary.kld and chunked.summary.kld_percentiles == whole.summary.kld_percentiles
+    with grpc.insecure_channel(small_server.address) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.LossServiceStub(channel).Compare(compare.request(compare.CompareInputs(reference, candidate, tokens)), timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "CompareChunked" in info.value.details()
+
+
+def test_an_answer_over_the_send_limit_is_refused_before_compute(small):
+    reference, candidate = model_logits((3, 2000, 16))  # 6000 positions, top 8 of both models: ~1.2 MB of answer
+    with pytest.raises(ResourceExhaustedError, match="max_send_message_bytes"):
+        small.compare(reference, candidate, top_k=8)
+    assert small.compare(reference, candidate).totals.tokens == 6000
+
+
+# ---------------------------------------------------------------------------- bad input
+def _bad_cases() -> list[tuple[str, dict[str, Any], str]]:
+    reference, candidate = model_logits((2, 60, 300))  # 144 KB per model: chunked on the small server
+    tokens = tokens_for((2, 60, 300))
+    out_of_range = tokens.clone()
+    out_of_range[1, 3] = 300
+    base = {"reference": reference, "candidate": candidate, "tokens": tokens}
+    return [
+        ("shape mismatch", {**base, "candidate": model_logits((2, 61, 300))[1]}, "candidate"),
+        ("different vocabularies", {**base, "candidate": model_logits((2, 60, 301))[1]}, "candidate"),
+        ("target out of range", {**base, "tokens": out_of_range}, "target"),
+        ("target shape", {**base, "tokens": tokens[:, :59]}, "target"),
+        ("k over the limit", {**base, "top_k": 21}, "options.top_k"),
+        ("shift without targets", {**base, "tokens": None, "shift_targets": True}, "options.shift_targets"),
+        ("integer logits", {**base, "reference": reference.to(torch.int32)}, "reference"),
+    ]
+
+
+@pytest.mark.parametrize("path", ["unary", "chunked"])
+@pytest.mark.parametrize(("what", "kwargs", "field"), _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input_is_invalid_argument_naming_the_field(client, small, path, what, kwargs, field):
+    kwargs = dict(kwargs)
+    if path == "chunked" and kwargs.get("top_k"):
+        kwargs["top_k"] = 9  # the small server's limit is 8
+    c = client if path == "unary" else small
+    with pytest.raises(InvalidArgumentError) as info:
+        c.compare(kwargs.pop("reference"), kwargs.pop("candidate"), kwargs.pop("tokens"), **kwargs)
+    assert info.value.details.startswith(field + ":"), info.value.details
+    assert c.health() == "SERVING"
+
+
+def _chunked_status(address: str, messages: list[pb.CompareChunk]) -> grpc.RpcError:
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as info:
+        channel.stream_unary("/lossd.v1.LossService/CompareChunked", response_deserializer=pb.CompareResponse.FromString)(
+            iter([m.SerializeToString() for m in messages]), timeout=30
+        )
+    return info.value
+
+
+def test_chunk_stream_mistakes_name_the_field(small_server):
+    header = pb.CompareHeader(reference_dtype=pb.FLOAT32, reference_shape=[4, 8], candidate_dtype=pb.FLOAT32, candidate_shape=[4, 8])
+    rows = {"reference_rows": b"\0" * 64, "candidate_rows": b"\0" * 64}  # 2 rows of each
+    cases = [
+        ([], "header"),
+        ([pb.CompareChunk(**rows)], "header"),
+        ([pb.CompareChunk(header=header), pb.CompareChunk(reference_rows=b"\0" * 64, candidate_rows=b"\0" * 32)], "candidate_rows"),
+        ([pb.CompareChunk(header=header), pb.CompareChunk(**rows)], "reference_rows"),  # 2 of 4 rows
+        ([pb.CompareChunk(header=header, **rows), pb.CompareChunk(header=header, **rows)], "header"),
+    ]
+    for messages, field in cases:
+        err = _chunked_status(small_server.address, messages)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith(field + ":"), err.details()
+
+
+def test_server_info_names_the_top_k_limit(client, small):
+    assert client.server_info().max_top_k == 20 and small.server_info().max_top_k == 8
+
+
+# ---------------------------------------------------------------------------- the CLI
+def lossd_client(address: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lossd_client.cli", "--target", address, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    reference, candidate = model_logits((3, 64, 200), torch.float32, seed=5)
+    tokens = tokens_for((3, 64, 200), seed=6)
+    d = tmp_path_factory.mktemp("compare")
+    np.savez(d / "base.npz", logits=reference.numpy(), tokens=tokens.numpy())
+    torch.save({"logits": candidate.to(torch.bfloat16)}, d / "quantized.pt")
+    np.savez(d / "tokens.npz", input_ids=tokens.numpy())
+    return d, reference, candidate.to(torch.bfloat16), tokens
+
+
+def test_cli_prints_llama_cpps_table(server, client, saved):
+    d, reference, candidate, tokens = saved
+    out = lossd_client(server.address, "compare", str(d / "base.npz"), str(d / "quantized.pt"), "--shift")
+    assert out.returncode == 0, out.stderr
+    expected = client.compare(reference.numpy(), candidate, tokens.numpy(), shift_targets=True)  # torch in: a bf16 candidate
+    table = out.stdout.split("\n", 3)[3]
+    assert table == format_table(expected.summary)
+    labels = [line for line in table.splitlines() if ":" in line and not line.startswith("Tokens")]
+    assert [line[: len(label)] for line, label in zip(labels, LLAMA_CPP_LABELS, strict=True)] == LLAMA_CPP_LABELS
+    assert "%|" in out.stderr  # the progress bar
+
+
+def test_cli_json_tokens_file_and_output(server, client, saved, tmp_path):
+    d, reference, candidate, tokens = saved
+    args = ["compare", str(d / "base.npz"), str(d / "quantized.pt"), "--tokens", str(d / "tokens.npz"), "--ignore-index", "-100"]
+    out = lossd_client(server.address, *args, "--json", "--no-progress", "--output", str(tmp_path / "t.npz"), "--top-k", "3")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    expected = client.compare(reference.numpy(), candidate, tokens.numpy(), top_k=3)
+    assert doc["shape"] == [3, 64, 200] and doc["summary"]["tokens"] == expected.summary.tokens
+    assert doc["summary"]["kld"] == expected.summary.kld.to_dict()
+    assert doc["summary"]["ppl_ratio"] == expected.summary.ppl_ratio.to_dict()
+    assert doc["totals"]["sum_kl"] == expected.totals.sum_kl
+    saved_arrays = np.load(tmp_path / "t.npz")
+    np.testing.assert_array_equal(saved_arrays["kl"], compare.as_numpy(expected.kl))
+    np.testing.assert_array_equal(saved_arrays["candidate_top_k_ids"], compare.as_numpy(expected.candidate_top_k.ids))
+
+
+def test_cli_without_tokens_and_its_errors(server, saved, tmp_path):
+    d, reference, candidate, _ = saved
+    np.savez(tmp_path / "plain.npz", logits=reference.numpy())
+    out = lossd_client(server.address, "compare", str(tmp_path / "plain.npz"), str(d / "quantized.pt"), "--no-progress")
+    assert out.returncode == 0 and "Perplexity statistics" not in out.stdout and "Same top p" in out.stdout
+    missing = lossd_client(server.address, "compare", str(tmp_path / "nope.npz"), str(d / "quantized.pt"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr and "Traceback" not in missing.stderr
+    np.savez(tmp_path / "other.npz", logits=reference[:, :10].numpy())
+    bad = lossd_client(server.address, "compare", str(tmp_path / "other.npz"), str(d / "quantized.pt"), "--no-progress")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT: candidate:" in bad.stderr
+
+
+def test_the_example_compares_a_model_with_its_rounded_copy_and_agrees_with_torch(server):
+    example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "compare_models.py"
+    cmd = [sys.executable, str(example), "--target", server.address, "--train-seconds", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Mean    KLD:" in out.stdout and "Same top p:" in out.stdout and "agrees with local torch" in out.stdout
