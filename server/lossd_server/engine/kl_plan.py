@@ -40,6 +40,11 @@ class RowGeometry:
 
     unit_shape: tuple[int, ...]
 
+    @property
+    def unit_elements(self) -> int:
+        """Input elements per row."""
+        return math.prod(self.unit_shape)
+
 
 def _check_options(spec: LossSpec, weight: torch.Tensor | None, pos_weight: torch.Tensor | None) -> None:
     """torch's kl_div takes none of the other losses' options: each one set is rejected by name."""
@@ -120,8 +125,7 @@ class KlDivLossPlan:
 
     @property
     def unit_elements(self) -> int:
-        """Input elements per row."""
-        return math.prod(self.geometry.unit_shape)
+        return self.geometry.unit_elements
 
     def needs_losses(self) -> bool:
         return self.call.reduction == "none"
