@@ -91,6 +91,9 @@ class KlDivPlan:
     rows: int
     input_by_rows: bool
     target_by_rows: bool
+    #: Which operands are 0-dim in torch's call. torch ranks a 0-dim operand below a dimensioned one
+    #: in type promotion, so it must reach the elementwise formula 0-dim, however it was viewed.
+    scalar_operands: tuple[bool, bool] = (False, False)
 
     @property
     def row_elements(self) -> int:
@@ -254,6 +257,7 @@ def plan_kl_div(
         return ndim >= 1 and len(shape) == ndim and shape[0] == output_shape[0]
 
     return KlDivPlan(
+        scalar_operands=(not input_shape, not target_shape),
         input_shape=input_shape,
         input_dtype=input_dtype,
         target_shape=target_shape,
@@ -301,7 +305,9 @@ def _operand_block(operand: torch.Tensor, out_ndim: int, index: tuple[slice, ...
 
 
 def _elementwise(plan: KlDivPlan, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """torch's kl_div elements (aten::kl_div's formula, in the same operation order)."""
+    """torch's kl_div elements (aten::kl_div's formula, in the same operation order, with the
+    operands 0-dim where torch's were: that decides the dtype each operation runs in)."""
+    x, t = (v.reshape(-1)[:1].reshape(()) if scalar and v.dim() else v for v, scalar in zip((x, t), plan.scalar_operands, strict=True))
     if plan.log_target:
         return torch.exp(t) * (t - x)
     return torch.xlogy(t, t) - t * x
