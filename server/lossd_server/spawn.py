@@ -79,6 +79,10 @@ class ServerProcess:
 P = TypeVar("P", bound=ServerProcess)
 
 
+def _serving(line: str) -> bool:
+    return "SERVING" in line and "NOT_SERVING" not in line
+
+
 def spawn(
     cmd: Sequence[str],
     *,
@@ -86,8 +90,13 @@ def spawn(
     cwd: str | None = None,
     timeout_s: float = 60.0,
     make: Callable[[subprocess.Popen], P] = ServerProcess,
+    ready_when: Callable[[str], bool] | None = None,
 ) -> P:
-    """Start ``cmd`` and return once its log says SERVING (raises with the log otherwise)."""
+    """Start ``cmd`` and return once its log says SERVING (raises with the log otherwise).
+
+    ``ready_when``: a log line that means ready instead (e.g. listening, for a server whose
+    warm-up the caller holds back)."""
+    is_ready = ready_when or _serving
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
@@ -105,7 +114,7 @@ def spawn(
             m = _METRICS.search(line)
             if m:
                 server.metrics_port = int(m.group(1))
-            if "SERVING" in line and "NOT_SERVING" not in line:
+            if is_ready(line):
                 ready.set()
         ready.set()
 
