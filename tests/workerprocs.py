@@ -6,16 +6,14 @@ the ``socket:[inode]`` links under ``/proc/<pid>/fd``; ``/proc/net/tcp`` and ``t
 inode's local and remote ports. A client connection is known by its local port (this process's
 socket whose remote port is the server's), the worker by the socket on the other end.
 
-Also the supervisor's log: worker pids (``worker 1 started (pid 123)``) and the worker target
-with a warm-up that waits for a file (run by ``python tests/workerprocs.py``; see
-:func:`gated_worker`).
+Also a load of threads (:class:`Load`), stopping a server and whatever it left (by pid), and a
+worker entry whose warm-up waits for a file (:func:`gated_worker`, run by ``python tests/workerprocs.py``).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import re
 import shutil
 import signal
 import sys
@@ -23,7 +21,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+from lossd_server.spawn import worker_pids
+
 ESTABLISHED = "01"
 #: Environment: a path; worker 1's warm-up waits until it exists (gated_worker).
 GATE_ENV = "LOSSD_TEST_WARMUP_GATE"
@@ -76,11 +75,6 @@ def worker_of(client_port: int, pids: dict[int, int], port: int) -> int | None:
         if client_port in peers_of(pid, port):
             return index
     return None
-
-
-def worker_pids(log: str) -> dict[int, int]:
-    """Worker index -> pid of the latest worker started in that slot, from the supervisor's log."""
-    return {int(index): int(pid) for index, pid in _STARTED.findall(log)}
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 60.0, what: str = "condition") -> object:

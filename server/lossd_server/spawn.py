@@ -20,7 +20,14 @@ from typing import TypeVar
 
 _LISTEN = re.compile(r"listening on [^ ]+:(\d+)")
 _METRICS = re.compile(r"metrics on http://[^:]+:(\d+)")
+_WORKER = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 _SAMPLE = re.compile(r"^(lossd_[a-z_]+(?:\{[^}]*\})?) ([0-9.eE+-]+|NaN)$")
+
+
+def worker_pids(log: str) -> dict[int, int]:
+    """``--workers N``: worker index -> pid of the latest worker started in that slot, from the
+    supervisor's log (``worker 1 started (pid 123)``); {} for a single-process server."""
+    return {int(index): int(pid) for index, pid in _WORKER.findall(log)}
 
 
 @dataclass
@@ -41,6 +48,10 @@ class ServerProcess:
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
+
+    def worker_pids(self) -> dict[int, int]:
+        """``--workers N``: worker index -> pid of its latest worker (see :func:`worker_pids`)."""
+        return worker_pids(self.log())
 
     def status_kib(self, key: str) -> int:
         """A /proc/<pid>/status field in KiB (VmHWM: peak RSS, VmRSS: current RSS)."""
