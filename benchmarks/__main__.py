@@ -191,14 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         png = args.png or os.path.splitext(args.out)[0] + ".png"
         chart.plot_large(sections["large"], png, machine)
     if "workers" in sections:
-        clients = workers.defaults(argparse.Namespace(**vars(args)), duration, 1).clients
-        print(
-            f"\nworker processes (--workers N; {clients} client processes on this host, {args.connections_per_worker} x N connections each, "
-            f"unary {args.in_flight} in flight each / evaluate_many window {workers.WINDOW}; x first: req/s / the first row's; "
-            "srv us/call: CPU of every worker per call; shares: unary calls per worker; large: one 2048x32000 fp32 request, "
-            "reduction='none', best of the repeats, over 1 and over k parallel streams)"
-        )
-        print(workers.table(sections["workers"]))
+        print(workers.report(sections["workers"], workers.defaults(argparse.Namespace(**vars(args)), duration, 1)))
     if "cold_start" in sections:
         print(f"\ncold start (Popen to ready, {args.cold_starts} starts each)")
         print(cold_start.table(sections["cold_start"]))

@@ -27,6 +27,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import pathlib
 import sys
 import time
 
@@ -193,6 +194,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report(rows: list[dict], args: argparse.Namespace) -> str:
+    """The table with its legend, as ``make bench`` prints it."""
+    legend = (
+        f"\nworker processes (--workers N; {args.clients} client processes on this host, {args.connections_per_worker} x N connections "
+        f"each, unary {args.in_flight} in flight each / evaluate_many window {WINDOW}; x first: req/s / the first row's; "
+        "srv us/call: CPU of every worker per call; shares: unary calls per worker; large: one 2048x32000 fp32 request, "
+        "reduction='none', best of the repeats, over 1 and over k parallel streams)"
+    )
+    return legend + "\n" + table(rows)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers-list", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2], help="worker counts (default 1,2)")
     p.add_argument("--clients", type=int, default=None, help="client processes for the small calls (default: CPUs // 2, 1..8)")
@@ -216,10 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     rows = run(defaults(args, args.duration, args.repeats))
-    print(table(rows))
+    print(report(rows, args))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
