@@ -283,3 +283,16 @@ def test_a_killed_worker_is_replaced_and_the_server_keeps_serving():
         assert stop_everything(proc) == 0, proc.log()
     finally:
         stop_everything(proc)
+
+
+def test_workers_whose_supervisor_is_killed_drain_and_exit():
+    proc = start_server(*FLAGS)
+    try:
+        pids = worker_pids(proc.log())
+        assert len(pids) == 2 and all(alive(pid) for pid in pids.values())
+        proc.signal(signal.SIGKILL)
+        assert proc.proc.wait(30) == -signal.SIGKILL
+        wait_for(lambda: not any(alive(pid) for pid in pids.values()), 60, "the orphaned workers to exit")
+        assert proc.log().count("the supervisor is gone: stopping") == 2, proc.log()
+    finally:
+        stop_everything(proc)
