@@ -254,6 +254,7 @@ class RoundRobin:
         self._turns = itertools.count()
 
     def next(self) -> int:
+        """The next call's connection."""
         return next(self._turns) % self.n
 
     def take(self, k: int) -> list[int]:
@@ -497,10 +498,12 @@ class Merge:
 
     @staticmethod
     def message(response: Any) -> tuple[str, Any]:
+        """The item a reader puts for one response."""
         return ("message", response)
 
     @staticmethod
     def failed(exc: BaseException) -> tuple[str, Any]:
+        """The item a reader puts when its stream fails."""
         return ("failed", exc)
 
     def take(self, item: tuple[str, Any]) -> Any | None:

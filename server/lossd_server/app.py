@@ -6,6 +6,8 @@ or SIGINT health turns NOT_SERVING at once while the server keeps accepting for 
 (gRPC's transport may hold calls the event loop has not started yet: the server waits until no
 call is in progress and none has started for a moment), at most ``grace_s``, and only then stops
 accepting. A port already in use stops the server before it announces anything (exit status 2).
+With ``--workers N`` every worker process runs :func:`listen` on the shared port and its health
+follows the supervisor's decision (:mod:`lossd_server.workers`).
 """
 
 from __future__ import annotations
