@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--skip-small] [--skip-large] [--skip-cold] [--skip-compare] [--device cpu|cuda] [--out PATH]``: one run.
+"""``python -m benchmarks [--quick] [--skip-small] [--skip-large] [--skip-workers] [--skip-cold] [--skip-compare] [--device cpu|cuda] [--out PATH]``: one run.
 
 Small requests, every workload through every configuration back to back (same run, same data):
 (a) in-process torch, (F) the floor (benchmarks.floor_server: a bare grpc.aio server that receives
@@ -12,6 +12,10 @@ server. Then a bounded soak of small requests reporting the server's RSS after w
 Large requests (benchmarks.large): one 2048x32000 request in fp32 and bf16 through in-process torch,
 the in-process lossd engine, the floor's client-streaming sink, the naive unary gRPC server, lossd
 streaming and lossd shared memory; printed, stored in the same JSON and plotted to a PNG next to it.
+
+Workers (benchmarks.workers): ``--workers N`` for each N of ``--workers-list`` (default 1,2): small-call
+throughput from several client processes with 4 x N connections each (unary and evaluate_many), each
+worker's share, and one 262 MB request over one stream and over N parallel streams.
 
 Cold start (benchmarks.cold_start): Popen of ``python -m lossd_server --port 0 --metrics-port 0`` to
 the first health check answering SERVING, best and median of ``--cold-starts``; the floor server's
@@ -29,7 +33,7 @@ import time
 
 import torch
 
-from . import chart, cold_start, compare, drivers, large, servers, workloads
+from . import chart, cold_start, compare, drivers, large, servers, workers, workloads
 from .report import Row, add_ratios, table, write_json
 from .workloads import Workload
 
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--soak", type=int, default=20000, help="requests in the soak after warm-up")
     p.add_argument("--skip-small", action="store_true", help="leave out the small-request section and the soak")
     p.add_argument("--skip-large", action="store_true", help="leave out the large-request section")
+    p.add_argument("--skip-workers", action="store_true", help="leave out the worker-process section")
+    workers.add_arguments(p)
     p.add_argument("--skip-cold", action="store_true", help="leave out the cold-start section")
     p.add_argument("--skip-compare", action="store_true", help="leave out comparing two 2048x32000 bf16 logit sets (benchmarks.compare)")
     p.add_argument("--cold-starts", type=int, default=5, help="starts of lossd (and of the floor) in the cold-start section")
@@ -154,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         print("large requests", file=sys.stderr, flush=True)
         args.repeats = args.repeats or (1 if args.quick else 3)
         sections["large"] = large.run(args)
+    if not args.skip_workers:
+        print("worker processes", file=sys.stderr, flush=True)
+        sections["workers"] = workers.run(workers.defaults(argparse.Namespace(**vars(args)), duration, 1 if args.quick else 3))
     if not args.skip_cold:
         print("cold start", file=sys.stderr, flush=True)
         sections["cold_start"] = cold_start.run(args.cold_starts, args.device)
@@ -185,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         print(large.table(sections["large"]))
         png = args.png or os.path.splitext(args.out)[0] + ".png"
         chart.plot_large(sections["large"], png, machine)
+    if "workers" in sections:
+        print(workers.report(sections["workers"], workers.defaults(argparse.Namespace(**vars(args)), duration, 1)))
     if "cold_start" in sections:
         print(f"\ncold start (Popen to ready, {args.cold_starts} starts each)")
         print(cold_start.table(sections["cold_start"]))
@@ -211,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         "peak RSS: VmHWM of the server process at the end of the cell (lifetime peak); ratio_to_floor / ratio_to_naive: req/s ratio to "
         "(F) / (b) of the same workload; server_cpu_ratio_to_floor: server CPU per call / (F)'s; "
         "large: see benchmarks/large.py (peak memory above idle counts mapped shared-memory pages of the shm path; "
-        "ratio_to_floor: throughput / the floor row's of the same dtype); cold_start: see benchmarks/cold_start.py",
+        "ratio_to_floor: throughput / the floor row's of the same dtype); workers: see benchmarks/workers.py; "
+        "cold_start: see benchmarks/cold_start.py",
     }
     write_json(args.out, meta, rows, sections)
     print(f"\nwritten to {os.path.relpath(args.out)}{' and ' + os.path.relpath(png) if png else ''} in {meta['total_s']:.0f} s")

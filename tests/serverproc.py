@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 
 from lossd_server.spawn import ServerProcess, spawn
 
@@ -15,13 +16,22 @@ __all__ = ["HOG_FLAGS", "TEST_DEVICE", "EngineHog", "ServerProcess", "start_serv
 TEST_DEVICE = os.environ.get("LOSSD_TEST_DEVICE", "")
 
 
-def start_server(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60.0, metrics: bool = False) -> ServerProcess:
+def start_server(
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 60.0,
+    metrics: bool = False,
+    program: Sequence[str] = ("-m", "lossd_server"),
+    ready_when: Callable[[str], bool] | None = None,
+) -> ServerProcess:
     """Run ``python -m lossd_server --host 127.0.0.1 --port 0 ...`` and wait until it is SERVING.
 
     ``metrics=True`` serves /metrics on a port the OS picks (``.metrics_port``); a ``--port`` in
-    ``args`` replaces ``--port 0`` (to restart a server on the same port).
+    ``args`` replaces ``--port 0`` (to restart a server on the same port). ``program``: what
+    python runs instead of ``-m lossd_server``; ``ready_when``: a log line that means ready
+    instead of SERVING.
     """
-    cmd = [sys.executable, "-m", "lossd_server", "--host", "127.0.0.1"]
+    cmd = [sys.executable, *program, "--host", "127.0.0.1"]
     if not any(a.startswith("--port") for a in args):
         cmd += ["--port", "0"]
     if not any(a.startswith("--metrics-port") for a in args):
@@ -29,7 +39,7 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout_s: float
     if TEST_DEVICE and not any(a.startswith("--device") for a in args):
         cmd += ["--device", TEST_DEVICE]
     cmd += list(args)
-    return spawn(cmd, env=env, timeout_s=timeout_s)
+    return spawn(cmd, env=env, timeout_s=timeout_s, ready_when=ready_when)
 
 
 HOG_FLAGS = ("--chunk-bytes", "32", "--compute-threads", "1")

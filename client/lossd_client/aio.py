@@ -9,14 +9,14 @@ answers come from :mod:`lossd_client.core`, the shared methods from
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
 
 from . import compare, core
 from ._proto.lossd.v1 import loss_pb2 as pb
-from .base import ClientBase
+from .base import ClientBase, Connection
 from .compare import CompareResult
 from .errors import LossdError, from_rpc_error, rpc_errors
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
@@ -39,8 +39,9 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel and unlink this client's shared-memory segments."""
-        await self._channel.close()
+        """Close the channels and unlink this client's shared-memory segments."""
+        for connection in self._connections:
+            await connection.channel.close()
         self._segments.close()
 
     async def evaluate(self, request: LossRequest | None = None, *, timeout_s: float | None = None, **fields: Any) -> EvaluateResult:
@@ -49,10 +50,11 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         if self._needs_limit(req):
             self._server_max = (await self.server_info(timeout_s=timeout)).max_receive_message_bytes
         with self._route(req) as call, rpc_errors():
-            response = await (
-                self._evaluate_chunked(call.payloads, timeout=timeout) if call.chunked else self._evaluate(call.message, timeout=timeout)
-            )
-        return call.parse(response)
+            if call.chunked:
+                responses = await _chunked(self._take(len(call.streams)), call.streams, timeout)
+            else:
+                responses = [await self._take(1)[0].evaluate(call.message, timeout=timeout)]
+        return call.answer(responses)
 
     async def evaluate_many(
         self,
@@ -63,13 +65,15 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         timeout_s: float | None = None,
         return_exceptions: bool = False,
     ) -> AsyncIterator[EvaluateResult | LossdError]:
-        """Async twin of :meth:`LossClient.evaluate_many` (the requests may also be an async iterable)."""
-        stream = core.Stream(window, pack, return_exceptions)
-        call = self._streams[stream.method](timeout=self._timeout(timeout_s))
+        """Async twin of :meth:`LossClient.evaluate_many` (the requests may also be an async iterable);
+        with ``connections=k`` its messages go to one stream per connection in turn."""
+        stream, connections = self._stream(window, pack, return_exceptions)
+        timeout = self._timeout(timeout_s)
+        calls = [c.streams[stream.method](timeout=timeout) for c in connections]
         slots = asyncio.Semaphore(window)
-        write_task = asyncio.ensure_future(_write(call, stream, requests, slots))
+        write_task = asyncio.ensure_future(_write(calls, stream, requests, slots))
         try:
-            async for message in call:
+            async for message in _merged(calls):
                 answers = stream.answers(message)
                 for _ in answers:
                     slots.release()
@@ -85,7 +89,8 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
             raise from_rpc_error(exc) from exc
         finally:
             write_task.cancel()
-            call.cancel()
+            for call in calls:
+                call.cancel()
 
     async def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         """The server's versions, device and limits (GetServerInfo)."""
@@ -109,6 +114,45 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
             return call.parse(await rpc(call.request, timeout=timeout))
 
 
+async def _chunked(
+    connections: Sequence[Connection], streams: Sequence[Iterator[bytes]], timeout: float | None
+) -> list[pb.EvaluateResponse]:
+    """One EvaluateChunked call per stream, all at once, each over its own connection; their answers in order."""
+    calls = [c.evaluate_chunked(s, timeout=timeout) for c, s in zip(connections, streams, strict=True)]
+    try:
+        return list(await asyncio.gather(*calls))
+    finally:
+        for call in calls:
+            call.cancel()  # the others, when one failed
+
+
+async def _merged(calls: Sequence[Any]) -> AsyncIterator[Any]:
+    """The responses of several response-streaming calls as they come; a call's error is raised here."""
+    if len(calls) == 1:
+        async for message in calls[0]:
+            yield message
+        return
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    async def read(call: Any) -> None:
+        try:
+            async for message in call:
+                inbox.put_nowait(core.Merge.message(message))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            inbox.put_nowait(core.Merge.failed(exc))
+        inbox.put_nowait(core.Merge.END)
+
+    readers = [asyncio.ensure_future(read(call)) for call in calls]
+    merge = core.Merge(len(calls))
+    try:
+        while merge.open:
+            if (message := merge.take(await inbox.get())) is not None:
+                yield message
+    finally:
+        for reader in readers:
+            reader.cancel()
+
+
 async def _items(requests: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
     if hasattr(requests, "__aiter__"):
         async for item in requests:  # type: ignore[union-attr]
@@ -118,16 +162,19 @@ async def _items(requests: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[
             yield item
 
 
-async def _write(call: Any, stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore) -> None:
+async def _write(calls: Sequence[Any], stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore) -> None:
     """The request side of ``evaluate_many``: an item is taken while a window slot is free; a batch
-    is sent when it is full or no slot is left. A failing item or source ends the writing (the
-    stream raises it after the answers before it); anything else cancels the call."""
+    is sent when it is full or no slot is left, to the streams in turn. A failing item or source
+    ends the writing (the stream raises it after the answers before it); anything else cancels
+    the calls."""
+    sent = 0
     try:
         batch: list[core.Encoded] = []
         source = _items(requests)
         while (item := await _next(source, stream)) is not _END:
             if batch and (stream.full(batch) or slots.locked()):
-                await call.write(stream.message(batch))
+                await calls[sent % len(calls)].write(stream.message(batch))
+                sent += 1
                 batch = []
             await slots.acquire()
             msg = stream.add(item)
@@ -135,10 +182,12 @@ async def _write(call: Any, stream: core.Stream, requests: Iterable[Any] | Async
                 break
             batch.append(msg)
         if batch:
-            await call.write(stream.message(batch))
-        await call.done_writing()
+            await calls[sent % len(calls)].write(stream.message(batch))
+        for call in calls:
+            await call.done_writing()
     except BaseException:
-        call.cancel()  # the reader must not wait for answers that will never come
+        for call in calls:
+            call.cancel()  # the reader must not wait for answers that will never come
         raise
 
 

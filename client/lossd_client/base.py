@@ -4,6 +4,11 @@ Every public method whose body is the same in both clients is written once here:
 request with :mod:`lossd_client.core` and hands it to ``_run``, the one method each client
 implements with its own I/O (a blocking call, or a coroutine to await). ``evaluate``,
 ``evaluate_many``, ``server_info`` and ``health`` talk to the channel and live in each client.
+
+``connections=k`` opens k channels to the same target, each with its own subchannel pool (gRPC
+otherwise shares one connection between channels with the same arguments), so that the k
+connections can land on different worker processes of a ``--workers N`` server (its port spreads
+connections, not calls). Calls take them in turn (:class:`~lossd_client.core.RoundRobin`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,22 @@ from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from .channel import SERVICE, channel_options, credentials, normalise_target
 from .shm import SegmentPool
 from .types import EvaluateResult, LossRequest
+
+
+class Connection:
+    """One channel (one connection per resolved address) with the stubs the clients call."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.stub = pb_grpc.LossServiceStub(channel)
+        # requests go out as bytes the core serialised (see core.encode); answers are parsed here
+        self.evaluate = _raw_method(channel.unary_unary, "Evaluate", pb.EvaluateResponse)
+        self.evaluate_chunked = _raw_method(channel.stream_unary, "EvaluateChunked", pb.EvaluateResponse)
+        self.streams = {
+            "EvaluateStream": _raw_method(channel.stream_stream, "EvaluateStream", pb.EvaluateResponse),
+            "EvaluatePacked": _raw_method(channel.stream_stream, "EvaluatePacked", pb.EvaluateBatchResults),
+        }
+
 
 #: What the loss methods return: the loss (LossClient) or an awaitable of it (AsyncLossClient).
 LossT = TypeVar("LossT")
@@ -52,6 +73,13 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
     :param shared_memory: send tensors of at least ``shm_min_bytes`` through same-host shared
         memory (the server must run with ``--allow-client-shm``).
     :param shm_min_bytes: smallest tensor sent through shared memory.
+    :param connections: channels to open to ``target``, each its own connection; calls,
+        ``evaluate_many`` streams and the parts of a large request take them in turn. Use about
+        as many as the server has worker processes (``--workers``): the server's port spreads
+        connections over its workers, not calls.
+    :param parallel_streams: a request that goes through EvaluateChunked is cut along its rows
+        into up to this many parts, sent at once over different connections and joined exactly
+        (default: ``connections``; 1 never cuts; see :mod:`lossd_client.split` for what is never cut).
     """
 
     #: ``grpc`` or ``grpc.aio``: the module the channel comes from.
@@ -72,6 +100,8 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         chunked_above_bytes: int = layout.CHUNKED_ABOVE_BYTES,
         shared_memory: bool = False,
         shm_min_bytes: int = 1024 * 1024,
+        connections: int = 1,
+        parallel_streams: int | None = None,
     ) -> None:
         self.target = normalise_target(target)
         self.timeout_s = timeout_s
@@ -80,23 +110,24 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         self.chunked_above_bytes = chunked_above_bytes
         self.shared_memory = shared_memory
         self.shm_min_bytes = shm_min_bytes
+        self._turns = core.RoundRobin(connections)
+        self.parallel_streams = connections if parallel_streams is None else max(1, parallel_streams)
         self._segments = SegmentPool()
         self._server_max: int | None = None
         tls = credentials(root_certificates, private_key, certificate_chain)
-        options = channel_options(max_message_bytes, retries)
+        options = channel_options(max_message_bytes, retries, own_connection=connections > 1)
         if tls is None:
-            self._channel = self._grpc.insecure_channel(self.target, options=options)
+            channels = [self._grpc.insecure_channel(self.target, options=options) for _ in range(connections)]
         else:
-            self._channel = self._grpc.secure_channel(self.target, tls, options=options)
-        self._stub = pb_grpc.LossServiceStub(self._channel)
-        # requests go out as bytes the core serialised (see core.encode); answers are parsed here
-        raw = _raw_method
-        self._evaluate = raw(self._channel.unary_unary, "Evaluate", pb.EvaluateResponse)
-        self._evaluate_chunked = raw(self._channel.stream_unary, "EvaluateChunked", pb.EvaluateResponse)
-        self._streams = {
-            "EvaluateStream": raw(self._channel.stream_stream, "EvaluateStream", pb.EvaluateResponse),
-            "EvaluatePacked": raw(self._channel.stream_stream, "EvaluatePacked", pb.EvaluateBatchResults),
-        }
+            channels = [self._grpc.secure_channel(self.target, tls, options=options) for _ in range(connections)]
+        self._connections = [Connection(channel) for channel in channels]
+        self._channel = channels[0]
+        self._stub = self._connections[0].stub
+
+    @property
+    def connections(self) -> int:
+        """How many channels (connections) this client opened."""
+        return len(self._connections)
 
     # ------------------------------------------------------------------ torch.nn.functional mirror
     def cross_entropy(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100, reduction: str = "mean",
@@ -207,7 +238,17 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
             chunked_above_bytes=self.chunked_above_bytes,
             segments=self._segments if self.shared_memory else None,
             shm_min_bytes=self.shm_min_bytes,
+            parallel_streams=self.parallel_streams,
         )
+
+    def _take(self, k: int) -> list[Connection]:
+        """The connections of the next ``k`` calls, in turn."""
+        return [self._connections[i] for i in self._turns.take(k)]
+
+    def _stream(self, window: int, pack: int | None, return_exceptions: bool) -> tuple[core.Stream, list[Connection]]:
+        """An ``evaluate_many``'s bookkeeping and the connections of its streams."""
+        streams = core.stream_count(window, pack, len(self._connections))
+        return core.Stream(window, pack, return_exceptions, streams), self._take(streams)
 
     def _health_check(self, service: str) -> tuple[Callable[..., Any], Any]:
         """(the Health service's Check method on this channel, the request for ``service``)."""

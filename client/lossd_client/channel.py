@@ -73,15 +73,23 @@ def _is_ipv4(address: str) -> bool:
     return len(parts) == 4 and all(p.isdigit() for p in parts)
 
 
-def channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, Any]]:
-    """gRPC channel options: message limits both ways, the service config, retries and their buffer."""
-    return [
+def channel_options(max_message_bytes: int, retries: int, *, own_connection: bool = False) -> list[tuple[str, Any]]:
+    """gRPC channel options: message limits both ways, the service config, retries and their buffer.
+
+    ``own_connection``: the channel gets its own subchannel pool (``grpc.use_local_subchannel_pool``),
+    hence its own connections; by default gRPC shares one connection between every channel of the
+    process with the same target and arguments (``connections=k`` clients need k distinct ones).
+    """
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.service_config", service_config(retries=retries)),
         ("grpc.enable_retries", 1),
         ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
     ]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return options
 
 
 def credentials(

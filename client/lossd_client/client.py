@@ -10,15 +10,16 @@ and answer parsing live in :mod:`lossd_client.core` and the shared methods in
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
 
 from . import compare, core
 from ._proto.lossd.v1 import loss_pb2 as pb
-from .base import ClientBase
+from .base import ClientBase, Connection
 from .channel import normalise_target, service_config
 from .compare import CompareResult
 from .errors import LossdError, rpc_errors
@@ -45,8 +46,9 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         self.close()
 
     def close(self) -> None:
-        """Close the channel and unlink this client's shared-memory segments."""
-        self._channel.close()
+        """Close the channels and unlink this client's shared-memory segments."""
+        for connection in self._connections:
+            connection.channel.close()
         self._segments.close()
 
     def evaluate(self, request: LossRequest | None = None, *, timeout_s: float | None = None, **fields: Any) -> EvaluateResult:
@@ -59,10 +61,11 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         if self._needs_limit(req):
             self._server_max = self.server_info(timeout_s=timeout).max_receive_message_bytes
         with self._route(req) as call, rpc_errors():
-            response = (
-                self._evaluate_chunked(call.payloads, timeout=timeout) if call.chunked else self._evaluate(call.message, timeout=timeout)
-            )
-        return call.parse(response)
+            if call.chunked:
+                responses = _chunked(self._take(len(call.streams)), call.streams, timeout)
+            else:
+                responses = [self._take(1)[0].evaluate(call.message, timeout=timeout)]
+        return call.answer(responses)
 
     def evaluate_many(
         self,
@@ -73,27 +76,31 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         timeout_s: float | None = None,
         return_exceptions: bool = False,
     ) -> Iterator[EvaluateResult | LossdError]:
-        """Score many requests over one stream, ``window`` in flight; results in input order.
+        """Score many requests, ``window`` in flight; results in input order.
 
         Each item is a :class:`LossRequest`, a mapping with its field names, or an
         ``(input, target)`` pair; anything else raises TypeError (after the results of the items
         before it). Requests travel ``pack`` per message over EvaluatePacked (default
-        ``window // 4``, so several messages are in flight while the server computes); ``pack=1``
-        uses EvaluateStream, one request per message.
+        ``window // (4 * streams)``, so several messages are in flight on each stream while the
+        server computes); ``pack=1`` uses EvaluateStream, one request per message. With
+        ``connections=k`` the window is spread over one stream per connection (each message goes
+        to whichever stream asks for the next one).
         """
-        stream = core.Stream(window, pack, return_exceptions)
+        stream, connections = self._stream(window, pack, return_exceptions)
         feeder = _Feeder(iter(requests), stream)
-        call = self._streams[stream.method](feeder.messages(), timeout=self._timeout(timeout_s))
+        timeout = self._timeout(timeout_s)
+        calls = [c.streams[stream.method](feeder.messages(), timeout=timeout) for c in connections]
         try:
             with rpc_errors():
-                for message in call:
+                for message in _merged(calls):
                     answers = stream.answers(message)
                     feeder.release(len(answers))
                     yield from stream.ready(answers)
             stream.finish()
         finally:
             feeder.stop()
-            call.cancel()
+            for call in calls:
+                call.cancel()
 
     def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         """The server's versions, device and limits (GetServerInfo)."""
@@ -117,15 +124,53 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
             return call.parse(rpc(call.request, timeout=timeout))
 
 
+def _chunked(connections: Sequence[Connection], streams: Sequence[Iterator[bytes]], timeout: float | None) -> list[pb.EvaluateResponse]:
+    """One EvaluateChunked call per stream, all at once, each over its own connection; their answers in order."""
+    if len(streams) == 1:
+        return [connections[0].evaluate_chunked(streams[0], timeout=timeout)]
+    futures = [c.evaluate_chunked.future(s, timeout=timeout) for c, s in zip(connections, streams, strict=True)]
+    try:
+        return [f.result() for f in futures]
+    finally:
+        for f in futures:
+            f.cancel()  # the others, when one failed
+
+
+def _merged(calls: Sequence[Any]) -> Iterator[Any]:
+    """The responses of several response-streaming calls as they come (a reader thread per call
+    beyond the first); a call's error is raised here."""
+    if len(calls) == 1:
+        yield from calls[0]
+        return
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read(call: Any) -> None:
+        try:
+            for message in call:
+                inbox.put(core.Merge.message(message))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            inbox.put(core.Merge.failed(exc))
+        inbox.put(core.Merge.END)
+
+    for call in calls:
+        threading.Thread(target=read, args=(call,), daemon=True, name="lossd-evaluate-many").start()
+    merge = core.Merge(len(calls))
+    while merge.open:
+        if (message := merge.take(inbox.get())) is not None:
+            yield message
+
+
 class _Feeder:
-    """The request side of a blocking ``evaluate_many``, iterated by gRPC's own thread: an item is
-    taken only while one of the ``window`` slots is free, and packed ``stream.pack`` per message."""
+    """The request side of a blocking ``evaluate_many``, iterated by gRPC's own thread (one per
+    stream): an item is taken only while one of the ``window`` slots is free, and packed
+    ``stream.pack`` per message; items are numbered under a lock, in the order they are taken."""
 
     def __init__(self, source: Iterator[Any], stream: core.Stream) -> None:
         self._source = source
         self._stream = stream
         self._slots = threading.Semaphore(stream.window)
         self._stopped = threading.Event()
+        self._lock = threading.Lock()
 
     def messages(self) -> Iterator[bytes]:
         """The stream's messages; ends with the source, when stopped, or after a failure."""
@@ -140,17 +185,24 @@ class _Feeder:
     def _batch(self) -> list[core.Encoded]:
         batch: list[core.Encoded] = []
         while not (batch and self._stream.full(batch)) and self._stream.failure is None and self._slot(first=not batch):
-            try:
-                item = next(self._source, _END)
-            except Exception as exc:  # noqa: BLE001 - the caller's iterator failed: raised after the answers before it
-                self._stream.fail(exc)
-                break
-            msg = None if item is _END else self._stream.add(item)
+            msg = self._take()
             if msg is None:
                 self._slots.release()
                 break
             batch.append(msg)
         return batch
+
+    def _take(self) -> core.Encoded | None:
+        """The next item's request, numbered; None at the end of the source or after a failure."""
+        with self._lock:
+            if self._stream.failure is not None:
+                return None
+            try:
+                item = next(self._source, _END)
+            except Exception as exc:  # noqa: BLE001 - the caller's iterator failed: raised after the answers before it
+                self._stream.fail(exc)
+                return None
+            return None if item is _END else self._stream.add(item)
 
     def _slot(self, first: bool) -> bool:
         """Take a window slot: wait for the first request of a message, never for the others."""

@@ -3,7 +3,8 @@
 - requests: :func:`loss_request` (torch's keywords), :func:`build` (LossRequest -> wire message),
   :func:`chunk_payloads` (one request as EvaluateChunked messages of whole rows);
 - routing: :func:`route` sends a request through shared memory, one unary message or
-  EvaluateChunked, and :class:`Call` is what the clients then send;
+  EvaluateChunked (a large one cut over parallel streams by :mod:`lossd_client.split`), and
+  :class:`Call` is what the clients then send; :class:`RoundRobin` picks the connection of each call;
 - answers: :func:`parse`, :func:`perplexity_result`, :func:`loglikelihood_result`,
   :func:`server_info`, :func:`health_status`;
 - ``evaluate_many``: :class:`Stream` numbers the requests, packs them into messages and hands
@@ -15,13 +16,14 @@ Nothing here opens a channel or waits: the clients do the I/O and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from . import layout, tensors
+from . import layout, split, tensors
 from ._proto.lossd.v1 import loss_pb2 as pb
 from .errors import InvalidArgumentError, LossdError, from_status_value
 from .shm import SegmentPool, SharedMemoryArena
@@ -290,9 +292,28 @@ def row_payloads(
 
 
 # --------------------------------------------------------------------------- routing
+class RoundRobin:
+    """Which of ``n`` connections the next call uses: 0, 1, ..., n-1, 0, ... (thread-safe)."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"connections must be >= 1, got {n}")
+        self.n = n
+        self._turns = itertools.count()
+
+    def next(self) -> int:
+        """The next call's connection."""
+        return next(self._turns) % self.n
+
+    def take(self, k: int) -> list[int]:
+        """``k`` calls' connections, consecutive in the rotation (distinct while k <= n)."""
+        return [self.next() for _ in range(k)]
+
+
 @dataclass
 class Call:
-    """One evaluation ready to send: a unary ``message`` or EvaluateChunked ``payloads``.
+    """One evaluation ready to send: a unary ``message``, or the EvaluateChunked ``payloads`` of
+    one or more ``streams`` (parts of the request sent at once, each over its own connection).
 
     A context manager: leaving it gives the shared-memory segments the call used back to their pool.
     """
@@ -301,15 +322,30 @@ class Call:
     payloads: Iterator[bytes] | None
     as_torch: bool
     arena: SharedMemoryArena | None = None
+    #: Parts of one request cut along its rows (:func:`lossd_client.split.split_rows`), or None.
+    parts: list[Iterator[bytes]] | None = None
+    #: What joins the parts' answers: (reduction, request id).
+    join: tuple[str, str] | None = None
 
     @property
     def chunked(self) -> bool:
-        """Whether the request goes through EvaluateChunked (``payloads``) instead of Evaluate."""
-        return self.payloads is not None
+        """Whether the request goes through EvaluateChunked (``streams``) instead of Evaluate."""
+        return self.payloads is not None or self.parts is not None
+
+    @property
+    def streams(self) -> list[Iterator[bytes]]:
+        """The EvaluateChunked calls to make at once, each an iterator of its serialised messages."""
+        return self.parts if self.parts is not None else [self.payloads] if self.payloads is not None else []
 
     def parse(self, response: pb.EvaluateResponse) -> EvaluateResult:
         """The answer, as the caller's kind of array (see :func:`parse`)."""
         return parse(response, self.as_torch)
+
+    def answer(self, responses: Sequence[pb.EvaluateResponse]) -> EvaluateResult:
+        """The answer from the responses of every stream (one response unless the request was cut)."""
+        if self.join is None:
+            return self.parse(responses[0])
+        return self.parse(split.join_responses(responses, *self.join))
 
     def __enter__(self) -> Call:
         return self
@@ -332,12 +368,14 @@ def route(
     chunked_above_bytes: int = layout.CHUNKED_ABOVE_BYTES,
     segments: SegmentPool | None = None,
     shm_min_bytes: int = 0,
+    parallel_streams: int = 1,
 ) -> Call:
     """How to send ``req``: through shared memory when ``segments`` are given (same host), else
     EvaluateChunked when its tensor bytes exceed the server's unary budget or
-    ``chunked_above_bytes``, else one Evaluate message. ``server_max`` is the server's
-    --max-message-bytes (see :func:`needs_server_limit`). Raises InvalidArgumentError for a
-    request that cannot be sent.
+    ``chunked_above_bytes`` (cut along its rows into up to ``parallel_streams`` calls where the
+    parts' answers join exactly: :mod:`lossd_client.split`), else one Evaluate message.
+    ``server_max`` is the server's --max-message-bytes (see :func:`needs_server_limit`). Raises
+    InvalidArgumentError for a request that cannot be sent.
     """
     if segments is not None:
         arena = SharedMemoryArena(shm_min_bytes, segments)
@@ -352,7 +390,12 @@ def route(
         if server_max is None:
             raise ValueError("route: a request of more than SMALL_REQUEST_BYTES needs the server's limit (see needs_server_limit)")
         if size > layout.unary_budget(server_max) or (size > chunked_above_bytes and _streams(req)):
-            return Call(None, chunk_payloads(req, chunk_bytes, server_max), tensors.is_torch_tensor(req.input))
+            as_torch = tensors.is_torch_tensor(req.input)
+            parts = split.split_rows(req, parallel_streams)
+            if parts is None:
+                return Call(None, chunk_payloads(req, chunk_bytes, server_max), as_torch)
+            streams = [chunk_payloads(part, chunk_bytes, server_max) for part in parts]
+            return Call(None, None, as_torch, parts=streams, join=(layout.REDUCTION_NAMES[layout.REDUCTIONS[req.reduction]], req.id))
     encoded = encode(req)
     return Call(encoded.tobytes(), None, encoded.as_torch)
 
@@ -477,11 +520,54 @@ def as_loss_request(item: Any, index: int) -> LossRequest:
     raise TypeError(f"evaluate_many: item {index} is {got}; expected {ACCEPTED_ITEMS}")
 
 
-def pack_size(window: int, pack: int | None) -> int:
-    """Requests per message: ``window // 4`` by default (several messages in flight), at most ``window``."""
+def pack_size(window: int, pack: int | None, streams: int = 1) -> int:
+    """Requests per message: ``window // (4 * streams)`` by default (several messages in flight on
+    each stream), at most ``window``."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    return max(1, window // 4) if pack is None else max(1, min(pack, window))
+    return max(1, window // (4 * streams)) if pack is None else max(1, min(pack, window))
+
+
+def stream_count(window: int, pack: int | None, connections: int) -> int:
+    """How many streams one ``evaluate_many`` opens: one per connection, but no more than the
+    messages its window keeps in flight (with the default pack, every connection)."""
+    if pack is None:
+        return min(connections, window)
+    return max(1, min(connections, -(-window // pack_size(window, pack))))
+
+
+class Merge:
+    """The answers of several response streams read into one inbox, without the I/O.
+
+    Each stream's reader puts :meth:`message` for every response, :meth:`failed` if the stream
+    fails and :data:`END` once it ends; the consumer hands every item it takes to :meth:`take`
+    while :attr:`open` streams are left.
+    """
+
+    END = ("end", None)
+
+    def __init__(self, streams: int) -> None:
+        self.open = streams
+
+    @staticmethod
+    def message(response: Any) -> tuple[str, Any]:
+        """The item a reader puts for one response."""
+        return ("message", response)
+
+    @staticmethod
+    def failed(exc: BaseException) -> tuple[str, Any]:
+        """The item a reader puts when its stream fails."""
+        return ("failed", exc)
+
+    def take(self, item: tuple[str, Any]) -> Any | None:
+        """The response an item carries (None for the end of a stream); raises a stream's error."""
+        kind, value = item
+        if kind == "failed":
+            raise value
+        if kind == "end":
+            self.open -= 1
+            return None
+        return value
 
 
 class Stream:
@@ -494,8 +580,8 @@ class Stream:
     raised by :meth:`finish` after the answers to the items before it.
     """
 
-    def __init__(self, window: int, pack: int | None, return_exceptions: bool) -> None:
-        self.pack = pack_size(window, pack)
+    def __init__(self, window: int, pack: int | None, return_exceptions: bool, streams: int = 1) -> None:
+        self.pack = pack_size(window, pack, streams)
         self.window = window
         self.return_exceptions = return_exceptions
         self.failure: Exception | None = None

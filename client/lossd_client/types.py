@@ -69,7 +69,7 @@ class EvaluateResult:
         return self.loss_sum / self.weight_sum if self.weight_sum else math.nan
 
 
-def _fsum(values: Sequence[float]) -> float:
+def exact_sum(values: Sequence[float]) -> float:
     """Exactly rounded sum; IEEE semantics (inf - inf = nan, overflow = inf) when not finite."""
     try:
         return math.fsum(values)
@@ -79,7 +79,7 @@ def _fsum(values: Sequence[float]) -> float:
 
 def combine(results: Sequence[EvaluateResult]) -> float:
     """The exact mean over several results (requests, shards or replicas)."""
-    total, weight = _fsum([r.loss_sum for r in results]), _fsum([r.weight_sum for r in results])
+    total, weight = exact_sum([r.loss_sum for r in results]), exact_sum([r.weight_sum for r in results])
     return total / weight if weight else math.nan
 
 

@@ -17,11 +17,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from . import allocator
-    from .app import StartupError, serve
+    from .ports import StartupError
 
-    allocator.tune()
     try:
+        if cfg.workers > 1:  # a supervisor of worker processes: no grpc, no torch in this process
+            from . import workers
+
+            return workers.serve(cfg)
+        from . import allocator
+        from .app import serve
+
+        allocator.tune()
         asyncio.run(serve(cfg))
     except StartupError as exc:
         print(f"lossd-server: error: {exc}", file=sys.stderr)

@@ -6,6 +6,8 @@ or SIGINT health turns NOT_SERVING at once while the server keeps accepting for 
 (gRPC's transport may hold calls the event loop has not started yet: the server waits until no
 call is in progress and none has started for a moment), at most ``grace_s``, and only then stops
 accepting. A port already in use stops the server before it announces anything (exit status 2).
+With ``--workers N`` every worker process runs :func:`listen` on the shared port and its health
+follows the supervisor's decision (:mod:`lossd_server.workers`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from . import engine
 from .batcher import Batcher
 from .budget import MemoryBudget
 from .config import ServerConfig
+from .ports import StartupError, check_bindable, metrics_port_error
 from .service import LossServicer, add_to_server
 
 log = logging.getLogger("lossd")
@@ -59,10 +61,6 @@ def warm_up(device: torch.device) -> None:
     engine.evaluate(engine.LossSpec(loss=engine.BCE_WITH_LOGITS), x, torch.rand(4, 8), device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class StartupError(Exception):
-    """The server cannot start (a port in use, ...); the message is one line for the operator."""
 
 
 class StopSignal:
@@ -105,10 +103,14 @@ class LossServer:
     def request_stop(self) -> None:
         self.stop_signal()
 
-    async def warm_up_and_serve(self) -> None:
-        """Run the warm-up evaluation on the device, then report SERVING (unless already stopping)."""
+    async def warm(self) -> None:
+        """Run the warm-up evaluation on the device (off the event loop); health is left as it is."""
         if self.config.warmup:
             await asyncio.get_running_loop().run_in_executor(None, warm_up, self.device)
+
+    async def warm_up_and_serve(self) -> None:
+        """Run the warm-up evaluation on the device, then report SERVING (unless already stopping)."""
+        await self.warm()
         if self.stopping:
             log.info("warm-up done on %s, but stopping: staying NOT_SERVING", self.device)
             return
@@ -154,35 +156,21 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-def _check_bindable(host: str, port: int) -> None:
-    """StartupError naming the setting when ``host:port`` cannot be bound (checked before gRPC
-    tries, which would log its own multi-line error first)."""
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        raise StartupError(f"cannot resolve --host {host}: {exc}") from None
-    for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port / LOSSD_PORT (0 lets the OS pick)"
-                ) from None
+async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_port: bool = False) -> LossServer:
+    """Build, bind and start the server with health NOT_SERVING (no warm-up yet).
 
-
-async def listen(config: ServerConfig, *, interceptors=(), observer=None) -> LossServer:
-    """Build, bind and start the server with health NOT_SERVING (no warm-up yet)."""
-    if config.port:
-        _check_bindable(config.host, config.port)
+    ``reuse_port``: bind with SO_REUSEPORT, next to the other worker processes of ``--workers N``
+    (the port was checked and is held by their supervisor: see :mod:`lossd_server.workers`).
+    """
+    if config.port and not reuse_port:
+        check_bindable(config.host, config.port)
     device = resolve_device(config.device)
     if device.type == "cuda" and config.cuda_memory_fraction > 0:
         torch.cuda.set_per_process_memory_fraction(config.cuda_memory_fraction, device)
     options = [
         ("grpc.max_receive_message_length", config.receive_limit_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         # A call the server does not read holds at most transport_window_bytes in gRPC's transport:
         # without BDP probing the HTTP/2 stream window stays at this lookahead (with it, an unread
         # call was measured holding ~16 MiB). Loopback throughput: 1.7 GB/s vs 1.3-1.5 GB/s default.
@@ -244,10 +232,7 @@ async def serve(config: ServerConfig) -> None:
     try:
         httpd = metrics.bind_http(config)  # before anything is announced: a taken port stops the start here
     except OSError as exc:
-        raise StartupError(
-            f"cannot serve metrics on {config.metrics_host}:{config.metrics_port} ({exc.strerror}): "
-            "choose another --metrics-port / LOSSD_METRICS_PORT (0 turns metrics off)"
-        ) from None
+        raise metrics_port_error(config.metrics_host, config.metrics_port, exc) from None
     try:
         lossd = await listen(config, interceptors=[metrics.RpcMetricsInterceptor()], observer=metrics.BatchMetrics())
     except BaseException:

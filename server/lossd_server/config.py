@@ -40,6 +40,7 @@ class ServerConfig:
     port: int = 50051
     device: str = "auto"
     cuda_memory_fraction: float = 0.0
+    workers: int = 1
     max_message_bytes: int = 64 * MiB
     max_send_message_bytes: int = 2**31 - 1
     memory_budget_bytes: int = dataclasses.field(default_factory=default_memory_budget_bytes)
@@ -83,6 +84,19 @@ class ServerConfig:
         is made."""
         return 2 * self.receive_limit_bytes
 
+    def per_worker(self, port: int) -> ServerConfig:
+        """The settings of one of ``workers`` processes serving ``port`` together.
+
+        The memory budget is split evenly (each worker holds ``memory_budget_bytes // workers``
+        for its callers, so the host total stays the configured number); torch's intra-op
+        threads, when left to lossd (0), are ``(CPU count - workers) // workers``, at least 1:
+        each worker leaves a core to its own gRPC and event loop, as one process leaves one.
+        """
+        threads = self.torch_threads
+        if threads == 0 and self.workers > 1:  # one process: the batcher's own default (CPU count - 1)
+            threads = max(1, ((os.cpu_count() or 1) - self.workers) // self.workers)
+        return dataclasses.replace(self, port=port, memory_budget_bytes=self.memory_budget_bytes // self.workers, torch_threads=threads)
+
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
@@ -94,9 +108,10 @@ _HELP = {
     "port": "gRPC port; 0 lets the OS pick (the chosen port is logged)",
     "device": "auto (CUDA when present), cpu, cuda or cuda:N",
     "cuda_memory_fraction": "on CUDA: the fraction of the device's memory this process may allocate (0: torch's default, all of it)",
+    "workers": "server processes sharing the port (SO_REUSEPORT), each with its own event loop, batcher, engine and memory_budget_bytes / workers; 1 = one process",
     "max_message_bytes": "largest request message (tensor bytes) received; bigger requests must use EvaluateChunked",
     "max_send_message_bytes": "largest answer sent; a request whose answer would be larger is refused before it is computed",
-    "memory_budget_bytes": "bytes held for callers at once (messages, tensors, chunks, answers); past it calls wait or are refused",
+    "memory_budget_bytes": "bytes held for callers at once (messages, tensors, chunks, answers), split evenly over the workers; past it calls wait or are refused",
     "transport_window_bytes": "bytes gRPC's transport accepts per call before the server reads them (HTTP/2 stream window)",
     "stream_idle_timeout_s": "a call whose client sends nothing (or reads nothing) for this long ends with DEADLINE_EXCEEDED",
     "max_stream_in_flight": "EvaluateStream / EvaluatePacked: messages read and not yet answered per stream",
@@ -110,7 +125,7 @@ _HELP = {
     "max_top_k": "Compare: largest top_k (classes returned per position and model, with their log-probabilities)",
     "compute_threads": "engine worker threads",
     "inline_batch_bytes": "CPU batches of at most this many input bytes are computed on the event loop (cheaper than a thread hop); 0: always on an engine thread",
-    "torch_threads": "torch intra-op threads; 0 = one less than the CPU count (a core stays free for gRPC and the event loop)",
+    "torch_threads": "torch intra-op threads per worker; 0 = (CPU count - workers) / workers, at least 1 (a core per worker stays free for gRPC and its event loop)",
     "metrics_host": "address of the Prometheus /metrics HTTP server",
     "metrics_port": "port of the Prometheus /metrics HTTP server; 0 disables it, -1 lets the OS pick (the chosen port is logged)",
     "drain_s": "after SIGTERM: seconds to keep accepting while health reports NOT_SERVING",
@@ -204,10 +219,13 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit("--max-message-bytes must be at least 1024")
     if config.max_wait_ms < 0:
         raise SystemExit("--max-wait-ms must be >= 0")
-    if config.memory_budget_bytes < 2 * config.read_reservation_bytes:
+    if config.workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {config.workers}")
+    if config.memory_budget_bytes // config.workers < 2 * config.read_reservation_bytes:
+        each = f", for each of --workers={config.workers}" if config.workers > 1 else ""
         raise SystemExit(
-            f"--memory-budget-bytes must be at least {2 * config.read_reservation_bytes} (twice what reading one message of "
-            f"--max-message-bytes={config.max_message_bytes} may take), got {config.memory_budget_bytes}"
+            f"--memory-budget-bytes must be at least {2 * config.read_reservation_bytes * config.workers} (twice what reading one "
+            f"message of --max-message-bytes={config.max_message_bytes} may take{each}), got {config.memory_budget_bytes}"
         )
     if config.max_send_message_bytes < 1024 or config.max_send_message_bytes > 2**31 - 1:
         raise SystemExit(f"--max-send-message-bytes must be in [1024, {2**31 - 1}], got {config.max_send_message_bytes}")

@@ -3,6 +3,14 @@
 RPC metrics come from :class:`RpcMetricsInterceptor` (one server interceptor for every method);
 batch metrics from :class:`BatchMetrics`, the batcher's observer. Latency buckets span
 sub-millisecond CPU calls to multi-second large requests.
+
+With ``--workers N`` every worker process writes its collectors to prometheus-client's
+multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before it starts the
+workers) and the supervisor serves their aggregate (:mod:`lossd_server.workers`). Counters and
+histograms add up over the workers; every gauge states its aggregation (``multiprocess_mode``,
+``livesum``: the sum over the live workers). A gauge read by a function at scrape time cannot
+cross processes, so a worker sets those gauges every :data:`GAUGE_REFRESH_S` instead
+(:func:`refresh_gauges`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ LATENCY_BUCKETS_S = (
 )  # fmt: skip
 BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_ROW_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+#: How often a worker process of ``--workers N`` sets the gauges that one process reads at scrape time.
+GAUGE_REFRESH_S = 0.5
 
 
 class Metrics:
@@ -34,7 +44,14 @@ class Metrics:
         def histogram(name: str, doc: str, buckets: tuple, labels: tuple[str, ...] = ()) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=registry)
 
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            """Summed over the live worker processes under --workers N (prometheus-client multiprocess mode)."""
+            return Gauge(name, doc, labels, registry=registry, multiprocess_mode="livesum")
+
         self.requests = Counter("lossd_requests", "RPCs finished, by method and gRPC status code", ["method", "code"], registry=registry)
+        self.worker_requests = Counter(
+            "lossd_worker_requests", "RPCs finished, by worker process (0 .. workers-1) and method", ["worker", "method"], registry=registry
+        )
         self.request_latency = histogram(
             "lossd_request_latency_seconds", "RPC time from handler start to answer, by method", LATENCY_BUCKETS_S, ("method",)
         )
@@ -50,22 +67,16 @@ class Metrics:
         )
         self.batch_bytes = Counter("lossd_batch_input_bytes", "input tensor bytes evaluated by the batcher", registry=registry)
         self.bytes_received = Counter("lossd_received_bytes", "request message bytes received, by method", ["method"], registry=registry)
-        self.in_flight = Gauge("lossd_requests_in_flight", "RPCs being handled, by method", ["method"], registry=registry)
-        self.queue_depth = Gauge("lossd_queue_depth", "requests waiting in the batcher queue", registry=registry)
-        self.device_memory = Gauge(
-            "lossd_device_memory_bytes", "CUDA memory allocated by torch on the serving device (0 on CPU)", registry=registry
+        self.in_flight = gauge("lossd_requests_in_flight", "RPCs being handled, by method", ("method",))
+        self.queue_depth = gauge("lossd_queue_depth", "requests waiting in the batcher queue")
+        self.device_memory = gauge("lossd_device_memory_bytes", "CUDA memory allocated by torch on the serving device (0 on CPU)")
+        self.device_memory_reserved = gauge(
+            "lossd_device_memory_reserved_bytes", "CUDA memory reserved by torch's caching allocator (0 on CPU)"
         )
-        self.device_memory_reserved = Gauge(
-            "lossd_device_memory_reserved_bytes", "CUDA memory reserved by torch's caching allocator (0 on CPU)", registry=registry
-        )
-        self.memory_budget = Gauge(
-            "lossd_memory_budget_bytes", "memory_budget_bytes: bytes the server may hold for callers", registry=registry
-        )
-        self.memory_held = Gauge(
-            "lossd_memory_held_bytes", "bytes reserved for callers (messages, tensors, chunks, answers)", registry=registry
-        )
-        self.memory_waiting = Gauge("lossd_memory_waiting_calls", "reads waiting for the memory budget (flow control)", registry=registry)
-        self.process_rss = Gauge("lossd_process_rss_bytes", "resident set size of the server process", registry=registry)
+        self.memory_budget = gauge("lossd_memory_budget_bytes", "memory_budget_bytes: bytes the server may hold for callers")
+        self.memory_held = gauge("lossd_memory_held_bytes", "bytes reserved for callers (messages, tensors, chunks, answers)")
+        self.memory_waiting = gauge("lossd_memory_waiting_calls", "reads waiting for the memory budget (flow control)")
+        self.process_rss = gauge("lossd_process_rss_bytes", "resident set size of the server process")
         self.build = Info("lossd_build", "lossd build: version, torch version, device", registry=registry)
 
 
@@ -143,11 +154,13 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts RPCs by method and final status code, times them and counts received bytes.
 
     The wrapped handler is built once per method and reused; received bytes are counted in the
-    request deserializer (the wire size, without re-serialising the message).
+    request deserializer (the wire size, without re-serialising the message). ``worker``: the
+    index of this worker process under ``--workers N`` (``lossd_worker_requests_total``).
     """
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics | None = None, worker: int = 0) -> None:
         self.m = metrics or get()
+        self.worker = str(worker)
         self._wrapped: dict[tuple[str, int], Any] = {}
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -161,7 +174,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: Any) -> Any:
-        probe = _MethodProbe(self.m, method)
+        probe = _MethodProbe(self.m, method, self.worker)
         inner_deserializer = handler.request_deserializer
 
         def deserialize(data: bytes) -> Any:
@@ -200,16 +213,18 @@ _HANDLER_KINDS = (
 class _MethodProbe:
     """One method's collectors and the timing around its handler (coroutine or async generator)."""
 
-    def __init__(self, m: Metrics, method: str) -> None:
+    def __init__(self, m: Metrics, method: str, worker: str) -> None:
         self.m = m
         self.method = method
         self.received = m.bytes_received.labels(method)
         self.in_flight = m.in_flight.labels(method)
         self.latency = m.request_latency.labels(method)
+        self.by_worker = m.worker_requests.labels(worker, method)
 
     def _finish(self, start: float, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
         self.in_flight.dec()
         self.m.requests.labels(self.method, status_name(context, exc)).inc()
+        self.by_worker.inc()
         self.latency.observe(time.perf_counter() - start)
 
     async def run(self, call: Callable[[], Any], context) -> Any:
@@ -253,17 +268,41 @@ def start_http(config: Any, server: Any, httpd: Any, metrics: Metrics | None = N
     if httpd is None:
         return None
     m = metrics or get()
-    m.build.info({"version": __version__, "torch_version": torch.__version__, "device": str(server.device)})
-    m.process_rss.set_function(rss_bytes)
+    m.build.info(build_labels(server.device))
+    m.memory_budget.set(server.servicer.budget.limit_bytes)
+    for gauge, read in gauge_readers(server, m):
+        gauge.set_function(read)
+    return int(httpd.server_address[1])
+
+
+def build_labels(device: torch.device) -> dict[str, str]:
+    """The labels of ``lossd_build_info``, plain strings (``torch.__version__`` is a str subclass that
+    would import torch wherever it is unpickled)."""
+    return {"version": str(__version__), "torch_version": str(torch.__version__), "device": str(device)}
+
+
+def gauge_readers(server: Any, m: Metrics) -> list[tuple[Gauge, Callable[[], float]]]:
+    """The gauges that read the running LossServer's state, each with its reader."""
+    readers: list[tuple[Gauge, Callable[[], float]]] = [(m.process_rss, rss_bytes)]
     batcher = server.batcher
     if hasattr(batcher, "queue_depth"):
-        m.queue_depth.set_function(lambda: batcher.queue_depth)
+        readers.append((m.queue_depth, lambda: batcher.queue_depth))
     budget = server.servicer.budget
-    m.memory_budget.set(budget.limit_bytes)
-    m.memory_held.set_function(lambda: budget.held_bytes)
-    m.memory_waiting.set_function(lambda: budget.waiting)
+    readers += [(m.memory_held, lambda: budget.held_bytes), (m.memory_waiting, lambda: budget.waiting)]
     if server.device.type == "cuda":
         device = server.device
-        m.device_memory.set_function(lambda: torch.cuda.memory_allocated(device))
-        m.device_memory_reserved.set_function(lambda: torch.cuda.memory_reserved(device))
-    return int(httpd.server_address[1])
+        readers.append((m.device_memory, lambda: torch.cuda.memory_allocated(device)))
+        readers.append((m.device_memory_reserved, lambda: torch.cuda.memory_reserved(device)))
+    return readers
+
+
+async def refresh_gauges(server: Any, metrics: Metrics | None = None, period_s: float = GAUGE_REFRESH_S) -> None:
+    """A worker process of ``--workers N``: set the reader gauges every ``period_s`` until cancelled
+    (prometheus-client's multiprocess files hold values, not functions)."""
+    m = metrics or get()
+    m.memory_budget.set(server.servicer.budget.limit_bytes)
+    readers = gauge_readers(server, m)
+    while True:
+        for gauge, read in readers:
+            gauge.set(read())
+        await asyncio.sleep(period_s)

@@ -20,7 +20,14 @@ from typing import TypeVar
 
 _LISTEN = re.compile(r"listening on [^ ]+:(\d+)")
 _METRICS = re.compile(r"metrics on http://[^:]+:(\d+)")
+_WORKER = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 _SAMPLE = re.compile(r"^(lossd_[a-z_]+(?:\{[^}]*\})?) ([0-9.eE+-]+|NaN)$")
+
+
+def worker_pids(log: str) -> dict[int, int]:
+    """``--workers N``: worker index -> pid of the latest worker started in that slot, from the
+    supervisor's log (``worker 1 started (pid 123)``); {} for a single-process server."""
+    return {int(index): int(pid) for index, pid in _WORKER.findall(log)}
 
 
 @dataclass
@@ -41,6 +48,10 @@ class ServerProcess:
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
+
+    def worker_pids(self) -> dict[int, int]:
+        """``--workers N``: worker index -> pid of its latest worker (see :func:`worker_pids`)."""
+        return worker_pids(self.log())
 
     def status_kib(self, key: str) -> int:
         """A /proc/<pid>/status field in KiB (VmHWM: peak RSS, VmRSS: current RSS)."""
@@ -79,6 +90,10 @@ class ServerProcess:
 P = TypeVar("P", bound=ServerProcess)
 
 
+def _serving(line: str) -> bool:
+    return "SERVING" in line and "NOT_SERVING" not in line
+
+
 def spawn(
     cmd: Sequence[str],
     *,
@@ -86,8 +101,13 @@ def spawn(
     cwd: str | None = None,
     timeout_s: float = 60.0,
     make: Callable[[subprocess.Popen], P] = ServerProcess,
+    ready_when: Callable[[str], bool] | None = None,
 ) -> P:
-    """Start ``cmd`` and return once its log says SERVING (raises with the log otherwise)."""
+    """Start ``cmd`` and return once its log says SERVING (raises with the log otherwise).
+
+    ``ready_when``: a log line that means ready instead (e.g. listening, for a server whose
+    warm-up the caller holds back)."""
+    is_ready = ready_when or _serving
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
@@ -105,7 +125,7 @@ def spawn(
             m = _METRICS.search(line)
             if m:
                 server.metrics_port = int(m.group(1))
-            if "SERVING" in line and "NOT_SERVING" not in line:
+            if is_ready(line):
                 ready.set()
         ready.set()
 

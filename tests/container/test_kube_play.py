@@ -117,6 +117,12 @@ def run_probe(env: dict[str, str], container: str, probe: dict, attempts: int) -
 
 
 @pytest.mark.timeout(600)
+def all_workers_ready(metrics_text: str, container: dict) -> bool:
+    """/metrics (summed over the worker processes) says every one of the container's LOSSD_WORKERS is warm."""
+    workers = float(next(e["value"] for e in container["env"] if e["name"] == "LOSSD_WORKERS"))
+    return f"lossd_workers {workers}" in metrics_text and f"lossd_workers_ready {workers}" in metrics_text
+
+
 def test_deployment_plays_serves_and_stops(lossd_image, podman_env, tmp_path):
     print("podman variant of the Deployment:\n" + "\n".join(f"  {k}: {v}" for k, v in PODMAN_VARIANT.items()))
     print("ignored by podman:\n" + "\n".join(f"  {k}: {v}" for k, v in PODMAN_IGNORES.items()))
@@ -172,7 +178,7 @@ def test_deployment_plays_serves_and_stops(lossd_image, podman_env, tmp_path):
         assert abs(ppl.nll_sum - float(want)) <= 1e-4 * abs(float(want))
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
             text = r.read().decode()
-        assert 'lossd_requests_total{code="OK",method="Evaluate"} 2.0' in text, text[:2000]
+        assert 'lossd_requests_total{code="OK",method="Evaluate"} 2.0' in text and all_workers_ready(text, c), text[-2000:]
 
         # The fields podman does apply are in force inside the container.
         assert podman(env, "exec", container, "id", "-u").stdout.strip() == str(c["securityContext"]["runAsUser"])
@@ -180,7 +186,7 @@ def test_deployment_plays_serves_and_stops(lossd_image, podman_env, tmp_path):
         podman(env, "exec", container, "touch", "/tmp/lossd-write-test")  # the emptyDir volume
         assert podman(env, "exec", container, "printenv", "OMP_NUM_THREADS").stdout.strip() == str(int(c["resources"]["limits"]["cpu"]))
         host = info["HostConfig"]
-        assert host["Memory"] == 2 * 2**30 and c["resources"]["limits"]["memory"] == "2Gi", host["Memory"]
+        assert host["Memory"] == int(c["resources"]["limits"]["memory"].removesuffix("Gi")) * 2**30, host["Memory"]
         assert host["NanoCpus"] == int(c["resources"]["limits"]["cpu"]) * 10**9, host["NanoCpus"]
         assert "no-new-privileges" in host.get("SecurityOpt", []), host.get("SecurityOpt")
         assert info["HostConfig"]["ReadonlyRootfs"] is True

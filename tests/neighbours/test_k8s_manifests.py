@@ -97,3 +97,30 @@ def test_selectors_and_references_meet():
     # SIGTERM: NOT_SERVING, drain, finish in-flight calls; the kubelet must not SIGKILL before.
     drain, grace = float(env["LOSSD_DRAIN_S"]), float(env["LOSSD_GRACE_S"])
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain + grace
+
+
+def _cpu(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+def test_cpu_and_memory_are_sized_to_the_worker_count():
+    """LOSSD_WORKERS is set in the image and in the Deployment, whose CPU request gives each worker a
+    core and whose memory limit lets every worker's share of the default budget start."""
+    from lossd_server.config import ServerConfig, validate
+
+    assert "LOSSD_WORKERS=" in (REPO / "docker" / "Dockerfile").read_text()
+    container = by_kind()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    workers = int(env["LOSSD_WORKERS"])
+    requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+    assert _cpu(requests["cpu"]) >= workers and _cpu(limits["cpu"]) >= workers, (workers, requests, limits)
+    assert int(env.get("LOSSD_TORCH_THREADS", "1")) * workers <= _cpu(limits["cpu"])
+    default_budget = _bytes(limits["memory"]) // 2  # lossd's default: half the container's memory
+    validate(ServerConfig(workers=workers, memory_budget_bytes=default_budget))  # SystemExit: a worker's share is too small
+    with pytest.raises(SystemExit, match="--workers"):  # the check can fail: twice the workers on the same memory
+        validate(ServerConfig(workers=2 * workers, memory_budget_bytes=default_budget))

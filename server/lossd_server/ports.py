@@ -1,0 +1,82 @@
+"""The gRPC port before any gRPC object exists: is it free, and holding it for worker processes.
+
+No grpc and no torch here: the supervisor of ``--workers N`` (:mod:`lossd_server.workers`) uses
+this module before it starts any worker, and the single-process server (:mod:`lossd_server.app`)
+checks its port with it before gRPC tries (gRPC would log its own multi-line error first).
+"""
+
+from __future__ import annotations
+
+import socket
+
+
+class StartupError(Exception):
+    """The server cannot start (a port in use, ...); the message is one line for the operator."""
+
+
+def _addresses(host: str, port: int) -> list[tuple]:
+    try:
+        return socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise StartupError(f"cannot resolve --host {host}: {exc}") from None
+
+
+def _in_use(host: str, port: int, exc: OSError) -> StartupError:
+    return StartupError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port / LOSSD_PORT (0 lets the OS pick)")
+
+
+def metrics_port_error(host: str, port: int, exc: OSError) -> StartupError:
+    """The start-up error for a /metrics port that cannot be bound."""
+    return StartupError(
+        f"cannot serve metrics on {host}:{port} ({exc.strerror}): choose another --metrics-port / LOSSD_METRICS_PORT (0 turns metrics off)"
+    )
+
+
+def check_bindable(host: str, port: int) -> None:
+    """StartupError naming the setting when ``host:port`` cannot be bound."""
+    for family, kind, proto, _, address in _addresses(host, port):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise _in_use(host, port, exc) from None
+
+
+class PortReservation:
+    """``host:port`` bound (never listening) with SO_REUSEPORT, for as long as it is open.
+
+    Worker processes bind the same port with gRPC's ``grpc.so_reuseport`` and the kernel spreads
+    incoming connections over their listening sockets; this socket never listens, so it receives
+    none. It keeps the port for lossd while workers are replaced (even when every worker is
+    down), and picks the port when ``port`` is 0. A process that binds without SO_REUSEPORT, a
+    second lossd's start-up check included, is refused the port.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        check_bindable(host, port)
+        self.sockets: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in _addresses(host, port):
+                sock = socket.socket(family, kind, proto)
+                self.sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], port, *address[2:]))
+                port = sock.getsockname()[1]  # port 0: every address gets the port the first one got
+        except OSError as exc:
+            self.close()
+            raise _in_use(host, port, exc) from None
+        self.port = port
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets.clear()
+
+    def __enter__(self) -> PortReservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

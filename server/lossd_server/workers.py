@@ -1,0 +1,538 @@
+"""Worker processes on one port (``--workers N``): a supervisor and the workers it starts.
+
+One Python process serves calls on about one core (the event loop, protobuf decoding and gRPC's
+receive path hold the GIL). With ``--workers N`` the process started by ``lossd-server`` becomes a
+supervisor and starts N worker processes that serve the same port with ``SO_REUSEPORT``: the
+kernel spreads incoming *connections* over their listening sockets. Each worker is a complete
+lossd server (:func:`lossd_server.app.listen`) with its own event loop, batcher, engine and a
+memory budget of ``memory_budget_bytes // N`` (:meth:`ServerConfig.per_worker`).
+
+The supervisor never imports grpc or torch: it checks the port and holds it
+(:class:`~lossd_server.ports.PortReservation`, bound, never listening), serves the aggregated
+``/metrics`` (prometheus-client's multiprocess mode over a directory it creates at start and
+removes at exit), starts the workers with the ``spawn`` method (fresh interpreters: no gRPC or
+CUDA state is ever inherited through a fork) and talks to each over a pipe:
+
+- a worker reports ``listening`` (port, device, build labels), ``warm`` (its warm-up evaluation
+  ran) or ``error`` (it could not start);
+- the supervisor sends ``serving`` (True only while every worker is warm and nobody stops), ``stop``
+  (start the drain) and ``hurry`` (skip what is left of it).
+
+A health check lands on whichever worker holds its connection, so every worker answers with the
+supervisor's decision: SERVING only when all N are warm, NOT_SERVING while one is being replaced
+and from the first SIGTERM on. SIGTERM/SIGINT to the supervisor relays ``stop`` to every worker,
+which drains exactly as one process does (:meth:`~lossd_server.app.LossServer.wait_and_shutdown`);
+a second signal relays ``hurry``. The supervisor exits 0 once every worker has. A worker that
+exits on its own is logged and replaced (at once when it had run for :data:`STABLE_S`, else after
+a backoff); its connections break, so its calls in flight end UNAVAILABLE, which the client
+retries. A worker whose supervisor is gone (its pipe closes) drains and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from .config import ServerConfig
+from .ports import PortReservation, StartupError, metrics_port_error
+
+log = logging.getLogger("lossd")
+
+#: prometheus-client's multiprocess directory, read by each worker when it imports prometheus_client.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: A worker that ran this long before it exited is replaced at once ...
+STABLE_S = 10.0
+#: ... one that exited sooner after this many seconds, doubling with each quick exit ...
+RESTART_BACKOFF_S = 1.0
+#: ... up to this many.
+MAX_RESTART_BACKOFF_S = 30.0
+#: After SIGTERM a worker gets drain_s + grace_s plus this margin to exit before it is killed.
+STOP_MARGIN_S = 15.0
+
+
+# --------------------------------------------------------------------------- the supervisor's side
+@dataclass
+class Worker:
+    """One worker process as the supervisor sees it."""
+
+    index: int
+    process: Any  # multiprocessing's SpawnProcess
+    conn: Connection | None
+    started: float
+    listening: bool = False
+    warm: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def send(self, order: tuple) -> None:
+        """An order over the pipe; a worker that is gone is noticed through its sentinel instead."""
+        if self.conn is not None:
+            try:
+                self.conn.send(order)
+            except OSError:
+                pass
+
+
+def describe_exit(code: int | None) -> str:
+    """``exit status 3`` / ``signal SIGKILL``: how a process ended, for the log."""
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+def restart_delay(ran_s: float, quick_exits: int) -> float:
+    """Seconds before a worker that exited after ``ran_s`` is replaced (``quick_exits`` in a row before it)."""
+    if ran_s >= STABLE_S:
+        return 0.0
+    return min(MAX_RESTART_BACKOFF_S, RESTART_BACKOFF_S * 2**quick_exits)
+
+
+class Restarts:
+    """When each worker slot whose process exited gets a new one (and how many were replaced)."""
+
+    def __init__(self) -> None:
+        self.due: dict[int, float] = {}
+        self.quick_exits: dict[int, int] = {}
+        self.count = 0
+
+    def schedule(self, index: int, ran_s: float) -> float:
+        """The worker of slot ``index`` exited after ``ran_s``: its replacement's delay in seconds."""
+        quick = self.quick_exits.get(index, 0) if ran_s < STABLE_S else 0
+        delay = restart_delay(ran_s, quick)
+        self.quick_exits[index] = quick + 1 if ran_s < STABLE_S else 0
+        self.due[index] = time.monotonic() + delay
+        return delay
+
+    def take_due(self) -> list[int]:
+        """The slots whose replacement is due now (counted as restarts)."""
+        now = time.monotonic()
+        ready = sorted(index for index, when in self.due.items() if when <= now)
+        for index in ready:
+            del self.due[index]
+        self.count += len(ready)
+        return ready
+
+
+class AggregateMetrics:
+    """The supervisor's ``/metrics``: every worker's multiprocess files and the supervisor's figures.
+
+    The directory is created fresh, exported to the workers as ``PROMETHEUS_MULTIPROC_DIR`` before
+    the first one starts, and removed by :meth:`close`.
+    """
+
+    def __init__(self, config: ServerConfig, supervisor: Supervisor) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.directory = tempfile.mkdtemp(prefix="lossd-metrics-")
+        registry = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(registry, path=self.directory)
+        registry.register(SupervisorCollector(supervisor))
+        try:
+            self.httpd, _thread = start_http_server(max(config.metrics_port, 0), addr=config.metrics_host, registry=registry)
+        except OSError as exc:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise metrics_port_error(config.metrics_host, config.metrics_port, exc) from None
+        os.environ[MULTIPROC_ENV] = self.directory
+        self.port = int(self.httpd.server_address[1])
+
+    def process_dead(self, pid: int) -> None:
+        """Drop a dead worker's live gauges (its counters and histograms keep counting in the sums)."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        mark_process_dead(pid, self.directory)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        if os.environ.get(MULTIPROC_ENV) == self.directory:
+            del os.environ[MULTIPROC_ENV]
+
+
+class SupervisorCollector:
+    """``lossd_workers``, ``lossd_workers_ready``, ``lossd_worker_restarts_total`` and ``lossd_build_info``."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+        sup = self.supervisor
+        yield GaugeMetricFamily("lossd_workers", "worker processes configured (--workers)", value=sup.config.workers)
+        yield GaugeMetricFamily("lossd_workers_ready", "worker processes that finished their warm-up", value=sup.ready_count)
+        yield CounterMetricFamily("lossd_worker_restarts", "worker processes started to replace one that exited", value=sup.restarts.count)
+        if sup.build:
+            yield InfoMetricFamily("lossd_build", "lossd build: version, torch version, device", value=sup.build)
+
+
+WorkerTarget = Callable[[int, ServerConfig, Connection], None]
+
+
+class Supervisor:
+    """Starts, watches, replaces and stops the worker processes (see the module's docstring).
+
+    ``target`` is the worker's entry point (:func:`worker_main`; tests pass a wrapper of it).
+    Signals reach it through :meth:`on_signal`, which the caller installs.
+    """
+
+    def __init__(self, config: ServerConfig, target: WorkerTarget | None = None) -> None:
+        self.config = config
+        self.target = target or worker_main
+        self.ctx = multiprocessing.get_context("spawn")
+        self.workers: dict[int, Worker] = {}
+        self.restarts = Restarts()
+        self.build: dict[str, str] = {}
+        self.serving = False
+        self.announced = False
+        self.stop_deadline: float | None = None
+        self.exit_code = 0
+        self.fatal: str | None = None
+        self._signals = 0
+        self._handled_signals = 0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self.reservation: PortReservation | None = None
+        self.metrics: AggregateMetrics | None = None
+        self.worker_config: ServerConfig | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_deadline is not None
+
+    @property
+    def ready_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.warm)
+
+    def on_signal(self, signum: int, frame: object = None) -> None:
+        """SIGTERM/SIGINT handler: counted here, acted on by the supervisor's loop."""
+        self._signals += 1
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ start and stop
+    def start(self) -> None:
+        """Check and hold the port, serve /metrics, start every worker; StartupError when it cannot."""
+        cfg = self.config
+        self.reservation = PortReservation(cfg.host, cfg.port)
+        self.worker_config = cfg.per_worker(self.reservation.port)
+        if cfg.metrics_port:
+            self.metrics = AggregateMetrics(cfg, self)
+        else:
+            os.environ.pop(MULTIPROC_ENV, None)
+        log.info(
+            "supervising %d workers on %s:%d (memory budget %d bytes each, %d torch threads each)",
+            cfg.workers,
+            cfg.host,
+            self.reservation.port,
+            self.worker_config.memory_budget_bytes,
+            self.worker_config.torch_threads,
+        )
+        for index in range(cfg.workers):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        parent_end, child_end = self.ctx.Pipe()
+        process = self.ctx.Process(
+            target=self.target, args=(index, self.worker_config, child_end), name=f"lossd-worker-{index}", daemon=True
+        )
+        process.start()
+        child_end.close()
+        self.workers[index] = Worker(index, process, parent_end, time.monotonic())
+        log.info("worker %d started (pid %d)", index, process.pid)
+
+    def close(self) -> None:
+        """Kill what is left (only after a failed start or the stop deadline), release the port and /metrics."""
+        for worker in list(self.workers.values()):
+            worker.process.kill()
+            worker.process.join(10)
+            self._forget(worker)
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.reservation is not None:
+            self.reservation.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def run(self) -> int:
+        """Start, supervise until every worker has stopped, clean up; the exit status (0 after a drain)."""
+        try:
+            self.start()
+            while self.fatal is None and (self.workers or (self.restarts.due and not self.stopping)):
+                self.step()
+        finally:
+            self.close()
+        if self.fatal is not None:
+            raise StartupError(self.fatal)
+        return self.exit_code
+
+    # ------------------------------------------------------------------ one turn of the loop
+    def step(self) -> None:
+        """Wait for a message, an exit, a signal or a timer, and act on it."""
+        conns = {w.conn: w for w in self.workers.values() if w.conn is not None}
+        sentinels = {w.process.sentinel: w for w in self.workers.values()}
+        ready = wait([self._wake_r, *conns, *sentinels], timeout=self._timeout())
+        if self._wake_r in ready:
+            self._wake_r.recv(4096)
+        for obj in ready:
+            if obj in conns:
+                self._receive(conns[obj])
+        for obj in ready:
+            if obj in sentinels:
+                self._exited(sentinels[obj])
+        self._relay_signals()
+        self._restart_due()
+        self._enforce_stop_deadline()
+
+    def _timeout(self) -> float | None:
+        times = list(self.restarts.due.values()) if not self.stopping else []
+        if self.stop_deadline is not None:
+            times.append(self.stop_deadline)
+        return max(0.0, min(times) - time.monotonic()) if times else None
+
+    def _receive(self, worker: Worker) -> None:
+        try:
+            while worker.conn is not None and worker.conn.poll():
+                self._handle(worker, worker.conn.recv())
+        except (EOFError, OSError):
+            worker.conn.close()
+            worker.conn = None
+
+    def _handle(self, worker: Worker, message: tuple) -> None:
+        kind = message[0]
+        if kind == "listening":
+            worker.listening = True
+            self.build = message[2]
+            self._announce(worker)
+        elif kind == "warm":
+            worker.warm = True
+            log.info("worker %d (pid %d) is warm", worker.index, worker.pid)
+            self._update_health()
+        elif kind == "error":
+            if not self.announced:
+                self.fatal = message[1]
+            else:
+                log.error("worker %d (pid %d) could not start: %s", worker.index, worker.pid, message[1])
+
+    def _announce(self, worker: Worker) -> None:
+        if self.announced:
+            log.info("worker %d (pid %d) listening again on port %d", worker.index, worker.pid, self.reservation.port)
+            return
+        if len(self.workers) == self.config.workers and all(w.listening for w in self.workers.values()):
+            self.announced = True
+            pids = ", ".join(str(w.pid) for w in self.workers.values())
+            log.info(
+                "lossd listening on %s:%d with %d worker processes (pids %s): NOT_SERVING until every worker is warm",
+                self.config.host,
+                self.reservation.port,
+                self.config.workers,
+                pids,
+            )
+            if self.metrics is not None:
+                log.info(
+                    "metrics on http://%s:%d/metrics (every worker aggregated from %s)",
+                    self.config.metrics_host,
+                    self.metrics.port,
+                    self.metrics.directory,
+                )
+
+    def _update_health(self) -> None:
+        serving = not self.stopping and len(self.workers) == self.config.workers and all(w.warm for w in self.workers.values())
+        if serving == self.serving:
+            return
+        self.serving = serving
+        for worker in self.workers.values():
+            worker.send(("serving", serving))
+        if serving:
+            log.info("all %d workers warm: SERVING", self.config.workers)
+        elif not self.stopping:
+            log.warning("a worker is not warm: NOT_SERVING until its replacement is")
+
+    def _exited(self, worker: Worker) -> None:
+        self._receive(worker)  # its last words (an error) first
+        worker.process.join()
+        code = worker.process.exitcode
+        self._forget(worker)
+        if self.stopping:
+            log.info("worker %d (pid %d) stopped (%s)", worker.index, worker.pid, describe_exit(code))
+            if code != 0:
+                self.exit_code = 1
+            return
+        if not self.announced and self.fatal is None:
+            self.fatal = f"worker {worker.index} (pid {worker.pid}) exited with {describe_exit(code)} before it was listening"
+            return
+        ran = time.monotonic() - worker.started
+        delay = self.restarts.schedule(worker.index, ran)
+        log.warning(
+            "worker %d (pid %d) exited with %s after %.1fs; its calls in flight end UNAVAILABLE; a new worker starts in %.0fs",
+            worker.index,
+            worker.pid,
+            describe_exit(code),
+            ran,
+            delay,
+        )
+        self._update_health()
+
+    def _forget(self, worker: Worker) -> None:
+        if worker.conn is not None:
+            worker.conn.close()
+            worker.conn = None
+        self.workers.pop(worker.index, None)
+        if self.metrics is not None:
+            self.metrics.process_dead(worker.pid)
+
+    def _restart_due(self) -> None:
+        if self.stopping:
+            self.restarts.due.clear()
+            return
+        for index in self.restarts.take_due():
+            self._spawn(index)
+
+    def _relay_signals(self) -> None:
+        while self._handled_signals < self._signals:
+            self._handled_signals += 1
+            if self._handled_signals == 1:
+                cfg = self.config
+                self.stop_deadline = time.monotonic() + cfg.drain_s + cfg.grace_s + STOP_MARGIN_S
+                self.serving = False
+                log.info("stopping: every worker drains (health NOT_SERVING, %.1fs still accepting), then finishes its calls", cfg.drain_s)
+                order: tuple = ("stop",)
+            else:
+                self.stop_deadline = min(self.stop_deadline, time.monotonic() + STOP_MARGIN_S)
+                log.info("second signal: every worker skips what is left of its drain")
+                order = ("hurry",)
+            for worker in self.workers.values():
+                worker.send(order)
+
+    def _enforce_stop_deadline(self) -> None:
+        if self.stop_deadline is None or time.monotonic() < self.stop_deadline:
+            return
+        for worker in list(self.workers.values()):
+            log.error("worker %d (pid %d) did not stop in time: killed", worker.index, worker.pid)
+            worker.process.kill()
+            worker.process.join(10)
+            self._forget(worker)
+            self.exit_code = 1
+
+
+def serve(config: ServerConfig, target: WorkerTarget | None = None) -> int:
+    """``lossd-server --workers N`` (N > 1): supervise until SIGTERM/SIGINT; the exit status."""
+    supervisor = Supervisor(config, target)
+    previous = {sig: signal.signal(sig, supervisor.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return supervisor.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- the worker's side
+def worker_main(index: int, config: ServerConfig, conn: Connection) -> None:
+    """A worker process (spawned by the supervisor): serve ``config`` on the shared port until told to stop."""
+    # Until the event loop handles it: a terminal's Ctrl-C also reaches the supervisor, which relays it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s",
+        stream=sys.stderr,
+    )
+    from . import allocator
+
+    allocator.tune()
+    sys.exit(asyncio.run(_serve_worker(index, config, conn)))
+
+
+async def _serve_worker(index: int, config: ServerConfig, conn: Connection) -> int:
+    from . import app, metrics
+
+    m = metrics.get()
+    stop_signal = app.StopSignal()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_signal)
+    interceptor = metrics.RpcMetricsInterceptor(m, worker=index)
+    try:
+        lossd = await app.listen(config, interceptors=[interceptor], observer=metrics.BatchMetrics(m), reuse_port=True)
+    except app.StartupError as exc:
+        _tell(conn, ("error", str(exc)))
+        return 2
+    lossd.stop_signal = stop_signal
+    link = SupervisorLink(conn, lossd)
+    gauges = asyncio.ensure_future(metrics.refresh_gauges(lossd, m))
+    _tell(conn, ("listening", lossd.port, metrics.build_labels(lossd.device)))
+    try:
+        await lossd.warm()
+        if not lossd.stopping:
+            log.info("warm-up done on %s; the supervisor decides health", lossd.device)
+            _tell(conn, ("warm",))
+        await lossd.wait_and_shutdown()
+    finally:
+        gauges.cancel()
+        link.close()
+    return 0
+
+
+def _tell(conn: Connection, message: tuple) -> None:
+    try:
+        conn.send(message)
+    except OSError:
+        pass  # the supervisor is gone: SupervisorLink stops this worker
+
+
+class SupervisorLink:
+    """A worker's end of the pipe, read on its event loop: the supervisor's orders, or its absence."""
+
+    def __init__(self, conn: Connection, lossd: Any) -> None:
+        self.conn = conn
+        self.lossd = lossd
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(conn.fileno(), self._read)
+        self._tasks: set[asyncio.Task] = set()
+
+    def _read(self) -> None:
+        try:
+            while self.conn.poll():
+                self._obey(self.conn.recv())
+        except (EOFError, OSError):
+            self.close()
+            if not self.lossd.stopping:
+                log.warning("the supervisor is gone: stopping")
+                self.lossd.request_stop()
+
+    def _obey(self, order: tuple) -> None:
+        stop_signal = self.lossd.stop_signal
+        if order[0] == "serving":
+            task = asyncio.ensure_future(self.lossd.set_serving(order[1]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif order[0] == "stop" and not stop_signal.requested.is_set():
+            stop_signal()
+        elif order[0] == "hurry":
+            stop_signal.requested.set()
+            stop_signal.hurry.set()
+
+    def close(self) -> None:
+        if self.conn.closed:
+            return
+        self.loop.remove_reader(self.conn.fileno())
+        self.conn.close()

@@ -1,0 +1,175 @@
+"""One large request over parallel streams equals the same request over one stream, bit for bit.
+
+A client with ``connections=4`` cuts a chunked request along its rows into up to 4 EvaluateChunked
+calls (lossd_client.split) and joins the answers; a client with one connection sends it whole.
+Both talk to the same two-worker server; every reduction and target kind is compared (loss,
+float64 totals, extras, per-sequence statistics), and the server's own counters show how many
+calls each request became.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lossd_client import AsyncLossClient, LossClient, LossRequest, split
+from serverproc import start_server
+from workerprocs import stop_everything
+
+SMALL = {"chunked_above_bytes": 1024, "chunk_bytes": 4096, "timeout_s": 120}  # small requests take the chunked path
+CHUNKED_OK = 'lossd_requests_total{code="OK",method="EvaluateChunked"}'
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc = start_server("--workers", "2", "--drain-s", "0.2", metrics=True)
+    try:
+        yield proc
+    finally:
+        assert stop_everything(proc) == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def clients(server):
+    with LossClient(server.address, **SMALL) as one, LossClient(server.address, connections=4, **SMALL) as four:
+        yield one, four
+
+
+def _g(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def class_indices(reduction: str) -> LossRequest:
+    g = _g(1)
+    t = g.integers(0, 23, 37)
+    t[::5] = -100
+    return LossRequest(g.standard_normal((37, 23), dtype=np.float32), t, weight=g.uniform(0.5, 2, 23).astype(np.float32), reduction=reduction)
+
+
+def class_indices_kdim_nll(reduction: str) -> LossRequest:
+    g = _g(2)
+    logp = F.log_softmax(torch.from_numpy(g.standard_normal((9, 13, 5), dtype=np.float32)), 1).numpy()
+    return LossRequest(logp, g.integers(0, 13, (9, 5)), loss="nll_loss", reduction=reduction)
+
+
+def language_model(reduction: str) -> LossRequest:
+    g = _g(3)
+    t = g.integers(0, 17, (6, 11))
+    t[2, 4:] = -100
+    extras = ("target_logprob", "entropy", "target_rank", "argmax_correct")
+    x = g.standard_normal((6, 11, 17), dtype=np.float32)
+    return LossRequest(x, t, class_axis=-1, shift_targets=True, extras=extras, sequence_stats=True, reduction=reduction)
+
+
+def label_smoothing(reduction: str) -> LossRequest:
+    g = _g(4)
+    return LossRequest(g.standard_normal((33, 21), dtype=np.float32), g.integers(0, 21, 33), label_smoothing=0.1, reduction=reduction)
+
+
+def probabilities(reduction: str) -> LossRequest:
+    g = _g(5)
+    p = F.softmax(torch.from_numpy(g.standard_normal((29, 19), dtype=np.float32)), 1).numpy()
+    return LossRequest(g.standard_normal((29, 19), dtype=np.float32), p, label_smoothing=0.05, reduction=reduction)
+
+
+def probabilities_kdim(reduction: str) -> LossRequest:
+    g = _g(6)
+    p = F.softmax(torch.from_numpy(g.standard_normal((7, 6, 4), dtype=np.float32)), 1).numpy()
+    return LossRequest(g.standard_normal((7, 6, 4), dtype=np.float32), p, reduction=reduction)
+
+
+def bce(reduction: str) -> LossRequest:
+    g = _g(7)
+    return LossRequest(
+        g.standard_normal((31, 12), dtype=np.float32),
+        g.random((31, 12), dtype=np.float32),
+        loss="binary_cross_entropy_with_logits",
+        weight=g.uniform(0.1, 2, (31, 12)).astype(np.float32),
+        pos_weight=g.uniform(0.5, 3, 12).astype(np.float32),
+        reduction=reduction,
+    )
+
+
+def bfloat16_torch(reduction: str) -> LossRequest:
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(41, 31, generator=gen).to(torch.bfloat16)
+    return LossRequest(x, torch.randint(0, 31, (41,), generator=gen), reduction=reduction)
+
+
+def float16_numpy(reduction: str) -> LossRequest:
+    g = _g(9)
+    return LossRequest(g.standard_normal((27, 35)).astype(np.float16), g.integers(0, 35, 27), reduction=reduction)
+
+
+KINDS = [class_indices, class_indices_kdim_nll, language_model, label_smoothing, probabilities, probabilities_kdim, bce, bfloat16_torch, float16_numpy]
+
+
+def same(a, b) -> bool:
+    """Equal values, dtype and shape (NaN equal to NaN), torch or numpy."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num()))
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True)
+
+
+def assert_same_result(one, par) -> None:
+    assert same(one.loss, par.loss), (one.loss, par.loss)
+    assert (one.loss_sum, one.weight_sum, one.counted) == (par.loss_sum, par.weight_sum, par.counted)
+    assert one.extras.keys() == par.extras.keys()
+    for name in one.extras:
+        assert same(one.extras[name], par.extras[name]), name
+    assert (one.sequences is None) == (par.sequences is None)
+    if one.sequences is not None:
+        for name in ("nll_sum", "tokens", "mean_nll", "perplexity", "is_greedy"):
+            assert np.array_equal(getattr(one.sequences, name), getattr(par.sequences, name), equal_nan=True), name
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
+def test_parallel_streams_equal_one_stream(server, clients, kind, reduction):
+    one, four = clients
+    req = kind(reduction)
+    cut = split.splittable(req)
+    assert cut == (kind is not label_smoothing or reduction != "mean")  # the smoothed class-index mean keeps two sums
+    before = server.metrics().get(CHUNKED_OK, 0.0)
+    single = one.evaluate(req)
+    middle = server.metrics().get(CHUNKED_OK, 0.0)
+    parallel = four.evaluate(req)
+    after = server.metrics().get(CHUNKED_OK, 0.0)
+    assert middle - before == 1
+    assert after - middle == (min(4, np.shape(req.input)[0]) if cut else 1)
+    assert_same_result(single, parallel)
+
+
+@pytest.mark.parametrize("kind", [language_model, bce, bfloat16_torch], ids=lambda k: k.__name__)
+def test_async_client_parallel_streams_equal_one_stream(server, kind):
+    async def both():
+        async with AsyncLossClient(server.address, **SMALL) as one, AsyncLossClient(server.address, connections=3, **SMALL) as three:
+            return await one.evaluate(kind("none")), await three.evaluate(kind("none")), await three.evaluate(kind("mean"))
+
+    single, parallel, mean = asyncio.run(both())
+    assert_same_result(single, parallel)
+    with LossClient(server.address, **SMALL) as one:
+        assert_same_result(one.evaluate(kind("mean")), mean)
+
+
+def test_perplexity_of_a_large_batch_over_parallel_streams_matches_torch(server):
+    """Defaults (1 MiB chunks, 4 MiB chunked threshold): (8, 64, 4096) float32 logits are 8 MiB."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(8, 64, 4096, generator=gen)
+    tokens = torch.randint(0, 4096, (8, 64), generator=gen)
+    tokens[3, 50:] = -100
+    with LossClient(server.address, timeout_s=120) as one, LossClient(server.address, connections=2, timeout_s=120) as two:
+        before = server.metrics().get(CHUNKED_OK, 0.0)
+        ppl_one = one.perplexity(logits, tokens)
+        ppl_two = two.perplexity(logits, tokens)
+        assert server.metrics().get(CHUNKED_OK, 0.0) - before == 3  # one whole, then two parts
+    assert torch.equal(ppl_one.token_nll, ppl_two.token_nll)
+    assert (ppl_one.nll_sum, ppl_one.tokens) == (ppl_two.nll_sum, ppl_two.tokens)
+    assert np.array_equal(ppl_one.sequence_perplexity, ppl_two.sequence_perplexity)
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 4096), tokens[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(torch.tensor(ppl_two.nll_sum, dtype=torch.float32), want, rtol=1e-5, atol=1e-3)

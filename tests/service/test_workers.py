@@ -1,0 +1,298 @@
+"""``--workers 2``: two server processes on one port under a supervisor, with real processes on loopback.
+
+Where a connection lands is the kernel's choice (SO_REUSEPORT hashes the client's port), so the
+tests look it up (tests/workerprocs.py: /proc/<pid>/fd and /proc/net/tcp) and open connections
+until both workers hold some; what each worker then serves follows exactly from the client's
+round robin. Every process is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from lossd_client import LossClient, LossRequest, core
+from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+from serverproc import start_server
+from workerprocs import GATE_ENV, Load, alive, channel_per_worker, own_ports, owners, stop_everything, wait_for, worker_pids
+
+FLAGS = ("--workers", "2", "--drain-s", "0.2", "--grace-s", "30")
+WORKERPROCS = str(Path(__file__).resolve().parents[1] / "workerprocs.py")
+
+
+def checked_call(client: LossClient, seed: int, rows: int = 8, classes: int = 11) -> None:
+    g = np.random.default_rng(seed)
+    logits = g.standard_normal((rows, classes)).astype(np.float32)
+    target = g.integers(0, classes, rows)
+    got = client.cross_entropy(logits, target, reduction="sum")
+    want = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(target), reduction="sum")
+    torch.testing.assert_close(torch.from_numpy(np.asarray(got)), want)
+
+
+def health(channel: grpc.Channel, service: str = "") -> str:
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def client_on_both_workers(server, connections: int = 4, attempts: int = 40, **options) -> tuple[LossClient, collections.Counter]:
+    """A LossClient whose ``connections`` connections reach both workers, and how many each worker holds.
+
+    One small call per connection (round robin) connects them all; this also checks that the
+    client opened ``connections`` distinct connections."""
+    for attempt in range(attempts):
+        before = own_ports(server.port)
+        client = LossClient(server.address, connections=connections, timeout_s=60, **options)
+        for i in range(connections):
+            checked_call(client, attempt * 100 + i)
+        new = own_ports(server.port) - before
+        assert len(new) == connections, (connections, new)
+        held = collections.Counter(owners(server, new))
+        if len(held) == 2:
+            return client, held
+        client.close()
+    raise AssertionError(f"{attempts} clients of {connections} connections never reached both workers")
+
+
+def sample(server, name: str, **labels: str) -> float:
+    key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    return server.metrics().get(key, 0.0)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """One two-worker server with /metrics, for the tests that do not stop or kill anything."""
+    proc = start_server(*FLAGS, metrics=True)
+    try:
+        assert proc.metrics_port, proc.log()
+        yield proc
+    finally:
+        assert stop_everything(proc) == 0, proc.log()
+
+
+# ---------------------------------------------------------------------------------------------
+# calls spread over both workers, counted once
+
+
+def test_round_robin_over_connections_gives_each_worker_its_share_and_metrics_count_each_call_once(pair):
+    client, held = client_on_both_workers(pair)
+    try:
+        before = pair.metrics()
+        rounds = 10
+        for seed in range(rounds * client.connections):
+            checked_call(client, 1000 + seed)
+        after = pair.metrics()
+    finally:
+        client.close()
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    calls = rounds * client.connections
+    for worker in (0, 1):  # each connection carried exactly `rounds` calls
+        assert delta(f'lossd_worker_requests_total{{method="Evaluate",worker="{worker}"}}') == rounds * held[worker], held
+    assert delta('lossd_requests_total{code="OK",method="Evaluate"}') == calls
+    assert delta('lossd_request_latency_seconds_count{method="Evaluate"}') == calls
+    assert delta("lossd_rows_total") == calls * 8
+    assert after["lossd_workers"] == 2 and after["lossd_workers_ready"] == 2
+    assert after['lossd_requests_in_flight{method="Evaluate"}'] == 0
+    assert after["lossd_memory_budget_bytes"] > 0 and after["lossd_process_rss_bytes"] > 20 * 2**20
+
+
+def test_evaluate_many_opens_a_stream_per_connection(pair):
+    g = np.random.default_rng(5)
+    requests = [LossRequest(g.standard_normal((6, 9)).astype(np.float32), g.integers(0, 9, 6)) for _ in range(150)]
+    want = [F.cross_entropy(torch.from_numpy(r.input), torch.from_numpy(r.target)) for r in requests]
+    client, held = client_on_both_workers(pair)
+    try:
+        before = pair.metrics()
+        got = list(client.evaluate_many(requests, window=32))
+        after = pair.metrics()
+    finally:
+        client.close()
+    for result, expected in zip(got, want, strict=True):
+        torch.testing.assert_close(torch.from_numpy(np.asarray(result.loss)), expected)
+    for worker in (0, 1):
+        key = f'lossd_worker_requests_total{{method="EvaluatePacked",worker="{worker}"}}'
+        assert after.get(key, 0.0) - before.get(key, 0.0) == held[worker], held
+
+
+def test_async_client_spreads_its_streams_too(pair):
+    import asyncio
+
+    from lossd_client import AsyncLossClient
+
+    g = np.random.default_rng(6)
+    requests = [LossRequest(g.standard_normal((5, 7)).astype(np.float32), g.integers(0, 7, 5)) for _ in range(64)]
+
+    async def run() -> tuple[list, list]:
+        async with AsyncLossClient(pair.address, connections=3, timeout_s=60) as client:
+            streamed = [r async for r in client.evaluate_many(requests, window=16)]
+            unary = await asyncio.gather(*(client.evaluate(r) for r in requests[:12]))
+        return streamed, unary
+
+    before = pair.metrics()
+    streamed, unary = asyncio.run(run())
+    after = pair.metrics()
+    for result, req in zip(streamed, requests, strict=True):
+        torch.testing.assert_close(torch.from_numpy(np.asarray(result.loss)), F.cross_entropy(torch.from_numpy(req.input), torch.from_numpy(req.target)))
+    for result, req in zip(unary, requests[:12], strict=True):
+        torch.testing.assert_close(torch.from_numpy(np.asarray(result.loss)), F.cross_entropy(torch.from_numpy(req.input), torch.from_numpy(req.target)))
+
+    def total(method: str) -> float:
+        return sum(after.get(k, 0.0) - before.get(k, 0.0) for k in after if k.startswith(f'lossd_worker_requests_total{{method="{method}"'))
+
+    assert core.pack_size(16, None, streams=3) == 1  # one request per message: EvaluateStream
+    assert total("EvaluateStream") == 3  # one stream per connection
+    assert total("Evaluate") == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# health across workers, drain, and what the supervisor holds
+
+
+def test_health_waits_for_every_worker_and_the_drain_reaches_both(tmp_path):
+    """Worker 1's warm-up waits for a file: worker 0 is warm and still answers NOT_SERVING."""
+    gate = tmp_path / "warm-up-gate"
+    proc = start_server(
+        "--workers", "2", "--drain-s", "300", "--grace-s", "30",
+        metrics=True, env={GATE_ENV: str(gate)}, program=(WORKERPROCS,), ready_when=lambda line: "with 2 worker processes" in line,
+    )  # fmt: skip
+    channels: dict = {}
+    try:
+        pids = worker_pids(proc.log())
+        wait_for(lambda: f"worker 0 (pid {pids[0]}) is warm" in proc.log(), what="worker 0 warm")
+        channels = channel_per_worker(proc)
+        for channel in channels.values():
+            assert health(channel) == "NOT_SERVING"
+            assert health(channel, "lossd.v1.LossService") == "NOT_SERVING"
+        wait_for(lambda: proc.metrics_port, what="the metrics port")
+        assert sample(proc, "lossd_workers_ready") == 1
+        gate.touch()
+        wait_for(lambda: "all 2 workers warm: SERVING" in proc.log(), what="SERVING")
+        for channel in channels.values():
+            assert health(channel) == "SERVING" and health(channel, "lossd.v1.LossService") == "SERVING"
+        supervisor_holds_no_grpc_or_torch(proc)
+        directory = proc.log().split("aggregated from ")[1].split(")")[0]
+        assert os.path.isdir(directory)
+
+        proc.signal(signal.SIGTERM)
+        for channel in channels.values():
+            wait_for(lambda c=channel: health(c) == "NOT_SERVING", what="NOT_SERVING on every worker")
+        for channel in channels.values():  # still accepting while draining
+            logits = np.ones((2, 3), np.float32)
+            pb_grpc.LossServiceStub(channel).Evaluate(core.build(LossRequest(logits, np.array([0, 2])))[0], timeout=30)
+        assert proc.proc.poll() is None
+        proc.signal(signal.SIGTERM)  # a second signal skips what is left of the drain
+        assert proc.proc.wait(60) == 0, proc.log()
+        assert not os.path.exists(directory), "the multiprocess metrics directory outlived the server"
+        assert not any(alive(pid) for pid in pids.values())
+        assert proc.log().count("(drain)") == 2, proc.log()
+    finally:
+        for channel in channels.values():
+            channel.close()
+        stop_everything(proc)
+
+
+def supervisor_holds_no_grpc_or_torch(proc) -> None:
+    """The supervisor never loads grpc or torch: no gRPC object can exist in it before (or after) a worker starts."""
+    with open(f"/proc/{proc.proc.pid}/maps") as f:
+        maps = f.read()
+    assert "cygrpc" not in maps and "libtorch" not in maps
+
+
+@pytest.mark.parametrize("which", ["metrics", "grpc"])
+def test_a_port_in_use_stops_a_workers_start_with_one_line_and_status_2(which):
+    with subprocess.Popen([sys.executable, "-c", "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(1); print(s.getsockname()[1], flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True) as holder:  # fmt: skip
+        try:
+            port = int(holder.stdout.readline())
+            flags = ["--metrics-port", str(port), "--port", "0"] if which == "metrics" else ["--port", str(port), "--metrics-port", "0"]
+            cmd = [sys.executable, "-m", "lossd_server", "--host", "127.0.0.1", "--workers", "2", *flags]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        finally:
+            holder.kill()
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(port) in lines[0] and ("--metrics-port" if which == "metrics" else "--port") in lines[0], lines[0]
+    assert "worker" not in done.stderr  # refused before any worker started
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM under load and a killed worker
+
+N_CALLS = 24
+
+
+def large_request(seed: int) -> LossRequest:
+    """A 4 MiB float32 request (1024 rows of 1024 classes), some targets ignored."""
+    g = np.random.default_rng(seed)
+    return LossRequest(g.standard_normal((1024, 1024), dtype=np.float32), g.integers(-1, 1024, 1024), ignore_index=-1, reduction="sum")
+
+
+def test_sigterm_with_calls_on_the_wire_to_both_workers_loses_nothing():
+    proc = start_server("--workers", "2", "--drain-s", "3", "--grace-s", "120")
+    channels: dict = {}
+    try:
+        channels = channel_per_worker(proc)
+        stubs = [pb_grpc.LossServiceStub(channels[i % 2]) for i in range(N_CALLS)]  # half the calls on each worker
+        futures = [stub.Evaluate.future(core.build(large_request(i))[0], timeout=300) for i, stub in enumerate(stubs)]
+        proc.signal(signal.SIGTERM)
+        replies = [f.result() for f in futures]
+        assert proc.proc.wait(120) == 0, proc.log()
+    finally:
+        for channel in channels.values():
+            channel.close()
+        stop_everything(proc)
+    for seed, reply in enumerate(replies):
+        req = large_request(seed)
+        want = F.cross_entropy(torch.from_numpy(req.input), torch.from_numpy(req.target), ignore_index=-1, reduction="sum")
+        torch.testing.assert_close(core.parse(reply, as_torch=True).loss, want)
+    log = proc.log()
+    assert log.count("(drain)") == 2 and log.count("stopped (exit status 0)") == 2, log
+
+
+def test_a_killed_worker_is_replaced_and_the_server_keeps_serving():
+    proc = start_server(*FLAGS, metrics=True)
+    try:
+        old = worker_pids(proc.log())
+        with LossClient(proc.address, connections=4, timeout_s=60) as client:
+            with Load(lambda seed: checked_call(client, seed, rows=32, classes=512)) as load:
+                load.wait_calls(30)
+                os.kill(old[0], signal.SIGKILL)
+                wait_for(lambda: worker_pids(proc.log())[0] != old[0], what="a new worker 0")
+                wait_for(lambda: proc.log().count("all 2 workers warm: SERVING") == 2, what="SERVING again")
+                load.wait_calls(60)
+        assert not load.failures, load.failures[:3]
+        new = worker_pids(proc.log())
+        assert new[0] != old[0] and new[1] == old[1] and not alive(old[0])
+        assert f"worker 0 (pid {old[0]}) exited with signal SIGKILL" in proc.log()
+        assert sample(proc, "lossd_worker_restarts_total") == 1 and sample(proc, "lossd_workers_ready") == 2
+        replacement, held = client_on_both_workers(proc)  # calls on the new worker 0's connections are answered
+        replacement.close()
+        assert held[0] >= 1
+        assert stop_everything(proc) == 0, proc.log()
+    finally:
+        stop_everything(proc)
+
+
+def test_workers_whose_supervisor_is_killed_drain_and_exit():
+    proc = start_server(*FLAGS)
+    try:
+        pids = worker_pids(proc.log())
+        assert len(pids) == 2 and all(alive(pid) for pid in pids.values())
+        proc.signal(signal.SIGKILL)
+        assert proc.proc.wait(30) == -signal.SIGKILL
+        wait_for(lambda: not any(alive(pid) for pid in pids.values()), 60, "the orphaned workers to exit")
+        assert proc.log().count("the supervisor is gone: stopping") == 2, proc.log()
+    finally:
+        stop_everything(proc)
