@@ -92,8 +92,11 @@ def _cell(seconds: float, peak: float, nbytes: int) -> dict:
 
 def _inproc(path: str, dtype_name: str, repeats: int, device: str) -> dict:
     """Runs inside a fresh subprocess: time one in-process path, report its own peak RSS above the inputs."""
-    from lossd_server import engine
+    from lossd_server import allocator, engine
 
+    # glibc tuned as the server tunes it at start-up, for both paths: with glibc's defaults the
+    # engine's per-chunk temporaries stay on the heap and a bfloat16 run kept 0-2x its input resident
+    allocator.tune()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     x, t = _data(DTYPES[dtype_name])
     dev = torch.device(device)

@@ -50,7 +50,13 @@ def class_fused(plan: Plan, x: torch.Tensor, r0: int, r1: int, u0: int, u1: int)
     if t.device != x.device:
         t = t.to(x.device)
     w = _weight_on(plan, x.device)
-    if spec.loss == CROSS_ENTROPY:
+    if spec.loss == CROSS_ENTROPY and spec.smoothing <= 0.0 and x.device.type == "cpu":
+        # torch's cross_entropy is exactly nll_loss(log_softmax(x, 1)) without smoothing; the
+        # log-probabilities go into this thread's scratch buffer instead of a fresh chunk-sized
+        # tensor, which the server's 1 MiB mmap threshold would map and page-fault in per chunk
+        logp = torch.log_softmax(x, 1, out=scratch("log_softmax", x.numel(), x.dtype).view(x.shape))
+        losses = F.nll_loss(logp, t, weight=w, ignore_index=spec.ignore_index, reduction="none")
+    elif spec.loss == CROSS_ENTROPY:
         losses = F.cross_entropy(x, t, weight=w, ignore_index=spec.ignore_index, reduction="none", label_smoothing=spec.smoothing)
     else:
         losses = F.nll_loss(x, t, weight=w, ignore_index=spec.ignore_index, reduction="none")
