@@ -49,6 +49,7 @@ import torch
 from lossd_client.compare_stats import CompareTotals, combine_totals
 
 from ._exact import FLOAT_DTYPES, dtype_name, itemsize, to_compute
+from .scratch import sum64, temporary, upcast
 from .spec import DEFAULT_CHUNK_BYTES, InvalidInput, LossSpec
 from .validate import _resolve_targets as resolve_targets
 
@@ -238,27 +239,38 @@ def _empty_partial(plan: ComparePlan, row_start: int) -> ComparePartial:
 
 
 def _sum(x: torch.Tensor) -> float:
-    return float(x.sum(dtype=torch.float64))
+    return sum64(x)
 
 
-def _normalised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rows_in(name: str, rows: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """A chunk of logits in the compute dtype on ``device``; a CPU half-precision chunk is upcast
+    into the scratch buffer ``name`` (exact). May be the caller's tensor: never written to."""
+    if rows.device.type == "cpu" and torch.device(device).type == "cpu" and rows.dtype != dtype:
+        return upcast(rows, dtype, reuse=True, name=name)
+    return to_compute(rows, dtype, device)
+
+
+def _normalised(x: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """log_softmax's pieces for (rows, V) logits: ``y = x - max``, ``e = exp(y)``, the float64
-    normaliser ``s = sum(e)`` and ``log(s)``, so that ``log_softmax(x) = y - log(s)``."""
-    y = x - x.amax(1, keepdim=True)
-    e = y.exp()
-    s = e.to(torch.float64).sum(1)
+    normaliser ``s = sum(e)`` and ``log(s)``, so that ``log_softmax(x) = y - log(s)``.
+    ``y`` and ``e`` are this thread's scratch buffers ``compare.y.<side>`` / ``compare.e.<side>``."""
+    y = torch.sub(x, x.amax(1, keepdim=True), out=temporary(f"compare.y.{side}", x))
+    e = torch.exp(y, out=temporary(f"compare.e.{side}", x))
+    wide = temporary("compare.e64", e, torch.float64)
+    s = (e.to(torch.float64) if wide is None else wide.copy_(e)).sum(1)
     return y, e, s, s.log()
 
 
 def _compare_chunk(plan: ComparePlan, ref: torch.Tensor, cand: torch.Tensor, r0: int, device) -> ComparePartial:
     r1 = r0 + ref.shape[0]
     cd = plan.compute_dtype
-    xr = to_compute(ref, cd, device)  # may be the caller's tensor: never written to
-    xc = to_compute(cand, cd, device)
+    xr = _rows_in("compare.x.reference", ref, cd, device)
+    xc = _rows_in("compare.x.candidate", cand, cd, device)
     counted = plan.counted[r0:r1].to(device)
     agree = (xr.argmax(1) == xc.argmax(1)) & counted
-    yr, er, sr, log_sr = _normalised(xr)
-    yc, _, _, log_sc = _normalised(xc)
+    yr, er, sr, log_sr = _normalised(xr, "reference")
+    # the candidate's exponentials are only summed: their buffer is the products' below
+    yc, _, _, log_sc = _normalised(xc, "candidate")
     values = {}
     if plan.has_targets:
         t = plan.target[r0:r1].to(device).masked_fill(~counted, 0).unsqueeze(1)
@@ -272,9 +284,9 @@ def _compare_chunk(plan: ComparePlan, ref: torch.Tensor, cand: torch.Tensor, r0:
     # the size of the KL: KL = sum_v p (d - c) + (c - D), the per-row scalars in float64.
     # (In place from here: yr, er and the products are this function's own temporaries.)
     p = er.div_(sr.to(cd).unsqueeze(1))
-    zero = p == 0  # 0 log 0 = 0 (also where the candidate is -inf)
+    zero = torch.eq(p, 0, out=temporary("compare.zero", p, torch.bool))  # 0 log 0 = 0 (also where the candidate is -inf)
     d = yr.sub_(yc)
-    c = (p * d).masked_fill_(zero, 0.0).sum(1)
+    c = torch.mul(p, d, out=temporary("compare.e.candidate", p)).masked_fill_(zero, 0.0).sum(1)
     c = torch.where(c.isfinite(), c, 0.0)
     spread = d.sub_(c.unsqueeze(1)).mul_(p).masked_fill_(zero, 0.0).sum(1)
     kl = ((c.to(torch.float64) - (log_sr - log_sc)) + spread.to(torch.float64)).to(cd)
@@ -421,5 +433,5 @@ def _top_k_chunk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not bool(exact.all()):
         ambiguous = (~exact).nonzero().squeeze(1)
         ids[ambiguous] = torch.sort(x[ambiguous], dim=1, descending=True, stable=True).indices[:, :k]
-    y, _, _, log_s = _normalised(x)
+    y, _, _, log_s = _normalised(x, "top_k")
     return ids, (y.gather(1, ids).to(torch.float64) - log_s.unsqueeze(1)).to(x.dtype)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from lossd_client.layout import legacy_reduction
 
 from ._exact import HALF_DTYPES, divide, dtype_name, fsum, itemsize, to_compute
+from .scratch import sum64, temporary, upcast
 from .spec import DEFAULT_CHUNK_BYTES, InvalidInput
 
 #: Reduction strings torch's kl_div takes ('elementwise_mean' is its deprecated alias of 'mean').
@@ -308,9 +309,19 @@ def _elementwise(plan: KlDivPlan, x: torch.Tensor, t: torch.Tensor) -> torch.Ten
     """torch's kl_div elements (aten::kl_div's formula, in the same operation order, with the
     operands 0-dim where torch's were: that decides the dtype each operation runs in)."""
     x, t = (v.reshape(-1)[:1].reshape(()) if scalar and v.dim() else v for v, scalar in zip((x, t), plan.scalar_operands, strict=True))
+    # operands of one shape and dtype: the products go into this thread's scratch buffers
+    alike = x.shape == t.shape and x.dtype == t.dtype
+    a = temporary("kl_div.a", x) if alike else None
+    b = temporary("kl_div.b", x) if alike else None
     if plan.log_target:
-        return torch.exp(t) * (t - x)
-    return torch.xlogy(t, t) - t * x
+        return torch.mul(torch.exp(t, out=a), torch.sub(t, x, out=b), out=a)
+    return torch.sub(torch.xlogy(t, t, out=a), torch.mul(t, x, out=b), out=a)
+
+
+def _in_float32(name: str, v: torch.Tensor, device) -> torch.Tensor:
+    if v.device.type == "cpu" and torch.device(device).type == "cpu":
+        return upcast(v, torch.float32, reuse=True, name=name)
+    return to_compute(v, torch.float32, device)
 
 
 def evaluate_kl_div_rows(
@@ -342,14 +353,14 @@ def evaluate_kl_div_rows(
         if plan.exact_elements:
             block = _elementwise(plan, x.to(device), t.to(device))
         else:
-            block = _elementwise(plan, to_compute(x, torch.float32, device), to_compute(t, torch.float32, device))
+            block = _elementwise(plan, _in_float32("kl_div.input", x, device), _in_float32("kl_div.target", t, device))
         block_shape = tuple(s.stop - s.start for s in index) + chunk_shape[len(index) :]
         block = block.expand(block_shape)  # only when both operands are broadcast along a dim
-        sums.append(float(block.sum(dtype=torch.float64)))
+        sums.append(sum64(block))
         if losses is not None:
             if plan.batch_divisor is not None:
                 block = block / plan.batch_divisor
-            losses[index] = block.to(plan.output_dtype)
+            losses[index] = block  # the converting copy rounds as block.to(output_dtype) does
     return KlDivPartial(row_start, row_start + n, losses, fsum(sums), numel)
 
 

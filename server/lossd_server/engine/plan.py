@@ -20,7 +20,7 @@ from . import kernels
 from .dtypes import itemsize
 from .geometry import Geometry
 from .results import LossResult, Partial, merge_partials
-from .spec import DEFAULT_CHUNK_BYTES, EXTRA_DTYPES, InvalidInput, LossSpec, TargetKind
+from .spec import DEFAULT_CHUNK_BYTES, ELEMENTWISE_CHUNK_BYTES, EXTRA_DTYPES, InvalidInput, LossSpec, TargetKind
 
 #: Encoded bytes per sequence: nll_sum, mean_nll and perplexity doubles, a tokens varint, a bool.
 SEQUENCE_STAT_BYTES = 3 * 8 + 10 + 1
@@ -135,6 +135,8 @@ class Plan:
         device = torch.device(device)
         # Units without elements (a zero-size dimension after the leading ones) cost nothing to
         # evaluate, however many there are: one step, never a loop over 2**62 empty units.
+        if self.kind is TargetKind.BCE:
+            chunk_bytes = min(chunk_bytes, ELEMENTWISE_CHUNK_BYTES)
         step = self.geometry.units_per_chunk(chunk_bytes, self.compute_dtype) if self.geometry.unit_elements else max(1, n_units)
         parts = []
         try:

@@ -13,7 +13,9 @@ def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
     """A per-thread CPU buffer of n elements, reused across chunks.
 
     Fresh multi-megabyte tensors per chunk are mmap'd and page-faulted in every time (the
-    server caps glibc's mmap threshold to bound its memory); reusing one buffer avoids that.
+    server caps glibc's mmap threshold to bound its memory); reusing one buffer avoids that
+    (measured on 2048x32000 float32 under the server's settings: cross_entropy 0.134 -> 0.042 s,
+    a model comparison 1.9 -> 0.6 s). A thread keeps each named buffer at its largest chunk.
     """
     key = (name, dtype)
     buffers = getattr(_SCRATCH, "buffers", None)
@@ -25,12 +27,34 @@ def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:n]
 
 
-def upcast(t: torch.Tensor, dtype: torch.dtype, *, reuse: bool = False) -> torch.Tensor:
-    """``t.to(dtype)``; with ``reuse`` (CPU, contiguous) into a per-thread scratch buffer that the
+def temporary(name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A chunk-sized temporary for an ``out=`` argument: on CPU this thread's buffer ``name``
+    shaped like ``like``; elsewhere None, so torch allocates (CUDA's caching allocator reuses).
+
+    Only for a value that is consumed before the same thread asks for ``name`` again."""
+    if like.device.type != "cpu":
+        return None
+    return scratch(name, like.numel(), dtype or like.dtype).view(like.shape)
+
+
+def upcast(t: torch.Tensor, dtype: torch.dtype, *, reuse: bool = False, name: str = "upcast") -> torch.Tensor:
+    """``t.to(dtype)``; with ``reuse`` (CPU, contiguous) into the per-thread scratch buffer ``name`` that the
     next reusing call overwrites: only for a chunk that is fully consumed before the next one is
     upcast. A converting copy into a buffer that is already mapped costs a third less than a
     fresh tensor (measured for 4 MiB bfloat16 chunks with torch 2.13: 82 vs 118 us for the 16-bit
     shift this replaced, and every fresh multi-megabyte tensor is page-faulted in again)."""
     if reuse and t.device.type == "cpu" and t.is_contiguous():
-        return scratch("upcast", t.numel(), dtype).view(t.shape).copy_(t)
+        return scratch(name, t.numel(), dtype).view(t.shape).copy_(t)
     return t.to(dtype)
+
+
+def sum64(t: torch.Tensor) -> float:
+    """``float(t.sum(dtype=torch.float64))``, bit for bit.
+
+    torch converts a whole float32 tensor to a fresh float64 one before summing it; for a
+    contiguous CPU tensor the conversion goes into this thread's scratch buffer instead (a 4 MiB
+    float32 chunk: 3.2 ms -> 0.27 ms under the server's allocator settings). Same values, same
+    layout, same reduction: the same sum."""
+    if t.dtype == torch.float64 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() < 32768:
+        return float(t.sum(dtype=torch.float64))
+    return float(scratch("sum64", t.numel(), torch.float64).view(t.shape).copy_(t).sum())
