@@ -53,6 +53,16 @@ def shape_of(field: str, shape) -> tuple[int, ...]:
         count *= s
         if count > MAX_ELEMENTS:
             raise TensorError(f"{field}.shape", f"element count of {list(dims)} overflows")
+    # torch strides each dimension by the product of the later sizes (an empty one counting as 1),
+    # so an empty tensor such as [0, 2, 2**62] has no elements yet a stride torch cannot represent.
+    stride = 1
+    for s in reversed(dims[1:]):
+        stride *= max(s, 1)
+        if stride > MAX_ELEMENTS:
+            raise TensorError(
+                f"{field}.shape",
+                f"strides of {list(dims)} overflow (the sizes after the first, empty ones counted as 1, multiply past {MAX_ELEMENTS})",
+            )
     return dims
 
 

@@ -95,6 +95,8 @@ BAD = [
     ("negative target dim", with_(shape(tgt, [-2])), "target.shape"),
     ("element count overflow", with_(shape(inp, [2**40, 2**40])), "input.shape"),
     ("element count overflow target", with_(shape(tgt, [2**31, 2**31, 2**31])), "target.shape"),
+    ("empty input whose strides overflow", with_(both(shape(inp, [0, 2, 2**62]), attr("input.data", b""))), "input.shape"),
+    ("empty weight whose strides overflow", with_(lambda m: m.options.weight.MergeFrom(pb.Tensor(dtype=pb.FLOAT32, shape=[0, 2**40, 2**40]))), "options.weight.shape"),
     ("0-d input for cross_entropy", with_(both(set_tensor(inp, np.float32(1.0)), set_tensor(tgt, np.int64(0)))), "input"),
     ("0-d input for nll_loss", with_(both(set_tensor(inp, np.float32(1.0)), set_tensor(tgt, np.int64(0)), attr("options.loss", pb.NLL))), "input"),
     ("class target >= C", with_(set_tensor(tgt, np.array([3, 0]))), "target"),

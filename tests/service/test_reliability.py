@@ -408,6 +408,16 @@ CHUNKED_MISTAKES = [
         [pb.EvaluateChunk(header=pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[2**59, 2], target=pb.Tensor(dtype=pb.FLOAT64, shape=[2**59, 2])))],
         "header.target.shape",
     ),
+    (
+        "empty weight whose strides overflow",  # no elements, yet torch cannot stride [0, 2, 2^62]
+        [header_msg([4, 3], np.array([0, 1, 2, 0]), weight=pb.Tensor(dtype=pb.FLOAT32, shape=[0, 2, 2**62]))],
+        "options.weight.shape",
+    ),
+    (
+        "empty input whose strides overflow",
+        [pb.EvaluateChunk(header=pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[0, 2**40, 2**40], target=pb.Tensor(dtype=pb.INT64, shape=[0, 2**40])))],
+        "header.input_shape",
+    ),
     ("no header", [pb.EvaluateChunk(input_rows=b"\0" * 12)], "header"),
     ("a second header", [header_msg([4, 3], np.array([0, 1, 2, 0])), header_msg([4, 3], np.array([0, 1, 2, 0]))], "header"),
     ("rows that are not whole", [header_msg([4, 3], np.array([0, 1, 2, 0])), pb.EvaluateChunk(input_rows=b"\0" * 5)], "input_rows"),

@@ -150,11 +150,17 @@ def test_codec_rejects_wrong_byte_length(dtype: int, nbytes: int) -> None:
     assert info.value.field == "target.data"
 
 
-@pytest.mark.parametrize("shape", [[-1], [2, -3], [2**40, 2**40], [2**62, 4], [1] * 33])
+@pytest.mark.parametrize("shape", [[-1], [2, -3], [2**40, 2**40], [2**62, 4], [1] * 33, [0, 2, 2**62], [0, 2**31, 2**31, 2], [3, 0, 2**62, 2]])
 def test_codec_rejects_bad_shapes(shape: list[int]) -> None:
     with pytest.raises(codec.TensorError) as info:
         codec.decode("input", pb.Tensor(dtype=pb.FLOAT32, shape=shape))
     assert info.value.field == "input.shape"
+
+
+@pytest.mark.parametrize("shape", [[2**62, 0], [3, 0, 2**62], [0, 2**31, 2**31]])
+def test_codec_accepts_empty_shapes_torch_can_stride(shape: list[int]) -> None:
+    got = codec.decode("input", pb.Tensor(dtype=pb.FLOAT32, shape=shape))
+    assert got.shape == torch.empty(shape).shape
 
 
 @pytest.mark.parametrize("dtype", [pb.DTYPE_UNSPECIFIED, 11, 99, -1])
