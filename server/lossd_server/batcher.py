@@ -58,6 +58,11 @@ class Abandoned(Exception):
     """Every caller of a batch went away or passed its deadline: its evaluation stopped early."""
 
 
+class DeadlinePassed(Abandoned):
+    """The caller's deadline passed during evaluation, which stopped early: answered
+    DEADLINE_EXCEEDED (the server's clock may see it before the client's timer fires)."""
+
+
 @dataclass
 class BatchFigures:
     requests: int
@@ -355,8 +360,10 @@ def _checkpoint(item: _Item) -> Callable[[], None]:
     deadline passed."""
 
     def checkpoint() -> None:
-        if item.abandoned or (item.deadline is not None and time.monotonic() >= item.deadline):
-            raise Abandoned("the caller went away or passed its deadline; evaluation stopped")
+        if item.abandoned:
+            raise Abandoned("the caller went away; evaluation stopped")
+        if item.deadline is not None and time.monotonic() >= item.deadline:
+            raise DeadlinePassed("the deadline passed during evaluation; evaluation stopped")
 
     return checkpoint
 

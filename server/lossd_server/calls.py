@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from .batcher import Abandoned
+from .batcher import Abandoned, DeadlinePassed
 from .budget import MemoryBudget, Reservation
 from .errors import StreamIdle
 
@@ -60,8 +60,10 @@ class Call:
 
     def checkpoint(self) -> None:
         """For the engine between chunks: stop once the call is over or past its deadline."""
-        if not self.alive or (self.deadline is not None and time.monotonic() >= self.deadline):
-            raise Abandoned("the call ended or passed its deadline; evaluation stopped")
+        if not self.alive:
+            raise Abandoned("the call ended; evaluation stopped")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlinePassed("the deadline passed during evaluation; evaluation stopped")
 
     def _wait_s(self) -> float:
         return self.idle_s if self.deadline is None else max(0.0, min(self.idle_s, self.deadline - time.monotonic()))

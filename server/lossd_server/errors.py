@@ -8,7 +8,7 @@ import grpc
 
 from . import codec, engine
 from .batch_engine import DeviceMemoryExhausted
-from .batcher import Abandoned, BatcherClosed, DeadlineExpired, QueueFull
+from .batcher import Abandoned, BatcherClosed, DeadlineExpired, DeadlinePassed, QueueFull
 from .budget import BudgetExceeded
 
 log = logging.getLogger("lossd.service")
@@ -35,7 +35,7 @@ def classify(exc: BaseException) -> RequestError | None:
         return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, (QueueFull, BudgetExceeded, DeviceMemoryExhausted)):
         return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    if isinstance(exc, (DeadlineExpired, StreamIdle)):
+    if isinstance(exc, (DeadlineExpired, DeadlinePassed, StreamIdle)):
         return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline expired before compute")
     if isinstance(exc, BatcherClosed):
         return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))

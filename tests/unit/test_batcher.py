@@ -12,12 +12,14 @@ import asyncio
 import threading
 import time
 
+import grpc
 import pytest
 import torch
 import torch.nn.functional as F
 from lossd_server import batch_engine, engine
-from lossd_server.batcher import Batcher, BatcherClosed, BatchFigures, DeadlineExpired, QueueFull
+from lossd_server.batcher import Abandoned, Batcher, BatcherClosed, BatchFigures, DeadlineExpired, DeadlinePassed, QueueFull
 from lossd_server.config import ServerConfig
+from lossd_server.errors import classify
 
 HUGE_WAIT_MS = 3_600_000.0
 
@@ -488,3 +490,10 @@ def test_a_sole_call_is_computed_in_its_own_task_unless_work_is_queued():
     first, second = run(with_batcher(rec, body, max_wait_ms=1.0, inline_batch_bytes=100))  # 3 x 7 fp32 = 84 bytes: inline
     for got in (first, second):
         torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
+
+
+def test_a_deadline_passed_during_compute_is_deadline_exceeded_and_a_gone_caller_cancelled():
+    """The server's clock may see the deadline before the client's timer fires: its answer
+    must then be the status the client's own timer would have given."""
+    assert classify(DeadlinePassed("the deadline passed during evaluation")).code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert classify(Abandoned("the caller went away")).code == grpc.StatusCode.CANCELLED
