@@ -248,6 +248,66 @@ def test_packed_stream_of_random_requests_answers_every_item(channel: grpc.Chann
             assert r.error.code in (grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), r.error
 
 
+@st.composite
+def compare_requests(draw: st.DrawFn) -> pb.CompareRequest:
+    """Two models' logits: valid ones with random options, or arbitrary wire tensors and options."""
+    msg = pb.CompareRequest(id=draw(st.text(max_size=8)))
+    o = msg.options
+    if draw(st.booleans()):
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        shape = (*draw(st.lists(st.integers(0, 3), max_size=2)), draw(st.integers(0, 5)))
+        for field in (msg.reference, msg.candidate):
+            dtype = draw(st.sampled_from(sorted(NUMPY)))
+            field.CopyFrom(pb.Tensor(dtype=dtype, shape=shape, data=rng.standard_normal(shape).astype(NUMPY[dtype]).tobytes()))
+        if draw(st.booleans()):
+            t = rng.integers(-1, max(shape[-1], 1), shape[:-1]).astype("<i8")
+            msg.target.CopyFrom(pb.Tensor(dtype=pb.INT64, shape=shape[:-1], data=t.tobytes()))
+            o.ignore_index = -1
+    else:
+        for field in (msg.reference, msg.candidate, msg.target):
+            if draw(st.integers(0, 3)):
+                field.CopyFrom(draw(wire_tensor()))
+        if draw(st.booleans()):
+            o.ignore_index = draw(st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-3, 5)))
+    o.shift_targets = draw(st.integers(0, 3)) == 0
+    o.top_k = draw(st.one_of(st.integers(0, 6), st.sampled_from([2**31, 2**32 - 1])))
+    return msg
+
+
+@FUZZ
+@given(request=compare_requests())
+def test_compare_requests_never_get_internal(channel: grpc.Channel, request: pb.CompareRequest) -> None:
+    code, details = status_of(pb_grpc.LossServiceStub(channel).Compare, request)
+    event(code.name)
+    assert code in WELL_FORMED_CODES, (code, details)
+
+
+@FUZZ
+@given(request=compare_requests(), data=st.data())
+def test_compare_chunked_streams_never_get_internal(channel: grpc.Channel, request: pb.CompareRequest, data: st.DataObject) -> None:
+    header = pb.CompareHeader(
+        id=request.id,
+        options=request.options,
+        reference_dtype=request.reference.dtype,
+        reference_shape=request.reference.shape,
+        candidate_dtype=request.candidate.dtype,
+        candidate_shape=request.candidate.shape,
+    )
+    if request.HasField("target"):
+        header.target.CopyFrom(request.target)
+    messages = [pb.CompareChunk(header=header)]
+    ref, cand = request.reference.data, request.candidate.data
+    for _ in range(data.draw(st.integers(0, 4))):
+        cut, ccut = data.draw(st.integers(0, len(ref))), data.draw(st.integers(0, len(cand)))
+        messages.append(pb.CompareChunk(reference_rows=ref[:cut], candidate_rows=cand[:ccut]))
+        ref, cand = ref[cut:], cand[ccut:]
+    if data.draw(st.integers(0, 9)) == 0:
+        messages.append(pb.CompareChunk(header=header))
+    code, details = status_of(pb_grpc.LossServiceStub(channel).CompareChunked, iter(messages))
+    event(code.name)
+    assert code in WELL_FORMED_CODES, (code, details)
+
+
 def test_server_still_serving_after_fuzzing(channel: grpc.Channel, fuzz_server: ServerProcess) -> None:
     """Runs last in this module: after every fuzz example above, the server is healthy."""
     assert_still_serving(channel, fuzz_server)
