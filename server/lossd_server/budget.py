@@ -16,6 +16,7 @@ import contextlib
 from collections import deque
 
 SETTING = "memory_budget_bytes"
+WAIT_SETTING = "max_memory_wait_s"
 
 
 class BudgetExceeded(Exception):
@@ -86,7 +87,7 @@ class MemoryBudget:
                 self._grant()
             if isinstance(exc, TimeoutError):
                 raise BudgetExceeded(
-                    f"{what} waited {timeout_s:g}s for {nbytes} bytes of server memory; "
+                    f"{what} waited {timeout_s:g}s ({WAIT_SETTING}, or the call's deadline if sooner) for {nbytes} bytes of server memory; "
                     f"{self.held_bytes} of {SETTING}={self.limit_bytes} are held for other calls"
                 ) from None
             raise

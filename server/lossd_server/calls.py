@@ -48,11 +48,14 @@ class CallTracker:
 class Call:
     """One RPC: reads its messages within the budget, writes its answers, knows if it is alive."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, budget: MemoryBudget, read_reservation: int, idle_s: float) -> None:
+    def __init__(
+        self, context: grpc.aio.ServicerContext, budget: MemoryBudget, read_reservation: int, idle_s: float, memory_wait_s: float
+    ) -> None:
         self.context = context
         self.budget = budget
         self.read_reservation = read_reservation
         self.idle_s = idle_s
+        self.memory_wait_s = memory_wait_s
         remaining = context.time_remaining()
         self.deadline = None if remaining is None else time.monotonic() + remaining
         self.alive = True
@@ -65,8 +68,11 @@ class Call:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise DeadlinePassed("the deadline passed during evaluation; evaluation stopped")
 
-    def _wait_s(self) -> float:
-        return self.idle_s if self.deadline is None else max(0.0, min(self.idle_s, self.deadline - time.monotonic()))
+    def _memory_wait_s(self) -> float:
+        """How long a read may wait in line for memory: waiting on the server is not the
+        client's idleness, so its own limit, cut short by the call's deadline."""
+        wait = self.memory_wait_s
+        return wait if self.deadline is None else max(0.0, min(wait, self.deadline - time.monotonic()))
 
     async def read(self, what: str, waiting_for_us: Callable[[], bool] | None = None) -> tuple[object, Reservation] | None:
         """The next message with its bytes reserved; None at the end of the stream.
@@ -74,7 +80,7 @@ class Call:
         ``waiting_for_us``: while it returns True the client may rightly send nothing (it waits
         for answers), so the idle timeout does not run.
         """
-        held = await self.budget.reserve(self.read_reservation, f"reading a {what} message", timeout_s=self._wait_s())
+        held = await self.budget.reserve(self.read_reservation, f"reading a {what} message", timeout_s=self._memory_wait_s())
         try:
             received = await self._idle_bounded(self.context.read(), f"sent no {what} message", waiting_for_us)
             if received is grpc.aio.EOF:

@@ -46,6 +46,7 @@ class ServerConfig:
     memory_budget_bytes: int = dataclasses.field(default_factory=default_memory_budget_bytes)
     transport_window_bytes: int = 1 * MiB
     stream_idle_timeout_s: float = 60.0
+    max_memory_wait_s: float = 60.0
     max_stream_in_flight: int = 32
     max_batch_rows: int = 65536
     max_batch_bytes: int = 32 * MiB
@@ -114,6 +115,7 @@ _HELP = {
     "memory_budget_bytes": "bytes held for callers at once (messages, tensors, chunks, answers), split evenly over the workers; past it calls wait or are refused",
     "transport_window_bytes": "bytes gRPC's transport accepts per call before the server reads them (HTTP/2 stream window)",
     "stream_idle_timeout_s": "a call whose client sends nothing (or reads nothing) for this long ends with DEADLINE_EXCEEDED",
+    "max_memory_wait_s": "longest a call waits in line for server memory (or until its deadline, if sooner) before RESOURCE_EXHAUSTED",
     "max_stream_in_flight": "EvaluateStream / EvaluatePacked: messages read and not yet answered per stream",
     "max_batch_rows": "a batch closes when it holds this many rows (positions)",
     "max_batch_bytes": "a batch closes when it holds this many input bytes",
@@ -235,6 +237,8 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit("--transport-window-bytes must be at least 65536")
     if config.stream_idle_timeout_s <= 0:
         raise SystemExit("--stream-idle-timeout-s must be > 0")
+    if config.max_memory_wait_s <= 0:
+        raise SystemExit("--max-memory-wait-s must be > 0")
     for name in ("max_stream_in_flight", "max_chunks_in_flight", "max_queue_requests", "compute_threads"):
         if getattr(config, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")

@@ -32,6 +32,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 MiB = 1024 * 1024
 BUDGET = 1100 * MiB  # the smallest budget that fits two reads of 64 MiB messages (2 x 516 MiB)
 IDLE_S = "3"
+#: Calls that must all succeed wait their turn for memory this long; far longer than a turn takes.
+PATIENT_WAIT_S = "300"
 RAW = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
@@ -71,8 +73,12 @@ def a_good_call_still_works(address: str) -> None:
 
 @pytest.fixture(scope="module")
 def budgeted():
-    """A server with a small budget and a short idle timeout; yields (server, baseline RSS MiB)."""
-    proc = start_server("--memory-budget-bytes", str(BUDGET), "--stream-idle-timeout-s", IDLE_S, metrics=True)
+    """A server with a small budget and a short idle timeout; yields (server, baseline RSS MiB).
+    Calls wait in line for memory as long as their deadline allows (a turn may take seconds on a
+    loaded machine)."""
+    proc = start_server(
+        "--memory-budget-bytes", str(BUDGET), "--stream-idle-timeout-s", IDLE_S, "--max-memory-wait-s", PATIENT_WAIT_S, metrics=True
+    )
     try:
         a_good_call_still_works(proc.address)
         time.sleep(0.2)
@@ -233,8 +239,24 @@ def test_32_concurrent_large_unary_calls_wait_for_the_budget_and_all_succeed(bud
     assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
 
 
-def test_stalled_chunked_calls_with_large_headers_are_refused_or_timed_out(budgeted):
-    server, baseline = budgeted
+@pytest.fixture
+def impatient():
+    """The budgeted server, but a call waits at most 1 s for memory; yields (server, baseline RSS MiB)."""
+    proc = start_server(
+        "--memory-budget-bytes", str(BUDGET), "--stream-idle-timeout-s", IDLE_S, "--max-memory-wait-s", "1", metrics=True
+    )
+    try:
+        a_good_call_still_works(proc.address)
+        time.sleep(0.2)
+        yield proc, status_mib(proc, "VmRSS")
+    finally:
+        proc.stop()
+
+
+def test_stalled_chunked_calls_with_large_headers_are_refused_or_timed_out(impatient):
+    """Stalled calls that fit the budget end after the idle timeout (3 s); the others are refused
+    at once (a header that cannot be held now) or after waiting max_memory_wait_s (1 s) to read."""
+    server, baseline = impatient
     header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[7_000_000, 10])
     tensors.to_proto(np.zeros(7_000_000, np.int64), header.target)  # a legal 56 MB class-index header
     first = pb.EvaluateChunk(header=header)
@@ -250,6 +272,8 @@ def test_stalled_chunked_calls_with_large_headers_are_refused_or_timed_out(budge
         outcomes = [outcome(f) for f in futures]
         release.set()
     refused = [o for o in outcomes if o.startswith("RESOURCE_EXHAUSTED") and "memory_budget_bytes" in o]
+    waited = [o for o in refused if " waited " in o]
+    assert waited and all("max_memory_wait_s" in o for o in waited), refused
     idle = [o for o in outcomes if o.startswith("DEADLINE_EXCEEDED") and "stream_idle_timeout_s" in o]
     assert refused and idle and len(refused) + len(idle) == 30, [o for o in outcomes if o not in refused + idle]
     assert_within_budget(server, baseline)

@@ -1,0 +1,28 @@
+"""The server's one typed config: every setting is a flag, an environment variable and a README row."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from lossd_server import config
+from lossd_server.config import ServerConfig
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(ServerConfig)])
+def test_every_setting_has_help_and_a_readme_row(field: str) -> None:
+    text = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    assert field in config._HELP and config._HELP[field]
+    assert f"`--{field.replace('_', '-')}`" in text, f"README's Configuration table lacks --{field.replace('_', '-')}"
+
+
+def test_memory_wait_from_flag_and_environment_and_validated() -> None:
+    assert config.load([], environ={}).max_memory_wait_s == 60.0
+    assert config.load([], environ={"LOSSD_MAX_MEMORY_WAIT_S": "2.5"}).max_memory_wait_s == 2.5
+    assert config.load(["--max-memory-wait-s", "7"], environ={"LOSSD_MAX_MEMORY_WAIT_S": "2.5"}).max_memory_wait_s == 7.0
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit, match="--max-memory-wait-s must be > 0"):
+            config.load(["--max-memory-wait-s", bad], environ={})
