@@ -522,10 +522,11 @@ def as_loss_request(item: Any, index: int) -> LossRequest:
 
 def pack_size(window: int, pack: int | None, streams: int = 1) -> int:
     """Requests per message: ``window // (4 * streams)`` by default (several messages in flight on
-    each stream), at most ``window``."""
+    each stream), at most ``window`` and :data:`~lossd_client.layout.MAX_PACKED_ITEMS`."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    return max(1, window // (4 * streams)) if pack is None else max(1, min(pack, window))
+    size = max(1, window // (4 * streams)) if pack is None else max(1, min(pack, window))
+    return min(size, layout.MAX_PACKED_ITEMS)
 
 
 def stream_count(window: int, pack: int | None, connections: int) -> int:

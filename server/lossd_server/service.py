@@ -32,6 +32,11 @@ from .errors import RequestError, status_of
 ANSWER_COPIES = 3
 #: Copies of a class-index target in a ChunkHeader: the message, the int64 view or copy, masks.
 HEADER_TARGET_COPIES = 3
+#: EvaluatePacked items evaluated at once, over all packed messages of the process. Each item's
+#: decode runs on the event loop when it starts; with every item of a message started together,
+#: other calls (health checks included) waited behind all of them: a 50,000-item message kept a
+#: health check waiting 9 s, 4 streams of 32 x 1024-item messages 0.7 s on average.
+PACKED_ITEMS_AT_ONCE = 256
 
 
 def check_message_size(request: wire.WireRequest, max_message_bytes: int) -> None:
@@ -75,6 +80,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.budget = budget or MemoryBudget(config.memory_budget_bytes)
         self.shm_reader = shm_reader
         self.calls = CallTracker()
+        self._packed_turns = asyncio.Semaphore(PACKED_ITEMS_AT_ONCE)
 
     # ---------------------------------------------------------------- one path for every RPC
     async def _rpc(self, context: grpc.aio.ServicerContext, what: str, body: Callable[[Call], Awaitable]):
@@ -145,8 +151,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
         """Each item of a packed message reserves its own answer; the message's reservation
         keeps the request bytes until every item is answered, then holds the answers."""
         shares = [self.budget.empty() for _ in message]
+
+        async def in_turn(request: wire.WireRequest, share: Reservation) -> pb.EvaluateResponse:
+            async with self._packed_turns:
+                return await self._answer_item(call, request, share)
+
         try:
-            responses = await asyncio.gather(*(self._answer_item(call, r, s) for r, s in zip(message, shares, strict=True)))
+            responses = await asyncio.gather(*(in_turn(r, s) for r, s in zip(message, shares, strict=True)))
             held.resize(0, "packed answers")
             for share in shares:
                 held.absorb(share)

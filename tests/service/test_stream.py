@@ -6,11 +6,15 @@ import asyncio
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lossd_client import AsyncLossClient, InvalidArgumentError, LossClient, LossRequest
+from lossd_client import AsyncLossClient, InvalidArgumentError, LossClient, LossRequest, tensors
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+from lossd_client.layout import MAX_PACKED_ITEMS
 from serverproc import HOG_FLAGS, EngineHog, start_server
 
 
@@ -69,9 +73,6 @@ def test_async_packing_matches_torch_with_errors(stream_server, pack):
 
 
 def test_undecodable_packed_message_is_invalid_argument(stream_server):
-    import grpc
-    from lossd_client._proto.lossd.v1 import loss_pb2 as pb
-
     with grpc.insecure_channel(stream_server.address) as channel:
         call = channel.stream_stream(
             "/lossd.v1.LossService/EvaluatePacked", request_serializer=None, response_deserializer=pb.EvaluateBatchResults.FromString
@@ -273,3 +274,29 @@ def test_a_failing_source_raises_its_own_error_after_the_results_before_it(strea
 
     with pytest.raises(RuntimeError, match="generator failed"):
         asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_packed_message_over_the_item_limit_is_refused_as_a_whole_and_the_stream_goes_on(stream_server):
+    item = pb.EvaluateRequest(id="i")
+    tensors.to_proto(np.zeros((1, 2), np.float32), item.input)
+    tensors.to_proto(np.zeros(1, np.int64), item.target)
+    too_many = pb.EvaluateBatch(requests=[item] * (MAX_PACKED_ITEMS + 1))
+    full = pb.EvaluateBatch(requests=[item] * MAX_PACKED_ITEMS)
+    with grpc.insecure_channel(stream_server.address) as channel:
+        answers = list(pb_grpc.LossServiceStub(channel).EvaluatePacked(iter([too_many, full]), timeout=120))
+    refused = [a for a in answers if len(a.responses) == 1]
+    assert len(answers) == 2 and len(refused) == 1
+    error = refused[0].responses[0].error
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and f"MAX_PACKED_ITEMS={MAX_PACKED_ITEMS}" in error.message
+    (served,) = [a for a in answers if len(a.responses) == MAX_PACKED_ITEMS]
+    assert not any(r.HasField("error") for r in served.responses)
+
+
+def test_evaluate_many_packs_at_most_the_item_limit_per_message(stream_server):
+    n = 2 * MAX_PACKED_ITEMS + 5
+    x = np.random.default_rng(1).standard_normal((n, 1, 3)).astype(np.float32)
+    t = np.random.default_rng(2).integers(0, 3, (n, 1))
+    with LossClient(stream_server.address, timeout_s=120) as client:
+        got = list(client.evaluate_many(((x[i], t[i]) for i in range(n)), window=n, pack=n))
+    want = F.cross_entropy(torch.from_numpy(x).flatten(0, 1), torch.from_numpy(t).flatten(), reduction="none")
+    torch.testing.assert_close(torch.stack([torch.as_tensor(r.loss) for r in got]), want)

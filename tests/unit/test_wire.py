@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lossd_client import tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+from lossd_client.layout import MAX_PACKED_ITEMS
 from lossd_server import wire
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -144,3 +146,15 @@ def test_mutated_batches_agree_with_protobuf(edits):
 def test_arbitrary_bytes_agree_with_protobuf(data):
     for message_type in (pb.EvaluateRequest, pb.EvaluateChunk, pb.EvaluateBatch):
         agree(message_type, data)
+
+
+def test_a_batch_of_more_than_max_packed_items_is_malformed_naming_the_limit():
+    full = pb.EvaluateBatch(requests=[request()] * MAX_PACKED_ITEMS).SerializeToString()
+    received = wire.deserializer(pb.EvaluateBatch)(full)
+    assert len(received.message) == MAX_PACKED_ITEMS
+    assert received.nbytes == len(full) + MAX_PACKED_ITEMS * wire.PACKED_ITEM_BYTES  # what the parsed requests hold
+    one_more = full + pb.EvaluateBatch(requests=[request()]).SerializeToString()
+    got = wire.parse(pb.EvaluateBatch, one_more)
+    assert isinstance(got, wire.Malformed) and f"MAX_PACKED_ITEMS={MAX_PACKED_ITEMS}" in got.error, got
+    with pytest.raises(wire.TooManyItems):  # protobuf's parser, taken on unusual encodings, applies it too
+        wire._SLOW[pb.EvaluateBatch](pb.EvaluateBatch.FromString(one_more))
