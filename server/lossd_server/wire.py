@@ -105,17 +105,18 @@ class WireCompareChunk:
     candidate_rows: memoryview = memoryview(b"")
 
 
-#: What one parsed request of an EvaluateBatch holds beyond its bytes until its message is answered:
-#: its Python objects (about 820 bytes, tracemalloc), its budget share and its answer's message.
-#: Measured: 4 streams of 32 in-flight messages of 1024 tiny requests peaked at 340 MiB over the
-#: idle server, about 2.7 KB per request read.
-PACKED_ITEM_BYTES = 4096
+#: What one parsed request holds beyond its bytes until it is answered, counted in the memory
+#: budget so that many tiny requests cannot hold more than it: its Python objects (about 820 bytes,
+#: tracemalloc), its budget share, its task and its answer's message. Measured: 4 streams of 32
+#: in-flight EvaluatePacked messages of 1024 tiny requests peaked at 340 MiB over the idle server,
+#: about 2.7 KB per request read.
+REQUEST_OVERHEAD_BYTES = 4096
 
 
 @dataclass(slots=True)
 class Received:
     """What a request deserializer returns: the parsed message and the memory it holds (its size
-    on the wire, plus PACKED_ITEM_BYTES per request of an EvaluateBatch)."""
+    on the wire, plus REQUEST_OVERHEAD_BYTES per message, or per request of an EvaluateBatch)."""
 
     message: object
     nbytes: int
@@ -471,6 +472,7 @@ def deserializer(message_type: type) -> Callable[[bytes], Received]:
 
     def deserialize(data: bytes) -> Received:
         parsed = parse(message_type, data)
-        return Received(parsed, len(data) + (len(parsed) * PACKED_ITEM_BYTES if isinstance(parsed, list) else 0))
+        requests = len(parsed) if isinstance(parsed, list) else 1
+        return Received(parsed, len(data) + requests * REQUEST_OVERHEAD_BYTES)
 
     return deserialize

@@ -152,7 +152,9 @@ def test_a_batch_of_more_than_max_packed_items_is_malformed_naming_the_limit():
     full = pb.EvaluateBatch(requests=[request()] * MAX_PACKED_ITEMS).SerializeToString()
     received = wire.deserializer(pb.EvaluateBatch)(full)
     assert len(received.message) == MAX_PACKED_ITEMS
-    assert received.nbytes == len(full) + MAX_PACKED_ITEMS * wire.PACKED_ITEM_BYTES  # what the parsed requests hold
+    assert received.nbytes == len(full) + MAX_PACKED_ITEMS * wire.REQUEST_OVERHEAD_BYTES  # what the parsed requests hold
+    one = request().SerializeToString()
+    assert wire.deserializer(pb.EvaluateRequest)(one).nbytes == len(one) + wire.REQUEST_OVERHEAD_BYTES
     one_more = full + pb.EvaluateBatch(requests=[request()]).SerializeToString()
     got = wire.parse(pb.EvaluateBatch, one_more)
     assert isinstance(got, wire.Malformed) and f"MAX_PACKED_ITEMS={MAX_PACKED_ITEMS}" in got.error, got
