@@ -132,3 +132,35 @@ def test_not_serving_until_warm_up_ran(monkeypatch):
             assert client.health("lossd.v1.LossService") == "SERVING"
     finally:
         server.close()
+
+
+def _catches_sigterm(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("after_s", [0.0, 0.3, 1.0])
+def test_sigterm_while_starting_exits_0(workers, after_s):
+    """A stop request at any moment of the start (importing torch, warming up, spawning workers)
+    ends the process with status 0, as one while serving does, never death by signal."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lossd_server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--workers", workers]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(1000):  # bounded: until main() has installed its handler (10 s at most)
+            if proc.poll() is not None or _catches_sigterm(proc.pid):
+                break
+            time.sleep(0.01)
+        time.sleep(after_s)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "Traceback" not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
