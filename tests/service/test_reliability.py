@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -71,13 +72,10 @@ def a_good_call_still_works(address: str) -> None:
     assert health(address) == "SERVING"
 
 
-@pytest.fixture(scope="module")
-def budgeted():
-    """A server with a small budget and a short idle timeout; yields (server, baseline RSS MiB).
-    Calls wait in line for memory as long as their deadline allows (a turn may take seconds on a
-    loaded machine)."""
+def budgeted_server(memory_wait_s: str) -> Iterator[tuple[ServerProcess, float]]:
+    """A server with a small budget and a short idle timeout; yields (server, baseline RSS MiB)."""
     proc = start_server(
-        "--memory-budget-bytes", str(BUDGET), "--stream-idle-timeout-s", IDLE_S, "--max-memory-wait-s", PATIENT_WAIT_S, metrics=True
+        "--memory-budget-bytes", str(BUDGET), "--stream-idle-timeout-s", IDLE_S, "--max-memory-wait-s", memory_wait_s, metrics=True
     )
     try:
         a_good_call_still_works(proc.address)
@@ -85,6 +83,13 @@ def budgeted():
         yield proc, status_mib(proc, "VmRSS")
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def budgeted():
+    """Calls wait in line for memory as long as their deadline allows (a turn may take seconds on
+    a loaded machine)."""
+    yield from budgeted_server(PATIENT_WAIT_S)
 
 
 def assert_within_budget(server: ServerProcess, baseline_mib: float) -> None:
@@ -241,16 +246,8 @@ def test_32_concurrent_large_unary_calls_wait_for_the_budget_and_all_succeed(bud
 
 @pytest.fixture
 def impatient():
-    """The budgeted server, but a call waits at most 1 s for memory; yields (server, baseline RSS MiB)."""
-    proc = start_server(
-        "--memory-budget-bytes", str(BUDGET), "--stream-idle-timeout-s", IDLE_S, "--max-memory-wait-s", "1", metrics=True
-    )
-    try:
-        a_good_call_still_works(proc.address)
-        time.sleep(0.2)
-        yield proc, status_mib(proc, "VmRSS")
-    finally:
-        proc.stop()
+    """The budgeted server, but a call waits at most 1 s for memory."""
+    yield from budgeted_server("1")
 
 
 def test_stalled_chunked_calls_with_large_headers_are_refused_or_timed_out(impatient):
