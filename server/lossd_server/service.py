@@ -255,6 +255,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 lambda: assembler.evaluate(rows, device=self.device, chunk_bytes=self.config.chunk_bytes, checkpoint=call.checkpoint),
                 assembler.work_nbytes(message),
             )
+            # A computed chunk's bytes go back at once, not when its partial is collected: a call
+            # waiting in line to read its next chunk must not hold chunks it is done with (32
+            # calls doing so filled the budget and waited for each other: a deadlock).
+            work.add_done_callback(lambda _: held.release())
             inflight.append((work, held))
 
         try:
@@ -302,7 +306,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
 
 async def _finished(work: tuple[asyncio.Future, Reservation]) -> engine.Partial:
-    """The partial of a scheduled chunk; its bytes are released once it is computed."""
+    """The partial of a scheduled chunk (its bytes were released when it was computed)."""
     future, held = work
     try:
         return await future

@@ -292,11 +292,44 @@ def test_32_chunked_calls_with_32_mib_chunks_stay_within_the_budget(budgeted):
     messages = [pb.EvaluateChunk(header=header), pb.EvaluateChunk(input_rows=data[:half]), pb.EvaluateChunk(input_rows=data[half:])]
     with grpc.insecure_channel(server.address, options=RAW) as channel:
         stub = pb_grpc.LossServiceStub(channel)
-        futures = [stub.EvaluateChunked.future(iter(messages), timeout=300) for _ in range(32)]
+        futures = [stub.EvaluateChunked.future(iter(messages), timeout=120) for _ in range(32)]
         replies = [f.result() for f in futures]
     for reply in replies:
         torch.testing.assert_close(core.parse(reply, as_torch=True).loss, want, rtol=1e-5, atol=1e-2)
     assert_within_budget(server, baseline)
+
+
+def test_a_chunked_call_waiting_for_its_next_chunk_holds_no_chunk_it_has_computed(budgeted):
+    """Hold-and-wait is how calls deadlock over one budget: 32 calls that kept their computed
+    chunks while waiting in line to read the next one filled it and waited for each other."""
+    server, _ = budgeted
+    rows, classes = 2 * 256, 32768  # two chunks of 32 MiB
+    x = np.random.default_rng(8).standard_normal((rows, classes), dtype=np.float32)
+    header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[rows, classes], options=pb.LossOptions(reduction=pb.SUM))
+    tensors.to_proto(np.zeros(rows, np.int64), header.target)
+    data = x.tobytes()
+    half = len(data) // 2
+    first_chunk_sent, go_on = threading.Event(), threading.Event()
+
+    def messages():
+        yield pb.EvaluateChunk(header=header)
+        yield pb.EvaluateChunk(input_rows=data[:half])
+        first_chunk_sent.set()
+        go_on.wait(30)
+        yield pb.EvaluateChunk(input_rows=data[half:])
+
+    read_reservation = 2 * (2 * 64 * MiB + MiB)  # what the pending read of the second chunk holds
+    received = 'lossd_received_bytes_total{method="EvaluateChunked"}'
+    before = server.metrics().get(received, 0.0)
+    with grpc.insecure_channel(server.address, options=RAW) as channel:
+        future = pb_grpc.LossServiceStub(channel).EvaluateChunked.future(messages(), timeout=60)
+        first_chunk_sent.wait(30)
+        wait_for_metric(server, received, lambda v: v >= before + half, timeout_s=1.0)  # the server has read it
+        # within the idle timeout (3 s): the first chunk is computed and its 32 MiB released
+        held = wait_for_metric(server, "lossd_memory_held_bytes", lambda v: 0 < v < read_reservation + 4 * MiB, timeout_s=1.5)
+        go_on.set()
+        future.result()
+    assert 0 < held < read_reservation + 4 * MiB, f"{held} bytes held while waiting for the second chunk"
 
 
 def test_a_stream_whose_client_stops_reading_is_paused_then_ended(budgeted):
