@@ -355,15 +355,21 @@ def torch_threads(config: ServerConfig) -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+def stop_if_over(gone: bool, deadline: float | None, gone_message: str) -> None:
+    """Between engine chunks: Abandoned once the caller is gone, DeadlinePassed once its deadline
+    (time.monotonic()) has passed."""
+    if gone:
+        raise Abandoned(gone_message)
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlinePassed("the deadline passed during evaluation; evaluation stopped")
+
+
 def _checkpoint(item: _Item) -> Callable[[], None]:
     """Called by the engine between chunks: raises Abandoned once the caller went away or its
     deadline passed."""
 
     def checkpoint() -> None:
-        if item.abandoned:
-            raise Abandoned("the caller went away; evaluation stopped")
-        if item.deadline is not None and time.monotonic() >= item.deadline:
-            raise DeadlinePassed("the deadline passed during evaluation; evaluation stopped")
+        stop_if_over(item.abandoned, item.deadline, "the caller went away; evaluation stopped")
 
     return checkpoint
 

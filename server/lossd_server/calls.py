@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from .batcher import Abandoned, DeadlinePassed
+from .batcher import stop_if_over
 from .budget import MemoryBudget, Reservation
 from .errors import StreamIdle
 
@@ -63,10 +63,7 @@ class Call:
 
     def checkpoint(self) -> None:
         """For the engine between chunks: stop once the call is over or past its deadline."""
-        if not self.alive:
-            raise Abandoned("the call ended; evaluation stopped")
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise DeadlinePassed("the deadline passed during evaluation; evaluation stopped")
+        stop_if_over(not self.alive, self.deadline, "the call ended; evaluation stopped")
 
     def _memory_wait_s(self) -> float:
         """How long a read may wait in line for memory: waiting on the server is not the
