@@ -9,6 +9,7 @@ meanwhile is known exactly; no sleep races a batch.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -16,6 +17,8 @@ import grpc
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from lossd_server import batch_engine, engine
 from lossd_server.batcher import Abandoned, Batcher, BatcherClosed, BatchFigures, DeadlineExpired, DeadlinePassed, QueueFull
 from lossd_server.config import ServerConfig
@@ -391,6 +394,48 @@ def test_batch_key_compares_weights_by_value():
     bce = engine.plan(engine.LossSpec(loss=engine.BCE_WITH_LOGITS), x.shape, x.dtype, torch.rand(2, 3))
     assert batch_engine.batch_key(bce, big) is None  # evaluated alone
     assert batch_engine.batch_key(a, 4) is None  # too large to copy into a fused batch
+
+
+@st.composite
+def fusable_jobs(draw) -> list[batch_engine.Job]:
+    """2-6 class-index requests of one loss, C, class weights and label smoothing (what a fused
+    group shares), each with its own shape, dtype, reduction, ignore_index and ignored targets."""
+    loss = draw(st.sampled_from([engine.CROSS_ENTROPY, engine.NLL]))
+    c = draw(st.integers(1, 12))
+    weight = draw(st.sampled_from([None, torch.linspace(0.25, 2.0, c)]))
+    smoothing = draw(st.sampled_from([0.0, 0.2])) if loss == engine.CROSS_ENTROPY else 0.0
+    shared_ignore = draw(st.booleans())
+    jobs = []
+    for _ in range(draw(st.integers(2, 6))):
+        dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+        lead = draw(st.sampled_from([(), (0,), (1,), (5,), (3, 2)]))  # (C), (N, C), (N, C, d)
+        shape = (c,) if lead == () else (lead[0], c, *lead[1:])
+        tshape = () if lead == () else (lead[0], *lead[1:])
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+        x = (torch.randn(shape, generator=g) * 3).to(dtype)
+        ignore = -100 if shared_ignore else draw(st.sampled_from([-100, 0, 1]))
+        t = torch.randint(0, c, tshape, generator=g)
+        if t.numel():
+            t.view(-1)[0] = ignore if ignore < 0 or ignore < c else 0
+        reduction = draw(st.sampled_from(["mean", "sum", "none"] if smoothing == 0.0 else ["sum", "none"]))
+        spec = engine.LossSpec(loss=loss, reduction=reduction, ignore_index=ignore, label_smoothing=smoothing)
+        plan = engine.plan(spec, x.shape, x.dtype, t, None if weight is None else weight.to(dtype))
+        jobs.append(batch_engine.Job(plan, x, t))
+    return jobs
+
+
+@settings(max_examples=int(os.environ.get("LOSSD_HYPOTHESIS_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fusable_jobs())
+def test_a_fused_group_gives_every_request_exactly_what_it_gets_alone(jobs):
+    """Sharing a batch never changes an answer: loss, numerator, denominator and count are bit
+    for bit those of the request evaluated on its own."""
+    together = batch_engine.evaluate_batch(jobs)
+    for job, got in zip(jobs, together, strict=True):
+        (alone,) = batch_engine.evaluate_batch([job])
+        assert not isinstance(got, BaseException) and not isinstance(alone, BaseException), (got, alone)
+        assert got.loss.dtype == alone.loss.dtype and got.loss.shape == alone.loss.shape
+        assert torch.equal(got.loss.nan_to_num(), alone.loss.nan_to_num()) and torch.equal(got.loss.isnan(), alone.loss.isnan())
+        assert (got.loss_sum, got.weight_sum, got.counted) == (alone.loss_sum, alone.weight_sum, alone.counted)
 
 
 def test_checkpoints_stop_only_their_own_job_in_a_mixed_batch():

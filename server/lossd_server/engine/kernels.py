@@ -45,13 +45,26 @@ def evaluate_chunk(plan: Plan, xu: torch.Tensor, tu: torch.Tensor | None, unit_s
 def class_fused(plan: Plan, x: torch.Tensor, r0: int, r1: int, u0: int, u1: int, *, overwrite: bool = False) -> Partial:
     """Rows ``[r0, r1)`` through torch's own cross_entropy / nll_loss kernel (reduction='none'):
     per-element losses are torch's own, their float64 sum the numerator; the denominator and
-    count were taken from the targets when the plan was made.
-
-    ``overwrite``: ``x`` is a copy nobody else reads (half / bfloat16 rows upcast to float32), so
-    the log-probabilities are written over it, row by row as torch's kernel reads it (the same
-    values; 2048x32000 bfloat16 in 4 MiB chunks: 0.045 -> 0.041 s, float32 0.038 s)."""
-    spec = plan.spec
+    count were taken from the targets when the plan was made."""
     t = plan.target if r0 == 0 and r1 == plan.rows else plan.target[r0:r1]
+    losses = fused_losses(plan, x, t, overwrite=overwrite)
+    if r0 == 0 and r1 == plan.rows:
+        weight_sum, counted = plan.target_weight_sum, plan.target_counted
+    else:
+        weight_sum, counted = target_totals(plan.target[r0:r1], plan.valid[r0:r1], plan.weight, plan.compute_dtype)
+    return Partial(u0, u1, losses.cpu() if plan.needs_losses() else None, sum64(losses), weight_sum, counted)
+
+
+def fused_losses(plan: Plan, x: torch.Tensor, t: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+    """Per-row losses of (rows, C) compute-dtype logits ``x`` and their resolved class targets
+    ``t``, by torch's own kernel with the plan's loss, class weights, ignore_index and label
+    smoothing. Row by row: rows of several plans that agree on those may be evaluated together.
+
+    ``overwrite``: ``x`` is a copy nobody else reads (half / bfloat16 rows upcast to float32, rows
+    of several requests concatenated), so the log-probabilities are written over it, row by row as
+    torch's kernel reads it (the same values; 2048x32000 bfloat16 in 4 MiB chunks: 0.045 -> 0.041 s,
+    float32 0.038 s)."""
+    spec = plan.spec
     if t.device != x.device:
         t = t.to(x.device)
     w = _weight_on(plan, x.device)
@@ -61,16 +74,10 @@ def class_fused(plan: Plan, x: torch.Tensor, r0: int, r1: int, u0: int, u1: int,
         # tensor, which the server's 1 MiB mmap threshold would map and page-fault in per chunk
         out = x if overwrite else scratch("log_softmax", x.numel(), x.dtype).view(x.shape)
         logp = torch.log_softmax(x, 1, out=out)
-        losses = F.nll_loss(logp, t, weight=w, ignore_index=spec.ignore_index, reduction="none")
-    elif spec.loss == CROSS_ENTROPY:
-        losses = F.cross_entropy(x, t, weight=w, ignore_index=spec.ignore_index, reduction="none", label_smoothing=spec.smoothing)
-    else:
-        losses = F.nll_loss(x, t, weight=w, ignore_index=spec.ignore_index, reduction="none")
-    if r0 == 0 and r1 == plan.rows:
-        weight_sum, counted = plan.target_weight_sum, plan.target_counted
-    else:
-        weight_sum, counted = target_totals(plan.target[r0:r1], plan.valid[r0:r1], plan.weight, plan.compute_dtype)
-    return Partial(u0, u1, losses.cpu() if plan.needs_losses() else None, sum64(losses), weight_sum, counted)
+        return F.nll_loss(logp, t, weight=w, ignore_index=spec.ignore_index, reduction="none")
+    if spec.loss == CROSS_ENTROPY:
+        return F.cross_entropy(x, t, weight=w, ignore_index=spec.ignore_index, reduction="none", label_smoothing=spec.smoothing)
+    return F.nll_loss(x, t, weight=w, ignore_index=spec.ignore_index, reduction="none")
 
 
 def target_totals(flat: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor | None, compute_dtype: torch.dtype) -> tuple[float, int]:
