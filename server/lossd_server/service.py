@@ -20,7 +20,7 @@ import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
-from . import __version__, compare_service, convert, engine, wire
+from . import __version__, batch_engine, compare_service, convert, engine, wire
 from .batcher import Batcher
 from .budget import MemoryBudget, Reservation
 from .calls import Call, CallTracker, serve_stream
@@ -37,6 +37,8 @@ HEADER_TARGET_COPIES = 3
 #: other calls (health checks included) waited behind all of them: a 50,000-item message kept a
 #: health check waiting 9 s, 4 streams of 32 x 1024-item messages 0.7 s on average.
 PACKED_ITEMS_AT_ONCE = 256
+#: EvaluatePacked items decoded, then submitted together as one batch (fused where they agree).
+PACKED_SLICE_ITEMS = 32
 
 
 def check_message_size(request: wire.WireRequest, max_message_bytes: int) -> None:
@@ -80,7 +82,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.budget = budget or MemoryBudget(config.memory_budget_bytes)
         self.shm_reader = shm_reader
         self.calls = CallTracker()
-        self._packed_turns = asyncio.Semaphore(PACKED_ITEMS_AT_ONCE)
+        self._packed_turns = asyncio.Semaphore(PACKED_ITEMS_AT_ONCE // PACKED_SLICE_ITEMS)
 
     # ---------------------------------------------------------------- one path for every RPC
     async def _rpc(self, context: grpc.aio.ServicerContext, what: str, body: Callable[[Call], Awaitable]):
@@ -102,8 +104,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self.calls.end()
 
     # ---------------------------------------------------------------- evaluation of one request
-    async def _evaluate(self, call: Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
-        """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer."""
+    async def _prepare(self, request: wire.WireRequest, held: Reservation) -> tuple[convert.DecodedRequest, int]:
+        """Decode and validate; reserve what computing it and its answer need in ``held``.
+        Returns the decoded request and its answer's size bound."""
         shm_bytes = _shm_nbytes(request)
         if shm_bytes:
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
@@ -115,8 +118,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
         plan = decoded.plan
         answer = check_answer_size(plan, self.config.max_send_message_bytes)
         held.resize(held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer, "the request and its answer")
-        result = await self.batcher.submit(plan, decoded.input, decoded.target, deadline=call.deadline, sole_call=self.calls.active == 1)
-        del decoded, plan
+        return decoded, answer
+
+    async def _evaluate(self, call: Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
+        """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer."""
+        decoded, answer = await self._prepare(request, held)
+        result = await self.batcher.submit(
+            decoded.plan, decoded.input, decoded.target, deadline=call.deadline, sole_call=self.calls.active == 1
+        )
+        del decoded
         response = convert.encode_result(request.id, result)
         held.resize(ANSWER_COPIES * answer, "the answer")
         return response
@@ -142,22 +152,19 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported per item
-            err = status_of(exc, "stream item")
-            del exc
-            held.resize(0, "an item error")
-            return convert.error_response(request.id, err.code.value[0], err.message)
+            return _item_failed(request, held, exc)
 
     async def _answer_packed(self, call: Call, message: list[wire.WireRequest], held: Reservation) -> pb.EvaluateBatchResults:
         """Each item of a packed message reserves its own answer; the message's reservation
-        keeps the request bytes until every item is answered, then holds the answers."""
+        keeps the request bytes until every item is answered, then holds the answers. Items are
+        answered PACKED_SLICE_ITEMS at a time, each slice submitted together (one batch)."""
         shares = [self.budget.empty() for _ in message]
-
-        async def in_turn(request: wire.WireRequest, share: Reservation) -> pb.EvaluateResponse:
-            async with self._packed_turns:
-                return await self._answer_item(call, request, share)
-
+        responses: list[pb.EvaluateResponse] = []
         try:
-            responses = await asyncio.gather(*(in_turn(r, s) for r, s in zip(message, shares, strict=True)))
+            for start in range(0, len(message), PACKED_SLICE_ITEMS):
+                stop = start + PACKED_SLICE_ITEMS
+                async with self._packed_turns:
+                    responses += await self._answer_slice(call, message[start:stop], shares[start:stop])
             held.resize(0, "packed answers")
             for share in shares:
                 held.absorb(share)
@@ -165,6 +172,34 @@ class LossServicer(pb_grpc.LossServiceServicer):
             for share in shares:
                 share.release()
         return pb.EvaluateBatchResults(responses=responses)
+
+    async def _answer_slice(self, call: Call, requests: list[wire.WireRequest], shares: list[Reservation]) -> list[pb.EvaluateResponse]:
+        """Items of a packed message decoded one by one, computed together: a response or an
+        ItemError each, in order (never raises but for cancellation)."""
+        responses: list[pb.EvaluateResponse | None] = [None] * len(requests)
+        ready: list[tuple[int, int]] = []  # (item index, answer size bound)
+        jobs: list[batch_engine.Job] = []
+        for i, (request, share) in enumerate(zip(requests, shares, strict=True)):
+            try:
+                decoded, answer = await self._prepare(request, share)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                responses[i] = _item_failed(request, share, exc)
+                continue
+            ready.append((i, answer))
+            jobs.append(batch_engine.Job(decoded.plan, decoded.input, decoded.target))
+            del decoded
+        outcomes = await self.batcher.submit_many(jobs, deadline=call.deadline, sole_call=self.calls.active == 1)
+        jobs.clear()
+        for (i, answer), outcome in zip(ready, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                responses[i] = _item_failed(requests[i], shares[i], outcome)
+            else:
+                responses[i] = convert.encode_result(requests[i].id, outcome)
+                shares[i].resize(ANSWER_COPIES * answer, "the answer")
+        del outcomes
+        return responses  # type: ignore[return-value]
 
     def _stream_answer(self, call: Call, packed: bool):
         """The answer function of a stream: never raises, a malformed message is an item error."""
@@ -312,6 +347,13 @@ async def _finished(work: tuple[asyncio.Future, Reservation]) -> engine.Partial:
         return await future
     finally:
         held.release()
+
+
+def _item_failed(request: wire.WireRequest, held: Reservation, exc: BaseException) -> pb.EvaluateResponse:
+    """A stream item's failure as its ItemError; the item holds nothing any more."""
+    err = status_of(exc, "stream item")
+    held.resize(0, "an item error")
+    return convert.error_response(request.id, err.code.value[0], err.message)
 
 
 def _message_error(message: wire.Malformed) -> engine.InvalidInput:

@@ -537,6 +537,63 @@ def test_a_sole_call_is_computed_in_its_own_task_unless_work_is_queued():
         torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
 
 
+def test_a_sole_calls_message_is_computed_at_once_in_batches_of_at_most_inline_bytes():
+    """submit_many: the requests of one message of a sole call, nothing queued, are computed in the
+    caller's task as consecutive batches of at most inline_batch_bytes (84 bytes each here: two
+    per 200-byte batch), one outcome per request in order, a failing request failing alone."""
+    rec = Recorder()
+    requests = [ce_request(3, seed=i) for i in range(5)]
+    bad_plan, bad_x, _ = ce_request(3, seed=9)
+    jobs = [batch_engine.Job(*r) for r in requests]
+    jobs.insert(2, batch_engine.Job(bad_plan, bad_x[:, :2], torch.zeros(3, dtype=torch.long)))  # fewer classes than its plan
+
+    async def body(b: Batcher):
+        outcomes = await b.submit_many(jobs, sole_call=True)
+        assert rec.depths == []  # never queued
+        return outcomes
+
+    outcomes = run(with_batcher(rec, body, inline_batch_bytes=200))
+    assert [len(batch) for batch in rec.computed] == [2, 2, 2]
+    assert [figures.requests for figures in rec.batches] == [2, 2, 2]
+    assert isinstance(outcomes[2], RuntimeError)
+    for (_, x, t), got in zip(requests, outcomes[:2] + outcomes[3:], strict=True):
+        torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
+
+
+def test_a_message_of_a_busy_server_is_queued_request_by_request_and_batched_with_the_rest():
+    rec = Recorder()
+    requests = [ce_request(3, seed=i) for i in range(4)]
+
+    async def body(b: Batcher):
+        head = await busy(rec, b, ce_request(20, seed=5))
+        many = asyncio.ensure_future(b.submit_many([batch_engine.Job(*r) for r in requests], sole_call=True))
+        await settle()
+        assert b.queue_depth == 4  # work in progress: they wait their turn like any request
+        rec.release()
+        await head
+        return await many
+
+    outcomes = run(with_batcher(rec, body, max_wait_ms=1.0, inline_batch_bytes=100))  # 84 bytes each: inline alone
+    assert [len(batch) for batch in rec.computed] == [1, 4]
+    for (_, x, t), got in zip(requests, outcomes, strict=True):
+        torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
+
+
+def test_submit_many_answers_every_request_of_a_closed_batcher_or_a_passed_deadline():
+    rec = Recorder()
+    jobs = [batch_engine.Job(*ce_request(3, seed=i)) for i in range(3)]
+
+    async def body(b: Batcher):
+        expired = await b.submit_many(jobs, deadline=time.monotonic() - 1, sole_call=True)
+        await b.close()
+        return expired, await b.submit_many(jobs, sole_call=True)
+
+    expired, closed = run(with_batcher(rec, body, inline_batch_bytes=1 << 20))
+    assert all(isinstance(o, DeadlineExpired) for o in expired) and len(expired) == 3
+    assert all(isinstance(o, BatcherClosed) for o in closed) and len(closed) == 3
+    assert rec.computed == []
+
+
 def test_a_deadline_passed_during_compute_is_deadline_exceeded_and_a_gone_caller_cancelled():
     """The server's clock may see the deadline before the client's timer fires: its answer
     must then be the status the client's own timer would have given."""
