@@ -28,7 +28,7 @@ import concurrent.futures
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -124,10 +124,6 @@ class Batcher:
         """Requests admitted and not yet taken for compute."""
         return self._queued
 
-    @property
-    def batching(self) -> bool:
-        return self.config.max_wait_ms > 0
-
     async def start(self) -> None:
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads(self.config))
@@ -176,23 +172,59 @@ class Batcher:
         self, plan: engine.Plan, input: torch.Tensor, target: torch.Tensor, *, deadline: float | None = None, sole_call: bool = False
     ) -> engine.LossResult:
         """Queue a validated request and wait for its result (``deadline``: time.monotonic()).
+        ``sole_call``: the caller knows of no other call in progress (see :meth:`submit_many`)."""
+        (outcome,) = await self.submit_many([batch_engine.Job(plan, input, target)], deadline=deadline, sole_call=sole_call)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
-        ``sole_call``: the caller knows of no other call in progress. A small CPU request is then
-        computed at once in the caller's task when nothing is queued or computing: with no one to
-        batch with, the round trip through a runner task only adds latency (837 -> 960 calls/s for
-        one 64x1000 caller at a time, measured).
+    async def submit_many(
+        self, jobs: Sequence[batch_engine.Job], *, deadline: float | None = None, sole_call: bool = False
+    ) -> list[engine.LossResult | BaseException]:
+        """:meth:`submit` for the requests of one message: one outcome per job, in order, a
+        request's failure as its exception (only cancellation raises).
+
+        ``sole_call``: the caller knows of no other call in progress. Its small CPU requests are
+        then computed at once in its task when nothing is queued or computing, as batches of at
+        most ``inline_batch_bytes`` (fused where they agree, see :mod:`.batch_engine`): with no one
+        to batch with, a runner task only adds latency (837 -> 960 calls/s for one 64x1000 caller
+        at a time), and one by one they cost a batch each (16 requests of 8x100 in a message:
+        44 -> 25 us of engine time per request). Otherwise each is queued.
         """
         if self._closed or self._executor is None:
-            raise BatcherClosed("server is not accepting work")
-        nbytes = plan.input_nbytes
+            return [BatcherClosed("server is not accepting work") for _ in jobs]
+        if sole_call and not self._computing and not self._queued and all(self._inline(j.plan.input_nbytes) for j in jobs):
+            return self._compute_now(jobs, deadline)
+        if len(jobs) == 1:  # no task per request for a unary call
+            try:
+                return [await self._through_queue(jobs[0], deadline)]
+            except Exception as exc:  # noqa: BLE001 - the request's outcome
+                return [exc]
+        return list(await asyncio.gather(*(self._through_queue(job, deadline) for job in jobs), return_exceptions=True))
+
+    def _compute_now(self, jobs: Sequence[batch_engine.Job], deadline: float | None) -> list[engine.LossResult | BaseException]:
+        if deadline is not None and time.monotonic() >= deadline:
+            return [DeadlineExpired("deadline expired before the request was queued") for _ in jobs]
+        loop = asyncio.get_running_loop()
+        items = [_Item(job, loop.create_future(), deadline, job.plan.input_nbytes, job.plan.rows, waiting=False) for job in jobs]
+        for batch in _consecutive(items, self.config.inline_batch_bytes):
+            try:
+                self._compute_inline(batch)
+            except Exception as exc:  # noqa: BLE001 - a broken batch fails its own requests only
+                for item in batch:
+                    _fail(item.future, exc)
+        outcomes = [item.future.exception() or item.future.result() for item in items]
+        for item in items:
+            item.job = None
+        return outcomes
+
+    async def _through_queue(self, job: batch_engine.Job, deadline: float | None) -> engine.LossResult:
+        """One request through the queue: admitted (or QueueFull), then computed by a runner."""
+        nbytes = job.plan.input_nbytes
         self._admit(nbytes)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExpired("deadline expired before the request was queued")
-        item = _Item(batch_engine.Job(plan, input, target), asyncio.get_running_loop().create_future(), deadline, nbytes, plan.rows)
-        if sole_call and not self._computing and not self._queued and self._inline(nbytes):
-            item.waiting = False
-            self._compute_inline([item])
-            return item.future.result()
+        item = _Item(job, asyncio.get_running_loop().create_future(), deadline, nbytes, job.plan.rows)
         self._queued += 1
         self._queued_bytes += nbytes
         self._depth_changed()
@@ -207,46 +239,6 @@ class Batcher:
             if item.waiting:  # the caller went away before compute: its tensors go now
                 self._take(item)
                 item.job = None
-
-    async def submit_many(
-        self, jobs: Sequence[batch_engine.Job], *, deadline: float | None = None, sole_call: bool = False
-    ) -> list[engine.LossResult | BaseException]:
-        """:meth:`submit` for the requests of one message: one outcome per job, in order, a
-        request's failure as its exception (only cancellation raises).
-
-        A sole call's small CPU requests are computed at once, as batches of at most
-        ``inline_batch_bytes`` (fused where they agree, see :mod:`.batch_engine`), when nothing is
-        queued or computing; one by one they cost a batch each (16 requests of 8x100 in a message:
-        44 -> 25 us of engine time per request). Otherwise each is submitted as by :meth:`submit`.
-        """
-        if not jobs:
-            return []
-        if self._closed or self._executor is None:
-            return [BatcherClosed("server is not accepting work") for _ in jobs]
-        inline_bytes = self.config.inline_batch_bytes
-        if not (sole_call and not self._computing and not self._queued and all(self._inline(j.plan.input_nbytes) for j in jobs)):
-            submitted = (self.submit(j.plan, j.input, j.target, deadline=deadline, sole_call=sole_call) for j in jobs)
-            return list(await asyncio.gather(*submitted, return_exceptions=True))
-        if deadline is not None and time.monotonic() >= deadline:
-            return [DeadlineExpired("deadline expired before the request was queued") for _ in jobs]
-        loop = asyncio.get_running_loop()
-        items = [_Item(j, loop.create_future(), deadline, j.plan.input_nbytes, j.plan.rows, waiting=False) for j in jobs]
-        start = 0
-        while start < len(items):
-            stop, nbytes = start, 0
-            while stop < len(items) and (stop == start or nbytes + items[stop].nbytes <= inline_bytes):
-                nbytes += items[stop].nbytes
-                stop += 1
-            try:
-                self._compute_inline(items[start:stop])
-            except Exception as exc:  # noqa: BLE001 - a broken batch fails its own requests only
-                for item in items[start:stop]:
-                    _fail(item.future, exc)
-            start = stop
-        outcomes = [item.future.exception() or item.future.result() for item in items]
-        for item in items:
-            item.job = None
-        return outcomes
 
     def _admit(self, nbytes: int) -> None:
         cfg = self.config
@@ -272,25 +264,6 @@ class Batcher:
             self.observer.on_queue_depth(self._queued)
 
     # ------------------------------------------------------------------ compute
-    def _next_batch(self) -> list[_Item]:
-        """Everything queued, oldest first, up to the row and byte limits (one request when
-        batching is off; the first request always, however large)."""
-        cfg = self.config
-        batch: list[_Item] = []
-        rows = nbytes = 0
-        while self._queue:
-            item = self._queue[0]
-            if not item.waiting:  # cancelled while queued
-                self._queue.popleft()
-                continue
-            if batch and (not self.batching or rows + item.rows > cfg.max_batch_rows or nbytes + item.nbytes > cfg.max_batch_bytes):
-                break
-            self._queue.popleft()
-            batch.append(item)
-            rows += item.rows
-            nbytes += item.nbytes
-        return batch
-
     def _live_items(self, batch: list[_Item]) -> list[_Item]:
         """Take the batch's items off the queue; expire those whose deadline passed."""
         now = time.monotonic()
@@ -313,7 +286,7 @@ class Batcher:
                 self._queue.clear()
                 self._wake.clear()
                 await self._wake.wait()
-            items = self._live_items(self._next_batch())
+            items = self._live_items(_next_batch(self._queue, self.config))
             if self._queue:
                 self._wake.set()  # more than this batch was queued: an idle worker takes the rest
             try:
@@ -357,24 +330,9 @@ class Batcher:
 
     def _deliver(self, items: list[_Item], outcomes: Sequence, compute_s: float, started: float) -> None:
         """Resolve every item's future with its outcome, and tell the observer about the batch."""
-        for item, outcome in zip(items, outcomes, strict=True):
-            if item.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                item.future.set_exception(outcome)
-            else:
-                item.future.set_result(outcome)
+        _resolve(items, outcomes)
         if self.observer is not None:
-            self.observer.on_batch(
-                BatchFigures(
-                    requests=len(items),
-                    rows=sum(item.rows for item in items),
-                    bytes=sum(item.nbytes for item in items),
-                    queue_wait_s=[started - item.enqueued for item in items],
-                    compute_s=compute_s,
-                    abandoned=sum(isinstance(outcome, Abandoned) for outcome in outcomes),
-                )
-            )
+            self.observer.on_batch(_figures(items, outcomes, compute_s, started))
 
     def _evaluate_timed(
         self, jobs: list[batch_engine.Job], checkpoints: list[Callable[[], None]]
@@ -412,6 +370,58 @@ def _checkpoint(item: _Item) -> Callable[[], None]:
         stop_if_over(item.abandoned, item.deadline, "the caller went away; evaluation stopped")
 
     return checkpoint
+
+
+def _next_batch(queue: deque[_Item], cfg: ServerConfig) -> list[_Item]:
+    """Everything queued, oldest first, up to the row and byte limits (one request when batching
+    is off; the first request always, however large), taken off ``queue``."""
+    batch: list[_Item] = []
+    rows = nbytes = 0
+    while queue:
+        item = queue[0]
+        if not item.waiting:  # cancelled while queued
+            queue.popleft()
+            continue
+        if batch and (cfg.max_wait_ms <= 0 or rows + item.rows > cfg.max_batch_rows or nbytes + item.nbytes > cfg.max_batch_bytes):
+            break
+        queue.popleft()
+        batch.append(item)
+        rows += item.rows
+        nbytes += item.nbytes
+    return batch
+
+
+def _resolve(items: list[_Item], outcomes: Sequence) -> None:
+    for item, outcome in zip(items, outcomes, strict=True):
+        if item.future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            item.future.set_exception(outcome)
+        else:
+            item.future.set_result(outcome)
+
+
+def _figures(items: list[_Item], outcomes: Sequence, compute_s: float, started: float) -> BatchFigures:
+    return BatchFigures(
+        requests=len(items),
+        rows=sum(item.rows for item in items),
+        bytes=sum(item.nbytes for item in items),
+        queue_wait_s=[started - item.enqueued for item in items],
+        compute_s=compute_s,
+        abandoned=sum(isinstance(outcome, Abandoned) for outcome in outcomes),
+    )
+
+
+def _consecutive(items: list[_Item], max_bytes: int) -> Iterator[list[_Item]]:
+    """``items`` in order, as runs of at most ``max_bytes`` input bytes (a larger item alone)."""
+    start = 0
+    while start < len(items):
+        stop, nbytes = start + 1, items[start].nbytes
+        while stop < len(items) and nbytes + items[stop].nbytes <= max_bytes:
+            nbytes += items[stop].nbytes
+            stop += 1
+        yield items[start:stop]
+        start = stop
 
 
 def _fail(future: asyncio.Future, exc: BaseException) -> None:

@@ -20,25 +20,19 @@ import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
-from . import __version__, batch_engine, compare_service, convert, engine, wire
+from . import __version__, compare_service, convert, engine, wire
 from .batcher import Batcher
 from .budget import MemoryBudget, Reservation
 from .calls import Call, CallTracker, serve_stream
 from .chunks import ChunkAssembler
 from .config import ServerConfig
 from .errors import RequestError, status_of
+from .packed import PackedMessages, item_failed
 
 #: Copies of an answer alive at once: the result tensors, the encoded message, gRPC's buffer.
 ANSWER_COPIES = 3
 #: Copies of a class-index target in a ChunkHeader: the message, the int64 view or copy, masks.
 HEADER_TARGET_COPIES = 3
-#: EvaluatePacked items evaluated at once, over all packed messages of the process. Each item's
-#: decode runs on the event loop when it starts; with every item of a message started together,
-#: other calls (health checks included) waited behind all of them: a 50,000-item message kept a
-#: health check waiting 9 s, 4 streams of 32 x 1024-item messages 0.7 s on average.
-PACKED_ITEMS_AT_ONCE = 256
-#: EvaluatePacked items decoded, then submitted together as one batch (fused where they agree).
-PACKED_SLICE_ITEMS = 32
 
 
 def check_message_size(request: wire.WireRequest, max_message_bytes: int) -> None:
@@ -82,7 +76,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.budget = budget or MemoryBudget(config.memory_budget_bytes)
         self.shm_reader = shm_reader
         self.calls = CallTracker()
-        self._packed_turns = asyncio.Semaphore(PACKED_ITEMS_AT_ONCE // PACKED_SLICE_ITEMS)
+        self._packed = PackedMessages(self.budget, self.batcher, self._prepare, sole_call=lambda: self.calls.active == 1)
 
     # ---------------------------------------------------------------- one path for every RPC
     async def _rpc(self, context: grpc.aio.ServicerContext, what: str, body: Callable[[Call], Awaitable]):
@@ -106,7 +100,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     # ---------------------------------------------------------------- evaluation of one request
     async def _prepare(self, request: wire.WireRequest, held: Reservation) -> tuple[convert.DecodedRequest, int]:
         """Decode and validate; reserve what computing it and its answer need in ``held``.
-        Returns the decoded request and its answer's size bound."""
+        Returns the decoded request and the bytes its answer holds once computed."""
         shm_bytes = _shm_nbytes(request)
         if shm_bytes:
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
@@ -118,17 +112,17 @@ class LossServicer(pb_grpc.LossServiceServicer):
         plan = decoded.plan
         answer = check_answer_size(plan, self.config.max_send_message_bytes)
         held.resize(held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer, "the request and its answer")
-        return decoded, answer
+        return decoded, ANSWER_COPIES * answer
 
     async def _evaluate(self, call: Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
         """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer."""
-        decoded, answer = await self._prepare(request, held)
+        decoded, answer_bytes = await self._prepare(request, held)
         result = await self.batcher.submit(
             decoded.plan, decoded.input, decoded.target, deadline=call.deadline, sole_call=self.calls.active == 1
         )
         del decoded
         response = convert.encode_result(request.id, result)
-        held.resize(ANSWER_COPIES * answer, "the answer")
+        held.resize(answer_bytes, "the answer")
         return response
 
     async def Evaluate(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
@@ -152,54 +146,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported per item
-            return _item_failed(request, held, exc)
-
-    async def _answer_packed(self, call: Call, message: list[wire.WireRequest], held: Reservation) -> pb.EvaluateBatchResults:
-        """Each item of a packed message reserves its own answer; the message's reservation
-        keeps the request bytes until every item is answered, then holds the answers. Items are
-        answered PACKED_SLICE_ITEMS at a time, each slice submitted together (one batch)."""
-        shares = [self.budget.empty() for _ in message]
-        responses: list[pb.EvaluateResponse] = []
-        try:
-            for start in range(0, len(message), PACKED_SLICE_ITEMS):
-                stop = start + PACKED_SLICE_ITEMS
-                async with self._packed_turns:
-                    responses += await self._answer_slice(call, message[start:stop], shares[start:stop])
-            held.resize(0, "packed answers")
-            for share in shares:
-                held.absorb(share)
-        finally:
-            for share in shares:
-                share.release()
-        return pb.EvaluateBatchResults(responses=responses)
-
-    async def _answer_slice(self, call: Call, requests: list[wire.WireRequest], shares: list[Reservation]) -> list[pb.EvaluateResponse]:
-        """Items of a packed message decoded one by one, computed together: a response or an
-        ItemError each, in order (never raises but for cancellation)."""
-        responses: list[pb.EvaluateResponse | None] = [None] * len(requests)
-        ready: list[tuple[int, int]] = []  # (item index, answer size bound)
-        jobs: list[batch_engine.Job] = []
-        for i, (request, share) in enumerate(zip(requests, shares, strict=True)):
-            try:
-                decoded, answer = await self._prepare(request, share)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - reported per item
-                responses[i] = _item_failed(request, share, exc)
-                continue
-            ready.append((i, answer))
-            jobs.append(batch_engine.Job(decoded.plan, decoded.input, decoded.target))
-            del decoded
-        outcomes = await self.batcher.submit_many(jobs, deadline=call.deadline, sole_call=self.calls.active == 1)
-        jobs.clear()
-        for (i, answer), outcome in zip(ready, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                responses[i] = _item_failed(requests[i], shares[i], outcome)
-            else:
-                responses[i] = convert.encode_result(requests[i].id, outcome)
-                shares[i].resize(ANSWER_COPIES * answer, "the answer")
-        del outcomes
-        return responses  # type: ignore[return-value]
+            return item_failed(request, held, exc)
 
     def _stream_answer(self, call: Call, packed: bool):
         """The answer function of a stream: never raises, a malformed message is an item error."""
@@ -209,7 +156,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 if isinstance(message, wire.Malformed):
                     raise _message_error(message)
                 if packed:
-                    return await self._answer_packed(call, message, held)
+                    return await self._packed.answer(call, message, held)
                 return await self._answer_item(call, message, held)
             except asyncio.CancelledError:
                 raise
@@ -347,13 +294,6 @@ async def _finished(work: tuple[asyncio.Future, Reservation]) -> engine.Partial:
         return await future
     finally:
         held.release()
-
-
-def _item_failed(request: wire.WireRequest, held: Reservation, exc: BaseException) -> pb.EvaluateResponse:
-    """A stream item's failure as its ItemError; the item holds nothing any more."""
-    err = status_of(exc, "stream item")
-    held.resize(0, "an item error")
-    return convert.error_response(request.id, err.code.value[0], err.message)
 
 
 def _message_error(message: wire.Malformed) -> engine.InvalidInput:

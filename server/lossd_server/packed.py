@@ -1,0 +1,98 @@
+"""EvaluatePacked messages: each item answered on its own, the items of a message computed together.
+
+A message's items are taken :data:`PACKED_SLICE_ITEMS` at a time: each item of a slice is decoded
+and validated (its failure is its own ItemError), then the slice is submitted to the batcher as one
+batch (:meth:`~.batcher.Batcher.submit_many`), so that a message of small requests shares one
+engine pass, fused where the requests agree, even when nothing else is running. Every item
+reserves its own answer; the message's reservation keeps the request bytes until every item is
+answered, then holds the answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+
+from . import batch_engine, convert, wire
+from .batcher import Batcher
+from .budget import MemoryBudget, Reservation
+from .calls import Call
+from .errors import status_of
+
+#: EvaluatePacked items evaluated at once, over all packed messages of the process. Each item's
+#: decode runs on the event loop when it starts; with every item of a message started together,
+#: other calls (health checks included) waited behind all of them: a 50,000-item message kept a
+#: health check waiting 9 s, 4 streams of 32 x 1024-item messages 0.7 s on average.
+PACKED_ITEMS_AT_ONCE = 256
+#: EvaluatePacked items decoded, then submitted together as one batch (fused where they agree).
+PACKED_SLICE_ITEMS = 32
+
+#: Decodes and validates one request, reserving what it needs in the reservation; returns the
+#: decoded request and the bytes its answer holds once computed.
+Prepare = Callable[[wire.WireRequest, Reservation], Awaitable[tuple[convert.DecodedRequest, int]]]
+
+
+def item_failed(request: wire.WireRequest, held: Reservation, exc: BaseException) -> pb.EvaluateResponse:
+    """A stream item's failure as its ItemError; the item holds nothing any more."""
+    err = status_of(exc, "stream item")
+    held.resize(0, "an item error")
+    return convert.error_response(request.id, err.code.value[0], err.message)
+
+
+class PackedMessages:
+    """Answers EvaluatePacked messages (see the module docstring); ``sole_call`` tells whether the
+    stream is the only call in progress (the batcher then computes a slice at once)."""
+
+    def __init__(self, budget: MemoryBudget, batcher: Batcher, prepare: Prepare, *, sole_call: Callable[[], bool]) -> None:
+        self.budget = budget
+        self.batcher = batcher
+        self.prepare = prepare
+        self.sole_call = sole_call
+        self._turns = asyncio.Semaphore(PACKED_ITEMS_AT_ONCE // PACKED_SLICE_ITEMS)
+
+    async def answer(self, call: Call, message: list[wire.WireRequest], held: Reservation) -> pb.EvaluateBatchResults:
+        """One response per item, in order; ``held`` (the message's bytes) then holds the answers."""
+        shares = [self.budget.empty() for _ in message]
+        responses: list[pb.EvaluateResponse] = []
+        try:
+            for start in range(0, len(message), PACKED_SLICE_ITEMS):
+                stop = start + PACKED_SLICE_ITEMS
+                async with self._turns:
+                    responses += await self._answer_slice(call, message[start:stop], shares[start:stop])
+            held.resize(0, "packed answers")
+            for share in shares:
+                held.absorb(share)
+        finally:
+            for share in shares:
+                share.release()
+        return pb.EvaluateBatchResults(responses=responses)
+
+    async def _answer_slice(self, call: Call, requests: list[wire.WireRequest], shares: list[Reservation]) -> list[pb.EvaluateResponse]:
+        """Items decoded one by one, computed together: a response or an ItemError each, in order
+        (never raises but for cancellation)."""
+        responses: list[pb.EvaluateResponse | None] = [None] * len(requests)
+        ready: list[tuple[int, int]] = []  # (item index, bytes its answer holds)
+        jobs: list[batch_engine.Job] = []
+        for i, (request, share) in enumerate(zip(requests, shares, strict=True)):
+            try:
+                decoded, answer_bytes = await self.prepare(request, share)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                responses[i] = item_failed(request, share, exc)
+                continue
+            ready.append((i, answer_bytes))
+            jobs.append(batch_engine.Job(decoded.plan, decoded.input, decoded.target))
+            del decoded
+        outcomes = await self.batcher.submit_many(jobs, deadline=call.deadline, sole_call=self.sole_call())
+        jobs.clear()
+        for (i, answer_bytes), outcome in zip(ready, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                responses[i] = item_failed(requests[i], shares[i], outcome)
+            else:
+                responses[i] = convert.encode_result(requests[i].id, outcome)
+                shares[i].resize(answer_bytes, "the answer")
+        del outcomes
+        return responses  # type: ignore[return-value]
