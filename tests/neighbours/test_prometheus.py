@@ -221,10 +221,13 @@ def test_dashboard_expressions_evaluate_on_real_prometheus(prometheus_bin, tmp_p
             'sum(lossd_requests_total{job="lossd",method="Evaluate",code="OK"})', lambda r: r and float(r[0]["value"][1]) >= want
         )
         assert scalar(got) == want, f"Prometheus counted {got} Evaluate calls, the client made {evaluate_calls}"
+        # The traffic is over, so /metrics is final; a scrape taken during the last round's
+        # evaluate_many (after its last Evaluate call) may still lag: wait for the next one.
         direct = server.metrics()
         for name in ("lossd_rows_total", "lossd_batch_requests_count", 'lossd_request_latency_seconds_count{method="EvaluatePacked"}'):
             selector = name.replace("{", '{job="lossd",') if "{" in name else name + '{job="lossd"}'
-            assert scalar(prom.query(f"sum({selector})")) == direct[name], f"{name}: Prometheus and /metrics disagree"
+            got = prom.wait_until(f"sum({selector})", lambda r, final=direct[name]: r and float(r[0]["value"][1]) >= final)
+            assert scalar(got) == direct[name], f"{name}: Prometheus and /metrics disagree"
 
         p99 = scalar(prom.query(P99))
         # A real quantile lies inside the histogram's finite buckets (NaN or +Inf would mean no data).
