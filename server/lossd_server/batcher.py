@@ -207,7 +207,8 @@ class Batcher:
             return [DeadlineExpired("deadline expired before the request was queued") for _ in jobs]
         loop = asyncio.get_running_loop()
         items = [_Item(job, loop.create_future(), deadline, job.plan.input_nbytes, job.plan.rows, waiting=False) for job in jobs]
-        for batch in _consecutive(items, self.config.inline_batch_bytes):
+        limit = self.config.inline_batch_bytes if self.config.max_wait_ms > 0 else -1  # batching off: one request a batch
+        for batch in _consecutive(items, limit):
             try:
                 self._compute_inline(batch)
             except Exception as exc:  # noqa: BLE001 - a broken batch fails its own requests only

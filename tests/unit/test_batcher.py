@@ -558,6 +558,9 @@ def test_a_sole_calls_message_is_computed_at_once_in_batches_of_at_most_inline_b
     assert isinstance(outcomes[2], RuntimeError)
     for (_, x, t), got in zip(requests, outcomes[:2] + outcomes[3:], strict=True):
         torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
+    rec.computed.clear()
+    run(with_batcher(rec, body, inline_batch_bytes=200, max_wait_ms=0))  # batching off: one request a batch
+    assert [len(batch) for batch in rec.computed] == [1] * 6
 
 
 def test_a_message_of_a_busy_server_is_queued_request_by_request_and_batched_with_the_rest():
