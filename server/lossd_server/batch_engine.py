@@ -170,6 +170,8 @@ def evaluate_batch(
     is re-run alone so that only the culprit fails.
     """
     checks = list(checkpoints) if checkpoints is not None else [None] * len(jobs)
+    if len(jobs) == 1:  # nothing to group with: no batch key (hashing class weights) to compute
+        return [_alone(jobs[0], device, chunk_bytes, checks[0])]
     outcomes: list[engine.LossResult | BaseException | None] = [None] * len(jobs)
     groups: dict[BatchKey, list[int]] = {}
     for i, job in enumerate(jobs):
