@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client.layout import EXTRA_NAMES, KL_DIV, LOSS_NAMES, REDUCTION_NAMES, legacy_reduction
 
 from . import codec, engine
+from .batch_engine import Job
 from .wire import WireRequest
 
 INPUT_DTYPES = [pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
 TARGET_DTYPES = [pb.INT64, pb.UINT8, pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
-
-
-@dataclass
-class DecodedRequest:
-    plan: engine.Plan
-    input: torch.Tensor
-    target: torch.Tensor
 
 
 def decode_options(options: pb.LossOptions, shm_reader=None) -> tuple[engine.LossSpec, torch.Tensor | None, torch.Tensor | None]:
@@ -72,8 +64,9 @@ def _reduction(options: pb.LossOptions, loss: str) -> tuple[str, bool | None, bo
     return reduction, None, None
 
 
-def decode_request(request: WireRequest, shm_reader=None) -> DecodedRequest:
-    """Decode and validate a unary request; raises engine.InvalidInput / codec.TensorError."""
+def decode_request(request: WireRequest, shm_reader=None) -> Job:
+    """Decode and validate a unary request into the batch engine's job (its plan and tensors);
+    raises engine.InvalidInput / codec.TensorError."""
     if request.input is None:
         raise engine.InvalidInput("input", "is missing")
     if request.target is None:
@@ -82,7 +75,7 @@ def decode_request(request: WireRequest, shm_reader=None) -> DecodedRequest:
     x = codec.decode("input", request.input, shm_reader)
     target = codec.decode("target", request.target, shm_reader)
     plan = engine.plan(spec, x.shape, x.dtype, target, weight, pos_weight)
-    return DecodedRequest(plan, x, target)
+    return Job(plan, x, target)
 
 
 def encode_result(request_id: str, result: engine.LossResult) -> pb.EvaluateResponse:

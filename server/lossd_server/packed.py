@@ -30,8 +30,8 @@ PACKED_ITEMS_AT_ONCE = 256
 PACKED_SLICE_ITEMS = 32
 
 #: Decodes and validates one request, reserving what it needs in the reservation; returns the
-#: decoded request and the bytes its answer holds once computed.
-Prepare = Callable[[wire.WireRequest, Reservation], Awaitable[tuple[convert.DecodedRequest, int]]]
+#: request as a batch engine job and the bytes its answer holds once computed.
+Prepare = Callable[[wire.WireRequest, Reservation], Awaitable[tuple[batch_engine.Job, int]]]
 
 
 def item_failed(request: wire.WireRequest, held: Reservation, exc: BaseException) -> pb.EvaluateResponse:
@@ -77,15 +77,15 @@ class PackedMessages:
         jobs: list[batch_engine.Job] = []
         for i, (request, share) in enumerate(zip(requests, shares, strict=True)):
             try:
-                decoded, answer_bytes = await self.prepare(request, share)
+                job, answer_bytes = await self.prepare(request, share)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported per item
                 responses[i] = item_failed(request, share, exc)
                 continue
             ready.append((i, answer_bytes))
-            jobs.append(batch_engine.Job(decoded.plan, decoded.input, decoded.target))
-            del decoded
+            jobs.append(job)
+            del job
         outcomes = await self.batcher.submit_many(jobs, deadline=call.deadline, sole_call=self.sole_call())
         jobs.clear()
         for (i, answer_bytes), outcome in zip(ready, outcomes, strict=True):

@@ -20,7 +20,7 @@ import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
-from . import __version__, compare_service, convert, engine, wire
+from . import __version__, batch_engine, compare_service, convert, engine, wire
 from .batcher import Batcher
 from .budget import MemoryBudget, Reservation
 from .calls import Call, CallTracker, serve_stream
@@ -98,29 +98,27 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self.calls.end()
 
     # ---------------------------------------------------------------- evaluation of one request
-    async def _prepare(self, request: wire.WireRequest, held: Reservation) -> tuple[convert.DecodedRequest, int]:
+    async def _prepare(self, request: wire.WireRequest, held: Reservation) -> tuple[batch_engine.Job, int]:
         """Decode and validate; reserve what computing it and its answer need in ``held``.
-        Returns the decoded request and the bytes its answer holds once computed."""
+        Returns the request as a batch engine job and the bytes its answer holds once computed."""
         shm_bytes = _shm_nbytes(request)
         if shm_bytes:
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
         check_message_size(request, self.config.max_message_bytes)
         if shm_bytes:  # copying a shared-memory segment takes a while: not on the event loop
-            decoded = await asyncio.to_thread(convert.decode_request, request, self.shm_reader)
+            job = await asyncio.to_thread(convert.decode_request, request, self.shm_reader)
         else:
-            decoded = convert.decode_request(request, self.shm_reader)
-        plan = decoded.plan
+            job = convert.decode_request(request, self.shm_reader)
+        plan = job.plan
         answer = check_answer_size(plan, self.config.max_send_message_bytes)
         held.resize(held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer, "the request and its answer")
-        return decoded, ANSWER_COPIES * answer
+        return job, ANSWER_COPIES * answer
 
     async def _evaluate(self, call: Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
         """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer."""
-        decoded, answer_bytes = await self._prepare(request, held)
-        result = await self.batcher.submit(
-            decoded.plan, decoded.input, decoded.target, deadline=call.deadline, sole_call=self.calls.active == 1
-        )
-        del decoded
+        job, answer_bytes = await self._prepare(request, held)
+        result = await self.batcher.submit(job.plan, job.input, job.target, deadline=call.deadline, sole_call=self.calls.active == 1)
+        del job
         response = convert.encode_result(request.id, result)
         held.resize(answer_bytes, "the answer")
         return response
