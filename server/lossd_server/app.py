@@ -190,7 +190,10 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
         from .shm import read_shared_tensor
 
         shm_reader = read_shared_tensor
-    servicer = LossServicer(config, device, batcher, MemoryBudget(config.memory_budget_bytes), shm_reader)
+    budget = MemoryBudget(
+        config.memory_budget_bytes, idle_read_yield_s=config.idle_read_yield_s, on_yield=getattr(observer, "on_read_yielded", None)
+    )
+    servicer = LossServicer(config, device, batcher, budget, shm_reader)
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

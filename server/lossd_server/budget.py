@@ -7,16 +7,37 @@ produce and what the engine keeps for it. A reservation that can never fit is re
 (:class:`BudgetExceeded`, answered RESOURCE_EXHAUSTED naming ``memory_budget_bytes``); one that
 does not fit *now* waits in line (FIFO), which pauses the caller's stream: that is the flow
 control. Everything here runs on the event loop's thread.
+
+A read reservation is held from the moment the read is posted, so a call whose client sends
+nothing would hold it for as long as its idle timeout allows, and enough such calls would make
+every other call wait. While calls wait in line, calls that have waited ``idle_read_yield_s``
+for their client's next message give their read reservation up (the call ends
+RESOURCE_EXHAUSTED), oldest first and only as many as the line needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
+from collections.abc import Callable
+from typing import Protocol
 
 SETTING = "memory_budget_bytes"
 WAIT_SETTING = "max_memory_wait_s"
+YIELD_SETTING = "idle_read_yield_s"
+
+
+class IdleReader(Protocol):
+    """A call holding a read reservation while it waits for its client's next message."""
+
+    def idle_for(self, now: float) -> float | None:
+        """Seconds its client has sent nothing it could send; None while it rightly waits (for
+        the server's answers)."""
+
+    def give_way(self, reason: str) -> None:
+        """End the read at once with ``reason`` (BudgetExceeded), releasing its reservation."""
 
 
 class BudgetExceeded(Exception):
@@ -26,11 +47,15 @@ class BudgetExceeded(Exception):
 class MemoryBudget:
     """Reservations against ``limit_bytes``; ``held_bytes`` and ``peak_bytes`` for metrics and tests."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, *, idle_read_yield_s: float = 0.0, on_yield: Callable[[], None] | None = None) -> None:
         self.limit_bytes = int(limit_bytes)
         self.held_bytes = 0
         self.peak_bytes = 0
+        self.idle_read_yield_s = idle_read_yield_s  # 0: reads never give way
+        self._on_yield = on_yield
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self._readers: dict[IdleReader, Reservation] = {}  # posted reads, oldest first
+        self._sweep: asyncio.Handle | None = None
 
     @property
     def waiting(self) -> int:
@@ -71,9 +96,12 @@ class MemoryBudget:
         if not self._waiters and self._fits(nbytes):
             self._take(nbytes)
             return Reservation(self, nbytes)
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         entry = (nbytes, waiter)
         self._waiters.append(entry)
+        if self._sweep is None and self.idle_read_yield_s > 0:
+            self._sweep = loop.call_soon(self._sweep_idle_readers)
         try:
             async with asyncio.timeout(timeout_s):
                 await waiter
@@ -92,6 +120,41 @@ class MemoryBudget:
                 ) from None
             raise
         return Reservation(self, nbytes)
+
+    # ------------------------------------------------------------------ idle reads give way
+    def read_posted(self, reader: IdleReader, held: Reservation) -> None:
+        """``reader`` has posted a read with ``held`` reserved for it; until :meth:`read_done`
+        it may be asked to give way."""
+        self._readers[reader] = held
+
+    def read_done(self, reader: IdleReader) -> None:
+        self._readers.pop(reader, None)
+
+    def _sweep_idle_readers(self) -> None:
+        """While calls wait in line: end the reads idle for idle_read_yield_s, oldest first,
+        until what they hold covers what the line waits for; again every quarter of that."""
+        self._sweep = None
+        line = sum(nbytes for nbytes, waiter in self._waiters if not waiter.done())
+        if not line:
+            return
+        short = line - (self.limit_bytes - self.held_bytes)
+        now = time.monotonic()
+        for reader, held in list(self._readers.items()):
+            if short <= 0:
+                break
+            idle = reader.idle_for(now)
+            if idle is None or idle < self.idle_read_yield_s:
+                continue
+            del self._readers[reader]
+            short -= held.nbytes
+            reader.give_way(
+                f"this call gave way after its client sent nothing for {idle:.1f}s ({YIELD_SETTING}={self.idle_read_yield_s:g}) "
+                f"while other calls were in line for server memory: its read reservation of {held.nbytes} bytes of "
+                f"{SETTING}={self.limit_bytes} went to them; send the message promptly, or retry"
+            )
+            if self._on_yield is not None:
+                self._on_yield()
+        self._sweep = asyncio.get_running_loop().call_later(self.idle_read_yield_s / 4, self._sweep_idle_readers)
 
     def _give(self, nbytes: int) -> None:
         self.held_bytes -= nbytes

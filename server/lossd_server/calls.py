@@ -4,7 +4,9 @@ A message is read only after the worst case of its size has been reserved from t
 :class:`~lossd_server.budget.MemoryBudget`: twice gRPC's receive limit, for the transport's
 buffer and its Python copy (until then the transport holds at most ``transport_window_bytes``
 of the call); then the reservation shrinks to the real size. A caller that sends (or reads)
-nothing for ``stream_idle_timeout_s`` is answered DEADLINE_EXCEEDED.
+nothing for ``stream_idle_timeout_s`` is answered DEADLINE_EXCEEDED; one that sends nothing while
+other calls wait in line for memory gives its read reservation up sooner (see
+:mod:`~lossd_server.budget`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from .batcher import stop_if_over
-from .budget import MemoryBudget, Reservation
+from .budget import BudgetExceeded, MemoryBudget, Reservation
 from .errors import StreamIdle
 
 
@@ -60,6 +62,12 @@ class Call:
         self.deadline = None if remaining is None else time.monotonic() + remaining
         self.alive = True
         self.last_activity = time.monotonic()
+        # the read in progress, for give_way(): when it was posted, whether the client may rightly
+        # send nothing, and what interrupts it
+        self._read_posted = 0.0
+        self._waiting_for_us: Callable[[], bool] | None = None
+        self._interrupt: Callable[[], None] | None = None
+        self._gave_way: str | None = None
 
     def checkpoint(self) -> None:
         """For the engine between chunks: stop once the call is over or past its deadline."""
@@ -79,7 +87,14 @@ class Call:
         """
         held = await self.budget.reserve(self.read_reservation, f"reading a {what} message", timeout_s=self._memory_wait_s())
         try:
-            received = await self._idle_bounded(self.context.read(), f"sent no {what} message", waiting_for_us)
+            self._read_posted = time.monotonic()
+            self._waiting_for_us = waiting_for_us
+            self.budget.read_posted(self, held)
+            try:
+                received = await self._idle_bounded(self.context.read(), f"sent no {what} message", waiting_for_us, reading=True)
+            finally:
+                self.budget.read_done(self)
+                self._interrupt = None
             if received is grpc.aio.EOF:
                 held.release()
                 return None
@@ -94,20 +109,47 @@ class Call:
         await self._idle_bounded(self.context.write(message), "read no answer")
         self.last_activity = time.monotonic()
 
-    async def _idle_bounded(self, operation: Awaitable, doing: str, waiting_for_us: Callable[[], bool] | None = None):
+    # ------------------------------------------------------------------ the budget's IdleReader
+    def idle_for(self, now: float) -> float | None:
+        waiting_for_us = self._waiting_for_us
+        if waiting_for_us is not None and waiting_for_us():
+            return None
+        return now - max(self.last_activity, self._read_posted)
+
+    def give_way(self, reason: str) -> None:
+        self._gave_way = reason
+        if self._interrupt is not None:
+            self._interrupt()
+
+    # ------------------------------------------------------------------
+    async def _idle_bounded(
+        self, operation: Awaitable, doing: str, waiting_for_us: Callable[[], bool] | None = None, *, reading: bool = False
+    ):
+        """``operation`` within the idle timeout; when ``reading``, also until the call is asked
+        to give way (:meth:`give_way`)."""
         idle = self.idle_s
         if waiting_for_us is None:
             try:
-                async with asyncio.timeout(idle):
+                async with asyncio.timeout(idle) as timeout:
+                    if reading:
+                        self._interrupt = lambda: timeout.reschedule(-1)
                     return await operation
             except TimeoutError:
+                if reading and self._gave_way is not None:
+                    raise BudgetExceeded(self._gave_way) from None
                 raise StreamIdle(f"the client {doing} for stream_idle_timeout_s={idle:g}s") from None
         task = asyncio.ensure_future(operation)
+        woken = asyncio.get_running_loop().create_future()
+        if reading:
+            self._interrupt = lambda: woken.done() or woken.set_result(None)
         try:
             while True:
-                done, _ = await asyncio.wait((task,), timeout=max(0.01, self.last_activity + idle - time.monotonic()))
-                if done:
+                timeout_s = max(0.01, self.last_activity + idle - time.monotonic())
+                done, _ = await asyncio.wait((task, woken), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+                if task in done:
                     return task.result()
+                if reading and self._gave_way is not None:
+                    raise BudgetExceeded(self._gave_way)
                 if waiting_for_us():
                     self.last_activity = time.monotonic()
                 elif time.monotonic() - self.last_activity >= idle:

@@ -47,6 +47,7 @@ class ServerConfig:
     transport_window_bytes: int = 1 * MiB
     stream_idle_timeout_s: float = 60.0
     max_memory_wait_s: float = 60.0
+    idle_read_yield_s: float = 2.0
     max_stream_in_flight: int = 32
     max_batch_rows: int = 65536
     max_batch_bytes: int = 32 * MiB
@@ -116,6 +117,7 @@ _HELP = {
     "transport_window_bytes": "bytes gRPC's transport accepts per call before the server reads them (HTTP/2 stream window)",
     "stream_idle_timeout_s": "a call whose client sends nothing (or reads nothing) for this long ends with DEADLINE_EXCEEDED",
     "max_memory_wait_s": "longest a call waits in line for server memory (or until its deadline, if sooner) before RESOURCE_EXHAUSTED",
+    "idle_read_yield_s": "while calls wait in line for memory, a call whose client has sent nothing for this long gives its read reservation to them and ends RESOURCE_EXHAUSTED (0: never)",
     "max_stream_in_flight": "EvaluateStream / EvaluatePacked: messages read and not yet answered per stream",
     "max_batch_rows": "a batch closes when it holds this many rows (positions)",
     "max_batch_bytes": "a batch closes when it holds this many input bytes",
@@ -237,6 +239,8 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit("--transport-window-bytes must be at least 65536")
     if config.stream_idle_timeout_s <= 0:
         raise SystemExit("--stream-idle-timeout-s must be > 0")
+    if config.idle_read_yield_s < 0:
+        raise SystemExit(f"--idle-read-yield-s must be >= 0, got {config.idle_read_yield_s}")
     if config.max_memory_wait_s <= 0:
         raise SystemExit("--max-memory-wait-s must be > 0")
     for name in ("max_stream_in_flight", "max_chunks_in_flight", "max_queue_requests", "compute_threads"):

@@ -65,6 +65,11 @@ class Metrics:
             "requests whose evaluation stopped between chunks because the caller went away or passed its deadline",
             registry=registry,
         )
+        self.reads_yielded = Counter(
+            "lossd_memory_reads_yielded",
+            "calls that gave their read reservation to calls in line for memory after their client sent nothing for idle_read_yield_s",
+            registry=registry,
+        )
         self.batch_bytes = Counter("lossd_batch_input_bytes", "input tensor bytes evaluated by the batcher", registry=registry)
         self.bytes_received = Counter("lossd_received_bytes", "request message bytes received, by method", ["method"], registry=registry)
         self.in_flight = gauge("lossd_requests_in_flight", "RPCs being handled, by method", ("method",))
@@ -109,7 +114,8 @@ class BatchFiguresLike(Protocol):
 
 
 class BatchMetrics:
-    """Batcher observer: ``on_batch`` once per executed batch, ``on_queue_depth`` when it changes."""
+    """Batcher observer: ``on_batch`` once per executed batch, ``on_queue_depth`` when it changes;
+    and the memory budget's: ``on_read_yielded``."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.m = metrics or get()
@@ -128,6 +134,10 @@ class BatchMetrics:
 
     def on_queue_depth(self, depth: int) -> None:
         self.m.queue_depth.set(depth)
+
+    def on_read_yielded(self) -> None:
+        """The memory budget ended an idle read for calls in line (see lossd_server.budget)."""
+        self.m.reads_yielded.inc()
 
 
 def status_name(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from lossd_client import LossClient, LossRequest, core, tensors
+from lossd_client import LossClient, LossdError, LossRequest, core, tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from serverproc import ServerProcess, start_server
@@ -251,8 +251,9 @@ def impatient():
 
 
 def test_stalled_chunked_calls_with_large_headers_are_refused_or_timed_out(impatient):
-    """Stalled calls that fit the budget end after the idle timeout (3 s); the others are refused
-    at once (a header that cannot be held now) or after waiting max_memory_wait_s (1 s) to read."""
+    """Stalled calls that fit the budget end after the idle timeout (3 s), or give their read
+    reservation to calls still in line after idle_read_yield_s (2 s); the others are refused at
+    once (a header that cannot be held now) or after waiting max_memory_wait_s (1 s) to read."""
     server, baseline = impatient
     header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[7_000_000, 10])
     tensors.to_proto(np.zeros(7_000_000, np.int64), header.target)  # a legal 56 MB class-index header
@@ -376,6 +377,64 @@ def test_a_chunked_call_that_sends_nothing_more_ends_naming_the_idle_timeout(bud
         release.set()
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "stream_idle_timeout_s" in info.value.details()
+
+
+@pytest.mark.parametrize("yield_s", ["0.5", "0"], ids=["idle-reads-give-way", "turned-off"])
+def test_calls_whose_clients_send_nothing_give_way_to_calls_in_line(yield_s):
+    """Four calls whose clients send nothing (two EvaluateStream, two Evaluate) hold both read
+    reservations the budget has and wait in line for more; a good call behind them is answered
+    once the idle ones give way (idle_read_yield_s 0.5 s). Turned off, it waits max_memory_wait_s
+    (6 s) and is refused: the idle calls would have held the server for stream_idle_timeout_s."""
+    # --max-message-bytes 1 MiB: a read reserves 2 x (2 MiB + 1 MiB); the budget holds two reads
+    server = start_server(
+        "--max-message-bytes", str(MiB), "--memory-budget-bytes", str(12 * MiB), "--stream-idle-timeout-s", "60",
+        "--max-memory-wait-s", "6", "--idle-read-yield-s", yield_s, metrics=True,
+    )  # fmt: skip
+    release = threading.Event()
+
+    def nothing():
+        release.wait(60)
+        yield from ()
+
+    try:
+        with grpc.insecure_channel(server.address) as channel, concurrent.futures.ThreadPoolExecutor(4) as pool:
+            stub = pb_grpc.LossServiceStub(channel)
+            evaluate_stream_unary = channel.stream_unary(
+                "/lossd.v1.LossService/Evaluate", pb.EvaluateRequest.SerializeToString, pb.EvaluateResponse.FromString
+            )
+            idle = [pool.submit(lambda: list(stub.EvaluateStream(nothing(), timeout=60))) for _ in range(2)]
+            idle += [evaluate_stream_unary.future(nothing(), timeout=60) for _ in range(2)]
+            wait_for_metric(server, "lossd_memory_waiting_calls", lambda v: v == 2)
+            x = np.random.default_rng(3).standard_normal((6, 5)).astype(np.float32)
+            t = np.array([0, 1, 2, 3, 4, 0])
+
+            def good_call() -> str:
+                try:
+                    with LossClient(server.address, timeout_s=30) as client:
+                        client.cross_entropy(x, t)
+                    return "OK"
+                except LossdError as err:
+                    return f"{err.code.name}: {err}"
+
+            good = pool.submit(good_call).result()
+            release.set()
+            idle_outcomes = [outcome(f) for f in idle]
+        gave_way = [o for o in idle_outcomes if o.startswith("RESOURCE_EXHAUSTED") and f"idle_read_yield_s={yield_s}" in o]
+        yielded = server.metrics().get("lossd_memory_reads_yielded_total", 0)
+        if yield_s == "0":
+            assert good.startswith("RESOURCE_EXHAUSTED") and "max_memory_wait_s" in good, good
+            assert not gave_way and yielded == 0, idle_outcomes
+        else:
+            assert good == "OK", good
+            assert len(gave_way) >= 3 and yielded == len(gave_way), (yielded, idle_outcomes)
+            assert all("memory_budget_bytes=12582912" in o for o in gave_way), gave_way
+        ended_by_client = [o for o in idle_outcomes if o not in gave_way]
+        assert all(o == "OK" or "carried no EvaluateRequest" in o or "waited" in o for o in ended_by_client), idle_outcomes
+        assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+        a_good_call_still_works(server.address)
+    finally:
+        release.set()
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------

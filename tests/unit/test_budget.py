@@ -117,3 +117,67 @@ def test_a_waiter_cancelled_while_others_release_never_breaks_the_releaser():
         assert budget.held_bytes == 0 and budget.waiting == 0
 
     run(main())
+
+
+class FakeReader:
+    """An IdleReader whose idleness the test sets; giving way releases what it holds."""
+
+    def __init__(self, budget: MemoryBudget, nbytes: int, idle: float | None) -> None:
+        self.held = budget.reserve_now(nbytes, "read")
+        self.idle = idle
+        self.reason: str | None = None
+        budget.read_posted(self, self.held)
+
+    def idle_for(self, now: float) -> float | None:
+        return self.idle
+
+    def give_way(self, reason: str) -> None:
+        self.reason = reason
+        self.held.release()
+
+
+def test_idle_reads_give_way_to_the_line_oldest_first_and_only_as_many_as_it_needs():
+    async def main():
+        yielded = []
+        budget = MemoryBudget(100, idle_read_yield_s=5.0, on_yield=lambda: yielded.append(1))
+        waiting_for_answers = FakeReader(budget, 20, None)  # its client rightly waits: never gives way
+        oldest, fresh, younger, youngest = (FakeReader(budget, 20, idle) for idle in (9.0, 1.0, 7.0, 6.0))
+        assert budget.held_bytes == 100
+        await asyncio.sleep(0)
+        assert oldest.reason is None  # nobody waits: nothing gives way
+        line = [asyncio.ensure_future(budget.reserve(n, "line")) for n in (30, 5)]
+        await asyncio.sleep(0)  # the sweep runs
+        await asyncio.sleep(0)
+        assert oldest.reason is not None and younger.reason is not None and youngest.reason is None
+        assert "idle_read_yield_s=5" in oldest.reason and "memory_budget_bytes=100" in oldest.reason
+        assert fresh.reason is None and waiting_for_answers.reason is None
+        granted = [await task for task in line]
+        assert budget.held_bytes == 95 and len(yielded) == 2
+        for r in granted + [fresh.held, youngest.held, waiting_for_answers.held]:
+            r.release()
+        assert budget.held_bytes == 0
+
+    run(main())
+
+
+def test_idle_reads_never_give_way_when_it_is_turned_off_or_after_they_are_done():
+    async def main():
+        off = MemoryBudget(40, idle_read_yield_s=0.0)
+        idle = FakeReader(off, 40, 100.0)
+        waiter = asyncio.ensure_future(off.reserve(10, "line"))
+        await asyncio.sleep(0.01)
+        assert idle.reason is None and not waiter.done()
+        idle.held.release()
+        (await waiter).release()
+
+        on = MemoryBudget(40, idle_read_yield_s=1.0)
+        done = FakeReader(on, 40, 100.0)
+        on.read_done(done)  # its message arrived
+        waiter = asyncio.ensure_future(on.reserve(10, "line"))
+        await asyncio.sleep(0.01)
+        assert done.reason is None and not waiter.done()
+        done.held.release()
+        (await waiter).release()
+        assert off.held_bytes == on.held_bytes == 0
+
+    run(main())
