@@ -12,6 +12,7 @@ other calls wait in line for memory gives its read reservation up sooner (see
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -189,7 +190,7 @@ async def serve_stream(call: Call, kind: str, window: int, answer: Answer) -> No
                 pending[0] += 1
                 task = asyncio.ensure_future(one(*got))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                task.add_done_callback(functools.partial(_answer_settled, tasks, got[1]))
         finally:
             done.put_nowait(end)
 
@@ -204,6 +205,14 @@ async def serve_stream(call: Call, kind: str, window: int, answer: Answer) -> No
             item = done.get_nowait()
             if item is not end:
                 item[1].release()
+
+
+def _answer_settled(tasks: set[asyncio.Task], held: Reservation, task: asyncio.Task) -> None:
+    """An answer task is over. Cancelled (the stream ended), it may never have started, and then
+    nothing else releases its message's bytes."""
+    tasks.discard(task)
+    if task.cancelled():
+        held.release()
 
 
 async def _write_answers(call: Call, done: asyncio.Queue, end: object, reader_task: asyncio.Task, pending: list[int], slots) -> None:

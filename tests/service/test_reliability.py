@@ -8,6 +8,7 @@ it must stay within --memory-budget-bytes whatever the load.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import signal
 import socket
@@ -331,6 +332,40 @@ def test_a_chunked_call_waiting_for_its_next_chunk_holds_no_chunk_it_has_compute
         go_on.set()
         future.result()
     assert 0 < held < read_reservation + 4 * MiB, f"{held} bytes held while waiting for the second chunk"
+
+
+@pytest.mark.parametrize("method", ["EvaluateStream", "EvaluatePacked"])
+def test_streams_cancelled_mid_way_give_back_every_byte(budgeted, method):
+    """Streams cancelled while their messages are read and answered, round after round: the
+    answers not yet started when a stream ends held their messages' bytes, which nothing gave
+    back (found leaking 131 MB in 10 rounds of 8 streams)."""
+    server, _ = budgeted
+    x = np.random.default_rng(5).standard_normal((2048, 1000)).astype(np.float32)  # 8 MB per request
+    item = request_msg(x, np.random.default_rng(6).integers(0, 1000, 2048))
+    message = pb.EvaluateBatch(requests=[item]) if method == "EvaluatePacked" else item
+    delays = np.random.default_rng(7).uniform(0.05, 0.6, size=8)
+
+    async def rounds() -> None:
+        async with grpc.aio.insecure_channel(server.address, options=RAW) as channel:
+            rpc = getattr(pb_grpc.LossServiceStub(channel), method)
+            for delay in delays:
+
+                async def messages():
+                    for _ in range(20):
+                        yield message
+                    await asyncio.sleep(30)
+
+                calls = [rpc(messages()) for _ in range(6)]
+                await asyncio.sleep(float(delay))
+                for call in calls:
+                    call.cancel()
+
+    asyncio.run(rounds())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(v for k, v in server.metrics().items() if k.startswith("lossd_requests_in_flight")):
+        time.sleep(0.05)
+    assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+    a_good_call_still_works(server.address)
 
 
 def test_a_stream_whose_client_stops_reading_is_paused_then_ended(budgeted):
