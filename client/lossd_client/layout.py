@@ -190,6 +190,9 @@ def logits_rows(shape: Sequence[int]) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- message sizes
+#: Dimensions a tensor may have (torch's own limit is 64; lossd's messages and kernels need far fewer).
+MAX_DIMS = 32
+
 #: Requests one EvaluatePacked message (EvaluateBatch) may carry; the server answers a message with
 #: more as a whole with INVALID_ARGUMENT naming this. A request costs the server a few KiB of
 #: bookkeeping whatever its size: 200,000 tiny requests in one 7.4 MB message held 717 MiB and

@@ -11,16 +11,15 @@ import warnings
 
 import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
-from lossd_client.layout import DTYPE_NAMES, ITEMSIZE
+from lossd_client.layout import DTYPE_NAMES, ITEMSIZE, MAX_DIMS
 
-from .wire import WireTensor, tensor_of
+from .wire import WireTensor, declared_dims, tensor_of
 
 WIRE_TO_TORCH: dict[int, torch.dtype] = {wire: getattr(torch, name) for wire, name in DTYPE_NAMES.items()}
 TORCH_TO_WIRE: dict[torch.dtype, int] = {v: k for k, v in WIRE_TO_TORCH.items()}
 # Request bytes are immutable and the engine never writes to its inputs: torch's warning about
 # non-writable buffers is expected on every decode, so it is silenced once, not per call.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-MAX_DIMS = 32
 MAX_ELEMENTS = 1 << 62
 
 
@@ -42,9 +41,10 @@ def dtype_of(field: str, wire_dtype: int) -> torch.dtype:
 
 
 def shape_of(field: str, shape) -> tuple[int, ...]:
+    ndim = declared_dims(shape)
+    if ndim > MAX_DIMS:
+        raise TensorError(f"{field}.shape", f"expected at most {MAX_DIMS} dimensions, got {ndim}")
     dims = tuple(int(s) for s in shape)
-    if len(dims) > MAX_DIMS:
-        raise TensorError(f"{field}.shape", f"expected at most {MAX_DIMS} dimensions, got {len(dims)}")
     for i, s in enumerate(dims):
         if s < 0:
             raise TensorError(f"{field}.shape", f"dimension {i} is negative ({s}); sizes must be >= 0")

@@ -8,7 +8,7 @@ from lossd_client.layout import EXTRA_NAMES, KL_DIV, LOSS_NAMES, REDUCTION_NAMES
 
 from . import codec, engine
 from .batch_engine import Job
-from .wire import WireRequest
+from .wire import MAX_EXTRA_VALUES, WireRequest
 
 INPUT_DTYPES = [pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
 TARGET_DTYPES = [pb.INT64, pb.UINT8, pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
@@ -20,6 +20,8 @@ def decode_options(options: pb.LossOptions, shm_reader=None) -> tuple[engine.Los
         raise engine.InvalidInput("options.loss", f"unknown LossKind enum value {options.loss}")
     if options.reduction not in REDUCTION_NAMES:
         raise engine.InvalidInput("options.reduction", f"unknown Reduction enum value {options.reduction}")
+    if len(options.extras) > MAX_EXTRA_VALUES:
+        raise engine.InvalidInput("options.extras", f"{len(options.extras)} values, more than MAX_EXTRA_VALUES={MAX_EXTRA_VALUES}")
     extras = []
     for value in options.extras:
         if value not in EXTRA_NAMES:

@@ -295,6 +295,8 @@ async def _finished(work: tuple[asyncio.Future, Reservation]) -> engine.Partial:
 
 
 def _message_error(message: wire.Malformed) -> engine.InvalidInput:
+    if message.field is not None:
+        return engine.InvalidInput(message.field, message.error)
     return engine.InvalidInput("request", f"not a valid {message.kind} message: {message.error}")
 
 

@@ -11,6 +11,13 @@ Anything this walker does not handle exactly as protobuf would (a sub-message fi
 which protobuf merges, groups, a known field with another wire type) is handed to protobuf's own
 parser instead, so every message means what protobuf says it means; only the copies differ.
 Bytes protobuf cannot parse are answered INVALID_ARGUMENT (see :class:`Malformed`).
+
+What a message may make the server build is bounded by its bytes *before* it is built: a shape
+keeps at most MAX_DIMS + 1 sizes however many it declares (counted at C speed, never
+materialised: 16 million one-byte sizes used to take 4 s of the event loop and 313 MiB); a message
+level has at most MAX_FIELDS fields; LossOptions, which protobuf parses (keeping every repeated
+number as 8 bytes), are checked for long shapes and extras first; and protobuf's parser sees a
+message with an unusual encoding only up to FALLBACK_MAX_BYTES.
 """
 
 from __future__ import annotations
@@ -19,9 +26,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
-from lossd_client.layout import MAX_PACKED_ITEMS
+from lossd_client.layout import MAX_DIMS, MAX_PACKED_ITEMS
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+
+#: Fields one message level may carry: an EvaluateBatch has MAX_PACKED_ITEMS requests, every other
+#: lossd message a few fields (a shape sent unpacked, one field per size, at most MAX_DIMS of them).
+MAX_FIELDS = 4 * MAX_PACKED_ITEMS
+#: Values ``LossOptions.extras`` may list (repeats are allowed and count once).
+MAX_EXTRA_VALUES = 64
+#: Largest message handed to protobuf's own parser when this walker cannot read it.
+FALLBACK_MAX_BYTES = 4 * 1024 * 1024
+#: LossOptions spans at most this long are handed to protobuf unchecked (what it builds from them
+#: is a few KiB at most); longer ones are checked first.
+OPTIONS_CHECKED_FROM_BYTES = 1024
+_CONTINUATION_BYTES = bytes(range(0x80, 0x100))
+_COUNT_STEP = 1 << 20
 
 
 class _Unusual(Exception):
@@ -30,6 +50,37 @@ class _Unusual(Exception):
 
 class DecodeError(ValueError):
     """Bytes that are not a valid message."""
+
+
+class _Refused(ValueError):
+    """A message refused before protobuf sees it; ``field`` names the part, when one is to blame."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class LongShape(tuple):
+    """The first MAX_DIMS + 1 sizes of a shape that declares ``declared`` of them; the rest were
+    counted, never built (see :func:`bounded_shape`)."""
+
+    declared: int
+
+    def __new__(cls, dims, declared: int) -> LongShape:
+        self = super().__new__(cls, dims)
+        self.declared = declared
+        return self
+
+
+def declared_dims(shape) -> int:
+    """How many sizes ``shape`` declares (a LongShape holds only the first few)."""
+    return shape.declared if isinstance(shape, LongShape) else len(shape)
+
+
+def bounded_shape(sizes) -> tuple[int, ...]:
+    """A protobuf repeated field of sizes as a tuple, or a LongShape past MAX_DIMS."""
+    n = len(sizes)
+    return tuple(sizes) if n <= MAX_DIMS else LongShape(sizes[: MAX_DIMS + 1], n)
 
 
 @dataclass(slots=True)
@@ -124,10 +175,12 @@ class Received:
 
 @dataclass(slots=True)
 class Malformed:
-    """Stands in for bytes that are not a valid ``kind`` message (answered INVALID_ARGUMENT)."""
+    """Stands in for bytes that are not a valid ``kind`` message (answered INVALID_ARGUMENT);
+    ``field``: the part to blame, when there is one."""
 
     kind: str
     error: str
+    field: str | None = None
 
 
 # --------------------------------------------------------------------------- primitives
@@ -162,7 +215,11 @@ def _fields(buf: bytes, start: int, end: int):
     """(field number, wire type, value) for each field in buf[start:end]; value is an int for
     varints and a (start, stop) pair for length-delimited fields."""
     pos = start
+    budget = MAX_FIELDS
     while pos < end:
+        budget -= 1
+        if budget < 0:
+            raise _Refused(f"more than MAX_FIELDS={MAX_FIELDS} fields in one message level; no lossd message needs that many")
         key, pos = _varint(buf, pos)
         number, wire_type = key >> 3, key & 7
         if number == 0 or number >= 1 << 29 or key > 0xFFFFFFFF:
@@ -201,14 +258,49 @@ def _text(buf: bytes, span: tuple[int, int]) -> str:
         raise DecodeError(f"invalid UTF-8 in a string field: {exc}") from None
 
 
-def _shape_into(out: list[int], buf: bytes, wire_type: int, value) -> None:
+def _count_varints(buf: bytes, start: int, stop: int) -> int:
+    """Varints in the packed span ``buf[start:stop]``: the bytes without the continuation bit,
+    counted a MiB at a time (C speed, bounded scratch); DecodeError if the span is truncated."""
+    if start < stop and buf[stop - 1] >= 0x80:
+        raise DecodeError("truncated packed field")
+    count = 0
+    for a in range(start, stop, _COUNT_STEP):
+        count += len(buf[a : min(stop, a + _COUNT_STEP)].translate(None, _CONTINUATION_BYTES))
+    return count
+
+
+class _Shape:
+    """Sizes of a shape as they are read, keeping at most MAX_DIMS + 1 of them."""
+
+    __slots__ = ("dims", "declared")
+
+    def __init__(self) -> None:
+        self.dims: list[int] = []
+        self.declared = 0
+
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.dims) if self.declared == len(self.dims) else LongShape(self.dims, self.declared)
+
+
+def _shape_into(out: _Shape, buf: bytes, wire_type: int, value) -> None:
+    dims = out.dims
     if wire_type == _VARINT:
-        out.append(_int64(value))
+        out.declared += 1
+        if len(dims) <= MAX_DIMS:
+            dims.append(_int64(value))
     elif wire_type == _LENGTH:
         pos, stop = value
+        if stop - pos > 10 * (MAX_DIMS + 1):  # more sizes than any shape may have: count them
+            out.declared += _count_varints(buf, pos, stop)
+            while len(dims) <= MAX_DIMS:
+                v, pos = _varint(buf, pos)
+                dims.append(_int64(v))
+            return
         while pos < stop:
             v, pos = _varint(buf, pos)
-            out.append(_int64(v))
+            out.declared += 1
+            if len(dims) <= MAX_DIMS:
+                dims.append(_int64(v))
         if pos != stop:
             raise DecodeError("truncated packed field")
     else:
@@ -218,7 +310,7 @@ def _shape_into(out: list[int], buf: bytes, wire_type: int, value) -> None:
 # --------------------------------------------------------------------------- messages
 def _tensor(buf: bytes, view: memoryview, start: int, stop: int) -> WireTensor:
     t = WireTensor()
-    shape: list[int] = []
+    shape = _Shape()
     seen_shm = False
     for number, wire_type, value in _fields(buf, start, stop):
         if number == 1:
@@ -235,12 +327,35 @@ def _tensor(buf: bytes, view: memoryview, start: int, stop: int) -> WireTensor:
                 raise _Unusual("repeated sub-message")
             seen_shm = True
             t.shm = pb.SharedMemoryRef.FromString(buf[value[0] : value[1]])
-    t.shape = tuple(shape)
+    t.shape = shape.shape()
     return t
 
 
 def _options(buf: bytes, span: tuple[int, int]) -> pb.LossOptions:
+    if span[1] - span[0] > OPTIONS_CHECKED_FROM_BYTES:
+        _check_options(buf, *span)
     return pb.LossOptions.FromString(buf[span[0] : span[1]])
+
+
+def _check_options(buf: bytes, start: int, stop: int) -> None:
+    """Refuse LossOptions whose weight shapes or extras protobuf would build millions of numbers
+    from; within the limits protobuf parses them (and words any error) as usual."""
+    extras = 0
+    for number, wire_type, value in _fields(buf, start, stop):
+        if number == 9 and wire_type == _VARINT:
+            extras += 1
+        elif number == 9 and wire_type == _LENGTH:
+            extras += _count_varints(buf, *value)
+        elif number in (5, 6) and wire_type == _LENGTH:
+            shape = _Shape()
+            for part, part_type, part_value in _fields(buf, *value):
+                if part == 2 and part_type in (_VARINT, _LENGTH):
+                    _shape_into(shape, buf, part_type, part_value)
+            if shape.declared > MAX_DIMS:
+                field = "options.weight.shape" if number == 5 else "options.pos_weight.shape"
+                raise _Refused(f"expected at most {MAX_DIMS} dimensions, got {shape.declared}", field)
+    if extras > MAX_EXTRA_VALUES:
+        raise _Refused(f"{extras} values, more than MAX_EXTRA_VALUES={MAX_EXTRA_VALUES}", "options.extras")
 
 
 def _request(buf: bytes, view: memoryview, start: int, stop: int) -> WireRequest:
@@ -268,7 +383,7 @@ def _request(buf: bytes, view: memoryview, start: int, stop: int) -> WireRequest
 
 def _header(buf: bytes, view: memoryview, start: int, stop: int) -> WireHeader:
     h = WireHeader()
-    shape: list[int] = []
+    shape = _Shape()
     seen: set[int] = set()
     for number, wire_type, value in _fields(buf, start, stop):
         if number == 1:
@@ -288,7 +403,7 @@ def _header(buf: bytes, view: memoryview, start: int, stop: int) -> WireHeader:
                 h.options = _options(buf, value)
             else:
                 h.target = _tensor(buf, view, *value)
-    h.input_shape = tuple(shape)
+    h.input_shape = shape.shape()
     return h
 
 
@@ -342,7 +457,7 @@ def _walk(buf: bytes, view: memoryview, start: int, stop: int, out, fields: dict
     "tensor", a protobuf message class (parsed by protobuf) or a walker of a sub-message; unknown
     fields are skipped, the last scalar wins, a sub-message given twice (merged by protobuf)
     hands the message to protobuf."""
-    shapes: dict[str, list[int]] = {}
+    shapes: dict[str, _Shape] = {}
     seen: set[int] = set()
     for number, wire_type, value in _fields(buf, start, stop):
         if number not in fields:
@@ -352,7 +467,7 @@ def _walk(buf: bytes, view: memoryview, start: int, stop: int, out, fields: dict
             _expect(wire_type, _VARINT)
             setattr(out, name, _int32(value))
         elif kind == "shape":
-            _shape_into(shapes.setdefault(name, []), buf, wire_type, value)
+            _shape_into(shapes.setdefault(name, _Shape()), buf, wire_type, value)
         else:
             _expect(wire_type, _LENGTH)
             if kind == "text":
@@ -364,8 +479,8 @@ def _walk(buf: bytes, view: memoryview, start: int, stop: int, out, fields: dict
             else:
                 seen.add(number)
                 setattr(out, name, _part(kind, buf, view, value))
-    for name, dims in shapes.items():
-        setattr(out, name, tuple(dims))
+    for name, shape in shapes.items():
+        setattr(out, name, shape.shape())
     return out
 
 
@@ -394,7 +509,7 @@ _COMPARE_CHUNK = {1: ("header", _compare_header), 2: ("reference_rows", "bytes")
 
 # --------------------------------------------------------------------------- protobuf fallback
 def tensor_of(msg: pb.Tensor) -> WireTensor:
-    return WireTensor(msg.dtype, tuple(msg.shape), memoryview(msg.data), msg.shm if msg.HasField("shm") else None)
+    return WireTensor(msg.dtype, bounded_shape(msg.shape), memoryview(msg.data), msg.shm if msg.HasField("shm") else None)
 
 
 def _request_of(msg: pb.EvaluateRequest) -> WireRequest:
@@ -410,7 +525,9 @@ def _chunk_of(msg: pb.EvaluateChunk) -> WireChunk:
     header = None
     if msg.HasField("header"):
         h = msg.header
-        header = WireHeader(h.id, h.options, h.input_dtype, tuple(h.input_shape), tensor_of(h.target) if h.HasField("target") else None)
+        header = WireHeader(
+            h.id, h.options, h.input_dtype, bounded_shape(h.input_shape), tensor_of(h.target) if h.HasField("target") else None
+        )
     return WireChunk(header, memoryview(msg.input_rows), memoryview(msg.target_rows))
 
 
@@ -431,9 +548,9 @@ def _compare_chunk_of(msg: pb.CompareChunk) -> WireCompareChunk:
             h.id,
             h.options,
             h.reference_dtype,
-            tuple(h.reference_shape),
+            bounded_shape(h.reference_shape),
             h.candidate_dtype,
-            tuple(h.candidate_shape),
+            bounded_shape(h.candidate_shape),
             _optional_tensor(h, "target"),
         )
     return WireCompareChunk(header, memoryview(msg.reference_rows), memoryview(msg.candidate_rows))
@@ -457,14 +574,22 @@ _SLOW: dict[type, Callable] = {
 
 def parse(message_type: type, data: bytes):
     """``data`` as a Wire* value of ``message_type``, or :class:`Malformed`."""
+    kind = message_type.DESCRIPTOR.full_name
     try:
         try:
             return _FAST[message_type](data, memoryview(data))
-        except (_Unusual, DecodeError, IndexError):
+        except (_Unusual, DecodeError, IndexError) as exc:
+            if len(data) > FALLBACK_MAX_BYTES:
+                why = str(exc) if isinstance(exc, ValueError) else "truncated field"
+                return Malformed(
+                    kind, f"{why} (such messages are read only up to FALLBACK_MAX_BYTES={FALLBACK_MAX_BYTES}; this one has {len(data)})"
+                )
             # protobuf's own parser decides (and words the error) whenever the walk stops
             return _SLOW[message_type](message_type.FromString(data))
+    except _Refused as exc:
+        return Malformed(kind, str(exc), exc.field)
     except Exception as exc:  # noqa: BLE001 - any decode failure is the client's bad input
-        return Malformed(message_type.DESCRIPTOR.full_name, str(exc) or type(exc).__name__)
+        return Malformed(kind, str(exc) or type(exc).__name__)
 
 
 def deserializer(message_type: type) -> Callable[[bytes], Received]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from google.protobuf.internal.encoder import _VarintBytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lossd_client import tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
-from lossd_client.layout import MAX_PACKED_ITEMS
-from lossd_server import wire
+from lossd_client.layout import MAX_DIMS, MAX_PACKED_ITEMS
+from lossd_server import codec, convert, engine, wire
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -32,10 +33,16 @@ def assert_same_tensor(got: wire.WireTensor | None, msg: pb.Tensor | None) -> No
     if msg is None:
         assert got is None
         return
-    assert got.dtype == msg.dtype and got.shape == tuple(msg.shape) and bytes(got.data) == msg.data
+    assert got.dtype == msg.dtype and bytes(got.data) == msg.data
+    assert_same_shape(got.shape, msg.shape)
     assert (got.shm is None) == (not msg.HasField("shm"))
     if got.shm is not None:
         assert got.shm == msg.shm
+
+
+def assert_same_shape(got: tuple[int, ...], sizes) -> None:
+    """The walker keeps the first MAX_DIMS + 1 sizes of a longer shape and how many it declares."""
+    assert wire.declared_dims(got) == len(sizes) and tuple(got) == tuple(sizes)[: MAX_DIMS + 1]
 
 
 def field(msg, name):
@@ -54,12 +61,8 @@ def assert_same_chunk(got: wire.WireChunk, msg: pb.EvaluateChunk) -> None:
         assert got.header is None
         return
     h = msg.header
-    assert (got.header.id, got.header.options, got.header.input_dtype, got.header.input_shape) == (
-        h.id,
-        h.options,
-        h.input_dtype,
-        tuple(h.input_shape),
-    )
+    assert (got.header.id, got.header.options, got.header.input_dtype) == (h.id, h.options, h.input_dtype)
+    assert_same_shape(got.header.input_shape, h.input_shape)
     assert_same_tensor(got.header.target, field(h, "target"))
 
 
@@ -160,3 +163,64 @@ def test_a_batch_of_more_than_max_packed_items_is_malformed_naming_the_limit():
     assert isinstance(got, wire.Malformed) and f"MAX_PACKED_ITEMS={MAX_PACKED_ITEMS}" in got.error, got
     with pytest.raises(wire.TooManyItems):  # protobuf's parser, taken on unusual encodings, applies it too
         wire._SLOW[pb.EvaluateBatch](pb.EvaluateBatch.FromString(one_more))
+
+
+def packed_shape_tensor(sizes: int, field_number: int = 2) -> bytes:
+    """A Tensor field (``field_number``) of FLOAT32 whose packed shape has ``sizes`` sizes of 1."""
+    tensor = b"\x08\x01" + b"\x12" + _VarintBytes(sizes) + b"\x01" * sizes
+    return bytes([field_number << 3 | 2]) + _VarintBytes(len(tensor)) + tensor
+
+
+def test_a_shape_of_millions_of_sizes_is_counted_not_built():
+    import tracemalloc
+
+    sizes = 2_000_000
+    data = packed_shape_tensor(sizes) + b"\x1a\x00"
+    tracemalloc.start()
+    got = wire.parse(pb.EvaluateRequest, data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert wire.declared_dims(got.input.shape) == sizes and len(tuple(got.input.shape)) == MAX_DIMS + 1
+    assert peak < 4 * 1024 * 1024, f"parsing held {peak} bytes: the sizes were built"  # a list of them: 16 MB
+    with pytest.raises(codec.TensorError, match=f"input.shape: expected at most {MAX_DIMS} dimensions, got {sizes}"):
+        codec.shape_of("input", got.input.shape)
+    # the same shape through protobuf's parser (an unusual encoding elsewhere in the message)
+    slow = wire.parse(pb.EvaluateRequest, data + pb.EvaluateRequest(input=pb.Tensor(dtype=pb.FLOAT32)).SerializeToString())
+    assert wire.declared_dims(slow.input.shape) == sizes and len(tuple(slow.input.shape)) == MAX_DIMS + 1
+
+
+def test_a_truncated_long_packed_shape_is_malformed():
+    data = packed_shape_tensor(1000)[:-1] + b"\x80"
+    assert isinstance(wire.parse(pb.EvaluateRequest, data), wire.Malformed)
+
+
+def test_long_option_shapes_and_extras_are_refused_before_protobuf_builds_them():
+    weight = packed_shape_tensor(500_000, field_number=5)
+    got = wire.parse(pb.EvaluateRequest, b"\x22" + _VarintBytes(len(weight)) + weight)
+    assert isinstance(got, wire.Malformed) and got.field == "options.weight.shape", got
+    assert got.error == f"expected at most {MAX_DIMS} dimensions, got 500000"
+    extras = b"\x4a" + _VarintBytes(100_000) + b"\x01" * 100_000
+    got = wire.parse(pb.EvaluateRequest, b"\x22" + _VarintBytes(len(extras)) + extras)
+    assert isinstance(got, wire.Malformed) and got.field == "options.extras", got
+    assert got.error == f"100000 values, more than MAX_EXTRA_VALUES={wire.MAX_EXTRA_VALUES}"
+    few = pb.LossOptions(extras=[1] * (wire.MAX_EXTRA_VALUES + 1))  # a short span: protobuf parses it, convert refuses it
+    with pytest.raises(engine.InvalidInput, match="options.extras: 65 values, more than MAX_EXTRA_VALUES=64"):
+        convert.decode_options(few)
+    ok = pb.LossOptions(extras=[1] * wire.MAX_EXTRA_VALUES)
+    assert convert.decode_options(ok)[0].extras == (convert.EXTRA_NAMES[1],)
+
+
+def test_a_message_of_too_many_fields_is_refused_naming_the_limit():
+    data = request().SerializeToString() + b"\x78\x05" * wire.MAX_FIELDS
+    got = wire.parse(pb.EvaluateRequest, data)
+    assert isinstance(got, wire.Malformed) and f"MAX_FIELDS={wire.MAX_FIELDS}" in got.error, got
+    agree(pb.EvaluateRequest, request().SerializeToString() + b"\x78\x05" * (wire.MAX_FIELDS - 10))
+
+
+def test_an_unusual_encoding_goes_to_protobuf_only_up_to_its_size_limit():
+    twice = pb.EvaluateRequest(input=pb.Tensor(dtype=pb.FLOAT64, shape=[9])).SerializeToString()
+    small = request().SerializeToString() + twice
+    agree(pb.EvaluateRequest, small)  # merged, as protobuf merges it
+    big = pb.EvaluateRequest(id="x", input=pb.Tensor(dtype=pb.FLOAT32, data=bytes(wire.FALLBACK_MAX_BYTES))).SerializeToString()
+    got = wire.parse(pb.EvaluateRequest, big + twice)
+    assert isinstance(got, wire.Malformed) and f"FALLBACK_MAX_BYTES={wire.FALLBACK_MAX_BYTES}" in got.error, got
