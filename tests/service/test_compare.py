@@ -270,6 +270,18 @@ def test_chunk_stream_mistakes_name_the_field(small_server):
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith(field + ":"), err.details()
 
 
+@pytest.mark.parametrize("rows", [2**29, 2**50])
+def test_a_header_of_billions_of_positions_without_targets_builds_nothing(small_server, rows):
+    """Without targets every position counts: the plan used to build a mask of every position
+    before the answer's size was checked (2**50 positions: INTERNAL, failing to allocate 1 PB;
+    2**29: 512 MiB outside the budget for a header of a few bytes)."""
+    header = pb.CompareHeader(reference_dtype=pb.FLOAT32, reference_shape=[rows, 1], candidate_dtype=pb.FLOAT32, candidate_shape=[rows, 1])
+    before = small_server.status_kib("VmHWM")
+    err = _chunked_status(small_server.address, [pb.CompareChunk(header=header)])
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_send_message_bytes" in err.details(), err.details()
+    assert small_server.status_kib("VmHWM") - before < 64 * 1024  # KiB
+
+
 def test_server_info_names_the_top_k_limit(client, small):
     assert client.server_info().max_top_k == 20 and small.server_info().max_top_k == 8
 

@@ -76,8 +76,9 @@ class ComparePlan:
     shift_targets: bool
     #: (rows,) int64 targets after the shift (ignored positions hold ignore_index), or None.
     target: torch.Tensor | None
-    #: (rows,) bool: the counted positions.
-    counted: torch.Tensor
+    #: (rows,) bool: the counted positions; None without targets (every position counts: nothing
+    #: the size of the rows is made before their chunks arrive).
+    counted: torch.Tensor | None
 
     @property
     def has_targets(self) -> bool:
@@ -174,7 +175,7 @@ def plan_compare(
     if target is None:
         if shift_targets:
             raise InvalidInput("options.shift_targets", "shifting needs class-index targets, none were given")
-        flat, counted = None, torch.ones(rows, dtype=torch.bool)
+        flat, counted = None, None
     else:
         flat, counted = _targets(target, token_shape, vocab, ignore_index, shift_targets)
     return ComparePlan(
@@ -266,7 +267,7 @@ def _compare_chunk(plan: ComparePlan, ref: torch.Tensor, cand: torch.Tensor, r0:
     cd = plan.compute_dtype
     xr = _rows_in("compare.x.reference", ref, cd, device)
     xc = _rows_in("compare.x.candidate", cand, cd, device)
-    counted = plan.counted[r0:r1].to(device)
+    counted = torch.ones(r1 - r0, dtype=torch.bool, device=device) if plan.counted is None else plan.counted[r0:r1].to(device)
     agree = (xr.argmax(1) == xc.argmax(1)) & counted
     yr, er, sr, log_sr = _normalised(xr, "reference")
     # the candidate's exponentials are only summed: their buffer is the products' below
