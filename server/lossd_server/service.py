@@ -13,6 +13,7 @@ budget too. Streams (EvaluateStream, EvaluatePacked) are served with flow contro
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -26,7 +27,7 @@ from .budget import MemoryBudget, Reservation
 from .calls import Call, CallTracker, serve_stream
 from .chunks import ChunkAssembler
 from .config import ServerConfig
-from .errors import RequestError, status_of
+from .errors import RequestError, drop_tracebacks, status_of
 from .packed import PackedMessages, item_failed
 
 #: Copies of an answer alive at once: the result tensors, the encoded message, gRPC's buffer.
@@ -60,6 +61,22 @@ def check_answer_size(plan: engine.Plan, max_send_message_bytes: int) -> int:
     return size
 
 
+def call_over(call: Call, context: grpc.aio.ServicerContext, exc: BaseException) -> RequestError | None:
+    """The status of a call that failed because it was already over. Past its deadline, gRPC
+    ends its reads (an end of stream: "no message", "0 of N rows") and refuses its writes, and
+    the client sees DEADLINE_EXCEEDED whatever the handler says; so does the server's status
+    (metrics, logs) now, and a write refused after a cancel is CANCELLED, not INTERNAL. (A client's
+    cancel reaches a waiting read as a plain end of stream before gRPC reports it cancelled, so
+    that answer stays as the handler words it: the client has gone and never reads it.)"""
+    if call.deadline is not None and time.monotonic() >= call.deadline:
+        drop_tracebacks(exc)
+        return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
+    if context.cancelled():
+        drop_tracebacks(exc)
+        return RequestError(grpc.StatusCode.CANCELLED, "the client cancelled the call")
+    return None
+
+
 def _message(received: object):
     if isinstance(received, wire.Malformed):
         raise _message_error(received)
@@ -88,7 +105,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is answered with its status
-            err = status_of(exc, what)
+            err = call_over(call, context, exc) or status_of(exc, what)
             del exc
             context.set_code(err.code)
             context.set_details(err.message)

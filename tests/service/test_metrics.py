@@ -132,6 +132,33 @@ def test_streaming_methods_are_counted_by_status(mserver):
     assert delta(before, after, "lossd_received_bytes_total", method="EvaluateStream") == sum(i.ByteSize() for i in items)
 
 
+def test_calls_past_their_deadline_are_counted_deadline_exceeded(mserver):
+    """A call whose deadline passes while the server waits for its next message reaches the
+    handler as an end of stream ("no message", "0 of N rows"): it used to be counted
+    INVALID_ARGUMENT, blaming the client's input for what the client sees as DEADLINE_EXCEEDED."""
+    msg, _ = core.build(_ok_request(8))
+    chunks = list(core.chunk_messages(msg, chunk_bytes=64))
+    before = scrape(mserver.metrics_port)
+    with grpc.insecure_channel(mserver.address) as channel:
+        stub = pb_grpc.LossServiceStub(channel)
+        evaluate = channel.stream_unary("/lossd.v1.LossService/Evaluate", pb.EvaluateRequest.SerializeToString, pb.EvaluateResponse.FromString)
+
+        def late(messages):
+            yield from messages[:-1]
+            time.sleep(1.0)  # past the call's 0.3 s deadline
+            yield messages[-1]
+
+        for rpc, messages in ((stub.EvaluateChunked, chunks), (evaluate, [msg])):
+            with pytest.raises(grpc.RpcError) as info:
+                rpc(late(messages), timeout=0.3)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(mserver.metrics_port, "lossd_requests_total", 1, before, method="Evaluate", code="DEADLINE_EXCEEDED")
+    after = wait_for(mserver.metrics_port, "lossd_requests_total", 1, before, method="EvaluateChunked", code="DEADLINE_EXCEEDED")
+    for method in ("EvaluateChunked", "Evaluate"):
+        assert delta(before, after, "lossd_requests_total", method=method, code="DEADLINE_EXCEEDED") == 1
+        assert delta(before, after, "lossd_requests_total", method=method, code="INVALID_ARGUMENT") == 0
+
+
 def test_batch_histograms_move_exactly(mserver, mclient):
     """Sequential requests of 10 rows: one batch each (needs the batcher to call its observer)."""
     before = scrape(mserver.metrics_port)
