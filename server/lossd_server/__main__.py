@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from . import config as config_mod
 
@@ -16,8 +17,32 @@ class StoppedBeforeServing(BaseException):
     server's own handlers were installed: nothing was served, so nothing can be lost."""
 
 
+_deferring = False
+_deferred: list[str] = []
+
+
 def _stop_while_starting(signum: int, frame: object) -> None:
-    raise StoppedBeforeServing(signal.Signals(signum).name)
+    name = signal.Signals(signum).name
+    if _deferring:
+        _deferred.append(name)
+        return
+    raise StoppedBeforeServing(name)
+
+
+@contextlib.contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """Hold a stop request until the block is over. Importing torch runs Python code called from
+    C++: an exception a signal handler raises there cannot unwind through pybind11, which aborts
+    the process (SIGTERM 0.0 s after the start: exit status -6, "terminate called after throwing
+    an instance of 'pybind11::error_already_set'", 1 run in 20 under load)."""
+    global _deferring
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+    if _deferred:
+        raise StoppedBeforeServing(_deferred[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,15 +64,18 @@ def _main(argv: Sequence[str] | None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from .ports import StartupError
+    with _stops_deferred():
+        from .ports import StartupError
 
     try:
         if cfg.workers > 1:  # a supervisor of worker processes: no grpc, no torch in this process
-            from . import workers
+            with _stops_deferred():
+                from . import workers
 
             return workers.serve(cfg)
-        from . import allocator
-        from .app import serve
+        with _stops_deferred():
+            from . import allocator
+            from .app import serve
 
         allocator.tune()
         asyncio.run(serve(cfg))
