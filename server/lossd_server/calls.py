@@ -90,6 +90,7 @@ class Call:
         try:
             self._read_posted = time.monotonic()
             self._waiting_for_us = waiting_for_us
+            self._gave_way = None  # a message that arrived as the call gave way let it go on
             self.budget.read_posted(self, held)
             try:
                 received = await self._idle_bounded(self.context.read(), f"sent no {what} message", waiting_for_us, reading=True)

@@ -88,6 +88,19 @@ def from_buffer(field: str, buffer, dtype: torch.dtype, shape: tuple[int, ...]) 
     return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
+def shm_nbytes(tensors: dict[str, WireTensor | pb.Tensor | None]) -> int:
+    """Bytes the shared-memory references among ``tensors`` (field name -> tensor) will copy into
+    the server: what their dtypes and shapes take (checked here), never the length a reference
+    claims. Reserve this before decoding, which copies them and checks the rest."""
+    total = 0
+    for field, msg in tensors.items():
+        if isinstance(msg, pb.Tensor):
+            msg = tensor_of(msg) if msg.HasField("shm") else None
+        if msg is not None and msg.shm is not None:
+            total += expected_nbytes(field, msg)[2]
+    return total
+
+
 def decode(field: str, msg: WireTensor | pb.Tensor, shm_reader=None) -> torch.Tensor:
     """Decode and validate a wire tensor (a view of its bytes, no copy). ``field`` names it."""
     if isinstance(msg, pb.Tensor):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import grpc
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
-from . import compare_convert, engine, service, wire
+from . import codec, compare_convert, engine, service, wire
 from .budget import Reservation
 from .calls import Call
 from .compare_chunks import COMPARE_COST, CompareAssembler
@@ -82,7 +82,7 @@ class CompareRpcs:
         """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer."""
         cfg, servicer = self.config, self.servicer
         tensors = compare_convert.tensors(request)
-        shm_bytes = sum(int(t.shm.length) for t in tensors if t.shm is not None)
+        shm_bytes = codec.shm_nbytes({name: getattr(request, name) for name in ("reference", "candidate", "target")})
         if shm_bytes:
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
         advice = "send comparisons this large with the client-streaming CompareChunked RPC, which lossd_client does by itself"
@@ -131,9 +131,9 @@ class CompareRpcs:
         the answer needs (the first message's rows, if any, stay counted in its reservation)."""
         if first.header is None:
             raise engine.InvalidInput("header", "the first CompareChunk must carry the header")
-        target = first.header.target
-        if target is not None and target.shm is not None:
-            held.resize(held.nbytes + int(target.shm.length), "a shared-memory header target")
+        shm = codec.shm_nbytes({"header.target": first.header.target})
+        if shm:
+            held.resize(held.nbytes + shm, "a shared-memory header target")
         assembler = CompareAssembler(first.header, self.servicer.shm_reader, max_top_k=self.config.max_top_k)
         plan = assembler.plan
         answer = _answer_size(plan, self.config.max_send_message_bytes)

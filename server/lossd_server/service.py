@@ -21,7 +21,7 @@ import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
-from . import __version__, batch_engine, compare_service, convert, engine, wire
+from . import __version__, batch_engine, codec, compare_service, convert, engine, wire
 from .batcher import Batcher
 from .budget import MemoryBudget, Reservation
 from .calls import Call, CallTracker, serve_stream
@@ -209,7 +209,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise engine.InvalidInput("header", "EvaluateChunked received no messages")
         first, header_held = got
         try:
-            assembler = self._open_chunked(_message(first), header_held)
+            assembler = await self._open_chunked(_message(first), header_held)
             partials = await self._stream_chunks(call, assembler, first)
             del first
             assembler.check_complete()
@@ -219,15 +219,18 @@ class LossServicer(pb_grpc.LossServiceServicer):
         finally:
             header_held.release()
 
-    def _open_chunked(self, first: wire.WireChunk, header_held: Reservation) -> ChunkAssembler:
+    async def _open_chunked(self, first: wire.WireChunk, header_held: Reservation) -> ChunkAssembler:
         """Validate the header into an assembler; reserve its target and what the answer needs
         (the first message's rows, if any, stay counted in the header's reservation)."""
         if first.header is None:
             raise engine.InvalidInput("header", "the first EvaluateChunk must carry the header")
-        target = first.header.target
-        if target is not None and target.shm is not None:
-            header_held.resize(header_held.nbytes + int(target.shm.length), "a shared-memory header target")
-        assembler = ChunkAssembler(first.header, self.shm_reader)
+        target, options = first.header.target, first.header.options
+        shm = codec.shm_nbytes({"header.target": target, "options.weight": options.weight, "options.pos_weight": options.pos_weight})
+        if shm:  # reserved before they are copied, and copied off the event loop
+            header_held.resize(header_held.nbytes + shm, "shared-memory header tensors")
+            assembler = await asyncio.to_thread(ChunkAssembler, first.header, self.shm_reader)
+        else:
+            assembler = ChunkAssembler(first.header, self.shm_reader)
         plan = assembler.plan
         answer = check_answer_size(plan, self.config.max_send_message_bytes)
         target_bytes = len(target.data) if target is not None else 0
@@ -318,9 +321,10 @@ def _message_error(message: wire.Malformed) -> engine.InvalidInput:
 
 
 def _shm_nbytes(request: wire.WireRequest) -> int:
-    """Bytes the request's shared-memory references will copy into the server."""
-    tensors = [request.input, request.target]
-    return sum(int(t.shm.length) for t in tensors if t is not None and t.shm is not None)
+    """Bytes the request's shared-memory references will copy into the server (class weights included)."""
+    o = request.options
+    weights = {f"options.{name}": getattr(o, name) for name in ("weight", "pos_weight") if o.HasField(name)}
+    return codec.shm_nbytes({"input": request.input, "target": request.target, **weights})
 
 
 def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:

@@ -176,6 +176,9 @@ def test_bad_references_are_invalid_argument(shm_server):
             (_request_with_ref(name, 8, 48, segment.token), "input.shm.offset"),
             (_request_with_ref(name, 4096, 48, segment.token), "input.shm"),
             (_request_with_ref(name, 2**63, 48, segment.token), "input.shm"),
+            # a length no tensor of this shape has: reserved as the shape says, refused as invalid
+            (_request_with_ref(name, HEADER_BYTES, 2**64 - 1, segment.token), "input.shm.length"),
+            (_request_with_ref(name, HEADER_BYTES, 2**40, segment.token), "input.shm.length"),
         ]
         both = _ref_to(segment)
         both.input.data = b"\0" * 48
@@ -187,6 +190,27 @@ def test_bad_references_are_invalid_argument(shm_server):
     want = F.cross_entropy(torch.from_numpy(GOOD_X), torch.from_numpy(GOOD_T))
     assert np.frombuffer(good.loss.data, np.float32)[0] == want.item()
     _assert_still_serving(shm_server)
+
+
+def test_shared_memory_class_weights_are_reserved_before_they_are_copied():
+    """options.weight by reference: its bytes count against the budget before the copy (a 1 GiB
+    weight used to be copied on the event loop, past a 256 MiB budget, and then refused)."""
+    server = start_server("--allow-client-shm", "--memory-budget-bytes", str(256 << 20), "--max-message-bytes", str(16 << 20))
+    try:
+        before = server.status_kib("VmHWM")
+        with _lossd_segment(np.zeros(2**26, np.float32)) as segment:  # 256 MiB of weights
+            request = pb.EvaluateRequest()
+            to_proto(GOOD_X, request.input)
+            to_proto(GOOD_T, request.target)
+            w = request.options.weight
+            w.dtype, w.shape[:] = pb.FLOAT32, [2**26]
+            w.shm.name, w.shm.offset, w.shm.length, w.shm.token = segment.name.lstrip("/"), HEADER_BYTES, 2**28, segment.token
+            with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as info:
+                pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory_budget_bytes" in info.value.details()
+        assert server.status_kib("VmHWM") - before < 64 * 1024, "the weight was copied"
+    finally:
+        server.stop()
 
 
 def _fifo(stack, path):
