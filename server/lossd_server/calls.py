@@ -63,6 +63,7 @@ class Call:
         self.deadline = None if remaining is None else time.monotonic() + remaining
         self.alive = True
         self.last_activity = time.monotonic()
+        self.read_end = False  # a read returned the end of the stream (a half-close, or a cancel)
         # the read in progress, for give_way(): when it was posted, whether the client may rightly
         # send nothing, and what interrupts it
         self._read_posted = 0.0
@@ -99,6 +100,7 @@ class Call:
                 self._interrupt = None
             if received is grpc.aio.EOF:
                 held.release()
+                self.read_end = True
                 return None
             held.resize(received.nbytes, f"a {what} message")
         except BaseException:

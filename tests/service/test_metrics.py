@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 from types import SimpleNamespace
@@ -156,6 +157,36 @@ def test_calls_past_their_deadline_are_counted_deadline_exceeded(mserver):
     after = wait_for(mserver.metrics_port, "lossd_requests_total", 1, before, method="EvaluateChunked", code="DEADLINE_EXCEEDED")
     for method in ("EvaluateChunked", "Evaluate"):
         assert delta(before, after, "lossd_requests_total", method=method, code="DEADLINE_EXCEEDED") == 1
+        assert delta(before, after, "lossd_requests_total", method=method, code="INVALID_ARGUMENT") == 0
+
+
+def test_calls_the_client_cancels_are_counted_cancelled(mserver):
+    """A cancel reaches a waiting read as an end of stream ("no message", "0 of N rows") just
+    before gRPC cancels the handler; such calls used to be counted INVALID_ARGUMENT."""
+    msg, _ = core.build(_ok_request(9))
+    chunks = list(core.chunk_messages(msg, chunk_bytes=64))
+    release = threading.Event()
+
+    def stalled(messages):
+        yield from messages
+        release.wait(30)
+
+    before = scrape(mserver.metrics_port)
+    try:
+        with grpc.insecure_channel(mserver.address) as channel:
+            stub = pb_grpc.LossServiceStub(channel)
+            evaluate = channel.stream_unary("/lossd.v1.LossService/Evaluate", pb.EvaluateRequest.SerializeToString, pb.EvaluateResponse.FromString)
+            for _ in range(3):
+                calls = [stub.EvaluateChunked.future(stalled(chunks[:2]), timeout=30), evaluate.future(stalled([]), timeout=30)]
+                time.sleep(0.3)
+                for call in calls:
+                    call.cancel()
+    finally:
+        release.set()
+    after = wait_for(mserver.metrics_port, "lossd_requests_total", 3, before, method="Evaluate", code="CANCELLED")
+    after = wait_for(mserver.metrics_port, "lossd_requests_total", 3, before, method="EvaluateChunked", code="CANCELLED")
+    for method in ("EvaluateChunked", "Evaluate"):
+        assert delta(before, after, "lossd_requests_total", method=method, code="CANCELLED") == 3
         assert delta(before, after, "lossd_requests_total", method=method, code="INVALID_ARGUMENT") == 0
 
 
