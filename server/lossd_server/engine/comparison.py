@@ -17,7 +17,12 @@ import torch
 
 from . import compare as cmp
 from .dtypes import itemsize
-from .spec import DEFAULT_CHUNK_BYTES
+from .spec import DEFAULT_CHUNK_BYTES, oversized_row_nbytes
+
+#: Row-sized temporaries of a comparison chunk, with a margin: both models' rows upcast, normalised and
+#: exponentiated, their products and torch's own (a 15-million-class comparison peaked at about
+#: ten rows of float32).
+COMPARE_ROW_COPIES = 12
 
 Checkpoint = Callable[[], None] | None
 
@@ -87,7 +92,8 @@ class ComparisonPlan:
     def working_nbytes(self) -> int:
         """What evaluation keeps before the answer is encoded: the values of every row range and
         their concatenation (float64 targets are held by the plan, counted in its header)."""
-        return 2 * self.rows * self._row_answer_bytes()
+        row_bytes = self.plan.vocab * itemsize(self.plan.compute_dtype)
+        return 2 * self.rows * self._row_answer_bytes() + oversized_row_nbytes(row_bytes, COMPARE_ROW_COPIES)
 
     def evaluate_rows(self, reference: torch.Tensor, candidate: torch.Tensor, row_start: int, *, device: torch.device | str = "cpu",
                       chunk_bytes: int = DEFAULT_CHUNK_BYTES, checkpoint: Checkpoint = None) -> ComparisonPart:  # fmt: skip

@@ -20,7 +20,10 @@ from . import kernels
 from .dtypes import itemsize
 from .geometry import Geometry
 from .results import LossResult, Partial, merge_partials
-from .spec import DEFAULT_CHUNK_BYTES, ELEMENTWISE_CHUNK_BYTES, EXTRA_DTYPES, InvalidInput, LossSpec, TargetKind
+from .spec import DEFAULT_CHUNK_BYTES, ELEMENTWISE_CHUNK_BYTES, EXTRA_DTYPES, InvalidInput, LossSpec, TargetKind, oversized_row_nbytes
+
+#: Row-sized temporaries of a loss chunk: the upcast rows, their log-probabilities, torch's own.
+LOSS_ROW_COPIES = 4
 
 #: Encoded bytes per sequence: nll_sum, mean_nll and perplexity doubles, a tokens varint, a bool.
 SEQUENCE_STAT_BYTES = 3 * 8 + 10 + 1
@@ -111,7 +114,8 @@ class Plan:
             if self.spec.sequence_stats:
                 per_element += 8 + 8 + 1 + 1  # float64 loss and weight, counted and greedy flags
         elements = math.prod(self.target_shape) if self.kind is TargetKind.CLASS else self.rows
-        return 2 * per_element * elements
+        row_bytes = self.geometry.unit_elements * itemsize(self.compute_dtype)
+        return 2 * per_element * elements + oversized_row_nbytes(row_bytes, LOSS_ROW_COPIES)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_units(

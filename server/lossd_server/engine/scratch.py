@@ -7,6 +7,11 @@ import threading
 import torch
 
 _SCRATCH = threading.local()
+#: Buffers a thread keeps for the next chunk: at most this many bytes each. A chunk is normally at
+#: most --chunk-bytes, but one row is never split, so a request of a few huge rows (15 million
+#: classes) needs bigger ones: those are made for it and freed after (kept, they stayed resident,
+#: 576 MiB idle after one such comparison, outside the memory budget).
+KEEP_BYTES = 32 * 1024 * 1024
 
 
 def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -15,7 +20,8 @@ def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
     Fresh multi-megabyte tensors per chunk are mmap'd and page-faulted in every time (the
     server caps glibc's mmap threshold to bound its memory); reusing one buffer avoids that
     (measured on 2048x32000 float32 under the server's settings: cross_entropy 0.134 -> 0.042 s,
-    a model comparison 1.9 -> 0.6 s). A thread keeps each named buffer at its largest chunk.
+    a model comparison 1.9 -> 0.6 s). A thread keeps each named buffer at its largest chunk, up
+    to KEEP_BYTES.
     """
     key = (name, dtype)
     buffers = getattr(_SCRATCH, "buffers", None)
@@ -23,7 +29,9 @@ def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         buffers = _SCRATCH.buffers = {}
     buf = buffers.get(key)
     if buf is None or buf.numel() < n:
-        buf = buffers[key] = torch.empty(n, dtype=dtype)
+        buf = torch.empty(n, dtype=dtype)
+        if n * buf.element_size() <= KEEP_BYTES:
+            buffers[key] = buf
     return buf[:n]
 
 

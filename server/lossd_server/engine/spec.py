@@ -24,6 +24,17 @@ EXTRA_DTYPES = {"target_rank": torch.int64, "argmax_correct": torch.bool}
 #: Bytes of compute-dtype logits evaluated per chunk. Large enough to amortise per-call
 #: overhead, small enough to stay in cache-friendly territory and bound extra memory.
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def oversized_row_nbytes(row_bytes: int, copies: int) -> int:
+    """What evaluating rows of ``row_bytes`` compute-dtype bytes takes beyond the engine's usual
+    chunk-sized buffers: a row is never split, so a row over DEFAULT_CHUNK_BYTES makes chunks (and
+    their ``copies`` temporaries) that large. Counted in a plan's working bytes, so that the
+    memory budget holds them (one comparison of 15-million-class rows peaked 632 MiB over the idle
+    server, uncounted)."""
+    return copies * max(0, row_bytes - DEFAULT_CHUNK_BYTES)
+
+
 #: The cap for binary_cross_entropy_with_logits, whose torch kernel allocates several
 #: chunk-sized temporaries: below the server's 1 MiB mmap threshold they are reused from the heap
 #: instead of being mapped and page-faulted in per chunk (8M float32 elements, reduction='mean',

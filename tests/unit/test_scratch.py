@@ -1,0 +1,41 @@
+"""Engine scratch memory: buffers kept between chunks stay small; huge rows are counted in the plan."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from lossd_server import engine
+from lossd_server.engine import comparison, scratch
+from lossd_server.engine.compare import plan_compare
+from lossd_server.engine.spec import DEFAULT_CHUNK_BYTES
+
+
+def _kept(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    return getattr(scratch._SCRATCH, "buffers", {}).get((name, dtype))
+
+
+def test_a_buffer_over_keep_bytes_is_made_for_its_chunk_and_not_kept():
+    def run() -> None:
+        small = scratch.scratch("t", 1000, torch.float32)
+        assert _kept("t", torch.float32) is not None and small.numel() == 1000
+        big_n = scratch.KEEP_BYTES // 4 + 1
+        big = scratch.scratch("t", big_n, torch.float32)
+        assert big.numel() == big_n
+        assert _kept("t", torch.float32).numel() == 1000, "the oversized buffer was kept"
+
+    thread = threading.Thread(target=run)  # a fresh thread: its own buffers
+    thread.start()
+    thread.join()
+
+
+def test_rows_bigger_than_a_chunk_count_their_temporaries_in_the_working_bytes():
+    vocab = 15_000_000  # one float32 row: 60 MB, far over a 4 MiB chunk
+    row_bytes = vocab * 4
+    target = torch.zeros(1, dtype=torch.int64)
+    loss = engine.plan(engine.LossSpec(), (1, vocab), torch.float32, target)
+    small = engine.plan(engine.LossSpec(), (1, 1000), torch.float32, target)
+    assert loss.working_nbytes() >= 4 * (row_bytes - DEFAULT_CHUNK_BYTES)
+    assert small.working_nbytes() < 1024
+    cmp = comparison.ComparisonPlan(plan_compare((1, vocab), torch.bfloat16, (1, vocab), torch.bfloat16))
+    assert cmp.working_nbytes() >= 10 * (row_bytes - DEFAULT_CHUNK_BYTES)
