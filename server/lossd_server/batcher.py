@@ -89,6 +89,7 @@ class _Item:
     deadline: float | None
     nbytes: int
     rows: int
+    work: int = 0  # the plan's work_nbytes: what decides whether it is computed on the event loop
     enqueued: float = field(default_factory=time.perf_counter)
     waiting: bool = True  # in the queue, not yet taken by a worker
     abandoned: bool = False  # the caller went away while its batch was computing
@@ -193,7 +194,7 @@ class Batcher:
         """
         if self._closed or self._executor is None:
             return [BatcherClosed("server is not accepting work") for _ in jobs]
-        if sole_call and not self._computing and not self._queued and all(self._inline(j.plan.input_nbytes) for j in jobs):
+        if sole_call and not self._computing and not self._queued and all(self._inline(j.plan.work_nbytes) for j in jobs):
             return self._compute_now(jobs, deadline)
         if len(jobs) == 1:  # no task per request for a unary call
             try:
@@ -206,7 +207,10 @@ class Batcher:
         if deadline is not None and time.monotonic() >= deadline:
             return [DeadlineExpired("deadline expired before the request was queued") for _ in jobs]
         loop = asyncio.get_running_loop()
-        items = [_Item(job, loop.create_future(), deadline, job.plan.input_nbytes, job.plan.rows, waiting=False) for job in jobs]
+        items = [
+            _Item(job, loop.create_future(), deadline, job.plan.input_nbytes, job.plan.rows, job.plan.work_nbytes, waiting=False)
+            for job in jobs
+        ]
         limit = self.config.inline_batch_bytes if self.config.max_wait_ms > 0 else -1  # batching off: one request a batch
         for batch in _consecutive(items, limit):
             try:
@@ -225,7 +229,7 @@ class Batcher:
         self._admit(nbytes)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExpired("deadline expired before the request was queued")
-        item = _Item(job, asyncio.get_running_loop().create_future(), deadline, nbytes, job.plan.rows)
+        item = _Item(job, asyncio.get_running_loop().create_future(), deadline, nbytes, job.plan.rows, job.plan.work_nbytes)
         self._queued += 1
         self._queued_bytes += nbytes
         self._depth_changed()
@@ -306,7 +310,7 @@ class Batcher:
                 del items
 
     def _inline(self, nbytes: int) -> bool:
-        """Whether a batch of ``nbytes`` input bytes is computed on the event loop."""
+        """Whether a batch of ``nbytes`` work bytes (see Plan.work_nbytes) is computed on the event loop."""
         return self.device.type == "cpu" and nbytes <= self.config.inline_batch_bytes
 
     def _compute_inline(self, items: list[_Item]) -> None:
@@ -315,7 +319,7 @@ class Batcher:
         self._deliver(items, outcomes, compute_s, started)
 
     async def _compute(self, items: list[_Item]) -> None:
-        if self._inline(sum(item.nbytes for item in items)):
+        if self._inline(sum(item.work for item in items)):
             self._compute_inline(items)  # cheaper than the thread hop
             return
         started = time.perf_counter()
@@ -414,12 +418,12 @@ def _figures(items: list[_Item], outcomes: Sequence, compute_s: float, started: 
 
 
 def _consecutive(items: list[_Item], max_bytes: int) -> Iterator[list[_Item]]:
-    """``items`` in order, as runs of at most ``max_bytes`` input bytes (a larger item alone)."""
+    """``items`` in order, as runs of at most ``max_bytes`` work bytes (a larger item alone)."""
     start = 0
     while start < len(items):
-        stop, nbytes = start + 1, items[start].nbytes
-        while stop < len(items) and nbytes + items[stop].nbytes <= max_bytes:
-            nbytes += items[stop].nbytes
+        stop, nbytes = start + 1, items[start].work
+        while stop < len(items) and nbytes + items[stop].work <= max_bytes:
+            nbytes += items[stop].work
             stop += 1
         yield items[start:stop]
         start = stop

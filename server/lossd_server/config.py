@@ -128,7 +128,7 @@ _HELP = {
     "max_chunks_in_flight": "EvaluateChunked / CompareChunked: received chunks held at once per call",
     "max_top_k": "Compare: largest top_k (classes returned per position and model, with their log-probabilities)",
     "compute_threads": "engine worker threads",
-    "inline_batch_bytes": "CPU batches of at most this many input bytes are computed on the event loop (cheaper than a thread hop); 0: always on an engine thread",
+    "inline_batch_bytes": "CPU batches of at most this many bytes of work (input, or answer / broadcast output when larger) are computed on the event loop (cheaper than a thread hop); 0: always on an engine thread",
     "torch_threads": "torch intra-op threads per worker; 0 = (CPU count - workers) / workers, at least 1 (a core per worker stays free for gRPC and its event loop)",
     "metrics_host": "address of the Prometheus /metrics HTTP server",
     "metrics_port": "port of the Prometheus /metrics HTTP server; 0 disables it, -1 lets the OS pick (the chosen port is logged)",

@@ -144,7 +144,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         job, answer_bytes = await self._prepare(request, held)
         result = await self.batcher.submit(job.plan, job.input, job.target, deadline=call.deadline, sole_call=self.calls.active == 1)
         del job
-        response = convert.encode_result(request.id, result)
+        if answer_bytes > ANSWER_COPIES * self.config.inline_batch_bytes:  # encoding hundreds of MB: not on the event loop
+            response = await asyncio.to_thread(convert.encode_result, request.id, result)
+        else:
+            response = convert.encode_result(request.id, result)
         held.resize(answer_bytes, "the answer")
         return response
 

@@ -602,3 +602,39 @@ def test_a_deadline_passed_during_compute_is_deadline_exceeded_and_a_gone_caller
     must then be the status the client's own timer would have given."""
     assert classify(DeadlinePassed("the deadline passed during evaluation")).code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert classify(Abandoned("the caller went away")).code == grpc.StatusCode.CANCELLED
+
+
+def test_where_a_request_runs_depends_on_its_work_not_its_message():
+    """A few KB that broadcast to millions of elements (kl_div), or a few bytes whose answer is
+    hundreds of MB (statistics of millions of empty sequences), are computed on an engine thread:
+    on the event loop they held health checks for 31 s and 2.5 s."""
+    threads = []
+    real = batch_engine.evaluate_batch
+
+    def evaluate(jobs, **kwargs):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(jobs, **kwargs)
+
+    x = torch.randn(1024, 1)
+    t = torch.rand(1, 1024)
+    kl = engine.plan(engine.LossSpec(loss="kl_div", reduction="sum"), x.shape, x.dtype, t)
+    assert kl.input_nbytes == 4096 and kl.work_nbytes == 1024 * 1024 * 4
+    empty = torch.empty(2**20, 0, 5)
+    stats = engine.plan(engine.LossSpec(class_axis=-1, sequence_stats=True), empty.shape, empty.dtype, torch.empty(2**20, 0, dtype=torch.int64))
+    assert stats.input_nbytes == 0 and stats.work_nbytes >= 2**20 * 8
+    plan, x3, t3 = ce_request(3)
+    assert plan.work_nbytes == plan.input_nbytes
+
+    async def main():
+        b = Batcher(ServerConfig(inline_batch_bytes=64 * 1024), torch.device("cpu"), evaluate=evaluate)
+        await b.start()
+        try:
+            got = await b.submit(kl, x, t, sole_call=True)
+            await b.submit(plan, x3, t3, sole_call=True)
+            return got
+        finally:
+            await b.close()
+
+    got = run(main())
+    torch.testing.assert_close(got.loss, F.kl_div(x, t, reduction="sum"))
+    assert threads == [False, True]  # the kl_div on an engine thread, the small request inline

@@ -19,6 +19,7 @@ denominator torch divides it by (elements for 'mean', ``input.size(0)`` for 'bat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from lossd_client import layout
 from . import kl_div
 from .dtypes import itemsize
 from .results import LossResult, Partial, merge_partials
-from .spec import DEFAULT_CHUNK_BYTES, InvalidInput, LossSpec, TargetKind
+from .spec import ANSWER_OVERHEAD_BYTES, DEFAULT_CHUNK_BYTES, InvalidInput, LossSpec, TargetKind
 
 Checkpoint = Callable[[], None] | None
 
@@ -112,6 +113,13 @@ class KlDivLossPlan:
     def input_nbytes(self) -> int:
         return math.prod(self.call.input_shape) * itemsize(self.call.input_dtype)
 
+    @functools.cached_property
+    def work_nbytes(self) -> int:
+        """What an evaluation reads or writes, in bytes, for choosing where it runs: the input, or
+        the broadcast output's elements when they are more (a 512 KB request of [65536, 1] against
+        [1, 65536] is 4.3 billion elements: 31 s of compute)."""
+        return max(self.input_nbytes, self.call.numel * itemsize(self.call.output_dtype))
+
     @property
     def rows(self) -> int:
         """Rows of the broadcast output: the plan's units."""
@@ -132,7 +140,7 @@ class KlDivLossPlan:
 
     def answer_nbytes(self) -> int:
         """An upper bound of the encoded answer: the per-element losses for 'none'."""
-        return 1024 + (self.call.numel * itemsize(self.call.output_dtype) if self.needs_losses() else 0)
+        return ANSWER_OVERHEAD_BYTES + (self.call.numel * itemsize(self.call.output_dtype) if self.needs_losses() else 0)
 
     def working_nbytes(self) -> int:
         """The per-element losses of every row range and their concatenation, for 'none'."""

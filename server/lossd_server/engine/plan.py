@@ -9,6 +9,7 @@ copy or full-size log_softmax is ever made.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,16 @@ from . import kernels
 from .dtypes import itemsize
 from .geometry import Geometry
 from .results import LossResult, Partial, merge_partials
-from .spec import DEFAULT_CHUNK_BYTES, ELEMENTWISE_CHUNK_BYTES, EXTRA_DTYPES, InvalidInput, LossSpec, TargetKind, oversized_row_nbytes
+from .spec import (
+    ANSWER_OVERHEAD_BYTES,
+    DEFAULT_CHUNK_BYTES,
+    ELEMENTWISE_CHUNK_BYTES,
+    EXTRA_DTYPES,
+    InvalidInput,
+    LossSpec,
+    TargetKind,
+    oversized_row_nbytes,
+)
 
 #: Row-sized temporaries of a loss chunk: the upcast rows, their log-probabilities, torch's own.
 LOSS_ROW_COPIES = 4
@@ -84,6 +94,13 @@ class Plan:
     def input_nbytes(self) -> int:
         return math.prod(self.input_shape) * itemsize(self.input_dtype)
 
+    @functools.cached_property
+    def work_nbytes(self) -> int:
+        """What an evaluation reads or writes, in bytes, for choosing where it runs (on the event
+        loop only when small): the input, or the answer when that is larger (the statistics of
+        millions of empty sequences come from a request of a few bytes)."""
+        return max(self.input_nbytes, self.answer_nbytes() - ANSWER_OVERHEAD_BYTES)
+
     @property
     def sequences(self) -> int:
         """Rows of the target's last axis: the entries of the per-sequence statistics."""
@@ -94,7 +111,7 @@ class Plan:
 
     def answer_nbytes(self) -> int:
         """An upper bound of the encoded answer: per-element losses, extras, sequence statistics."""
-        size = 1024
+        size = ANSWER_OVERHEAD_BYTES
         if self.needs_losses():
             size += math.prod(self.output_shape) * itemsize(self.output_dtype)
         if self.kind is TargetKind.CLASS:

@@ -24,6 +24,8 @@ EXTRA_DTYPES = {"target_rank": torch.int64, "argmax_correct": torch.bool}
 #: Bytes of compute-dtype logits evaluated per chunk. Large enough to amortise per-call
 #: overhead, small enough to stay in cache-friendly territory and bound extra memory.
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+#: The part of an answer's size bound that is not its tensors (ids, totals, field tags).
+ANSWER_OVERHEAD_BYTES = 1024
 
 
 def oversized_row_nbytes(row_bytes: int, copies: int) -> int:
