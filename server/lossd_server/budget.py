@@ -53,7 +53,8 @@ class MemoryBudget:
         self.peak_bytes = 0
         self.idle_read_yield_s = idle_read_yield_s  # 0: reads never give way
         self._on_yield = on_yield
-        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        # (bytes wanted, future, bytes the waiting call already holds, what it is for), in order
+        self._waiters: deque[tuple[int, asyncio.Future, int, str]] = deque()
         self._readers: dict[IdleReader, Reservation] = {}  # posted reads, oldest first
         self._sweep: asyncio.Handle | None = None
 
@@ -88,25 +89,28 @@ class MemoryBudget:
         self._take(nbytes)
         return Reservation(self, nbytes)
 
-    async def reserve(self, nbytes: int, what: str, *, timeout_s: float | None = None) -> Reservation:
+    async def reserve(self, nbytes: int, what: str, *, timeout_s: float | None = None, holding: int = 0) -> Reservation:
         """Reserve, waiting in line for other calls to release; BudgetExceeded when it can never
-        fit or is still waiting after ``timeout_s``."""
-        if nbytes > self.limit_bytes:
-            raise self._exceeded(nbytes, what)
+        fit or is still waiting after ``timeout_s``. ``holding``: what the caller already holds
+        while it waits (see :meth:`Reservation.grow`)."""
+        if nbytes + holding > self.limit_bytes:
+            raise self._exceeded(nbytes + holding, what)
         if not self._waiters and self._fits(nbytes):
             self._take(nbytes)
             return Reservation(self, nbytes)
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        entry = (nbytes, waiter)
+        entry = (nbytes, waiter, holding, what)
         self._waiters.append(entry)
         if self._sweep is None and self.idle_read_yield_s > 0:
             self._sweep = loop.call_soon(self._sweep_idle_readers)
+        if holding:
+            self._grant()  # nobody else may hold anything: then it cannot wait
         try:
             async with asyncio.timeout(timeout_s):
                 await waiter
         except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._give(nbytes)  # granted as we gave up: hand it back
             else:
                 waiter.cancel()
@@ -134,7 +138,7 @@ class MemoryBudget:
         """While calls wait in line: end the reads idle for idle_read_yield_s, oldest first,
         until what they hold covers what the line waits for; again every quarter of that."""
         self._sweep = None
-        line = sum(nbytes for nbytes, waiter in self._waiters if not waiter.done())
+        line = sum(nbytes for nbytes, waiter, *_ in self._waiters if not waiter.done())
         if not line:
             return
         short = line - (self.limit_bytes - self.held_bytes)
@@ -156,18 +160,40 @@ class MemoryBudget:
                 self._on_yield()
         self._sweep = asyncio.get_running_loop().call_later(self.idle_read_yield_s / 4, self._sweep_idle_readers)
 
+    def _refuse_a_deadlocked_grower(self) -> None:
+        live = [entry for entry in self._waiters if not entry[1].done()]
+        if self.held_bytes > sum(holding for _, _, holding, _ in live):
+            return  # calls not in line hold bytes: they will release them
+        for entry in live:
+            nbytes, waiter, holding, what = entry
+            if holding:
+                self._waiters.remove(entry)
+                waiter.set_exception(
+                    BudgetExceeded(
+                        f"{what} needs {nbytes} more bytes of server memory; all {self.held_bytes} held of "
+                        f"{SETTING}={self.limit_bytes} belong to calls waiting for more, so it cannot wait"
+                    )
+                )
+                return
+
     def _give(self, nbytes: int) -> None:
         self.held_bytes -= nbytes
         self._grant()
 
     def _grant(self) -> None:
-        """Serve the line in order; a waiter that gave up (cancelled, timed out) leaves it."""
+        """Serve the line in order; a waiter that gave up (cancelled, timed out) leaves it.
+
+        A call may wait to grow what it holds (an answer's bytes after its request's): when
+        every byte held belongs to calls in line, nothing will be released, so the first of
+        them that holds any is refused instead of waiting for itself (its release, when its
+        call ends, serves the others)."""
         while self._waiters:
-            nbytes, waiter = self._waiters[0]
+            nbytes, waiter, _, _ = self._waiters[0]
             if waiter.done():
                 self._waiters.popleft()
                 continue
             if not self._fits(nbytes):
+                self._refuse_a_deadlocked_grower()
                 return
             self._waiters.popleft()
             self._take(nbytes)
@@ -194,6 +220,15 @@ class Reservation:
         elif delta < 0:
             budget._give(-delta)
         self.nbytes = nbytes
+
+    async def grow(self, nbytes: int, what: str, *, timeout_s: float | None = None) -> None:
+        """Grow to ``nbytes``, waiting in line (keeping what it holds) when that does not fit now,
+        as :meth:`MemoryBudget.reserve` waits; shrink at once."""
+        delta = nbytes - self.nbytes
+        if delta <= 0:
+            self.resize(nbytes, what)
+            return
+        self.absorb(await self._budget.reserve(delta, what, timeout_s=timeout_s, holding=self.nbytes))
 
     def absorb(self, other: Reservation) -> None:
         """Take over ``other``'s bytes (the budget's total is unchanged)."""

@@ -75,7 +75,7 @@ class Call:
         """For the engine between chunks: stop once the call is over or past its deadline."""
         stop_if_over(not self.alive, self.deadline, "the call ended; evaluation stopped")
 
-    def _memory_wait_s(self) -> float:
+    def memory_wait_left_s(self) -> float:
         """How long a read may wait in line for memory: waiting on the server is not the
         client's idleness, so its own limit, cut short by the call's deadline."""
         wait = self.memory_wait_s
@@ -87,7 +87,7 @@ class Call:
         ``waiting_for_us``: while it returns True the client may rightly send nothing (it waits
         for answers), so the idle timeout does not run.
         """
-        held = await self.budget.reserve(self.read_reservation, f"reading a {what} message", timeout_s=self._memory_wait_s())
+        held = await self.budget.reserve(self.read_reservation, f"reading a {what} message", timeout_s=self.memory_wait_left_s())
         try:
             self._read_posted = time.monotonic()
             self._waiting_for_us = waiting_for_us

@@ -91,8 +91,10 @@ class CompareRpcs:
         decoded = await asyncio.to_thread(decode) if shm_bytes else decode()  # copying shared memory takes a while
         plan = decoded.plan
         answer = _answer_size(plan, cfg.max_send_message_bytes)
-        held.resize(
-            held.nbytes + plan.plan_nbytes() + plan.working_nbytes() + service.ANSWER_COPIES * answer, "the comparison and its answer"
+        await held.grow(
+            held.nbytes + plan.plan_nbytes() + plan.working_nbytes() + service.ANSWER_COPIES * answer,
+            "the comparison and its answer",
+            timeout_s=call.memory_wait_left_s(),
         )
         work = functools.partial(
             plan.evaluate,

@@ -123,8 +123,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self.calls.end()
 
     # ---------------------------------------------------------------- evaluation of one request
-    async def _prepare(self, request: wire.WireRequest, held: Reservation) -> tuple[batch_engine.Job, int]:
-        """Decode and validate; reserve what computing it and its answer need in ``held``.
+    async def _prepare(self, request: wire.WireRequest, held: Reservation, wait_s: float | None = None) -> tuple[batch_engine.Job, int]:
+        """Decode and validate; reserve what computing it and its answer need in ``held``, waiting
+        in line for up to ``wait_s`` when it does not fit now (None: at once or refused).
         Returns the request as a batch engine job and the bytes its answer holds once computed."""
         shm_bytes = _shm_nbytes(request)
         if shm_bytes:
@@ -136,12 +137,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
             job = convert.decode_request(request, self.shm_reader)
         plan = job.plan
         answer = check_answer_size(plan, self.config.max_send_message_bytes)
-        held.resize(held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer, "the request and its answer")
+        need = held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer
+        if wait_s is None:
+            held.resize(need, "the request and its answer")
+        else:
+            await held.grow(need, "the request and its answer", timeout_s=wait_s)
         return job, ANSWER_COPIES * answer
 
     async def _evaluate(self, call: Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
         """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer."""
-        job, answer_bytes = await self._prepare(request, held)
+        job, answer_bytes = await self._prepare(request, held, call.memory_wait_left_s())
         result = await self.batcher.submit(job.plan, job.input, job.target, deadline=call.deadline, sole_call=self.calls.active == 1)
         del job
         if answer_bytes > ANSWER_COPIES * self.config.inline_batch_bytes:  # encoding hundreds of MB: not on the event loop

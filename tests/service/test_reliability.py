@@ -245,6 +245,28 @@ def test_32_concurrent_large_unary_calls_wait_for_the_budget_and_all_succeed(bud
     assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
 
 
+def test_calls_whose_answers_do_not_fit_now_wait_for_them_and_all_succeed():
+    """Eight requests whose answers (per-token losses and four extras, ~120 MB each) fit the
+    budget only a few at a time: after reading, each waits in line to reserve its answer, as a
+    read waits (3 or 4 of 8 used to be refused RESOURCE_EXHAUSTED at once)."""
+    server = start_server("--memory-budget-bytes", str(600 * MiB), "--max-message-bytes", str(16 * MiB), metrics=True)
+    try:
+        baseline = status_mib(server, "VmRSS")
+        rng = np.random.default_rng(11)
+        x = rng.standard_normal((1 << 20, 2)).astype(np.float32)
+        t = rng.integers(0, 2, 1 << 20)
+        msg = request_msg(x, t, reduction=pb.NONE, extras=[1, 2, 3, 4])
+        with grpc.insecure_channel(server.address, options=RAW) as channel:
+            stub = pb_grpc.LossServiceStub(channel)
+            futures = [stub.Evaluate.future(msg, timeout=120) for _ in range(8)]
+            outcomes = [outcome(f) for f in futures]
+        assert outcomes == ["OK"] * 8, outcomes
+        assert status_mib(server, "VmHWM") - baseline <= 600, "over the budget"
+        assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def impatient():
     """The budgeted server, but a call waits at most 1 s for memory."""

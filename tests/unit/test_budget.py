@@ -181,3 +181,48 @@ def test_idle_reads_never_give_way_when_it_is_turned_off_or_after_they_are_done(
         assert off.held_bytes == on.held_bytes == 0
 
     run(main())
+
+
+def test_a_reservation_grows_in_line_keeping_what_it_holds():
+    async def main():
+        budget = MemoryBudget(100)
+        other = budget.reserve_now(60, "other")
+        mine = budget.reserve_now(30, "mine")
+        grow = asyncio.ensure_future(mine.grow(70, "my answer", timeout_s=5))
+        await asyncio.sleep(0)
+        assert not grow.done() and budget.waiting == 1 and budget.held_bytes == 90  # waits, holding its 30
+        other.release()
+        await grow
+        assert mine.nbytes == 70 and budget.held_bytes == 70
+        await mine.grow(10, "shrink")
+        assert budget.held_bytes == 10
+        with pytest.raises(BudgetExceeded, match="more than memory_budget_bytes=100"):
+            await mine.grow(101, "never fits")
+        mine.release()
+        assert budget.held_bytes == 0
+
+    run(main())
+
+
+def test_calls_that_all_wait_to_grow_are_refused_one_by_one_instead_of_waiting_for_each_other():
+    """Every byte held belongs to calls waiting for more: the first is refused; its release
+    lets the next one grow."""
+
+    async def main():
+        budget = MemoryBudget(100)
+        a, b = budget.reserve_now(50, "a"), budget.reserve_now(50, "b")
+        grow_a = asyncio.ensure_future(a.grow(80, "a's answer", timeout_s=5))
+        await asyncio.sleep(0)
+        assert not grow_a.done()  # b holds bytes and is not waiting: a waits
+        grow_b = asyncio.ensure_future(b.grow(70, "b's answer", timeout_s=5))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert grow_a.done() and isinstance(grow_a.exception(), BudgetExceeded), grow_a
+        assert "belong to calls waiting for more" in str(grow_a.exception())
+        a.release()  # its call ends
+        await grow_b
+        assert b.nbytes == 70 and budget.held_bytes == 70 and budget.waiting == 0
+        b.release()
+        assert budget.held_bytes == 0
+
+    run(main())
