@@ -94,6 +94,12 @@ class _Item:
     waiting: bool = True  # in the queue, not yet taken by a worker
     abandoned: bool = False  # the caller went away while its batch was computing
 
+    @classmethod
+    def of(cls, job: batch_engine.Job, deadline: float | None, *, waiting: bool = True) -> _Item:
+        plan = job.plan
+        future = asyncio.get_running_loop().create_future()
+        return cls(job, future, deadline, plan.input_nbytes, plan.rows, plan.work_nbytes, waiting=waiting)
+
 
 class Batcher:
     """See the module docstring. ``evaluate`` is the batch function (tests inject failures)."""
@@ -206,11 +212,7 @@ class Batcher:
     def _compute_now(self, jobs: Sequence[batch_engine.Job], deadline: float | None) -> list[engine.LossResult | BaseException]:
         if deadline is not None and time.monotonic() >= deadline:
             return [DeadlineExpired("deadline expired before the request was queued") for _ in jobs]
-        loop = asyncio.get_running_loop()
-        items = [
-            _Item(job, loop.create_future(), deadline, job.plan.input_nbytes, job.plan.rows, job.plan.work_nbytes, waiting=False)
-            for job in jobs
-        ]
+        items = [_Item.of(job, deadline, waiting=False) for job in jobs]
         limit = self.config.inline_batch_bytes if self.config.max_wait_ms > 0 else -1  # batching off: one request a batch
         for batch in _consecutive(items, limit):
             try:
@@ -229,7 +231,7 @@ class Batcher:
         self._admit(nbytes)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExpired("deadline expired before the request was queued")
-        item = _Item(job, asyncio.get_running_loop().create_future(), deadline, nbytes, job.plan.rows, job.plan.work_nbytes)
+        item = _Item.of(job, deadline)
         self._queued += 1
         self._queued_bytes += nbytes
         self._depth_changed()
