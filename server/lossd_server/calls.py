@@ -67,7 +67,9 @@ class Call:
         # the read in progress, for give_way(): when it was posted, whether the client may rightly
         # send nothing, and what interrupts it
         self._read_posted = 0.0
-        self._waiting_for_us: Callable[[], bool] | None = None
+        #: True while the server still computes answers the client waits for (a stream): its
+        #: read is then not idle. Answers computed and not read by the client do not count.
+        self.computing_answers: Callable[[], bool] | None = None
         self._interrupt: Callable[[], None] | None = None
         self._gave_way: str | None = None
 
@@ -90,7 +92,6 @@ class Call:
         held = await self.budget.reserve(self.read_reservation, f"reading a {what} message", timeout_s=self.memory_wait_left_s())
         try:
             self._read_posted = time.monotonic()
-            self._waiting_for_us = waiting_for_us
             self._gave_way = None  # a message that arrived as the call gave way let it go on
             self.budget.read_posted(self, held)
             try:
@@ -115,8 +116,8 @@ class Call:
 
     # ------------------------------------------------------------------ the budget's IdleReader
     def idle_for(self, now: float) -> float | None:
-        waiting_for_us = self._waiting_for_us
-        if waiting_for_us is not None and waiting_for_us():
+        computing = self.computing_answers
+        if computing is not None and computing():
             return None
         return now - max(self.last_activity, self._read_posted)
 
@@ -174,14 +175,19 @@ async def serve_stream(call: Call, kind: str, window: int, answer: Answer) -> No
     done: asyncio.Queue = asyncio.Queue()
     tasks: set[asyncio.Task] = set()
     pending = [0]  # answers read and not yet sent
+    computing = [0]  # of those, answers not yet computed
+    call.computing_answers = lambda: computing[0] > 0
     end = object()
 
     async def one(message: object, held: Reservation) -> None:
         try:
-            done.put_nowait((await answer(message, held), held))
+            result = await answer(message, held)
         except BaseException:
             held.release()
             raise
+        finally:
+            computing[0] -= 1
+        done.put_nowait((result, held))
 
     async def reader() -> None:
         try:
@@ -191,6 +197,7 @@ async def serve_stream(call: Call, kind: str, window: int, answer: Answer) -> No
                 if got is None:
                     return
                 pending[0] += 1
+                computing[0] += 1
                 task = asyncio.ensure_future(one(*got))
                 tasks.add(task)
                 task.add_done_callback(functools.partial(_answer_settled, tasks, got[1]))

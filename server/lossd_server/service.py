@@ -64,6 +64,14 @@ def check_answer_size(plan: engine.Plan, max_send_message_bytes: int) -> int:
     return size
 
 
+async def encode_answer(encode: Callable, request_id: str, result: object, answer_bytes: int, inline_bytes: int):
+    """``encode(request_id, result)``, on a thread when the answer is large: hundreds of MB held
+    the event loop (health checks included) for seconds."""
+    if answer_bytes > ANSWER_COPIES * inline_bytes:
+        return await asyncio.to_thread(encode, request_id, result)
+    return encode(request_id, result)
+
+
 def call_over(call: Call, context: grpc.aio.ServicerContext, exc: BaseException) -> RequestError | None:
     """The status of a call that failed because it was already over. Past its deadline, gRPC
     ends its reads (an end of stream: "no message", "0 of N rows") and refuses its writes, and
@@ -144,15 +152,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
             await held.grow(need, "the request and its answer", timeout_s=wait_s)
         return job, ANSWER_COPIES * answer
 
-    async def _evaluate(self, call: Call, request: wire.WireRequest, held: Reservation) -> pb.EvaluateResponse:
-        """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer."""
-        job, answer_bytes = await self._prepare(request, held, call.memory_wait_left_s())
+    async def _evaluate(self, call: Call, request: wire.WireRequest, held: Reservation, *, wait: bool = False) -> pb.EvaluateResponse:
+        """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer.
+
+        ``wait``: a unary call waits in line for its answer's bytes. A stream's item does not: its
+        stream has already posted its next read, whose reservation it would wait behind (one
+        12 MB item on a 140 MiB budget waited max_memory_wait_s for itself)."""
+        job, answer_bytes = await self._prepare(request, held, call.memory_wait_left_s() if wait else None)
         result = await self.batcher.submit(job.plan, job.input, job.target, deadline=call.deadline, sole_call=self.calls.active == 1)
         del job
-        if answer_bytes > ANSWER_COPIES * self.config.inline_batch_bytes:  # encoding hundreds of MB: not on the event loop
-            response = await asyncio.to_thread(convert.encode_result, request.id, result)
-        else:
-            response = convert.encode_result(request.id, result)
+        response = await encode_answer(convert.encode_result, request.id, result, answer_bytes, self.config.inline_batch_bytes)
         held.resize(answer_bytes, "the answer")
         return response
 
@@ -163,7 +172,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 raise engine.InvalidInput("request", "the call carried no EvaluateRequest message")
             message, held = got
             try:
-                return await self._evaluate(call, _message(message), held)
+                return await self._evaluate(call, _message(message), held, wait=True)
             finally:
                 held.release()
 
@@ -231,7 +240,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
             assembler.check_complete()
             result = await self.batcher.run_in_engine(assembler.finish, partials)
             partials.clear()
-            return convert.encode_result(assembler.id, result)
+            answer_bytes = ANSWER_COPIES * assembler.plan.answer_nbytes()
+            return await encode_answer(convert.encode_result, assembler.id, result, answer_bytes, self.config.inline_batch_bytes)
         finally:
             header_held.release()
 

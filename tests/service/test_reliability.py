@@ -494,6 +494,44 @@ def test_calls_whose_clients_send_nothing_give_way_to_calls_in_line(yield_s):
         server.stop()
 
 
+def test_streams_whose_clients_read_no_answers_give_way_too():
+    """Four streams each send one item (a 4 MB answer) and never read the answer: their next
+    reads held their reservations as streams waiting for answers, and a good call behind them
+    waited stream_idle_timeout_s (25 s, then DEADLINE_EXCEEDED). An answer computed and left
+    unread is the client's idleness, not the server's."""
+    server = start_server("--memory-budget-bytes", str(300 * MiB), "--max-message-bytes", str(16 * MiB), metrics=True)
+    x = np.zeros((1_000_000, 2), np.float16)
+    item = request_msg(x, np.zeros(1_000_000, np.int64), reduction=pb.NONE)
+
+    async def attack_then_call() -> str:
+        # a small receive window (no BDP probing) and a connection each: an unread answer stays unsent
+        options = [*RAW, ("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(server.address, options=options) for _ in range(4)]
+        try:
+            streams = [pb_grpc.LossServiceStub(ch).EvaluateStream(timeout=120) for ch in channels]
+            for stream in streams:
+                await stream.write(item)  # and never read
+            await asyncio.sleep(1.0)
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                good = request_msg(np.zeros((5, 4), np.float32), np.array([0, 1, 2, 3, 0]))
+                try:
+                    await pb_grpc.LossServiceStub(channel).Evaluate(good, timeout=25)
+                    return "OK"
+                except grpc.RpcError as err:
+                    return f"{err.code().name}: {err.details()}"
+        finally:
+            for ch in channels:
+                await ch.close()
+
+    try:
+        assert asyncio.run(attack_then_call()) == "OK"
+        assert server.metrics().get("lossd_memory_reads_yielded_total", 0) >= 1
+        assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+        a_good_call_still_works(server.address)
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. nothing kept after a call
 
