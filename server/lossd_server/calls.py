@@ -64,8 +64,8 @@ class Call:
         self.alive = True
         self.last_activity = time.monotonic()
         self.read_end = False  # a read returned the end of the stream (a half-close, or a cancel)
-        # the read in progress, for give_way(): when it was posted, whether the client may rightly
-        # send nothing, and what interrupts it
+        # the read in progress, for idle_for() and give_way(): when it was posted, what interrupts
+        # it, and why it was asked to give way
         self._read_posted = 0.0
         #: True while the server still computes answers the client waits for (a stream): its
         #: read is then not idle. Answers computed and not read by the client do not count.

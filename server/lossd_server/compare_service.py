@@ -107,9 +107,7 @@ class CompareRpcs:
         del decoded
         result = await servicer.batcher.compute_soon(work, COMPARE_COST * (nbytes + shm_bytes))
         del work
-        response = await service.encode_answer(
-            compare_convert.encode_result, request.id, result, service.ANSWER_COPIES * answer, cfg.inline_batch_bytes
-        )
+        response = await service.encode_answer(compare_convert.encode_result, request.id, result, answer, cfg.inline_batch_bytes)
         held.resize(service.ANSWER_COPIES * answer, "the answer")
         return response
 
@@ -126,10 +124,8 @@ class CompareRpcs:
             assembler.check_complete()
             result = await self.servicer.batcher.run_in_engine(assembler.finish, parts)
             parts.clear()
-            answer_bytes = service.ANSWER_COPIES * assembler.plan.answer_nbytes()
-            return await service.encode_answer(
-                compare_convert.encode_result, assembler.id, result, answer_bytes, self.config.inline_batch_bytes
-            )
+            answer = assembler.plan.answer_nbytes()
+            return await service.encode_answer(compare_convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes)
         finally:
             header_held.release()
 

@@ -64,10 +64,11 @@ def check_answer_size(plan: engine.Plan, max_send_message_bytes: int) -> int:
     return size
 
 
-async def encode_answer(encode: Callable, request_id: str, result: object, answer_bytes: int, inline_bytes: int):
-    """``encode(request_id, result)``, on a thread when the answer is large: hundreds of MB held
-    the event loop (health checks included) for seconds."""
-    if answer_bytes > ANSWER_COPIES * inline_bytes:
+async def encode_answer(encode: Callable, request_id: str, result: object, answer_nbytes: int, inline_bytes: int):
+    """``encode(request_id, result)``, on a thread when the answer's size bound ``answer_nbytes``
+    is over ``inline_bytes`` (--inline-batch-bytes): hundreds of MB held the event loop (health
+    checks included) for seconds."""
+    if answer_nbytes > inline_bytes:
         return await asyncio.to_thread(encode, request_id, result)
     return encode(request_id, result)
 
@@ -161,7 +162,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         job, answer_bytes = await self._prepare(request, held, call.memory_wait_left_s() if wait else None)
         result = await self.batcher.submit(job.plan, job.input, job.target, deadline=call.deadline, sole_call=self.calls.active == 1)
         del job
-        response = await encode_answer(convert.encode_result, request.id, result, answer_bytes, self.config.inline_batch_bytes)
+        response = await encode_answer(
+            convert.encode_result, request.id, result, answer_bytes // ANSWER_COPIES, self.config.inline_batch_bytes
+        )
         held.resize(answer_bytes, "the answer")
         return response
 
@@ -240,8 +243,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
             assembler.check_complete()
             result = await self.batcher.run_in_engine(assembler.finish, partials)
             partials.clear()
-            answer_bytes = ANSWER_COPIES * assembler.plan.answer_nbytes()
-            return await encode_answer(convert.encode_result, assembler.id, result, answer_bytes, self.config.inline_batch_bytes)
+            answer = assembler.plan.answer_nbytes()
+            return await encode_answer(convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes)
         finally:
             header_held.release()
 
