@@ -126,7 +126,6 @@ def payloads(inputs: CompareInputs, chunk_bytes: int = core.DEFAULT_CHUNK_BYTES,
     except tensors.UnsupportedTensorError as exc:
         raise InvalidArgumentError(str(exc)) from exc
     first = pb.CompareChunk(header=header).SerializeToString()
-    budget = chunk_bytes if max_message_bytes is None else min(chunk_bytes, max_message_bytes - core.CHUNK_OVERHEAD_BYTES)
     if max_message_bytes is not None and len(first) > max_message_bytes:
         raise InvalidArgumentError(
             f"target: the header (options and the whole tokens, {len(first)} bytes) does not fit in one message of the server's "
@@ -135,12 +134,7 @@ def payloads(inputs: CompareInputs, chunk_bytes: int = core.DEFAULT_CHUNK_BYTES,
     rows, vocab = layout.logits_rows(shape)
     ref_row = layout.row_bytes(vocab, ref_wire)
     cand_row = layout.row_bytes(layout.logits_rows(cand_shape)[1], cand_wire)
-    if max_message_bytes is not None and ref_row + cand_row > budget:
-        raise InvalidArgumentError(
-            f"reference: one row of both models ({ref_row + cand_row} bytes) does not fit in one message of the server's "
-            f"max_message_bytes ({max_message_bytes}); raise the server's --max-message-bytes"
-        )
-    per_chunk = max(1, budget // max(1, ref_row + cand_row))
+    per_chunk = core.rows_per_message(ref_row + cand_row, chunk_bytes, max_message_bytes, "reference: one row of both models", "")
     return core.row_payloads(first, ref_data, cand_data, rows, ref_row, cand_row, per_chunk)
 
 

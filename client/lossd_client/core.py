@@ -258,7 +258,6 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
     else:
         header.target.CopyFrom(small.target)
     first = pb.EvaluateChunk(header=header).SerializeToString()
-    budget = chunk_bytes if max_message_bytes is None else min(chunk_bytes, max_message_bytes - CHUNK_OVERHEAD_BYTES)
     if max_message_bytes is not None and len(first) > max_message_bytes:
         raise InvalidArgumentError(
             f"target: the chunk header (options and the target sent whole, {len(first)} bytes) does not fit in one "
@@ -267,13 +266,21 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
     rows, per_row = _rows(req.loss, shape, req.class_axis)
     row_bytes = layout.row_bytes(per_row, wire)
     target_row_bytes = layout.row_bytes(per_row, twire) if streamed else 0
-    if max_message_bytes is not None and row_bytes + target_row_bytes > budget:
-        raise InvalidArgumentError(
-            f"input: one row ({row_bytes + target_row_bytes} bytes of input and target) does not fit in one message of the "
-            f"server's max_message_bytes ({max_message_bytes}); raise the server's --max-message-bytes"
-        )
-    per_chunk = max(1, budget // max(1, row_bytes + target_row_bytes))
+    per_chunk = rows_per_message(row_bytes + target_row_bytes, chunk_bytes, max_message_bytes, "input: one row", "of input and target")
     return row_payloads(first, data, tdata if streamed else None, rows, row_bytes, target_row_bytes, per_chunk)
+
+
+def rows_per_message(row_bytes: int, chunk_bytes: int, max_message_bytes: int | None, what: str, of: str) -> int:
+    """Whole rows per chunk message: as many as fit in ``chunk_bytes`` (the send granularity), at
+    least one. A row bigger than ``chunk_bytes`` travels alone; only one bigger than the server's
+    ``max_message_bytes`` (less the message's framing) cannot be sent: InvalidArgumentError."""
+    if max_message_bytes is not None and row_bytes > max_message_bytes - CHUNK_OVERHEAD_BYTES:
+        raise InvalidArgumentError(
+            f"{what} ({row_bytes} bytes{' ' + of if of else ''}) does not fit in one message of the server's max_message_bytes "
+            f"({max_message_bytes}); raise the server's --max-message-bytes"
+        )
+    budget = chunk_bytes if max_message_bytes is None else min(chunk_bytes, max_message_bytes - CHUNK_OVERHEAD_BYTES)
+    return max(1, budget // max(1, row_bytes))
 
 
 def row_payloads(

@@ -159,6 +159,31 @@ def test_chunk_payloads_cut_whole_rows():
     np.testing.assert_array_equal(np.concatenate(rows), x)
 
 
+@pytest.mark.parametrize(
+    "loss, shape",
+    [("cross_entropy", (3, 10, 1000)), ("kl_div", (3, 6000)), ("binary_cross_entropy_with_logits", (3, 6000))],
+)
+def test_rows_bigger_than_the_clients_chunk_bytes_travel_one_per_message(client, small_server, loss, shape):
+    """chunk_bytes is the client's send granularity, not a limit: a row over it (40, 48 and 48 KB
+    here, with its target) but within the server's max_message_bytes travels alone, and the result
+    equals the unchunked one; only a row over max_message_bytes is refused, naming that limit."""
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(shape, generator=gen)
+    if loss == "cross_entropy":
+        t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=gen)
+    elif loss == "kl_div":
+        x, t = x.log_softmax(-1), torch.rand(shape, generator=gen).softmax(-1)
+    else:
+        t = torch.rand(shape, generator=gen)
+    req = LossRequest(x, t, loss=loss, reduction="none")
+    with LossClient(small_server.address, timeout_s=120, chunk_bytes=4096) as c:
+        assert len(list(core.chunk_payloads(req, chunk_bytes=4096, max_message_bytes=LIMIT))) == 1 + shape[0]
+        assert_same(c.evaluate(req), client.evaluate(req))
+    big = torch.randn(2, 20_000)
+    with LossClient(small_server.address, timeout_s=120) as c, pytest.raises(InvalidArgumentError, match="max_message_bytes"):
+        c.evaluate(LossRequest(big, torch.zeros(2, dtype=torch.int64)))  # one row: 80 KB, over the server's 64 KiB
+
+
 @pytest.mark.parametrize("class_axis", [3, -4])
 def test_an_out_of_range_class_axis_is_sent_and_the_server_names_it(small, class_axis):
     """The client lays the rows out without failing; the server answers INVALID_ARGUMENT, as for a unary request."""

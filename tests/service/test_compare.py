@@ -209,6 +209,22 @@ def test_chunked_equals_unchunked(client, small, small_server):
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "CompareChunked" in info.value.details()
 
 
+def test_rows_bigger_than_the_clients_chunk_bytes_travel_one_per_message(client, small_server):
+    """chunk_bytes is the client's send granularity, not a limit: a vocabulary row of both models
+    (2 x 20 KB here) over it but within the server's max_message_bytes is sent alone."""
+    reference, candidate = model_logits((3, 5000))
+    tokens = tokens_for((3, 5000))
+    sent = []
+    with LossClient(small_server.address, timeout_s=120, chunk_bytes=4096) as c:
+        chunked = c.compare(reference, candidate, tokens, progress=sent.append)
+    assert len(sent) == 1 + 3  # the header, then one row of both models per message
+    whole = client.compare(reference, candidate, tokens)
+    for name in compare.DENSE_OUTPUTS:
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    with LossClient(small_server.address, timeout_s=120) as c, pytest.raises(InvalidArgumentError, match="max_message_bytes"):
+        c.compare(*model_logits((2, 9000)))  # a row of both models: 72 KB, over the server's 64 KiB
+
+
 def test_an_answer_over_the_send_limit_is_refused_before_compute(small):
     reference, candidate = model_logits((3, 2000, 16))  # 6000 positions, top 8 of both models: ~1.2 MB of answer
     with pytest.raises(ResourceExhaustedError, match="max_send_message_bytes"):
