@@ -80,6 +80,8 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
                 for result in stream.ready(answers):
                     yield result
             await write_task
+            for result in stream.ready():
+                yield result
             stream.finish()
         except (grpc.RpcError, asyncio.CancelledError) as exc:
             if write_task.done() and not write_task.cancelled() and write_task.exception() is not None:
@@ -180,6 +182,9 @@ async def _write(calls: Sequence[Any], stream: core.Stream, requests: Iterable[A
             msg = stream.add(item)
             if msg is None:
                 break
+            if msg is core.REJECTED:  # answered by the client: no message, no slot
+                slots.release()
+                continue
             batch.append(msg)
         if batch:
             await calls[sent % len(calls)].write(stream.message(batch))

@@ -80,7 +80,9 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
 
         Each item is a :class:`LossRequest`, a mapping with its field names, or an
         ``(input, target)`` pair; anything else raises TypeError (after the results of the items
-        before it). Requests travel ``pack`` per message over EvaluatePacked (default
+        before it). With ``return_exceptions`` an item's error (the server's, or the client's own,
+        e.g. an unknown reduction) is yielded in its place and the others are still evaluated.
+        Requests travel ``pack`` per message over EvaluatePacked (default
         ``window // (4 * streams)``, so several messages are in flight on each stream while the
         server computes); ``pack=1`` uses EvaluateStream, one request per message. With
         ``connections=k`` the window is spread over one stream per connection (each message goes
@@ -96,6 +98,7 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
                     answers = stream.answers(message)
                     feeder.release(len(answers))
                     yield from stream.ready(answers)
+            yield from stream.ready()
             stream.finish()
         finally:
             feeder.stop()
@@ -197,12 +200,16 @@ class _Feeder:
         with self._lock:
             if self._stream.failure is not None:
                 return None
-            try:
-                item = next(self._source, _END)
-            except Exception as exc:  # noqa: BLE001 - the caller's iterator failed: raised after the answers before it
-                self._stream.fail(exc)
-                return None
-            return None if item is _END else self._stream.add(item)
+            while True:  # items the client rejects are answered without a message (or a slot)
+                try:
+                    item = next(self._source, _END)
+                except Exception as exc:  # noqa: BLE001 - the caller's iterator failed: raised after the answers before it
+                    self._stream.fail(exc)
+                    return None
+                if item is _END:
+                    return None
+                if (msg := self._stream.add(item)) is not core.REJECTED:
+                    return msg
 
     def _slot(self, first: bool) -> bool:
         """Take a window slot: wait for the first request of a message, never for the others."""

@@ -582,6 +582,10 @@ class Merge:
         return value
 
 
+#: What :meth:`Stream.add` returns for an item the client rejected and answers itself.
+REJECTED = object()
+
+
 class Stream:
     """One ``evaluate_many`` call without its I/O: the items in submission order, packed into
     messages, and the answers handed back in that order.
@@ -589,7 +593,9 @@ class Stream:
     The client feeds items with :meth:`add` while it holds a window slot, sends
     :meth:`message` of each batch, and gives every message it receives to :meth:`ready`.
     An item that cannot be built, or a source that fails, is recorded (:meth:`fail`) and
-    raised by :meth:`finish` after the answers to the items before it.
+    raised by :meth:`finish` after the answers to the items before it; with ``return_exceptions``
+    an item the client rejects (a :class:`LossdError`, e.g. an unknown reduction) is answered in
+    its place like one the server rejects, and the stream goes on (:data:`REJECTED`).
     """
 
     def __init__(self, window: int, pack: int | None, return_exceptions: bool, streams: int = 1) -> None:
@@ -600,6 +606,7 @@ class Stream:
         self._as_torch: dict[str, bool] = {}
         self._order: list[str] = []
         self._ready: dict[str, pb.EvaluateResponse] = {}
+        self._rejected: dict[str, LossdError] = {}
         self._next = 0
 
     @property
@@ -607,11 +614,19 @@ class Stream:
         """The RPC: EvaluateStream (one request per message) or EvaluatePacked."""
         return "EvaluateStream" if self.pack == 1 else "EvaluatePacked"
 
-    def add(self, item: Any) -> Encoded | None:
-        """The next item's wire request, numbered; None when it cannot be built (then :meth:`fail`)."""
+    def add(self, item: Any) -> Encoded | object | None:
+        """The next item's wire request, numbered; :data:`REJECTED` when the client rejected it
+        and its error is its answer (nothing to send); None when it cannot be built (then :meth:`fail`)."""
         rid = str(len(self._order))
         try:
             encoded = encode(replace(as_loss_request(item, len(self._order)), id=rid))
+        except LossdError as exc:
+            if not self.return_exceptions:
+                self.fail(exc)
+                return None
+            self._rejected[rid] = exc
+            self._order.append(rid)
+            return REJECTED
         except Exception as exc:  # noqa: BLE001 - raised by finish(), in order
             self.fail(exc)
             return None
@@ -639,17 +654,24 @@ class Stream:
         """The responses one received message carries (each frees one window slot)."""
         return [message] if self.pack == 1 else message.responses
 
-    def ready(self, responses: Iterable[pb.EvaluateResponse]) -> Iterator[EvaluateResult | LossdError]:
-        """Results that are next in input order, once their answers are in."""
+    def ready(self, responses: Iterable[pb.EvaluateResponse] = ()) -> Iterator[EvaluateResult | LossdError]:
+        """Results that are next in input order, once their answers are in (with no responses:
+        the client's rejections that are next, as at the end of the stream)."""
         for response in responses:
             if response.id not in self._as_torch:
                 parse(response, False)  # raises the item's error
                 raise LossdError(f"answer for unknown id {response.id!r}")
             self._ready[response.id] = response
-        while self._next < len(self._order) and self._order[self._next] in self._ready:
+        while self._next < len(self._order):
             rid = self._order[self._next]
-            self._next += 1
-            yield self._result(self._ready.pop(rid), self._as_torch.pop(rid))
+            if rid in self._rejected:
+                self._next += 1
+                yield self._rejected.pop(rid)
+            elif rid in self._ready:
+                self._next += 1
+                yield self._result(self._ready.pop(rid), self._as_torch.pop(rid))
+            else:
+                return
 
     def _result(self, response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult | LossdError:
         try:

@@ -133,6 +133,38 @@ def test_a_request_the_client_cannot_build_raises_instead_of_hanging(stream_serv
         asyncio.run(asyncio.wait_for(main(), 60))
 
 
+@pytest.mark.parametrize("pack", [1, None])
+def test_items_the_client_rejects_fail_alone_with_return_exceptions(stream_server, pack):
+    """An item the client itself rejects (an unknown reduction, a dtype no server takes) is
+    answered in its place like one the server rejects, first, in a row or last, and the rest are
+    evaluated; without return_exceptions it still raises after the results before it."""
+    expected = cases(40, seed=4, bad=frozenset({9}))
+    items = [r for r, _ in expected]
+    rejected = {0: "reduction", 1: "reduction", 20: "unsupported numpy dtype", 39: "reduction"}
+    for i, what in rejected.items():
+        items[i] = LossRequest(np.zeros((2, 3), np.float32), np.array([0, 1]), reduction="bogus")
+        if what != "reduction":
+            items[i] = LossRequest(np.array(["a"]), np.array([0]))
+
+    def check_all(results) -> None:
+        assert len(results) == len(items)
+        for i, what in rejected.items():
+            assert isinstance(results[i], InvalidArgumentError) and what in str(results[i]), (i, results[i])
+        keep = [i for i in range(len(items)) if i not in rejected]
+        check([results[i] for i in keep], [expected[i] for i in keep])
+
+    with LossClient(stream_server.address, timeout_s=120) as client:
+        check_all(list(client.evaluate_many(items, window=8, pack=pack, return_exceptions=True)))
+        with pytest.raises(InvalidArgumentError, match="reduction"):
+            list(client.evaluate_many(items, pack=pack))
+
+    async def main():
+        async with AsyncLossClient(stream_server.address, timeout_s=120) as client:
+            return [r async for r in client.evaluate_many(items, window=8, pack=pack, return_exceptions=True)]
+
+    check_all(asyncio.run(asyncio.wait_for(main(), 120)))
+
+
 def test_empty_input(stream_server):
     with LossClient(stream_server.address, timeout_s=30) as client:
         assert list(client.evaluate_many([])) == []
