@@ -259,15 +259,27 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
         header.target.CopyFrom(small.target)
     first = pb.EvaluateChunk(header=header).SerializeToString()
     if max_message_bytes is not None and len(first) > max_message_bytes:
-        raise InvalidArgumentError(
-            f"target: the chunk header (options and the target sent whole, {len(first)} bytes) does not fit in one "
-            f"message of the server's max_message_bytes ({max_message_bytes}); split the request by sequences"
-        )
+        raise _header_too_big(header, len(first), max_message_bytes)
     rows, per_row = _rows(req.loss, shape, req.class_axis)
     row_bytes = layout.row_bytes(per_row, wire)
     target_row_bytes = layout.row_bytes(per_row, twire) if streamed else 0
     per_chunk = rows_per_message(row_bytes + target_row_bytes, chunk_bytes, max_message_bytes, "input: one row", "of input and target")
     return row_payloads(first, data, tdata if streamed else None, rows, row_bytes, target_row_bytes, per_chunk)
+
+
+def _header_too_big(header: pb.ChunkHeader, size: int, max_message_bytes: int) -> InvalidArgumentError:
+    """What makes a chunk header too big, named: the class-index target, or class / element
+    weights (these travel whole in the header, never with the rows)."""
+    weights = max(("weight", "pos_weight"), key=lambda name: getattr(header.options, name).ByteSize())
+    if getattr(header.options, weights).ByteSize() > header.target.ByteSize():
+        return InvalidArgumentError(
+            f"options.{weights}: the chunk header (options, with the {weights} sent whole, {size} bytes) does not fit in one "
+            f"message of the server's max_message_bytes ({max_message_bytes}); split the request by rows"
+        )
+    return InvalidArgumentError(
+        f"target: the chunk header (options and the target sent whole, {size} bytes) does not fit in one "
+        f"message of the server's max_message_bytes ({max_message_bytes}); split the request by sequences"
+    )
 
 
 def rows_per_message(row_bytes: int, chunk_bytes: int, max_message_bytes: int | None, what: str, of: str) -> int:

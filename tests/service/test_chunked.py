@@ -192,6 +192,18 @@ def test_an_out_of_range_class_axis_is_sent_and_the_server_names_it(small, class
         small.evaluate(LossRequest(x, torch.zeros(40, 20, dtype=torch.int64), class_axis=class_axis))
 
 
+def test_a_header_too_big_for_one_message_names_what_makes_it_big(small):
+    """Weights travel whole in the chunk header: too big, the error names them, not the target."""
+    gen = torch.Generator().manual_seed(16)
+    x, y = torch.randn(100, 200, generator=gen), torch.rand(100, 200, generator=gen)  # 160 KB with its target: chunked
+    bce = LossRequest(x, y, loss="binary_cross_entropy_with_logits", weight=torch.rand(100, 200, generator=gen))  # 80 KB
+    with pytest.raises(InvalidArgumentError, match=r"^options.weight: the chunk header .* split the request by rows"):
+        small.evaluate(bce)
+    ce = LossRequest(torch.randn(20_000, 2, generator=gen), torch.zeros(20_000, dtype=torch.int64))  # 160 KB of class indices
+    with pytest.raises(InvalidArgumentError, match=r"^target: the chunk header"):
+        small.evaluate(ce)
+
+
 def test_a_one_dimensional_bce_request_is_cut_into_rows(client, small):
     """BCE has no class axis: an (N,) input is N rows (as the server counts them), so it streams in several chunks."""
     gen = torch.Generator().manual_seed(15)
