@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -73,11 +74,7 @@ def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool
     options = msg.options
     options.loss = layout.LOSSES[req.loss]
     options.reduction = layout.REDUCTIONS.get(req.reduction, pb.MEAN)
-    try:
-        ignore_index = int(req.ignore_index)
-        label_smoothing = float(req.label_smoothing)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"options: {exc}") from exc
+    ignore_index, label_smoothing = _int_argument("ignore_index", req.ignore_index), _float_argument("label_smoothing", req.label_smoothing)
     if req.loss in (layout.CROSS_ENTROPY, layout.NLL_LOSS):
         options.ignore_index = ignore_index
     options.log_target = bool(req.log_target)
@@ -106,6 +103,27 @@ def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool
     except tensors.UnsupportedTensorError as exc:
         raise InvalidArgumentError(str(exc)) from exc
     return msg, tensors.is_torch_tensor(req.input)
+
+
+def _int_argument(name: str, value: Any) -> int:
+    """An integer argument as torch takes it: an int, a numpy integer or an integer 0-d tensor;
+    never a bool or a float (torch's TypeError, as InvalidArgumentError)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise InvalidArgumentError(f"options.{name}: argument '{name}' must be int, not {type(value).__name__}") from None
+
+
+def _float_argument(name: str, value: Any) -> float:
+    """A real argument as torch takes it: any real number, never a string or None."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"options.{name}: argument '{name}' must be float, not {type(value).__name__}") from None
 
 
 @dataclass

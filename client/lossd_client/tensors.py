@@ -57,6 +57,8 @@ def as_wire_bytes(value: Any) -> tuple[int, tuple[int, ...], memoryview]:
     if is_torch_tensor(value):
         wire = wire_dtype_of(value)
         t = value.detach()
+        if t.device.type == "meta":
+            raise UnsupportedTensorError("a meta tensor has no data to send")
         if t.device.type != "cpu":
             t = t.cpu()
         if t.is_conj():

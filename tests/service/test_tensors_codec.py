@@ -175,6 +175,30 @@ def test_unsupported_client_dtypes_are_invalid_arguments(client) -> None:
         client.cross_entropy(np.zeros((2, 3), np.complex64), np.zeros(2, np.int64))
     with pytest.raises(InvalidArgumentError):
         client.cross_entropy(torch.zeros(2, 3, dtype=torch.complex64), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(InvalidArgumentError, match="meta tensor"):
+        client.cross_entropy(torch.zeros(2, 3, device="meta"), torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"ignore_index": 2.7}, {"ignore_index": True}, {"ignore_index": 2.0}, {"ignore_index": None}, {"label_smoothing": "0.1"}, {"label_smoothing": None}],
+    ids=str,
+)
+def test_arguments_of_the_wrong_type_are_rejected_as_torch_rejects_them(client, kwargs: dict[str, Any]) -> None:
+    """torch's TypeError ("argument 'ignore_index' ... must be int, not float"), as InvalidArgumentError naming the option."""
+    x, t = torch.randn(2, 3), torch.tensor([0, 1])
+    with pytest.raises(TypeError) as torch_error:
+        F.cross_entropy(x, t, **kwargs)
+    (name,) = kwargs
+    expected = torch_error.value.args[0].split("must be ")[1]
+    with pytest.raises(InvalidArgumentError, match=rf"^options.{name}: argument '{name}' must be {expected}$"):
+        client.cross_entropy(x, t, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"ignore_index": np.int64(1)}, {"ignore_index": torch.tensor(1)}, {"label_smoothing": True}, {"label_smoothing": np.float32(0.1)}, {"label_smoothing": 1}], ids=str)  # fmt: skip
+def test_arguments_torch_converts_are_converted(client, kwargs: dict[str, Any]) -> None:
+    x, t = torch.randn(2, 3, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1])
+    torch.testing.assert_close(client.cross_entropy(x, t, **kwargs), F.cross_entropy(x, t, **kwargs))
 
 
 # ---------------------------------------------------------------------------- through a real server
