@@ -235,6 +235,12 @@ class Reservation:
         self.nbytes += other.nbytes
         other.nbytes = 0
 
+    def moved(self) -> Reservation:
+        """A new reservation holding this one's bytes (this one then holds none)."""
+        other = Reservation(self._budget, 0)
+        other.absorb(self)
+        return other
+
     def release(self) -> None:
         if self.nbytes:
             nbytes, self.nbytes = self.nbytes, 0

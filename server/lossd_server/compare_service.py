@@ -74,7 +74,9 @@ class CompareRpcs:
     async def _compare(self, call: Call) -> pb.CompareResponse:
         message, held = await _first(call, "CompareRequest", "request", "the call carried no CompareRequest message")
         try:
-            return await self._answer(call, _message(message), held)
+            response = await self._answer(call, _message(message), held)
+            call.answered(held, held.nbytes)
+            return response
         finally:
             held.release()
 
@@ -125,7 +127,9 @@ class CompareRpcs:
             result = await self.servicer.batcher.run_in_engine(assembler.finish, parts)
             parts.clear()
             answer = assembler.plan.answer_nbytes()
-            return await service.encode_answer(compare_convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes)
+            response = await service.encode_answer(compare_convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes)
+            call.answered(header_held, service.ANSWER_COPIES * answer)
+            return response
         finally:
             header_held.release()
 

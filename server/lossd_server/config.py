@@ -65,6 +65,7 @@ class ServerConfig:
     drain_s: float = 1.0
     grace_s: float = 30.0
     allow_client_shm: bool = False
+    allow_compressed_requests: bool = False
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
@@ -135,6 +136,8 @@ _HELP = {
     "drain_s": "after SIGTERM: seconds to keep accepting while health reports NOT_SERVING",
     "grace_s": "after draining: seconds in-flight calls get to finish",
     "allow_client_shm": "honour same-host shared-memory tensor references",
+    "allow_compressed_requests": "accept gzip/deflate-compressed request messages (off: they are refused UNIMPLEMENTED; "
+    "a 122 KB compressed message can decompress to a max_message_bytes read, so each costs the server ~1000x what it costs the sender)",
     "tls_cert_file": "PEM server certificate chain (enables TLS)",
     "tls_key_file": "PEM server private key",
     "tls_client_ca_file": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",

@@ -175,7 +175,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 raise engine.InvalidInput("request", "the call carried no EvaluateRequest message")
             message, held = got
             try:
-                return await self._evaluate(call, _message(message), held, wait=True)
+                response = await self._evaluate(call, _message(message), held, wait=True)
+                call.answered(held, held.nbytes)
+                return response
             finally:
                 held.release()
 
@@ -244,7 +246,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
             result = await self.batcher.run_in_engine(assembler.finish, partials)
             partials.clear()
             answer = assembler.plan.answer_nbytes()
-            return await encode_answer(convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes)
+            response = await encode_answer(convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes)
+            call.answered(header_held, ANSWER_COPIES * answer)
+            return response
         finally:
             header_held.release()
 

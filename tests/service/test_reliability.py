@@ -741,3 +741,55 @@ def test_mixed_soak_loses_nothing_and_stays_within_the_budget(budgeted):
     assert_within_budget(server, baseline)
     assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
     print(f"soak: {counts}; peak {status_mib(server, 'VmHWM') - baseline:.0f} MiB over baseline, budget {BUDGET // MiB} MiB")
+
+
+@pytest.mark.parametrize("allowed", [False, True], ids=["refused-by-default", "allowed"])
+def test_compressed_requests_are_refused_unless_allowed(allowed):
+    """A gzip request of a few KB can decompress to a whole max_message_bytes read ("zip bombs":
+    60 of them stalled a good call for 29 s): refused UNIMPLEMENTED before anything is
+    decompressed, unless --allow-compressed-requests; the server keeps serving either way."""
+    x = np.zeros((512, 1000), np.float32)  # 2 MB of zeros: ~2 KB compressed
+    msg = request_msg(x, np.zeros(512, np.int64))
+    with start_server(*(["--allow-compressed-requests"] if allowed else [])) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LossServiceStub(channel)
+        if allowed:
+            got = stub.Evaluate(msg, timeout=60, compression=grpc.Compression.Gzip)
+            assert np.frombuffer(got.loss.data, np.float32)[0] == pytest.approx(float(np.log(1000)), rel=1e-6)
+        else:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Evaluate(msg, timeout=60, compression=grpc.Compression.Gzip)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "gzip" in info.value.details()
+        assert np.frombuffer(stub.Evaluate(msg, timeout=60).loss.data, np.float32)[0] == pytest.approx(float(np.log(1000)), rel=1e-6)
+        assert health(server.address) == "SERVING"
+
+
+def test_answers_the_client_does_not_read_stay_counted_until_grpc_lets_them_go():
+    """gRPC sends a returned answer at the client's pace and keeps it until then. Four 40 KB
+    kl_div requests with 64 MiB answers, from clients that never read them (their HTTP/2 receive
+    windows stay at 64 KiB), held 4 x ~200 MiB with nothing counted before; now each answer stays
+    counted until the call ends, so the server's memory stays within its budget and later calls
+    wait in line, or are refused, instead."""
+    x, t = np.zeros((4096, 1), np.float32), np.full((1, 4096), 1 / 4096, np.float32)
+    data = request_msg(x, t, loss=pb.KL_DIV, reduction=pb.NONE).SerializeToString()
+    answer = 4096 * 4096 * 4
+    budget = 700 * MiB
+    not_reading = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536), *RAW]
+    with start_server("--memory-budget-bytes", str(budget), "--max-memory-wait-s", "2", metrics=True) as server:
+        base = status_mib(server, "VmRSS")
+        channels = [grpc.insecure_channel(server.address, options=not_reading) for _ in range(4)]
+        try:
+            # a unary method called as response-streaming: the answer is there, never read
+            calls = [ch.unary_stream("/lossd.v1.LossService/Evaluate", request_serializer=None)(data, timeout=120) for ch in channels]
+            held = wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v >= 2 * 3 * answer)
+            assert held >= 2 * 3 * answer  # two answers fit the budget: both counted, unsent
+            time.sleep(3)  # the others wait in line for their answers' bytes, or are refused
+            assert server.metrics()["lossd_memory_held_bytes"] >= 2 * 3 * answer  # still counted while unsent
+            assert status_mib(server, "VmHWM") - base <= budget / MiB
+            answered = [len(next(c, b"")) > answer for c in calls]  # reading lets the waiting calls go on
+            codes = [c.code() for c in calls]
+            assert sum(answered) >= 2 and set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        finally:
+            for ch in channels:
+                ch.close()
+        assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+        a_good_call_still_works(server.address)
