@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import concurrent.futures
 
 import torch
 from lossd_server import engine
@@ -15,6 +15,12 @@ def _kept(name: str, dtype: torch.dtype) -> torch.Tensor | None:
     return getattr(scratch._SCRATCH, "buffers", {}).get((name, dtype))
 
 
+def in_a_fresh_thread(run) -> None:
+    """``run()`` in a new thread (its own buffers); its assertion errors are raised here."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(run).result()
+
+
 def test_a_buffer_over_keep_bytes_is_made_for_its_chunk_and_not_kept():
     def run() -> None:
         small = scratch.scratch("t", 1000, torch.float32)
@@ -24,9 +30,23 @@ def test_a_buffer_over_keep_bytes_is_made_for_its_chunk_and_not_kept():
         assert big.numel() == big_n
         assert _kept("t", torch.float32).numel() == 1000, "the oversized buffer was kept"
 
-    thread = threading.Thread(target=run)  # a fresh thread: its own buffers
-    thread.start()
-    thread.join()
+    in_a_fresh_thread(run)
+
+
+def test_a_thread_keeps_at_most_keep_total_bytes_whatever_its_buffer_names():
+    """Each name under KEEP_BYTES, but 14 names of them (a comparison with extras) kept 14 x 32 MiB
+    per thread after huge rows; now the thread's total is capped and a buffer past it is made for
+    its chunk only."""
+
+    def run() -> None:
+        n = scratch.KEEP_BYTES // 4  # 32 MiB of float32: the most one name keeps
+        for i in range(14):
+            assert scratch.scratch(f"name{i}", n, torch.float32).numel() == n
+            assert scratch.kept_bytes() <= scratch.KEEP_TOTAL_BYTES
+        assert scratch.kept_bytes() == scratch.KEEP_TOTAL_BYTES
+        assert _kept("name13", torch.float32) is None and _kept("name0", torch.float32) is not None
+
+    in_a_fresh_thread(run)
 
 
 def test_rows_bigger_than_a_chunk_count_their_temporaries_in_the_working_bytes():

@@ -12,6 +12,10 @@ _SCRATCH = threading.local()
 #: classes) needs bigger ones: those are made for it and freed after (kept, they stayed resident,
 #: 576 MiB idle after one such comparison, outside the memory budget).
 KEEP_BYTES = 32 * 1024 * 1024
+#: ... and at most this many bytes in all: a thread keeps buffers of up to 14 names (a comparison's
+#: with extras, ~53 MiB at the default 4 MiB chunks), so huge rows used to leave 14 x 32 MiB per
+#: compute thread resident (256 MiB after one [1, 8.3M] bf16 comparison, idle).
+KEEP_TOTAL_BYTES = 4 * KEEP_BYTES
 
 
 def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -21,7 +25,7 @@ def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
     server caps glibc's mmap threshold to bound its memory); reusing one buffer avoids that
     (measured on 2048x32000 float32 under the server's settings: cross_entropy 0.134 -> 0.042 s,
     a model comparison 1.9 -> 0.6 s). A thread keeps each named buffer at its largest chunk, up
-    to KEEP_BYTES.
+    to KEEP_BYTES each and KEEP_TOTAL_BYTES in all.
     """
     key = (name, dtype)
     buffers = getattr(_SCRATCH, "buffers", None)
@@ -29,10 +33,20 @@ def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         buffers = _SCRATCH.buffers = {}
     buf = buffers.get(key)
     if buf is None or buf.numel() < n:
+        kept = kept_bytes() - (0 if buf is None else _nbytes(buf))
         buf = torch.empty(n, dtype=dtype)
-        if n * buf.element_size() <= KEEP_BYTES:
+        if _nbytes(buf) <= KEEP_BYTES and kept + _nbytes(buf) <= KEEP_TOTAL_BYTES:
             buffers[key] = buf
     return buf[:n]
+
+
+def kept_bytes() -> int:
+    """Bytes of the buffers this thread keeps."""
+    return sum(_nbytes(buf) for buf in getattr(_SCRATCH, "buffers", {}).values())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def temporary(name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
