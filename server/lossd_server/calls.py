@@ -62,6 +62,8 @@ class Call:
         remaining = context.time_remaining()
         self.deadline = None if remaining is None else time.monotonic() + remaining
         self.alive = True
+        #: Who calls: the client's connection ("ipv4:127.0.0.1:50312"); callers in line for memory take turns.
+        self.peer = context.peer()
         self.last_activity = time.monotonic()
         self.read_end = False  # a read returned the end of the stream (a half-close, or a cancel)
         # the read in progress, for idle_for() and give_way(): when it was posted, what interrupts
@@ -89,7 +91,9 @@ class Call:
         ``waiting_for_us``: while it returns True the client may rightly send nothing (it waits
         for answers), so the idle timeout does not run.
         """
-        held = await self.budget.reserve(self.read_reservation, f"reading a {what} message", timeout_s=self.memory_wait_left_s())
+        held = await self.budget.reserve(
+            self.read_reservation, f"reading a {what} message", timeout_s=self.memory_wait_left_s(), caller=self.peer
+        )
         try:
             self._read_posted = time.monotonic()
             self._gave_way = None  # a message that arrived as the call gave way let it go on

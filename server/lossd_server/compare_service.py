@@ -127,7 +127,9 @@ class CompareRpcs:
             result = await self.servicer.batcher.run_in_engine(assembler.finish, parts)
             parts.clear()
             answer = assembler.plan.answer_nbytes()
-            response = await service.encode_answer(compare_convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes)
+            response = await service.encode_answer(
+                compare_convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes
+            )
             call.answered(header_held, service.ANSWER_COPIES * answer)
             return response
         finally:

@@ -793,3 +793,35 @@ def test_answers_the_client_does_not_read_stay_counted_until_grpc_lets_them_go()
                 ch.close()
         assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
         a_good_call_still_works(server.address)
+
+
+def test_callers_in_line_for_memory_take_turns_by_connection():
+    """Thirty calls whose client sends nothing, all on one connection, wait in line for the two
+    read reservations the budget has; a good call on another connection is served at the next
+    turn (after idle calls give way, idle_read_yield_s 1 s), not behind all of them (14 s, past its
+    max_memory_wait_s of 8 s: refused before the callers took turns)."""
+    server = start_server(
+        "--max-message-bytes", str(MiB), "--memory-budget-bytes", str(12 * MiB), "--stream-idle-timeout-s", "60",
+        "--max-memory-wait-s", "8", "--idle-read-yield-s", "1", metrics=True,
+    )  # fmt: skip
+    release = threading.Event()
+
+    def nothing():
+        release.wait(60)
+        yield from ()
+
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            evaluate_stream_unary = channel.stream_unary("/lossd.v1.LossService/Evaluate", pb.EvaluateRequest.SerializeToString)
+            idle = [evaluate_stream_unary.future(nothing(), timeout=60) for _ in range(30)]
+            assert wait_for_metric(server, "lossd_memory_waiting_calls", lambda v: v == 28) == 28
+            x, t = np.zeros((2, 3), np.float32), np.array([0, 1])
+            with LossClient(server.address, timeout_s=30) as client:  # its own connection
+                assert float(client.cross_entropy(x, t)) == pytest.approx(float(np.log(3)), rel=1e-6)
+            release.set()
+            outcomes = [outcome(f) for f in idle]
+        assert all(o.startswith("RESOURCE_EXHAUSTED") or "carried no EvaluateRequest" in o for o in outcomes), outcomes
+        assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+    finally:
+        release.set()
+        server.stop()

@@ -47,6 +47,29 @@ def test_waiters_are_granted_in_order_as_bytes_are_released():
     run(main())
 
 
+def test_callers_in_line_take_turns_each_in_its_own_order():
+    async def main():
+        budget = MemoryBudget(100)
+        held = await budget.reserve(100, "held")
+        order = []
+
+        async def wait(caller, name):
+            r = await budget.reserve(50, name, caller=caller)
+            order.append(name)
+            r.release()  # at once: the next one fits
+
+        names = [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("a", "a4"), ("c", "c1"), ("b", "b2")]
+        tasks = [asyncio.ensure_future(wait(caller, name)) for caller, name in names]
+        await asyncio.sleep(0)
+        assert budget.waiting == len(names)
+        held.release()
+        await asyncio.gather(*tasks)
+        assert order == ["a1", "b1", "c1", "a2", "b2", "a3", "a4"]
+        assert budget.held_bytes == 0 and budget.waiting == 0
+
+    run(main())
+
+
 def test_a_waiter_that_times_out_or_is_cancelled_leaves_nothing_held():
     async def main():
         budget = MemoryBudget(100)
