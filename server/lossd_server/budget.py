@@ -168,7 +168,7 @@ class MemoryBudget:
             del self._readers[reader]
             short -= held.nbytes
             reader.give_way(
-                f"this call gave way after its client sent nothing for {idle:.1f}s ({YIELD_SETTING}={self.idle_read_yield_s:g}) "
+                f"this call gave way after its client completed no message for {idle:.1f}s ({YIELD_SETTING}={self.idle_read_yield_s:g}) "
                 f"while other calls were in line for server memory: its read reservation of {held.nbytes} bytes of "
                 f"{SETTING}={self.limit_bytes} went to them; send the message promptly, or retry"
             )

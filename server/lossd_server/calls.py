@@ -99,7 +99,7 @@ class Call:
             self._gave_way = None  # a message that arrived as the call gave way let it go on
             self.budget.read_posted(self, held)
             try:
-                received = await self._idle_bounded(self.context.read(), f"sent no {what} message", waiting_for_us, reading=True)
+                received = await self._idle_bounded(self.context.read(), f"completed no {what} message", waiting_for_us, reading=True)
             finally:
                 self.budget.read_done(self)
                 self._interrupt = None
