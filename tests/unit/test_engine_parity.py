@@ -306,17 +306,25 @@ def test_input_is_never_modified() -> None:
 def test_fused_path_leaves_the_input_alone_and_computes_half_in_float32(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     """The fused cross_entropy kernel writes log-probabilities over the rows only when they are
     its own upcast copy: the caller's tensor is never written, and half / bfloat16 per-element
-    losses are exactly those of float32 maths rounded to the dtype, over several chunks."""
-    x = (torch.randn(shape) * 4).to(dtype)
+    losses are exactly those of float32 maths rounded to the dtype, over several chunks.
+
+    The reference is torch's kernel over the same rows (class axis last): over a K-dim layout
+    torch's own kernel reduces along a strided axis and differs from its row kernel by an ulp in
+    ~4% of random float32 inputs (~3% float64), which made this test fail at random; that
+    tolerance is the parity tests' (assert_close), not this test's."""
+    gen = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=gen) * 4).to(dtype)
     x.view(-1)[1] = -math.inf
-    t = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=gen)
     t.view(-1)[0] = -100
     before = x.clone()
     got = engine.evaluate(engine.LossSpec(reduction="none"), x, t, chunk_bytes=64).loss
     assert torch.equal(x, before)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    want = F.cross_entropy(x.to(compute), t, reduction="none").to(dtype)
+    rows = x.to(compute).movedim(1, -1).reshape(-1, shape[1])
+    want = F.cross_entropy(rows, t.reshape(-1), reduction="none").reshape(t.shape).to(dtype)
     assert torch.equal(got, want)
+    torch.testing.assert_close(got, F.cross_entropy(x.to(compute), t, reduction="none").to(dtype))
 
 
 def test_cached_validation_still_checks_each_requests_targets() -> None:
