@@ -63,17 +63,44 @@ def warm_up(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: What a stop request asks for: start the drain, or skip what is left of it.
+DRAIN, HURRY = 1, 2
+
+
 class StopSignal:
-    """SIGTERM/SIGINT: the first one starts the drain, a second one skips what is left of it."""
+    """Stop requests: the first one starts the drain, a second one skips what is left of it.
+
+    A request comes from this process's own signals (:meth:`__call__`) or is ordered from outside
+    (:meth:`order`: with ``--workers N``, the supervisor's relay of the signals it got). Each source
+    is counted on its own and the furthest one decides: a signal to the whole process group
+    (systemd's KillMode=control-group, ``kill -TERM -PGID``, Ctrl-C) reaches a worker twice, once
+    directly and once relayed as ``stop``, in either order, and that is one stop, not two (the
+    second copy used to hurry: calls in flight were cut). A second group signal is the worker's
+    second signal and the supervisor's ``hurry``: it hurries, once.
+    """
 
     def __init__(self) -> None:
         self.requested = asyncio.Event()
         self.hurry = asyncio.Event()
+        self._signals = 0
+        self._ordered = 0
 
     def __call__(self) -> None:
-        if self.requested.is_set():
+        """This process received a stop signal."""
+        self._signals += 1
+        self._update()
+
+    def order(self, level: int) -> None:
+        """A stop ordered from outside (``DRAIN`` or ``HURRY``); repeating an order changes nothing."""
+        self._ordered = max(self._ordered, level)
+        self._update()
+
+    def _update(self) -> None:
+        level = max(self._signals, self._ordered)
+        if level >= DRAIN:
+            self.requested.set()
+        if level >= HURRY:
             self.hurry.set()
-        self.requested.set()
 
 
 @dataclass
@@ -101,7 +128,8 @@ class LossServer:
         return self.stop_signal.requested.is_set()
 
     def request_stop(self) -> None:
-        self.stop_signal()
+        """Start the drain (as a first stop signal would); calling it again does not hurry."""
+        self.stop_signal.order(DRAIN)
 
     async def warm(self) -> None:
         """Run the warm-up evaluation on the device (off the event loop); health is left as it is."""

@@ -22,7 +22,10 @@ A health check lands on whichever worker holds its connection, so every worker a
 supervisor's decision: SERVING only when all N are warm, NOT_SERVING while one is being replaced
 and from the first SIGTERM on. SIGTERM/SIGINT to the supervisor relays ``stop`` to every worker,
 which drains exactly as one process does (:meth:`~lossd_server.app.LossServer.wait_and_shutdown`);
-a second signal relays ``hurry``. The supervisor exits 0 once every worker has. A worker that
+a second signal relays ``hurry``. A signal to the whole process group also reaches each worker
+directly: a worker counts its own signals and the supervisor's orders apart and follows the
+furthest (:class:`~lossd_server.app.StopSignal`), so the two copies of one stop drain once and a
+second group signal hurries once. The supervisor exits 0 once every worker has. A worker that
 exits on its own is logged and replaced (at once when it had run for :data:`STABLE_S`, else after
 a backoff); its connections break, so its calls in flight end UNAVAILABLE, which the client
 retries. A worker whose supervisor is gone (its pipe closes) drains and exits.
@@ -520,16 +523,14 @@ class SupervisorLink:
                 self.lossd.request_stop()
 
     def _obey(self, order: tuple) -> None:
-        stop_signal = self.lossd.stop_signal
+        from .app import DRAIN, HURRY
+
         if order[0] == "serving":
             task = asyncio.ensure_future(self.lossd.set_serving(order[1]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif order[0] == "stop" and not stop_signal.requested.is_set():
-            stop_signal()
-        elif order[0] == "hurry":
-            stop_signal.requested.set()
-            stop_signal.hurry.set()
+        elif order[0] in ("stop", "hurry"):  # counted apart from this worker's own signals (app.StopSignal)
+            self.lossd.stop_signal.order(DRAIN if order[0] == "stop" else HURRY)
 
     def close(self) -> None:
         if self.conn.closed:

@@ -13,6 +13,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -230,6 +232,7 @@ def test_a_port_in_use_stops_a_workers_start_with_one_line_and_status_2(which):
 # ---------------------------------------------------------------------------------------------
 # SIGTERM under load and a killed worker
 
+
 N_CALLS = 24
 
 
@@ -237,6 +240,52 @@ def large_request(seed: int) -> LossRequest:
     """A 4 MiB float32 request (1024 rows of 1024 classes), some targets ignored."""
     g = np.random.default_rng(seed)
     return LossRequest(g.standard_normal((1024, 1024), dtype=np.float32), g.integers(-1, 1024, 1024), ignore_index=-1, reduction="sum")
+
+
+def held_chunks(req: LossRequest, release: threading.Event) -> Iterator:
+    """A chunked call's messages: the header and first rows at once, the rest once ``release`` is
+    set (at most 120 s): the call stays in flight on its worker until the test lets it finish."""
+    messages = list(core.chunk_messages(core.build(req)[0], chunk_bytes=256 * 1024))
+    assert len(messages) > 2
+    yield from messages[:2]
+    release.wait(120)
+    yield from messages[2:]
+
+
+def test_a_stop_that_reaches_a_worker_twice_directly_and_relayed_is_one_stop():
+    """A signal to the whole process group (systemd KillMode=control-group, Ctrl-C) reaches every
+    worker directly and, relayed by the supervisor, as ``stop``: one stop, whichever comes first.
+    Here the relay comes first (the case that cut calls: the worker's own copy hurried, grace 0)."""
+    proc = start_server("--workers", "2", "--drain-s", "2", "--grace-s", "120", metrics=True)
+    channels: dict = {}
+    release = threading.Event()
+    try:
+        pids = worker_pids(proc.log())
+        channels = channel_per_worker(proc)
+        requests = [large_request(seed) for seed in range(len(channels))]
+        futures = [
+            pb_grpc.LossServiceStub(channel).EvaluateChunked.future(held_chunks(req, release), timeout=300)
+            for channel, req in zip(channels.values(), requests, strict=True)
+        ]
+        in_flight = 'lossd_requests_in_flight{method="EvaluateChunked"}'
+        wait_for(lambda: sample(proc, in_flight) == len(futures), what="a call in flight on each worker")
+        proc.signal(signal.SIGTERM)
+        wait_for(lambda: proc.log().count("(drain)") == 2, what="the relayed stop on both workers")
+        for pid in pids.values():
+            os.kill(pid, signal.SIGTERM)  # the group signal's direct copy, after the relay
+        wait_for(lambda: proc.log().count("drain over") == 2, what="the end of both drains")
+        release.set()
+        replies = [f.result() for f in futures]
+        assert proc.proc.wait(120) == 0, proc.log()
+    finally:
+        release.set()
+        for channel in channels.values():
+            channel.close()
+        stop_everything(proc)
+    for req, reply in zip(requests, replies, strict=True):
+        want = F.cross_entropy(torch.from_numpy(req.input), torch.from_numpy(req.target), ignore_index=-1, reduction="sum")
+        torch.testing.assert_close(core.parse(reply, as_torch=True).loss, want)
+    assert proc.log().count("answering every call received (at most 120.0s)") == 2, proc.log()
 
 
 def test_sigterm_with_calls_on_the_wire_to_both_workers_loses_nothing():

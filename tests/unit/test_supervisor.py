@@ -7,8 +7,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from lossd_server import app, workers
 from lossd_server import config as config_mod
-from lossd_server import workers
 from lossd_server.config import MiB, ServerConfig
 from lossd_server.ports import PortReservation, StartupError, check_bindable
 from prometheus_client import CollectorRegistry, generate_latest
@@ -109,6 +109,37 @@ def test_signals_relay_stop_then_hurry_to_every_worker():
     sup.on_signal(15)
     sup._relay_signals()
     assert a.conn.sent[-1] == b.conn.sent[-1] == ("hurry",) and sup.stop_deadline <= first_deadline
+
+
+@pytest.mark.parametrize("relayed_first", [True, False])
+def test_a_workers_own_signal_and_the_relay_of_it_are_one_stop(relayed_first):
+    """A group signal reaches a worker directly and through the supervisor, in either order: it
+    drains; the next group signal (a second own signal and ``hurry``) hurries."""
+    stop = app.StopSignal()
+    link = SimpleNamespace(lossd=SimpleNamespace(stop_signal=stop))
+    copies = [lambda: workers.SupervisorLink._obey(link, ("stop",)), stop]
+    for copy in copies if relayed_first else copies[::-1]:
+        copy()
+    assert stop.requested.is_set() and not stop.hurry.is_set()
+    workers.SupervisorLink._obey(link, ("stop",))  # a repeated order is the same order
+    assert not stop.hurry.is_set()
+    stop()
+    workers.SupervisorLink._obey(link, ("hurry",))
+    assert stop.hurry.is_set()
+
+
+@pytest.mark.parametrize("second", ["own signal", "hurry"])
+def test_a_second_stop_from_one_source_hurries(second):
+    """A worker signalled twice by hand, or a supervisor signalled twice: the second stop hurries."""
+    stop = app.StopSignal()
+    link = SimpleNamespace(lossd=SimpleNamespace(stop_signal=stop))
+    if second == "own signal":
+        stop()
+        stop()
+    else:
+        workers.SupervisorLink._obey(link, ("stop",))
+        workers.SupervisorLink._obey(link, ("hurry",))
+    assert stop.requested.is_set() and stop.hurry.is_set()
 
 
 def test_an_error_before_every_worker_listened_fails_the_start():
