@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from lossd_server.spawn import ServerProcess, spawn
 
-__all__ = ["HOG_FLAGS", "TEST_DEVICE", "EngineHog", "ServerProcess", "start_server"]
+__all__ = ["HOG_FLAGS", "TEST_DEVICE", "EngineHog", "ServerProcess", "held_chunks", "start_server"]
 
 #: ``LOSSD_TEST_DEVICE=cuda`` runs every test server (and the engine's parity tests) on that device:
 #: the service layer then checks CUDA results against CPU torch (``make test LAYER=service`` on a GPU).
@@ -88,3 +89,15 @@ class EngineHog:
     def __exit__(self, *exc: object) -> None:
         self._future.cancel()
         self._channel.close()
+
+
+def held_chunks(req, release: threading.Event) -> Iterator:
+    """A chunked call's messages: the header and first rows at once, the rest once ``release`` is
+    set (at most 120 s): the call stays in flight on its server until the test lets it finish."""
+    from lossd_client import core
+
+    messages = list(core.chunk_messages(core.build(req)[0], chunk_bytes=256 * 1024))
+    assert len(messages) > 2
+    yield from messages[:2]
+    release.wait(120)
+    yield from messages[2:]

@@ -10,11 +10,12 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from . import config as config_mod
+from .stopsignals import stop_signals
 
 
 class StoppedBeforeServing(BaseException):
-    """SIGTERM/SIGINT arrived while starting (importing torch takes about a second), before the
-    server's own handlers were installed: nothing was served, so nothing can be lost."""
+    """SIGTERM/SIGINT/SIGHUP arrived while starting (importing torch takes about a second),
+    before the server's own handlers were installed: nothing was served, so nothing can be lost."""
 
 
 _deferring = False
@@ -48,7 +49,7 @@ def _stops_deferred() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     # Until serve() (or the worker supervisor) installs its own handlers, a stop request ends the
     # start with exit status 0, as a stop while serving does, instead of death by signal.
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         signal.signal(sig, _stop_while_starting)
     try:
         return _main(argv)

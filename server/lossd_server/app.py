@@ -1,11 +1,11 @@
-"""Server lifecycle: build, warm up, serve, drain on SIGTERM/SIGINT, stop.
+"""Server lifecycle: build, warm up, serve, drain on SIGTERM/SIGINT/SIGHUP, stop.
 
-Health is NOT_SERVING until a warm-up evaluation has run on the configured device. On SIGTERM
-or SIGINT health turns NOT_SERVING at once while the server keeps accepting for ``drain_s``
-(load balancers notice), then keeps serving until every call it received has been answered
-(gRPC's transport may hold calls the event loop has not started yet: the server waits until no
-call is in progress and none has started for a moment), at most ``grace_s``, and only then stops
-accepting. A port already in use stops the server before it announces anything (exit status 2).
+Health is NOT_SERVING until a warm-up evaluation has run on the configured device. On SIGTERM,
+SIGINT or SIGHUP (:mod:`lossd_server.stopsignals`) health turns NOT_SERVING at once while the
+server keeps accepting for ``drain_s`` (load balancers notice), then keeps serving until every
+call it received has been answered (gRPC's transport may hold calls the event loop has not
+started yet: the server waits until no call is in progress and none has started for a moment), at
+most ``grace_s``, and only then stops accepting. A port already in use stops the server before it announces anything (exit status 2).
 With ``--workers N`` every worker process runs :func:`listen` on the shared port and its health
 follows the supervisor's decision (:mod:`lossd_server.workers`).
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from .budget import MemoryBudget
 from .config import ServerConfig
 from .ports import StartupError, check_bindable, metrics_port_error
 from .service import LossServicer, add_to_server
+from .stopsignals import stop_signals
 
 log = logging.getLogger("lossd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -256,12 +256,12 @@ async def start(config: ServerConfig, *, interceptors=(), observer=None) -> Loss
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM/SIGINT, then drain and stop (returns normally: exit status 0)."""
+    """Run until SIGTERM/SIGINT/SIGHUP, then drain and stop (returns normally: exit status 0)."""
     from . import metrics
 
     stop_signal = StopSignal()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         loop.add_signal_handler(sig, stop_signal)
     try:
         httpd = metrics.bind_http(config)  # before anything is announced: a taken port stops the start here

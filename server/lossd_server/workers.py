@@ -20,9 +20,9 @@ CUDA state is ever inherited through a fork) and talks to each over a pipe:
 
 A health check lands on whichever worker holds its connection, so every worker answers with the
 supervisor's decision: SERVING only when all N are warm, NOT_SERVING while one is being replaced
-and from the first SIGTERM on. SIGTERM/SIGINT to the supervisor relays ``stop`` to every worker,
-which drains exactly as one process does (:meth:`~lossd_server.app.LossServer.wait_and_shutdown`);
-a second signal relays ``hurry``. A signal to the whole process group also reaches each worker
+and from the first SIGTERM on. SIGTERM/SIGINT/SIGHUP (:mod:`lossd_server.stopsignals`) to the
+supervisor relays ``stop`` to every worker, which drains exactly as one process does
+(:meth:`~lossd_server.app.LossServer.wait_and_shutdown`); a second signal relays ``hurry``. A signal to the whole process group also reaches each worker
 directly: a worker counts its own signals and the supervisor's orders apart and follows the
 furthest (:class:`~lossd_server.app.StopSignal`), so the two copies of one stop drain once and a
 second group signal hurries once. The supervisor exits 0 once every worker has. A worker that
@@ -50,6 +50,7 @@ from typing import Any
 
 from .config import ServerConfig
 from .ports import PortReservation, StartupError, metrics_port_error
+from .stopsignals import stop_signals
 
 log = logging.getLogger("lossd")
 
@@ -226,7 +227,7 @@ class Supervisor:
         return sum(1 for w in self.workers.values() if w.warm)
 
     def on_signal(self, signum: int, frame: object = None) -> None:
-        """SIGTERM/SIGINT handler: counted here, acted on by the supervisor's loop."""
+        """SIGTERM/SIGINT/SIGHUP handler: counted here, acted on by the supervisor's loop."""
         self._signals += 1
         try:
             self._wake_w.send(b"\0")
@@ -439,9 +440,9 @@ class Supervisor:
 
 
 def serve(config: ServerConfig, target: WorkerTarget | None = None) -> int:
-    """``lossd-server --workers N`` (N > 1): supervise until SIGTERM/SIGINT; the exit status."""
+    """``lossd-server --workers N`` (N > 1): supervise until SIGTERM/SIGINT/SIGHUP; the exit status."""
     supervisor = Supervisor(config, target)
-    previous = {sig: signal.signal(sig, supervisor.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, supervisor.on_signal) for sig in stop_signals()}
     try:
         return supervisor.run()
     finally:
@@ -471,7 +472,7 @@ async def _serve_worker(index: int, config: ServerConfig, conn: Connection) -> i
     m = metrics.get()
     stop_signal = app.StopSignal()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         loop.add_signal_handler(sig, stop_signal)
     interceptor = metrics.RpcMetricsInterceptor(m, worker=index)
     try:

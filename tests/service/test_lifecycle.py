@@ -17,7 +17,8 @@ from lossd_client import LossClient, LossRequest, core
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from lossd_server import app
 from lossd_server.config import ServerConfig
-from serverproc import start_server
+from serverproc import held_chunks, start_server
+from workerprocs import alive, wait_for
 
 N_CALLS = 32
 ROWS, CLASSES = 4096, 1024  # 16 MiB of float32 logits per call
@@ -83,6 +84,34 @@ def test_health_not_serving_during_drain_while_still_accepting():
         assert proc.proc.wait(60) == 0, proc.log()
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_drains_like_sigterm(workers):
+    """SIGHUP (the terminal or SSH session that started the server went away) is a stop like
+    SIGTERM: the call in flight is answered, exit status 0, no worker left behind. It used to kill
+    the process at once (UNAVAILABLE "Stream removed"; a supervisor died and left its workers)."""
+    proc = start_server("--workers", workers, "--drain-s", "0.2", "--grace-s", "120", metrics=True)
+    release = threading.Event()
+    try:
+        pids = proc.worker_pids()
+        g = np.random.default_rng(3)
+        req = LossRequest(g.standard_normal((256, 1024), dtype=np.float32), g.integers(0, 1024, 256), reduction="sum")
+        with grpc.insecure_channel(proc.address) as channel:
+            future = pb_grpc.LossServiceStub(channel).EvaluateChunked.future(held_chunks(req, release), timeout=300)
+            in_flight = 'lossd_requests_in_flight{method="EvaluateChunked"}'
+            wait_for(lambda: proc.metrics().get(in_flight) == 1, what="the call in flight")
+            proc.signal(signal.SIGHUP)
+            wait_for(lambda: proc.log().count("(drain)") == int(workers) or proc.proc.poll() is not None, what="the drain")
+            release.set()
+            reply = future.result()
+        assert proc.proc.wait(60) == 0, proc.log()
+    finally:
+        release.set()
+        proc.stop()
+    want = F.cross_entropy(torch.from_numpy(req.input), torch.from_numpy(req.target), reduction="sum")
+    torch.testing.assert_close(core.parse(reply, as_torch=True).loss, want)
+    assert not any(alive(pid) for pid in pids.values())
 
 
 class _InProcessServer:

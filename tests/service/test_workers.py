@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lossd_client import LossClient, LossRequest, core
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
-from serverproc import start_server
+from serverproc import held_chunks, start_server
 from workerprocs import GATE_ENV, Load, alive, channel_per_worker, own_ports, owners, stop_everything, wait_for, worker_pids
 
 FLAGS = ("--workers", "2", "--drain-s", "0.2", "--grace-s", "30")
@@ -240,16 +239,6 @@ def large_request(seed: int) -> LossRequest:
     """A 4 MiB float32 request (1024 rows of 1024 classes), some targets ignored."""
     g = np.random.default_rng(seed)
     return LossRequest(g.standard_normal((1024, 1024), dtype=np.float32), g.integers(-1, 1024, 1024), ignore_index=-1, reduction="sum")
-
-
-def held_chunks(req: LossRequest, release: threading.Event) -> Iterator:
-    """A chunked call's messages: the header and first rows at once, the rest once ``release`` is
-    set (at most 120 s): the call stays in flight on its worker until the test lets it finish."""
-    messages = list(core.chunk_messages(core.build(req)[0], chunk_bytes=256 * 1024))
-    assert len(messages) > 2
-    yield from messages[:2]
-    release.wait(120)
-    yield from messages[2:]
 
 
 def test_a_stop_that_reaches_a_worker_twice_directly_and_relayed_is_one_stop():

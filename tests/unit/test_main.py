@@ -7,6 +7,7 @@ import signal
 
 import pytest
 from lossd_server import __main__ as entry
+from lossd_server.stopsignals import stop_signals
 
 
 def test_a_stop_during_a_deferred_block_is_raised_when_the_block_ends():
@@ -25,3 +26,13 @@ def test_a_stop_outside_a_deferred_block_is_raised_at_once():
         entry._stop_while_starting(signal.SIGINT, None)
     with entry._stops_deferred():
         pass  # nothing deferred: nothing raised
+
+
+def test_a_sighup_ignored_on_entry_stays_ignored():
+    """``nohup lossd-server``: SIGHUP is no stop request (whoever started it asked it to outlive its terminal)."""
+    assert signal.SIGHUP in stop_signals()
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert stop_signals() == (signal.SIGTERM, signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
