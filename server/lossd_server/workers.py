@@ -45,9 +45,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from . import stopsignals
 from .config import ServerConfig
 from .ports import PortReservation, StartupError, metrics_port_error
 from .stopsignals import stop_signals
@@ -252,6 +254,9 @@ class Supervisor:
             self.worker_config.memory_budget_bytes,
             self.worker_config.torch_threads,
         )
+        # Started once before any worker: starting it unblocks SIGTERM/SIGINT in this thread, which
+        # would undo stopsignals.held() around the first worker's start.
+        resource_tracker.ensure_running()
         for index in range(cfg.workers):
             self._spawn(index)
 
@@ -260,7 +265,8 @@ class Supervisor:
         process = self.ctx.Process(
             target=self.target, args=(index, self.worker_config, child_end), name=f"lossd-worker-{index}", daemon=True
         )
-        process.start()
+        with stopsignals.held():  # the worker unblocks them once it handles them (_serve_worker)
+            process.start()
         child_end.close()
         self.workers[index] = Worker(index, process, parent_end, time.monotonic())
         log.info("worker %d started (pid %d)", index, process.pid)
@@ -298,13 +304,13 @@ class Supervisor:
         ready = wait([self._wake_r, *conns, *sentinels], timeout=self._timeout())
         if self._wake_r in ready:
             self._wake_r.recv(4096)
+        self._relay_signals()  # first: a worker that exits in the same turn exits while stopping
         for obj in ready:
             if obj in conns:
                 self._receive(conns[obj])
         for obj in ready:
             if obj in sentinels:
                 self._exited(sentinels[obj])
-        self._relay_signals()
         self._restart_due()
         self._enforce_stop_deadline()
 
@@ -452,9 +458,10 @@ def serve(config: ServerConfig, target: WorkerTarget | None = None) -> int:
 
 # --------------------------------------------------------------------------- the worker's side
 def worker_main(index: int, config: ServerConfig, conn: Connection) -> None:
-    """A worker process (spawned by the supervisor): serve ``config`` on the shared port until told to stop."""
-    # Until the event loop handles it: a terminal's Ctrl-C also reaches the supervisor, which relays it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A worker process (spawned by the supervisor): serve ``config`` on the shared port until told to stop.
+
+    It starts with the stop signals blocked (:func:`lossd_server.stopsignals.held`): one that
+    arrives while torch is imported is taken once the event loop handles them."""
     logging.basicConfig(
         level=config.log_level.upper(),
         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s",
@@ -467,13 +474,25 @@ def worker_main(index: int, config: ServerConfig, conn: Connection) -> None:
 
 
 async def _serve_worker(index: int, config: ServerConfig, conn: Connection) -> int:
-    from . import app, metrics
+    """Handle the stop signals on the event loop, then serve (the worker's exit status)."""
+    from . import app
 
-    m = metrics.get()
     stop_signal = app.StopSignal()
     loop = asyncio.get_running_loop()
     for sig in stop_signals():
         loop.add_signal_handler(sig, stop_signal)
+    stopsignals.accept()
+    try:
+        return await _run_worker(index, config, conn, stop_signal)
+    finally:
+        stopsignals.block()  # the loop's handlers go with it: a late stop signal must not kill the exit
+
+
+async def _run_worker(index: int, config: ServerConfig, conn: Connection, stop_signal: Any) -> int:
+    """Listen, warm up, serve until told to stop, drain (the worker's exit status)."""
+    from . import app, metrics
+
+    m = metrics.get()
     interceptor = metrics.RpcMetricsInterceptor(m, worker=index)
     try:
         lossd = await app.listen(config, interceptors=[interceptor], observer=metrics.BatchMetrics(m), reuse_port=True)

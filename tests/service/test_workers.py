@@ -228,6 +228,32 @@ def test_a_port_in_use_stops_a_workers_start_with_one_line_and_status_2(which):
     assert "worker" not in done.stderr  # refused before any worker started
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_to_the_process_group_while_workers_start_exits_0(sig):
+    """systemd's KillMode=control-group or Ctrl-C while the workers import torch: the signal reaches
+    the workers too, which hold it until they handle it (it used to kill them by its default
+    action: the supervisor exited 1, or 2 when it counted the death as a failed start)."""
+    cmd = [sys.executable, "-m", "lossd_server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    pids: dict = {}
+    try:
+        wait_for(lambda: "worker 1 started" in "".join(lines) or proc.poll() is not None, what="both workers started")
+        pids = worker_pids("".join(lines))
+        os.killpg(proc.pid, sig)  # its own group (start_new_session): the supervisor, the workers, multiprocessing's tracker
+        assert proc.wait(120) == 0, "".join(lines)
+        reader.join(30)
+        assert "Traceback" not in "".join(lines), "".join(lines)
+        wait_for(lambda: not any(alive(pid) for pid in pids.values()), 30, "the workers to exit")
+    finally:
+        for pid in [proc.pid, *pids.values()]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(30)
+
+
 # ---------------------------------------------------------------------------------------------
 # SIGTERM under load and a killed worker
 
