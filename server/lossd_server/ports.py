@@ -51,6 +51,12 @@ class PortReservation:
     none. It keeps the port for lossd while workers are replaced (even when every worker is
     down), and picks the port when ``port`` is 0. A process that binds without SO_REUSEPORT, a
     second lossd's start-up check included, is refused the port.
+
+    It binds with SO_REUSEADDR too, as every server does: the connections of a server that
+    stopped a moment ago wait in TIME_WAIT for 60 s, and without it the bind was refused for that
+    long ("Address already in use" right after a restart). SO_REUSEADDR is cleared once bound:
+    Linux lets two sockets that both have it share a port while neither listens, and this one
+    never listens, so a second lossd (whose check sets it) would no longer be refused.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -61,9 +67,11 @@ class PortReservation:
                 sock = socket.socket(family, kind, proto)
                 self.sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind((address[0], port, *address[2:]))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
                 port = sock.getsockname()[1]  # port 0: every address gets the port the first one got
         except OSError as exc:
             self.close()

@@ -66,6 +66,34 @@ def test_the_reservation_holds_the_port_for_reuseport_sockets_only():
     check_bindable("127.0.0.1", port)  # released
 
 
+def _port_in_time_wait() -> int:
+    """A loopback port whose server side closed a connection first: that socket waits in TIME_WAIT
+    (60 s), as a stopped server's connections do."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            accepted, _ = listener.accept()
+            accepted.close()
+            assert client.recv(1) == b""
+    return port
+
+
+def test_a_port_a_stopped_server_left_in_time_wait_can_be_reserved_and_is_held():
+    port = _port_in_time_wait()
+    with PortReservation("127.0.0.1", port) as held:  # was "Address already in use" for 60 s
+        assert held.port == port
+        with pytest.raises(StartupError):
+            check_bindable("127.0.0.1", port)  # still held against a second lossd
+        with socket.socket() as worker:
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            worker.bind(("127.0.0.1", port))
+            worker.listen(1)
+
+
 class FakeConn:
     def __init__(self) -> None:
         self.sent: list[tuple] = []
