@@ -184,6 +184,21 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
+def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's connection age: the age, and how long calls in progress then get (unset: no limit)."""
+    if config.max_connection_age_s <= 0:
+        return []
+    options = [("grpc.max_connection_age_ms", _ms(config.max_connection_age_s))]
+    if config.max_connection_age_grace_s > 0:
+        options.append(("grpc.max_connection_age_grace_ms", _ms(config.max_connection_age_grace_s)))
+    return options
+
+
+def _ms(seconds: float) -> int:
+    """Seconds as a gRPC millisecond option (an int32)."""
+    return min(2**31 - 1, int(seconds * 1000))
+
+
 async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_port: bool = False) -> LossServer:
     """Build, bind and start the server with health NOT_SERVING (no warm-up yet).
 
@@ -208,11 +223,7 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
         # bombs" of 122 KB (126 MB each decompressed) stalled a good call for 29 s.
         ("grpc.compression_enabled_algorithms_bitset", 0b111 if config.allow_compressed_requests else 0b1),
     ]
-    if config.max_connection_age_s > 0:
-        options += [
-            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000)),
-        ]
+    options += _connection_age_options(config)
     server = grpc.aio.server(interceptors=list(interceptors), options=options)
     batcher = Batcher(config, device, observer=observer)
     await batcher.start()

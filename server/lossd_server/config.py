@@ -71,6 +71,10 @@ class ServerConfig:
     tls_client_ca_file: str | None = None
     warmup: bool = True
     max_connection_age_s: float = 0.0
+    #: Calls in progress on a connection aged out get this long; a bound of its own, not grace_s
+    #: (30 s, for a stop), which cut evaluate_many streams that run for minutes. 600 s lets a long
+    #: evaluation pass finish and still closes an abandoned connection; 0 is gRPC's default: no limit.
+    max_connection_age_grace_s: float = 600.0
     log_level: str = "INFO"
 
     @property
@@ -143,6 +147,7 @@ _HELP = {
     "tls_client_ca_file": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
     "warmup": "run a warm-up evaluation before reporting SERVING",
     "max_connection_age_s": "close client connections after this long (0: never) so clients discover new replicas",
+    "max_connection_age_grace_s": "with max_connection_age_s: how long calls in progress on a connection being closed may still run (0: no limit)",
     "log_level": "logging level",
 }
 
@@ -222,6 +227,8 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit(f"--cuda-memory-fraction must be in [0, 1], got {config.cuda_memory_fraction}")
     if config.drain_s < 0 or config.grace_s < 0:
         raise SystemExit("--drain-s and --grace-s must be >= 0")
+    if config.max_connection_age_s < 0 or config.max_connection_age_grace_s < 0:
+        raise SystemExit("--max-connection-age-s and --max-connection-age-grace-s must be >= 0")
     if config.max_message_bytes < 1024:
         raise SystemExit("--max-message-bytes must be at least 1024")
     if config.max_wait_ms < 0:

@@ -26,3 +26,14 @@ def test_memory_wait_from_flag_and_environment_and_validated() -> None:
     for bad in ("0", "-1"):
         with pytest.raises(SystemExit, match="--max-memory-wait-s must be > 0"):
             config.load(["--max-memory-wait-s", bad], environ={})
+
+
+def test_connection_age_grace_from_flag_and_environment_and_validated() -> None:
+    """Calls in progress on an aged-out connection get their own bound (not --grace-s, the stop's)."""
+    assert config.load([], environ={}).max_connection_age_grace_s == 600.0
+    env = {"LOSSD_MAX_CONNECTION_AGE_GRACE_S": "0"}
+    assert config.load([], environ=env).max_connection_age_grace_s == 0.0
+    assert config.load(["--max-connection-age-grace-s", "90"], environ=env).max_connection_age_grace_s == 90.0
+    with pytest.raises(SystemExit, match="--max-connection-age-grace-s must be >= 0"):
+        config.load(["--max-connection-age-grace-s", "-1"], environ={})
+    assert "LOSSD_MAX_CONNECTION_AGE_GRACE_S" in config.parser().format_help()
