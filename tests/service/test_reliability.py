@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import signal
 import socket
 import subprocess
@@ -436,23 +437,29 @@ def test_a_chunked_call_that_sends_nothing_more_ends_naming_the_idle_timeout(bud
     assert "stream_idle_timeout_s" in info.value.details()
 
 
+def two_reads_server(*, max_memory_wait_s: str, idle_read_yield_s: str) -> ServerProcess:
+    """--max-message-bytes 1 MiB: a read reserves 2 x (2 MiB + 1 MiB); the budget holds two reads."""
+    return start_server(
+        "--max-message-bytes", str(MiB), "--memory-budget-bytes", str(12 * MiB), "--stream-idle-timeout-s", "60",
+        "--max-memory-wait-s", max_memory_wait_s, "--idle-read-yield-s", idle_read_yield_s, metrics=True,
+    )  # fmt: skip
+
+
+def nothing_until(release: threading.Event) -> Iterator[pb.EvaluateRequest]:
+    """A client's request stream that sends nothing until ``release`` (at most 60 s), then ends."""
+    release.wait(60)
+    yield from ()
+
+
 @pytest.mark.parametrize("yield_s", ["0.5", "0"], ids=["idle-reads-give-way", "turned-off"])
 def test_calls_whose_clients_send_nothing_give_way_to_calls_in_line(yield_s):
     """Four calls whose clients send nothing (two EvaluateStream, two Evaluate) hold both read
     reservations the budget has and wait in line for more; a good call behind them is answered
     once the idle ones give way (idle_read_yield_s 0.5 s). Turned off, it waits max_memory_wait_s
     (6 s) and is refused: the idle calls would have held the server for stream_idle_timeout_s."""
-    # --max-message-bytes 1 MiB: a read reserves 2 x (2 MiB + 1 MiB); the budget holds two reads
-    server = start_server(
-        "--max-message-bytes", str(MiB), "--memory-budget-bytes", str(12 * MiB), "--stream-idle-timeout-s", "60",
-        "--max-memory-wait-s", "6", "--idle-read-yield-s", yield_s, metrics=True,
-    )  # fmt: skip
+    server = two_reads_server(max_memory_wait_s="6", idle_read_yield_s=yield_s)
     release = threading.Event()
-
-    def nothing():
-        release.wait(60)
-        yield from ()
-
+    nothing = functools.partial(nothing_until, release)
     try:
         with grpc.insecure_channel(server.address) as channel, concurrent.futures.ThreadPoolExecutor(4) as pool:
             stub = pb_grpc.LossServiceStub(channel)
@@ -800,16 +807,9 @@ def test_callers_in_line_for_memory_take_turns_by_connection():
     read reservations the budget has; a good call on another connection is served at the next
     turn (after idle calls give way, idle_read_yield_s 1 s), not behind all of them (14 s, past its
     max_memory_wait_s of 8 s: refused before the callers took turns)."""
-    server = start_server(
-        "--max-message-bytes", str(MiB), "--memory-budget-bytes", str(12 * MiB), "--stream-idle-timeout-s", "60",
-        "--max-memory-wait-s", "8", "--idle-read-yield-s", "1", metrics=True,
-    )  # fmt: skip
+    server = two_reads_server(max_memory_wait_s="8", idle_read_yield_s="1")
     release = threading.Event()
-
-    def nothing():
-        release.wait(60)
-        yield from ()
-
+    nothing = functools.partial(nothing_until, release)
     try:
         with grpc.insecure_channel(server.address) as channel:
             evaluate_stream_unary = channel.stream_unary("/lossd.v1.LossService/Evaluate", pb.EvaluateRequest.SerializeToString)
