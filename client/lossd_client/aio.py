@@ -84,8 +84,9 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
                 yield result
             stream.finish()
         except (grpc.RpcError, asyncio.CancelledError) as exc:
-            if write_task.done() and not write_task.cancelled() and write_task.exception() is not None:
-                raise write_task.exception() from exc
+            failed = write_task.exception() if write_task.done() and not write_task.cancelled() else None
+            if failed is not None and not isinstance(failed, grpc.RpcError):  # the caller's source, not the call
+                raise failed from exc
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise from_rpc_error(exc) from exc

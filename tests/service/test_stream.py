@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lossd_client import AsyncLossClient, InvalidArgumentError, LossClient, LossRequest, tensors
+from lossd_client import AsyncLossClient, InvalidArgumentError, LossClient, LossdError, LossRequest, tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from lossd_client.layout import MAX_PACKED_ITEMS
@@ -332,3 +332,34 @@ def test_evaluate_many_packs_at_most_the_item_limit_per_message(stream_server):
         got = list(client.evaluate_many(((x[i], t[i]) for i in range(n)), window=n, pack=n))
     want = F.cross_entropy(torch.from_numpy(x).flatten(0, 1), torch.from_numpy(t).flatten(), reduction="none")
     torch.testing.assert_close(torch.stack([torch.as_tensor(r.loss) for r in got]), want)
+
+
+def test_a_server_that_dies_mid_stream_ends_evaluate_many_with_a_lossd_error():
+    """The server process is killed while evaluate_many streams: both clients raise a LossdError
+    (the async one raised gRPC's raw AioRpcError, INTERNAL, from its writing side)."""
+
+    def endless():
+        rng = np.random.default_rng(0)
+        for _ in range(10**6):
+            yield LossRequest(rng.standard_normal((64, 100), dtype=np.float32), rng.integers(0, 100, 64))
+
+    async def main(address):
+        async with AsyncLossClient(address, timeout_s=120) as client:
+            async for _ in client.evaluate_many(endless()):
+                pass
+
+    for run in ("sync", "async"):
+        server = start_server()
+        try:
+            killer = threading.Timer(1.0, server.proc.kill)
+            killer.start()
+            with pytest.raises(LossdError):
+                if run == "sync":
+                    with LossClient(server.address, timeout_s=120) as client:
+                        for _ in client.evaluate_many(endless()):
+                            pass
+                else:
+                    asyncio.run(asyncio.wait_for(main(server.address), 120))
+            killer.join()
+        finally:
+            server.stop()
