@@ -612,6 +612,16 @@ class Merge:
         return value
 
 
+def _without_tracebacks(exc: BaseException) -> BaseException:
+    """``exc`` kept for later without its tracebacks (and its cause's), whose frames hold the
+    rejected item's arrays: 200,000 rejected items took 1 GB until they were yielded."""
+    link: BaseException | None = exc
+    while link is not None:
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return exc
+
+
 #: What :meth:`Stream.add` returns for an item the client rejected and answers itself.
 REJECTED = object()
 
@@ -654,7 +664,7 @@ class Stream:
             if not self.return_exceptions:
                 self.fail(exc)
                 return None
-            self._rejected[rid] = exc
+            self._rejected[rid] = _without_tracebacks(exc)
             self._order.append(rid)
             return REJECTED
         except Exception as exc:  # noqa: BLE001 - raised by finish(), in order

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 
 import grpc
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lossd_client import AsyncLossClient, InvalidArgumentError, LossClient, LossdError, LossRequest, tensors
+from lossd_client import AsyncLossClient, InvalidArgumentError, LossClient, LossdError, LossRequest, core, tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from lossd_client.layout import MAX_PACKED_ITEMS
@@ -363,3 +365,17 @@ def test_a_server_that_dies_mid_stream_ends_evaluate_many_with_a_lossd_error():
             killer.join()
         finally:
             server.stop()
+
+
+def test_a_rejected_item_is_kept_without_its_arrays():
+    """A rejection waits for the answers before it; kept with its traceback it held the item's
+    arrays (20,000 rejected 25 KB items: 569 MiB until they were yielded, now 10 MiB)."""
+    stream = core.Stream(window=4, pack=None, return_exceptions=True)
+    x = np.zeros((64, 100), np.float32)
+    alive = weakref.ref(x)
+    assert stream.add(LossRequest(x, np.zeros(64, np.int64), reduction="bogus")) is core.REJECTED
+    del x
+    gc.collect()
+    assert alive() is None
+    (rejection,) = stream.ready()
+    assert isinstance(rejection, InvalidArgumentError) and "reduction" in str(rejection)
