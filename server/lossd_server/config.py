@@ -41,6 +41,14 @@ class ServerConfig:
     device: str = "auto"
     cuda_memory_fraction: float = 0.0
     workers: int = 1
+    #: --workers N: a worker whose event loop has not answered the supervisor's ping for this long
+    #: is killed (SIGKILL) and replaced. A stuck loop (a deadlock, SIGSTOP) otherwise keeps being
+    #: handed new connections by the kernel, and its callers hang. The loop can legitimately be
+    #: busy: gRPC serialising a 218 MB answer holds it ~1.3 s, so the largest answer allowed
+    #: (max_send_message_bytes, 2 GiB) about 13 s; add inline batches, GC pauses and an
+    #: oversubscribed host. 30 s stays above that with room and still bounds a hang to half a
+    #: minute; 0 turns the check off.
+    worker_stall_timeout_s: float = 30.0
     max_message_bytes: int = 64 * MiB
     max_send_message_bytes: int = 2**31 - 1
     memory_budget_bytes: int = dataclasses.field(default_factory=default_memory_budget_bytes)
@@ -116,6 +124,8 @@ _HELP = {
     "device": "auto (CUDA when present), cpu, cuda or cuda:N",
     "cuda_memory_fraction": "on CUDA: the fraction of the device's memory this process may allocate (0: torch's default, all of it)",
     "workers": "server processes sharing the port (SO_REUSEPORT), each with its own event loop, batcher, engine and memory_budget_bytes / workers; 1 = one process",
+    "worker_stall_timeout_s": "with workers > 1: a worker whose event loop has not answered the supervisor for this long "
+    "(a deadlock, SIGSTOP) is killed and replaced; well above the second or two a busy loop takes (0: never)",
     "max_message_bytes": "largest request message (tensor bytes) received; bigger requests must use EvaluateChunked",
     "max_send_message_bytes": "largest answer sent; a request whose answer would be larger is refused before it is computed",
     "memory_budget_bytes": "bytes held for callers at once (messages, tensors, chunks, answers), split evenly over the workers; past it calls wait or are refused",
@@ -233,6 +243,8 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit("--max-message-bytes must be at least 1024")
     if config.max_wait_ms < 0:
         raise SystemExit("--max-wait-ms must be >= 0")
+    if config.worker_stall_timeout_s < 0:
+        raise SystemExit(f"--worker-stall-timeout-s must be >= 0 (0: off), got {config.worker_stall_timeout_s}")
     if config.workers < 1:
         raise SystemExit(f"--workers must be >= 1, got {config.workers}")
     if config.memory_budget_bytes // config.workers < 2 * config.read_reservation_bytes:

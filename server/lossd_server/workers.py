@@ -16,7 +16,8 @@ CUDA state is ever inherited through a fork) and talks to each over a pipe:
 - a worker reports ``listening`` (port, device, build labels), ``warm`` (its warm-up evaluation
   ran) or ``error`` (it could not start);
 - the supervisor sends ``serving`` (True only while every worker is warm and nobody stops), ``stop``
-  (start the drain) and ``hurry`` (skip what is left of it).
+  (start the drain), ``hurry`` (skip what is left of it) and ``ping``, which the worker's event
+  loop answers with ``pong``.
 
 A health check lands on whichever worker holds its connection, so every worker answers with the
 supervisor's decision: SERVING only when all N are warm, NOT_SERVING while one is being replaced
@@ -29,6 +30,16 @@ second group signal hurries once. The supervisor exits 0 once every worker has. 
 exits on its own is logged and replaced (at once when it had run for :data:`STABLE_S`, else after
 a backoff); its connections break, so its calls in flight end UNAVAILABLE, which the client
 retries. A worker whose supervisor is gone (its pipe closes) drains and exits.
+
+A worker that hangs is replaced too (:class:`Liveness`). Its process does not exit, so nothing
+above notices it, while the kernel keeps handing it new connections whose callers then wait for
+their deadline or for ever. The supervisor pings every listening worker four times per
+``--worker-stall-timeout-s``; the worker's event loop answers (the pipe is read by the loop, not
+by a thread, since a stuck loop is what makes callers hang; engine threads computing do not hold
+it). A worker that has sent nothing for ``--worker-stall-timeout-s`` (a deadlock, SIGSTOP) is
+logged, killed with SIGKILL (a stopped process ignores SIGTERM), health turns NOT_SERVING, and the
+exit takes the path above: replaced, counted in ``lossd_worker_restarts_total``. Not while
+stopping: a draining worker is bounded by the stop deadline instead.
 """
 
 from __future__ import annotations
@@ -79,6 +90,10 @@ class Worker:
     started: float
     listening: bool = False
     warm: bool = False
+    #: When the supervisor last heard from it (any message; monotonic): see Liveness.
+    last_sign: float = 0.0
+    #: Killed for not answering (its exit, which follows, replaces it as any exit does).
+    stalled: bool = False
 
     @property
     def pid(self) -> int:
@@ -134,6 +149,51 @@ class Restarts:
             del self.due[index]
         self.count += len(ready)
         return ready
+
+
+class Liveness:
+    """When to ping the workers and which ones stalled (``timeout_s`` without a word; 0: never).
+
+    A ping goes out every ``timeout_s / 4``, so a worker is judged on several pings it left
+    unanswered. A supervisor that did not itself run for ``timeout_s / 2`` (the whole process group
+    stopped by Ctrl-Z, a paused VM) measured nothing in that time: every worker's clock restarts
+    instead of every worker being killed on resume.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.interval_s = timeout_s / 4
+        now = time.monotonic()
+        self.next_ping = now
+        self.last_turn = now
+
+    @property
+    def enabled(self) -> bool:
+        return self.timeout_s > 0
+
+    def next_turn(self, workers: list[Worker]) -> float:
+        """When the supervisor must look again: the next ping, or a worker's silence reaching ``timeout_s``."""
+        return min([self.next_ping, *(w.last_sign + self.timeout_s for w in workers if w.listening and not w.stalled)])
+
+    def check(self, workers: list[Worker], now: float) -> list[Worker]:
+        """The listening workers silent for ``timeout_s`` (to be killed); call it on every turn."""
+        away = now - self.last_turn > self.timeout_s / 2
+        self.last_turn = now
+        if not self.enabled:
+            return []
+        watched = [w for w in workers if w.listening and not w.stalled]
+        if away:
+            for worker in watched:
+                worker.last_sign = now
+            return []
+        return [w for w in watched if now - w.last_sign >= self.timeout_s]
+
+    def ping_due(self, now: float) -> bool:
+        """Whether to ping the workers now (then the next ping is scheduled)."""
+        if not self.enabled or now < self.next_ping:
+            return False
+        self.next_ping = now + self.interval_s
+        return True
 
 
 class AggregateMetrics:
@@ -210,6 +270,7 @@ class Supervisor:
         self.serving = False
         self.announced = False
         self.stop_deadline: float | None = None
+        self.liveness = Liveness(config.worker_stall_timeout_s)
         self.exit_code = 0
         self.fatal: str | None = None
         self._signals = 0
@@ -311,11 +372,14 @@ class Supervisor:
         for obj in ready:
             if obj in sentinels:
                 self._exited(sentinels[obj])
+        self._check_liveness()
         self._restart_due()
         self._enforce_stop_deadline()
 
     def _timeout(self) -> float | None:
         times = list(self.restarts.due.values()) if not self.stopping else []
+        if self.liveness.enabled and not self.stopping:
+            times.append(self.liveness.next_turn(list(self.workers.values())))
         if self.stop_deadline is not None:
             times.append(self.stop_deadline)
         return max(0.0, min(times) - time.monotonic()) if times else None
@@ -330,6 +394,7 @@ class Supervisor:
 
     def _handle(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
+        worker.last_sign = time.monotonic()  # every message comes from the worker's event loop
         if kind == "listening":
             worker.listening = True
             self.build = message[2]
@@ -389,7 +454,10 @@ class Supervisor:
                 self.exit_code = 1
             return
         if not self.announced and self.fatal is None:
-            self.fatal = f"worker {worker.index} (pid {worker.pid}) exited with {describe_exit(code)} before it was listening"
+            if worker.stalled:
+                self.fatal = f"worker {worker.index} (pid {worker.pid}) stopped answering before every worker was listening"
+            else:
+                self.fatal = f"worker {worker.index} (pid {worker.pid}) exited with {describe_exit(code)} before it was listening"
             return
         ran = time.monotonic() - worker.started
         delay = self.restarts.schedule(worker.index, ran)
@@ -410,6 +478,31 @@ class Supervisor:
         self.workers.pop(worker.index, None)
         if self.metrics is not None:
             self.metrics.process_dead(worker.pid)
+
+    def _check_liveness(self) -> None:
+        """Kill the workers that stopped answering (their exit replaces them), then ping the others."""
+        now = time.monotonic()
+        stalled = self.liveness.check(list(self.workers.values()), now)
+        if self.stopping:
+            return  # a draining worker is bounded by the stop deadline, not by this
+        for worker in stalled:
+            log.error(
+                "worker %d (pid %d) has not answered for %.1fs (--worker-stall-timeout-s %g): its event loop is stuck or "
+                "the process is stopped; killing it (SIGKILL) to replace it",
+                worker.index,
+                worker.pid,
+                now - worker.last_sign,
+                self.liveness.timeout_s,
+            )
+            worker.stalled = True
+            worker.warm = False
+            worker.process.kill()
+        if stalled:
+            self._update_health()
+        if self.liveness.ping_due(now):
+            for worker in self.workers.values():
+                if worker.listening and not worker.stalled:
+                    worker.send(("ping",))
 
     def _restart_due(self) -> None:
         if self.stopping:
@@ -545,7 +638,9 @@ class SupervisorLink:
     def _obey(self, order: tuple) -> None:
         from .app import DRAIN, HURRY
 
-        if order[0] == "serving":
+        if order[0] == "ping":  # answered here, on the event loop: a stuck loop leaves it unanswered
+            _tell(self.conn, ("pong",))
+        elif order[0] == "serving":
             task = asyncio.ensure_future(self.lossd.set_serving(order[1]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -37,3 +37,13 @@ def test_connection_age_grace_from_flag_and_environment_and_validated() -> None:
     with pytest.raises(SystemExit, match="--max-connection-age-grace-s must be >= 0"):
         config.load(["--max-connection-age-grace-s", "-1"], environ={})
     assert "LOSSD_MAX_CONNECTION_AGE_GRACE_S" in config.parser().format_help()
+
+
+def test_worker_stall_timeout_from_flag_and_environment_and_validated() -> None:
+    assert config.load([], environ={}).worker_stall_timeout_s == 30.0
+    env = {"LOSSD_WORKER_STALL_TIMEOUT_S": "0"}
+    assert config.load([], environ=env).worker_stall_timeout_s == 0.0
+    assert config.load(["--worker-stall-timeout-s", "5"], environ=env).worker_stall_timeout_s == 5.0
+    with pytest.raises(SystemExit, match="--worker-stall-timeout-s must be >= 0"):
+        config.load(["--worker-stall-timeout-s", "-1"], environ={})
+    assert "LOSSD_WORKER_STALL_TIMEOUT_S" in config.parser().format_help()

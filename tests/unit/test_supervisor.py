@@ -102,6 +102,9 @@ class FakeConn:
     def send(self, message: tuple) -> None:
         self.sent.append(message)
 
+    def poll(self) -> bool:
+        return False
+
     def close(self) -> None:
         self.closed = True
 
@@ -193,3 +196,188 @@ def test_supervisor_collector_reports_workers_restarts_and_build():
     assert "lossd_workers 3.0" in text and "lossd_workers_ready 1.0" in text
     assert "lossd_worker_restarts_total 2.0" in text
     assert 'lossd_build_info{device="cpu",torch_version="2",version="1"} 1.0' in text
+
+
+# --------------------------------------------------------------------------- a worker that hangs
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.killed = False
+        self.exitcode: int | None = None
+
+    def kill(self) -> None:
+        self.killed = True
+        self.exitcode = -9
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self, monkeypatch) -> None:
+        self.now = 1000.0
+        monkeypatch.setattr(workers.time, "monotonic", lambda: self.now)
+
+
+def _watched(monkeypatch, stall_s: float = 8.0) -> tuple[Clock, workers.Supervisor, list[workers.Worker]]:
+    """A supervisor (on a fake clock) of two listening, warm workers that are SERVING."""
+    clock = Clock(monkeypatch)
+    sup = workers.Supervisor(ServerConfig(workers=2, drain_s=1, grace_s=2, worker_stall_timeout_s=stall_s))
+    ws = [workers.Worker(i, FakeProcess(1000 + i), FakeConn(), clock.now) for i in range(2)]
+    sup.workers = {w.index: w for w in ws}
+    sup.reservation = SimpleNamespace(port=5000)
+    for w in ws:
+        sup._handle(w, ("listening", 5000, {}))
+        sup._handle(w, ("warm",))
+    assert sup.announced
+    assert sup.serving
+    return clock, sup, ws
+
+
+def _pings(worker: workers.Worker) -> int:
+    return worker.conn.sent.count(("ping",))
+
+
+def test_a_worker_silent_for_the_stall_timeout_is_killed_health_turns_not_serving_and_it_is_replaced(monkeypatch):
+    clock, sup, (a, b) = _watched(monkeypatch, stall_s=8.0)
+    for _ in range(3):  # a ping every 2 s (stall / 4); worker 0 answers each, worker 1 none
+        sup._check_liveness()
+        sup._handle(a, ("pong",))
+        clock.now += 2.0
+    sup._check_liveness()  # 6 s of silence: not yet
+    assert not b.process.killed and sup.serving and _pings(b) == 4
+    assert 0 < sup._timeout() <= 2.0  # the supervisor wakes up for the next ping
+    sup._handle(a, ("pong",))
+    clock.now += 2.0
+    sup._check_liveness()  # 8 s: worker 1 is killed, worker 0 is not
+    assert b.process.killed and b.stalled and not a.process.killed
+    assert not sup.serving and a.conn.sent[-2:] == [("serving", False), ("ping",)] and sup.ready_count == 1
+    assert _pings(a) == 5 and _pings(b) == 4  # a killed worker is not pinged
+    sup._exited(b)  # its sentinel: the exit path replaces it like any other exit, counted
+    assert 1 not in sup.workers and sup.restarts.due == {1: clock.now + workers.RESTART_BACKOFF_S}
+    clock.now += workers.RESTART_BACKOFF_S
+    assert sup.restarts.take_due() == [1] and sup.restarts.count == 1
+    sup._check_liveness()  # the live worker is still fine
+    assert not a.process.killed
+
+
+def test_the_supervisor_wakes_up_when_a_silence_reaches_the_stall_timeout_not_only_to_ping(monkeypatch):
+    clock, sup, (a, b) = _watched(monkeypatch, stall_s=8.0)
+    sup._check_liveness()  # pings at 1000, next at 1002
+    clock.now += 1.0
+    sup._handle(a, ("pong",))
+    sup._handle(b, ("pong",))  # both answered at 1001
+    for now in (1002.0, 1004.0, 1006.0, 1008.0):  # pings every 2 s from now on; worker 1 answers no more
+        clock.now = now
+        sup._check_liveness()
+        sup._handle(a, ("pong",))
+    assert sup._timeout() == pytest.approx(1.0)  # its silence reaches 8 s at 1009, before the ping at 1010
+    clock.now = 1009.0
+    sup._check_liveness()
+    assert b.process.killed and not a.process.killed
+
+
+def test_any_message_is_a_sign_of_life_and_a_starting_worker_is_not_judged(monkeypatch):
+    clock, sup, (a, b) = _watched(monkeypatch, stall_s=8.0)
+    starting = workers.Worker(2, FakeProcess(1002), FakeConn(), clock.now)  # importing torch: not listening yet
+    sup.workers[2] = starting
+    for _ in range(20):
+        sup._check_liveness()
+        sup._handle(a, ("pong",))
+        sup._handle(b, ("warm",))
+        clock.now += 1.0
+    sup._check_liveness()
+    assert not any(w.process.killed for w in (a, b, starting)) and _pings(starting) == 0
+
+
+def test_a_stopping_supervisor_kills_no_worker_for_being_slow_and_pings_none(monkeypatch):
+    """A draining worker is bounded by the stop deadline (drain + grace + margin), not by the stall timeout."""
+    clock, sup, (a, b) = _watched(monkeypatch, stall_s=8.0)
+    sup.on_signal(15)
+    sup._relay_signals()
+    sent = [list(a.conn.sent), list(b.conn.sent)]
+    clock.now += 9.0  # under the stop deadline (1 + 2 + 15 s), over the stall timeout
+    sup._check_liveness()
+    sup._enforce_stop_deadline()
+    assert not a.process.killed and not b.process.killed and [a.conn.sent, b.conn.sent] == sent
+    assert sup._timeout() == pytest.approx(sup.stop_deadline - clock.now)  # no ping timer while stopping
+
+
+def test_a_supervisor_that_was_itself_stopped_does_not_blame_the_workers(monkeypatch):
+    """Ctrl-Z stops the whole process group; on `fg` every worker answers again: none is killed."""
+    clock, sup, (a, b) = _watched(monkeypatch, stall_s=8.0)
+    sup._check_liveness()
+    clock.now += 600.0  # nobody ran, the supervisor included
+    sup._check_liveness()
+    assert not a.process.killed and not b.process.killed and _pings(a) == 2
+    sup._handle(a, ("pong",))
+    for _ in range(4):  # worker 1 stays silent after the resume: the timeout counts from there
+        clock.now += 2.0
+        sup._check_liveness()
+        sup._handle(a, ("pong",))
+    assert b.process.killed and not a.process.killed
+
+
+def test_a_stall_timeout_of_0_never_pings_nor_kills(monkeypatch):
+    clock, sup, (a, b) = _watched(monkeypatch, stall_s=0.0)
+    for _ in range(5):
+        clock.now += 100.0
+        sup._check_liveness()
+    assert not a.process.killed and not b.process.killed and _pings(a) == _pings(b) == 0
+    assert sup._timeout() is None
+
+
+def test_the_workers_event_loop_answers_pings_while_a_thread_computes_and_not_while_it_is_blocked():
+    """SupervisorLink reads the pipe on the event loop: an engine thread busy (even holding the GIL
+    in Python code) leaves the loop free to answer; a blocked loop answers nothing until it is free."""
+    import asyncio
+    import multiprocessing
+    import threading
+
+    parent, child = multiprocessing.Pipe()
+    busy = threading.Event()
+    release = threading.Event()
+
+    def compute() -> None:  # pure Python: holds the GIL but for gRPC-style switches
+        busy.set()
+        while not release.is_set():
+            sum(range(1000))
+
+    async def worker() -> tuple[object, bool, object]:
+        loop = asyncio.get_running_loop()
+        link = workers.SupervisorLink(child, SimpleNamespace(stopping=False))
+        job = loop.run_in_executor(None, compute)
+        await loop.run_in_executor(None, busy.wait)
+        parent.send(("ping",))
+        answered = await loop.run_in_executor(None, parent.poll, 30)
+        while_computing = parent.recv() if answered else None
+        release.set()
+        await job
+        seen: dict[str, bool] = {}
+
+        def observer() -> None:  # another thread: the loop is blocked while it pings
+            assert blocked.wait(30)
+            parent.send(("ping",))
+            seen["while blocked"] = parent.poll(0.5)
+            release.set()
+
+        blocked = threading.Event()
+        release.clear()
+        watcher = threading.Thread(target=observer)
+        watcher.start()
+        loop.call_soon(lambda: (blocked.set(), release.wait(60)))  # the loop blocks in this callback
+        late = await loop.run_in_executor(None, lambda: parent.recv() if parent.poll(30) else None)
+        watcher.join(30)
+        answered_while_blocked = seen["while blocked"]
+        link.close()
+        return while_computing, answered_while_blocked, late
+
+    try:
+        while_computing, answered_while_blocked, late = asyncio.run(worker())
+    finally:
+        release.set()
+        parent.close()
+    assert while_computing == ("pong",)
+    assert not answered_while_blocked and late == ("pong",)
