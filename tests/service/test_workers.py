@@ -360,3 +360,52 @@ def test_workers_whose_supervisor_is_killed_drain_and_exit():
         assert proc.log().count("the supervisor is gone: stopping") == 2, proc.log()
     finally:
         stop_everything(proc)
+
+
+def fresh_channel_call(server, seed: int, timeout_s: float = 10.0) -> None:
+    """One Evaluate on a channel of its own (a new connection: the kernel picks its worker)."""
+    g = np.random.default_rng(seed)
+    request = LossRequest(g.standard_normal((4, 6)).astype(np.float32), g.integers(0, 6, 4))
+    with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        pb_grpc.LossServiceStub(channel).Evaluate(core.build(request)[0], timeout=timeout_s)
+
+
+def test_a_stopped_worker_is_killed_after_the_stall_timeout_and_replaced():
+    """A hung worker (SIGSTOP here, a deadlock alike) does not exit, and the kernel kept handing it
+    new connections: calls on fresh channels hung until their deadline, health checks timed out,
+    and the supervisor reported 2 ready workers for as long as it was stopped. Its event loop does
+    not answer the supervisor's pings: after --worker-stall-timeout-s it is killed and replaced."""
+    proc = start_server(*FLAGS, "--worker-stall-timeout-s", "2", metrics=True)
+    stopped = None
+    channels: dict = {}
+    try:
+        old = worker_pids(proc.log())
+        channels = channel_per_worker(proc)
+        assert health(channels[1]) == "SERVING"
+        stopped = old[0]
+        os.kill(stopped, signal.SIGSTOP)
+        wait_for(lambda: f"worker 0 (pid {stopped}) has not answered" in proc.log(), 60, "the stall to be noticed")
+        wait_for(lambda: health(channels[1]) == "NOT_SERVING", 30, "NOT_SERVING while worker 0 is replaced")
+        wait_for(lambda: worker_pids(proc.log())[0] != stopped, 60, "a new worker 0")
+        wait_for(lambda: proc.log().count("all 2 workers warm: SERVING") == 2, 120, "SERVING again")
+        wait_for(lambda: not alive(stopped), 30, "the stopped worker to be gone")
+        assert f"worker 0 (pid {stopped}) exited with signal SIGKILL" in proc.log()
+        assert health(channels[1]) == "SERVING"
+        new = worker_pids(proc.log())
+        assert new[1] == old[1] and "has not answered" not in proc.log().split(f"started (pid {new[0]})")[1]
+        assert sample(proc, "lossd_worker_restarts_total") == 1 and sample(proc, "lossd_workers_ready") == 2
+        for seed in range(12):  # every fresh connection lands on a live worker
+            fresh_channel_call(proc, seed)
+        replacement, held = client_on_both_workers(proc)  # the new worker 0 answers too
+        replacement.close()
+        assert held[0] >= 1
+        for channel in channels.values():
+            channel.close()
+        assert stop_everything(proc) == 0, proc.log()
+    finally:
+        for channel in channels.values():
+            channel.close()
+        if stopped is not None and alive(stopped):
+            os.kill(stopped, signal.SIGCONT)
+            os.kill(stopped, signal.SIGKILL)
+        stop_everything(proc)
