@@ -243,8 +243,8 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit("--max-message-bytes must be at least 1024")
     if config.max_wait_ms < 0:
         raise SystemExit("--max-wait-ms must be >= 0")
-    if config.worker_stall_timeout_s < 0:
-        raise SystemExit(f"--worker-stall-timeout-s must be >= 0 (0: off), got {config.worker_stall_timeout_s}")
+    if config.worker_stall_timeout_s < 0 or 0 < config.worker_stall_timeout_s < 1:
+        raise SystemExit(f"--worker-stall-timeout-s must be 0 (off) or at least 1, got {config.worker_stall_timeout_s}")
     if config.workers < 1:
         raise SystemExit(f"--workers must be >= 1, got {config.workers}")
     if config.memory_budget_bytes // config.workers < 2 * config.read_reservation_bytes:

@@ -44,6 +44,7 @@ def test_worker_stall_timeout_from_flag_and_environment_and_validated() -> None:
     env = {"LOSSD_WORKER_STALL_TIMEOUT_S": "0"}
     assert config.load([], environ=env).worker_stall_timeout_s == 0.0
     assert config.load(["--worker-stall-timeout-s", "5"], environ=env).worker_stall_timeout_s == 5.0
-    with pytest.raises(SystemExit, match="--worker-stall-timeout-s must be >= 0"):
-        config.load(["--worker-stall-timeout-s", "-1"], environ={})
+    for bad in ("-1", "0.001"):  # a tiny timeout would make the supervisor spin
+        with pytest.raises(SystemExit, match="--worker-stall-timeout-s must be 0 \\(off\\) or at least 1"):
+            config.load(["--worker-stall-timeout-s", bad], environ={})
     assert "LOSSD_WORKER_STALL_TIMEOUT_S" in config.parser().format_help()
