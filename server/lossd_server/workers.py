@@ -54,7 +54,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
@@ -194,6 +194,34 @@ class Liveness:
             return False
         self.next_ping = now + self.interval_s
         return True
+
+    def kill_stalled(self, workers: Iterable[Worker], now: float, *, stopping: bool) -> bool:
+        """Kill the workers silent for ``timeout_s`` (their exits replace them: marked ``stalled``
+        and not warm); whether any was. None while ``stopping``: a draining worker is bounded by
+        the stop deadline instead."""
+        stalled = self.check(list(workers), now)
+        if stopping:
+            return False
+        for worker in stalled:
+            log.error(
+                "worker %d (pid %d) has not answered for %.1fs (--worker-stall-timeout-s %g): its event loop is stuck or "
+                "the process is stopped; killing it (SIGKILL) to replace it",
+                worker.index,
+                worker.pid,
+                now - worker.last_sign,
+                self.timeout_s,
+            )
+            worker.stalled = True
+            worker.warm = False
+            worker.process.kill()
+        return bool(stalled)
+
+    def ping(self, workers: Iterable[Worker], now: float) -> None:
+        """Ping the listening workers when a ping is due."""
+        if self.ping_due(now):
+            for worker in workers:
+                if worker.listening and not worker.stalled:
+                    worker.send(("ping",))
 
 
 class AggregateMetrics:
@@ -415,21 +443,7 @@ class Supervisor:
             return
         if len(self.workers) == self.config.workers and all(w.listening for w in self.workers.values()):
             self.announced = True
-            pids = ", ".join(str(w.pid) for w in self.workers.values())
-            log.info(
-                "lossd listening on %s:%d with %d worker processes (pids %s): NOT_SERVING until every worker is warm",
-                self.config.host,
-                self.reservation.port,
-                self.config.workers,
-                pids,
-            )
-            if self.metrics is not None:
-                log.info(
-                    "metrics on http://%s:%d/metrics (every worker aggregated from %s)",
-                    self.config.metrics_host,
-                    self.metrics.port,
-                    self.metrics.directory,
-                )
+            _log_listening(self.config, self.reservation.port, list(self.workers.values()), self.metrics)
 
     def _update_health(self) -> None:
         serving = not self.stopping and len(self.workers) == self.config.workers and all(w.warm for w in self.workers.values())
@@ -454,10 +468,8 @@ class Supervisor:
                 self.exit_code = 1
             return
         if not self.announced and self.fatal is None:
-            if worker.stalled:
-                self.fatal = f"worker {worker.index} (pid {worker.pid}) stopped answering before every worker was listening"
-            else:
-                self.fatal = f"worker {worker.index} (pid {worker.pid}) exited with {describe_exit(code)} before it was listening"
+            how = "stopped answering before every worker was listening" if worker.stalled else "exited with {} before it was listening"
+            self.fatal = f"worker {worker.index} (pid {worker.pid}) " + how.format(describe_exit(code))
             return
         ran = time.monotonic() - worker.started
         delay = self.restarts.schedule(worker.index, ran)
@@ -482,27 +494,10 @@ class Supervisor:
     def _check_liveness(self) -> None:
         """Kill the workers that stopped answering (their exit replaces them), then ping the others."""
         now = time.monotonic()
-        stalled = self.liveness.check(list(self.workers.values()), now)
-        if self.stopping:
-            return  # a draining worker is bounded by the stop deadline, not by this
-        for worker in stalled:
-            log.error(
-                "worker %d (pid %d) has not answered for %.1fs (--worker-stall-timeout-s %g): its event loop is stuck or "
-                "the process is stopped; killing it (SIGKILL) to replace it",
-                worker.index,
-                worker.pid,
-                now - worker.last_sign,
-                self.liveness.timeout_s,
-            )
-            worker.stalled = True
-            worker.warm = False
-            worker.process.kill()
-        if stalled:
+        if self.liveness.kill_stalled(self.workers.values(), now, stopping=self.stopping):
             self._update_health()
-        if self.liveness.ping_due(now):
-            for worker in self.workers.values():
-                if worker.listening and not worker.stalled:
-                    worker.send(("ping",))
+        if not self.stopping:
+            self.liveness.ping(self.workers.values(), now)
 
     def _restart_due(self) -> None:
         if self.stopping:
@@ -536,6 +531,19 @@ class Supervisor:
             worker.process.join(10)
             self._forget(worker)
             self.exit_code = 1
+
+
+def _log_listening(config: ServerConfig, port: int, workers: list[Worker], metrics: AggregateMetrics | None) -> None:
+    pids = ", ".join(str(w.pid) for w in workers)
+    log.info(
+        "lossd listening on %s:%d with %d worker processes (pids %s): NOT_SERVING until every worker is warm",
+        config.host,
+        port,
+        config.workers,
+        pids,
+    )
+    if metrics is not None:
+        log.info("metrics on http://%s:%d/metrics (every worker aggregated from %s)", config.metrics_host, metrics.port, metrics.directory)
 
 
 def serve(config: ServerConfig, target: WorkerTarget | None = None) -> int:
