@@ -25,8 +25,6 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Protocol
 
 SETTING = "memory_budget_bytes"
-#: The shortest idle time after which a read gives way when many calls wait (see MemoryBudget.yield_after_s).
-MIN_YIELD_S = 0.25
 WAIT_SETTING = "max_memory_wait_s"
 YIELD_SETTING = "idle_read_yield_s"
 
@@ -152,42 +150,31 @@ class MemoryBudget:
     def read_done(self, reader: IdleReader) -> None:
         self._readers.pop(reader, None)
 
-    def yield_after_s(self, waiting: int) -> float:
-        """How long a posted read may stay idle while ``waiting`` calls wait in line:
-        idle_read_yield_s, shortened in proportion when many more calls wait than reads are
-        posted (down to MIN_YIELD_S, or the setting if lower). Each idle read holds one of the
-        few reads the budget has (46 of 258 MiB on a 12 GiB budget) for the whole time: 200
-        connections of 5 idle streams each made 2 of 3 good calls miss a 20 s deadline at 2 s."""
-        floor = min(self.idle_read_yield_s, MIN_YIELD_S)
-        return max(floor, self.idle_read_yield_s * min(1.0, len(self._readers) / max(1, waiting)))
-
     def _sweep_idle_readers(self) -> None:
-        """While calls wait in line: end the reads idle for :meth:`yield_after_s`, oldest first,
+        """While calls wait in line: end the reads idle for idle_read_yield_s, oldest first,
         until what they hold covers what the line waits for; again every quarter of that."""
         self._sweep = None
-        live = [nbytes for nbytes, waiter, *_ in self._waiters() if not waiter.done()]
-        if not live:
+        line = sum(nbytes for nbytes, waiter, *_ in self._waiters() if not waiter.done())
+        if not line:
             return
-        short = sum(live) - (self.limit_bytes - self.held_bytes)
-        after_s = self.yield_after_s(len(live))
+        short = line - (self.limit_bytes - self.held_bytes)
         now = time.monotonic()
         for reader, held in list(self._readers.items()):
             if short <= 0:
                 break
             idle = reader.idle_for(now)
-            if idle is None or idle < after_s:
+            if idle is None or idle < self.idle_read_yield_s:
                 continue
             del self._readers[reader]
             short -= held.nbytes
-            shortened = f", shortened to {after_s:.2g}s while {len(live)} calls wait" if after_s < self.idle_read_yield_s else ""
             reader.give_way(
-                f"this call gave way after its client completed no message for {idle:.1f}s ({YIELD_SETTING}={self.idle_read_yield_s:g}"
-                f"{shortened}) while other calls were in line for server memory: its read reservation of {held.nbytes} bytes of "
+                f"this call gave way after its client completed no message for {idle:.1f}s ({YIELD_SETTING}={self.idle_read_yield_s:g}) "
+                f"while other calls were in line for server memory: its read reservation of {held.nbytes} bytes of "
                 f"{SETTING}={self.limit_bytes} went to them; send the message promptly, or retry"
             )
             if self._on_yield is not None:
                 self._on_yield()
-        self._sweep = asyncio.get_running_loop().call_later(after_s / 4, self._sweep_idle_readers)
+        self._sweep = asyncio.get_running_loop().call_later(self.idle_read_yield_s / 4, self._sweep_idle_readers)
 
     def _refuse_a_deadlocked_grower(self) -> None:
         live = [entry for entry in self._waiters() if not entry[1].done()]

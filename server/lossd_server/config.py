@@ -132,7 +132,7 @@ _HELP = {
     "transport_window_bytes": "bytes gRPC's transport accepts per call before the server reads them (HTTP/2 stream window)",
     "stream_idle_timeout_s": "a call whose client sends nothing (or reads nothing) for this long ends with DEADLINE_EXCEEDED",
     "max_memory_wait_s": "longest a call waits in line for server memory (or until its deadline, if sooner) before RESOURCE_EXHAUSTED",
-    "idle_read_yield_s": "while calls wait in line for memory, a call whose client has completed no message for this long (gRPC reports whole messages only, so a slow upload counts as nothing sent) gives its read reservation to them and ends RESOURCE_EXHAUSTED; shorter, down to 0.25 s, when many more calls wait than reads are held (0: never)",
+    "idle_read_yield_s": "while calls wait in line for memory, a call whose client has completed no message for this long (gRPC reports whole messages only, so a slow upload counts as nothing sent) gives its read reservation to them and ends RESOURCE_EXHAUSTED (0: never)",
     "max_stream_in_flight": "EvaluateStream / EvaluatePacked: messages read and not yet answered per stream",
     "max_batch_rows": "a batch closes when it holds this many rows (positions)",
     "max_batch_bytes": "a batch closes when it holds this many input bytes",
