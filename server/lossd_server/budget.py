@@ -25,6 +25,9 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Protocol
 
 SETTING = "memory_budget_bytes"
+#: The caller of reservations that grow what a call in progress holds (:meth:`Reservation.grow`):
+#: served before the callers that take turns (see MemoryBudget._grant).
+GROWING = "calls in progress"
 WAIT_SETTING = "max_memory_wait_s"
 YIELD_SETTING = "idle_read_yield_s"
 
@@ -201,14 +204,18 @@ class MemoryBudget:
         gave up (cancelled, timed out) leaves it. Only the next waiter is ever served (one that
         does not fit holds the others up): order is never given up for bytes. Taking turns, one
         connection's calls cannot keep another's waiting behind all of them (500 idle streams on
-        4 connections made a good call wait 22 s, 2,000 made it fail after 60 s).
+        4 connections made a good call wait 22 s, 2,000 made it fail after 60 s). Calls in
+        progress that grow what they hold (an answer's bytes) go first: they release it all when
+        done, while behind a new read that did not fit they were refused as deadlocked (48
+        clients uploading 8-60 MiB requests on a budget of 3 reads: 848 of 902 refused).
 
         A call may wait to grow what it holds (an answer's bytes after its request's): when
         every byte held belongs to calls in line, nothing will be released, so the first of
         them that holds any is refused instead of waiting for itself (its release, when its
         call ends, serves the others)."""
         while self._lines:
-            caller, line = next(iter(self._lines.items()))
+            caller = GROWING if GROWING in self._lines else next(iter(self._lines))
+            line = self._lines[caller]
             nbytes, waiter, *_ = line[0]
             if waiter.done():
                 self._leave(line[0])
@@ -252,7 +259,7 @@ class Reservation:
         if delta <= 0:
             self.resize(nbytes, what)
             return
-        self.absorb(await self._budget.reserve(delta, what, timeout_s=timeout_s, holding=self.nbytes))
+        self.absorb(await self._budget.reserve(delta, what, timeout_s=timeout_s, holding=self.nbytes, caller=GROWING))
 
     def absorb(self, other: Reservation) -> None:
         """Take over ``other``'s bytes (the budget's total is unchanged)."""

@@ -70,6 +70,28 @@ def test_callers_in_line_take_turns_each_in_its_own_order():
     run(main())
 
 
+def test_calls_in_progress_that_grow_go_before_new_reads():
+    """A call that holds its request and needs its answer's few bytes is served before a new read
+    that does not fit: it releases everything when done. Behind it, such calls were refused as
+    deadlocked under heavy load (48 clients on a budget of 3 reads: 848 of 902 refused)."""
+
+    async def main():
+        budget = MemoryBudget(100)
+        posted_read = budget.reserve_now(60, "a posted read")
+        in_progress = budget.reserve_now(20, "a call in progress")
+        new_read = asyncio.ensure_future(budget.reserve(30, "a new read", caller="another connection"))
+        await asyncio.sleep(0)
+        assert not new_read.done() and budget.waiting == 1  # 20 free
+        await asyncio.wait_for(in_progress.grow(30, "its answer"), 1)
+        assert in_progress.nbytes == 30 and budget.held_bytes == 90 and not new_read.done()
+        in_progress.release()
+        posted_read.release()
+        (await new_read).release()
+        assert budget.held_bytes == 0 and budget.waiting == 0
+
+    run(main())
+
+
 def test_a_waiter_that_times_out_or_is_cancelled_leaves_nothing_held():
     async def main():
         budget = MemoryBudget(100)
