@@ -90,10 +90,13 @@ class Worker:
     started: float
     listening: bool = False
     warm: bool = False
-    #: When the supervisor last heard from it (any message; monotonic): see Liveness.
+    #: When the supervisor last heard from it (any message; its start until then; monotonic): see Liveness.
     last_sign: float = 0.0
     #: Killed for not answering (its exit, which follows, replaces it as any exit does).
     stalled: bool = False
+
+    def __post_init__(self) -> None:
+        self.last_sign = self.last_sign or self.started
 
     @property
     def pid(self) -> int:
@@ -151,6 +154,10 @@ class Restarts:
         return ready
 
 
+#: A starting worker (not listening yet) may stay silent this many times --worker-stall-timeout-s.
+STARTING_FACTOR = 4
+
+
 class Liveness:
     """When to ping the workers and which ones stalled (``timeout_s`` without a word; 0: never).
 
@@ -171,22 +178,28 @@ class Liveness:
     def enabled(self) -> bool:
         return self.timeout_s > 0
 
+    def limit_s(self, worker: Worker) -> float:
+        """How long ``worker`` may stay silent: ``timeout_s``; STARTING_FACTOR times that until it
+        reports listening (a new interpreter imports torch first; one stopped then was never
+        noticed, and health stayed NOT_SERVING for good)."""
+        return self.timeout_s if worker.listening else STARTING_FACTOR * self.timeout_s
+
     def next_turn(self, workers: list[Worker]) -> float:
-        """When the supervisor must look again: the next ping, or a worker's silence reaching ``timeout_s``."""
-        return min([self.next_ping, *(w.last_sign + self.timeout_s for w in workers if w.listening and not w.stalled)])
+        """When the supervisor must look again: the next ping, or a worker's silence reaching its limit."""
+        return min([self.next_ping, *(w.last_sign + self.limit_s(w) for w in workers if not w.stalled)])
 
     def check(self, workers: list[Worker], now: float) -> list[Worker]:
-        """The listening workers silent for ``timeout_s`` (to be killed); call it on every turn."""
+        """The workers silent for their :meth:`limit_s` (to be killed); call it on every turn."""
         away = now - self.last_turn > self.timeout_s / 2
         self.last_turn = now
         if not self.enabled:
             return []
-        watched = [w for w in workers if w.listening and not w.stalled]
+        watched = [w for w in workers if not w.stalled]
         if away:
             for worker in watched:
                 worker.last_sign = now
             return []
-        return [w for w in watched if now - w.last_sign >= self.timeout_s]
+        return [w for w in watched if now - w.last_sign >= self.limit_s(w)]
 
     def ping_due(self, now: float) -> bool:
         """Whether to ping the workers now (then the next ping is scheduled)."""
@@ -204,10 +217,11 @@ class Liveness:
             return False
         for worker in stalled:
             log.error(
-                "worker %d (pid %d) has not answered for %.1fs (--worker-stall-timeout-s %g): its event loop is stuck or "
+                "worker %d (pid %d) has not %s for %.1fs (--worker-stall-timeout-s %g): its event loop is stuck or "
                 "the process is stopped; killing it (SIGKILL) to replace it",
                 worker.index,
                 worker.pid,
+                "answered" if worker.listening else "reported listening",
                 now - worker.last_sign,
                 self.timeout_s,
             )

@@ -279,17 +279,25 @@ def test_the_supervisor_wakes_up_when_a_silence_reaches_the_stall_timeout_not_on
     assert b.process.killed and not a.process.killed
 
 
-def test_any_message_is_a_sign_of_life_and_a_starting_worker_is_not_judged(monkeypatch):
+def test_any_message_is_a_sign_of_life_and_a_starting_worker_gets_four_times_as_long(monkeypatch):
+    """A starting worker (importing torch, not listening yet) is not pinged and may stay silent
+    STARTING_FACTOR x the timeout; one stopped while starting was never noticed before."""
     clock, sup, (a, b) = _watched(monkeypatch, stall_s=8.0)
     starting = workers.Worker(2, FakeProcess(1002), FakeConn(), clock.now)  # importing torch: not listening yet
     sup.workers[2] = starting
-    for _ in range(20):
+    for _ in range(31):
         sup._check_liveness()
         sup._handle(a, ("pong",))
         sup._handle(b, ("warm",))
         clock.now += 1.0
     sup._check_liveness()
     assert not any(w.process.killed for w in (a, b, starting)) and _pings(starting) == 0
+    assert workers.STARTING_FACTOR * 8.0 == 32.0
+    clock.now += 1.0
+    sup._handle(a, ("pong",))
+    sup._handle(b, ("warm",))
+    sup._check_liveness()  # 32 s without "listening": killed, the others are not
+    assert starting.process.killed and starting.stalled and not a.process.killed and not b.process.killed
 
 
 def test_a_stopping_supervisor_kills_no_worker_for_being_slow_and_pings_none(monkeypatch):
