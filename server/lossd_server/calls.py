@@ -114,7 +114,7 @@ class Call:
         self.last_activity = time.monotonic()
         return received.message, held
 
-    def answered(self, held: Reservation, answer_nbytes: int):
+    def answered(self, held: Reservation, answer_nbytes: int) -> None:
         """A unary call's answer is returned: ``held`` shrinks to ``answer_nbytes`` and its bytes
         stay counted until gRPC is done with the call (its answer sent, or the call ended), not
         just until the handler returns. gRPC sends a returned answer at the client's pace and
