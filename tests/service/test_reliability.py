@@ -490,7 +490,10 @@ def test_calls_whose_clients_send_nothing_give_way_to_calls_in_line(yield_s):
             assert not gave_way and yielded == 0, idle_outcomes
         else:
             assert good == "OK", good
-            assert len(gave_way) >= 3 and yielded == len(gave_way), (yielded, idle_outcomes)
+            # the two idle calls holding the reads give way to the good call; since callers take turns
+            # by connection, the good call (its own connection) goes before the other two idle calls,
+            # which then end with the client before or after giving way in turn
+            assert len(gave_way) >= 2 and yielded == len(gave_way), (yielded, idle_outcomes)
             assert all("memory_budget_bytes=12582912" in o for o in gave_way), gave_way
         ended_by_client = [o for o in idle_outcomes if o not in gave_way]
         assert all(o == "OK" or "carried no EvaluateRequest" in o or "waited" in o for o in ended_by_client), idle_outcomes
