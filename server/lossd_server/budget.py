@@ -107,12 +107,19 @@ class MemoryBudget:
         return Reservation(self, nbytes)
 
     async def reserve(
-        self, nbytes: int, what: str, *, timeout_s: float | None = None, holding: int = 0, caller: Hashable = None
+        self,
+        nbytes: int,
+        what: str,
+        *,
+        timeout_s: float | None = None,
+        holding: int = 0,
+        caller: Hashable | Callable[[], Hashable] = None,
     ) -> Reservation:
         """Reserve, waiting in line for other calls to release; BudgetExceeded when it can never
         fit or is still waiting after ``timeout_s``. ``holding``: what the caller already holds
-        while it waits (see :meth:`Reservation.grow`). ``caller``: who asks (a connection); the
-        callers in line take turns, each in its own order."""
+        while it waits (see :meth:`Reservation.grow`). ``caller``: who asks (a connection), or a
+        function that says it, called only when the reservation must wait in line; the callers in
+        line take turns, each in its own order."""
         if nbytes + holding > self.limit_bytes:
             raise self._exceeded(nbytes + holding, what)
         if not self._lines and self._fits(nbytes):
@@ -120,6 +127,8 @@ class MemoryBudget:
             return Reservation(self, nbytes)
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
+        if callable(caller):
+            caller = caller()
         entry = (nbytes, waiter, holding, what, caller)
         self._lines.setdefault(caller, deque()).append(entry)
         if self._sweep is None and self.idle_read_yield_s > 0:

@@ -62,8 +62,6 @@ class Call:
         remaining = context.time_remaining()
         self.deadline = None if remaining is None else time.monotonic() + remaining
         self.alive = True
-        #: Who calls: the client's connection ("ipv4:127.0.0.1:50312"); callers in line for memory take turns.
-        self.peer = context.peer()
         self.last_activity = time.monotonic()
         self.read_end = False  # a read returned the end of the stream (a half-close, or a cancel)
         # the read in progress, for idle_for() and give_way(): when it was posted, what interrupts
@@ -92,7 +90,7 @@ class Call:
         for answers), so the idle timeout does not run.
         """
         held = await self.budget.reserve(
-            self.read_reservation, f"reading a {what} message", timeout_s=self.memory_wait_left_s(), caller=self.peer
+            self.read_reservation, f"reading a {what} message", timeout_s=self.memory_wait_left_s(), caller=self.context.peer
         )
         try:
             self._read_posted = time.monotonic()
