@@ -267,14 +267,7 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
     except tensors.UnsupportedTensorError as exc:
         raise InvalidArgumentError(str(exc)) from exc
     streamed = layout.target_travels_with_rows(req.loss, shape, tshape)
-    small, _ = build(replace(req, input=_EMPTY, target=_EMPTY if streamed else req.target))
-    header = pb.ChunkHeader(id=req.id, input_dtype=wire, input_shape=shape)
-    header.options.CopyFrom(small.options)
-    if streamed:
-        header.target.dtype = twire
-        header.target.shape[:] = tshape
-    else:
-        header.target.CopyFrom(small.target)
+    header = _chunk_header(req, wire, shape, twire, tshape, streamed)
     first = pb.EvaluateChunk(header=header).SerializeToString()
     if max_message_bytes is not None and len(first) > max_message_bytes:
         raise _header_too_big(header, len(first), max_message_bytes)
@@ -285,18 +278,70 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
     return row_payloads(first, data, tdata if streamed else None, rows, row_bytes, target_row_bytes, per_chunk)
 
 
+def _chunk_header(req: LossRequest, wire: int, shape: Sequence[int], twire: int, tshape: Sequence[int], streamed: bool) -> pb.ChunkHeader:
+    """EvaluateChunked's ChunkHeader: options (weights whole), input dtype and shape, and the
+    target whole (class indices) or its dtype and shape only (``streamed`` with the rows)."""
+    small, _ = build(replace(req, input=_EMPTY, target=_EMPTY if streamed else req.target))
+    header = pb.ChunkHeader(id=req.id, input_dtype=wire, input_shape=shape)
+    header.options.CopyFrom(small.options)
+    if streamed:
+        header.target.dtype = twire
+        header.target.shape[:] = tshape
+    else:
+        header.target.CopyFrom(small.target)
+    return header
+
+
+def header_parts(req: LossRequest, max_message_bytes: int) -> int:
+    """How many row parts (:func:`lossd_client.split.split_rows`) keep every part's ChunkHeader
+    within ``max_message_bytes``: 1 unless what the header carries whole and a split cuts with the
+    rows (class-index targets, BCE weights shaped like the input's rows) makes it bigger. Also 1
+    when no split helps (the request cannot be cut, or one row's share alone is too big):
+    :func:`chunk_payloads` then names what makes the header big."""
+    try:
+        if not split.splittable(req):
+            return 1
+        wire, shape, _ = tensors.as_wire_bytes(req.input)
+        twire, tshape, _ = tensors.as_wire_bytes(req.target)
+    except (tensors.UnsupportedTensorError, ValueError, TypeError):
+        return 1
+    streamed = layout.target_travels_with_rows(req.loss, shape, tshape)
+
+    def header_bytes(rows: int) -> int:
+        part = split.leading_slice(req, 0, rows)
+        part_shape = [rows, *shape[1:]]
+        part_tshape = [rows, *tshape[1:]] if tshape else tshape
+        return pb.EvaluateChunk(header=_chunk_header(part, wire, part_shape, twire, part_tshape, streamed)).ByteSize()
+
+    rows = shape[0]
+    fixed = header_bytes(0)
+    per_row = header_bytes(1) - fixed
+    if per_row <= 0 or fixed + rows * per_row <= max_message_bytes:
+        return 1
+    rows_per_part = (max_message_bytes - fixed - HEADER_GROWTH_BYTES) // per_row
+    return 1 if rows_per_part < 1 else -(-rows // rows_per_part)
+
+
+#: What a part's header may grow by beyond ``fixed + rows * per_row`` in :func:`header_parts`
+#: (longer length prefixes of its tensors' bytes and shapes).
+HEADER_GROWTH_BYTES = 64
+
+
 def _header_too_big(header: pb.ChunkHeader, size: int, max_message_bytes: int) -> InvalidArgumentError:
     """What makes a chunk header too big, named: the class-index target, or class / element
-    weights (these travel whole in the header, never with the rows)."""
+    weights (these travel in the header, never with the rows). Reached only where cutting the
+    request by rows (:func:`header_parts`) cannot make it fit."""
     weights = max(("weight", "pos_weight"), key=lambda name: getattr(header.options, name).ByteSize())
     if getattr(header.options, weights).ByteSize() > header.target.ByteSize():
         return InvalidArgumentError(
             f"options.{weights}: the chunk header (options, with the {weights} sent whole, {size} bytes) does not fit in one "
-            f"message of the server's max_message_bytes ({max_message_bytes}); split the request by rows"
+            f"message of the server's max_message_bytes ({max_message_bytes}), even with the request cut by rows; "
+            "raise the server's --max-message-bytes"
         )
     return InvalidArgumentError(
         f"target: the chunk header (options and the target sent whole, {size} bytes) does not fit in one "
-        f"message of the server's max_message_bytes ({max_message_bytes}); split the request by sequences"
+        f"message of the server's max_message_bytes ({max_message_bytes}), even with the request cut by rows where it can be; "
+        "split the request by sequences"
     )
 
 
@@ -432,7 +477,7 @@ def route(
             raise ValueError("route: a request of more than SMALL_REQUEST_BYTES needs the server's limit (see needs_server_limit)")
         if size > layout.unary_budget(server_max) or (size > chunked_above_bytes and _streams(req)):
             as_torch = tensors.is_torch_tensor(req.input)
-            parts = split.split_rows(req, parallel_streams)
+            parts = split.split_rows(req, max(parallel_streams, header_parts(req, server_max)))
             if parts is None:
                 return Call(None, chunk_payloads(req, chunk_bytes, server_max), as_torch)
             streams = [chunk_payloads(part, chunk_bytes, server_max) for part in parts]

@@ -1,5 +1,10 @@
 """One large request as several requests over parallel streams, and their answers joined exactly.
 
+A request is cut for two reasons: to spread it over ``parallel_streams`` (worker processes,
+replicas), and to keep each part's ChunkHeader within the server's message limit when what the
+header carries whole (class-index targets, BCE weights cut with the rows) is too big for one
+message (:func:`lossd_client.core.header_parts`).
+
 A request is cut along the leading axis of its input (and of its target, which must come along
 row for row) into consecutive parts, each sent as its own ``EvaluateChunked`` call over its own
 connection, so that several worker processes of one server (``--workers N``) or several replicas
@@ -121,20 +126,22 @@ def split_rows(req: LossRequest, parts: int) -> list[LossRequest] | None:
     x_shape = _shape(req.input)
     n = min(parts, x_shape[0])
     bounds = [x_shape[0] * i // n for i in range(n + 1)]
+    return [leading_slice(req, a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def leading_slice(req: LossRequest, a: int, b: int) -> LossRequest:
+    """The part of a :func:`splittable` request made of leading-axis rows ``[a, b)``: its input and
+    target rows, and its BCE weights' rows where they are cut with the input."""
+    x_shape = _shape(req.input)
     cut_weight = req.loss == layout.BCE_WITH_LOGITS and _broadcast_kind(req.weight, x_shape)
     cut_pos_weight = req.loss == layout.BCE_WITH_LOGITS and _broadcast_kind(req.pos_weight, x_shape)
-    out = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
-        out.append(
-            replace(
-                req,
-                input=req.input[a:b],
-                target=req.target[a:b],
-                weight=req.weight[a:b] if cut_weight else req.weight,
-                pos_weight=req.pos_weight[a:b] if cut_pos_weight else req.pos_weight,
-            )
-        )
-    return out
+    return replace(
+        req,
+        input=req.input[a:b],
+        target=req.target[a:b],
+        weight=req.weight[a:b] if cut_weight else req.weight,
+        pos_weight=req.pos_weight[a:b] if cut_pos_weight else req.pos_weight,
+    )
 
 
 # --------------------------------------------------------------------------- joining the answers

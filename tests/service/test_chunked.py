@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 
 import grpc
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from lossd_client import AsyncLossClient, LossClient, LossRequest, core
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from lossd_client.errors import InvalidArgumentError
@@ -192,16 +194,47 @@ def test_an_out_of_range_class_axis_is_sent_and_the_server_names_it(small, class
         small.evaluate(LossRequest(x, torch.zeros(40, 20, dtype=torch.int64), class_axis=class_axis))
 
 
-def test_a_header_too_big_for_one_message_names_what_makes_it_big(small):
-    """Weights travel whole in the chunk header: too big, the error names them, not the target."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_header_too_big_for_one_message_is_cut_by_rows(client, small, dtype, reduction):
+    """Weights shaped like the input's rows, and class-index targets, travel in the chunk header:
+    when it would not fit in one message, the request is cut by rows into parts whose headers fit
+    (here 80 KB of BCE weights and 160 KB of class indices against a 64 KiB server limit)."""
     gen = torch.Generator().manual_seed(16)
-    x, y = torch.randn(100, 200, generator=gen), torch.rand(100, 200, generator=gen)  # 160 KB with its target: chunked
-    bce = LossRequest(x, y, loss="binary_cross_entropy_with_logits", weight=torch.rand(100, 200, generator=gen))  # 80 KB
-    with pytest.raises(InvalidArgumentError, match=r"^options.weight: the chunk header .* split the request by rows"):
-        small.evaluate(bce)
-    ce = LossRequest(torch.randn(20_000, 2, generator=gen), torch.zeros(20_000, dtype=torch.int64))  # 160 KB of class indices
+    x, y = torch.randn(100, 200, generator=gen).to(dtype), torch.rand(100, 200, generator=gen).to(dtype)
+    weight, pos_weight = torch.rand(100, 200, generator=gen), torch.rand(100, 1, 200, generator=gen).squeeze(1)
+    bce = LossRequest(x, y, loss="binary_cross_entropy_with_logits", weight=weight, pos_weight=pos_weight, reduction=reduction)
+    assert core.header_parts(bce, LIMIT) > 1
+    got = small.evaluate(bce)
+    want = F.binary_cross_entropy_with_logits(x, y, weight=weight, pos_weight=pos_weight, reduction=reduction)
+    assert got.loss.dtype == want.dtype and got.loss.shape == want.shape
+    # 16-bit inputs are computed with float32 accumulation (README, "What the server computes")
+    exact = F.binary_cross_entropy_with_logits(x.float(), y.float(), weight=weight, pos_weight=pos_weight, reduction=reduction)
+    torch.testing.assert_close(got.loss, exact.to(want.dtype))
+    assert_same(got, client.evaluate(bce))  # the same answer as the request sent whole
+    for target in (torch.randint(0, 2, (20_000,), generator=gen), torch.randint(0, 2, (80_000,), generator=gen).to(torch.uint8)):
+        ce = LossRequest(
+            torch.randn(len(target), 2, generator=gen).to(dtype), target, reduction=reduction, weight=torch.tensor([0.3, 2.0]).to(dtype)
+        )
+        assert core.header_parts(ce, LIMIT) > 1
+        assert_same(small.evaluate(ce), client.evaluate(ce))
+
+
+def test_a_header_that_no_cut_makes_fit_names_what_makes_it_big(small):
+    """Weights that broadcast along the rows go whole with every part, one row's weights may alone
+    be too big, and a label-smoothed mean over class indices is never cut: the error names the field."""
+    gen = torch.Generator().manual_seed(17)
+    x, y = torch.randn(2, 20, 2_000, generator=gen), torch.rand(2, 20, 2_000, generator=gen)  # 640 KB with its target
+    for weight, why in ((torch.rand(1, 20, 2_000, generator=gen), "broadcast"), (torch.rand(2, 20, 2_000, generator=gen), "one row")):
+        bce = LossRequest(x, y, loss="binary_cross_entropy_with_logits", weight=weight)
+        assert core.header_parts(bce, LIMIT) == 1, why
+        with pytest.raises(InvalidArgumentError, match=r"^options.weight: the chunk header .* even with the request cut by rows"):
+            small.evaluate(bce)
+    ce = LossRequest(torch.randn(20_000, 2, generator=gen), torch.zeros(20_000, dtype=torch.int64), label_smoothing=0.1)
     with pytest.raises(InvalidArgumentError, match=r"^target: the chunk header"):
         small.evaluate(ce)
+    summed = small.evaluate(replace(ce, reduction="sum"))  # a sum of label-smoothed losses is cut
+    torch.testing.assert_close(summed.loss, F.cross_entropy(ce.input, ce.target, reduction="sum", label_smoothing=0.1))
 
 
 def test_a_one_dimensional_bce_request_is_cut_into_rows(client, small):
