@@ -216,6 +216,41 @@ def test_bce_with_logits_matches_torch(case: tuple[engine.LossSpec, dict[str, An
     check_case(*case)
 
 
+@st.composite
+def bce_mixed_dtypes_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
+    """float32 / float64 inputs with weights of any float dtype: torch computes ``pos_weight - 1``
+    in the pos_weight's own dtype and multiplies by the weight in the promoted dtype."""
+    dtype = draw(st.sampled_from((torch.float32, torch.float64)))
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    tensors: dict[str, Any] = {
+        "input": torch.randn(shape, generator=g, dtype=torch.float64).mul(4).to(dtype),
+        "target": torch.rand(shape, generator=g, dtype=torch.float64).to(dtype),
+    }
+    for name in ("weight", "pos_weight"):
+        wdtype = draw(st.sampled_from((None, *FLOATS)))
+        if wdtype is not None:
+            wshape = broadcastable_to(draw, shape)
+            tensors[name] = torch.rand(wshape, generator=g, dtype=torch.float64).mul(3).to(wdtype)
+    spec = engine.LossSpec(loss=engine.BCE_WITH_LOGITS, reduction=draw(st.sampled_from(engine.REDUCTIONS)))
+    return spec, tensors
+
+
+@SETTINGS
+@given(bce_mixed_dtypes_case())
+def test_bce_weights_of_other_dtypes_are_used_as_torch_uses_them(case: tuple[engine.LossSpec, dict[str, Any]]) -> None:
+    """Per-element losses bit for bit (a float16 pos_weight beside a float32 input was converted
+    to float32 before ``pos_weight - 1``: up to 1.7e-4 off, beyond assert_close)."""
+    spec, tensors = case
+    want = torch_call(spec.loss, **tensors, reduction=spec.reduction)
+    got = evaluate(spec, tensors).loss
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if spec.reduction == "none":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
 ALL_DTYPES = (*FLOATS, torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool)
 
 

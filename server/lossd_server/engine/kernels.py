@@ -241,14 +241,23 @@ def bce(plan: Plan, xu: torch.Tensor, tu: torch.Tensor, u0: int, u1: int, device
 
     When target / weight dtypes promote the result past the input dtype, torch rounds
     log_sigmoid(input) to the input dtype first: evaluating in the original dtypes keeps exactly
-    that. Otherwise everything runs in the compute dtype.
+    that. Otherwise the input and target run in the compute dtype, and the weights keep their own
+    dtype unless the input is upcast (16-bit inputs): torch computes ``pos_weight - 1`` in the
+    pos_weight's dtype and multiplies by a float64 weight in float64 before rounding, so a float16
+    pos_weight or a float64 weight beside a float32 input is not converted first.
     """
     cd = None if plan.output_dtype != plan.input_dtype else plan.compute_dtype
     x = xu.to(device=device, dtype=cd)
     t = tu.to(device=device, dtype=cd)
+    wd = cd if cd is not None and cd != plan.input_dtype else None
     kwargs = {}
     for name, w in (("weight", plan.weight), ("pos_weight", plan.pos_weight)):
-        if w is not None:
-            full = w.to(cd).expand(plan.input_shape) if plan.input_shape else w.to(cd).reshape(())
+        if w is None:
+            continue
+        w = w.to(wd)
+        if w.dim() == 0:
+            kwargs[name] = w.to(device)  # a 0-dim weight promotes as a scalar does in torch: kept 0-dim
+        else:
+            full = w.expand(plan.input_shape) if plan.input_shape else w.reshape(())
             kwargs[name] = plan.unit_view(full)[u0:u1].to(device)
     return _summed(plan, F.binary_cross_entropy_with_logits(x, t, reduction="none", **kwargs), u0, u1)
