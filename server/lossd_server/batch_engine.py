@@ -9,8 +9,10 @@ rows with the numerator and denominator torch uses (:func:`engine.class_partial`
 :meth:`engine.Plan.finish`), so a caller's ``mean`` never depends on who shared its batch.
 Fusing pays only while torch's per-call cost dominates (measured: 18 vs 32 us per 8x100 request,
 but 119 vs 92 us per 64x1000 one, the concatenation copying every byte once more); requests over
-:data:`FUSE_MAX_REQUEST_BYTES`, probability and BCE targets are evaluated one by one with
-:func:`engine.run`, which walks them in bounded row chunks through torch's own fused kernels.
+:data:`FUSE_MAX_REQUEST_BYTES`, probability and BCE targets, and K-dim inputs for torch's fused
+kernel (which is run in their own (N, C, d...) layout, not over rows: see ``Geometry.kdim``) are
+evaluated one by one with :func:`engine.run`, which walks them in bounded row chunks through
+torch's own fused kernels.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def batch_key(plan: engine.Plan, fuse_max_bytes: int = FUSE_MAX_REQUEST_BYTES) -
     """Requests with equal keys may share one fused pass; None means "evaluate alone"."""
     if plan.kind is not engine.TargetKind.CLASS or plan.input_nbytes > fuse_max_bytes:
         return None
+    if plan.fused_kernel and plan.geometry.kdim:
+        return None  # torch's kernel in the (N, C, d...) layout: its rows cannot join other rows
     spec = plan.spec
     return BatchKey(spec.loss, plan.num_classes, plan.compute_dtype, weight_key(plan.weight, plan.compute_dtype), spec.smoothing)
 

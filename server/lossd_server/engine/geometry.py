@@ -60,6 +60,12 @@ class Geometry:
         return self.units * self.unit_positions
 
     @property
+    def kdim(self) -> bool:
+        """Class indices with positions after the class axis, torch's (N, C, d1..dk) layout (even
+        when every d is 1): torch's kernel there runs along a strided class axis, not over rows."""
+        return self.kind is not TargetKind.BCE and 0 < self.class_axis < len(self.input_shape) - 1
+
+    @property
     def unit_elements(self) -> int:
         """Input elements per unit."""
         if self.kind is TargetKind.BCE:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .results import ClassTerms, Partial
-from .scratch import scratch, sum64, temporary
+from .scratch import scratch, sum64, temporary, upcast
 from .spec import CROSS_ENTROPY, TargetKind
 
 if TYPE_CHECKING:
@@ -32,9 +32,18 @@ def evaluate_chunk(plan: Plan, xu: torch.Tensor, tu: torch.Tensor | None, unit_s
             return prob_promoted(plan, xu, tu, unit_start, u1, device)
         x = plan.geometry.rows_of(xu, device, plan.compute_dtype)
         return prob(plan, x, plan.geometry.rows_of(tu, device, plan.compute_dtype), unit_start, u1)
+    r0, r1 = unit_start * plan.geometry.unit_positions, u1 * plan.geometry.unit_positions
+    if plan.fused_kernel and plan.geometry.kdim:
+        # (units, C, positions): torch's own K-dim layout. Its log_softmax along dim 1 there differs
+        # from the same logits' (rows, C) kernel by an ulp in about a fifth of the elements, so
+        # these units are not turned into rows (that transposed copy also cost twice the time)
+        x = xu.to(device, non_blocking=True)
+        upcast_copy = x.dtype != plan.compute_dtype
+        if upcast_copy:
+            x = upcast(x, plan.compute_dtype, reuse=True)
+        return class_fused(plan, x, r0, r1, unit_start, u1, overwrite=upcast_copy)
     # class-index rows are consumed before the next chunk is upcast into the same scratch buffer
     x = plan.geometry.rows_of(xu, device, plan.compute_dtype, reuse=True)
-    r0, r1 = unit_start * plan.geometry.unit_positions, u1 * plan.geometry.unit_positions
     if plan.fused_kernel:
         # upcast rows are the engine's own copy: their log-probabilities may overwrite them
         return class_fused(plan, x, r0, r1, unit_start, u1, overwrite=x.dtype != xu.dtype)
@@ -45,9 +54,12 @@ def evaluate_chunk(plan: Plan, xu: torch.Tensor, tu: torch.Tensor | None, unit_s
 def class_fused(plan: Plan, x: torch.Tensor, r0: int, r1: int, u0: int, u1: int, *, overwrite: bool = False) -> Partial:
     """Rows ``[r0, r1)`` through torch's own cross_entropy / nll_loss kernel (reduction='none'):
     per-element losses are torch's own, their float64 sum the numerator; the denominator and
-    count were taken from the targets when the plan was made."""
+    count were taken from the targets when the plan was made. ``x`` holds them as (rows, C)
+    or as (units, C, positions)."""
     t = plan.target if r0 == 0 and r1 == plan.rows else plan.target[r0:r1]
-    losses = fused_losses(plan, x, t, overwrite=overwrite)
+    if x.dim() == 3:
+        t = t.view(x.shape[0], x.shape[2])
+    losses = fused_losses(plan, x, t, overwrite=overwrite).reshape(-1)
     if r0 == 0 and r1 == plan.rows:
         weight_sum, counted = plan.target_weight_sum, plan.target_counted
     else:
@@ -57,7 +69,7 @@ def class_fused(plan: Plan, x: torch.Tensor, r0: int, r1: int, u0: int, u1: int,
 
 def fused_losses(plan: Plan, x: torch.Tensor, t: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
     """Per-row losses of (rows, C) compute-dtype logits ``x`` and their resolved class targets
-    ``t``, by torch's own kernel with the plan's loss, class weights, ignore_index and label
+    ``t`` (or of (units, C, positions) logits and (units, positions) targets), by torch's own kernel with the plan's loss, class weights, ignore_index and label
     smoothing. Row by row: rows of several plans that agree on those may be evaluated together.
 
     ``overwrite``: ``x`` is a copy nobody else reads (half / bfloat16 rows upcast to float32, rows
