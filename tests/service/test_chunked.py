@@ -246,15 +246,19 @@ def test_a_one_dimensional_bce_request_is_cut_into_rows(client, small):
     assert_same(small.evaluate(req), client.evaluate(req))
 
 
+@pytest.mark.parametrize("probabilities", [False, True])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": torch.linspace(0.5, 2.0, 21)}])
-def test_kdim_per_element_losses_are_torchs_own_whole_and_chunked(client, small, options):
+def test_kdim_per_element_losses_are_torchs_own_whole_and_chunked(client, small, options, probabilities):
     """(N, C, H, W) segmentation logits: reduction='none' gives torch's own kernel's losses bit for
     bit, sent whole and in row chunks (computed as (rows, C) they were an ulp off in about a fifth
     of the elements)."""
     gen = torch.Generator().manual_seed(21)
     x = torch.randn(6, 21, 16, 16, generator=gen) * 4  # 129 KB: chunked on the small server
-    y = torch.randint(0, 21, (6, 16, 16), generator=gen)
-    y[0, 0, :3] = -100
+    if probabilities:
+        y = torch.rand(6, 21, 16, 16, generator=gen).softmax(1)
+    else:
+        y = torch.randint(0, 21, (6, 16, 16), generator=gen)
+        y[0, 0, :3] = -100
     want = F.cross_entropy(x, y, reduction="none", **options)
     for c in (client, small):
         got = c.cross_entropy(x, y, reduction="none", **options)

@@ -360,21 +360,26 @@ def test_fused_path_leaves_the_input_alone_and_computes_half_in_float32(dtype: t
 
 @st.composite
 def kdim_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
-    """(N, C, d1..dk) inputs with class indices through torch's fused kernel (no extras)."""
+    """(N, C, d1..dk) inputs: class indices through torch's fused kernel (no extras), or class
+    probabilities."""
     dtype = draw(st.sampled_from(FLOATS))
     n, c = draw(st.integers(1, 4)), draw(st.integers(1, 40))
     dims = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=3)))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     x = torch.randn((n, c, *dims), generator=g, dtype=torch.float64).mul(draw(st.sampled_from((1.0, 8.0)))).to(dtype)
-    t = torch.randint(0, c, (n, *dims), generator=g)
-    if draw(st.booleans()):
-        t.view(-1)[:: draw(st.integers(2, 5))] = -100
+    probabilities = draw(st.booleans())
+    if probabilities:
+        t = torch.rand((n, c, *dims), generator=g, dtype=torch.float64).softmax(1).to(dtype)
+    else:
+        t = torch.randint(0, c, (n, *dims), generator=g)
+        if draw(st.booleans()):
+            t.view(-1)[:: draw(st.integers(2, 5))] = -100
     tensors: dict[str, Any] = {"input": x, "target": t}
     if draw(st.booleans()):
         tensors["weight"] = torch.rand(c, generator=g, dtype=torch.float64).mul(2).to(dtype)
-    loss = draw(st.sampled_from((engine.CROSS_ENTROPY, engine.NLL)))
+    loss = engine.CROSS_ENTROPY if probabilities else draw(st.sampled_from((engine.CROSS_ENTROPY, engine.NLL)))
     smoothing = draw(st.sampled_from((0.0, 0.1))) if loss == engine.CROSS_ENTROPY else 0.0
-    reduction = draw(st.sampled_from(("none", "sum") if smoothing else engine.REDUCTIONS))
+    reduction = draw(st.sampled_from(("none", "sum") if smoothing and not probabilities else engine.REDUCTIONS))
     return engine.LossSpec(loss=loss, reduction=reduction, label_smoothing=smoothing), tensors
 
 
@@ -383,7 +388,7 @@ def kdim_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
 def test_kdim_inputs_are_torchs_own_kernel_bit_for_bit(case: tuple[engine.LossSpec, dict[str, Any]], chunk_bytes: int) -> None:
     """Per-element losses of (N, C, d...) inputs are torch's, bit for bit, in any chunking (they
     were computed as (rows, C): an ulp off in about a fifth of float32 elements); 16-bit inputs
-    are torch's float32 kernel in the same layout, rounded."""
+    are torch's float32 maths in the same layout, rounded."""
     spec, tensors = case
     options = torch_options(spec)
     compute = torch.float64 if tensors["input"].dtype == torch.float64 else torch.float32

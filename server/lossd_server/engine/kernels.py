@@ -30,6 +30,9 @@ def evaluate_chunk(plan: Plan, xu: torch.Tensor, tu: torch.Tensor | None, unit_s
     if plan.kind is TargetKind.PROB:
         if plan.output_dtype != plan.input_dtype:
             return prob_promoted(plan, xu, tu, unit_start, u1, device)
+        if plan.geometry.kdim:  # torch's own layout, as for class indices below
+            x, p = xu.to(device=device, dtype=plan.compute_dtype), tu.to(device=device, dtype=plan.compute_dtype)
+            return prob(plan, x, p, unit_start, u1)
         x = plan.geometry.rows_of(xu, device, plan.compute_dtype)
         return prob(plan, x, plan.geometry.rows_of(tu, device, plan.compute_dtype), unit_start, u1)
     r0, r1 = unit_start * plan.geometry.unit_positions, u1 * plan.geometry.unit_positions
@@ -213,7 +216,7 @@ def _summed(plan: Plan, losses: torch.Tensor, u0: int, u1: int) -> Partial:
 
 
 def prob(plan: Plan, x: torch.Tensor, p: torch.Tensor, u0: int, u1: int) -> Partial:
-    """Class probabilities, (rows, C) logits and targets in the compute dtype."""
+    """Class probabilities, (rows, C) or (units, C, positions) logits and targets in the compute dtype."""
     ls = plan.spec.smoothing
     # chunk-sized temporaries in this thread's scratch buffers (see scratch.temporary)
     logp = torch.log_softmax(x, 1, out=temporary("log_softmax", x))
@@ -221,7 +224,8 @@ def prob(plan: Plan, x: torch.Tensor, p: torch.Tensor, u0: int, u1: int) -> Part
         p = torch.mul(p, 1 - ls, out=temporary("prob.smoothed", p)).add_(share(ls, plan.num_classes))
     prod = torch.mul(logp, p, out=temporary("prob.product", logp))
     if plan.weight is not None:
-        prod = prod.mul_(_weight_on(plan, x.device))
+        w = _weight_on(plan, x.device)
+        prod = prod.mul_(w.view(1, -1, 1) if x.dim() == 3 else w)
     return _summed(plan, -prod.sum(1), u0, u1)
 
 
