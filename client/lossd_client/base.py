@@ -130,27 +130,31 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         return len(self._connections)
 
     # ------------------------------------------------------------------ torch.nn.functional mirror
-    def cross_entropy(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100, reduction: str = "mean",
-                      label_smoothing: float = 0.0, *, size_average: bool | None = None, reduce: bool | None = None,
+    def cross_entropy(self, input: Any, target: Any, weight: Any = None, size_average: bool | None = None, ignore_index: int = -100,
+                      reduce: bool | None = None, reduction: str = "mean", label_smoothing: float = 0.0, *,
                       timeout_s: float | None = None) -> LossT:  # fmt: skip
-        """torch.nn.functional.cross_entropy, evaluated by the server (awaitable on AsyncLossClient)."""
+        """torch.nn.functional.cross_entropy, evaluated by the server (awaitable on AsyncLossClient).
+
+        The arguments are torch's, in torch's order (positional calls mean what they mean to torch).
+        """
         options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "label_smoothing": label_smoothing}
         build = functools.partial(
             core.loss_request, layout.CROSS_ENTROPY, input, target, size_average=size_average, reduce=reduce, **options
         )
         return self._run(build, timeout_s, _loss_of)
 
-    def nll_loss(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100, reduction: str = "mean", *,
-                 size_average: bool | None = None, reduce: bool | None = None, timeout_s: float | None = None) -> LossT:  # fmt: skip
-        """torch.nn.functional.nll_loss, evaluated by the server (awaitable on AsyncLossClient)."""
+    def nll_loss(self, input: Any, target: Any, weight: Any = None, size_average: bool | None = None, ignore_index: int = -100,
+                 reduce: bool | None = None, reduction: str = "mean", *, timeout_s: float | None = None) -> LossT:  # fmt: skip
+        """torch.nn.functional.nll_loss, evaluated by the server (awaitable on AsyncLossClient); torch's arguments in torch's order."""
         options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction}
         build = functools.partial(core.loss_request, layout.NLL_LOSS, input, target, size_average=size_average, reduce=reduce, **options)
         return self._run(build, timeout_s, _loss_of)
 
-    def binary_cross_entropy_with_logits(self, input: Any, target: Any, weight: Any = None, reduction: str = "mean",
-                                         pos_weight: Any = None, *, size_average: bool | None = None, reduce: bool | None = None,
+    def binary_cross_entropy_with_logits(self, input: Any, target: Any, weight: Any = None, size_average: bool | None = None,
+                                         reduce: bool | None = None, reduction: str = "mean", pos_weight: Any = None, *,
                                          timeout_s: float | None = None) -> LossT:  # fmt: skip
-        """torch.nn.functional.binary_cross_entropy_with_logits, evaluated by the server (awaitable on AsyncLossClient)."""
+        """torch.nn.functional.binary_cross_entropy_with_logits, evaluated by the server (awaitable on
+        AsyncLossClient); torch's arguments in torch's order."""
         options = {"weight": weight, "reduction": reduction, "pos_weight": pos_weight}
         build = functools.partial(
             core.loss_request, layout.BCE_WITH_LOGITS, input, target, size_average=size_average, reduce=reduce, **options

@@ -188,16 +188,23 @@ def test_stream_answers_a_bad_item_alone(stub) -> None:
 
 
 # ---------------------------------------------------------------------------- client-side arguments
-def _params(fn) -> list[str]:
+MIRRORS = ("cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "kl_div")
+
+
+def _params(fn) -> list[tuple[str, object, object]]:
+    """(name, kind, default) of each parameter but ``self`` and the client's own ``timeout_s``."""
     import inspect
 
-    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values() if p.name not in ("self", "timeout_s")]
 
 
-def test_client_methods_mirror_torch_signatures(client) -> None:
-    assert _params(client.cross_entropy) == ["input", "target", "weight", "ignore_index", "reduction", "label_smoothing"]
-    assert _params(client.nll_loss) == ["input", "target", "weight", "ignore_index", "reduction"]
-    assert _params(client.binary_cross_entropy_with_logits) == ["input", "target", "weight", "reduction", "pos_weight"]
+@pytest.mark.parametrize("fn", MIRRORS)
+def test_client_methods_mirror_torch_signatures(fn: str) -> None:
+    """Names, order, kinds and defaults are torch's, on both clients: a positional call means the same."""
+    from lossd_client import AsyncLossClient, LossClient
+
+    assert _params(getattr(LossClient, fn)) == _params(getattr(F, fn))
+    assert _params(getattr(AsyncLossClient, fn)) == _params(getattr(F, fn))
 
 
 @pytest.mark.parametrize("reduction", ["avg", "MEAN", "", None, "batchmean"])
@@ -233,16 +240,44 @@ def _no_warning_check():
     return contextlib.nullcontext()
 
 
-def test_positional_arguments_match_torch(client) -> None:
-    x, t = torch.from_numpy(X), torch.from_numpy(T)
+def _positional_calls() -> list[tuple[str, tuple]]:
+    """Calls that give every argument by position, legacy ``size_average``/``reduce`` included (torch's order)."""
+    x, t, p = torch.from_numpy(X), torch.from_numpy(T), torch.from_numpy(P)
     w = torch.tensor([0.2, 1.0, 3.0])
-    torch.testing.assert_close(
-        client.cross_entropy(x, t, w, 0, "sum", 0.25),
-        F.cross_entropy(x, t, w, ignore_index=0, reduction="sum", label_smoothing=0.25),
-    )
-    torch.testing.assert_close(client.nll_loss(x, t, w, 2, "none"), F.nll_loss(x, t, w, ignore_index=2, reduction="none"))
-    p = torch.from_numpy(P)
-    torch.testing.assert_close(
-        client.binary_cross_entropy_with_logits(x, p, w, "sum", w.flip(0)),
-        F.binary_cross_entropy_with_logits(x, p, w, reduction="sum", pos_weight=w.flip(0)),
-    )
+    lp = F.log_softmax(x, 1)
+    return [
+        ("cross_entropy", (x, t, w, None, 0, None, "sum", 0.25)),
+        ("cross_entropy", (x, t, None, 0)),  # size_average=0 ('sum'), not ignore_index=0
+        ("cross_entropy", (x, t, None, None, 2, False)),  # reduce=False: 'none'
+        ("nll_loss", (lp, t, w, None, 2, None, "none")),
+        ("nll_loss", (lp, t, None, 1)),
+        ("binary_cross_entropy_with_logits", (x, p, w, None, None, "sum", w.flip(0))),
+        ("binary_cross_entropy_with_logits", (x, p, w, False)),
+        ("kl_div", (lp, lp.flip(0), None, False, "mean", True)),
+    ]
+
+
+def _torch(fn: str, args: tuple) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():  # torch warns that size_average and reduce are deprecated
+        warnings.simplefilter("ignore")
+        return getattr(F, fn)(*args)
+
+
+def test_positional_arguments_match_torch(client) -> None:
+    for fn, args in _positional_calls():
+        torch.testing.assert_close(getattr(client, fn)(*args), _torch(fn, args), msg=lambda m, fn=fn, args=args: f"{fn}{args[2:]}: {m}")
+
+
+def test_positional_arguments_match_torch_async(server) -> None:
+    import asyncio
+
+    from lossd_client import AsyncLossClient
+
+    async def main() -> list[torch.Tensor]:
+        async with AsyncLossClient(server.address, timeout_s=60) as c:
+            return [await getattr(c, fn)(*args) for fn, args in _positional_calls()]
+
+    for (fn, args), got in zip(_positional_calls(), asyncio.run(asyncio.wait_for(main(), 60)), strict=True):
+        torch.testing.assert_close(got, _torch(fn, args), msg=lambda m, fn=fn, args=args: f"{fn}{args[2:]}: {m}")
