@@ -38,7 +38,7 @@ import numpy as np
 from . import layout, tensors
 from .client import LossClient
 from .errors import LossdError
-from .types import EvaluateResult, LossRequest
+from .types import EvaluateResult, LossRequest, exp
 
 LOGITS_KEYS = ("logits", "input", "inputs", "scores", "log_probs", "logprobs")
 TARGET_KEYS = ("targets", "target", "labels", "tokens", "input_ids")
@@ -348,7 +348,7 @@ def _summarise(
     mean = loss_sum / weight_sum if weight_sum else math.nan
     perplexity = None
     if args.loss != layout.BCE_WITH_LOGITS:
-        perplexity = math.exp(mean) if weight_sum and mean < 709 else (math.inf if weight_sum else math.nan)
+        perplexity = exp(mean)  # nan without weight (mean is nan)
     per_element = [np.asarray(r.loss) for r in results] if args.reduction == "none" else []
     return Score(
         name,
@@ -371,7 +371,7 @@ def total(scores: Sequence[Score], args: argparse.Namespace) -> Score:
     mean = loss_sum / weight_sum if weight_sum else math.nan
     perplexity = None
     if args.loss != layout.BCE_WITH_LOGITS:
-        perplexity = math.exp(mean) if weight_sum and mean < 709 else (math.inf if weight_sum else math.nan)
+        perplexity = exp(mean)  # nan without weight (mean is nan)
     return Score(
         "total", loss_sum if args.reduction == "sum" else mean, loss_sum, weight_sum, sum(s.counted for s in scores), perplexity,
         sum(s.positions for s in scores), sum(s.bytes for s in scores), sum(s.requests for s in scores), sum(s.seconds for s in scores),

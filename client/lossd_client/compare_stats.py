@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from .types import exp
+
 #: (label, fraction) of the KLD percentiles, in llama.cpp's order; 1 is the maximum, 0 the minimum.
 KLD_PERCENTILES = (
     ("Maximum", 1.0),
@@ -202,14 +204,6 @@ def _fsum(values: list[float]) -> float:
 
 
 # ---------------------------------------------------------------------------- formulas
-def _exp(x: float) -> float:
-    """exp with IEEE overflow (inf) instead of OverflowError."""
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf
-
-
 def _mean(x: np.ndarray) -> float:
     return float(np.mean(x)) if x.size else math.nan
 
@@ -312,8 +306,8 @@ def _perplexity_statistics(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     """The perplexity fields of CompareSummary from the counted NLLs of Q (``a``) and base (``b``)."""
     se_a, se_b = standard_error(a), standard_error(b)
     cov = covariance_of_means(a, b)
-    ppl_cand = Estimate(_exp(_mean(a)), _exp(_mean(a)) * se_a)
-    ppl_ref = Estimate(_exp(_mean(b)), _exp(_mean(b)) * se_b)
+    ppl_cand = Estimate(exp(_mean(a)), exp(_mean(a)) * se_a)
+    ppl_ref = Estimate(exp(_mean(b)), exp(_mean(b)) * se_b)
     ln_value = _mean(a) - _mean(b)
     ln_ratio = Estimate(ln_value, standard_error(a - b))
     var_diff = ppl_cand.error**2 + ppl_ref.error**2 - 2.0 * ppl_cand.value * ppl_ref.value * cov
@@ -322,7 +316,7 @@ def _perplexity_statistics(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
         "ppl_ref": ppl_ref,
         "ln_ppl_correlation": cov / (se_a * se_b) if se_a > 0 and se_b > 0 else math.nan,
         "ln_ppl_ratio": ln_ratio,
-        "ppl_ratio": Estimate(_exp(ln_value), _exp(ln_value) * ln_ratio.error),
+        "ppl_ratio": Estimate(exp(ln_value), exp(ln_value) * ln_ratio.error),
         "ppl_diff": Estimate(ppl_cand.value - ppl_ref.value, math.sqrt(max(var_diff, 0.0)) if not math.isnan(var_diff) else math.nan),
     }
 

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from .client import LossClient
+from .types import exp
 
 __all__ = ["LossdPerplexity", "corpus_totals"]
 
@@ -106,8 +107,7 @@ class LossdPerplexity:
         predictions = eval_pred.predictions if hasattr(eval_pred, "predictions") else eval_pred[0]
         nll_sum, tokens = corpus_totals(predictions)
         mean = nll_sum / tokens if tokens else math.nan
-        perplexity = math.nan if not tokens else (math.exp(mean) if mean < 709.0 else math.inf)
-        return {"perplexity": perplexity, "nll": mean, "tokens": tokens}
+        return {"perplexity": exp(mean), "nll": mean, "tokens": tokens}
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """``preprocess_logits_for_metrics`` and ``compute_metrics``, to splat into ``Trainer(...)``."""

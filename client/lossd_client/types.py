@@ -77,6 +77,20 @@ def exact_sum(values: Sequence[float]) -> float:
         return sum(values)
 
 
+def exp(x: float) -> float:
+    """exp(x) as float64 (numpy, torch) computes it: inf past overflow (x > ~709.78), nan for nan.
+
+    The one rule behind every perplexity the client reports (:attr:`PerplexityResult.perplexity`,
+    :mod:`lossd_client.hf`, ``lossd-client score``) and the comparison's statistics: ``math.exp``
+    raises OverflowError where torch answers inf, and a guard like ``mean < 709`` turned a NaN
+    mean into inf.
+    """
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def combine(results: Sequence[EvaluateResult]) -> float:
     """The exact mean over several results (requests, shards or replicas)."""
     total, weight = exact_sum([r.loss_sum for r in results]), exact_sum([r.weight_sum for r in results])
@@ -105,8 +119,9 @@ class PerplexityResult:
 
     @property
     def perplexity(self) -> float:
-        """Corpus perplexity: exp(total NLL / total counted tokens)."""
-        return math.exp(self.mean_nll) if self.tokens else math.nan
+        """Corpus perplexity: exp(total NLL / total counted tokens), as float64 computes it (inf past
+        overflow, nan for a nan NLL or no counted tokens: :func:`exp`)."""
+        return exp(self.mean_nll)
 
 
 @dataclass

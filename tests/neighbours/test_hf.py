@@ -51,6 +51,19 @@ def model() -> GPT2LMHeadModel:
     return m
 
 
+@pytest.mark.parametrize("nll_sum", [math.nan, 3000.0, math.inf, 4.0])
+def test_compute_metrics_perplexity_is_torchs_exp_of_the_mean(nll_sum):
+    """A NaN corpus NLL gives perplexity nan (exp(nan)), not inf; a mean past exp's overflow gives inf."""
+    scorer = LossdPerplexity("127.0.0.1:1")  # compute_metrics never calls the server
+    try:
+        got = scorer.compute_metrics((np.array([[nll_sum, 3.0], [2.0, 2.0]]), None))
+    finally:
+        scorer.close()
+    mean = torch.tensor((nll_sum + 2.0) / 5, dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor([got["nll"], got["perplexity"]], dtype=torch.float64), torch.stack([mean, mean.exp()]), equal_nan=True)
+    assert got["tokens"] == 5
+
+
 def padded_batch(lengths: list[int], seed: int) -> dict[str, torch.Tensor]:
     """Right-padded token ids, attention mask, and labels = ids with -100 on the padding."""
     g = torch.Generator().manual_seed(seed)

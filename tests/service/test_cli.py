@@ -106,6 +106,25 @@ def test_score_nll_sum_and_per_element_output(server, tmp_path):
     torch.testing.assert_close(torch.from_numpy(np.load(out)), want)
 
 
+@pytest.mark.parametrize("sure", [1000.0, math.nan])
+def test_score_perplexity_past_exp_overflow_or_of_nan_is_torchs_exp(server, tmp_path, sure):
+    """The table's perplexity (per file and total) is exp of the mean NLL as torch computes it in
+    float64: inf past overflow, nan for a NaN mean (it said inf). JSON writes both as null."""
+    logits = np.zeros((4, 3), np.float32)
+    logits[:, 0] = sure
+    target = np.array([1, 2, 1, 2])
+    paths = [tmp_path / "a.npz", tmp_path / "b.npz"]
+    for path in paths:
+        np.savez(path, logits=logits, targets=target)
+    done = run_cli("--target", server.address, "score", *map(str, paths), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines()[1:] if not line.startswith("-")]
+    assert [r.split()[0] for r in rows] == [*map(str, paths), "total"]
+    want = torch.exp(F.cross_entropy(torch.from_numpy(logits).double(), torch.from_numpy(target)))
+    for row in rows:
+        torch.testing.assert_close(torch.tensor(float(row.split()[3]), dtype=torch.float64), want, equal_nan=True)
+
+
 def test_pt_file_with_arbitrary_objects_is_refused_unexecuted(server, tmp_path):
     marker = tmp_path / "was-unpickled"
 

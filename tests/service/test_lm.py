@@ -220,6 +220,26 @@ def test_perplexity_helper(client, dtype):
         assert not torch.equal(got.token_nll, got.token_nll.to(dtype).float())
 
 
+def _torch_exp(x: float) -> float:
+    return float(torch.exp(torch.tensor(x, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("sure", [1000.0, math.nan])
+def test_perplexity_past_exp_overflow_or_of_nan_is_torchs_exp(client, sure):
+    """A corpus mean NLL above ~709.78 (a model sure of a token the text never has) or NaN (NaN
+    logits): the corpus perplexity is exp as torch computes it in float64 (inf, nan), not
+    OverflowError."""
+    logits = torch.zeros(1, 4, 3)
+    logits[..., 0] = sure
+    tokens = torch.tensor([[0, 1, 2, 1]])
+    got = client.perplexity(logits, tokens)
+    want_nll = F.cross_entropy(logits[0, :-1].double(), tokens[0, 1:])
+    torch.testing.assert_close(torch.tensor(got.mean_nll, dtype=torch.float64), want_nll, equal_nan=True)
+    assert got.perplexity == _torch_exp(got.mean_nll) or (math.isnan(got.perplexity) and math.isnan(_torch_exp(got.mean_nll)))
+    assert math.isinf(got.perplexity) if sure > 0 else math.isnan(got.perplexity)
+    np.testing.assert_array_equal(got.sequence_perplexity, [got.perplexity])
+
+
 def test_perplexity_numpy_without_shift(client):
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 6, 11)).astype(np.float32)
