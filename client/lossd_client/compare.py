@@ -88,25 +88,29 @@ def _options(inputs: CompareInputs) -> pb.CompareOptions:
         raise InvalidArgumentError(f"options: {exc}") from exc
     if top_k < 0:
         raise InvalidArgumentError(f"options.top_k: must be >= 0, got {top_k}")
+    if top_k >= 2**32:
+        raise InvalidArgumentError(f"options.top_k: {top_k} is out of uint32 range")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise InvalidArgumentError(f"options.ignore_index: {ignore_index} is out of int64 range")
     return pb.CompareOptions(ignore_index=ignore_index, shift_targets=bool(inputs.shift_targets), top_k=top_k)
 
 
 def request(inputs: CompareInputs) -> pb.CompareRequest:
     """One CompareRequest message."""
     msg = pb.CompareRequest(id=inputs.id, options=_options(inputs))
-    try:
+    with core.tensor_field("reference"):
         tensors.to_proto(inputs.reference, msg.reference)
+    with core.tensor_field("candidate"):
         tensors.to_proto(inputs.candidate, msg.candidate)
-        if inputs.tokens is not None:
+    if inputs.tokens is not None:
+        with core.tensor_field("target"):
             tensors.to_proto(inputs.tokens, msg.target)
-    except tensors.UnsupportedTensorError as exc:
-        raise InvalidArgumentError(str(exc)) from exc
     return msg
 
 
 def nbytes(inputs: CompareInputs) -> int:
     """Tensor bytes the comparison puts on the wire."""
-    return core.tensors_nbytes(inputs.reference, inputs.candidate, inputs.tokens)
+    return core.tensors_nbytes(reference=inputs.reference, candidate=inputs.candidate, target=inputs.tokens)
 
 
 def payloads(inputs: CompareInputs, chunk_bytes: int = core.DEFAULT_CHUNK_BYTES, max_message_bytes: int | None = None) -> Iterator[bytes]:
@@ -116,15 +120,15 @@ def payloads(inputs: CompareInputs, chunk_bytes: int = core.DEFAULT_CHUNK_BYTES,
     Checks everything (and raises InvalidArgumentError) before returning the iterator; rows are
     cut straight out of the caller's arrays, one copy per message.
     """
-    try:
+    with core.tensor_field("reference"):
         ref_wire, shape, ref_data = tensors.as_wire_bytes(inputs.reference)
+    with core.tensor_field("candidate"):
         cand_wire, cand_shape, cand_data = tensors.as_wire_bytes(inputs.candidate)
-        header = pb.CompareHeader(id=inputs.id, options=_options(inputs), reference_dtype=ref_wire, reference_shape=shape)
-        header.candidate_dtype, header.candidate_shape[:] = cand_wire, cand_shape
-        if inputs.tokens is not None:
+    header = pb.CompareHeader(id=inputs.id, options=_options(inputs), reference_dtype=ref_wire, reference_shape=shape)
+    header.candidate_dtype, header.candidate_shape[:] = cand_wire, cand_shape
+    if inputs.tokens is not None:
+        with core.tensor_field("target"):
             tensors.to_proto(inputs.tokens, header.target)
-    except tensors.UnsupportedTensorError as exc:
-        raise InvalidArgumentError(str(exc)) from exc
     first = pb.CompareChunk(header=header).SerializeToString()
     if max_message_bytes is not None and len(first) > max_message_bytes:
         raise InvalidArgumentError(

@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,7 +51,7 @@ def loss_request(
 ) -> LossRequest:
     """A LossRequest from torch.nn.functional's arguments (legacy ``size_average``/``reduce`` included)."""
     if size_average is not None or reduce is not None:
-        options["reduction"] = layout.legacy_reduction(size_average, reduce)
+        options["reduction"] = layout.legacy_reduction(_legacy_argument("size_average", size_average), _legacy_argument("reduce", reduce))
     return LossRequest(input, target, loss, **options)
 
 
@@ -65,65 +66,106 @@ def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool
     With a :class:`~lossd_client.shm.SharedMemoryArena`, large input/target bytes travel
     through same-host shared memory instead of inline.
     """
-    if req.loss not in layout.LOSSES:
+    if not isinstance(req.loss, str) or req.loss not in layout.LOSSES:
         raise InvalidArgumentError(f"loss: unknown loss {req.loss!r}; expected one of {', '.join(layout.LOSSES)}")
-    legacy = req.size_average is not None or req.reduce is not None
-    if req.reduction not in layout.REDUCTIONS and not legacy:  # beside the legacy keywords torch ignores it
+    size_average, reduce = _legacy_argument("size_average", req.size_average), _legacy_argument("reduce", req.reduce)
+    legacy = size_average is not None or reduce is not None
+    known = isinstance(req.reduction, str) and req.reduction in layout.REDUCTIONS
+    if not known and not legacy:  # beside the legacy keywords torch ignores it
         raise InvalidArgumentError(f"{req.reduction} is not a valid value for reduction")
+    if not isinstance(req.id, str):
+        raise InvalidArgumentError(f"id: must be str, not {type(req.id).__name__}")
     msg = pb.EvaluateRequest(id=req.id)
     options = msg.options
     options.loss = layout.LOSSES[req.loss]
-    options.reduction = layout.REDUCTIONS.get(req.reduction, pb.MEAN)
+    options.reduction = layout.REDUCTIONS[req.reduction] if known else pb.MEAN
     ignore_index, label_smoothing = _int_argument("ignore_index", req.ignore_index), _float_argument("label_smoothing", req.label_smoothing)
     if req.loss in (layout.CROSS_ENTROPY, layout.NLL_LOSS):
         options.ignore_index = ignore_index
-    options.log_target = bool(req.log_target)
-    if req.size_average is not None:
-        options.size_average = bool(req.size_average)
-    if req.reduce is not None:
-        options.reduce = bool(req.reduce)
+    options.log_target = _bool_argument("log_target", req.log_target)
+    if size_average is not None:
+        options.size_average = size_average
+    if reduce is not None:
+        options.reduce = reduce
     options.label_smoothing = label_smoothing
     if req.class_axis is not None:
-        options.class_axis = int(req.class_axis)
-    options.shift_targets = bool(req.shift_targets)
+        options.class_axis = _int_argument("class_axis", req.class_axis, bits=32)
+    options.shift_targets = _bool_argument("shift_targets", req.shift_targets)
     for name in req.extras:
-        if name not in layout.EXTRAS:
+        if not isinstance(name, str) or name not in layout.EXTRAS:
             raise InvalidArgumentError(f"extras: unknown extra {name!r}; expected one of {', '.join(layout.EXTRAS)}")
         options.extras.append(layout.EXTRAS[name])
-    options.sequence_stats = bool(req.sequence_stats)
-    try:
-        if req.weight is not None:
+    options.sequence_stats = _bool_argument("sequence_stats", req.sequence_stats)
+    if req.weight is not None:
+        with tensor_field("options.weight"):
             tensors.to_proto(req.weight, options.weight)
-        if req.pos_weight is not None:
+    if req.pos_weight is not None:
+        with tensor_field("options.pos_weight"):
             tensors.to_proto(req.pos_weight, options.pos_weight)
+    with tensor_field("input"):
         if arena is None or not arena.place(req.input, msg.input):
             tensors.to_proto(req.input, msg.input)
+    with tensor_field("target"):
         if arena is None or not arena.place(req.target, msg.target):
             tensors.to_proto(req.target, msg.target)
-    except tensors.UnsupportedTensorError as exc:
-        raise InvalidArgumentError(str(exc)) from exc
     return msg, tensors.is_torch_tensor(req.input)
 
 
-def _int_argument(name: str, value: Any) -> int:
+@contextmanager
+def tensor_field(name: str) -> Iterator[None]:
+    """Raise a value that cannot be sent as a tensor (:class:`~lossd_client.tensors.UnsupportedTensorError`:
+    its dtype, a sparse or other non-dense layout, a ragged list) as InvalidArgumentError naming the field."""
+    try:
+        yield
+    except tensors.UnsupportedTensorError as exc:
+        raise InvalidArgumentError(f"{name}: {exc}") from exc
+
+
+#: What converting a caller's value to a Python scalar may raise besides TypeError: ValueError
+#: (a numpy array of several values), RuntimeError (a torch tensor of several), OverflowError.
+_CONVERSION_ERRORS = (TypeError, ValueError, RuntimeError, OverflowError)
+
+
+def _int_argument(name: str, value: Any, bits: int = 64) -> int:
     """An integer argument as torch takes it: an int, a numpy integer or an integer 0-d tensor;
-    never a bool or a float (torch's TypeError, as InvalidArgumentError)."""
+    never a bool or a float (torch's TypeError, as InvalidArgumentError); within the wire field's
+    ``bits`` (torch: ValueError 'Overflow when unpacking long long'; protobuf: a bare ValueError)."""
     try:
         if isinstance(value, bool):
             raise TypeError
-        return operator.index(value)
-    except TypeError:
+        number = operator.index(value)
+    except _CONVERSION_ERRORS:
         raise InvalidArgumentError(f"options.{name}: argument '{name}' must be int, not {type(value).__name__}") from None
+    if not -(2 ** (bits - 1)) <= number < 2 ** (bits - 1):
+        raise InvalidArgumentError(f"options.{name}: {number} is out of int{bits} range")
+    return number
 
 
 def _float_argument(name: str, value: Any) -> float:
-    """A real argument as torch takes it: any real number, never a string or None."""
+    """A real argument as torch takes it: any real number, never a string or None; an int too
+    large for a float is refused (torch's OverflowError)."""
     try:
         if isinstance(value, (str, bytes)):
             raise TypeError
         return float(value)
-    except (TypeError, ValueError):
+    except OverflowError:
+        raise InvalidArgumentError(f"options.{name}: {value} is too large to convert to float") from None
+    except _CONVERSION_ERRORS:
         raise InvalidArgumentError(f"options.{name}: argument '{name}' must be float, not {type(value).__name__}") from None
+
+
+def _bool_argument(name: str, value: Any) -> bool:
+    """A flag by its truth value, as the client has always taken it; a value without one (an
+    array of several elements) is InvalidArgumentError naming the option."""
+    try:
+        return bool(value)
+    except _CONVERSION_ERRORS:
+        raise InvalidArgumentError(f"options.{name}: argument '{name}' must be bool, not {type(value).__name__}") from None
+
+
+def _legacy_argument(name: str, value: Any) -> bool | None:
+    """torch's deprecated ``size_average`` / ``reduce``: None (not given) or its truth value."""
+    return None if value is None else _bool_argument(name, value)
 
 
 @dataclass
@@ -149,10 +191,10 @@ def encode(req: LossRequest) -> Encoded:
     placeholders), ``input.data`` and ``target.data`` are raw fields cut from the caller's arrays.
     protobuf copies a bytes field on every assignment and again when serialising; for a 16-request
     EvaluateBatch of 64x1000 fp32 that was 8 ms of client CPU per message."""
-    try:
-        tensors_ = [tensors.as_wire_bytes(req.input), tensors.as_wire_bytes(req.target)]
-    except tensors.UnsupportedTensorError as exc:
-        raise InvalidArgumentError(str(exc)) from exc
+    with tensor_field("input"):
+        wire_input = tensors.as_wire_bytes(req.input)
+    with tensor_field("target"):
+        tensors_ = [wire_input, tensors.as_wire_bytes(req.target)]
     small, _ = build(replace(req, input=_EMPTY, target=_EMPTY))
     small.ClearField("input")
     small.ClearField("target")
@@ -207,19 +249,21 @@ _EMPTY = np.empty(0, dtype=np.float32)
 
 
 def request_nbytes(req: LossRequest) -> int:
-    """Tensor bytes the request puts on the wire, counted without serialising anything."""
-    return tensors_nbytes(req.input, req.target, req.weight, req.pos_weight)
+    """Tensor bytes the request puts on the wire, counted without serialising anything; a value
+    that is no array is InvalidArgumentError naming its field (this is the first look at them)."""
+    fields = {"input": req.input, "target": req.target, "options.weight": req.weight, "options.pos_weight": req.pos_weight}
+    return tensors_nbytes(**fields)
 
 
-def tensors_nbytes(*values: Any) -> int:
-    """Bytes of the arrays or tensors (None skipped), counted without serialising anything."""
-    return sum(_nbytes(v) for v in values if v is not None)
-
-
-def _nbytes(value: Any) -> int:
-    if tensors.is_torch_tensor(value):
-        return value.numel() * value.element_size()
-    return value.nbytes if isinstance(value, np.ndarray) else np.asarray(value).nbytes
+def tensors_nbytes(*values: Any, **named: Any) -> int:
+    """Bytes of the arrays or tensors (None skipped), counted without serialising anything; the
+    ``named`` ones are named in the InvalidArgumentError of a value that is no array."""
+    total = sum(tensors.nbytes(v) for v in values if v is not None)
+    for name, value in named.items():
+        if value is not None:
+            with tensor_field(name):
+                total += tensors.nbytes(value)
+    return total
 
 
 def _rows(loss: str, shape: Sequence[int], class_axis: int | None) -> tuple[int, int]:
@@ -261,11 +305,10 @@ def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max
     never built as one protobuf message (serialising a 256 MB message costs seconds). Each message
     stays within ``max_message_bytes`` (the server's receive limit) when given.
     """
-    try:
+    with tensor_field("input"):
         wire, shape, data = tensors.as_wire_bytes(req.input)
+    with tensor_field("target"):
         twire, tshape, tdata = tensors.as_wire_bytes(req.target)
-    except tensors.UnsupportedTensorError as exc:
-        raise InvalidArgumentError(str(exc)) from exc
     streamed = layout.target_travels_with_rows(req.loss, shape, tshape)
     header = _chunk_header(req, wire, shape, twire, tshape, streamed)
     first = pb.EvaluateChunk(header=header).SerializeToString()

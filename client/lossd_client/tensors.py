@@ -45,17 +45,47 @@ def wire_dtype_of(value: Any) -> int:
             return _TORCH_NAME_TO_WIRE[str(value.dtype)]
         except KeyError:
             raise UnsupportedTensorError(f"unsupported torch dtype {value.dtype}") from None
-    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    arr = as_array(value)
     try:
         return DTYPES[arr.dtype.name]
     except KeyError:
         raise UnsupportedTensorError(f"unsupported numpy dtype {arr.dtype}") from None
 
 
+def _dense(t: Any) -> None:
+    """Refuse a torch tensor that has no strided dense data to send (sparse, mkldnn or nested;
+    torch's losses reject them too): UnsupportedTensorError, never the RuntimeError its
+    ``contiguous()`` or ``numpy()`` raises."""
+    if t.is_nested:
+        raise UnsupportedTensorError("nested tensors are not supported; send a dense (strided) tensor")
+    if t.layout != sys.modules["torch"].strided:
+        kind = "sparse" if t.is_sparse or "sparse" in str(t.layout) else str(t.layout).removeprefix("torch.").lstrip("_")
+        raise UnsupportedTensorError(f"{kind} tensors are not supported (layout {t.layout}); send a dense tensor (.to_dense())")
+
+
+def as_array(value: Any) -> np.ndarray:
+    """``value`` as a numpy array (itself when it is one); UnsupportedTensorError for what numpy
+    cannot make an array of (ragged nested lists, ...)."""
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise UnsupportedTensorError(f"cannot be read as an array ({exc})") from None
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of an array or tensor's data, counted without copying a tensor or an array."""
+    if is_torch_tensor(value):
+        return value.numel() * value.element_size()
+    return as_array(value).nbytes
+
+
 def as_wire_bytes(value: Any) -> tuple[int, tuple[int, ...], memoryview]:
     """(wire dtype, shape, little-endian C-order bytes view) of a numpy array or torch tensor."""
     if is_torch_tensor(value):
         wire = wire_dtype_of(value)
+        _dense(value)
         t = value.detach()
         if t.device.type == "meta":
             raise UnsupportedTensorError("a meta tensor has no data to send")
@@ -72,7 +102,7 @@ def as_wire_bytes(value: Any) -> tuple[int, tuple[int, ...], memoryview]:
             arr = t.numpy()
         shape = tuple(t.shape)
     else:
-        arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+        arr = as_array(value)
         wire = wire_dtype_of(arr)
         shape = tuple(arr.shape)
         if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):

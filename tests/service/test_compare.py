@@ -247,6 +247,11 @@ def _bad_cases() -> list[tuple[str, dict[str, Any], str]]:
         ("k over the limit", {**base, "top_k": 21}, "options.top_k"),
         ("shift without targets", {**base, "tokens": None, "shift_targets": True}, "options.shift_targets"),
         ("integer logits", {**base, "reference": reference.to(torch.int32)}, "reference"),
+        ("ignore_index past int64", {**base, "ignore_index": 2**63}, "options.ignore_index"),
+        ("k past uint32", {**base, "top_k": 2**32}, "options.top_k"),
+        ("sparse reference", {**base, "reference": reference.to_sparse()}, "reference"),
+        ("sparse candidate", {**base, "candidate": candidate.to_sparse()}, "candidate"),
+        ("sparse tokens", {**base, "tokens": tokens.to_sparse()}, "target"),
     ]
 
 
@@ -254,7 +259,7 @@ def _bad_cases() -> list[tuple[str, dict[str, Any], str]]:
 @pytest.mark.parametrize(("what", "kwargs", "field"), _bad_cases(), ids=[c[0] for c in _bad_cases()])
 def test_bad_input_is_invalid_argument_naming_the_field(client, small, path, what, kwargs, field):
     kwargs = dict(kwargs)
-    if path == "chunked" and kwargs.get("top_k"):
+    if path == "chunked" and kwargs.get("top_k") == 21:
         kwargs["top_k"] = 9  # the small server's limit is 8
     c = client if path == "unary" else small
     with pytest.raises(InvalidArgumentError) as info:

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import threading
 import time
+import warnings
 import weakref
 
 import grpc
@@ -165,6 +166,78 @@ def test_items_the_client_rejects_fail_alone_with_return_exceptions(stream_serve
             return [r async for r in client.evaluate_many(items, window=8, pack=pack, return_exceptions=True)]
 
     check_all(asyncio.run(asyncio.wait_for(main(), 120)))
+
+
+def _unsendable() -> dict[str, tuple[LossRequest, str]]:
+    """Requests whose values the client cannot put on the wire (torch rejects each of them too;
+    ``class_axis`` is lossd's own), and the field its InvalidArgumentError names."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sparse CSR is 'beta'
+        return _unsendable_requests()
+
+
+def _unsendable_requests() -> dict[str, tuple[LossRequest, str]]:
+    g = torch.Generator().manual_seed(9)
+    x, t, p = torch.randn(4, 5, generator=g), torch.tensor([0, 1, 2, 3]), torch.rand(4, 5, generator=g)
+    big = torch.randn(64, 1000, generator=g)  # past SMALL_REQUEST_BYTES: the routing looks at it first
+    w = torch.rand(5, generator=g)
+    bce = "binary_cross_entropy_with_logits"
+    return {
+        "ignore_index=2**63": (LossRequest(x, t, ignore_index=2**63), "options.ignore_index: 9223372036854775808 is out of int64 range"),
+        "ignore_index=-2**63-1": (LossRequest(x, t, ignore_index=-(2**63) - 1), "options.ignore_index: .* out of int64 range"),
+        "label_smoothing=10**400": (LossRequest(x, t, label_smoothing=10**400), "options.label_smoothing: .* too large"),
+        "class_axis=2**31": (LossRequest(x, t, class_axis=2**31), "options.class_axis: 2147483648 is out of int32 range"),
+        "size_average=[True, False]": (LossRequest(x, t, size_average=torch.tensor([True, False])), "options.size_average: argument"),
+        "ragged target list": (LossRequest(x, [[0, 1], [2]]), "target: cannot be read as an array"),
+        "sparse input": (LossRequest(x.to_sparse(), t), "input: sparse tensors are not supported"),
+        "large sparse input": (LossRequest(big.to_sparse(), torch.zeros(64, dtype=torch.long)), "input: sparse tensors are not supported"),
+        "csr input": (LossRequest(x.to_sparse_csr(), t), "input: sparse tensors are not supported"),
+        "sparse target": (LossRequest(x, t.to_sparse()), "target: sparse tensors are not supported"),
+        "sparse bce target": (LossRequest(x, p.to_sparse(), bce), "target: sparse tensors are not supported"),
+        "mkldnn input": (LossRequest(x.to_mkldnn(), t), "input: mkldnn tensors are not supported"),
+        "sparse weight": (LossRequest(x, t, weight=w.to_sparse()), "options.weight: sparse tensors are not supported"),
+        "sparse pos_weight": (LossRequest(x, p, bce, pos_weight=w.to_sparse()), "options.pos_weight: sparse tensors are not supported"),
+        "csr bce weight": (LossRequest(x, p, bce, weight=p.to_sparse_csr()), "options.weight: sparse tensors are not supported"),
+    }
+
+
+def _torch_of(req: LossRequest) -> torch.Tensor:
+    kwargs = {"weight": req.weight, "size_average": req.size_average}
+    if req.loss == "cross_entropy":
+        kwargs.update(ignore_index=req.ignore_index, label_smoothing=req.label_smoothing)
+    else:
+        kwargs.update(pos_weight=req.pos_weight)
+    return getattr(F, req.loss)(req.input, req.target, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(_unsendable()))
+def test_values_the_client_cannot_send_are_invalid_arguments_answered_in_place(stream_server, name):
+    """An option out of its wire field's range or a tensor with no dense data (sparse, CSR,
+    mkldnn) as input, target, weight or pos_weight: torch rejects it, and the client rejects it
+    before sending, as InvalidArgumentError naming the field (not protobuf's ValueError or
+    torch's RuntimeError); evaluate_many(return_exceptions=True) answers it in its place."""
+    bad, what = _unsendable()[name]
+    if bad.class_axis is None:
+        with warnings.catch_warnings(), pytest.raises(Exception):  # noqa: B017 - torch's errors vary (ValueError, RuntimeError, ...)
+            warnings.simplefilter("ignore")  # sparse CSR is 'beta'
+            _torch_of(bad)
+    expected = cases(6, seed=5)
+    items = [r for r, _ in expected]
+    items[2:2] = [bad]
+    with LossClient(stream_server.address, timeout_s=60) as client:
+        with pytest.raises(InvalidArgumentError, match=f"^{what}"):
+            client.evaluate(bad)
+        results = list(client.evaluate_many(items, window=4, return_exceptions=True))
+    assert isinstance(results[2], InvalidArgumentError) and results.pop(2).details.startswith(what.split(" .*")[0]), results[2]
+    check(results, expected)
+
+    async def main():
+        async with AsyncLossClient(stream_server.address, timeout_s=60) as client:
+            return [r async for r in client.evaluate_many(items, window=4, return_exceptions=True)]
+
+    results = asyncio.run(asyncio.wait_for(main(), 60))
+    assert isinstance(results.pop(2), InvalidArgumentError)
+    check(results, expected)
 
 
 def test_empty_input(stream_server):
