@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import operator
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -560,11 +561,33 @@ def parse(response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult:
     return result
 
 
+def token_ids(tokens: Any, name: str = "tokens") -> np.ndarray:
+    """Token ids of any integer dtype (numpy or torch: int32, uint16, ... as tokenizers hand them
+    out) as an int64 numpy array (the caller's own when it is one), the one rule of the LM helpers
+    (:func:`perplexity_request`, :func:`loglikelihood_request`), which are lossd's API, not torch
+    mirrors (torch's losses take int64 or uint8 class indices only). Anything else (floats, bools,
+    uint64 past int64) is InvalidArgumentError naming ``name``."""
+    with tensor_field(name):
+        if tensors.is_torch_tensor(tokens):
+            tensors.check_dense(tokens)
+            dtype = tokens.dtype
+            integer = not (dtype.is_floating_point or dtype.is_complex or str(dtype) == "torch.bool")
+            arr = tokens.detach().cpu().to(sys.modules["torch"].int64).numpy() if integer else None
+        else:
+            arr = tensors.as_array(tokens)
+            dtype, integer = arr.dtype, arr.dtype.kind in "iu"
+    if arr is None or not integer:
+        raise InvalidArgumentError(f"{name}: expected token ids of an integer dtype, got {dtype}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) >= 2**63:
+        raise InvalidArgumentError(f"{name}: token id {int(arr.max())} is out of int64 range")
+    return arr.astype(np.int64, copy=False)
+
+
 def perplexity_request(logits: Any, tokens: Any, *, shift: bool, ignore_index: int) -> LossRequest:
     """(B, T, V) logits and (B, T) tokens -> the request behind :meth:`LossClient.perplexity`."""
     return LossRequest(
         logits,
-        tokens,
+        token_ids(tokens),
         reduction="sum",
         ignore_index=ignore_index,
         class_axis=-1,
@@ -575,12 +598,13 @@ def perplexity_request(logits: Any, tokens: Any, *, shift: bool, ignore_index: i
 
 
 def loglikelihood_request(logits: Any, tokens: Any, continuation_start: Any) -> LossRequest:
-    """Score tokens[continuation_start:] given the preceding context (lm-evaluation-harness)."""
-    if tensors.is_torch_tensor(tokens):
-        tok = tokens.detach().cpu().numpy()
-    else:
-        tok = np.asarray(tokens)
-    tok = np.array(tok, dtype=np.int64, copy=True)
+    """Score tokens[continuation_start:] given the preceding context (lm-evaluation-harness).
+
+    Every continuation token must be a token id (>= 0): one the loss would ignore (-100) would
+    silently drop out of the sum, so it is InvalidArgumentError naming ``tokens``.
+    """
+    given = token_ids(tokens)
+    tok = np.array(given, copy=True)
     if tok.ndim == 1:
         tok = tok[None, :]
     starts = np.broadcast_to(np.asarray(continuation_start, dtype=np.int64), (tok.shape[0],))
@@ -588,8 +612,15 @@ def loglikelihood_request(logits: Any, tokens: Any, continuation_start: Any) -> 
     for row, start in enumerate(starts):
         if not 1 <= start <= tok.shape[1]:
             raise InvalidArgumentError(f"continuation_start: {start} is outside [1, {tok.shape[1]}] for sequence {row}")
+        negative = np.flatnonzero(tok[row, start:] < 0)
+        if negative.size:
+            at = start + int(negative[0])
+            raise InvalidArgumentError(
+                f"tokens: continuation token {int(tok[row, at])} at sequence {row}, position {at} is not a token id "
+                "(negative: the loss would ignore it and leave it out of the log-likelihood)"
+            )
         tok[row, positions < start] = -100
-    target = tok.reshape(np.asarray(tokens).shape if not tensors.is_torch_tensor(tokens) else tuple(tokens.shape))
+    target = tok.reshape(given.shape)
     return LossRequest(logits, target, reduction="sum", class_axis=-1, shift_targets=True, sequence_stats=True, ignore_index=-100)
 
 

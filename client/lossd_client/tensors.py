@@ -52,7 +52,7 @@ def wire_dtype_of(value: Any) -> int:
         raise UnsupportedTensorError(f"unsupported numpy dtype {arr.dtype}") from None
 
 
-def _dense(t: Any) -> None:
+def check_dense(t: Any) -> None:
     """Refuse a torch tensor that has no strided dense data to send (sparse, mkldnn or nested;
     torch's losses reject them too): UnsupportedTensorError, never the RuntimeError its
     ``contiguous()`` or ``numpy()`` raises."""
@@ -85,7 +85,7 @@ def as_wire_bytes(value: Any) -> tuple[int, tuple[int, ...], memoryview]:
     """(wire dtype, shape, little-endian C-order bytes view) of a numpy array or torch tensor."""
     if is_torch_tensor(value):
         wire = wire_dtype_of(value)
-        _dense(value)
+        check_dense(value)
         t = value.detach()
         if t.device.type == "meta":
             raise UnsupportedTensorError("a meta tensor has no data to send")

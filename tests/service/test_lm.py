@@ -317,3 +317,49 @@ def test_loglikelihood_one_sequence_and_bad_start(client):
     assert bool(got.is_greedy[0]) == greedy
     with pytest.raises(InvalidArgumentError, match="continuation_start"):
         client.loglikelihood(logits, tokens, 0)
+
+
+# ---------------------------------------------------------------------------- token ids
+TOKEN_DTYPES = [torch.int64, torch.int32, torch.int16, torch.uint8, np.int32, np.uint16, np.uint8, np.int64]
+
+
+def _token_ids(tokens: torch.Tensor, dtype) -> object:
+    return tokens.to(dtype) if isinstance(dtype, torch.dtype) else tokens.numpy().astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", TOKEN_DTYPES, ids=str)
+def test_token_ids_of_any_integer_dtype_work_in_both_helpers(client, dtype):
+    """perplexity and loglikelihood take token ids of any integer dtype, numpy or torch (as int64
+    on the wire): perplexity refused int32 / int16 (and uint8 with (B, T, V) logits) that
+    loglikelihood took."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 6, 11, generator=gen)
+    tokens = torch.randint(0, 11, (2, 6), generator=gen)
+    ppl = client.perplexity(logits, _token_ids(tokens, dtype))
+    nll, seq, corpus = local_perplexity(logits, tokens)
+    torch.testing.assert_close(ppl.token_nll, nll, rtol=1e-5, atol=1e-5)
+    assert math.isclose(ppl.perplexity, corpus, rel_tol=1e-5)
+    ll = client.loglikelihood(logits, _token_ids(tokens, dtype), 2)
+    want = [harness_loglikelihood(logits[i], tokens[i], 2) for i in range(2)]
+    np.testing.assert_allclose(ll.logprob, [w[0] for w in want], rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [torch.zeros(2, 6), np.zeros((2, 6), np.float32), torch.zeros(2, 6, dtype=torch.bool)], ids=["torch-float", "numpy-float", "bool"])
+def test_token_ids_that_are_not_integers_are_rejected_by_both_helpers(client, tokens):
+    logits = torch.randn(2, 6, 11)
+    with pytest.raises(InvalidArgumentError, match="^tokens: expected token ids of an integer dtype"):
+        client.perplexity(logits, tokens)
+    with pytest.raises(InvalidArgumentError, match="^tokens: expected token ids of an integer dtype"):
+        client.loglikelihood(logits, tokens, 2)
+
+
+@pytest.mark.parametrize("bad", [-100, -1])
+def test_loglikelihood_refuses_a_continuation_token_the_loss_would_ignore(client, bad):
+    """A continuation token of -100 (ignore_index) was left out of the sum: a wrong log-likelihood
+    (the harness's gather fails on it). A negative id in the context is never scored: accepted."""
+    logits = torch.randn(1, 6, 11, generator=torch.Generator().manual_seed(2))
+    tokens = torch.tensor([[1, 2, bad, 4, 5, 6]])
+    with pytest.raises(InvalidArgumentError, match=rf"^tokens: continuation token {bad} at sequence 0, position 2"):
+        client.loglikelihood(logits, tokens, 1)
+    got = client.loglikelihood(logits, tokens, 3)
+    assert math.isclose(float(got.logprob[0]), harness_loglikelihood(logits[0], tokens[0], 3)[0], rel_tol=1e-6)
