@@ -38,7 +38,7 @@ import numpy as np
 from . import layout, tensors
 from .client import LossClient
 from .errors import LossdError
-from .types import EvaluateResult, LossRequest, exp
+from .types import EvaluateResult, LossRequest, exact_sum, exp
 
 LOGITS_KEYS = ("logits", "input", "inputs", "scores", "log_probs", "logprobs")
 TARGET_KEYS = ("targets", "target", "labels", "tokens", "input_ids")
@@ -342,8 +342,8 @@ def score_file(client: LossClient, path: Path, args: argparse.Namespace, progres
 def _summarise(
     name: str, results: Sequence[EvaluateResult], args: argparse.Namespace, positions: int, nbytes: int, seconds: float
 ) -> Score:
-    loss_sum = math.fsum(r.loss_sum for r in results)
-    weight_sum = math.fsum(r.weight_sum for r in results)
+    loss_sum = exact_sum([r.loss_sum for r in results])
+    weight_sum = exact_sum([r.weight_sum for r in results])
     counted = sum(int(r.counted) for r in results)
     mean = loss_sum / weight_sum if weight_sum else math.nan
     perplexity = None
@@ -366,8 +366,8 @@ def _summarise(
 
 
 def total(scores: Sequence[Score], args: argparse.Namespace) -> Score:
-    loss_sum = math.fsum(s.loss_sum for s in scores)
-    weight_sum = math.fsum(s.weight_sum for s in scores)
+    loss_sum = exact_sum([s.loss_sum for s in scores])
+    weight_sum = exact_sum([s.weight_sum for s in scores])
     mean = loss_sum / weight_sum if weight_sum else math.nan
     perplexity = None
     if args.loss != layout.BCE_WITH_LOGITS:

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .types import exp
+from .types import exact_sum, exp
 
 #: (label, fraction) of the KLD percentiles, in llama.cpp's order; 1 is the maximum, 0 the minimum.
 KLD_PERCENTILES = (
@@ -187,20 +187,12 @@ class CompareTotals:
 
 
 def combine_totals(parts: Sequence[CompareTotals]) -> CompareTotals:
-    """Field-wise sum (integers exactly, floats exactly rounded with math.fsum)."""
+    """Field-wise sum (integers exactly, floats exactly rounded: types.exact_sum)."""
     values = {}
     for f in fields(CompareTotals):
         column = [getattr(p, f.name) for p in parts]
-        values[f.name] = sum(column) if f.type == "int" else _fsum(column)
+        values[f.name] = sum(column) if f.type == "int" else exact_sum(column)
     return CompareTotals(**values)
-
-
-def _fsum(values: list[float]) -> float:
-    """Exactly rounded sum; IEEE semantics (inf - inf = nan, overflow = inf) when not finite."""
-    try:
-        return math.fsum(values)
-    except (ValueError, OverflowError):
-        return sum(values, 0.0)
 
 
 # ---------------------------------------------------------------------------- formulas

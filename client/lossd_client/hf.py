@@ -15,7 +15,7 @@ and keeps, per sequence, the float64 NLL sum and the number of counted tokens (s
 and accelerate's per-sample bookkeeping - concatenation across batches, gathering across
 processes, dropping the duplicated samples of a distributed sampler - stays exact). Only these
 two numbers per sequence, not the ``(B, T, V)`` logits, are accumulated over the evaluation.
-``compute_metrics`` then adds them up exactly (``math.fsum``) and returns::
+``compute_metrics`` then adds them up exactly (``types.exact_sum``: math.fsum, IEEE for infinities) and returns::
 
     eval_perplexity = exp(sum of NLL / sum of counted tokens)
     eval_nll        = sum of NLL / sum of counted tokens       (mean NLL per token, nats)
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from .client import LossClient
-from .types import exp
+from .types import exact_sum, exp
 
 __all__ = ["LossdPerplexity", "corpus_totals"]
 
@@ -60,7 +60,7 @@ def corpus_totals(predictions: Any) -> tuple[float, int]:
         rows = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in predictions]) if predictions else np.zeros((0, 2))
     else:
         rows = np.asarray(predictions, dtype=np.float64).reshape(-1, 2)
-    return math.fsum(rows[:, 0].tolist()), int(math.fsum(rows[:, 1].tolist()))
+    return exact_sum(rows[:, 0].tolist()), int(exact_sum(rows[:, 1].tolist()))
 
 
 class LossdPerplexity:

@@ -64,6 +64,16 @@ def test_compute_metrics_perplexity_is_torchs_exp_of_the_mean(nll_sum):
     assert got["tokens"] == 5
 
 
+def test_compute_metrics_of_sequences_summing_to_inf_and_minus_inf_is_nan():
+    """Sums of opposite infinities are nan, as in torch (math.fsum raised ValueError on them)."""
+    scorer = LossdPerplexity("127.0.0.1:1")  # compute_metrics never calls the server
+    try:
+        got = scorer.compute_metrics((np.array([[math.inf, 3.0], [-math.inf, 2.0]]), None))
+    finally:
+        scorer.close()
+    assert math.isnan(got["nll"]) and math.isnan(got["perplexity"]) and got["tokens"] == 5
+
+
 def padded_batch(lengths: list[int], seed: int) -> dict[str, torch.Tensor]:
     """Right-padded token ids, attention mask, and labels = ids with -100 on the padding."""
     g = torch.Generator().manual_seed(seed)
