@@ -20,7 +20,6 @@ import itertools
 import operator
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -112,14 +111,28 @@ def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool
     return msg, tensors.is_torch_tensor(req.input)
 
 
-@contextmanager
-def tensor_field(name: str) -> Iterator[None]:
+class _NamedField:
+    """The context manager of :func:`tensor_field` (a class: a generator-based one cost 2 us per
+    use, four uses per request on evaluate_many's path)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if kind is not None and issubclass(kind, tensors.UnsupportedTensorError):
+            raise InvalidArgumentError(f"{self.name}: {exc}") from exc
+        return False
+
+
+def tensor_field(name: str) -> _NamedField:
     """Raise a value that cannot be sent as a tensor (:class:`~lossd_client.tensors.UnsupportedTensorError`:
     its dtype, a sparse or other non-dense layout, a ragged list) as InvalidArgumentError naming the field."""
-    try:
-        yield
-    except tensors.UnsupportedTensorError as exc:
-        raise InvalidArgumentError(f"{name}: {exc}") from exc
+    return _NamedField(name)
 
 
 #: What converting a caller's value to a Python scalar may raise besides TypeError: ValueError
