@@ -30,12 +30,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from . import batch_engine, engine
 from .config import ServerConfig
+
+if TYPE_CHECKING:
+    from .budget import Reservation
 
 
 class QueueFull(Exception):
@@ -157,8 +160,11 @@ class Batcher:
             executor, self._executor = self._executor, None
             await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
 
-    async def run_in_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` on an engine thread (EvaluateChunked uses it for its row chunks)."""
+    async def run_in_engine(self, fn: Callable[..., Any], *args: Any, held: Reservation | None = None) -> Any:
+        """Run ``fn(*args)`` on an engine thread (EvaluateChunked uses it for its row chunks);
+        ``held``: the reservation that counts its memory (see Reservation.run_in_thread)."""
+        if held is not None:
+            return await held.run_in_thread(fn, *args, executor=self._executor)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def compute_soon(self, fn: Callable[[], Any], nbytes: int) -> asyncio.Future:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from typing import Protocol
+from concurrent.futures import Executor
+from typing import Protocol, TypeVar
 
 SETTING = "memory_budget_bytes"
 #: The caller of reservations that grow what a call in progress holds (:meth:`Reservation.grow`):
@@ -30,6 +32,7 @@ SETTING = "memory_budget_bytes"
 GROWING = "calls in progress"
 WAIT_SETTING = "max_memory_wait_s"
 YIELD_SETTING = "idle_read_yield_s"
+T = TypeVar("T")
 
 
 class IdleReader(Protocol):
@@ -285,3 +288,22 @@ class Reservation:
         if self.nbytes:
             nbytes, self.nbytes = self.nbytes, 0
             self._budget._give(nbytes)
+
+    async def run_in_thread(self, fn: Callable[..., T], *args: object, executor: Executor | None = None) -> T:
+        """``fn(*args)`` on a thread of ``executor`` (asyncio's default one when None), for work
+        whose memory these bytes count. A cancelled caller cannot stop the thread: its bytes then
+        move out of this reservation and stay counted until the thread ends. (Released at the
+        cancel instead, the shared-memory copies of cancelled calls ran on outside the budget:
+        8 callers cancelling 256 MiB copies took a server with a 1.2 GB budget to 2.9 GB of RSS.)"""
+        return await self.kept_until_done(asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args)))
+
+    async def kept_until_done(self, work: asyncio.Future[T]) -> T:
+        """Await ``work`` (a thread's outcome); should the caller be cancelled first, these bytes
+        move out of this reservation and stay counted until ``work`` ends."""
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not work.done():
+                kept = self.moved()
+                work.add_done_callback(lambda done: (kept.release(), done.cancelled() or done.exception()))
+            raise

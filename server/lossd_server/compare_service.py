@@ -14,7 +14,6 @@ engine thread), never batched with other requests.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from typing import TYPE_CHECKING
 
@@ -90,7 +89,7 @@ class CompareRpcs:
         advice = "send comparisons this large with the client-streaming CompareChunked RPC, which lossd_client does by itself"
         nbytes = _within(sum(len(t.data) for t in tensors), cfg.max_message_bytes, "the request's tensors", "max_message_bytes", advice)
         decode = functools.partial(compare_convert.decode_request, request, cfg.max_top_k, servicer.shm_reader)
-        decoded = await asyncio.to_thread(decode) if shm_bytes else decode()  # copying shared memory takes a while
+        decoded = await held.run_in_thread(decode) if shm_bytes else decode()  # copying shared memory takes a while
         plan = decoded.plan
         answer = _answer_size(plan, cfg.max_send_message_bytes)
         await held.grow(
@@ -107,9 +106,9 @@ class CompareRpcs:
             checkpoint=call.checkpoint,
         )
         del decoded
-        result = await servicer.batcher.compute_soon(work, COMPARE_COST * (nbytes + shm_bytes))
+        result = await held.kept_until_done(servicer.batcher.compute_soon(work, COMPARE_COST * (nbytes + shm_bytes)))
         del work
-        response = await service.encode_answer(compare_convert.encode_result, request.id, result, answer, cfg.inline_batch_bytes)
+        response = await service.encode_answer(compare_convert.encode_result, request.id, result, answer, cfg.inline_batch_bytes, held)
         held.resize(service.ANSWER_COPIES * answer, "the answer")
         return response
 
@@ -124,11 +123,11 @@ class CompareRpcs:
             parts = await self.servicer._stream_chunks(call, assembler, first, "CompareChunk")
             del first
             assembler.check_complete()
-            result = await self.servicer.batcher.run_in_engine(assembler.finish, parts)
+            result = await self.servicer.batcher.run_in_engine(assembler.finish, parts, held=header_held)
             parts.clear()
             answer = assembler.plan.answer_nbytes()
             response = await service.encode_answer(
-                compare_convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes
+                compare_convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes, header_held
             )
             call.answered(header_held, service.ANSWER_COPIES * answer)
             return response

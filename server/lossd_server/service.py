@@ -64,12 +64,13 @@ def check_answer_size(plan: engine.Plan, max_send_message_bytes: int) -> int:
     return size
 
 
-async def encode_answer(encode: Callable, request_id: str, result: object, answer_nbytes: int, inline_bytes: int):
+async def encode_answer(encode: Callable, request_id: str, result: object, answer_nbytes: int, inline_bytes: int, held: Reservation):
     """``encode(request_id, result)``, on a thread when the answer's size bound ``answer_nbytes``
     is over ``inline_bytes`` (--inline-batch-bytes): hundreds of MB held the event loop (health
-    checks included) for seconds."""
+    checks included) for seconds. ``held`` counts the answer (and stays counted until the
+    encoding ends, should the call be cancelled meanwhile)."""
     if answer_nbytes > inline_bytes:
-        return await asyncio.to_thread(encode, request_id, result)
+        return await held.run_in_thread(encode, request_id, result)
     return encode(request_id, result)
 
 
@@ -141,7 +142,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
         check_message_size(request, self.config.max_message_bytes)
         if shm_bytes:  # copying a shared-memory segment takes a while: not on the event loop
-            job = await asyncio.to_thread(convert.decode_request, request, self.shm_reader)
+            job = await held.run_in_thread(convert.decode_request, request, self.shm_reader)
         else:
             job = convert.decode_request(request, self.shm_reader)
         plan = job.plan
@@ -163,7 +164,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         result = await self.batcher.submit(job.plan, job.input, job.target, deadline=call.deadline, sole_call=self.calls.active == 1)
         del job
         response = await encode_answer(
-            convert.encode_result, request.id, result, answer_bytes // ANSWER_COPIES, self.config.inline_batch_bytes
+            convert.encode_result, request.id, result, answer_bytes // ANSWER_COPIES, self.config.inline_batch_bytes, held
         )
         held.resize(answer_bytes, "the answer")
         return response
@@ -243,10 +244,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             partials = await self._stream_chunks(call, assembler, first)
             del first
             assembler.check_complete()
-            result = await self.batcher.run_in_engine(assembler.finish, partials)
+            result = await self.batcher.run_in_engine(assembler.finish, partials, held=header_held)
             partials.clear()
             answer = assembler.plan.answer_nbytes()
-            response = await encode_answer(convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes)
+            response = await encode_answer(convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes, header_held)
             call.answered(header_held, ANSWER_COPIES * answer)
             return response
         finally:
@@ -261,7 +262,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         shm = codec.shm_nbytes({"header.target": target, "options.weight": options.weight, "options.pos_weight": options.pos_weight})
         if shm:  # reserved before they are copied, and copied off the event loop
             header_held.resize(header_held.nbytes + shm, "shared-memory header tensors")
-            assembler = await asyncio.to_thread(ChunkAssembler, first.header, self.shm_reader)
+            assembler = await header_held.run_in_thread(ChunkAssembler, first.header, self.shm_reader)
         else:
             assembler = ChunkAssembler(first.header, self.shm_reader)
         plan = assembler.plan

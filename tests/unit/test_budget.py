@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from lossd_server.budget import BudgetExceeded, MemoryBudget
@@ -269,5 +270,39 @@ def test_calls_that_all_wait_to_grow_are_refused_one_by_one_instead_of_waiting_f
         assert b.nbytes == 70 and budget.held_bytes == 70 and budget.waiting == 0
         b.release()
         assert budget.held_bytes == 0
+
+    run(main())
+
+
+def test_work_on_a_thread_keeps_its_bytes_counted_until_it_ends_even_when_its_caller_is_cancelled():
+    """A thread cannot be stopped: the bytes of a cancelled caller's thread work (a shared-memory
+    copy, an answer being encoded) stay counted until the thread ends, not until the cancel."""
+
+    async def main():
+        budget = MemoryBudget(100)
+        held = await budget.reserve(60, "a shared-memory copy")
+        started, finish = threading.Event(), threading.Event()
+
+        def copy() -> str:
+            started.set()
+            finish.wait(30)
+            return "copied"
+
+        caller = asyncio.ensure_future(held.run_in_thread(copy))
+        await asyncio.to_thread(started.wait, 30)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        held.release()  # what the call's handler does on its way out
+        assert budget.held_bytes == 60  # still copying
+        finish.set()
+        for _ in range(200):  # until the thread's outcome reaches the loop
+            if budget.held_bytes == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert budget.held_bytes == 0
+        again = await budget.reserve(30, "another")
+        assert await again.run_in_thread(lambda: 7) == 7 and budget.held_bytes == 30  # a finished call keeps its bytes
+        again.release()
 
     run(main())
