@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
-from . import engine
+from . import engine, unary_reads
 from .batcher import Batcher
 from .budget import MemoryBudget
 from .config import ServerConfig
@@ -238,7 +238,7 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
     servicer = LossServicer(config, device, batcher, budget, shm_reader)
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_generic_rpc_handlers((unary_reads.health_handlers(health_servicer, config.stream_idle_timeout_s),))
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )

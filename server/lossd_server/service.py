@@ -21,7 +21,7 @@ import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
-from . import __version__, batch_engine, codec, compare_service, convert, engine, wire
+from . import __version__, batch_engine, codec, compare_service, convert, engine, unary_reads, wire
 from .batcher import Batcher
 from .budget import MemoryBudget, Reservation
 from .calls import Call, CallTracker, serve_stream
@@ -363,7 +363,8 @@ def _shm_nbytes(request: wire.WireRequest) -> int:
 
 def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
     """Register the servicer. Every method reads its messages itself (see Call.read), so the
-    unary Evaluate is registered as client-streaming: same wire, but the read waits for budget."""
+    unary Evaluate is registered as client-streaming: same wire, but the read waits for budget;
+    GetServerInfo reads its (empty) request through :mod:`.unary_reads`."""
     handlers = {
         "Evaluate": grpc.stream_unary_rpc_method_handler(
             servicer.Evaluate, wire.deserializer(pb.EvaluateRequest), pb.EvaluateResponse.SerializeToString
@@ -377,7 +378,11 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
         "EvaluateChunked": grpc.stream_unary_rpc_method_handler(
             servicer.EvaluateChunked, wire.deserializer(pb.EvaluateChunk), pb.EvaluateResponse.SerializeToString
         ),
-        "GetServerInfo": grpc.unary_unary_rpc_method_handler(servicer.GetServerInfo, lambda data: None, pb.ServerInfo.SerializeToString),
+        "GetServerInfo": unary_reads.reading(
+            grpc.unary_unary_rpc_method_handler(servicer.GetServerInfo, lambda data: None, pb.ServerInfo.SerializeToString),
+            "GetServerInfoRequest",
+            servicer.config.stream_idle_timeout_s,
+        ),
         **compare_service.handlers(servicer),  # Compare, CompareChunked
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lossd.v1.LossService", handlers),))

@@ -828,3 +828,43 @@ def test_callers_in_line_for_memory_take_turns_by_connection():
     finally:
         release.set()
         server.stop()
+
+
+UNARY_REQUEST_METHODS = [
+    ("/lossd.v1.LossService/GetServerInfo", "stream_unary", "GetServerInfoRequest"),
+    ("/grpc.health.v1.Health/Check", "stream_unary", "HealthCheckRequest"),
+    ("/grpc.health.v1.Health/Watch", "stream_stream", "HealthCheckRequest"),
+]
+
+
+@pytest.mark.parametrize(("method", "kind", "what"), UNARY_REQUEST_METHODS)
+def test_unary_request_calls_without_a_message_are_answered_not_left_open(budgeted, method, kind, what):
+    """A client that half-closes a unary-request call without a message is answered INVALID_ARGUMENT
+    (gRPC's own unary handling never answered it: 20,000 such calls stayed open and held 370 MiB),
+    and one that sends nothing is ended after stream_idle_timeout_s, as lossd's own methods are."""
+    server, _ = budgeted
+    with grpc.insecure_channel(server.address) as channel:
+        call = getattr(channel, kind)(method)
+        with pytest.raises(grpc.RpcError) as closed:
+            result = call(iter(()), timeout=30)
+            if kind == "stream_stream":
+                list(result)
+        assert closed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert closed.value.details() == f"request: the call carried no {what} message"
+        release = threading.Event()
+
+        def nothing() -> Iterator[bytes]:
+            release.wait(30)
+            return
+            yield b""
+
+        try:
+            with pytest.raises(grpc.RpcError) as idle:
+                result = call(nothing(), timeout=30)
+                if kind == "stream_stream":
+                    list(result)
+        finally:
+            release.set()
+        assert idle.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert idle.value.details() == f"the client completed no {what} message for stream_idle_timeout_s={float(IDLE_S):g}s"
+    a_good_call_still_works(server.address)
