@@ -184,6 +184,13 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
+def _connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """How long a connection may stay without a call (unset: for ever)."""
+    if config.max_connection_idle_s <= 0:
+        return []
+    return [("grpc.max_connection_idle_ms", max(1, _ms(config.max_connection_idle_s)))]
+
+
 def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
     """gRPC's connection age: the age, and how long calls in progress then get (unset: no limit)."""
     if config.max_connection_age_s <= 0:
@@ -223,7 +230,7 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
         # bombs" of 122 KB (126 MB each decompressed) stalled a good call for 29 s.
         ("grpc.compression_enabled_algorithms_bitset", 0b111 if config.allow_compressed_requests else 0b1),
     ]
-    options += _connection_age_options(config)
+    options += _connection_options(config) + _connection_age_options(config)
     server = grpc.aio.server(interceptors=list(interceptors), options=options)
     batcher = Batcher(config, device, observer=observer)
     await batcher.start()

@@ -83,6 +83,12 @@ class ServerConfig:
     #: (30 s, for a stop), which cut evaluate_many streams that run for minutes. 600 s lets a long
     #: evaluation pass finish and still closes an abandoned connection; 0 is gRPC's default: no limit.
     max_connection_age_grace_s: float = 600.0
+    #: A connection with no call in progress for this long is closed (GOAWAY; a client reconnects
+    #: on its next call). Without it an idle connection is held for ever: 300 connections that sent
+    #: the HTTP/2 preface and nothing else used up a 256-file limit, and new connections, health
+    #: checks included, were refused until they left. 300 s costs a client that calls at least
+    #: every five minutes nothing, and the others one reconnect; 0 is gRPC's default: never.
+    max_connection_idle_s: float = 300.0
     log_level: str = "INFO"
 
     @property
@@ -158,6 +164,8 @@ _HELP = {
     "warmup": "run a warm-up evaluation before reporting SERVING",
     "max_connection_age_s": "close client connections after this long (0: never) so clients discover new replicas",
     "max_connection_age_grace_s": "with max_connection_age_s: how long calls in progress on a connection being closed may still run (0: no limit)",
+    "max_connection_idle_s": "close a connection with no call in progress for this long (GOAWAY: clients reconnect on their next call); "
+    "bounds the files idle or abandoned connections hold (0: never)",
     "log_level": "logging level",
 }
 
@@ -239,6 +247,8 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit("--drain-s and --grace-s must be >= 0")
     if config.max_connection_age_s < 0 or config.max_connection_age_grace_s < 0:
         raise SystemExit("--max-connection-age-s and --max-connection-age-grace-s must be >= 0")
+    if config.max_connection_idle_s < 0:
+        raise SystemExit(f"--max-connection-idle-s must be >= 0 (0: never), got {config.max_connection_idle_s}")
     if config.max_message_bytes < 1024:
         raise SystemExit("--max-message-bytes must be at least 1024")
     if config.max_wait_ms < 0:

@@ -48,3 +48,16 @@ def test_worker_stall_timeout_from_flag_and_environment_and_validated() -> None:
         with pytest.raises(SystemExit, match="--worker-stall-timeout-s must be 0 \\(off\\) or at least 1"):
             config.load(["--worker-stall-timeout-s", bad], environ={})
     assert "LOSSD_WORKER_STALL_TIMEOUT_S" in config.parser().format_help()
+
+
+def test_connection_idle_timeout_from_flag_and_environment_and_validated() -> None:
+    """Idle connections are closed after five minutes by default (they were held for ever); 0 is off."""
+    assert config.load([], environ={}).max_connection_idle_s == 300.0
+    env = {"LOSSD_MAX_CONNECTION_IDLE_S": "0"}
+    assert config.load([], environ=env).max_connection_idle_s == 0.0
+    assert config.load(["--max-connection-idle-s", "2.5"], environ=env).max_connection_idle_s == 2.5
+    with pytest.raises(SystemExit, match="--max-connection-idle-s must be >= 0"):
+        config.load(["--max-connection-idle-s", "-1"], environ={})
+    with pytest.raises(SystemExit, match="LOSSD_MAX_CONNECTION_IDLE_S"):
+        config.load([], environ={"LOSSD_MAX_CONNECTION_IDLE_S": "soon"})
+    assert "LOSSD_MAX_CONNECTION_IDLE_S" in config.parser().format_help()

@@ -1,0 +1,85 @@
+"""Connections and the files they hold, against real servers on loopback: an idle connection is
+closed (GOAWAY) and its client reconnects on its next call. Every wait is bounded; every server
+is stopped by its PID."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lossd_client import LossClient
+from serverproc import start_server
+from workerprocs import own_ports, wait_for
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/net/tcp")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
+SETTINGS_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
+GOAWAY = 7
+
+
+def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes | None:
+    """Everything the server sends until it closes the connection; None if it is still open after
+    ``timeout_s``."""
+    received = b""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return None
+        except ConnectionResetError:
+            return received
+        if not data:
+            return received
+        received += data
+    return None
+
+
+def _frame_types(data: bytes) -> list[int]:
+    """The type of each HTTP/2 frame in ``data`` (9-byte headers: length, type, flags, stream)."""
+    types, at = [], 0
+    while at + 9 <= len(data):
+        types.append(data[at + 3])
+        at += 9 + int.from_bytes(data[at : at + 3], "big")
+    return types
+
+
+def test_an_idle_connection_is_closed_with_goaway():
+    """A client that sends the HTTP/2 preface and SETTINGS and then nothing used to hold its
+    connection (and a file) for ever: 300 of them under a 256-file limit refused every new
+    connection, health checks included, for as long as they stayed."""
+    proc = start_server("--max-connection-idle-s", "1")
+    try:
+        with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as sock:
+            sock.sendall(PREFACE + SETTINGS + SETTINGS_ACK)
+            received = _read_until_closed(sock, timeout_s=30)
+    finally:
+        assert proc.stop() == 0, proc.log()
+    assert received is not None, "the idle connection is still open after 30 s"
+    assert GOAWAY in _frame_types(received), _frame_types(received)
+
+
+def test_a_client_keeps_working_across_the_idle_close():
+    """The control: the server closes a LossClient's connection once it is idle, and the client's
+    next call opens a new one and is answered."""
+    proc = start_server("--max-connection-idle-s", "1")
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)
+    want = F.cross_entropy(x, t)
+    try:
+        with LossClient(proc.address) as client:
+            torch.testing.assert_close(client.cross_entropy(x, t), want)
+            first = own_ports(proc.port)
+            assert first, "the client holds no connection to the server"
+            wait_for(lambda: not own_ports(proc.port) & first, timeout_s=30, what="the server to close the idle connection")
+            torch.testing.assert_close(client.cross_entropy(x, t), want)
+            assert own_ports(proc.port) - first, "the second call did not open a new connection"
+    finally:
+        assert proc.stop() == 0, proc.log()
