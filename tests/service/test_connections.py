@@ -1,6 +1,6 @@
 """Connections and the files they hold, against real servers on loopback: an idle connection is
-closed (GOAWAY) and its client reconnects on its next call. Every wait is bounded; every server
-is stopped by its PID."""
+closed (GOAWAY) and its client reconnects on its next call; a connection that never starts
+HTTP/2 is closed. Every wait is bounded; every server is stopped by its PID."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lossd_client import LossClient
+from lossd_server.app import HANDSHAKE_TIMEOUT_S
 from serverproc import start_server
 from workerprocs import own_ports, wait_for
 
@@ -83,3 +84,15 @@ def test_a_client_keeps_working_across_the_idle_close():
             assert own_ports(proc.port) - first, "the second call did not open a new connection"
     finally:
         assert proc.stop() == 0, proc.log()
+
+
+def test_a_connection_that_never_starts_http2_is_closed():
+    """One that sends nothing is closed after the handshake timeout (10 s; gRPC's default closed
+    it at 60 s), with the idle timeout off so that it is not what closes it."""
+    proc = start_server("--max-connection-idle-s", "0")
+    try:
+        with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as sock:
+            received = _read_until_closed(sock, timeout_s=HANDSHAKE_TIMEOUT_S + 30)
+    finally:
+        assert proc.stop() == 0, proc.log()
+    assert received is not None, f"the silent connection is still open after {HANDSHAKE_TIMEOUT_S + 30} s"
