@@ -66,7 +66,10 @@ def _main(argv: Sequence[str] | None) -> int:
         stream=sys.stderr,
     )
     with _stops_deferred():
+        from .fdlimit import raise_open_files_limit
         from .ports import StartupError
+
+    raise_open_files_limit()  # before any worker starts: workers inherit it
 
     try:
         if cfg.workers > 1:  # a supervisor of worker processes: no grpc, no torch in this process

@@ -1,9 +1,11 @@
 """Connections and the files they hold, against real servers on loopback: an idle connection is
 closed (GOAWAY) and its client reconnects on its next call; a connection that never starts
-HTTP/2 is closed. Every wait is bounded; every server is stopped by its PID."""
+HTTP/2 is closed; the soft limit on open files is raised to the hard one at start-up. Every
+wait is bounded; every server is stopped by its PID."""
 
 from __future__ import annotations
 
+import resource
 import socket
 import sys
 import time
@@ -14,9 +16,9 @@ import torch.nn.functional as F
 from lossd_client import LossClient
 from lossd_server.app import HANDSHAKE_TIMEOUT_S
 from serverproc import start_server
-from workerprocs import own_ports, wait_for
+from workerprocs import own_ports, stop_everything, wait_for
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/net/tcp")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
@@ -96,3 +98,42 @@ def test_a_connection_that_never_starts_http2_is_closed():
     finally:
         assert proc.stop() == 0, proc.log()
     assert received is not None, f"the silent connection is still open after {HANDSHAKE_TIMEOUT_S + 30} s"
+
+
+def _open_files_limits(pid: int) -> tuple[int, int]:
+    """(soft, hard) 'Max open files' of a process, from /proc/<pid>/limits."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+LOW_SOFT_LIMIT = 256
+HARD_LIMIT = 4096  # the child's hard limit, or the test's own if lower (a number, never unlimited)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one(workers):
+    """Started with a soft limit of 256 files under a higher hard limit, the server (and with
+    --workers, every worker) runs with the hard limit: the soft one is what an attack on
+    connections (or plenty of honest clients) runs into first."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = HARD_LIMIT if hard == resource.RLIM_INFINITY else min(hard, HARD_LIMIT)
+    if hard <= LOW_SOFT_LIMIT:
+        pytest.skip(f"the hard open files limit here ({hard}) leaves nothing to raise")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (LOW_SOFT_LIMIT, hard))
+
+    proc = start_server("--workers", workers, preexec_fn=low_soft_limit)
+    try:
+        pids = [proc.proc.pid, *proc.worker_pids().values()]
+        assert len(pids) == (1 if workers == "1" else 3), proc.log()
+        limits = {pid: _open_files_limits(pid) for pid in pids}
+    finally:
+        assert stop_everything(proc) == 0, proc.log()
+    for pid, (soft_now, hard_now) in limits.items():
+        assert soft_now == hard_now == hard, (pid, limits, proc.log())
+    assert proc.log().count(f"raised from {LOW_SOFT_LIMIT}") == 1, proc.log()
