@@ -8,8 +8,10 @@ from __future__ import annotations
 import resource
 import socket
 import sys
+import threading
 import time
 
+import grpc
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,3 +139,66 @@ def test_the_soft_open_files_limit_is_raised_to_the_hard_one(workers):
     for pid, (soft_now, hard_now) in limits.items():
         assert soft_now == hard_now == hard, (pid, limits, proc.log())
     assert proc.log().count(f"raised from {LOW_SOFT_LIMIT}") == 1, proc.log()
+
+
+def _silent_calls(channel, count: int, release: threading.Event) -> list:
+    """``count`` EvaluateChunked calls on ``channel`` whose client sends nothing until ``release``."""
+
+    def nothing():
+        release.wait(60)
+        return
+        yield b""
+
+    call = channel.stream_unary("/lossd.v1.LossService/EvaluateChunked")
+    return [call.future(nothing(), timeout=60) for _ in range(count)]
+
+
+def _in_flight(server, method: str) -> float:
+    return server.metrics().get(f'lossd_requests_in_flight{{method="{method}"}}', 0.0)
+
+
+def test_calls_past_max_concurrent_calls_are_refused_at_once_and_their_slots_come_back():
+    """Each call holds gRPC and Python state before it reads a byte: past --max-concurrent-calls a
+    new call is refused RESOURCE_EXHAUSTED instead of being held (80,000 calls that sent nothing
+    took a server on a 600 MiB budget to 1,061 MiB)."""
+    server = start_server("--max-concurrent-calls", "3", "--stream-idle-timeout-s", "60", metrics=True)
+    release = threading.Event()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            silent = _silent_calls(channel, 3, release)
+            assert wait_for(lambda: _in_flight(server, "EvaluateChunked") == 3, 30)
+            with pytest.raises(grpc.RpcError) as refused:
+                channel.unary_unary("/lossd.v1.LossService/GetServerInfo")(b"", timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            release.set()
+            for call in silent:
+                with pytest.raises(grpc.RpcError):
+                    call.result(timeout=30)  # no message: INVALID_ARGUMENT
+        with LossClient(server.address, timeout_s=60) as client:
+            x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+            torch.testing.assert_close(client.cross_entropy(x, y), F.cross_entropy(x, y))
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_one_connection_has_at_most_max_streams_per_connection_calls_open():
+    """The rest wait in the client (HTTP/2 flow control), so one connection cannot take every
+    call slot; another connection is served meanwhile."""
+    server = start_server("--max-streams-per-connection", "2", "--stream-idle-timeout-s", "60", metrics=True)
+    release = threading.Event()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            silent = _silent_calls(channel, 3, release)
+            assert wait_for(lambda: _in_flight(server, "EvaluateChunked") == 2, 30)
+            time.sleep(1.0)  # room for a third stream, were it allowed
+            assert _in_flight(server, "EvaluateChunked") == 2
+            with LossClient(server.address, timeout_s=60) as client:
+                assert client.health() == "SERVING"
+            release.set()
+            for call in silent:
+                with pytest.raises(grpc.RpcError):
+                    call.result(timeout=30)
+    finally:
+        release.set()
+        server.stop()
