@@ -161,8 +161,7 @@ class Batcher:
             await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
 
     async def run_in_engine(self, fn: Callable[..., Any], *args: Any, held: Reservation | None = None) -> Any:
-        """Run ``fn(*args)`` on an engine thread (EvaluateChunked uses it for its row chunks);
-        ``held``: the reservation that counts its memory (see Reservation.run_in_thread)."""
+        """``fn(*args)`` on an engine thread; ``held`` counts its memory (Reservation.run_in_thread)."""
         if held is not None:
             return await held.run_in_thread(fn, *args, executor=self._executor)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
