@@ -237,7 +237,6 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
         # bombs" of 122 KB (126 MB each decompressed) stalled a good call for 29 s.
         ("grpc.compression_enabled_algorithms_bitset", 0b111 if config.allow_compressed_requests else 0b1),
     ]
-    options += [("grpc.max_concurrent_streams", config.max_streams_per_connection)]
     options += _connection_options(config) + _connection_age_options(config)
     server = grpc.aio.server(interceptors=list(interceptors), options=options, maximum_concurrent_rpcs=config.max_concurrent_calls)
     batcher = Batcher(config, device, observer=observer)

@@ -94,9 +94,6 @@ class ServerConfig:
     #: Python state before it reads a byte, outside the memory budget (80,000 calls that sent no
     #: message took a server on a 600 MiB budget to 1,061 MiB); this bounds that state (~130 MB).
     max_concurrent_calls: int = 10_000
-    #: Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; a
-    #: client queues the rest), so that one connection cannot take every call slot.
-    max_streams_per_connection: int = 1_000
     log_level: str = "INFO"
 
     @property
@@ -176,7 +173,6 @@ _HELP = {
     "bounds the files idle or abandoned connections hold (0: never)",
     "max_concurrent_calls": "calls one process (each worker) serves at once; past it new calls are refused RESOURCE_EXHAUSTED "
     "(bounds the per-call state outside the memory budget)",
-    "max_streams_per_connection": "calls one connection may have open at once (HTTP/2 max concurrent streams; clients queue the rest)",
     "log_level": "logging level",
 }
 
@@ -258,11 +254,8 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit("--drain-s and --grace-s must be >= 0")
     if config.max_connection_age_s < 0 or config.max_connection_age_grace_s < 0:
         raise SystemExit("--max-connection-age-s and --max-connection-age-grace-s must be >= 0")
-    if config.max_concurrent_calls < 1 or config.max_streams_per_connection < 1:
-        raise SystemExit(
-            f"--max-concurrent-calls and --max-streams-per-connection must be >= 1, got {config.max_concurrent_calls} "
-            f"and {config.max_streams_per_connection}"
-        )
+    if config.max_concurrent_calls < 1:
+        raise SystemExit(f"--max-concurrent-calls must be >= 1, got {config.max_concurrent_calls}")
     if config.max_connection_idle_s < 0:
         raise SystemExit(f"--max-connection-idle-s must be >= 0 (0: never), got {config.max_connection_idle_s}")
     if config.max_message_bytes < 1024:

@@ -63,14 +63,11 @@ def test_connection_idle_timeout_from_flag_and_environment_and_validated() -> No
     assert "LOSSD_MAX_CONNECTION_IDLE_S" in config.parser().format_help()
 
 
-def test_call_and_stream_limits_from_flag_and_environment_and_validated() -> None:
-    """Bounds on the calls held before they read a byte: per process and per connection."""
-    loaded = config.load([], environ={})
-    assert (loaded.max_concurrent_calls, loaded.max_streams_per_connection) == (10_000, 1_000)
-    env = {"LOSSD_MAX_CONCURRENT_CALLS": "50", "LOSSD_MAX_STREAMS_PER_CONNECTION": "7"}
-    loaded = config.load([], environ=env)
-    assert (loaded.max_concurrent_calls, loaded.max_streams_per_connection) == (50, 7)
+def test_call_limit_from_flag_and_environment_and_validated() -> None:
+    """A bound on the calls held before they read a byte, per process."""
+    assert config.load([], environ={}).max_concurrent_calls == 10_000
+    env = {"LOSSD_MAX_CONCURRENT_CALLS": "50"}
+    assert config.load([], environ=env).max_concurrent_calls == 50
     assert config.load(["--max-concurrent-calls", "9"], environ=env).max_concurrent_calls == 9
-    for flag in ("--max-concurrent-calls", "--max-streams-per-connection"):
-        with pytest.raises(SystemExit, match="--max-concurrent-calls and --max-streams-per-connection must be >= 1"):
-            config.load([flag, "0"], environ={})
+    with pytest.raises(SystemExit, match="--max-concurrent-calls must be >= 1"):
+        config.load(["--max-concurrent-calls", "0"], environ={})
