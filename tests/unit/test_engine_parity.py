@@ -420,3 +420,13 @@ def test_cached_validation_still_checks_each_requests_targets() -> None:
     torch.testing.assert_close(got, want, equal_nan=True)
     with pytest.raises(engine.InvalidInput):  # torch rejects uint8 + weight + smoothing once a target counts
         engine.plan(spec, x64.shape, x64.dtype, torch.tensor([1], dtype=torch.uint8), w)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((3, 5, 21, 7), 2), ((3, 5, 21, 7), -2), ((2, 3, 4, 9, 5), 3), ((4, 6, 11), -1), ((4, 6, 11), 1)])
+def test_any_class_axis_is_torchs_log_softmax_along_that_axis_bit_for_bit(shape: tuple[int, ...], axis: int) -> None:
+    """class_axis=k is F.log_softmax(input, k) as the input is laid out, then the picked class."""
+    gen = torch.Generator().manual_seed(len(shape) * 10 + axis)
+    x = torch.randn(shape, generator=gen) * 4
+    t = torch.randint(0, shape[axis], tuple(s for i, s in enumerate(shape) if i != axis % len(shape)), generator=gen)
+    got = engine.evaluate(engine.LossSpec(reduction="none", class_axis=axis), x, t, chunk_bytes=256).loss
+    assert torch.equal(got, F.nll_loss(F.log_softmax(x, dim=axis).movedim(axis, 1), t, reduction="none"))
