@@ -20,7 +20,7 @@ import grpc
 
 from .batcher import stop_if_over
 from .budget import BudgetExceeded, MemoryBudget, Reservation
-from .errors import StreamIdle
+from .errors import StreamIdle, idle_message
 
 
 class CallTracker:
@@ -154,7 +154,7 @@ class Call:
             except TimeoutError:
                 if reading and self._gave_way is not None:
                     raise BudgetExceeded(self._gave_way) from None
-                raise StreamIdle(f"the client {doing} for stream_idle_timeout_s={idle:g}s") from None
+                raise StreamIdle(idle_message(doing, idle)) from None
         task = asyncio.ensure_future(operation)
         woken = asyncio.get_running_loop().create_future()
         if reading:
@@ -170,7 +170,7 @@ class Call:
                 if waiting_for_us():
                     self.last_activity = time.monotonic()
                 elif time.monotonic() - self.last_activity >= idle:
-                    raise StreamIdle(f"the client {doing} for stream_idle_timeout_s={idle:g}s")
+                    raise StreamIdle(idle_message(doing, idle))
         finally:
             if not task.done():
                 task.cancel()

@@ -27,6 +27,11 @@ class StreamIdle(Exception):
     """The client sent (or read) nothing for stream_idle_timeout_s."""
 
 
+def idle_message(doing: str, idle_s: float) -> str:
+    """What a call whose client ``doing`` (e.g. "completed no X message") for the idle timeout is told."""
+    return f"the client {doing} for stream_idle_timeout_s={idle_s:g}s"
+
+
 def classify(exc: BaseException) -> RequestError | None:
     """Map an exception to the status it must be answered with (None: a server bug)."""
     if isinstance(exc, RequestError):

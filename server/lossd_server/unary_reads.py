@@ -7,7 +7,7 @@ such GetServerInfo calls on one connection were all still open after 75 s (RSS 2
 80,000 Health/Check calls over 4 connections took a server on a 600 MiB budget to 1,061 MiB. Read
 through :func:`read_request`, such a call is answered INVALID_ARGUMENT at once, and one whose
 message does not arrive within ``stream_idle_timeout_s`` DEADLINE_EXCEEDED, as lossd's own
-methods answer them (see ``Call.read``). Same wire: clients call these methods as before.
+methods answer them (see ``Call.read``; one text, :func:`.errors.idle_message`). Same wire: clients call these methods as before.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
+
+from .errors import idle_message
 
 
 class NoRequest(Exception):
@@ -35,9 +37,7 @@ async def read_request(context: grpc.aio.ServicerContext, what: str, idle_s: flo
         async with asyncio.timeout(idle_s):
             message = await context.read()
     except TimeoutError:
-        raise NoRequest(
-            grpc.StatusCode.DEADLINE_EXCEEDED, f"the client completed no {what} message for stream_idle_timeout_s={idle_s:g}s"
-        ) from None
+        raise NoRequest(grpc.StatusCode.DEADLINE_EXCEEDED, idle_message(f"completed no {what} message", idle_s)) from None
     if message is grpc.aio.EOF:
         raise NoRequest(grpc.StatusCode.INVALID_ARGUMENT, f"request: the call carried no {what} message")
     return message
