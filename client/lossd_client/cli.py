@@ -28,7 +28,7 @@ import sys
 import time
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -467,9 +467,45 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def check_output(path: str | None, option: str = "--output") -> None:
+    """Before any work: ``path``'s folder exists and may be written (CliError otherwise)."""
+    if path is None:
+        return
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise CliError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"{option} {path}: folder {folder} is not writable")
+
+
+def save_output(save: Callable[[], None], path: str, option: str = "--output") -> None:
+    """``save()``, a file system failure as a CliError naming the file."""
+    try:
+        save()
+    except OSError as exc:
+        raise CliError(f"{option} {path}: {exc.strerror or exc}") from None
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    if args.batch_mb <= 0:
-        raise CliError("--batch-mb must be > 0")
+    if args.output and args.reduction != "none":
+        raise CliError("--output saves per-element losses: use it with --reduction none")
+    check_output(args.output)
     progress = _progress_factory(not args.no_progress)
     scores = []
     with _client(args) as client:
@@ -477,9 +513,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             scores.append(score_file(client, Path(name), args, progress))
     overall = total(scores, args) if len(scores) > 1 else None
     if args.output:
-        if args.reduction != "none":
-            raise CliError("--output saves per-element losses: use it with --reduction none")
-        np.save(args.output, np.concatenate([e.reshape(-1) for s in scores for e in s.per_element]))
+        losses = np.concatenate([e.reshape(-1) for s in scores for e in s.per_element])
+        save_output(lambda: np.save(args.output, losses), args.output)
     if args.json:
 
         def as_dict(s: Score) -> dict[str, Any]:
@@ -523,8 +558,10 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--output", help="with --reduction none: save per-element losses (.npy), in file and row order")
     score.add_argument("--logits-key", help=f"array name of the logits (default: first of {', '.join(LOGITS_KEYS)})")
     score.add_argument("--target-key", help=f"array name of the targets (default: first of {', '.join(TARGET_KEYS)})")
-    score.add_argument("--batch-mb", type=float, default=8.0, help="split inputs along their first axis into requests of about this size")
-    score.add_argument("--window", type=int, default=8, help="requests in flight")
+    score.add_argument(
+        "--batch-mb", type=positive_float, default=8.0, help="split inputs along their first axis into requests of about this size"
+    )
+    score.add_argument("--window", type=positive_int, default=8, help="requests in flight")
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(run=cmd_score)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import compare, core
-from .cli import EXIT_OK, LOGITS_KEYS, TARGET_KEYS, CliError, _client, _progress_factory, load_file, pick
+from .cli import EXIT_OK, LOGITS_KEYS, TARGET_KEYS, CliError, _client, _progress_factory, check_output, load_file, pick, save_output
 from .compare_stats import format_table
 
 
@@ -61,6 +61,7 @@ def _save(path: str, result: compare.CompareResult) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     if args.top_k and not args.output:
         raise CliError("--top-k returns per-position classes: save them with --output FILE.npz")
+    check_output(args.output)
     ref_path, cand_path = Path(args.reference), Path(args.candidate)
     ref_arrays = load_file(ref_path)
     reference = pick(ref_arrays, args.logits_key, LOGITS_KEYS, "logits", ref_path)
@@ -78,7 +79,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if args.output:
-        _save(args.output, result)
+        save_output(lambda: _save(args.output, result), args.output)
     shape = [int(d) for d in reference.shape]
     if args.json:
         doc = {"reference": str(ref_path), "candidate": str(cand_path), "shape": shape, "summary": result.summary.to_dict()}

@@ -323,3 +323,26 @@ def test_malformed_files_are_one_line_and_exit_status_2(tmp_path, case):
     assert lines[0].startswith(f"lossd-client: {path}: "), lines[0]
     assert phrase in lines[0], lines[0]
     assert done.stdout == ""
+
+
+BAD_ARGUMENTS = {
+    "score-output-folder-missing": (["score", "{lm}", "--class-axis", "-1", "--reduction", "none", "--output", "{missing}/out.npy"], "does not exist"),
+    "compare-output-folder-missing": (["compare", "{lm}", "{lm}", "--output", "{missing}/out.npz"], "does not exist"),
+    "window-zero": (["score", "{lm}", "--window", "0"], "--window: expected an integer >= 1, got 0"),
+    "window-negative": (["score", "{lm}", "--window", "-3"], "--window: expected an integer >= 1, got -3"),
+    "batch-mb-nan": (["score", "{lm}", "--batch-mb", "nan"], "--batch-mb: expected a finite number > 0, got nan"),
+    "batch-mb-inf": (["score", "{lm}", "--batch-mb", "inf"], "--batch-mb: expected a finite number > 0, got inf"),
+    "batch-mb-zero": (["score", "{lm}", "--batch-mb", "0"], "--batch-mb: expected a finite number > 0, got 0"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_are_named_with_exit_status_2_before_any_work(server, files, tmp_path, case):
+    """Checked before anything is scored: an --output folder that is missing failed only after
+    the whole scoring, with a traceback; --window 0 and --batch-mb nan with tracebacks."""
+    args, phrase = BAD_ARGUMENTS[case]
+    values = {"lm": str(files["npz"]), "missing": str(tmp_path / "no" / "such")}
+    done = run_cli("--target", server.address, *[a.format(**values) for a in args], "--no-progress")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert phrase in done.stderr.strip().splitlines()[-1] and done.stdout == ""  # argparse's usage may come first
