@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lossd_client import LossClient
+from lossd_client.channel import RECONNECT_BACKOFF_MAX_MS, channel_options
 from lossd_client.client import normalise_target, service_config
 from prometheus_client.parser import text_string_to_metric_families
 from serverproc import ServerProcess, start_server
@@ -139,3 +140,11 @@ def test_address_lists_become_one_round_robin_target():
     config = json.loads(service_config())
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     assert config["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
+
+
+def test_reconnection_backoff_is_capped():
+    """gRPC's default reconnection backoff (1 s, x1.6, up to 120 s) left a live client failing
+    UNAVAILABLE for 14 s after a server that was away 30 s was back (1.6 s with the cap)."""
+    options = dict(channel_options(64 << 20, 5))
+    assert options["grpc.max_reconnect_backoff_ms"] == RECONNECT_BACKOFF_MAX_MS <= 2000
+    assert options["grpc.initial_reconnect_backoff_ms"] <= RECONNECT_BACKOFF_MAX_MS
