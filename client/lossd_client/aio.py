@@ -9,7 +9,9 @@ answers come from :mod:`lossd_client.core`, the shared methods from
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -18,7 +20,7 @@ from . import compare, core
 from ._proto.lossd.v1 import loss_pb2 as pb
 from .base import ClientBase, Connection
 from .compare import CompareResult
-from .errors import LossdError, from_rpc_error, rpc_errors
+from .errors import LossdError, error_for, from_rpc_error
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
 
 __all__ = ["AsyncLossClient"]
@@ -31,6 +33,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
     """
 
     _grpc = grpc.aio
+    _closed = False
 
     async def __aenter__(self) -> AsyncLossClient:
         return self
@@ -39,7 +42,9 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         await self.close()
 
     async def close(self) -> None:
-        """Close the channels and unlink this client's shared-memory segments."""
+        """Close the channels and unlink this client's shared-memory segments. Calls still in
+        progress (in other tasks) raise :class:`~lossd_client.errors.CancelledError`."""
+        self._closed = True
         for connection in self._connections:
             await connection.channel.close()
         self._segments.close()
@@ -49,7 +54,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         req, timeout = core.request_of(request, fields), self._timeout(timeout_s)
         if self._needs_limit(req):
             self._server_max = (await self.server_info(timeout_s=timeout)).max_receive_message_bytes
-        with self._route(req) as call, rpc_errors():
+        with self._route(req) as call, self._errors(timeout):
             if call.chunked:
                 responses = await _chunked(self._take(len(call.streams)), call.streams, timeout)
             else:
@@ -69,6 +74,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         with ``connections=k`` its messages go to one stream per connection in turn."""
         stream, connections = self._stream(window, pack, return_exceptions)
         timeout = self._timeout(timeout_s)
+        deadline = _deadline(timeout)
         calls = [c.streams[stream.method](timeout=timeout) for c in connections]
         slots = asyncio.Semaphore(window)
         write_task = asyncio.ensure_future(_write(calls, stream, requests, slots))
@@ -87,9 +93,10 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
             failed = write_task.exception() if write_task.done() and not write_task.cancelled() else None
             if failed is not None and not isinstance(failed, grpc.RpcError):  # the caller's source, not the call
                 raise failed from exc
-            if isinstance(exc, asyncio.CancelledError):
+            failure = self._failure(exc, deadline)
+            if failure is exc:
                 raise
-            raise from_rpc_error(exc) from exc
+            raise failure from exc
         finally:
             write_task.cancel()
             for call in calls:
@@ -97,14 +104,41 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
 
     async def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         """The server's versions, device and limits (GetServerInfo)."""
-        with rpc_errors():
+        with self._errors():
             return core.server_info(await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s)))
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The server's health status name (SERVING, NOT_SERVING, ...)."""
         check, request = self._health_check(service)
-        with rpc_errors():
+        with self._errors():
             return core.health_status(await check(request, timeout=self._timeout(timeout_s) or 5.0))
+
+    @contextmanager
+    def _errors(self, timeout: float | None = None) -> Iterator[None]:
+        """A failed call of the block (``timeout``: its timeout) raised as its LossdError (see :meth:`_failure`)."""
+        deadline = _deadline(timeout)
+        try:
+            yield
+        except (grpc.RpcError, asyncio.CancelledError) as exc:
+            failure = self._failure(exc, deadline)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    def _failure(self, exc: grpc.RpcError | asyncio.CancelledError, deadline: float | None) -> BaseException:
+        """The LossdError for a failed call, as the blocking client raises it, where grpc.aio
+        reports it otherwise: a call this client's :meth:`close` cancelled raises asyncio's
+        CancelledError (the task itself was not cancelled): CancelledError, gRPC's "Channel
+        closed!"; a stream written to after its deadline ends INTERNAL ("Internal error from
+        Core"): DeadlineExceededError. A cancelled task stays cancelled."""
+        if isinstance(exc, asyncio.CancelledError):
+            if self._closed and not _task_cancelling():
+                return error_for(grpc.StatusCode.CANCELLED, CLOSED_DETAILS)
+            return exc
+        error = from_rpc_error(exc)
+        if error.code == grpc.StatusCode.INTERNAL and deadline is not None and time.monotonic() >= deadline:
+            return error_for(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        return error
 
     async def _run(self, build: Callable[[], LossRequest], timeout_s: float | None, finish: Callable[[EvaluateResult], Any]) -> Any:
         return finish(await self.evaluate(build(), timeout_s=timeout_s))
@@ -113,8 +147,23 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         if compare.needs_server_limit(inputs, self._server_max):
             self._server_max = (await self.server_info(timeout_s=timeout)).max_receive_message_bytes
         call, rpc = self._compare_call(inputs, progress)
-        with rpc_errors():
+        with self._errors(timeout):
             return call.parse(await rpc(call.request, timeout=timeout))
+
+
+#: What gRPC's blocking calls report when their channel is closed under them.
+CLOSED_DETAILS = "Channel closed!"
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _task_cancelling() -> bool:
+    """Whether the current task is being cancelled (always assumed before Python 3.11)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 async def _chunked(

@@ -52,7 +52,8 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         self._segments.close()
 
     def evaluate(self, request: LossRequest | None = None, *, timeout_s: float | None = None, **fields: Any) -> EvaluateResult:
-        """Evaluate a LossRequest (or its fields as keywords); returns loss and totals.
+        """Evaluate a LossRequest (or its fields as keywords; keywords beside a request replace its
+        fields); returns loss and totals.
 
         Requests larger than the server's message limit (or than ``chunked_above_bytes``, which bounds the
         server's memory per request) go through EvaluateChunked by themselves.

@@ -56,8 +56,11 @@ def loss_request(
 
 
 def request_of(request: LossRequest | None, fields: Mapping[str, Any]) -> LossRequest:
-    """``evaluate``'s argument: a LossRequest, or else its fields given as keywords."""
-    return request if request is not None else LossRequest(**fields)
+    """``evaluate``'s argument: a LossRequest, its fields given as keywords, or a LossRequest with
+    some of its fields replaced by keywords (a name LossRequest does not have is a TypeError)."""
+    if request is None:
+        return LossRequest(**fields)
+    return replace(request, **fields) if fields else request
 
 
 def build(req: LossRequest, arena: Any = None) -> tuple[pb.EvaluateRequest, bool]:
@@ -624,7 +627,7 @@ def loglikelihood_request(logits: Any, tokens: Any, continuation_start: Any) -> 
     tok = np.array(given, copy=True)
     if tok.ndim == 1:
         tok = tok[None, :]
-    starts = np.broadcast_to(np.asarray(continuation_start, dtype=np.int64), (tok.shape[0],))
+    starts = _continuation_starts(continuation_start, tok.shape[0])
     positions = np.arange(tok.shape[1])
     for row, start in enumerate(starts):
         if not 1 <= start <= tok.shape[1]:
@@ -639,6 +642,28 @@ def loglikelihood_request(logits: Any, tokens: Any, continuation_start: Any) -> 
         tok[row, positions < start] = -100
     target = tok.reshape(given.shape)
     return LossRequest(logits, target, reduction="sum", class_axis=-1, shift_targets=True, sequence_stats=True, ignore_index=-100)
+
+
+def _continuation_starts(continuation_start: Any, sequences: int) -> np.ndarray:
+    """One start per sequence from an integer or one integer per sequence (numpy, torch, a list);
+    anything else (a float, which would be truncated to another continuation, a bool, a string,
+    None, another count) is InvalidArgumentError naming ``continuation_start``."""
+    value = continuation_start
+    with tensor_field("continuation_start"):
+        if tensors.is_torch_tensor(value):
+            value = value.detach().cpu().numpy()
+        try:
+            starts = np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgumentError(f"continuation_start: expected an integer or one integer per sequence ({exc})") from None
+    if starts.dtype.kind not in "iu":
+        got = repr(continuation_start) if starts.ndim == 0 else f"a {type(continuation_start).__name__} of {starts.dtype}"
+        raise InvalidArgumentError(f"continuation_start: expected an integer or one integer per sequence, got {got}")
+    if starts.ndim > 1 or (starts.ndim == 1 and starts.shape[0] != sequences):
+        raise InvalidArgumentError(
+            f"continuation_start: expected an integer or one per sequence ({sequences}), got shape {list(starts.shape)}"
+        )
+    return np.broadcast_to(starts.astype(np.int64), (sequences,))
 
 
 def perplexity_result(result: EvaluateResult) -> PerplexityResult:
@@ -780,6 +805,7 @@ class Stream:
         self.return_exceptions = return_exceptions
         self.failure: Exception | None = None
         self._as_torch: dict[str, bool] = {}
+        self._caller_ids: dict[str, str] = {}  # the wire numbers the items; results carry the caller's id
         self._order: list[str] = []
         self._ready: dict[str, pb.EvaluateResponse] = {}
         self._rejected: dict[str, LossdError] = {}
@@ -795,7 +821,8 @@ class Stream:
         and its error is its answer (nothing to send); None when it cannot be built (then :meth:`fail`)."""
         rid = str(len(self._order))
         try:
-            encoded = encode(replace(as_loss_request(item, len(self._order)), id=rid))
+            request = as_loss_request(item, len(self._order))
+            encoded = encode(replace(request, id=rid))
         except LossdError as exc:
             if not self.return_exceptions:
                 self.fail(exc)
@@ -807,6 +834,7 @@ class Stream:
             self.fail(exc)
             return None
         self._as_torch[rid] = encoded.as_torch
+        self._caller_ids[rid] = request.id
         self._order.append(rid)
         return encoded
 
@@ -845,13 +873,15 @@ class Stream:
                 yield self._rejected.pop(rid)
             elif rid in self._ready:
                 self._next += 1
-                yield self._result(self._ready.pop(rid), self._as_torch.pop(rid))
+                yield self._result(self._ready.pop(rid), self._as_torch.pop(rid), self._caller_ids.pop(rid))
             else:
                 return
 
-    def _result(self, response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult | LossdError:
+    def _result(self, response: pb.EvaluateResponse, as_torch: bool, caller_id: str) -> EvaluateResult | LossdError:
         try:
-            return parse(response, as_torch)
+            result = parse(response, as_torch)
+            result.id = caller_id
+            return result
         except LossdError as exc:
             if self.return_exceptions:
                 return exc

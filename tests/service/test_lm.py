@@ -319,6 +319,30 @@ def test_loglikelihood_one_sequence_and_bad_start(client):
         client.loglikelihood(logits, tokens, 0)
 
 
+@pytest.mark.parametrize(
+    "start, named",
+    [(2.9, "got 2.9"), ("3", "got '3'"), (True, "got True"), (None, "got None"), ([1.5, 2.5], "a list of float64"),
+     (np.array([2.0, 3.0]), "a ndarray of float64"), (torch.tensor([2, 3, 4]), "one per sequence (2), got shape [3]"),
+     ([[2, 3]], "got shape [1, 2]"), ([1, [2]], "continuation_start: expected an integer")],
+    ids=["float", "str", "bool", "none", "floats", "float-array", "three-for-two", "2-d", "ragged"],
+)  # fmt: skip
+def test_continuation_start_of_another_kind_is_refused_naming_it(client, start, named):
+    """A float was truncated (2.9 scored the continuation from 2), a str or bool taken as an
+    int, None and a list of another length raised bare TypeError / ValueError."""
+    logits, tokens = torch.randn(2, 6, 9), torch.randint(0, 9, (2, 6))
+    with pytest.raises(InvalidArgumentError, match="continuation_start") as raised:
+        client.loglikelihood(logits, tokens, start)
+    assert named in str(raised.value)
+
+
+@pytest.mark.parametrize("start", [3, np.int32(3), torch.tensor(3), [3, 3], np.array([3, 3], np.uint8), torch.tensor([3, 3])], ids=str)
+def test_continuation_start_of_any_integer_kind_is_taken(client, start):
+    logits, tokens = torch.randn(2, 6, 9), torch.randint(0, 9, (2, 6))
+    want = client.loglikelihood(logits, tokens, 3)
+    got = client.loglikelihood(logits, tokens, start)
+    assert np.array_equal(got.logprob, want.logprob) and np.array_equal(got.is_greedy, want.is_greedy)
+
+
 # ---------------------------------------------------------------------------- token ids
 TOKEN_DTYPES = [torch.int64, torch.int32, torch.int16, torch.uint8, np.int32, np.uint16, np.uint8, np.int64]
 

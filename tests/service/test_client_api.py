@@ -1,0 +1,113 @@
+"""The client's calling conventions, sync and async twins alike: keywords beside a request, the
+caller's ids through evaluate_many, what a closed client and a passed deadline raise."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lossd_client import AsyncLossClient, LossClient, LossRequest
+from lossd_client import errors as lossd_errors
+
+
+def _both(server, use):
+    """``use(client)`` with a LossClient and (awaited) with an AsyncLossClient."""
+    with LossClient(server.address, timeout_s=60) as client:
+        sync = use(client)
+        if hasattr(sync, "__next__"):
+            sync = list(sync)
+
+    async def main():
+        async with AsyncLossClient(server.address, timeout_s=60) as client:
+            got = use(client)
+            if hasattr(got, "__aiter__"):
+                return [r async for r in got]
+            return await got
+
+    return sync, asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_keywords_beside_a_request_replace_its_fields(server):
+    """They were dropped without a word: the plain mean came back, no extras."""
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 4, 2])
+    req = LossRequest(x, y)
+    for got in _both(server, lambda c: c.evaluate(req, reduction="none", label_smoothing=0.5, extras=("entropy",))):
+        assert torch.equal(got.loss, F.cross_entropy(x, y, reduction="none", label_smoothing=0.5))
+        assert list(got.extras) == ["entropy"]
+    assert req.reduction == "mean" and req.extras == ()  # the caller's request is left as it was
+
+
+def test_a_keyword_that_is_no_field_is_a_type_error(server):
+    req = LossRequest(torch.randn(4, 5), torch.tensor([0, 1, 4, 2]))
+    with LossClient(server.address) as client, pytest.raises(TypeError, match="reduktion"):
+        client.evaluate(req, reduktion="sum")
+
+
+def test_evaluate_many_answers_with_the_callers_ids(server):
+    """The wire numbers the items; the results came back with those numbers instead of the ids."""
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 4, 2])
+    items = [LossRequest(x, y, id="doc-17"), {"input": x, "target": y, "id": "doc-18"}, (x, y), LossRequest(x, y, id="0")]
+    for results in _both(server, lambda c: c.evaluate_many(items, window=2)):
+        assert [r.id for r in results] == ["doc-17", "doc-18", "", "0"]
+
+
+def test_closing_an_async_client_fails_its_calls_in_progress_with_cancelled_error(server):
+    """grpc.aio raised asyncio.CancelledError in the calling task, as if the task had been
+    cancelled (a BaseException: ``except Exception`` missed it); the blocking client raises
+    lossd_client's CancelledError, and so does the async one now. A task that is itself
+    cancelled still gets asyncio's."""
+    big_x, big_y = torch.randn(2048, 2000), torch.randint(0, 2000, (2048,))
+
+    async def main():
+        client = AsyncLossClient(server.address, timeout_s=60)
+        await client.server_info()
+
+        async def unary():
+            for _ in range(500):
+                await client.cross_entropy(big_x, big_y, reduction="none")
+
+        async def many():
+            async def source():
+                for _ in range(100_000):
+                    await asyncio.sleep(0.002)
+                    yield (big_x[:4], big_y[:4])
+
+            async for _ in client.evaluate_many(source(), window=4):
+                pass
+
+        tasks = [asyncio.ensure_future(unary()), asyncio.ensure_future(many())]
+        cancelled_task = asyncio.ensure_future(unary())
+        await asyncio.sleep(0.5)
+        cancelled_task.cancel()
+        await client.close()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled_task
+        return outcomes
+
+    for outcome in asyncio.run(asyncio.wait_for(main(), 60)):
+        assert isinstance(outcome, lossd_errors.CancelledError), repr(outcome)
+        assert outcome.details == "Channel closed!"
+
+
+def test_async_evaluate_many_past_its_deadline_is_deadline_exceeded(server):
+    """A blocking source given to the async client blocks its event loop; the stream, written to
+    after its deadline, ended INTERNAL "Internal error from Core" (InternalError: a server failure,
+    which it was not). The blocking client raises DeadlineExceededError; the async one now too."""
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 4, 2])
+
+    def slow():
+        for _ in range(4):
+            time.sleep(0.5)
+            yield (x, y)
+
+    async def main():
+        async with AsyncLossClient(server.address) as client:
+            return [r async for r in client.evaluate_many(slow(), timeout_s=0.8)]
+
+    for _ in range(3):  # the INTERNAL came in about 3 runs of 4
+        with pytest.raises(lossd_errors.DeadlineExceededError):
+            asyncio.run(asyncio.wait_for(main(), 60))
