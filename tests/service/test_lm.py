@@ -307,6 +307,19 @@ def test_loglikelihood_matches_harness_definition(client, b, t, v, dtype, seed, 
     assert got.logprob.dtype == np.float64
 
 
+def test_is_greedy_takes_the_first_of_maxima_the_log_softmax_makes_equal(client):
+    """Two logits 1e-7 apart among 50,000 have the same float32 log-probability: the harness's
+    argmax (of log_softmax) is the first; lossd took the argmax of the raw logits (the second)."""
+    logits = torch.zeros(2, 50_000)
+    logits[0, 1] = 1e-7
+    logp = F.log_softmax(logits, -1)
+    assert logp[0, 0] == logp[0, 1] and logits.argmax(-1)[0] == 1
+    for continuation in (0, 1):
+        tokens = torch.tensor([5, continuation])
+        got = client.loglikelihood(logits, tokens, 1)
+        assert bool(got.is_greedy[0]) == harness_loglikelihood(logits, tokens, 1)[1] == (continuation == 0)
+
+
 def test_loglikelihood_one_sequence_and_bad_start(client):
     logits = torch.randn(5, 7)
     tokens = torch.tensor([1, 2, 3, 4, 5])

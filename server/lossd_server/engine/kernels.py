@@ -195,8 +195,9 @@ def _class_extras(plan: Plan, part: Partial, terms: ClassTerms) -> None:
         part.seq_loss = terms.losses.to(torch.float64).cpu()
         part.seq_weight = terms.wt.to(torch.float64).cpu()
         part.seq_counted = valid.cpu()
-        # lm-evaluation-harness: logits.argmax(-1) == continuation (the first maximum wins ties).
-        part.seq_greedy = (~valid if no_classes else (x.argmax(1) == tc) | ~valid).cpu()
+        # lm-evaluation-harness: log_softmax(logits).argmax(-1) == continuation, the first maximum
+        # winning ties: of the log-probabilities, where two logits an ulp apart can be equal
+        part.seq_greedy = (~valid if no_classes else (logp.argmax(1) == tc) | ~valid).cpu()
 
 
 def _count_above(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
