@@ -111,7 +111,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         """The server's health status name (SERVING, NOT_SERVING, ...)."""
         check, request = self._health_check(service)
         with self._errors():
-            return core.health_status(await check(request, timeout=self._timeout(timeout_s) or 5.0))
+            return core.health_status(await check(request, timeout=self._health_timeout(timeout_s)))
 
     @contextmanager
     def _errors(self, timeout: float | None = None) -> Iterator[None]:

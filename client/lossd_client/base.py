@@ -41,6 +41,9 @@ class Connection:
         }
 
 
+#: A health check's deadline when neither the call nor the client gives one.
+HEALTH_TIMEOUT_S = 5.0
+
 #: What the loss methods return: the loss (LossClient) or an awaitable of it (AsyncLossClient).
 LossT = TypeVar("LossT")
 #: What ``perplexity`` returns: a PerplexityResult or an awaitable of one.
@@ -230,6 +233,11 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         return self.timeout_s if timeout_s is None else timeout_s
+
+    def _health_timeout(self, timeout_s: float | None) -> float:
+        """A health check's deadline: ``timeout_s``, else the client's, else HEALTH_TIMEOUT_S (0 is 0)."""
+        timeout = self._timeout(timeout_s)
+        return HEALTH_TIMEOUT_S if timeout is None else timeout
 
     def _needs_limit(self, req: LossRequest) -> bool:
         return core.needs_server_limit(req, shared_memory=self.shared_memory, server_max=self._server_max)

@@ -112,10 +112,11 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
             return core.server_info(self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s)))
 
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
-        """The server's health status name (SERVING, NOT_SERVING, ...)."""
+        """The server's health status name (SERVING, NOT_SERVING, ...); ``timeout_s`` (else the
+        client's) or 5 s."""
         check, request = self._health_check(service)
         with rpc_errors():
-            return core.health_status(check(request, timeout=self._timeout(timeout_s) or 5.0))
+            return core.health_status(check(request, timeout=self._health_timeout(timeout_s)))
 
     def _run(self, build: Callable[[], LossRequest], timeout_s: float | None, finish: Callable[[EvaluateResult], Any]) -> Any:
         return finish(self.evaluate(build(), timeout_s=timeout_s))

@@ -107,7 +107,7 @@ def request_head(req: LossRequest) -> pb.EvaluateRequest:
     if req.class_axis is not None:
         options.class_axis = _int_argument("class_axis", req.class_axis, bits=32)
     options.shift_targets = _bool_argument("shift_targets", req.shift_targets)
-    for name in req.extras:
+    for name in (req.extras,) if isinstance(req.extras, str) else req.extras:  # one name alone, or several
         if not isinstance(name, str) or name not in layout.EXTRAS:
             raise InvalidArgumentError(f"extras: unknown extra {name!r}; expected one of {', '.join(layout.EXTRAS)}")
         options.extras.append(layout.EXTRAS[name])
@@ -671,7 +671,7 @@ def perplexity_result(result: EvaluateResult) -> PerplexityResult:
     logprob = result.extras["target_logprob"]
     s = result.sequences
     return PerplexityResult(
-        token_nll=-logprob,
+        token_nll=0.0 - logprob,  # unscored positions hold 0.0 (as torch's ignored losses), not -0.0
         sequence_nll_sum=s.nll_sum,
         sequence_tokens=s.tokens,
         sequence_perplexity=s.perplexity,

@@ -111,3 +111,26 @@ def test_async_evaluate_many_past_its_deadline_is_deadline_exceeded(server):
     for _ in range(3):  # the INTERNAL came in about 3 runs of 4
         with pytest.raises(lossd_errors.DeadlineExceededError):
             asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_one_extra_may_be_named_alone(server):
+    """A lone name was taken letter by letter ("unknown extra 'e'")."""
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 4, 2])
+    with LossClient(server.address) as client:
+        alone = client.evaluate(LossRequest(x, y, reduction="none", extras="entropy"))
+        listed = client.evaluate(LossRequest(x, y, reduction="none", extras=("entropy",)))
+    assert list(alone.extras) == ["entropy"] and torch.equal(alone.extras["entropy"], listed.extras["entropy"])
+
+
+def test_unscored_positions_of_token_nll_are_zero_not_negative_zero(server):
+    logits, tokens = torch.randn(2, 6, 9), torch.randint(0, 9, (2, 6))
+    tokens[0, 3] = -100
+    for got in _both(server, lambda c: c.perplexity(logits, tokens)):
+        want = F.cross_entropy(logits[:, :-1].reshape(-1, 9), tokens[:, 1:].reshape(-1), reduction="none").reshape(2, 5)
+        assert torch.equal(torch.signbit(got.token_nll[:, :-1]), torch.signbit(want))  # torch's ignored losses are +0.0
+        assert not torch.signbit(got.token_nll[:, -1]).any()
+
+
+def test_a_health_timeout_of_zero_is_zero_not_five_seconds(server):
+    with LossClient(server.address) as client, pytest.raises(lossd_errors.DeadlineExceededError):
+        client.health(timeout_s=0)
