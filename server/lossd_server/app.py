@@ -156,16 +156,21 @@ class LossServer:
         except TimeoutError:
             pass
         grace = 0.0 if hurry.is_set() else self.config.grace_s
-        deadline = time.monotonic() + grace
-        log.info("drain over: answering every call received (at most %.1fs)", grace)
-        quiet = asyncio.ensure_future(self.servicer.calls.wait_quiet(deadline))
+        calls = self.servicer.calls
+        log.info("drain over: no new calls; %d call(s) in progress get at most %.1fs", calls.active, grace)
+        # gRPC's own graceful stop: GOAWAY, so clients send new calls elsewhere (a call it refuses
+        # is one the server never saw, which clients replay transparently), and what it received
+        # goes on; the streams that are not lossd calls (health Watch, reflection) would keep it to
+        # the end of the grace, so it is cut short once every lossd call is done
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        finished = asyncio.ensure_future(calls.wait_finished(time.monotonic() + grace))
         hurried = asyncio.ensure_future(hurry.wait())
-        await asyncio.wait((quiet, hurried), return_when=asyncio.FIRST_COMPLETED)
-        quiet.cancel()
+        await asyncio.wait((finished, hurried, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finished.cancel()
         hurried.cancel()
-        left = 0.0 if hurry.is_set() else max(0.0, deadline - time.monotonic())
-        log.info("no longer accepting; %d call(s) still in progress get %.1fs", self.servicer.calls.active, left)
-        await self.server.stop(left)
+        log.info("stopping; %d call(s) still in progress are cut", calls.unfinished)
+        await self.server.stop(0)
+        await stopping
         await self.batcher.close()
         log.info("stopped")
 

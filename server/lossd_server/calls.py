@@ -24,28 +24,29 @@ from .errors import StreamIdle, idle_message
 
 
 class CallTracker:
-    """Calls in progress, for the drain: the server stops once none is left."""
+    """Calls in progress, for the drain: the server stops once gRPC is done with every one."""
 
     def __init__(self) -> None:
-        self.active = 0
-        self.last_start = 0.0
+        self.active = 0  # handlers running
+        self.unfinished = 0  # calls gRPC is not done with: handlers running, or answers still being sent
 
-    def start(self) -> None:
+    def start(self, context: grpc.aio.ServicerContext) -> None:
         self.active += 1
-        self.last_start = time.monotonic()
+        self.unfinished += 1
+        context.add_done_callback(self._finished)
 
     def end(self) -> None:
         self.active -= 1
 
-    async def wait_quiet(self, deadline: float, quiet_s: float = 0.25, poll_s: float = 0.02) -> bool:
-        """Until no call is in progress and none started for ``quiet_s`` (calls that gRPC's
-        transport received are picked up by the idle event loop within that time), or
-        ``deadline`` (time.monotonic()). True when quiet."""
-        while time.monotonic() < deadline:
-            if self.active == 0 and time.monotonic() - self.last_start >= quiet_s:
-                return True
+    def _finished(self, _context: object) -> None:
+        self.unfinished -= 1
+
+    async def wait_finished(self, deadline: float, poll_s: float = 0.02) -> bool:
+        """Until gRPC is done with every call (answers sent), or ``deadline`` (time.monotonic()).
+        True when none is left."""
+        while self.unfinished and time.monotonic() < deadline:
             await asyncio.sleep(poll_s)
-        return self.active == 0
+        return not self.unfinished
 
 
 class Call:

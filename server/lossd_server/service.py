@@ -112,7 +112,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def _rpc(self, context: grpc.aio.ServicerContext, what: str, body: Callable[[Call], Awaitable]):
         cfg = self.config
         call = Call(context, self.budget, cfg.read_reservation_bytes, cfg.stream_idle_timeout_s, cfg.max_memory_wait_s)
-        self.calls.start()
+        self.calls.start(context)
         try:
             return await body(call)
         except asyncio.CancelledError:

@@ -86,6 +86,86 @@ def test_health_not_serving_during_drain_while_still_accepting():
         proc.stop()
 
 
+def test_after_the_drain_new_calls_go_elsewhere_and_the_stop_does_not_wait_out_the_grace():
+    """A client that keeps calling (it does not watch health) kept the server accepting after the
+    drain, never quiet, until the grace ended and cut what was in progress then. Now gRPC's
+    graceful stop starts when the drain ends: calls already taken finish, new ones are refused
+    before the server sees them (UNAVAILABLE; lossd_client replays them elsewhere)."""
+    proc = start_server("--drain-s", "0.5", "--grace-s", "120")
+    statuses: list[str] = []
+    stop = threading.Event()
+    message = core.build(LossRequest(np.zeros((8, 10), np.float32), np.arange(8)))[0]
+
+    def keep_calling() -> None:
+        options = [("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(proc.address, options=options) as channel:
+            evaluate = pb_grpc.LossServiceStub(channel).Evaluate
+            for _ in range(100_000):
+                if stop.is_set():
+                    return
+                try:
+                    evaluate(message, timeout=10)
+                    statuses.append("OK")
+                except grpc.RpcError as exc:
+                    statuses.append(exc.code().name)
+                    time.sleep(0.01)
+
+    caller = threading.Thread(target=keep_calling, daemon=True)
+    try:
+        caller.start()
+        wait_for(lambda: len(statuses) >= 20, what="calls before the stop")
+        proc.signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0, proc.log()  # before: drain + the whole 120 s grace
+    finally:
+        stop.set()
+        caller.join(30)
+        proc.stop()
+    assert set(statuses) <= {"OK", "UNAVAILABLE"}, statuses
+    assert "0 call(s) still in progress are cut" in proc.log(), proc.log()
+
+
+@pytest.mark.parametrize("stream", ["health-watch", "reflection"])
+def test_an_open_stream_that_is_no_lossd_call_does_not_hold_the_stop(stream):
+    """A health Watch (what gRPC's client-side health checking keeps open) or a reflection stream
+    that sends nothing kept the stop to the end of the grace."""
+    proc = start_server("--drain-s", "0.2", "--grace-s", "120")
+    seen: list[str] = []
+    release = threading.Event()
+
+    def nothing():  # a request stream that sends nothing until the test ends
+        release.wait(60)
+        yield from ()
+
+    try:
+        with grpc.insecure_channel(proc.address) as channel:
+            if stream == "health-watch":
+                watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=300)
+            else:
+                method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+                watch = channel.stream_stream(method)(nothing(), timeout=300)
+
+            def follow() -> None:
+                try:
+                    for reply in watch:
+                        seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+                except grpc.RpcError as exc:
+                    seen.append(exc.code().name)
+
+            follower = threading.Thread(target=follow, daemon=True)
+            follower.start()
+            if stream == "health-watch":
+                wait_for(lambda: seen == ["SERVING"], what="the first Watch reply")
+            proc.signal(signal.SIGTERM)
+            assert proc.proc.wait(60) == 0, proc.log()  # before: drain + the whole 120 s grace
+            follower.join(30)
+    finally:
+        release.set()
+        proc.stop()
+    if stream == "health-watch":
+        assert seen[:2] == ["SERVING", "NOT_SERVING"], seen
+    assert seen[-1] in ("UNAVAILABLE", "CANCELLED"), seen
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sighup_drains_like_sigterm(workers):
     """SIGHUP (the terminal or SSH session that started the server went away) is a stop like

@@ -300,7 +300,7 @@ def test_a_stop_that_reaches_a_worker_twice_directly_and_relayed_is_one_stop():
     for req, reply in zip(requests, replies, strict=True):
         want = F.cross_entropy(torch.from_numpy(req.input), torch.from_numpy(req.target), ignore_index=-1, reduction="sum")
         torch.testing.assert_close(core.parse(reply, as_torch=True).loss, want)
-    assert proc.log().count("answering every call received (at most 120.0s)") == 2, proc.log()
+    assert proc.log().count("in progress get at most 120.0s") == 2, proc.log()
 
 
 def test_sigterm_with_calls_on_the_wire_to_both_workers_loses_nothing():
