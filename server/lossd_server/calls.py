@@ -73,6 +73,7 @@ class Call:
         self.computing_answers: Callable[[], bool] | None = None
         self._interrupt: Callable[[], None] | None = None
         self._gave_way: str | None = None
+        self._headers_sent = False
 
     def checkpoint(self) -> None:
         """For the engine between chunks: stop once the call is over or past its deadline."""
@@ -124,6 +125,13 @@ class Call:
         self.context.add_done_callback(lambda _context: kept.release())
 
     async def write(self, message) -> None:
+        if not self._headers_sent:
+            # The response headers go alone, before the first answer. A write the idle timeout cuts
+            # leaves its batch pending in gRPC; when that batch also held the headers, gRPC refused
+            # the status that followed (the headers pending twice), so a client that paused longer
+            # than the idle timeout, then read on, got an answer and then waited for ever.
+            await self.context.send_initial_metadata(())
+            self._headers_sent = True
         await self._idle_bounded(self.context.write(message), "read no answer")
         self.last_activity = time.monotonic()
 

@@ -391,6 +391,26 @@ def test_streams_cancelled_mid_way_give_back_every_byte(budgeted, method):
     a_good_call_still_works(server.address)
 
 
+@pytest.mark.parametrize("method", ["EvaluateStream", "EvaluatePacked"])
+def test_a_stream_whose_first_answer_is_not_read_in_time_ends_with_its_status(budgeted, method):
+    """An answer far beyond the client's HTTP/2 window, not read for longer than the idle timeout:
+    the server ends the call, and the client, reading on, gets that status. The write the timeout
+    cut had carried the response headers too, and gRPC then refused the status batch: the client
+    got the answer and waited for the end of its own deadline (for ever without one)."""
+    server, _ = budgeted
+    msg = request_msg(np.ones((2048, 1), np.float32), np.ones((1, 2048), np.float32), loss=pb.KL_DIV, reduction=pb.NONE)  # 16 MiB answer
+    message = pb.EvaluateBatch(requests=[msg]) if method == "EvaluatePacked" else msg
+    with grpc.insecure_channel(server.address, options=RAW) as channel:
+        call = getattr(pb_grpc.LossServiceStub(channel), method)(iter([message]), timeout=60)
+        time.sleep(float(IDLE_S) + 3)  # read nothing for longer than the idle timeout
+        with pytest.raises(grpc.RpcError) as raised:
+            for _ in call:
+                pass
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "read no answer" in raised.value.details(), raised.value
+    assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+    a_good_call_still_works(server.address)
+
+
 def test_a_stream_whose_client_stops_reading_is_paused_then_ended(budgeted):
     server, baseline = budgeted
     x = np.random.default_rng(1).standard_normal((256, 1024)).astype(np.float32)  # 1 MiB in, 1 MiB answer
