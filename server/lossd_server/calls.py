@@ -183,6 +183,8 @@ class Call:
         finally:
             if not task.done():
                 task.cancel()
+            elif not task.cancelled():
+                task.exception()  # seen: a read that failed as the call was cut (a stop) is not an unretrieved error
 
 
 Answer = Callable[[object, Reservation], Awaitable[object]]
@@ -230,6 +232,8 @@ async def serve_stream(call: Call, kind: str, window: int, answer: Answer) -> No
         await _write_answers(call, done, end, reader_task, pending, slots)
     finally:
         reader_task.cancel()
+        if reader_task.done() and not reader_task.cancelled():
+            reader_task.exception()  # seen (the writer's failure is the call's)
         for task in list(tasks):
             task.cancel()
         while not done.empty():
