@@ -9,6 +9,7 @@ answers come from :mod:`lossd_client.core`, the shared methods from
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -71,7 +72,9 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         return_exceptions: bool = False,
     ) -> AsyncIterator[EvaluateResult | LossdError]:
         """Async twin of :meth:`LossClient.evaluate_many` (the requests may also be an async iterable);
-        with ``connections=k`` its messages go to one stream per connection in turn."""
+        with ``connections=k`` its messages go to one stream per connection in turn. The source is
+        read by a task on the event loop: a sync iterable's ``next()`` runs there, so one that blocks
+        (waits for a result) blocks the loop; give such a source as an async iterable."""
         stream, connections = self._stream(window, pack, return_exceptions)
         timeout = self._timeout(timeout_s)
         deadline = _deadline(timeout)
@@ -215,35 +218,76 @@ async def _items(requests: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[
 
 
 async def _write(calls: Sequence[Any], stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore) -> None:
-    """The request side of ``evaluate_many``: an item is taken while a window slot is free; a batch
-    is sent when it is full or no slot is left, to the streams in turn. A failing item or source
-    ends the writing (the stream raises it after the answers before it); anything else cancels
-    the calls."""
+    """The request side of ``evaluate_many``: a producer task takes an item while a window slot is
+    free and queues its request (:func:`_produce`); a message goes out, to the streams in turn, as
+    soon as one request is queued, packed with the others queued by then (never waiting on the
+    source for more). A sync iterable is consumed on the event loop, so its items are queued
+    together while slots are free and fill the packs. A failing item or source ends the writing
+    (the stream raises it after the answers before it); anything else cancels the calls."""
+    queued = _Queued()
+    producer = asyncio.ensure_future(_produce(stream, requests, slots, queued))
     sent = 0
     try:
-        batch: list[core.Encoded] = []
-        source = _items(requests)
-        while (item := await _next(source, stream)) is not _END:
-            if batch and (stream.full(batch) or slots.locked()):
-                await calls[sent % len(calls)].write(stream.message(batch))
-                sent += 1
-                batch = []
-            await slots.acquire()
-            msg = stream.add(item)
-            if msg is None:
-                break
-            if msg is core.REJECTED:  # answered by the client: no message, no slot
-                slots.release()
-                continue
-            batch.append(msg)
-        if batch:
+        while batch := await queued.batch(stream):
             await calls[sent % len(calls)].write(stream.message(batch))
+            sent += 1
+        await producer
         for call in calls:
             await call.done_writing()
     except BaseException:
+        producer.cancel()
         for call in calls:
             call.cancel()  # the reader must not wait for answers that will never come
         raise
+
+
+class _Queued:
+    """The requests the producer queued for the writer, then _END (a deque, and an event that
+    wakes the writer: cheaper per request than an asyncio.Queue)."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()
+        self._put = asyncio.Event()
+
+    def put(self, msg: Any) -> None:
+        self._items.append(msg)
+        self._put.set()
+
+    async def batch(self, stream: core.Stream) -> list[core.Encoded]:
+        """The first queued request (waited for) and those queued behind it, up to a full message; [] at the end."""
+        items = self._items
+        while not items:
+            self._put.clear()
+            await self._put.wait()
+        batch: list[core.Encoded] = []
+        while items and items[0] is not _END:
+            batch.append(items.popleft())
+            if stream.full(batch):
+                break
+        return batch
+
+
+async def _produce(stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore, queued: _Queued) -> None:
+    """Queue each item's request once it holds a window slot, then _END (source ended or failed)."""
+    source = _items(requests)
+    try:
+        while True:
+            await slots.acquire()
+            msg = await _take(source, stream)
+            if msg is None:
+                return
+            queued.put(msg)
+    finally:
+        queued.put(_END)
+
+
+async def _take(source: AsyncIterator[Any], stream: core.Stream) -> core.Encoded | None:
+    """The next item's request, numbered; None at the end of the source or after a failure. Items
+    the client rejects are answered without a message and keep the slot."""
+    while (item := await _next(source, stream)) is not _END:
+        if (msg := stream.add(item)) is not core.REJECTED:
+            return msg  # type: ignore[return-value]
+    return None
 
 
 async def _next(source: AsyncIterator[Any], stream: core.Stream) -> Any:

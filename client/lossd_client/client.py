@@ -83,9 +83,13 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         ``(input, target)`` pair; anything else raises TypeError (after the results of the items
         before it). With ``return_exceptions`` an item's error (the server's, or the client's own,
         e.g. an unknown reduction) is yielded in its place and the others are still evaluated.
-        Requests travel ``pack`` per message over EvaluatePacked (default
+        Requests travel up to ``pack`` per message over EvaluatePacked (default
         ``window // (4 * streams)``, so several messages are in flight on each stream while the
-        server computes); ``pack=1`` uses EvaluateStream, one request per message. With
+        server computes); ``pack=1`` uses EvaluateStream, one request per message. A message goes
+        out as soon as a stream can send it, with the requests the source has given by then: a
+        source that is always ready fills the packs, a slow one is never waited on for more of
+        a message (a source may wait for a result before it yields its next request). The source
+        is read by a thread of the client's. With
         ``connections=k`` the window is spread over one stream per connection (each message goes
         to whichever stream asks for the next one).
         """
@@ -93,6 +97,7 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         feeder = _Feeder(iter(requests), stream)
         timeout = self._timeout(timeout_s)
         calls = [c.streams[stream.method](feeder.messages(), timeout=timeout) for c in connections]
+        feeder.start()
         try:
             with rpc_errors():
                 for message in _merged(calls):
@@ -166,70 +171,88 @@ def _merged(calls: Sequence[Any]) -> Iterator[Any]:
 
 
 class _Feeder:
-    """The request side of a blocking ``evaluate_many``, iterated by gRPC's own thread (one per
-    stream): an item is taken only while one of the ``window`` slots is free, and packed
-    ``stream.pack`` per message; items are numbered under a lock, in the order they are taken."""
+    """The request side of a blocking ``evaluate_many``. A producer thread takes an item from the
+    source while one of the ``window`` slots is free, numbers it and queues its request; each
+    stream's request iterator (run by gRPC's own thread, one per stream) sends a message as soon
+    as one request is queued, packed with the others queued by then (up to ``stream.pack`` or
+    PACK_BYTES): it never waits on the source for more of the same message, so a slow source's
+    requests go out one by one and a fast one's fill the packs (the producer queues them while
+    the previous message is being sent)."""
 
     def __init__(self, source: Iterator[Any], stream: core.Stream) -> None:
         self._source = source
         self._stream = stream
         self._slots = threading.Semaphore(stream.window)
         self._stopped = threading.Event()
-        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._producer = threading.Thread(target=self._produce, daemon=True, name="lossd-evaluate-many-source")
+
+    def start(self) -> None:
+        """Start taking items from the source."""
+        self._producer.start()
 
     def messages(self) -> Iterator[bytes]:
         """The stream's messages; ends with the source, when stopped, or after a failure."""
-        while True:
-            batch = self._batch()
-            if not batch:
-                return
+        while batch := self._batch():
             yield self._stream.message(batch)
-            if not self._stream.full(batch) and (self._stopped.is_set() or self._stream.failure is not None):
-                return
 
     def _batch(self) -> list[core.Encoded]:
+        """The first queued request (waited for) and those queued behind it, up to a full message."""
         batch: list[core.Encoded] = []
-        while not (batch and self._stream.full(batch)) and self._stream.failure is None and self._slot(first=not batch):
-            msg = self._take()
-            if msg is None:
-                self._slots.release()
-                break
+        msg = self._queue.get()
+        while msg is not _END and not self._stopped.is_set():
             batch.append(msg)
-        return batch
+            if self._stream.full(batch):
+                return batch
+            try:
+                msg = self._queue.get_nowait()
+            except queue.Empty:
+                return batch
+        self._queue.put(_END)  # for the other streams' iterators
+        return [] if self._stopped.is_set() else batch
+
+    def _produce(self) -> None:
+        """The producer thread: queue requests while slots are free, then _END (source ended,
+        failed, or stopped)."""
+        try:
+            while self._slot():
+                msg = self._take()
+                if msg is None:
+                    break
+                self._queue.put(msg)
+        finally:
+            self._queue.put(_END)
 
     def _take(self) -> core.Encoded | None:
-        """The next item's request, numbered; None at the end of the source or after a failure."""
-        with self._lock:
-            if self._stream.failure is not None:
+        """The next item's request, numbered; None at the end of the source, after a failure or when
+        stopped. Items the client rejects are answered without a message and keep the slot."""
+        while not self._stopped.is_set():
+            try:
+                item = next(self._source, _END)
+            except Exception as exc:  # noqa: BLE001 - the caller's iterator failed: raised after the answers before it
+                self._stream.fail(exc)
                 return None
-            while True:  # items the client rejects are answered without a message (or a slot)
-                try:
-                    item = next(self._source, _END)
-                except Exception as exc:  # noqa: BLE001 - the caller's iterator failed: raised after the answers before it
-                    self._stream.fail(exc)
-                    return None
-                if item is _END:
-                    return None
-                if (msg := self._stream.add(item)) is not core.REJECTED:
-                    return msg
+            if item is _END:
+                return None
+            if (msg := self._stream.add(item)) is not core.REJECTED:
+                return msg  # type: ignore[return-value]
+        return None
 
-    def _slot(self, first: bool) -> bool:
-        """Take a window slot: wait for the first request of a message, never for the others."""
-        if not first:
-            return self._slots.acquire(blocking=False)
-        while not self._slots.acquire(timeout=0.1):
-            if self._stopped.is_set():
-                return False
+    def _slot(self) -> bool:
+        """Wait for a free window slot; False once stopped."""
+        self._slots.acquire()
         return not self._stopped.is_set()
 
     def release(self, answers: int) -> None:
         """Free a slot per answer received."""
-        for _ in range(answers):
-            self._slots.release()
+        if answers:
+            self._slots.release(answers)
 
     def stop(self) -> None:
-        """The reader is gone: take no more items."""
+        """The reader is gone: take no more items, end the request iterators and the producer."""
         self._stopped.set()
+        self._slots.release()  # wakes the producer if it waits for a slot
+        self._queue.put(_END)
 
 
 _END = object()
