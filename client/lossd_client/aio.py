@@ -79,10 +79,10 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         timeout = self._timeout(timeout_s)
         deadline = _deadline(timeout)
         calls = [c.streams[stream.method](timeout=timeout) for c in connections]
-        slots = asyncio.Semaphore(window)
-        write_task = asyncio.ensure_future(_write(calls, stream, requests, slots))
+        slots, inbox = asyncio.Semaphore(window), asyncio.Queue()
+        write_task = asyncio.ensure_future(_write(calls, stream, requests, slots, _Alone(self, stream, timeout, inbox)))
         try:
-            async for message in _merged(calls):
+            async for message in _merged(calls, inbox):
                 answers = stream.answers(message)
                 for _ in answers:
                     slots.release()
@@ -181,13 +181,10 @@ async def _chunked(
             call.cancel()  # the others, when one failed
 
 
-async def _merged(calls: Sequence[Any]) -> AsyncIterator[Any]:
-    """The responses of several response-streaming calls as they come; a call's error is raised here."""
-    if len(calls) == 1:
-        async for message in calls[0]:
-            yield message
-        return
-    inbox: asyncio.Queue = asyncio.Queue()
+async def _merged(calls: Sequence[Any], inbox: asyncio.Queue) -> AsyncIterator[Any]:
+    """The responses of the response-streaming calls as they come, read into ``inbox`` by a task
+    per call (the writer puts :data:`core.SETTLED` there too, so that an answer the client made
+    itself wakes the reader); a call's error is raised here."""
 
     async def read(call: Any) -> None:
         try:
@@ -208,6 +205,39 @@ async def _merged(calls: Sequence[Any]) -> AsyncIterator[Any]:
             reader.cancel()
 
 
+class _Alone:
+    """What evaluate_many does with an item too large for one message: routes it as ``evaluate()``
+    does (EvaluateChunked), awaited by the producer, and settles its answer in the stream."""
+
+    def __init__(self, client: AsyncLossClient, stream: core.Stream, timeout: float | None, inbox: asyncio.Queue) -> None:
+        self._client = client
+        self._stream = stream
+        self._timeout = timeout
+        self._inbox = inbox
+
+    @property
+    def server_max(self) -> int | None:
+        """The server's message limit, once known."""
+        return self._client._server_max
+
+    def needs_limit(self, req: LossRequest) -> bool:
+        """Whether ``req`` is too large to be placed without the server's message limit."""
+        return core.needs_server_limit(req, shared_memory=False, server_max=self._client._server_max)
+
+    async def fetch_limit(self) -> None:
+        """Ask the server for its message limit (once per client)."""
+        self._client._server_max = (await self._client.server_info(timeout_s=self._timeout)).max_receive_message_bytes
+
+    async def evaluate(self, req: LossRequest) -> None:
+        """Evaluate ``req`` alone; its answer (or its LossdError) is settled in the stream."""
+        try:
+            answer: EvaluateResult | LossdError = await self._client.evaluate(req, timeout_s=self._timeout)
+        except LossdError as exc:
+            answer = exc
+        self._stream.settle(req.id, answer)
+        self._inbox.put_nowait(core.Merge.message(core.SETTLED))
+
+
 async def _items(requests: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
     if hasattr(requests, "__aiter__"):
         async for item in requests:  # type: ignore[union-attr]
@@ -217,7 +247,9 @@ async def _items(requests: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[
             yield item
 
 
-async def _write(calls: Sequence[Any], stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore) -> None:
+async def _write(
+    calls: Sequence[Any], stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore, alone: _Alone
+) -> None:
     """The request side of ``evaluate_many``: a producer task takes an item while a window slot is
     free and queues its request (:func:`_produce`); a message goes out, to the streams in turn, as
     soon as one request is queued, packed with the others queued by then (never waiting on the
@@ -225,7 +257,7 @@ async def _write(calls: Sequence[Any], stream: core.Stream, requests: Iterable[A
     together while slots are free and fill the packs. A failing item or source ends the writing
     (the stream raises it after the answers before it); anything else cancels the calls."""
     queued = _Queued()
-    producer = asyncio.ensure_future(_produce(stream, requests, slots, queued))
+    producer = asyncio.ensure_future(_produce(stream, requests, slots, queued, alone))
     sent = 0
     try:
         while batch := await queued.batch(stream):
@@ -267,13 +299,15 @@ class _Queued:
         return batch
 
 
-async def _produce(stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore, queued: _Queued) -> None:
+async def _produce(
+    stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore, queued: _Queued, alone: _Alone
+) -> None:
     """Queue each item's request once it holds a window slot, then _END (source ended or failed)."""
     source = _items(requests)
     try:
         while True:
             await slots.acquire()
-            msg = await _take(source, stream)
+            msg = await _take(source, stream, alone)
             if msg is None:
                 return
             queued.put(msg)
@@ -281,12 +315,23 @@ async def _produce(stream: core.Stream, requests: Iterable[Any] | AsyncIterable[
         queued.put(_END)
 
 
-async def _take(source: AsyncIterator[Any], stream: core.Stream) -> core.Encoded | None:
+async def _take(source: AsyncIterator[Any], stream: core.Stream, alone: _Alone) -> core.Encoded | None:
     """The next item's request, numbered; None at the end of the source or after a failure. Items
-    the client rejects are answered without a message and keep the slot."""
+    the client answers itself (rejected, or evaluated alone) need no message and keep the slot."""
     while (item := await _next(source, stream)) is not _END:
-        if (msg := stream.add(item)) is not core.REJECTED:
-            return msg  # type: ignore[return-value]
+        try:
+            msg = stream.request(item)
+            if isinstance(msg, LossRequest):
+                if alone.needs_limit(msg):
+                    await alone.fetch_limit()
+                msg = stream.place(msg, alone.server_max)
+            if isinstance(msg, LossRequest):
+                await alone.evaluate(msg)
+            elif msg is not core.REJECTED:
+                return msg  # type: ignore[return-value]
+        except Exception as exc:  # noqa: BLE001 - the limit's call failed: raised after the answers before it
+            stream.fail(exc)
+            return None
     return None
 
 

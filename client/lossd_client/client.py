@@ -89,18 +89,19 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         out as soon as a stream can send it, with the requests the source has given by then: a
         source that is always ready fills the packs, a slow one is never waited on for more of
         a message (a source may wait for a result before it yields its next request). The source
-        is read by a thread of the client's. With
+        is read by a thread of the client's. An item larger than the server's message limit is
+        sent alone as ``evaluate()`` sends it (EvaluateChunked), in its place in the order. With
         ``connections=k`` the window is spread over one stream per connection (each message goes
         to whichever stream asks for the next one).
         """
         stream, connections = self._stream(window, pack, return_exceptions)
-        feeder = _Feeder(iter(requests), stream)
-        timeout = self._timeout(timeout_s)
+        timeout, inbox = self._timeout(timeout_s), queue.SimpleQueue()
+        feeder = _Feeder(iter(requests), stream, _Alone(self, stream, timeout, inbox))
         calls = [c.streams[stream.method](feeder.messages(), timeout=timeout) for c in connections]
         feeder.start()
         try:
             with rpc_errors():
-                for message in _merged(calls):
+                for message in _merged(calls, inbox):
                     answers = stream.answers(message)
                     feeder.release(len(answers))
                     yield from stream.ready(answers)
@@ -146,13 +147,10 @@ def _chunked(connections: Sequence[Connection], streams: Sequence[Iterator[bytes
             f.cancel()  # the others, when one failed
 
 
-def _merged(calls: Sequence[Any]) -> Iterator[Any]:
-    """The responses of several response-streaming calls as they come (a reader thread per call
-    beyond the first); a call's error is raised here."""
-    if len(calls) == 1:
-        yield from calls[0]
-        return
-    inbox: queue.SimpleQueue = queue.SimpleQueue()
+def _merged(calls: Sequence[Any], inbox: queue.SimpleQueue) -> Iterator[Any]:
+    """The responses of the response-streaming calls as they come, read into ``inbox`` by a thread
+    per call (the feeder puts :data:`core.SETTLED` there too, so that an answer the client made
+    itself wakes the reader); a call's error is raised here."""
 
     def read(call: Any) -> None:
         try:
@@ -170,6 +168,33 @@ def _merged(calls: Sequence[Any]) -> Iterator[Any]:
             yield message
 
 
+class _Alone:
+    """What evaluate_many does with an item too large for one message: routes it as ``evaluate()``
+    does (EvaluateChunked), in the feeder's thread, and settles its answer in the stream."""
+
+    def __init__(self, client: LossClient, stream: core.Stream, timeout: float | None, inbox: queue.SimpleQueue) -> None:
+        self._client = client
+        self._stream = stream
+        self._timeout = timeout
+        self._inbox = inbox
+
+    def limit(self, req: LossRequest) -> int | None:
+        """The server's message limit when ``req`` is too large to go without it (asked once per client)."""
+        client = self._client
+        if core.needs_server_limit(req, shared_memory=False, server_max=client._server_max):
+            client._server_max = client.server_info(timeout_s=self._timeout).max_receive_message_bytes
+        return client._server_max
+
+    def evaluate(self, req: LossRequest) -> None:
+        """Evaluate ``req`` alone; its answer (or its LossdError) is settled in the stream."""
+        try:
+            answer: EvaluateResult | LossdError = self._client.evaluate(req, timeout_s=self._timeout)
+        except LossdError as exc:
+            answer = exc
+        self._stream.settle(req.id, answer)
+        self._inbox.put(core.Merge.message(core.SETTLED))
+
+
 class _Feeder:
     """The request side of a blocking ``evaluate_many``. A producer thread takes an item from the
     source while one of the ``window`` slots is free, numbers it and queues its request; each
@@ -179,9 +204,10 @@ class _Feeder:
     requests go out one by one and a fast one's fill the packs (the producer queues them while
     the previous message is being sent)."""
 
-    def __init__(self, source: Iterator[Any], stream: core.Stream) -> None:
+    def __init__(self, source: Iterator[Any], stream: core.Stream, alone: _Alone) -> None:
         self._source = source
         self._stream = stream
+        self._alone = alone
         self._slots = threading.Semaphore(stream.window)
         self._stopped = threading.Event()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -225,17 +251,23 @@ class _Feeder:
 
     def _take(self) -> core.Encoded | None:
         """The next item's request, numbered; None at the end of the source, after a failure or when
-        stopped. Items the client rejects are answered without a message and keep the slot."""
+        stopped. Items the client answers itself (rejected, or evaluated alone) need no message and
+        keep the slot."""
         while not self._stopped.is_set():
             try:
                 item = next(self._source, _END)
-            except Exception as exc:  # noqa: BLE001 - the caller's iterator failed: raised after the answers before it
+                if item is _END:
+                    return None
+                msg = self._stream.request(item)
+                if isinstance(msg, LossRequest):
+                    msg = self._stream.place(msg, self._alone.limit(msg))
+                if isinstance(msg, LossRequest):
+                    self._alone.evaluate(msg)
+                elif msg is not core.REJECTED:
+                    return msg
+            except Exception as exc:  # noqa: BLE001 - the caller's iterator (or the limit's call) failed: raised after the answers before it
                 self._stream.fail(exc)
                 return None
-            if item is _END:
-                return None
-            if (msg := self._stream.add(item)) is not core.REJECTED:
-                return msg  # type: ignore[return-value]
         return None
 
     def _slot(self) -> bool:

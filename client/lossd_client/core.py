@@ -785,6 +785,9 @@ def _without_tracebacks(exc: BaseException) -> BaseException:
 
 #: What :meth:`Stream.add` returns for an item the client rejected and answers itself.
 REJECTED = object()
+#: Put among a stream's received messages when :meth:`Stream.settle` answered an item: carries no answer,
+#: but wakes the reader so that the answer is yielded without waiting for the server's next one.
+SETTLED = object()
 
 
 class Stream:
@@ -796,7 +799,8 @@ class Stream:
     An item that cannot be built, or a source that fails, is recorded (:meth:`fail`) and
     raised by :meth:`finish` after the answers to the items before it; with ``return_exceptions``
     an item the client rejects (a :class:`LossdError`, e.g. an unknown reduction) is answered in
-    its place like one the server rejects, and the stream goes on (:data:`REJECTED`).
+    its place like one the server rejects, and the stream goes on (:data:`REJECTED`). An item too
+    large for one message is evaluated by the client alone and its answer given to :meth:`settle`.
     """
 
     def __init__(self, window: int, pack: int | None, return_exceptions: bool, streams: int = 1) -> None:
@@ -808,7 +812,7 @@ class Stream:
         self._caller_ids: dict[str, str] = {}  # the wire numbers the items; results carry the caller's id
         self._order: list[str] = []
         self._ready: dict[str, pb.EvaluateResponse] = {}
-        self._rejected: dict[str, LossdError] = {}
+        self._done: dict[str, EvaluateResult | LossdError] = {}  # answered by the client: rejected or evaluated alone
         self._next = 0
 
     @property
@@ -816,27 +820,52 @@ class Stream:
         """The RPC: EvaluateStream (one request per message) or EvaluatePacked."""
         return "EvaluateStream" if self.pack == 1 else "EvaluatePacked"
 
-    def add(self, item: Any) -> Encoded | object | None:
-        """The next item's wire request, numbered; :data:`REJECTED` when the client rejected it
-        and its error is its answer (nothing to send); None when it cannot be built (then :meth:`fail`)."""
+    def add(self, item: Any, server_max: int | None = None) -> Encoded | LossRequest | object | None:
+        """The next item's wire request, numbered: :meth:`request` then :meth:`place`."""
+        req = self.request(item)
+        return req if req is None or req is REJECTED else self.place(req, server_max)  # type: ignore[arg-type]
+
+    def request(self, item: Any) -> LossRequest | object | None:
+        """The next item as a LossRequest, numbered (its id); :data:`REJECTED` when the client rejected
+        it and its error is its answer (nothing to send); None when it cannot be built (then :meth:`fail`)."""
         rid = str(len(self._order))
         try:
             request = as_loss_request(item, len(self._order))
-            encoded = encode(replace(request, id=rid))
-        except LossdError as exc:
-            if not self.return_exceptions:
-                self.fail(exc)
-                return None
-            self._rejected[rid] = _without_tracebacks(exc)
-            self._order.append(rid)
-            return REJECTED
-        except Exception as exc:  # noqa: BLE001 - raised by finish(), in order
-            self.fail(exc)
-            return None
-        self._as_torch[rid] = encoded.as_torch
+            req = replace(request, id=rid)
+        except Exception as exc:  # noqa: BLE001 - a LossdError is answered in place or raised in order, others by finish()
+            return self._refused(rid, exc)
         self._caller_ids[rid] = request.id
         self._order.append(rid)
+        return req
+
+    def place(self, req: LossRequest, server_max: int | None = None) -> Encoded | LossRequest | object | None:
+        """A numbered request's wire request; ``req`` itself when its tensors exceed the unary budget of
+        ``server_max`` (the server's message limit): the client then evaluates it alone, as
+        ``evaluate()`` does (EvaluateChunked), and hands the answer to :meth:`settle`.
+        :data:`REJECTED` or None as for :meth:`request`."""
+        try:
+            encoded = encode(req)  # views of the tensor bytes: cheap even for a large request
+        except Exception as exc:  # noqa: BLE001 - as in request()
+            return self._refused(req.id, exc, numbered=True)
+        # the serialised size bounds the tensor bytes: counting those (2 us) only when it is over
+        if server_max is not None and encoded.nbytes > (budget := layout.unary_budget(server_max)) and request_nbytes(req) > budget:
+            return req
+        self._as_torch[req.id] = encoded.as_torch
         return encoded
+
+    def settle(self, rid: str, answer: EvaluateResult | LossdError) -> None:
+        """The answer to an item the client evaluated itself (see :meth:`place`): yielded in its place
+        (an error raised there, unless ``return_exceptions``)."""
+        self._done[rid] = _without_tracebacks(answer) if isinstance(answer, LossdError) else answer
+
+    def _refused(self, rid: str, exc: Exception, numbered: bool = False) -> object | None:
+        if not isinstance(exc, LossdError) or not self.return_exceptions:
+            self.fail(exc)
+            return None
+        self._done[rid] = _without_tracebacks(exc)
+        if not numbered:
+            self._order.append(rid)
+        return REJECTED
 
     def fail(self, exc: Exception) -> None:
         """Stop taking items: ``exc`` is raised by :meth:`finish` after the answers sent before it."""
@@ -855,7 +884,10 @@ class Stream:
         return b"".join(part for encoded in batch for part in encoded.framed(1))
 
     def answers(self, message: Any) -> Sequence[pb.EvaluateResponse]:
-        """The responses one received message carries (each frees one window slot)."""
+        """The responses one received message carries (each frees one window slot); none for
+        :data:`SETTLED`, which the client puts among them when it answered an item itself."""
+        if message is SETTLED:
+            return ()
         return [message] if self.pack == 1 else message.responses
 
     def ready(self, responses: Iterable[pb.EvaluateResponse] = ()) -> Iterator[EvaluateResult | LossdError]:
@@ -868,9 +900,16 @@ class Stream:
             self._ready[response.id] = response
         while self._next < len(self._order):
             rid = self._order[self._next]
-            if rid in self._rejected:
+            if rid in self._done:
                 self._next += 1
-                yield self._rejected.pop(rid)
+                answer = self._done.pop(rid)
+                caller_id = self._caller_ids.pop(rid, "")
+                if isinstance(answer, LossdError):
+                    if not self.return_exceptions:
+                        raise answer
+                else:
+                    answer.id = caller_id
+                yield answer
             elif rid in self._ready:
                 self._next += 1
                 yield self._result(self._ready.pop(rid), self._as_torch.pop(rid), self._caller_ids.pop(rid))

@@ -1,8 +1,9 @@
-"""evaluate_many with sources that are not always ready.
+"""evaluate_many with sources that are not always ready, and with items too large for one message.
 
 A message goes out as soon as the client can send it, packed only with the items that are ready
 then: a source that yields its next item only after it has received the previous item's result
-must finish (it waited for a whole pack until the deadline).
+must finish (it waited for a whole pack until the deadline). An item over the server's message
+limit goes through EvaluateChunked by itself, as evaluate() sends it (the server refused it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lossd_client import AsyncLossClient, LossClient, LossRequest
+from lossd_client import AsyncLossClient, InvalidArgumentError, LossClient, LossRequest
 from serverproc import start_server
 
 ROUNDS = 5
@@ -23,6 +24,13 @@ ROUNDS = 5
 @pytest.fixture(scope="module")
 def server():
     srv = start_server()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def small_limit_server():
+    srv = start_server("--max-message-bytes", "65536")
     yield srv
     srv.stop()
 
@@ -79,3 +87,52 @@ def test_an_async_source_that_waits_for_each_result_finishes(server):
     assert len(got) == ROUNDS
     for i, result in enumerate(got):
         torch.testing.assert_close(torch.as_tensor(result.loss), request(i)[1])
+
+
+def large_items():
+    """Small and large (122 KB: over a 64 KiB server limit) items, and torch's answers."""
+    rng = np.random.default_rng(7)
+    items, want = [], []
+    for rows, classes in ((4, 5), (300, 100), (6, 5), (3, 7), (400, 90)):
+        x = rng.standard_normal((rows, classes)).astype(np.float32)
+        t = rng.integers(0, classes, rows)
+        items.append(LossRequest(x, t, reduction="sum"))
+        want.append(F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t), reduction="sum"))
+    return items, want
+
+
+def check(got, want) -> None:
+    assert len(got) == len(want)
+    for i, (result, expected) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(torch.as_tensor(result.loss), expected, msg=lambda m, i=i: f"item {i}: {m}")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("pack", [None, 1])
+def test_items_over_the_server_limit_are_evaluated_in_order(small_limit_server, pack):
+    items, want = large_items()
+    with LossClient(small_limit_server.address, timeout_s=60) as client:
+        check(list(client.evaluate_many(items, window=4, pack=pack)), want)
+        check(list(client.evaluate_many(iter(items[1:2]))), want[1:2])  # alone, and last
+
+    async def main():
+        async with AsyncLossClient(small_limit_server.address, timeout_s=60) as client:
+            return [r async for r in client.evaluate_many(items, window=4, pack=pack)]
+
+    check(asyncio.run(asyncio.wait_for(main(), 120)), want)
+
+
+@pytest.mark.timeout(180)
+def test_a_large_item_that_fails_fails_in_its_place(small_limit_server):
+    items, want = large_items()
+    bad = LossRequest(items[1].input, np.full(300, 100), reduction="sum")  # class 100 of 100: out of bounds
+    mixed = [items[0], bad, items[2]]
+    with LossClient(small_limit_server.address, timeout_s=60) as client:
+        got = list(client.evaluate_many(mixed, return_exceptions=True))
+        assert isinstance(got[1], InvalidArgumentError)
+        check([got[0], got[2]], [want[0], want[2]])
+        seen = []
+        with pytest.raises(InvalidArgumentError):
+            for result in client.evaluate_many(mixed):
+                seen.append(result)
+        check(seen, want[:1])
