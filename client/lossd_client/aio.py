@@ -235,6 +235,10 @@ class _Alone:
         except LossdError as exc:
             answer = exc
         self._stream.settle(req.id, answer)
+        self.settled()
+
+    def settled(self) -> None:
+        """Wake the reader: the client answered an item itself (evaluated alone, or rejected)."""
         self._inbox.put_nowait(core.Merge.message(core.SETTLED))
 
 
@@ -327,7 +331,9 @@ async def _take(source: AsyncIterator[Any], stream: core.Stream, alone: _Alone) 
                 msg = stream.place(msg, alone.server_max)
             if isinstance(msg, LossRequest):
                 await alone.evaluate(msg)
-            elif msg is not core.REJECTED:
+            elif msg is core.REJECTED:
+                alone.settled()
+            else:
                 return msg  # type: ignore[return-value]
         except Exception as exc:  # noqa: BLE001 - the limit's call failed: raised after the answers before it
             stream.fail(exc)

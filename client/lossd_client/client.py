@@ -192,6 +192,10 @@ class _Alone:
         except LossdError as exc:
             answer = exc
         self._stream.settle(req.id, answer)
+        self.settled()
+
+    def settled(self) -> None:
+        """Wake the reader: the client answered an item itself (evaluated alone, or rejected)."""
         self._inbox.put(core.Merge.message(core.SETTLED))
 
 
@@ -263,7 +267,9 @@ class _Feeder:
                     msg = self._stream.place(msg, self._alone.limit(msg))
                 if isinstance(msg, LossRequest):
                     self._alone.evaluate(msg)
-                elif msg is not core.REJECTED:
+                elif msg is core.REJECTED:
+                    self._alone.settled()
+                else:
                     return msg
             except Exception as exc:  # noqa: BLE001 - the caller's iterator (or the limit's call) failed: raised after the answers before it
                 self._stream.fail(exc)

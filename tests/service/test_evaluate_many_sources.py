@@ -89,6 +89,54 @@ def test_an_async_source_that_waits_for_each_result_finishes(server):
         torch.testing.assert_close(torch.as_tensor(result.loss), request(i)[1])
 
 
+@pytest.mark.timeout(180)
+def test_a_source_that_waits_for_each_result_gets_the_clients_rejections_at_once(server):
+    """An item the client rejects (return_exceptions) is answered without a message: its answer
+    must still reach a source that waits for it (it waited for the server's next answer)."""
+
+    def items(i: int) -> LossRequest:
+        req = request(i)[0]
+        return LossRequest(req.input, req.target, reduction="bogus") if i == 1 else req
+
+    def source(results: queue.Queue):
+        for i in range(ROUNDS):
+            yield items(i)
+            if i + 1 < ROUNDS:
+                results.get(timeout=60)
+
+    def check_all(got) -> None:
+        assert len(got) == ROUNDS and isinstance(got[1], InvalidArgumentError)
+        for i, result in enumerate(got):
+            if i != 1:
+                torch.testing.assert_close(torch.as_tensor(result.loss), request(i)[1])
+
+    results: queue.Queue = queue.Queue()
+    got = []
+    with LossClient(server.address, timeout_s=30) as client:
+        for result in client.evaluate_many(source(results), return_exceptions=True):
+            got.append(result)
+            results.put(result)
+    check_all(got)
+
+    async def main():
+        answers: asyncio.Queue = asyncio.Queue()
+
+        async def asource():
+            for i in range(ROUNDS):
+                yield items(i)
+                if i + 1 < ROUNDS:
+                    await asyncio.wait_for(answers.get(), 60)
+
+        seen = []
+        async with AsyncLossClient(server.address, timeout_s=30) as client:
+            async for result in client.evaluate_many(asource(), return_exceptions=True):
+                seen.append(result)
+                answers.put_nowait(result)
+        return seen
+
+    check_all(asyncio.run(asyncio.wait_for(main(), 120)))
+
+
 def large_items():
     """Small and large (122 KB: over a 64 KiB server limit) items, and torch's answers."""
     rng = np.random.default_rng(7)
