@@ -94,7 +94,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
             stream.finish()
         except (grpc.RpcError, asyncio.CancelledError) as exc:
             failed = write_task.exception() if write_task.done() and not write_task.cancelled() else None
-            if failed is not None and not isinstance(failed, grpc.RpcError):  # the caller's source, not the call
+            if failed is not None and not isinstance(failed, (grpc.RpcError, asyncio.InvalidStateError)):  # the source, not the call
                 raise failed from exc
             failure = self._failure(exc, deadline)
             if failure is exc:
