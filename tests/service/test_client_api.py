@@ -131,6 +131,9 @@ def test_unscored_positions_of_token_nll_are_zero_not_negative_zero(server):
         assert not torch.signbit(got.token_nll[:, -1]).any()
 
 
-def test_a_health_timeout_of_zero_is_zero_not_five_seconds(server):
-    with LossClient(server.address) as client, pytest.raises(lossd_errors.DeadlineExceededError):
-        client.health(timeout_s=0)
+def test_a_health_timeout_of_zero_is_zero_not_five_seconds():
+    """health(timeout_s=0) waited 5 s ('or 5.0'); the default applies only when neither the call nor
+    the client gives a timeout (a 0 s deadline itself may or may not beat a loopback answer)."""
+    with LossClient("127.0.0.1:1") as plain, LossClient("127.0.0.1:1", timeout_s=2.5) as timed:
+        assert plain._health_timeout(0) == 0 and plain._health_timeout(None) == 5.0
+        assert timed._health_timeout(None) == 2.5 and timed._health_timeout(0.0) == 0.0
