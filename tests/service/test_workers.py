@@ -409,3 +409,20 @@ def test_a_stopped_worker_is_killed_after_the_stall_timeout_and_replaced():
             os.kill(stopped, signal.SIGCONT)
             os.kill(stopped, signal.SIGKILL)
         stop_everything(proc)
+
+
+def test_a_second_signal_during_the_drain_stops_every_worker_cleanly():
+    """The second signal skips what is left of the drain (grace 0). The stop once ran gRPC's
+    shutdown twice at once there, and a worker died of SIGSEGV in 5 of 20 such stops."""
+    for _ in range(6):
+        proc = start_server(*FLAGS)
+        try:
+            with LossClient(proc.address, timeout_s=30) as client:
+                client.cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 2]))
+            proc.signal(signal.SIGTERM)
+            wait_for(lambda proc=proc: proc.log().count("(drain)") == 2, what="both workers draining")
+            proc.signal(signal.SIGTERM)
+            assert proc.proc.wait(60) == 0, proc.log()
+            assert "signal SIG" not in proc.log(), proc.log()  # no worker ended by a signal
+        finally:
+            proc.stop()
