@@ -33,6 +33,11 @@ from .packed import PackedMessages, item_failed
 #: How long a call that failed after an end of stream waits for a cancel to land (a client's
 #: cancel took under 50 ms to reach the handler in every probe).
 CANCEL_SETTLE_S = 0.05
+#: A client's deadline reaches the server as a cancel (RST_STREAM) at the client's clock, while the
+#: server's copy of the deadline starts when the call's headers arrived: later by the time they took
+#: to be read, 50+ ms on a loaded machine. A call whose read ended this close to its deadline waits
+#: for that deadline (then counted DEADLINE_EXCEEDED, as the client sees it, not CANCELLED).
+DEADLINE_SKEW_S = 0.5
 #: Copies of an answer alive at once: the result tensors, the encoded message, gRPC's buffer.
 ANSWER_COPIES = 3
 #: Copies of a class-index target in a ChunkHeader: the message, the int64 view or copy, masks.
@@ -90,6 +95,14 @@ def call_over(call: Call, context: grpc.aio.ServicerContext, exc: BaseException)
     return None
 
 
+def _settle_s(call: Call) -> float:
+    """How long a call that failed after an end of stream waits before its status is decided:
+    CANCEL_SETTLE_S, or until its deadline when that is at most DEADLINE_SKEW_S away."""
+    if call.deadline is not None and (left := call.deadline - time.monotonic()) <= DEADLINE_SKEW_S:
+        return max(CANCEL_SETTLE_S, left + 0.001)  # asyncio may wake a timer a clock tick early
+    return CANCEL_SETTLE_S
+
+
 def _message(received: object):
     if isinstance(received, wire.Malformed):
         raise _message_error(received)
@@ -122,7 +135,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 # a client's cancel reaches a waiting read as an end of stream a moment before gRPC
                 # cancels this handler: let it land, so that the call counts CANCELLED, not as the
                 # client's mistake (only failures after an end of stream wait, and only this long)
-                await asyncio.sleep(CANCEL_SETTLE_S)
+                await asyncio.sleep(_settle_s(call))
             err = call_over(call, context, exc) or status_of(exc, what)
             del exc
             context.set_code(err.code)
