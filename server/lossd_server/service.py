@@ -133,8 +133,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except Exception as exc:  # noqa: BLE001 - every failure is answered with its status
             if call.read_end:
                 # a client's cancel reaches a waiting read as an end of stream a moment before gRPC
-                # cancels this handler: let it land, so that the call counts CANCELLED, not as the
-                # client's mistake (only failures after an end of stream wait, and only this long)
+                # cancels this handler: let it land, so that the call counts CANCELLED (or, near its
+                # deadline, DEADLINE_EXCEEDED), not as the client's mistake (see _settle_s)
                 await asyncio.sleep(_settle_s(call))
             err = call_over(call, context, exc) or status_of(exc, what)
             del exc
