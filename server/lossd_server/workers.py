@@ -14,7 +14,7 @@ removes at exit), starts the workers with the ``spawn`` method (fresh interprete
 CUDA state is ever inherited through a fork) and talks to each over a pipe:
 
 - a worker reports ``listening`` (port, device, build labels), ``warm`` (its warm-up evaluation
-  ran) or ``error`` (it could not start);
+  ran), ``error`` (it could not start) or ``leaving`` (it got a stop signal of its own);
 - the supervisor sends ``serving`` (True only while every worker is warm and nobody stops), ``stop``
   (start the drain), ``hurry`` (skip what is left of it) and ``ping``, which the worker's event
   loop answers with ``pong``.
@@ -27,7 +27,9 @@ supervisor relays ``stop`` to every worker, which drains exactly as one process 
 directly: a worker counts its own signals and the supervisor's orders apart and follows the
 furthest (:class:`~lossd_server.app.StopSignal`), so the two copies of one stop drain once and a
 second group signal hurries once. The supervisor exits 0 once every worker has. A worker that
-exits on its own is logged and replaced (at once when it had run for :data:`STABLE_S`, else after
+gets a stop signal of its own (``kill -TERM <worker pid>``; not relayed) tells the supervisor
+(``leaving``), which takes it out of its slot and starts a new worker there after
+:data:`LEAVING_REPLACE_DELAY_S`, while it drains. A worker that exits on its own is logged and replaced (at once when it had run for :data:`STABLE_S`, else after
 a backoff); its connections break, so its calls in flight end UNAVAILABLE, which the client
 retries. A worker whose supervisor is gone (its pipe closes) drains and exits.
 
@@ -77,6 +79,10 @@ RESTART_BACKOFF_S = 1.0
 MAX_RESTART_BACKOFF_S = 30.0
 #: After SIGTERM a worker gets drain_s + grace_s plus this margin to exit before it is killed.
 STOP_MARGIN_S = 15.0
+#: A worker that got a stop signal of its own is replaced this many seconds later: a signal to the
+#: whole process group reaches the supervisor too, and its stop, relayed within this delay, cancels
+#: the replacement.
+LEAVING_REPLACE_DELAY_S = 0.5
 
 
 # --------------------------------------------------------------------------- the supervisor's side
@@ -94,6 +100,11 @@ class Worker:
     last_sign: float = 0.0
     #: Killed for not answering (its exit, which follows, replaces it as any exit does).
     stalled: bool = False
+    #: It got a stop signal of its own (not the supervisor's): it drains and finishes its calls out
+    #: of its slot (:attr:`Supervisor.leaving`) while a new worker takes the slot.
+    leaving: bool = False
+    #: Killed if still running then (monotonic): set when it stops, by a signal or as ``leaving``.
+    gone_by: float | None = None
 
     def __post_init__(self) -> None:
         self.last_sign = self.last_sign or self.started
@@ -295,6 +306,45 @@ class SupervisorCollector:
 WorkerTarget = Callable[[int, ServerConfig, Connection], None]
 
 
+class SignalInbox:
+    """The supervisor's stop signals: counted by the handler (:meth:`__call__`), which wakes the
+    loop's wait on :attr:`wake` with a byte; the loop takes the new ones with :meth:`take`."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.taken = 0
+        self.wake, self._waker = socket.socketpair()
+        self._waker.setblocking(False)
+
+    def __call__(self, signum: int, frame: object = None) -> None:
+        self.received += 1
+        try:
+            self._waker.send(b"\0")
+        except OSError:
+            pass
+
+    def take(self) -> list[int]:
+        """The ordinals (1 for the first signal ever) of the signals not taken yet."""
+        new = list(range(self.taken + 1, self.received + 1))
+        self.taken = self.received
+        return new
+
+    def close(self) -> None:
+        self.wake.close()
+        self._waker.close()
+
+
+def spawn_worker(ctx: Any, target: WorkerTarget, index: int, config: ServerConfig) -> Worker:
+    """Start the worker process of slot ``index``, the stop signals blocked in it until it handles them."""
+    parent_end, child_end = ctx.Pipe()
+    process = ctx.Process(target=target, args=(index, config, child_end), name=f"lossd-worker-{index}", daemon=True)
+    with stopsignals.held():  # the worker unblocks them once it handles them (_serve_worker)
+        process.start()
+    child_end.close()
+    log.info("worker %d started (pid %d)", index, process.pid)
+    return Worker(index, process, parent_end, time.monotonic())
+
+
 class Supervisor:
     """Starts, watches, replaces and stops the worker processes (see the module's docstring).
 
@@ -307,6 +357,8 @@ class Supervisor:
         self.target = target or worker_main
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: dict[int, Worker] = {}
+        #: Workers out of their slot that drain after a stop signal of their own, by pid.
+        self.leaving: dict[int, Worker] = {}
         self.restarts = Restarts()
         self.build: dict[str, str] = {}
         self.serving = False
@@ -315,10 +367,8 @@ class Supervisor:
         self.liveness = Liveness(config.worker_stall_timeout_s)
         self.exit_code = 0
         self.fatal: str | None = None
-        self._signals = 0
-        self._handled_signals = 0
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_w.setblocking(False)
+        #: The SIGTERM/SIGINT/SIGHUP handler (installed by the caller): counted, acted on by the loop.
+        self.on_signal = SignalInbox()
         self.reservation: PortReservation | None = None
         self.metrics: AggregateMetrics | None = None
         self.worker_config: ServerConfig | None = None
@@ -331,14 +381,6 @@ class Supervisor:
     def ready_count(self) -> int:
         return sum(1 for w in self.workers.values() if w.warm)
 
-    def on_signal(self, signum: int, frame: object = None) -> None:
-        """SIGTERM/SIGINT/SIGHUP handler: counted here, acted on by the supervisor's loop."""
-        self._signals += 1
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
-
     # ------------------------------------------------------------------ start and stop
     def start(self) -> None:
         """Check and hold the port, serve /metrics, start every worker; StartupError when it cannot."""
@@ -349,14 +391,7 @@ class Supervisor:
             self.metrics = AggregateMetrics(cfg, self)
         else:
             os.environ.pop(MULTIPROC_ENV, None)
-        log.info(
-            "supervising %d workers on %s:%d (memory budget %d bytes each, %d torch threads each)",
-            cfg.workers,
-            cfg.host,
-            self.reservation.port,
-            self.worker_config.memory_budget_bytes,
-            self.worker_config.torch_threads,
-        )
+        _log_supervising(cfg, self.worker_config)
         # Started once before any worker: starting it unblocks SIGTERM/SIGINT in this thread, which
         # would undo stopsignals.held() around the first worker's start.
         resource_tracker.ensure_running()
@@ -364,19 +399,11 @@ class Supervisor:
             self._spawn(index)
 
     def _spawn(self, index: int) -> None:
-        parent_end, child_end = self.ctx.Pipe()
-        process = self.ctx.Process(
-            target=self.target, args=(index, self.worker_config, child_end), name=f"lossd-worker-{index}", daemon=True
-        )
-        with stopsignals.held():  # the worker unblocks them once it handles them (_serve_worker)
-            process.start()
-        child_end.close()
-        self.workers[index] = Worker(index, process, parent_end, time.monotonic())
-        log.info("worker %d started (pid %d)", index, process.pid)
+        self.workers[index] = spawn_worker(self.ctx, self.target, index, self.worker_config)
 
     def close(self) -> None:
         """Kill what is left (only after a failed start or the stop deadline), release the port and /metrics."""
-        for worker in list(self.workers.values()):
+        for worker in self._processes():
             worker.process.kill()
             worker.process.join(10)
             self._forget(worker)
@@ -384,14 +411,13 @@ class Supervisor:
             self.metrics.close()
         if self.reservation is not None:
             self.reservation.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self.on_signal.close()
 
     def run(self) -> int:
         """Start, supervise until every worker has stopped, clean up; the exit status (0 after a drain)."""
         try:
             self.start()
-            while self.fatal is None and (self.workers or (self.restarts.due and not self.stopping)):
+            while self.fatal is None and (self.workers or self.leaving or (self.restarts.due and not self.stopping)):
                 self.step()
         finally:
             self.close()
@@ -402,11 +428,12 @@ class Supervisor:
     # ------------------------------------------------------------------ one turn of the loop
     def step(self) -> None:
         """Wait for a message, an exit, a signal or a timer, and act on it."""
-        conns = {w.conn: w for w in self.workers.values() if w.conn is not None}
-        sentinels = {w.process.sentinel: w for w in self.workers.values()}
-        ready = wait([self._wake_r, *conns, *sentinels], timeout=self._timeout())
-        if self._wake_r in ready:
-            self._wake_r.recv(4096)
+        processes = self._processes()
+        conns = {w.conn: w for w in processes if w.conn is not None}
+        sentinels = {w.process.sentinel: w for w in processes}
+        ready = wait([self.on_signal.wake, *conns, *sentinels], timeout=self._timeout())
+        if self.on_signal.wake in ready:
+            self.on_signal.wake.recv(4096)
         self._relay_signals()  # first: a worker that exits in the same turn exits while stopping
         for obj in ready:
             if obj in conns:
@@ -418,12 +445,15 @@ class Supervisor:
         self._restart_due()
         self._enforce_stop_deadline()
 
+    def _processes(self) -> list[Worker]:
+        """Every worker process still there: those in a slot and those leaving."""
+        return [*self.workers.values(), *self.leaving.values()]
+
     def _timeout(self) -> float | None:
         times = list(self.restarts.due.values()) if not self.stopping else []
         if self.liveness.enabled and not self.stopping:
             times.append(self.liveness.next_turn(list(self.workers.values())))
-        if self.stop_deadline is not None:
-            times.append(self.stop_deadline)
+        times.extend(w.gone_by for w in self._processes() if w.gone_by is not None)
         return max(0.0, min(times) - time.monotonic()) if times else None
 
     def _receive(self, worker: Worker) -> None:
@@ -445,6 +475,8 @@ class Supervisor:
             worker.warm = True
             log.info("worker %d (pid %d) is warm", worker.index, worker.pid)
             self._update_health()
+        elif kind == "leaving":
+            self._retire(worker)
         elif kind == "error":
             if not self.announced:
                 self.fatal = message[1]
@@ -471,14 +503,27 @@ class Supervisor:
         elif not self.stopping:
             log.warning("a worker is not warm: NOT_SERVING until its replacement is")
 
+    def _retire(self, worker: Worker) -> None:
+        """``worker`` got a stop signal of its own: out of its slot, a replacement in it (unless stopping)."""
+        if self.stopping or worker.leaving:
+            return
+        cfg = self.config
+        worker.leaving = True
+        worker.gone_by = time.monotonic() + cfg.drain_s + cfg.grace_s + STOP_MARGIN_S
+        del self.workers[worker.index]
+        self.leaving[worker.pid] = worker
+        self.restarts.due[worker.index] = time.monotonic() + LEAVING_REPLACE_DELAY_S
+        log.info("worker %d (pid %d) got its own stop signal: it drains out of its slot; a new one takes it", worker.index, worker.pid)
+        self._update_health()
+
     def _exited(self, worker: Worker) -> None:
         self._receive(worker)  # its last words (an error) first
         worker.process.join()
         code = worker.process.exitcode
         self._forget(worker)
-        if self.stopping:
+        if worker.leaving or self.stopping:
             log.info("worker %d (pid %d) stopped (%s)", worker.index, worker.pid, describe_exit(code))
-            if code != 0:
+            if code != 0 and self.stopping:
                 self.exit_code = 1
             return
         if not self.announced and self.fatal is None:
@@ -501,7 +546,9 @@ class Supervisor:
         if worker.conn is not None:
             worker.conn.close()
             worker.conn = None
-        self.workers.pop(worker.index, None)
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        self.leaving.pop(worker.pid, None)
         if self.metrics is not None:
             self.metrics.process_dead(worker.pid)
 
@@ -521,9 +568,8 @@ class Supervisor:
             self._spawn(index)
 
     def _relay_signals(self) -> None:
-        while self._handled_signals < self._signals:
-            self._handled_signals += 1
-            if self._handled_signals == 1:
+        for ordinal in self.on_signal.take():
+            if ordinal == 1:
                 cfg = self.config
                 self.stop_deadline = time.monotonic() + cfg.drain_s + cfg.grace_s + STOP_MARGIN_S
                 self.serving = False
@@ -533,18 +579,30 @@ class Supervisor:
                 self.stop_deadline = min(self.stop_deadline, time.monotonic() + STOP_MARGIN_S)
                 log.info("second signal: every worker skips what is left of its drain")
                 order = ("hurry",)
-            for worker in self.workers.values():
+            for worker in self._processes():
+                worker.gone_by = min(worker.gone_by or self.stop_deadline, self.stop_deadline)
                 worker.send(order)
 
     def _enforce_stop_deadline(self) -> None:
-        if self.stop_deadline is None or time.monotonic() < self.stop_deadline:
-            return
-        for worker in list(self.workers.values()):
+        now = time.monotonic()
+        for worker in [w for w in self._processes() if w.gone_by is not None and w.gone_by <= now]:
             log.error("worker %d (pid %d) did not stop in time: killed", worker.index, worker.pid)
             worker.process.kill()
             worker.process.join(10)
             self._forget(worker)
-            self.exit_code = 1
+            if self.stopping:
+                self.exit_code = 1
+
+
+def _log_supervising(config: ServerConfig, worker_config: ServerConfig) -> None:
+    log.info(
+        "supervising %d workers on %s:%d (memory budget %d bytes each, %d torch threads each)",
+        config.workers,
+        config.host,
+        worker_config.port,
+        worker_config.memory_budget_bytes,
+        worker_config.torch_threads,
+    )
 
 
 def _log_listening(config: ServerConfig, port: int, workers: list[Worker], metrics: AggregateMetrics | None) -> None:
@@ -593,9 +651,15 @@ async def _serve_worker(index: int, config: ServerConfig, conn: Connection) -> i
     from . import app
 
     stop_signal = app.StopSignal()
+
+    def own_signal() -> None:
+        if not stop_signal.requested.is_set():  # not after the supervisor's stop: one it relayed
+            _tell(conn, ("leaving",))
+        stop_signal()
+
     loop = asyncio.get_running_loop()
     for sig in stop_signals():
-        loop.add_signal_handler(sig, stop_signal)
+        loop.add_signal_handler(sig, own_signal)
     stopsignals.accept()
     try:
         return await _run_worker(index, config, conn, stop_signal)

@@ -349,6 +349,31 @@ def test_a_killed_worker_is_replaced_and_the_server_keeps_serving():
         stop_everything(proc)
 
 
+def test_a_worker_sent_its_own_sigterm_finishes_its_calls_and_a_new_one_takes_its_place():
+    """``kill -TERM <worker pid>`` (not the supervisor's): the worker drains as in a stop, its slot
+    gets a new worker at once, and the log says so instead of reporting a death."""
+    proc = start_server(*FLAGS, metrics=True)
+    try:
+        old = worker_pids(proc.log())
+        with LossClient(proc.address, connections=4, timeout_s=60) as client:
+            with Load(lambda seed: checked_call(client, seed, rows=32, classes=512)) as load:
+                load.wait_calls(30)
+                os.kill(old[0], signal.SIGTERM)
+                wait_for(lambda: worker_pids(proc.log())[0] != old[0], what="a new worker 0")
+                wait_for(lambda: not alive(old[0]), what="the signalled worker to finish")
+                wait_for(lambda: proc.log().count("all 2 workers warm: SERVING") == 2, what="SERVING again")
+                load.wait_calls(60)
+        assert not load.failures, load.failures[:3]
+        log = proc.log()
+        assert f"worker 0 (pid {old[0]}) got its own stop signal" in log, log
+        assert f"worker 0 (pid {old[0]}) stopped (exit status 0)" in log and "exited with" not in log, log
+        assert sample(proc, "lossd_worker_restarts_total") == 1 and sample(proc, "lossd_workers_ready") == 2
+        assert worker_pids(proc.log())[1] == old[1]
+        assert stop_everything(proc) == 0, proc.log()
+    finally:
+        stop_everything(proc)
+
+
 def test_workers_whose_supervisor_is_killed_drain_and_exit():
     proc = start_server(*FLAGS)
     try:

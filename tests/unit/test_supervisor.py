@@ -328,6 +328,51 @@ def test_a_supervisor_that_was_itself_stopped_does_not_blame_the_workers(monkeyp
     assert b.process.killed and not a.process.killed
 
 
+# --------------------------------------------------------------------------- a worker's own signal
+
+
+def test_a_worker_with_a_stop_signal_of_its_own_leaves_its_slot_to_a_replacement(monkeypatch):
+    """``kill -TERM <worker pid>``: the worker drains and finishes its calls out of its slot, a new
+    worker takes the slot after LEAVING_REPLACE_DELAY_S, and its exit is a stop, not a death."""
+    clock, sup, (a, b) = _watched(monkeypatch)
+    sup._handle(a, ("leaving",))
+    assert sup.workers == {1: b} and sup.leaving == {a.pid: a} and a.leaving
+    assert sup.restarts.due == {0: clock.now + workers.LEAVING_REPLACE_DELAY_S}
+    assert not sup.serving and b.conn.sent[-1] == ("serving", False) and ("serving", False) not in a.conn.sent
+    assert a.gone_by == clock.now + 1 + 2 + workers.STOP_MARGIN_S  # drain + grace + margin, as a stop
+    clock.now += workers.LEAVING_REPLACE_DELAY_S
+    assert sup.restarts.take_due() == [0]
+    a.process.exitcode = 0
+    sup._exited(a)
+    assert sup.leaving == {} and sup.workers == {1: b} and sup.restarts.due == {} and sup.exit_code == 0
+
+
+def test_a_leaving_worker_gets_the_supervisors_stop_and_is_killed_past_its_own_deadline(monkeypatch):
+    clock, sup, (a, b) = _watched(monkeypatch)
+    sup._handle(a, ("leaving",))
+    sup._handle(a, ("leaving",))  # said twice: still one replacement
+    sup._check_liveness()  # the next ping in 2 s
+    assert sup.restarts.due == {0: clock.now + workers.LEAVING_REPLACE_DELAY_S} and sup._timeout() == pytest.approx(0.5)
+    clock.now = a.gone_by
+    sup._enforce_stop_deadline()
+    assert a.process.killed and not b.process.killed and sup.leaving == {} and sup.exit_code == 0
+    clock2, sup2, (c, d) = _watched(monkeypatch)
+    sup2._handle(c, ("leaving",))
+    sup2.on_signal(15)  # the supervisor stops too (a signal to the whole group): no replacement, both told
+    sup2._relay_signals()
+    sup2._restart_due()
+    assert sup2.restarts.due == {} and c.conn.sent[-1] == d.conn.sent[-1] == ("stop",)
+    assert c.gone_by == d.gone_by == sup2.stop_deadline
+
+
+def test_the_supervisors_stop_first_makes_a_workers_leaving_nothing(monkeypatch):
+    clock, sup, (a, b) = _watched(monkeypatch)
+    sup.on_signal(15)
+    sup._relay_signals()
+    sup._handle(a, ("leaving",))
+    assert sup.workers == {0: a, 1: b} and sup.leaving == {} and sup.restarts.due == {}
+
+
 def test_a_stall_timeout_of_0_never_pings_nor_kills(monkeypatch):
     clock, sup, (a, b) = _watched(monkeypatch, stall_s=0.0)
     for _ in range(5):
