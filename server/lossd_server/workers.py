@@ -54,7 +54,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from . import stopsignals
+from . import multiproc_dir, stopsignals
 from .config import ServerConfig
 from .ports import PortReservation, StartupError, metrics_port_error
 from .stopsignals import stop_signals
@@ -252,15 +251,15 @@ class Liveness:
 class AggregateMetrics:
     """The supervisor's ``/metrics``: every worker's multiprocess files and the supervisor's figures.
 
-    The directory is created fresh, exported to the workers as ``PROMETHEUS_MULTIPROC_DIR`` before
-    the first one starts, and removed by :meth:`close`.
+    The directory is created fresh (:mod:`lossd_server.multiproc_dir`), exported to the workers as
+    ``PROMETHEUS_MULTIPROC_DIR`` before the first one starts, and removed by :meth:`close`.
     """
 
     def __init__(self, config: ServerConfig, supervisor: Supervisor) -> None:
         from prometheus_client import CollectorRegistry, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        self.directory = tempfile.mkdtemp(prefix="lossd-metrics-")
+        self.directory = multiproc_dir.create()
         registry = CollectorRegistry(auto_describe=True)
         MultiProcessCollector(registry, path=self.directory)
         registry.register(SupervisorCollector(supervisor))

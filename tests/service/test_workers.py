@@ -374,6 +374,26 @@ def test_a_worker_sent_its_own_sigterm_finishes_its_calls_and_a_new_one_takes_it
         stop_everything(proc)
 
 
+def test_a_killed_supervisors_metrics_directory_is_removed_by_the_next_one():
+    """A supervisor killed by SIGKILL cannot remove its /metrics directory; the next supervisor
+    removes it once the orphaned workers have finished."""
+    proc = start_server(*FLAGS, metrics=True)
+    second = None
+    try:
+        directory = proc.log().split("aggregated from ")[1].split(")")[0]
+        pids = worker_pids(proc.log())
+        proc.signal(signal.SIGKILL)
+        assert proc.proc.wait(30) == -signal.SIGKILL
+        wait_for(lambda: not any(alive(pid) for pid in pids.values()), 60, "the orphaned workers to exit")
+        assert os.path.isdir(directory)
+        second = start_server(*FLAGS, metrics=True)
+        assert not os.path.exists(directory) and directory in second.log(), second.log()
+    finally:
+        stop_everything(proc)
+        if second is not None:
+            assert stop_everything(second) == 0, second.log()
+
+
 def test_workers_whose_supervisor_is_killed_drain_and_exit():
     proc = start_server(*FLAGS)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from types import SimpleNamespace
@@ -371,6 +372,40 @@ def test_the_supervisors_stop_first_makes_a_workers_leaving_nothing(monkeypatch)
     sup._relay_signals()
     sup._handle(a, ("leaving",))
     assert sup.workers == {0: a, 1: b} and sup.leaving == {} and sup.restarts.due == {}
+
+
+# --------------------------------------------------------------------------- metrics directories
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_metrics_directories_of_supervisors_and_workers_that_are_gone_are_removed(tmp_path):
+    from lossd_server import multiproc_dir
+
+    dead, me = _dead_pid(), os.getpid()
+    gone = tmp_path / f"lossd-metrics-{dead}-ab_c12"
+    gone.mkdir()
+    (gone / f"counter_{dead}.db").write_bytes(b"x")
+    draining = tmp_path / f"lossd-metrics-{dead}-zz9"  # its supervisor was killed, a worker (me) still drains
+    draining.mkdir()
+    (draining / f"histogram_{me}.db").write_bytes(b"x")
+    live = tmp_path / f"lossd-metrics-{me}-q1"
+    live.mkdir()
+    others = [tmp_path / "lossd-metrics-abc123", tmp_path / f"lossd-metrics-{dead}-file", tmp_path / f"lossd-metricsX{dead}-a"]
+    others[0].mkdir()
+    others[1].write_text("not a directory")
+    others[2].mkdir()
+    assert multiproc_dir.remove_stale(str(tmp_path)) == [str(gone)]
+    assert not gone.exists() and draining.exists() and live.exists() and all(p.exists() for p in others)
+    fresh = multiproc_dir.create(str(tmp_path))
+    assert os.path.basename(fresh).startswith(f"lossd-metrics-{me}-") and os.path.isdir(fresh)
 
 
 def test_a_stall_timeout_of_0_never_pings_nor_kills(monkeypatch):
