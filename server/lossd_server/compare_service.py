@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import grpc
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
-from . import codec, compare_convert, engine, service, wire
+from . import codec, compare_convert, convert, engine, service, wire
 from .budget import Reservation
 from .calls import Call
 from .compare_chunks import COMPARE_COST, CompareAssembler
@@ -88,12 +88,15 @@ class CompareRpcs:
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
         advice = "send comparisons this large with the client-streaming CompareChunked RPC, which lossd_client does by itself"
         nbytes = _within(sum(len(t.data) for t in tensors), cfg.max_message_bytes, "the request's tensors", "max_message_bytes", advice)
+        decoding = convert.target_decode_nbytes(request.target, request.options.shift_targets)
+        if decoding:  # the targets' int64 copy and masks, reserved before they are made (as Evaluate's)
+            await held.grow(held.nbytes + decoding, "decoding the class-index targets", timeout_s=call.memory_wait_left_s())
         decode = functools.partial(compare_convert.decode_request, request, cfg.max_top_k, servicer.shm_reader)
         decoded = await held.run_in_thread(decode) if shm_bytes else decode()  # copying shared memory takes a while
         plan = decoded.plan
         answer = _answer_size(plan, cfg.max_send_message_bytes)
         await held.grow(
-            held.nbytes + plan.plan_nbytes() + plan.working_nbytes() + service.ANSWER_COPIES * answer,
+            held.nbytes + max(0, plan.plan_nbytes() - decoding) + plan.working_nbytes() + service.ANSWER_COPIES * answer,
             "the comparison and its answer",
             timeout_s=call.memory_wait_left_s(),
         )
@@ -139,13 +142,16 @@ class CompareRpcs:
         the answer needs (the first message's rows, if any, stay counted in its reservation)."""
         if first.header is None:
             raise engine.InvalidInput("header", "the first CompareChunk must carry the header")
+        decoding = convert.target_decode_nbytes(first.header.target, first.header.options.shift_targets)
+        if decoding:
+            held.resize(held.nbytes + decoding, "decoding the header's class-index targets")
         shm = codec.shm_nbytes({"header.target": first.header.target})
         if shm:
             held.resize(held.nbytes + shm, "a shared-memory header target")
         assembler = CompareAssembler(first.header, self.servicer.shm_reader, max_top_k=self.config.max_top_k)
         plan = assembler.plan
         answer = _answer_size(plan, self.config.max_send_message_bytes)
-        extra = plan.plan_nbytes() + plan.working_nbytes() + service.ANSWER_COPIES * answer
+        extra = max(0, plan.plan_nbytes() - decoding) + plan.working_nbytes() + service.ANSWER_COPIES * answer
         held.resize(held.nbytes + extra, "the comparison header and its answer")
         return assembler
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client.layout import EXTRA_NAMES, KL_DIV, LOSS_NAMES, REDUCTION_NAMES, legacy_reduction
 
 from . import codec, engine
 from .batch_engine import Job
-from .wire import MAX_EXTRA_VALUES, WireRequest
+from .wire import MAX_EXTRA_VALUES, WireRequest, WireTensor
 
 INPUT_DTYPES = [pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
 TARGET_DTYPES = [pb.INT64, pb.UINT8, pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64]
@@ -64,6 +66,16 @@ def _reduction(options: pb.LossOptions, loss: str) -> tuple[str, bool | None, bo
     if size_average is not None or reduce is not None:
         return legacy_reduction(size_average, reduce), None, None
     return reduction, None, None
+
+
+def target_decode_nbytes(target: WireTensor | None, shift: bool) -> int:
+    """What decoding ``target`` as class indices makes beside its bytes (:func:`engine.class_target_nbytes`),
+    from its wire header alone; 0 for a floating target (probabilities) or a missing one."""
+    dtype = codec.WIRE_TO_TORCH.get(target.dtype) if target is not None else None
+    if dtype is None or dtype.is_floating_point:
+        return 0
+    elements = math.prod(target.shape) if all(d >= 0 for d in target.shape) else 0
+    return engine.class_target_nbytes(elements, int64=dtype == torch.int64, shift=shift)
 
 
 def decode_request(request: WireRequest, shm_reader=None) -> Job:

@@ -40,8 +40,6 @@ CANCEL_SETTLE_S = 0.05
 DEADLINE_SKEW_S = 0.5
 #: Copies of an answer alive at once: the result tensors, the encoded message, gRPC's buffer.
 ANSWER_COPIES = 3
-#: Copies of a class-index target in a ChunkHeader: the message, the int64 view or copy, masks.
-HEADER_TARGET_COPIES = 3
 
 
 def check_message_size(request: wire.WireRequest, max_message_bytes: int) -> None:
@@ -154,6 +152,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if shm_bytes:
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
         check_message_size(request, self.config.max_message_bytes)
+        decoding = convert.target_decode_nbytes(request.target, request.options.shift_targets)
+        if decoding:  # the int64 copy of narrower class targets (8x a uint8 target) and their masks
+            await _reserve(held, held.nbytes + decoding, "decoding the class-index targets", wait_s)
         if shm_bytes:  # copying a shared-memory segment takes a while: not on the event loop
             job = await held.run_in_thread(convert.decode_request, request, self.shm_reader)
         else:
@@ -161,10 +162,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         plan = job.plan
         answer = check_answer_size(plan, self.config.max_send_message_bytes)
         need = held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer
-        if wait_s is None:
-            held.resize(need, "the request and its answer")
-        else:
-            await held.grow(need, "the request and its answer", timeout_s=wait_s)
+        await _reserve(held, need, "the request and its answer", wait_s)
         return job, ANSWER_COPIES * answer
 
     async def _evaluate(self, call: Call, request: wire.WireRequest, held: Reservation, *, wait: bool = False) -> pb.EvaluateResponse:
@@ -272,6 +270,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if first.header is None:
             raise engine.InvalidInput("header", "the first EvaluateChunk must carry the header")
         target, options = first.header.target, first.header.options
+        decoding = convert.target_decode_nbytes(target, options.shift_targets)
+        if decoding:  # as a unary request's (see _prepare), reserved before they are made
+            header_held.resize(header_held.nbytes + decoding, "decoding the header's class-index targets")
         shm = codec.shm_nbytes({"header.target": target, "options.weight": options.weight, "options.pos_weight": options.pos_weight})
         if shm:  # reserved before they are copied, and copied off the event loop
             header_held.resize(header_held.nbytes + shm, "shared-memory header tensors")
@@ -280,8 +281,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             assembler = ChunkAssembler(first.header, self.shm_reader)
         plan = assembler.plan
         answer = check_answer_size(plan, self.config.max_send_message_bytes)
-        target_bytes = len(target.data) if target is not None else 0
-        extra = HEADER_TARGET_COPIES * target_bytes + plan.working_nbytes() + ANSWER_COPIES * answer
+        extra = plan.working_nbytes() + ANSWER_COPIES * answer
         header_held.resize(header_held.nbytes + extra, "the chunk header and its answer")
         return assembler
 
@@ -365,6 +365,14 @@ def _message_error(message: wire.Malformed) -> engine.InvalidInput:
     if message.field is not None:
         return engine.InvalidInput(message.field, message.error)
     return engine.InvalidInput("request", f"not a valid {message.kind} message: {message.error}")
+
+
+async def _reserve(held: Reservation, nbytes: int, what: str, wait_s: float | None) -> None:
+    """``held`` grown to ``nbytes``: at once or refused (``wait_s`` None), else waiting in line up to ``wait_s``."""
+    if wait_s is None:
+        held.resize(nbytes, what)
+    else:
+        await held.grow(nbytes, what, timeout_s=wait_s)
 
 
 def _shm_nbytes(request: wire.WireRequest) -> int:

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lossd_client import LossClient, LossdError, LossRequest, core, tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
-from serverproc import ServerProcess, start_server
+from serverproc import HOG_FLAGS, EngineHog, ServerProcess, start_server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
 
@@ -245,6 +245,36 @@ def test_32_concurrent_large_unary_calls_wait_for_the_budget_and_all_succeed(bud
     assert_within_budget(server, baseline)
     assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
 
+
+
+@pytest.mark.parametrize("target_dtype, shift", [(np.uint8, False), (np.int64, True)])
+def test_a_queued_request_counts_its_decoded_class_targets(target_dtype, shift):
+    """uint8 class targets are copied to int64 (8x their bytes) and shifted ones copied once more;
+    a request waiting in the batcher's queue holds those copies, so they are counted in the budget
+    (they were not: ten 60 MB uint8-target requests held 2.7 GiB on a 1 GiB budget)."""
+    rows = 1_000_000
+    x = np.zeros((1, rows, 1) if shift else (rows, 1), np.float16)
+    t = np.zeros((1, rows) if shift else (rows,), target_dtype)
+    msg = request_msg(x, t, class_axis=-1 if shift else 1, shift_targets=shift)
+    server = start_server(*HOG_FLAGS, metrics=True)
+    try:
+        with EngineHog(server), grpc.insecure_channel(server.address, options=RAW) as channel:
+            before = server.metrics()["lossd_memory_held_bytes"]
+            queued = channel.unary_unary("/lossd.v1.LossService/Evaluate").future(msg.SerializeToString(), timeout=120)
+            depth = 0.0
+            for _ in range(600):  # bounded: until it waits in the queue behind the hog
+                depth = server.metrics().get("lossd_queue_depth", 0.0)
+                if depth == 1:
+                    break
+                time.sleep(0.05)
+            assert depth == 1
+            held = server.metrics()["lossd_memory_held_bytes"] - before
+            copies = 8 * ((target_dtype != np.int64) + shift) + 1  # int64 copies and the not-ignored mask
+            assert held >= x.nbytes + t.nbytes + copies * rows, (held, copies)
+            queued.cancel()
+        a_good_call_still_works(server.address)
+    finally:
+        server.stop()
 
 def test_calls_whose_answers_do_not_fit_now_wait_for_them_and_all_succeed():
     """Eight requests whose answers (per-token losses and four extras, ~120 MB each) fit the

@@ -40,7 +40,7 @@ from .spec import (
     LossSpec,
     TargetKind,
 )
-from .validate import build_plan
+from .validate import build_plan, class_target_nbytes
 
 __all__ = [
     "BCE_WITH_LOGITS",
@@ -62,6 +62,7 @@ __all__ = [
     "SequenceStats",
     "TargetKind",
     "class_partial",
+    "class_target_nbytes",
     "class_terms",
     "divide",
     "evaluate",

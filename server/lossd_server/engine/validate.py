@@ -201,6 +201,14 @@ def _class(spec, input_shape, input_dtype, target, weight, class_axis, target_st
     )
 
 
+def class_target_nbytes(elements: int, *, int64: bool, shift: bool) -> int:
+    """The most memory :func:`_resolve_targets` takes beside the target it is given, in bytes:
+    an int64 copy of narrower targets (uint8: 8x their bytes), the shifted copy, the not-ignored
+    mask, and the masks that find the first target out of range. A server reserves it before
+    decoding, from the target's wire header alone."""
+    return elements * (8 * ((not int64) + shift) + 1 + 3)
+
+
 def _resolve_targets(spec: LossSpec, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat int64 class targets (shifted for causal LM scoring) and their not-ignored mask;
     InvalidInput naming the first target out of [0, C) that is not ignore_index."""
