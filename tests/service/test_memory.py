@@ -10,9 +10,12 @@ import math
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from lossd_client import LossClient, LossRequest
+from lossd_server import engine
+from lossd_server.service import ANSWER_COPIES
 from serverproc import start_server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
@@ -69,3 +72,18 @@ def test_bf16_language_model_request_of_256_mb(fresh_server):
     # spot-check one sequence against torch (float32 math on the bf16 logits)
     nll = torch.nn.functional.cross_entropy(logits[3, :-1].float(), tokens[3, 1:], reduction="sum")
     assert math.isclose(result.sequences.nll_sum[3], float(nll), rel_tol=1e-5)
+
+
+def test_the_statistics_of_millions_of_empty_sequences_stay_within_what_the_server_reserved(fresh_server):
+    """A request of a few bytes ([B, 0] targets with sequence_stats) is answered with B sequences'
+    statistics: the server's memory grows by no more than it reserved for them (it once held
+    twice that: every statistic as a Python list at once)."""
+    sequences = 2_000_000
+    x, t = np.empty((sequences, 0, 5), np.float32), np.empty((sequences, 0), np.uint8)
+    options = {"class_axis": -1, "sequence_stats": True}
+    plan = engine.plan(engine.LossSpec(**options), x.shape, torch.float32, torch.from_numpy(t))
+    reserved = plan.working_nbytes() + ANSWER_COPIES * plan.answer_nbytes()
+    with LossClient(fresh_server.address, timeout_s=300) as c:
+        extra, result = extra_peak(fresh_server, c, LossRequest(x, t, **options), LossRequest(x[:1000], t[:1000], **options))
+    assert result.sequences.nll_sum.shape == (sequences,) and int(result.sequences.tokens.sum()) == 0
+    assert extra <= reserved, f"server peak grew by {extra / 2**20:.0f} MiB, it reserved {reserved / 2**20:.0f} MiB"

@@ -213,7 +213,7 @@ def test_options_resolved_per_request_share_a_batch():
     torch.testing.assert_close(r1.loss, F.cross_entropy(x1.transpose(1, 2), t1))
     logp = x1.log_softmax(-1)
     torch.testing.assert_close(r1.extras["entropy"], -(logp.exp() * logp).sum(-1))
-    torch.testing.assert_close(r1.sequences.nll_sum, F.cross_entropy(x1.transpose(1, 2), t1, reduction="none").sum(1).double().tolist())
+    torch.testing.assert_close(r1.sequences.nll_sum.tolist(), F.cross_entropy(x1.transpose(1, 2), t1, reduction="none").sum(1).double().tolist())
     torch.testing.assert_close(r2.loss, F.cross_entropy(x2, t2, ignore_index=1, reduction="sum"))
     assert r2.counted == 1
     torch.testing.assert_close(r3.loss, F.cross_entropy(x3, t3, reduction="none"))

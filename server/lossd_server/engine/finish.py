@@ -84,9 +84,9 @@ def sequence_stats(plan: Plan, partial: Partial) -> SequenceStats:
     tokens = partial.seq_counted.reshape(-1, t_len).sum(1)
     mean = nll_sum / wsum
     return SequenceStats(
-        nll_sum=nll_sum.tolist(),
-        tokens=tokens.tolist(),
-        mean_nll=mean.tolist(),
-        perplexity=mean.exp().tolist(),
-        is_greedy=partial.seq_greedy.reshape(-1, t_len).all(1).tolist(),
+        nll_sum=nll_sum,
+        tokens=tokens,
+        mean_nll=mean,
+        perplexity=mean.exp(),
+        is_greedy=partial.seq_greedy.reshape(-1, t_len).all(1),
     )

@@ -37,6 +37,10 @@ LOSS_ROW_COPIES = 4
 
 #: Encoded bytes per sequence: nll_sum, mean_nll and perplexity doubles, a tokens varint, a bool.
 SEQUENCE_STAT_BYTES = 3 * 8 + 10 + 1
+#: What computing and encoding the statistics holds per sequence beside the answer's copies: the
+#: weight sum and the five values (8 bytes each but the flag), the zero-filled terms of an empty
+#: target, and one field's values as Python floats while it is encoded (32 bytes each).
+SEQUENCE_WORK_BYTES = 6 * 8 + 8 + 1 + 1 + 32
 
 Checkpoint = Callable[[], None] | None
 
@@ -132,7 +136,10 @@ class Plan:
                 per_element += 8 + 8 + 1 + 1  # float64 loss and weight, counted and greedy flags
         elements = math.prod(self.target_shape) if self.kind is TargetKind.CLASS else self.rows
         row_bytes = self.geometry.unit_elements * itemsize(self.compute_dtype)
-        return 2 * per_element * elements + oversized_row_nbytes(row_bytes, LOSS_ROW_COPIES)
+        size = 2 * per_element * elements + oversized_row_nbytes(row_bytes, LOSS_ROW_COPIES)
+        if self.kind is TargetKind.CLASS and self.spec.sequence_stats:
+            size += self.sequences * SEQUENCE_WORK_BYTES  # millions of them from an empty target: [B, 0]
+        return size
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_units(
