@@ -83,11 +83,25 @@ class MemoryBudget:
             if not line:
                 del self._lines[entry[4]]
 
-    def _exceeded(self, nbytes: int, what: str) -> BudgetExceeded:
+    def _held_by(self, holding: int) -> str:
+        """Who holds the budget's bytes: ``holding`` of them the asking call, the others other
+        calls or the asking call's other messages (a stream's items, a chunk being computed)."""
+        others = f"{self.held_bytes - holding} of {SETTING}={self.limit_bytes} are held for other calls (or this call's other messages)"
+        return f"{others} and {holding} already by this call" if holding else others
+
+    def _exceeded(self, nbytes: int, what: str, holding: int = 0) -> BudgetExceeded:
+        """``nbytes`` do not fit now or ever; ``holding``: what the asking call already holds
+        (counted in ``held_bytes``), named apart from what other calls hold."""
+        if nbytes + holding <= self.limit_bytes:
+            more = " more" if holding else ""
+            return BudgetExceeded(f"{what} needs {nbytes}{more} bytes of server memory; {self._held_by(holding)}")
+        if holding:
+            return BudgetExceeded(
+                f"{what} needs {nbytes} bytes of server memory while its call holds {holding}: together more than "
+                f"{SETTING}={self.limit_bytes} allows; split it into smaller requests"
+            )
         return BudgetExceeded(
-            f"{what} needs {nbytes} bytes of server memory; {self.held_bytes} of {SETTING}={self.limit_bytes} are held for other calls"
-            if nbytes <= self.limit_bytes
-            else f"{what} needs {nbytes} bytes of server memory, more than {SETTING}={self.limit_bytes} allows; split it into smaller requests"
+            f"{what} needs {nbytes} bytes of server memory, more than {SETTING}={self.limit_bytes} allows; split it into smaller requests"
         )
 
     def _take(self, nbytes: int) -> None:
@@ -124,7 +138,7 @@ class MemoryBudget:
         function that says it, called only when the reservation must wait in line; the callers in
         line take turns, each in its own order."""
         if nbytes + holding > self.limit_bytes:
-            raise self._exceeded(nbytes + holding, what)
+            raise self._exceeded(nbytes, what, holding)
         if not self._lines and self._fits(nbytes):
             self._take(nbytes)
             return Reservation(self, nbytes)
@@ -151,7 +165,7 @@ class MemoryBudget:
             if isinstance(exc, TimeoutError):
                 raise BudgetExceeded(
                     f"{what} waited {timeout_s:g}s ({WAIT_SETTING}, or the call's deadline if sooner) for {nbytes} bytes of server memory; "
-                    f"{self.held_bytes} of {SETTING}={self.limit_bytes} are held for other calls"
+                    f"{self._held_by(holding)}"
                 ) from None
             raise
         return Reservation(self, nbytes)
@@ -202,7 +216,7 @@ class MemoryBudget:
                 waiter.set_exception(
                     BudgetExceeded(
                         f"{what} needs {nbytes} more bytes of server memory; all {self.held_bytes} held of "
-                        f"{SETTING}={self.limit_bytes} belong to calls waiting for more, so it cannot wait"
+                        f"{SETTING}={self.limit_bytes} belong to calls waiting for more ({holding} to this one), so it cannot wait"
                     )
                 )
                 return
@@ -258,7 +272,7 @@ class Reservation:
         delta = nbytes - self.nbytes
         if delta > 0:
             if not budget._fits(delta):
-                raise budget._exceeded(nbytes, what)
+                raise budget._exceeded(delta, what, self.nbytes)
             budget._take(delta)
         elif delta < 0:
             budget._give(-delta)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 
 import pytest
@@ -304,5 +305,37 @@ def test_work_on_a_thread_keeps_its_bytes_counted_until_it_ends_even_when_its_ca
         again = await budget.reserve(30, "another")
         assert await again.run_in_thread(lambda: 7) == 7 and budget.held_bytes == 30  # a finished call keeps its bytes
         again.release()
+
+    run(main())
+
+
+def test_what_the_asking_call_holds_is_named_apart_from_what_other_calls_hold():
+    """A call that holds bytes and asks for more is told how many it holds itself: the texts said
+    all of them were "held for other calls" (a chunked call waiting for itself was told so)."""
+
+    async def main():
+        budget = MemoryBudget(100)
+        other, mine = budget.reserve_now(30, "other"), budget.reserve_now(50, "mine")
+        who = re.escape(
+            "30 of memory_budget_bytes=100 are held for other calls (or this call's other messages) and 50 already by this call"
+        )
+        with pytest.raises(BudgetExceeded, match="grow now needs 30 more bytes of server memory; " + who):
+            mine.resize(80, "grow now")
+        with pytest.raises(BudgetExceeded, match="a read waited .* " + who):
+            await budget.reserve(30, "a read", timeout_s=0.01, holding=mine.nbytes)
+        never = "needs 60 bytes of server memory while its call holds 50: together more than memory_budget_bytes=100"
+        with pytest.raises(BudgetExceeded, match=never):
+            await budget.reserve(60, "a read", holding=mine.nbytes)
+        other.release()
+        other = budget.reserve_now(50, "other")
+        refused = asyncio.ensure_future(mine.grow(70, "my answer", timeout_s=5))
+        await asyncio.sleep(0)
+        waits = asyncio.ensure_future(other.grow(60, "other's answer", timeout_s=5))
+        with pytest.raises(BudgetExceeded, match=r"belong to calls waiting for more \(50 to this one\)"):
+            await asyncio.wait_for(refused, 1)
+        mine.release()
+        await asyncio.wait_for(waits, 1)
+        other.release()
+        assert budget.held_bytes == 0 and budget.waiting == 0
 
     run(main())
