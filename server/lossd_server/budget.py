@@ -134,7 +134,9 @@ class MemoryBudget:
     ) -> Reservation:
         """Reserve, waiting in line for other calls to release; BudgetExceeded when it can never
         fit or is still waiting after ``timeout_s``. ``holding``: what the caller already holds
-        while it waits (see :meth:`Reservation.grow`). ``caller``: who asks (a connection), or a
+        while it waits and keeps until it is served (see :meth:`Reservation.grow`; a chunked
+        call's header while it reads its next chunk, see Call.hold); it counts for the deadlock
+        check of :meth:`_grant`. ``caller``: who asks (a connection), or a
         function that says it, called only when the reservation must wait in line; the callers in
         line take turns, each in its own order."""
         if nbytes + holding > self.limit_bytes:
@@ -235,10 +237,12 @@ class MemoryBudget:
         done, while behind a new read that did not fit they were refused as deadlocked (48
         clients uploading 8-60 MiB requests on a budget of 3 reads: 848 of 902 refused).
 
-        A call may wait to grow what it holds (an answer's bytes after its request's): when
-        every byte held belongs to calls in line, nothing will be released, so the first of
-        them that holds any is refused instead of waiting for itself (its release, when its
-        call ends, serves the others)."""
+        A call may wait while it holds bytes (to grow them by its answer's; a chunked call to
+        read its next chunk, keeping its header): when every byte held belongs to calls in line,
+        nothing will be released, so the first of them that holds any is refused instead of
+        waiting for itself (its release, when its call ends, serves the others). Two chunked
+        calls whose headers left less than one read free between them each waited for the other
+        to read, and every call behind them waited max_memory_wait_s."""
         while self._lines:
             caller = GROWING if GROWING in self._lines else next(iter(self._lines))
             line = self._lines[caller]

@@ -3,10 +3,14 @@
 A message is read only after the worst case of its size has been reserved from the
 :class:`~lossd_server.budget.MemoryBudget`: twice gRPC's receive limit, for the transport's
 buffer and its Python copy (until then the transport holds at most ``transport_window_bytes``
-of the call); then the reservation shrinks to the real size. A caller that sends (or reads)
-nothing for ``stream_idle_timeout_s`` is answered DEADLINE_EXCEEDED; one that sends nothing while
-other calls wait in line for memory gives its read reservation up sooner (see
-:mod:`~lossd_server.budget`).
+of the call); then the reservation shrinks to the real size. What a call keeps while it reads
+on (a chunked call's header: :meth:`Call.hold`) must leave room for one read, and its reads wait
+in line as holding it. A caller that sends (or reads) nothing for ``stream_idle_timeout_s`` is
+answered DEADLINE_EXCEEDED; one that sends nothing while other calls wait in line for memory
+gives its read reservation up sooner (see :mod:`~lossd_server.budget`).
+
+A stream's reads keep nothing: its items' bytes go back once their answers are sent, whatever
+its reads do, so a stream never waits for itself.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from .batcher import stop_if_over
-from .budget import BudgetExceeded, MemoryBudget, Reservation
+from .budget import SETTING, BudgetExceeded, MemoryBudget, Reservation
 from .errors import StreamIdle, idle_message
+
+#: What a read reserves, in the settings' words (ServerConfig.read_reservation_bytes).
+READ_RESERVATION = "twice gRPC's receive limit, which max_message_bytes sets"
 
 
 class CallTracker:
@@ -74,6 +81,9 @@ class Call:
         self._interrupt: Callable[[], None] | None = None
         self._gave_way: str | None = None
         self._headers_sent = False
+        #: What the call keeps while it waits to read its next message (a chunked call's header
+        #: reservation, see :meth:`hold`): its reads wait in line as holding it.
+        self._kept: Reservation | None = None
 
     def checkpoint(self) -> None:
         """For the engine between chunks: stop once the call is over or past its deadline."""
@@ -85,6 +95,22 @@ class Call:
         wait = self.memory_wait_s
         return wait if self.deadline is None else max(0.0, min(wait, self.deadline - time.monotonic()))
 
+    def hold(self, held: Reservation, nbytes: int, what: str, reading: str) -> None:
+        """Resize ``held`` to ``nbytes`` (BudgetExceeded if it does not fit now), which the call
+        keeps while it reads its next ``reading`` messages: those reads wait in line as holding
+        it (:meth:`MemoryBudget.reserve`), so that calls that wait for each other are seen as
+        deadlocked. Refused at once when ``nbytes`` and one read can never fit together: its next
+        read would wait for bytes only this call holds (and hold up the line meanwhile)."""
+        budget = self.budget
+        if nbytes + self.read_reservation > budget.limit_bytes:
+            raise BudgetExceeded(
+                f"{what} needs {nbytes} bytes of server memory, and reading each next {reading} message "
+                f"{self.read_reservation} more ({READ_RESERVATION}): together more than {SETTING}={budget.limit_bytes} allows, "
+                "so the call could never end; split it into smaller requests"
+            )
+        held.resize(nbytes, what)
+        self._kept = held
+
     async def read(self, what: str, waiting_for_us: Callable[[], bool] | None = None) -> tuple[object, Reservation] | None:
         """The next message with its bytes reserved; None at the end of the stream.
 
@@ -92,7 +118,11 @@ class Call:
         for answers), so the idle timeout does not run.
         """
         held = await self.budget.reserve(
-            self.read_reservation, f"reading a {what} message", timeout_s=self.memory_wait_left_s(), caller=self.context.peer
+            self.read_reservation,
+            f"reading a {what} message",
+            timeout_s=self.memory_wait_left_s(),
+            holding=0 if self._kept is None else self._kept.nbytes,
+            caller=self.context.peer,
         )
         try:
             self._read_posted = time.monotonic()

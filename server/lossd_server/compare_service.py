@@ -122,7 +122,7 @@ class CompareRpcs:
     async def _compare_chunked(self, call: Call) -> pb.CompareResponse:
         first, header_held = await _first(call, "CompareChunk", "header", "CompareChunked received no messages")
         try:
-            assembler = self._open(_message(first), header_held)
+            assembler = self._open(call, _message(first), header_held)
             parts = await self.servicer._stream_chunks(call, assembler, first, "CompareChunk")
             del first
             assembler.check_complete()
@@ -137,22 +137,24 @@ class CompareRpcs:
         finally:
             header_held.release()
 
-    def _open(self, first: wire.WireCompareChunk, held: Reservation) -> CompareAssembler:
+    def _open(self, call: Call, first: wire.WireCompareChunk, held: Reservation) -> CompareAssembler:
         """Validate the header into an assembler; reserve its target, what the plan holds and what
-        the answer needs (the first message's rows, if any, stay counted in its reservation)."""
+        the answer needs (the first message's rows, if any, stay counted in its reservation),
+        which the call keeps while it reads its chunks (Call.hold: refused when it leaves no room
+        for one)."""
         if first.header is None:
             raise engine.InvalidInput("header", "the first CompareChunk must carry the header")
         decoding = convert.target_decode_nbytes(first.header.target, first.header.options.shift_targets)
         if decoding:
-            held.resize(held.nbytes + decoding, "decoding the header's class-index targets")
+            call.hold(held, held.nbytes + decoding, "decoding the header's class-index targets", "CompareChunk")
         shm = codec.shm_nbytes({"header.target": first.header.target})
         if shm:
-            held.resize(held.nbytes + shm, "a shared-memory header target")
+            call.hold(held, held.nbytes + shm, "a shared-memory header target", "CompareChunk")
         assembler = CompareAssembler(first.header, self.servicer.shm_reader, max_top_k=self.config.max_top_k)
         plan = assembler.plan
         answer = _answer_size(plan, self.config.max_send_message_bytes)
         extra = max(0, plan.plan_nbytes() - decoding) + plan.working_nbytes() + service.ANSWER_COPIES * answer
-        held.resize(held.nbytes + extra, "the comparison header and its answer")
+        call.hold(held, held.nbytes + extra, "the comparison header and its answer", "CompareChunk")
         return assembler
 
 

@@ -251,7 +251,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise engine.InvalidInput("header", "EvaluateChunked received no messages")
         first, header_held = got
         try:
-            assembler = await self._open_chunked(_message(first), header_held)
+            assembler = await self._open_chunked(call, _message(first), header_held)
             partials = await self._stream_chunks(call, assembler, first)
             del first
             assembler.check_complete()
@@ -264,25 +264,26 @@ class LossServicer(pb_grpc.LossServiceServicer):
         finally:
             header_held.release()
 
-    async def _open_chunked(self, first: wire.WireChunk, header_held: Reservation) -> ChunkAssembler:
+    async def _open_chunked(self, call: Call, first: wire.WireChunk, header_held: Reservation) -> ChunkAssembler:
         """Validate the header into an assembler; reserve its target and what the answer needs
-        (the first message's rows, if any, stay counted in the header's reservation)."""
+        (the first message's rows, if any, stay counted in the header's reservation), which the
+        call keeps while it reads its chunks (Call.hold: refused when it leaves no room for one)."""
         if first.header is None:
             raise engine.InvalidInput("header", "the first EvaluateChunk must carry the header")
         target, options = first.header.target, first.header.options
         decoding = convert.target_decode_nbytes(target, options.shift_targets)
         if decoding:  # as a unary request's (see _prepare), reserved before they are made
-            header_held.resize(header_held.nbytes + decoding, "decoding the header's class-index targets")
+            call.hold(header_held, header_held.nbytes + decoding, "decoding the header's class-index targets", "EvaluateChunk")
         shm = codec.shm_nbytes({"header.target": target, "options.weight": options.weight, "options.pos_weight": options.pos_weight})
         if shm:  # reserved before they are copied, and copied off the event loop
-            header_held.resize(header_held.nbytes + shm, "shared-memory header tensors")
+            call.hold(header_held, header_held.nbytes + shm, "shared-memory header tensors", "EvaluateChunk")
             assembler = await header_held.run_in_thread(ChunkAssembler, first.header, self.shm_reader)
         else:
             assembler = ChunkAssembler(first.header, self.shm_reader)
         plan = assembler.plan
         answer = check_answer_size(plan, self.config.max_send_message_bytes)
         extra = plan.working_nbytes() + ANSWER_COPIES * answer
-        header_held.resize(header_held.nbytes + extra, "the chunk header and its answer")
+        call.hold(header_held, header_held.nbytes + extra, "the chunk header and its answer", "EvaluateChunk")
         return assembler
 
     async def _stream_chunks(

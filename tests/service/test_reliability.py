@@ -387,6 +387,52 @@ def test_a_chunked_call_waiting_for_its_next_chunk_holds_no_chunk_it_has_compute
     assert 0 < held < read_reservation + 4 * MiB, f"{held} bytes held while waiting for the second chunk"
 
 
+#: Chunk headers whose reservation (answer and working bytes, ~8 MB) fits a 12 MiB budget but
+#: leaves less than one read (6 MiB) free: CE with class probabilities and reduction NONE, and a
+#: comparison of 7 classes with top_k=7.
+SELF_WAITING_HEADERS = {
+    "EvaluateChunked": pb.EvaluateChunk(
+        header=pb.ChunkHeader(
+            input_dtype=pb.FLOAT32, input_shape=[400_000, 2], target=pb.Tensor(dtype=pb.FLOAT32, shape=[400_000, 2]),
+            options=pb.LossOptions(reduction=pb.NONE),
+        )
+    ),
+    "CompareChunked": pb.CompareChunk(
+        header=pb.CompareHeader(
+            reference_dtype=pb.FLOAT32, reference_shape=[9_000, 7], candidate_dtype=pb.FLOAT32, candidate_shape=[9_000, 7],
+            options=pb.CompareOptions(top_k=7),
+        )
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rpc", sorted(SELF_WAITING_HEADERS))
+def test_a_chunked_header_that_leaves_no_room_for_one_read_is_refused_at_once(rpc):
+    """A header that, with one read, can never fit the budget: the call could never read its next
+    chunk, which would wait for bytes only the call itself holds. Before, it waited
+    max_memory_wait_s (60 s by default) and was then told the bytes were "held for other calls",
+    while every other call that needed memory waited behind it (a good Evaluate missed its 20 s
+    deadline). Now it is refused at once, naming the numbers and the settings, and the others go on."""
+    server = two_reads_server(max_memory_wait_s="10", idle_read_yield_s="2")
+    release = threading.Event()
+
+    def held_open():
+        yield SELF_WAITING_HEADERS[rpc].SerializeToString()
+        release.wait(60)  # the client would send rows next
+
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            refused = outcome(channel.stream_unary(f"/lossd.v1.LossService/{rpc}").future(held_open(), timeout=60))
+            assert refused.startswith("RESOURCE_EXHAUSTED") and "could never end" in refused, refused
+            assert "memory_budget_bytes=12582912" in refused and "max_message_bytes" in refused, refused
+            a_good_call_still_works(server.address)  # the refused call's client still holds its stream open
+        release.set()
+        assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+    finally:
+        release.set()
+        server.stop()
+
+
 @pytest.mark.parametrize("method", ["EvaluateStream", "EvaluatePacked"])
 def test_streams_cancelled_mid_way_give_back_every_byte(budgeted, method):
     """Streams cancelled while their messages are read and answered, round after round: the

@@ -1,0 +1,95 @@
+"""Call.read within the memory budget, without gRPC: what a call keeps while it reads (a chunked
+call's header) counts as held by a call in line, so that it never waits for itself or for calls
+that wait for it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from lossd_server.budget import BudgetExceeded, MemoryBudget
+from lossd_server.calls import Call
+from lossd_server.wire import Received
+
+READ = 30  # what a read reserves
+
+
+class FakeContext:
+    """The few ServicerContext methods Call uses; messages are put in ``inbox`` by the test."""
+
+    def __init__(self, peer: str) -> None:
+        self._peer = peer
+        self.inbox: asyncio.Queue = asyncio.Queue()
+
+    def time_remaining(self) -> None:
+        return None
+
+    def peer(self) -> str:
+        return self._peer
+
+    async def read(self) -> Received:
+        return await self.inbox.get()
+
+
+def a_call(budget: MemoryBudget, peer: str) -> Call:
+    return Call(FakeContext(peer), budget, READ, idle_s=30.0, memory_wait_s=30.0)  # type: ignore[arg-type]
+
+
+def test_a_call_that_would_keep_too_much_to_read_on_is_refused_at_once_naming_the_settings():
+    """Kept bytes that leave less than one read free: its next read would wait for bytes only it
+    holds (and hold up every call behind it for max_memory_wait_s). Refused before holding them."""
+
+    async def main():
+        budget = MemoryBudget(100)
+        call = a_call(budget, "a")
+        header = budget.reserve_now(5, "a header message")
+        with pytest.raises(BudgetExceeded) as refused:
+            call.hold(header, 71, "the chunk header and its answer", "EvaluateChunk")
+        text = str(refused.value)
+        assert "needs 71 bytes" in text and f"EvaluateChunk message {READ} more" in text, text
+        assert "memory_budget_bytes=100" in text and "max_message_bytes" in text, text
+        assert header.nbytes == 5 and budget.held_bytes == 5  # nothing more held
+        call.hold(header, 70, "the chunk header and its answer", "EvaluateChunk")  # leaves one read
+        reading = asyncio.ensure_future(call.read("EvaluateChunk"))
+        await asyncio.sleep(0)
+        assert budget.held_bytes == 100 and budget.waiting == 0  # its read was granted
+        call.context.inbox.put_nowait(Received("rows", 7))
+        message, held = await asyncio.wait_for(reading, 5)
+        assert message == "rows" and held.nbytes == 7 and budget.held_bytes == 77
+        held.release()
+        header.release()
+        assert budget.held_bytes == 0
+
+    asyncio.run(main())
+
+
+def test_calls_that_keep_bytes_and_wait_to_read_are_refused_one_by_one_not_left_waiting_for_each_other():
+    """Two chunked calls each keep 40 of 100 bytes and each waits to read its next chunk (30):
+    only they hold bytes, so neither read would ever be granted, and every call behind them waited
+    max_memory_wait_s. The first is refused at once as deadlocked; its release lets the other read."""
+
+    async def main():
+        budget = MemoryBudget(100)
+        a, b = a_call(budget, "a"), a_call(budget, "b")
+        kept_a, kept_b = budget.empty(), budget.empty()
+        a.hold(kept_a, 40, "a's header", "EvaluateChunk")
+        b.hold(kept_b, 40, "b's header", "EvaluateChunk")
+        read_a = asyncio.ensure_future(a.read("EvaluateChunk"))
+        await asyncio.sleep(0)
+        assert not read_a.done() and budget.waiting == 1  # b's bytes are not in line: they may be released
+        read_b = asyncio.ensure_future(b.read("EvaluateChunk"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert read_a.done() and isinstance(read_a.exception(), BudgetExceeded), read_a
+        text = str(read_a.exception())
+        assert "belong to calls waiting for more (40 to this one)" in text and "memory_budget_bytes=100" in text, text
+        assert not read_b.done()
+        kept_a.release()  # a's call ends
+        b.context.inbox.put_nowait(Received("rows", 10))
+        message, held = await asyncio.wait_for(read_b, 5)
+        assert message == "rows" and budget.held_bytes == 50 and budget.waiting == 0
+        held.release()
+        kept_b.release()
+        assert budget.held_bytes == 0
+
+    asyncio.run(main())
