@@ -70,12 +70,18 @@ def _reduction(options: pb.LossOptions, loss: str) -> tuple[str, bool | None, bo
 
 def target_decode_nbytes(target: WireTensor | None, shift: bool) -> int:
     """What decoding ``target`` as class indices makes beside its bytes (:func:`engine.class_target_nbytes`),
-    from its wire header alone; 0 for a floating target (probabilities) or a missing one."""
-    dtype = codec.WIRE_TO_TORCH.get(target.dtype) if target is not None else None
-    if dtype is None or dtype.is_floating_point:
+    from its wire header alone; 0 for a floating target (probabilities), a missing one, or one that
+    decoding refuses anyway (a bad dtype or shape, inline bytes that do not match its shape): the
+    caller then reserves nothing and decoding names the problem."""
+    if target is None:
         return 0
-    elements = math.prod(target.shape) if all(d >= 0 for d in target.shape) else 0
-    return engine.class_target_nbytes(elements, int64=dtype == torch.int64, shift=shift)
+    try:
+        dtype, shape, nbytes = codec.expected_nbytes("target", target)
+    except codec.TensorError:
+        return 0
+    if dtype.is_floating_point or (target.shm is None and len(target.data) != nbytes):
+        return 0
+    return engine.class_target_nbytes(math.prod(shape), int64=dtype == torch.int64, shift=shift)
 
 
 def decode_request(request: WireRequest, shm_reader=None) -> Job:
