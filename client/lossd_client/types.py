@@ -169,3 +169,5 @@ class ServerInfo:
     device_name: str
     #: Largest ``top_k`` a comparison may ask for.
     max_top_k: int
+    #: Longest request ``id`` the server accepts, in UTF-8 bytes (it is echoed in the answer).
+    max_id_bytes: int

@@ -40,9 +40,10 @@ def _within(size: int, limit: int, what: str, setting: str, advice: str) -> int:
     return size
 
 
-def _answer_size(plan: comparison.ComparisonPlan, limit: int) -> int:
+def _answer_size(plan: comparison.ComparisonPlan, limit: int, id_nbytes: int) -> int:
+    """The answer's size bound, its echoed id of ``id_nbytes`` included."""
     advice = "compare fewer positions per request, or ask for a smaller top_k"
-    return _within(plan.answer_nbytes(), limit, "the answer", "max_send_message_bytes", advice)
+    return _within(plan.answer_nbytes() + id_nbytes, limit, "the answer", "max_send_message_bytes", advice)
 
 
 async def _first(call: Call, kind: str, field: str, missing: str) -> tuple[object, Reservation]:
@@ -82,19 +83,21 @@ class CompareRpcs:
     async def _answer(self, call: Call, request: wire.WireCompareRequest, held: Reservation) -> pb.CompareResponse:
         """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer."""
         cfg, servicer = self.config, self.servicer
+        id_bytes = service.check_id("id", request.id, cfg.max_id_bytes)
         tensors = compare_convert.tensors(request)
         shm_bytes = codec.shm_nbytes({name: getattr(request, name) for name in ("reference", "candidate", "target")})
         if shm_bytes:
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
         advice = "send comparisons this large with the client-streaming CompareChunked RPC, which lossd_client does by itself"
-        nbytes = _within(sum(len(t.data) for t in tensors), cfg.max_message_bytes, "the request's tensors", "max_message_bytes", advice)
+        size = id_bytes + sum(len(t.data) for t in tensors)
+        nbytes = _within(size, cfg.max_message_bytes, "the request (its tensors and id)", "max_message_bytes", advice) - id_bytes
         decoding = convert.target_decode_nbytes(request.target, request.options.shift_targets)
         if decoding:  # the targets' int64 copy and masks, reserved before they are made (as Evaluate's)
             await held.grow(held.nbytes + decoding, "decoding the class-index targets", timeout_s=call.memory_wait_left_s())
         decode = functools.partial(compare_convert.decode_request, request, cfg.max_top_k, servicer.shm_reader)
         decoded = await held.run_in_thread(decode) if shm_bytes else decode()  # copying shared memory takes a while
         plan = decoded.plan
-        answer = _answer_size(plan, cfg.max_send_message_bytes)
+        answer = _answer_size(plan, cfg.max_send_message_bytes, id_bytes)
         await held.grow(
             held.nbytes + max(0, plan.plan_nbytes() - decoding) + plan.working_nbytes() + service.ANSWER_COPIES * answer,
             "the comparison and its answer",
@@ -128,7 +131,7 @@ class CompareRpcs:
             assembler.check_complete()
             result = await self.servicer.batcher.run_in_engine(assembler.finish, parts, held=header_held)
             parts.clear()
-            answer = assembler.plan.answer_nbytes()
+            answer = assembler.plan.answer_nbytes() + len(assembler.id.encode())
             response = await service.encode_answer(
                 compare_convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes, header_held
             )
@@ -144,6 +147,7 @@ class CompareRpcs:
         for one)."""
         if first.header is None:
             raise engine.InvalidInput("header", "the first CompareChunk must carry the header")
+        id_bytes = service.check_id("header.id", first.header.id, self.config.max_id_bytes)
         decoding = convert.target_decode_nbytes(first.header.target, first.header.options.shift_targets)
         if decoding:
             call.hold(held, held.nbytes + decoding, "decoding the header's class-index targets", "CompareChunk")
@@ -152,7 +156,7 @@ class CompareRpcs:
             call.hold(held, held.nbytes + shm, "a shared-memory header target", "CompareChunk")
         assembler = CompareAssembler(first.header, self.servicer.shm_reader, max_top_k=self.config.max_top_k)
         plan = assembler.plan
-        answer = _answer_size(plan, self.config.max_send_message_bytes)
+        answer = _answer_size(plan, self.config.max_send_message_bytes, id_bytes)
         extra = max(0, plan.plan_nbytes() - decoding) + plan.working_nbytes() + service.ANSWER_COPIES * answer
         call.hold(held, held.nbytes + extra, "the comparison header and its answer", "CompareChunk")
         return assembler

@@ -65,6 +65,12 @@ class ServerConfig:
     chunk_bytes: int = 4 * MiB
     max_chunks_in_flight: int = 4
     max_top_k: int = 20
+    #: Longest request id (EvaluateRequest, ChunkHeader, CompareRequest, CompareHeader), in UTF-8
+    #: bytes. The id is echoed in the answer, so a 100 MB id held 100 MB per answer a client does
+    #: not read, counted nowhere. Ids are labels (a UUID is 36 bytes, evaluate_many numbers its
+    #: items, a dataset key or file path a few hundred bytes): 1 KiB fits them and bounds an
+    #: answer's echo of one, 1 MiB for a packed message's 1024 answers.
+    max_id_bytes: int = 1024
     compute_threads: int = 1
     inline_batch_bytes: int = 1 * MiB
     torch_threads: int = 0
@@ -137,7 +143,7 @@ _HELP = {
     "workers": "server processes sharing the port (SO_REUSEPORT), each with its own event loop, batcher, engine and memory_budget_bytes / workers; 1 = one process",
     "worker_stall_timeout_s": "with workers > 1: a worker whose event loop has not answered the supervisor for this long "
     "(a deadlock, SIGSTOP) is killed and replaced; well above the second or two a busy loop takes (0: never)",
-    "max_message_bytes": "largest request message (tensor bytes) received; bigger requests must use EvaluateChunked",
+    "max_message_bytes": "largest request message (its tensor bytes, class weights included, and id) received; bigger requests must use EvaluateChunked",
     "max_send_message_bytes": "largest answer sent; a request whose answer would be larger is refused before it is computed",
     "memory_budget_bytes": "bytes held for callers at once (messages, tensors, chunks, answers), split evenly over the workers; past it calls wait or are refused",
     "transport_window_bytes": "bytes gRPC's transport accepts per call before the server reads them (HTTP/2 stream window)",
@@ -153,6 +159,7 @@ _HELP = {
     "chunk_bytes": "compute-dtype bytes of logits evaluated per engine chunk (bounds extra memory)",
     "max_chunks_in_flight": "EvaluateChunked / CompareChunked: received chunks held at once per call",
     "max_top_k": "Compare: largest top_k (classes returned per position and model, with their log-probabilities)",
+    "max_id_bytes": "longest request id (UTF-8 bytes; it is echoed in the answer); a longer one is refused INVALID_ARGUMENT",
     "compute_threads": "engine worker threads",
     "inline_batch_bytes": "CPU batches of at most this many bytes of work (input, or answer / broadcast output when larger) are computed on the event loop (cheaper than a thread hop); 0: always on an engine thread",
     "torch_threads": "torch intra-op threads per worker; 0 = (CPU count - workers) / workers, at least 1 (a core per worker stays free for gRPC and its event loop)",
@@ -274,6 +281,10 @@ def validate(config: ServerConfig) -> None:
         )
     if config.max_send_message_bytes < 1024 or config.max_send_message_bytes > 2**31 - 1:
         raise SystemExit(f"--max-send-message-bytes must be in [1024, {2**31 - 1}], got {config.max_send_message_bytes}")
+    if config.max_id_bytes < 32:
+        raise SystemExit(
+            f"--max-id-bytes must be at least 32 (evaluate_many numbers its items with decimal ids), got {config.max_id_bytes}"
+        )
     if config.max_top_k < 0:
         raise SystemExit(f"--max-top-k must be >= 0, got {config.max_top_k}")
     if config.transport_window_bytes < 64 * 1024:

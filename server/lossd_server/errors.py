@@ -23,6 +23,10 @@ class RequestError(Exception):
         self.message = message
 
 
+class OversizedId(engine.InvalidInput):
+    """A request id over --max-id-bytes (INVALID_ARGUMENT); a stream item's error echoes no id for it."""
+
+
 class StreamIdle(Exception):
     """The client sent (or read) nothing for stream_idle_timeout_s."""
 

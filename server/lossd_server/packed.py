@@ -19,7 +19,7 @@ from . import batch_engine, convert, wire
 from .batcher import Batcher
 from .budget import MemoryBudget, Reservation
 from .calls import Call
-from .errors import status_of
+from .errors import OversizedId, status_of
 
 #: EvaluatePacked items evaluated at once, over all packed messages of the process. Each item's
 #: decode runs on the event loop when it starts; with every item of a message started together,
@@ -34,11 +34,23 @@ PACKED_SLICE_ITEMS = 32
 Prepare = Callable[[wire.WireRequest, Reservation], Awaitable[tuple[batch_engine.Job, int]]]
 
 
+#: Copies of an item error alive at once: the response and gRPC's encoded message.
+ERROR_COPIES = 2
+
+
 def item_failed(request: wire.WireRequest, held: Reservation, exc: BaseException) -> pb.EvaluateResponse:
-    """A stream item's failure as its ItemError; the item holds nothing any more."""
+    """A stream item's failure as its ItemError, echoing the item's id (not one over max_id_bytes:
+    it would hold what that limit bounds); ``held`` keeps what the error answer takes, at most what
+    it held (the item's message bytes, its id among them)."""
     err = status_of(exc, "stream item")
-    held.resize(0, "an item error")
-    return convert.error_response(request.id, err.code.value[0], err.message)
+    response = convert.error_response("" if isinstance(exc, OversizedId) else request.id, err.code.value[0], err.message)
+    held.resize(min(held.nbytes, ERROR_COPIES * response.ByteSize()), "an item error")
+    return response
+
+
+def errors_nbytes(responses: list[pb.EvaluateResponse]) -> int:
+    """What a packed message's item errors take while they wait to be sent (see item_failed)."""
+    return ERROR_COPIES * sum(r.ByteSize() for r in responses if r.HasField("error"))
 
 
 class PackedMessages:
@@ -61,7 +73,7 @@ class PackedMessages:
                 stop = start + PACKED_SLICE_ITEMS
                 async with self._turns:
                     responses += await self._answer_slice(call, message[start:stop], shares[start:stop])
-            held.resize(0, "packed answers")
+            held.resize(min(held.nbytes, errors_nbytes(responses)), "packed item errors")
             for share in shares:
                 held.absorb(share)
         finally:

@@ -27,7 +27,7 @@ from .budget import MemoryBudget, Reservation
 from .calls import Call, CallTracker, serve_stream
 from .chunks import ChunkAssembler
 from .config import ServerConfig
-from .errors import RequestError, drop_tracebacks, status_of
+from .errors import OversizedId, RequestError, drop_tracebacks, status_of
 from .packed import PackedMessages, item_failed
 
 #: How long a call that failed after an end of stream waits for a cancel to land (a client's
@@ -42,22 +42,41 @@ DEADLINE_SKEW_S = 0.5
 ANSWER_COPIES = 3
 
 
-def check_message_size(request: wire.WireRequest, max_message_bytes: int) -> None:
-    """RESOURCE_EXHAUSTED for a unary request whose inline tensors exceed --max-message-bytes
-    (before anything is decoded)."""
-    size = sum(len(t.data) for t in (request.input, request.target) if t is not None)
+def check_id(field: str, request_id: str, max_id_bytes: int) -> int:
+    """The id's UTF-8 bytes, which its answer echoes; OversizedId naming ``field`` when they are
+    over --max-id-bytes (a long id is measured without a copy: each character is a byte or more)."""
+    nbytes, exact = len(request_id), request_id.isascii()
+    if not exact and nbytes <= max_id_bytes:
+        nbytes, exact = len(request_id.encode()), True
+    if nbytes > max_id_bytes:
+        size = f"{nbytes} bytes" if exact else f"at least {nbytes} bytes"
+        raise OversizedId(
+            field,
+            f"takes {size} (UTF-8), over this server's max_id_bytes ({max_id_bytes}); the id is echoed in the answer: use a shorter one",
+        )
+    return nbytes
+
+
+def check_message_size(request: wire.WireRequest, max_message_bytes: int, id_nbytes: int = 0) -> None:
+    """RESOURCE_EXHAUSTED for a unary request whose inline tensors (class weights included) and id
+    (``id_nbytes``) exceed --max-message-bytes (before anything is decoded)."""
+    size = id_nbytes + sum(len(t.data) for t in (request.input, request.target) if t is not None)
+    options = request.options
+    if options.HasField("weight") or options.HasField("pos_weight"):
+        size += options.ByteSize()  # the weights' bytes, counted without copying them out of protobuf
     if size > max_message_bytes:
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"request tensors take {size} bytes, over this server's max_message_bytes ({max_message_bytes}); "
+            f"request tensors and id take {size} bytes, over this server's max_message_bytes ({max_message_bytes}); "
             "send requests this large with the client-streaming EvaluateChunked RPC (a ChunkHeader, then row chunks "
             "of at most max_message_bytes each), which lossd_client does by itself",
         )
 
 
-def check_answer_size(plan: engine.Plan, max_send_message_bytes: int) -> int:
-    """The answer's size bound; RESOURCE_EXHAUSTED before any compute when it cannot be sent."""
-    size = plan.answer_nbytes()
+def check_answer_size(plan: engine.Plan, max_send_message_bytes: int, id_nbytes: int = 0) -> int:
+    """The answer's size bound (its echoed id of ``id_nbytes`` included); RESOURCE_EXHAUSTED before
+    any compute when it cannot be sent."""
+    size = plan.answer_nbytes() + id_nbytes
     if size > max_send_message_bytes:
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -148,10 +167,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         """Decode and validate; reserve what computing it and its answer need in ``held``, waiting
         in line for up to ``wait_s`` when it does not fit now (None: at once or refused).
         Returns the request as a batch engine job and the bytes its answer holds once computed."""
+        id_bytes = check_id("id", request.id, self.config.max_id_bytes)
         shm_bytes = _shm_nbytes(request)
         if shm_bytes:
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
-        check_message_size(request, self.config.max_message_bytes)
+        check_message_size(request, self.config.max_message_bytes, id_bytes)
         decoding = convert.target_decode_nbytes(request.target, request.options.shift_targets)
         if decoding:  # the int64 copy of narrower class targets (8x a uint8 target) and their masks
             await _reserve(held, held.nbytes + decoding, "decoding the class-index targets", wait_s)
@@ -160,7 +180,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         else:
             job = convert.decode_request(request, self.shm_reader)
         plan = job.plan
-        answer = check_answer_size(plan, self.config.max_send_message_bytes)
+        answer = check_answer_size(plan, self.config.max_send_message_bytes, id_bytes)
         need = held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer
         await _reserve(held, need, "the request and its answer", wait_s)
         return job, ANSWER_COPIES * answer
@@ -257,7 +277,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             assembler.check_complete()
             result = await self.batcher.run_in_engine(assembler.finish, partials, held=header_held)
             partials.clear()
-            answer = assembler.plan.answer_nbytes()
+            answer = assembler.plan.answer_nbytes() + len(assembler.id.encode())
             response = await encode_answer(convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes, header_held)
             call.answered(header_held, ANSWER_COPIES * answer)
             return response
@@ -270,6 +290,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         call keeps while it reads its chunks (Call.hold: refused when it leaves no room for one)."""
         if first.header is None:
             raise engine.InvalidInput("header", "the first EvaluateChunk must carry the header")
+        id_bytes = check_id("header.id", first.header.id, self.config.max_id_bytes)
         target, options = first.header.target, first.header.options
         decoding = convert.target_decode_nbytes(target, options.shift_targets)
         if decoding:  # as a unary request's (see _prepare), reserved before they are made
@@ -281,7 +302,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         else:
             assembler = ChunkAssembler(first.header, self.shm_reader)
         plan = assembler.plan
-        answer = check_answer_size(plan, self.config.max_send_message_bytes)
+        answer = check_answer_size(plan, self.config.max_send_message_bytes, id_bytes)
         extra = plan.working_nbytes() + ANSWER_COPIES * answer
         call.hold(header_held, header_held.nbytes + extra, "the chunk header and its answer", "EvaluateChunk")
         return assembler
@@ -350,6 +371,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             target_dtypes=convert.TARGET_DTYPES,
             allow_client_shm=cfg.allow_client_shm,
             max_top_k=cfg.max_top_k,
+            max_id_bytes=cfg.max_id_bytes,
         )
 
 

@@ -131,6 +131,9 @@ BAD = [
     ("missing input", with_(lambda m: m.ClearField("input")), "input"),
     ("missing target", with_(lambda m: m.ClearField("target")), "target"),
     ("data together with shm", with_(lambda m: m.input.shm.CopyFrom(pb.SharedMemoryRef(name="x", length=24))), "input.data"),
+    ("id over max_id_bytes", with_(attr("id", "x" * 1025)), "id: takes 1025 bytes (UTF-8), over this server's max_id_bytes (1024)"),
+    ("id over max_id_bytes in UTF-8", with_(attr("id", "é" * 513)), "id: takes 1026 bytes (UTF-8), over this server's max_id_bytes (1024)"),
+    ("a 10 MB id", with_(attr("id", "x" * 10_000_000)), "id: takes 10000000 bytes (UTF-8), over this server's max_id_bytes (1024)"),
     ("shm on a server without --allow-client-shm", with_(both(attr("input.data", b""), lambda m: m.input.shm.CopyFrom(pb.SharedMemoryRef(name="lossd-none", length=24)))), "input.shm"),
 ]
 
@@ -185,6 +188,41 @@ def test_stream_answers_a_bad_item_alone(stub) -> None:
     for reply in replies.values():
         assert not reply.HasField("error")
         assert np.frombuffer(reply.loss.data, "<f4")[0] == pytest.approx(expected_good(), rel=1e-6)
+
+
+def test_ids_are_bounded_on_every_rpc_and_never_echoed_when_too_long(stub, client) -> None:
+    """Every id field of the contract (EvaluateRequest, stream and packed items, ChunkHeader,
+    CompareRequest, CompareHeader) is refused over --max-id-bytes naming it: the answer echoes the
+    id, so an unbounded one held answers no limit counted. A refused stream item echoes no id."""
+    limit = client.server_info().max_id_bytes
+    assert limit == 1024
+    fits, long_id = "é" * (limit // 2), "x" * (limit + 1)  # 1024 bytes of UTF-8, then one byte over
+    assert stub.Evaluate(with_(attr("id", fits)), timeout=30).id == fits
+
+    def refused(call, field: str) -> None:
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert f"{field}: takes {limit + 1} bytes (UTF-8), over this server's max_id_bytes ({limit})" in info.value.details()
+
+    header = pb.ChunkHeader(id=long_id, input_dtype=pb.FLOAT32, input_shape=list(X.shape), options=pb.LossOptions())
+    tensors.to_proto(T, header.target)
+    refused(lambda: stub.EvaluateChunked(iter([pb.EvaluateChunk(header=header, input_rows=X.tobytes())]), timeout=30), "header.id")
+    logits = tensors.to_proto(X)
+    refused(lambda: stub.Compare(pb.CompareRequest(id=long_id, reference=logits, candidate=logits), timeout=30), "id")
+    compare_header = pb.CompareHeader(id=long_id, reference_dtype=pb.FLOAT32, reference_shape=X.shape, candidate_dtype=pb.FLOAT32, candidate_shape=X.shape)
+    rows = pb.CompareChunk(header=compare_header, reference_rows=X.tobytes(), candidate_rows=X.tobytes())
+    refused(lambda: stub.CompareChunked(iter([rows]), timeout=30), "header.id")
+
+    items = [with_(attr("id", "first")), with_(attr("id", long_id)), with_(attr("id", "last"))]
+    streamed = list(stub.EvaluateStream(iter(items), timeout=30))
+    packed = [r for batch in stub.EvaluatePacked(iter([pb.EvaluateBatch(requests=items)]), timeout=30) for r in batch.responses]
+    for replies in (streamed, packed):
+        assert sorted(r.id for r in replies) == ["", "first", "last"]
+        (bad,) = [r for r in replies if r.HasField("error")]
+        assert bad.id == "" and bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert f"id: takes {limit + 1} bytes" in bad.error.message
+    assert stub.Evaluate(good_request(), timeout=30).id == "good"
 
 
 # ---------------------------------------------------------------------------- client-side arguments
