@@ -171,3 +171,5 @@ class ServerInfo:
     max_top_k: int
     #: Longest request ``id`` the server accepts, in UTF-8 bytes (it is echoed in the answer).
     max_id_bytes: int
+    #: Most elements a request's broadcast output may have when it has more than its larger operand (kl_div).
+    max_broadcast_elements: int

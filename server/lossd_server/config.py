@@ -71,6 +71,15 @@ class ServerConfig:
     #: items, a dataset key or file path a few hundred bytes): 1 KiB fits them and bounds an
     #: answer's echo of one, 1 MiB for a packed message's 1024 answers.
     max_id_bytes: int = 1024
+    #: Most elements a request's broadcast output may have when it has more than its larger
+    #: operand (kl_div: an input [2**20, 1] against a target [1, 2**20] is 1.1e12 elements from
+    #: 8 MiB, hours of the engine thread with every other caller waiting; a 'mean' holds nothing,
+    #: so the memory budget never sees it). The engine computes 160-180 million such elements per
+    #: second of CPU on one core of the 2-core VM of the benchmarks (90-120 million per second of
+    #: wall time while other work shares the machine), so 2**27 (134 million) keeps such a request
+    #: to about 0.8 s of CPU, 1.5 s end to end. A request whose output is no larger than an operand
+    #: is never refused.
+    max_broadcast_elements: int = 2**27
     compute_threads: int = 1
     inline_batch_bytes: int = 1 * MiB
     torch_threads: int = 0
@@ -160,6 +169,8 @@ _HELP = {
     "max_chunks_in_flight": "EvaluateChunked / CompareChunked: received chunks held at once per call",
     "max_top_k": "Compare: largest top_k (classes returned per position and model, with their log-probabilities)",
     "max_id_bytes": "longest request id (UTF-8 bytes; it is echoed in the answer); a longer one is refused INVALID_ARGUMENT",
+    "max_broadcast_elements": "most elements a request's broadcast output may have when it has more than its larger operand "
+    "(kl_div's input against its target); past it the request is refused RESOURCE_EXHAUSTED before any compute",
     "compute_threads": "engine worker threads",
     "inline_batch_bytes": "CPU batches of at most this many bytes of work (input, or answer / broadcast output when larger) are computed on the event loop (cheaper than a thread hop); 0: always on an engine thread",
     "torch_threads": "torch intra-op threads per worker; 0 = (CPU count - workers) / workers, at least 1 (a core per worker stays free for gRPC and its event loop)",
@@ -285,6 +296,8 @@ def validate(config: ServerConfig) -> None:
         raise SystemExit(
             f"--max-id-bytes must be at least 32 (evaluate_many numbers its items with decimal ids), got {config.max_id_bytes}"
         )
+    if config.max_broadcast_elements < 1:
+        raise SystemExit(f"--max-broadcast-elements must be >= 1, got {config.max_broadcast_elements}")
     if config.max_top_k < 0:
         raise SystemExit(f"--max-top-k must be >= 0, got {config.max_top_k}")
     if config.transport_window_bytes < 64 * 1024:

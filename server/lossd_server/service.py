@@ -86,6 +86,20 @@ def check_answer_size(plan: engine.Plan, max_send_message_bytes: int, id_nbytes:
     return size
 
 
+def check_broadcast(plan: engine.Plan | engine.KlDivLossPlan, max_broadcast_elements: int) -> None:
+    """RESOURCE_EXHAUSTED before any compute for a request whose broadcast output has more than
+    --max-broadcast-elements elements and more than its larger operand (kl_div's [2**20, 1]
+    against [1, 2**20]: 1.1e12 elements of the engine thread's time from 8 MiB)."""
+    elements = plan.broadcast_elements
+    if elements > max_broadcast_elements:
+        shapes = f"the input {list(plan.call.input_shape)} against the target {list(plan.call.target_shape)}"
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{plan.spec.loss}'s broadcast of {shapes} makes {elements} elements, over this server's max_broadcast_elements "
+            f"({max_broadcast_elements}); send fewer rows per request (lossd_client.combine joins their results exactly)",
+        )
+
+
 async def encode_answer(encode: Callable, request_id: str, result: object, answer_nbytes: int, inline_bytes: int, held: Reservation):
     """``encode(request_id, result)``, on a thread when the answer's size bound ``answer_nbytes``
     is over ``inline_bytes`` (--inline-batch-bytes): hundreds of MB held the event loop (health
@@ -180,6 +194,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         else:
             job = convert.decode_request(request, self.shm_reader)
         plan = job.plan
+        check_broadcast(plan, self.config.max_broadcast_elements)
         answer = check_answer_size(plan, self.config.max_send_message_bytes, id_bytes)
         need = held.nbytes + plan.working_nbytes() + ANSWER_COPIES * answer
         await _reserve(held, need, "the request and its answer", wait_s)
@@ -302,6 +317,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         else:
             assembler = ChunkAssembler(first.header, self.shm_reader)
         plan = assembler.plan
+        check_broadcast(plan, self.config.max_broadcast_elements)
         answer = check_answer_size(plan, self.config.max_send_message_bytes, id_bytes)
         extra = plan.working_nbytes() + ANSWER_COPIES * answer
         call.hold(header_held, header_held.nbytes + extra, "the chunk header and its answer", "EvaluateChunk")
@@ -372,6 +388,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             allow_client_shm=cfg.allow_client_shm,
             max_top_k=cfg.max_top_k,
             max_id_bytes=cfg.max_id_bytes,
+            max_broadcast_elements=cfg.max_broadcast_elements,
         )
 
 

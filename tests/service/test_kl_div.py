@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import warnings
 from typing import Any
 
@@ -174,3 +175,45 @@ def test_an_input_broadcast_along_the_rows_travels_whole(client, small):
     torch.testing.assert_close(client.kl_div(x, t, reduction="sum"), F.kl_div(x, t, reduction="sum"), rtol=1e-6, atol=0)
     with pytest.raises(InvalidArgumentError, match="does not fit in one message"):
         small.kl_div(x, t, reduction="sum")
+
+
+# ---------------------------------------------------------------------------- broadcast work
+BROADCAST_LIMIT = 4096
+
+
+@pytest.fixture(scope="module")
+def bounded():
+    """A small broadcast limit, and small messages (requests over 768 bytes stream in chunks)."""
+    with start_server("--max-broadcast-elements", str(BROADCAST_LIMIT), "--max-message-bytes", "1024") as proc:
+        with LossClient(proc.address, timeout_s=120) as c:
+            yield c
+
+
+def test_a_broadcast_past_max_broadcast_elements_is_refused_before_compute(client):
+    """[2**20, 1] against [1, 2**20] is 1.1e12 elements from 8 MiB: it used to hold the engine for
+    hours; it is refused at once, naming the limit and the count."""
+    n = 2**20
+    x, t = torch.zeros(n, 1), torch.full((1, n), 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(ResourceExhaustedError) as info:
+        client.kl_div(x, t, reduction="batchmean")
+    assert time.monotonic() - t0 < 20
+    assert f"makes {n * n} elements, over this server's max_broadcast_elements ({client.server_info().max_broadcast_elements})" in str(info.value)
+    assert client.server_info().max_broadcast_elements == 2**27
+    x, t = kl_data((64, 1), (1, 64), seed=7)  # a broadcast within the limit still works
+    torch.testing.assert_close(client.kl_div(x, t, reduction="sum"), F.kl_div(x, t, reduction="sum"), rtol=1e-6, atol=0)
+
+
+def test_max_broadcast_elements_counts_only_what_the_broadcast_adds(bounded):
+    side = int(math.isqrt(BROADCAST_LIMIT))
+    x, t = kl_data((side, 1), (1, side), seed=8)  # exactly the limit
+    torch.testing.assert_close(bounded.kl_div(x, t, reduction="sum"), F.kl_div(x, t, reduction="sum"), rtol=1e-6, atol=0)
+    x, t = kl_data((side + 1, 1), (1, side + 1), seed=8)
+    with pytest.raises(ResourceExhaustedError, match=rf"makes {(side + 1) ** 2} elements, over this server's max_broadcast_elements \({BROADCAST_LIMIT}\)"):
+        bounded.kl_div(x, t, reduction="sum")
+    x, t = kl_data((200, 1), (1, 30), seed=9)  # 920 bytes: EvaluateChunked, the target whole in the header
+    with pytest.raises(ResourceExhaustedError, match="max_broadcast_elements"):
+        bounded.kl_div(x, t, reduction="sum")
+    for shapes in [((300, 20), (1, 20)), ((300, 20), (300, 20)), ((300, 20), (20,))]:  # no more elements than an operand
+        x, t = kl_data(*shapes, seed=10)
+        torch.testing.assert_close(bounded.kl_div(x, t, reduction="sum"), F.kl_div(x, t, reduction="sum"), rtol=1e-5, atol=0)

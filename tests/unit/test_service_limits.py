@@ -53,3 +53,23 @@ def test_the_answer_size_counts_the_echoed_id() -> None:
     with pytest.raises(RequestError) as info:
         service.check_answer_size(plan, plan.answer_nbytes() + 999, id_nbytes=1000)
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize(
+    "input_shape,target_shape,elements",
+    [((2**20, 1), (1, 2**20), 2**40), ((8, 1), (1, 8), 64), ((8, 5), (1, 5), 0), ((8, 5), (5,), 0), ((1, 5), (8, 5), 0), ((), (3, 4), 0)],
+)
+def test_only_a_broadcast_past_the_larger_operand_counts(input_shape, target_shape, elements) -> None:
+    import torch
+
+    spec = engine.LossSpec(loss=engine.KL_DIV, reduction="sum")
+    plan = engine.plan(spec, input_shape, torch.float32, torch.empty(target_shape, device="meta"))
+    assert plan.broadcast_elements == elements
+    service.check_broadcast(plan, max(elements, 1))
+    if elements:
+        with pytest.raises(RequestError) as info:
+            service.check_broadcast(plan, elements - 1)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"makes {elements} elements, over this server's max_broadcast_elements ({elements - 1})" in info.value.message
+    bce = convert.decode_request(request(4, weight=np.ones(1, np.float32))).plan  # a weight broadcast to the input adds nothing
+    assert bce.broadcast_elements == 0

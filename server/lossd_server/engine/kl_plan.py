@@ -117,8 +117,15 @@ class KlDivLossPlan:
     def work_nbytes(self) -> int:
         """What an evaluation reads or writes, in bytes, for choosing where it runs: the input, or
         the broadcast output's elements when they are more (a 512 KB request of [65536, 1] against
-        [1, 65536] is 4.3 billion elements: 31 s of compute)."""
+        [1, 65536] is 4.3 billion elements, 31 s of compute: refused over max_broadcast_elements)."""
         return max(self.input_nbytes, self.call.numel * itemsize(self.call.output_dtype))
+
+    @property
+    def broadcast_elements(self) -> int:
+        """The broadcast output's elements when they are more than the larger operand's (work the
+        request's bytes do not bound: [2**20, 1] against [1, 2**20] is 1.1e12 elements), else 0."""
+        larger = max(math.prod(self.call.input_shape), math.prod(self.call.target_shape))
+        return self.call.numel if self.call.numel > larger else 0
 
     @property
     def rows(self) -> int:

@@ -106,6 +106,13 @@ class Plan:
         return max(self.input_nbytes, self.answer_nbytes() - ANSWER_OVERHEAD_BYTES)
 
     @property
+    def broadcast_elements(self) -> int:
+        """The broadcast output's elements when they are more than the larger operand's: never for
+        these losses (class targets index the input; probability and BCE targets are shaped like
+        it, BCE's weight and pos_weight broadcast to it), see KlDivLossPlan.broadcast_elements."""
+        return 0
+
+    @property
     def sequences(self) -> int:
         """Rows of the target's last axis: the entries of the per-sequence statistics."""
         return math.prod(self.target_shape[:-1]) if self.target_shape else 1

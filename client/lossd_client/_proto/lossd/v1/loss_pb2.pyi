@@ -227,7 +227,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "torch_version", "device", "max_receive_message_bytes", "max_send_message_bytes", "max_batch_rows", "max_batch_bytes", "max_wait_ms", "max_queue_requests", "max_queue_bytes", "input_dtypes", "target_dtypes", "allow_client_shm", "device_name", "max_top_k", "max_id_bytes")
+    __slots__ = ("version", "torch_version", "device", "max_receive_message_bytes", "max_send_message_bytes", "max_batch_rows", "max_batch_bytes", "max_wait_ms", "max_queue_requests", "max_queue_bytes", "input_dtypes", "target_dtypes", "allow_client_shm", "device_name", "max_top_k", "max_id_bytes", "max_broadcast_elements")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +244,7 @@ class ServerInfo(_message.Message):
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_ID_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BROADCAST_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     version: str
     torch_version: str
     device: str
@@ -260,7 +261,8 @@ class ServerInfo(_message.Message):
     device_name: str
     max_top_k: int
     max_id_bytes: int
-    def __init__(self, version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device: _Optional[str] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_queue_requests: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., target_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., allow_client_shm: _Optional[bool] = ..., device_name: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_id_bytes: _Optional[int] = ...) -> None: ...
+    max_broadcast_elements: int
+    def __init__(self, version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device: _Optional[str] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_queue_requests: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., target_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., allow_client_shm: _Optional[bool] = ..., device_name: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_id_bytes: _Optional[int] = ..., max_broadcast_elements: _Optional[int] = ...) -> None: ...
 
 class CompareOptions(_message.Message):
     __slots__ = ("ignore_index", "shift_targets", "top_k")
