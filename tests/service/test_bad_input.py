@@ -124,6 +124,8 @@ BAD = [
     ("bce target transposed shape", with_(both(attr("options.loss", pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), set_tensor(tgt, P.T.copy()))), "target"),
     ("bce weight not broadcastable", with_(both(attr("options.loss", pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), set_tensor(tgt, P), set_tensor(wgt, np.ones(2, np.float32)))), "options.weight"),
     ("bce pos_weight not broadcastable", with_(both(attr("options.loss", pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), set_tensor(tgt, P), set_tensor(lambda m: m.options.pos_weight, np.ones((3, 2, 3), np.float32)))), "options.pos_weight"),
+    ("bce ignore_index", with_(both(attr("options.loss", pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), set_tensor(tgt, P), attr("options.ignore_index", 3))), "options.ignore_index: binary_cross_entropy_with_logits() got an unexpected keyword argument 'ignore_index'"),
+    ("bce ignore_index 0", with_(both(attr("options.loss", pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), set_tensor(tgt, P), attr("options.ignore_index", 0))), "options.ignore_index"),
     ("pos_weight for cross_entropy", with_(set_tensor(lambda m: m.options.pos_weight, np.ones(3, np.float32))), "options.pos_weight"),
     ("input with a million dimensions", with_(shape(inp, [1] * 1_000_000)), "input.shape: expected at most 32 dimensions, got 1000000"),
     ("weight with a million dimensions", with_(shape(wgt, [1] * 1_000_000)), "options.weight.shape: expected at most 32 dimensions, got 1000000"),

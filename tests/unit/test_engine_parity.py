@@ -172,7 +172,7 @@ def bce_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
 
 def torch_options(spec: engine.LossSpec) -> dict[str, Any]:
     options: dict[str, Any] = {"reduction": spec.reduction}
-    if spec.loss != engine.BCE_WITH_LOGITS:
+    if spec.loss != engine.BCE_WITH_LOGITS or spec.ignore_index != -100:  # -100: unset (BCE takes none: TypeError)
         options["ignore_index"] = spec.ignore_index
     if spec.loss == engine.CROSS_ENTROPY:
         options["label_smoothing"] = spec.label_smoothing

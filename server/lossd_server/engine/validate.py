@@ -242,6 +242,11 @@ def _all_within(values: torch.Tensor, upper: int) -> bool:
 
 
 def _bce(spec, input_shape, input_dtype, target, weight, pos_weight) -> Plan:
+    if spec.ignore_index != -100:  # torch raises TypeError for it; -100 is what an unset one means (as for kl_div)
+        raise InvalidInput(
+            "options.ignore_index",
+            "binary_cross_entropy_with_logits() got an unexpected keyword argument 'ignore_index' (it takes weight, reduction and pos_weight only)",
+        )
     tshape = tuple(target.shape)
     if tshape != input_shape:
         raise InvalidInput("target", f"Target size ({_torch_size(tshape)}) must be the same as input size ({_torch_size(input_shape)})")
