@@ -34,8 +34,8 @@ class ChunkAssembler:
     def __init__(self, header: WireHeader, shm_reader=None) -> None:
         spec, weight, pos_weight = convert.decode_options(header.options, shm_reader)
         self.id = header.id
-        self.input_dtype = codec.dtype_of("header.input_dtype", header.input_dtype)
-        self.input_shape = codec.shape_of("header.input_shape", header.input_shape)
+        self.input_dtype = codec.dtype_field("header.input_dtype", header.input_dtype)
+        self.input_shape = codec.shape_field("header.input_shape", header.input_shape)
         input_nbytes = math.prod(self.input_shape) * codec.ITEMSIZE[header.input_dtype]
         if input_nbytes > codec.MAX_TENSOR_BYTES:
             raise engine.InvalidInput(
@@ -53,10 +53,18 @@ class ChunkAssembler:
                     f"the header carries only its dtype and shape, got {len(header.target.data)} bytes of data"
                     + (" and a shm reference" if header.target.shm is not None else ""),
                 )
+        if self.streamed or not input_rows_are_output_rows(spec.loss, self.input_shape, target_shape):
+            # only its dtype and shape are read (an input kl_div broadcasts along the rows is refused
+            # once validated, whatever data its target brought: see _whole_target_units)
             target = torch.empty(target_shape, dtype=target_dtype, device="meta")
         else:
             target = codec.decode("header.target", header.target, shm_reader)
-        self.plan = engine.plan(spec, self.input_shape, self.input_dtype, target, weight, pos_weight, target_streamed=self.streamed)
+        try:
+            self.plan = engine.plan(spec, self.input_shape, self.input_dtype, target, weight, pos_weight, target_streamed=self.streamed)
+        except engine.InvalidDtype as exc:  # torch rejects the input's dtype: the header's field for it
+            if exc.field != "input":
+                raise
+            raise engine.InvalidInput("header.input_dtype", exc.message) from None
         self._header_target_units = self._whole_target_units(target)
         self.target_dtype = target_dtype
         self.unit_shape = self.plan.geometry.unit_shape

@@ -32,27 +32,39 @@ class TensorError(ValueError):
 
 
 def dtype_of(field: str, wire_dtype: int) -> torch.dtype:
-    if wire_dtype == pb.DTYPE_UNSPECIFIED:
-        raise TensorError(f"{field}.dtype", "is DTYPE_UNSPECIFIED; set the element type")
-    try:
-        return WIRE_TO_TORCH[wire_dtype]
-    except KeyError:
-        raise TensorError(f"{field}.dtype", f"unknown dtype enum value {wire_dtype}") from None
+    """The dtype of the tensor ``field`` (errors name ``field.dtype``)."""
+    return dtype_field(f"{field}.dtype", wire_dtype)
 
 
 def shape_of(field: str, shape) -> tuple[int, ...]:
+    """The shape of the tensor ``field`` (errors name ``field.shape``)."""
+    return shape_field(f"{field}.shape", shape)
+
+
+def dtype_field(field: str, wire_dtype: int) -> torch.dtype:
+    """A DType field's dtype; errors name ``field`` itself (e.g. ``header.input_dtype``)."""
+    if wire_dtype == pb.DTYPE_UNSPECIFIED:
+        raise TensorError(field, "is DTYPE_UNSPECIFIED; set the element type")
+    try:
+        return WIRE_TO_TORCH[wire_dtype]
+    except KeyError:
+        raise TensorError(field, f"unknown dtype enum value {wire_dtype}") from None
+
+
+def shape_field(field: str, shape) -> tuple[int, ...]:
+    """A repeated-int64 shape field's sizes, checked; errors name ``field`` itself (e.g. ``header.input_shape``)."""
     ndim = declared_dims(shape)
     if ndim > MAX_DIMS:
-        raise TensorError(f"{field}.shape", f"expected at most {MAX_DIMS} dimensions, got {ndim}")
+        raise TensorError(field, f"expected at most {MAX_DIMS} dimensions, got {ndim}")
     dims = tuple(int(s) for s in shape)
     for i, s in enumerate(dims):
         if s < 0:
-            raise TensorError(f"{field}.shape", f"dimension {i} is negative ({s}); sizes must be >= 0")
+            raise TensorError(field, f"dimension {i} is negative ({s}); sizes must be >= 0")
     count = 1
     for s in dims:
         count *= s
         if count > MAX_ELEMENTS:
-            raise TensorError(f"{field}.shape", f"element count of {list(dims)} overflows")
+            raise TensorError(field, f"element count of {list(dims)} overflows")
     # torch strides each dimension by the product of the later sizes (an empty one counting as 1),
     # so an empty tensor such as [0, 2, 2**62] has no elements yet a stride torch cannot represent.
     stride = 1
@@ -60,7 +72,7 @@ def shape_of(field: str, shape) -> tuple[int, ...]:
         stride *= max(s, 1)
         if stride > MAX_ELEMENTS:
             raise TensorError(
-                f"{field}.shape",
+                field,
                 f"strides of {list(dims)} overflow (the sizes after the first, empty ones counted as 1, multiply past {MAX_ELEMENTS})",
             )
     return dims

@@ -56,6 +56,29 @@ def test_a_target_shaped_like_the_input_with_data_in_the_header_is_named():
     assert info.value.field == "header.target.data"
 
 
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: header([8, 5], np.arange(8) % 5, input_dtype=pb.DTYPE_UNSPECIFIED), "header.input_dtype: is DTYPE_UNSPECIFIED"),
+        (lambda: header([8, 5], np.arange(8) % 5, input_dtype=77), "header.input_dtype: unknown dtype enum value 77"),
+        (lambda: header([-8, 5], np.arange(8) % 5), "header.input_shape: dimension 0 is negative (-8)"),
+        (lambda: header([8, 5], np.arange(8) % 5, input_dtype=pb.INT64), "header.input_dtype: expected a floating dtype"),
+        (lambda: header([8, 5], np.zeros((8, 5), np.float32), input_dtype=pb.INT64, with_data=False, loss=pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), "header.input_dtype: expected a floating dtype"),
+        (lambda: header([8, 5], np.zeros((8, 5), np.float32), input_dtype=pb.INT64, with_data=False, loss=pb.KL_DIV), "header.input_dtype: dtype int64 rejected by torch's kl_div"),
+        # an input kl_div broadcasts along the target's rows: named as such, not "send the target's data"
+        (lambda: header([1, 5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV), "header.input_shape: the input [1, 5] is broadcast along the rows"),
+        (lambda: header([5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV), "header.input_shape: the input [5] is broadcast along the rows"),
+        (lambda: header([2, 5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV), "target: The size of tensor a (8) must match the size of tensor b (2)"),
+    ],
+)
+def test_header_mistakes_name_the_header_field_once(make, message):
+    """Header fields are named as the proto names them (header.input_dtype, not
+    header.input_dtype.dtype, nor input), once."""
+    with pytest.raises(ValueError) as info:
+        ChunkAssembler(make())
+    assert str(info.value).startswith(message), str(info.value)
+
+
 def test_a_streamed_target_whose_size_overflows_is_named():
     h = header([2**60, 2], np.zeros((1, 1), np.float64), input_dtype=pb.BFLOAT16, with_data=False)
     h.target.shape = (2**60, 2)  # like the input, so it would travel with the rows: 2**64 bytes

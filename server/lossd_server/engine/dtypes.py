@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .spec import CLASS_TARGET_DTYPES, FLOAT_DTYPES, NLL, InvalidInput, LossSpec, TargetKind, dtype_name
+from .spec import CLASS_TARGET_DTYPES, FLOAT_DTYPES, NLL, InvalidDtype, InvalidInput, LossSpec, TargetKind, dtype_name
 
 _TORCH_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError, IndexError)
 
@@ -68,24 +68,24 @@ def probed_output_dtype(
     return out.dtype
 
 
-def _dtype_error(kind, input_dtype, target_dtype, weight_dtype, pos_weight_dtype, exc) -> InvalidInput:
+def _dtype_error(kind, input_dtype, target_dtype, weight_dtype, pos_weight_dtype, exc) -> InvalidDtype:
     text = str(exc).split("\n")[0]
     if input_dtype not in FLOAT_DTYPES:
-        return InvalidInput(
+        return InvalidDtype(
             "input", f"expected a floating dtype (float32, float64, float16, bfloat16), got {dtype_name(input_dtype)} ({text})"
         )
     if kind is TargetKind.CLASS and target_dtype not in CLASS_TARGET_DTYPES:
-        return InvalidInput("target", f"expected class indices of dtype int64 or uint8 (as torch), got {dtype_name(target_dtype)} ({text})")
+        return InvalidDtype("target", f"expected class indices of dtype int64 or uint8 (as torch), got {dtype_name(target_dtype)} ({text})")
     if kind is TargetKind.PROB and not target_dtype.is_floating_point:
-        return InvalidInput("target", f"expected a floating dtype for class probabilities, got {dtype_name(target_dtype)} ({text})")
+        return InvalidDtype("target", f"expected a floating dtype for class probabilities, got {dtype_name(target_dtype)} ({text})")
     if weight_dtype is not None and ("weight" in text or "scalar type" in text) and kind is not TargetKind.BCE:
-        return InvalidInput(
+        return InvalidDtype(
             "options.weight", f"expected dtype {dtype_name(input_dtype)} like the input, got {dtype_name(weight_dtype)} ({text})"
         )
     if kind is TargetKind.BCE and not target_dtype.is_floating_point:
-        return InvalidInput("target", f"expected a floating dtype for BCE targets, got {dtype_name(target_dtype)} ({text})")
+        return InvalidDtype("target", f"expected a floating dtype for BCE targets, got {dtype_name(target_dtype)} ({text})")
     field = "options.pos_weight" if pos_weight_dtype is not None and kind is TargetKind.BCE else "options.weight"
-    return InvalidInput(field if weight_dtype or pos_weight_dtype else "input", f"dtype combination rejected by torch: {text}")
+    return InvalidDtype(field if weight_dtype or pos_weight_dtype else "input", f"dtype combination rejected by torch: {text}")
 
 
 def output_dtype(spec: LossSpec, kind: TargetKind, input_shape: tuple[int, ...], input_dtype: torch.dtype, target: torch.Tensor,

@@ -42,7 +42,7 @@ from lossd_client.layout import legacy_reduction
 
 from ._exact import HALF_DTYPES, divide, dtype_name, fsum, itemsize, to_compute
 from .scratch import sum64, temporary, upcast
-from .spec import DEFAULT_CHUNK_BYTES, InvalidInput
+from .spec import DEFAULT_CHUNK_BYTES, InvalidDtype, InvalidInput
 
 #: Reduction strings torch's kl_div takes ('elementwise_mean' is its deprecated alias of 'mean').
 KL_DIV_REDUCTIONS = ("mean", "sum", "none", "batchmean")
@@ -180,7 +180,7 @@ def _probe(
     return out.dtype, tuple(str(w.message) for w in caught)
 
 
-def _probe_error(input_dtype: torch.dtype, target_dtype: torch.dtype, exc: Exception) -> InvalidInput:
+def _probe_error(input_dtype: torch.dtype, target_dtype: torch.dtype, exc: Exception) -> InvalidInput | InvalidDtype:
     text = str(exc).split("\n")[0]
     if isinstance(exc, ValueError) and "reduction" in text:
         return InvalidInput("options.reduction", f"{text} (expected one of {', '.join(KL_DIV_REDUCTIONS)})")
@@ -192,7 +192,7 @@ def _probe_error(input_dtype: torch.dtype, target_dtype: torch.dtype, exc: Excep
 
     field = "input" if unsupported(input_dtype) or not unsupported(target_dtype) else "target"
     dtype = input_dtype if field == "input" else target_dtype
-    return InvalidInput(field, f"dtype {dtype_name(dtype)} rejected by torch's kl_div: {text}")
+    return InvalidDtype(field, f"dtype {dtype_name(dtype)} rejected by torch's kl_div: {text}")
 
 
 def _broadcast(input_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> tuple[int, ...]:

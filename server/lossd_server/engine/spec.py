@@ -62,6 +62,10 @@ class InvalidInput(ValueError):
         self.message = message
 
 
+class InvalidDtype(InvalidInput):
+    """An InvalidInput for a dtype torch rejects; ``field`` names the tensor (e.g. ``input``)."""
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """The options of one loss call, as torch.nn.functional takes them."""
