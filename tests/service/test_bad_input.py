@@ -227,6 +227,18 @@ def test_ids_are_bounded_on_every_rpc_and_never_echoed_when_too_long(stub, clien
     assert stub.Evaluate(good_request(), timeout=30).id == "good"
 
 
+def test_the_client_reports_a_long_id_and_evaluate_many_keeps_callers_ids_off_the_wire(client) -> None:
+    from lossd_client import LossRequest
+    from lossd_client.errors import InvalidArgumentError
+
+    long_id = "x" * 5000
+    with pytest.raises(InvalidArgumentError, match=r"id: takes 5000 bytes \(UTF-8\), over this server's max_id_bytes \(1024\)"):
+        client.evaluate(LossRequest(X, T, id=long_id))
+    # evaluate_many numbers its items on the wire: a caller's id of any length comes back as given
+    results = list(client.evaluate_many([LossRequest(X, T, id=long_id), LossRequest(X, T, id="short")]))
+    assert [r.id for r in results] == [long_id, "short"]
+
+
 # ---------------------------------------------------------------------------- client-side arguments
 MIRRORS = ("cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "kl_div")
 
