@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from . import layout, tensors
+from . import core, layout, tensors
 from .client import LossClient
-from .errors import LossdError
+from .errors import InvalidArgumentError, LossdError
 from .types import EvaluateResult, LossRequest, exact_sum, exp
 
 LOGITS_KEYS = ("logits", "input", "inputs", "scores", "log_probs", "logprobs")
@@ -219,20 +219,22 @@ def _names(arrays: dict[Any, Any]) -> str:
     return ", ".join(sorted(str(k) for k in arrays)) or "none"
 
 
-def pick(arrays: dict[str, Any], wanted: str | None, candidates: Sequence[str], what: str, path: Path) -> Any:
-    """The logits or targets array of a file, checked to be one lossd can send."""
+def pick(arrays: dict[str, Any], wanted: str | None, candidates: Sequence[str], what: str, path: Path, *, token_ids: bool = False) -> Any:
+    """The logits or targets array of a file, checked to be one lossd can send; with ``token_ids``,
+    integer arrays of any dtype are taken as ``client.compare`` takes its tokens (int64 ids)."""
     if wanted is not None:
         if wanted not in arrays:
             raise CliError(f"{path}: no array named {wanted!r} (has {_names(arrays)})")
-        return _checked_array(arrays[wanted], wanted, what, path)
+        return _checked_array(arrays[wanted], wanted, what, path, token_ids)
     for name in candidates:
         if name in arrays:
-            return _checked_array(arrays[name], name, what, path)
+            return _checked_array(arrays[name], name, what, path, token_ids)
     raise CliError(f"{path}: no {what} array (looked for {', '.join(candidates)}; has {_names(arrays)}); name it with --{what}-key")
 
 
-def _checked_array(value: Any, name: str, what: str, path: Path) -> Any:
-    """``value`` if it is a dense numpy array or CPU torch tensor of a dtype lossd sends."""
+def _checked_array(value: Any, name: str, what: str, path: Path, token_ids: bool = False) -> Any:
+    """``value`` if it is a dense numpy array or CPU torch tensor of a dtype lossd sends (token ids
+    of any integer dtype as int64 with ``token_ids``)."""
     if tensors.is_torch_tensor(value):
         import torch
 
@@ -243,9 +245,13 @@ def _checked_array(value: Any, name: str, what: str, path: Path) -> Any:
     elif not isinstance(value, np.ndarray):
         raise CliError(f"{path}: {what} {name!r} is of type {type(value).__name__}, expected a tensor")
     try:
+        if token_ids:
+            value = core.integer_token_ids(value, repr(name))
         tensors.wire_dtype_of(value)
     except tensors.UnsupportedTensorError as exc:
         raise CliError(f"{path}: {what} {name!r}: {exc}") from None
+    except InvalidArgumentError as exc:
+        raise CliError(f"{path}: {what} {exc}") from None
     return value
 
 

@@ -34,9 +34,9 @@ def _tokens(args: argparse.Namespace, reference_arrays: dict[str, Any], referenc
     """The tokens: from --tokens FILE, else the reference file's target array, else None."""
     if args.tokens is not None:
         path = Path(args.tokens)
-        return pick(load_file(path), args.target_key, TARGET_KEYS, "target", path)
+        return pick(load_file(path), args.target_key, TARGET_KEYS, "target", path, token_ids=True)
     if args.target_key is not None or any(name in reference_arrays for name in TARGET_KEYS):
-        return pick(reference_arrays, args.target_key, TARGET_KEYS, "target", reference_path)
+        return pick(reference_arrays, args.target_key, TARGET_KEYS, "target", reference_path, token_ids=True)
     return None
 
 

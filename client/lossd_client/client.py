@@ -128,6 +128,7 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         return finish(self.evaluate(build(), timeout_s=timeout_s))
 
     def _compare(self, inputs: compare.CompareInputs, timeout: float | None, progress: Callable[[int], None] | None) -> CompareResult:
+        inputs = compare.with_token_ids(inputs)
         if compare.needs_server_limit(inputs, self._server_max):
             self._server_max = self.server_info(timeout_s=timeout).max_receive_message_bytes
         call, rpc = self._compare_call(inputs, progress)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -81,6 +81,13 @@ class CompareResult:
 
 
 # --------------------------------------------------------------------------- requests
+def with_token_ids(inputs: CompareInputs) -> CompareInputs:
+    """``inputs`` with tokens of any integer dtype as int64 ids (:func:`lossd_client.core.token_ids`,
+    the LM helpers' rule: uint16, uint32, ... as tokenizers hand them out); other tokens as they are."""
+    tokens = core.integer_token_ids(inputs.tokens, "target")
+    return inputs if tokens is inputs.tokens else replace(inputs, tokens=tokens)
+
+
 def _options(inputs: CompareInputs) -> pb.CompareOptions:
     try:
         ignore_index, top_k = int(inputs.ignore_index), int(inputs.top_k)

@@ -584,23 +584,41 @@ def parse(response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult:
 def token_ids(tokens: Any, name: str = "tokens") -> np.ndarray:
     """Token ids of any integer dtype (numpy or torch: int32, uint16, ... as tokenizers hand them
     out) as an int64 numpy array (the caller's own when it is one), the one rule of the LM helpers
-    (:func:`perplexity_request`, :func:`loglikelihood_request`), which are lossd's API, not torch
-    mirrors (torch's losses take int64 or uint8 class indices only). Anything else (floats, bools,
-    uint64 past int64) is InvalidArgumentError naming ``name``."""
+    (:func:`perplexity_request`, :func:`loglikelihood_request`, ``client.compare``), which are
+    lossd's API, not torch mirrors (torch's losses take int64 or uint8 class indices only).
+    Anything else (floats, bools, uint64 past int64) is InvalidArgumentError naming ``name``."""
     with tensor_field(name):
         if tensors.is_torch_tensor(tokens):
             tensors.check_dense(tokens)
-            dtype = tokens.dtype
-            integer = not (dtype.is_floating_point or dtype.is_complex or str(dtype) == "torch.bool")
-            arr = tokens.detach().cpu().to(sys.modules["torch"].int64).numpy() if integer else None
-        else:
-            arr = tensors.as_array(tokens)
-            dtype, integer = arr.dtype, arr.dtype.kind in "iu"
-    if arr is None or not integer:
+        integer, dtype, arr = _integer_dtype(tokens)
+        if integer and arr is None:  # a torch tensor
+            if tokens.device.type == "meta":
+                raise tensors.UnsupportedTensorError("a meta tensor has no data to send")
+            arr = tokens.detach().cpu().to(sys.modules["torch"].int64).numpy()
+    if not integer:
         raise InvalidArgumentError(f"{name}: expected token ids of an integer dtype, got {dtype}")
     if arr.dtype == np.uint64 and arr.size and int(arr.max()) >= 2**63:
         raise InvalidArgumentError(f"{name}: token id {int(arr.max())} is out of int64 range")
     return arr.astype(np.int64, copy=False)
+
+
+def integer_token_ids(tokens: Any, name: str) -> Any:
+    """:func:`token_ids` of tokens of an integer dtype; other tokens (None, floats, ...) as they
+    are, for the caller to send or refuse as it always has."""
+    if tokens is None:
+        return None
+    with tensor_field(name):
+        integer = _integer_dtype(tokens)[0]
+    return token_ids(tokens, name) if integer else tokens
+
+
+def _integer_dtype(tokens: Any) -> tuple[bool, Any, np.ndarray | None]:
+    """(whether ``tokens`` has an integer dtype, the dtype, the numpy array of a non-torch value)."""
+    if tensors.is_torch_tensor(tokens):
+        dtype = tokens.dtype
+        return not (dtype.is_floating_point or dtype.is_complex or str(dtype) == "torch.bool"), dtype, None
+    arr = tensors.as_array(tokens)
+    return arr.dtype.kind in "iu", arr.dtype, arr
 
 
 def perplexity_request(logits: Any, tokens: Any, *, shift: bool, ignore_index: int) -> LossRequest:

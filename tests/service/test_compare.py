@@ -268,6 +268,46 @@ def test_bad_input_is_invalid_argument_naming_the_field(client, small, path, wha
     assert c.health() == "SERVING"
 
 
+TOKEN_DTYPES = [torch.uint16, torch.uint32, torch.uint64, torch.int32, np.uint16, np.uint32, np.uint64, np.int16]
+
+
+def _as_token_dtype(tokens: torch.Tensor, dtype: Any) -> Any:
+    return tokens.to(dtype) if isinstance(dtype, torch.dtype) else tokens.numpy().astype(dtype)
+
+
+@pytest.mark.parametrize("path", ["unary", "chunked"])
+@pytest.mark.parametrize("dtype", TOKEN_DTYPES, ids=str)
+def test_token_ids_of_any_integer_dtype_compare_as_int64_ones(client, small, path, dtype):
+    """compare takes the token ids perplexity / loglikelihood take (uint16 as on disk, ...):
+    it used to refuse every dtype outside the wire's (``target: unsupported torch dtype torch.uint16``)."""
+    c = client if path == "unary" else small
+    reference, candidate = model_logits((2, 60, 300))
+    tokens = tokens_for((2, 60, 300), ignore_index=7)
+    want = c.compare(reference, candidate, tokens, ignore_index=7, shift_targets=True, top_k=2)
+    got = c.compare(reference, candidate, _as_token_dtype(tokens, dtype), ignore_index=7, shift_targets=True, top_k=2)
+    assert got.totals == want.totals
+    for name in ("kl", "counted", "nll_ref", "nll_cand", "delta_p"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert torch.equal(got.candidate_top_k.ids, want.candidate_top_k.ids)
+
+
+def test_unsigned_token_ids_out_of_the_vocabulary_are_still_refused(client, server):
+    reference, candidate = model_logits((2, 5, 7))
+    tokens = torch.zeros(2, 5, dtype=torch.uint16)
+    tokens[1, 2] = 7
+    with pytest.raises(InvalidArgumentError, match="^target: Target 7 is out of bounds"):
+        client.compare(reference, candidate, tokens)
+    with pytest.raises(InvalidArgumentError, match=f"^target: token id {2**64 - 1} is out of int64 range"):
+        client.compare(reference, candidate, np.full((2, 5), 2**64 - 1, dtype=np.uint64))
+
+    async def run():
+        async with AsyncLossClient(server.address, timeout_s=60) as c:
+            return await c.compare(reference, candidate, ids.to(torch.uint32))
+
+    ids = torch.randint(0, 7, (2, 5), generator=torch.Generator().manual_seed(3))
+    assert asyncio.run(run()).totals == client.compare(reference, candidate, ids).totals
+
+
 def _chunked_status(address: str, messages: list[pb.CompareChunk]) -> grpc.RpcError:
     with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as info:
         channel.stream_unary("/lossd.v1.LossService/CompareChunked", response_deserializer=pb.CompareResponse.FromString)(
@@ -362,6 +402,21 @@ def test_cli_without_tokens_and_its_errors(server, saved, tmp_path):
     np.savez(tmp_path / "other.npz", logits=reference[:, :10].numpy())
     bad = lossd_client(server.address, "compare", str(tmp_path / "other.npz"), str(d / "quantized.pt"), "--no-progress")
     assert bad.returncode == 1 and "INVALID_ARGUMENT: candidate:" in bad.stderr
+
+
+def test_cli_takes_token_ids_of_any_integer_dtype(server, client, saved, tmp_path):
+    """nanoGPT-style uint16 ids: the CLI refused them at load (``target 'input_ids': unsupported numpy dtype uint16``)."""
+    d, reference, candidate, tokens = saved
+    ids = tokens.clamp(min=0).numpy()
+    np.savez(tmp_path / "ids_u16.npz", input_ids=ids.astype(np.uint16))
+    args = ["compare", str(d / "base.npz"), str(d / "quantized.pt"), "--tokens", str(tmp_path / "ids_u16.npz")]
+    out = lossd_client(server.address, *args, "--shift", "--json", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    expected = client.compare(reference.numpy(), candidate, ids, shift_targets=True)
+    assert json.loads(out.stdout)["totals"]["sum_kl"] == expected.totals.sum_kl
+    np.savez(tmp_path / "ids_u64.npz", input_ids=np.full(ids.shape, 2**64 - 1, dtype=np.uint64))
+    bad = lossd_client(server.address, "compare", str(d / "base.npz"), str(d / "quantized.pt"), "--tokens", str(tmp_path / "ids_u64.npz"))
+    assert bad.returncode == 2 and f"ids_u64.npz: target 'input_ids': token id {2**64 - 1} is out of int64 range" in bad.stderr, bad.stderr
 
 
 def test_the_example_compares_a_model_with_its_rounded_copy_and_agrees_with_torch(server):
