@@ -89,10 +89,8 @@ def with_token_ids(inputs: CompareInputs) -> CompareInputs:
 
 
 def _options(inputs: CompareInputs) -> pb.CompareOptions:
-    try:
-        ignore_index, top_k = int(inputs.ignore_index), int(inputs.top_k)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"options: {exc}") from exc
+    # integers only, as perplexity's ignore_index: int() truncated 3.7 to 3 and parsed "3"
+    ignore_index, top_k = core.integer_argument("ignore_index", inputs.ignore_index), core.integer_argument("top_k", inputs.top_k)
     if top_k < 0:
         raise InvalidArgumentError(f"options.top_k: must be >= 0, got {top_k}")
     if top_k >= 2**32:

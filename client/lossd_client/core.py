@@ -150,16 +150,21 @@ def tensor_field(name: str) -> _NamedField:
 _CONVERSION_ERRORS = (TypeError, ValueError, RuntimeError, OverflowError)
 
 
-def _int_argument(name: str, value: Any, bits: int = 64) -> int:
+def integer_argument(name: str, value: Any) -> int:
     """An integer argument as torch takes it: an int, a numpy integer or an integer 0-d tensor;
-    never a bool or a float (torch's TypeError, as InvalidArgumentError); within the wire field's
-    ``bits`` (torch: ValueError 'Overflow when unpacking long long'; protobuf: a bare ValueError)."""
+    never a bool, a float or a string (torch's TypeError, as InvalidArgumentError naming ``name``)."""
     try:
         if isinstance(value, bool):
             raise TypeError
-        number = operator.index(value)
+        return operator.index(value)
     except _CONVERSION_ERRORS:
         raise InvalidArgumentError(f"options.{name}: argument '{name}' must be int, not {type(value).__name__}") from None
+
+
+def _int_argument(name: str, value: Any, bits: int = 64) -> int:
+    """:func:`integer_argument` within the wire field's ``bits`` (torch: ValueError 'Overflow when
+    unpacking long long'; protobuf: a bare ValueError)."""
+    number = integer_argument(name, value)
     if not -(2 ** (bits - 1)) <= number < 2 ** (bits - 1):
         raise InvalidArgumentError(f"options.{name}: {number} is out of int{bits} range")
     return number

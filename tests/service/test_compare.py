@@ -308,6 +308,24 @@ def test_unsigned_token_ids_out_of_the_vocabulary_are_still_refused(client, serv
     assert asyncio.run(run()).totals == client.compare(reference, candidate, ids).totals
 
 
+@pytest.mark.parametrize("name", ["ignore_index", "top_k"])
+@pytest.mark.parametrize("value", [3.7, 3.0, "3", True, None, np.float64(2.0)], ids=repr)
+def test_integer_options_that_are_no_integers_are_refused_by_name(client, name, value):
+    """ignore_index=3.7 was truncated to 3 (real tokens 3 dropped), "3" parsed, top_k=True taken as 1."""
+    reference, candidate = model_logits((2, 5, 7))
+    with pytest.raises(InvalidArgumentError, match=f"^options.{name}: argument '{name}' must be int, not {type(value).__name__}$"):
+        client.compare(reference, candidate, tokens_for((2, 5, 7)), **{name: value})
+
+
+def test_integer_options_take_numpy_and_torch_integers(client):
+    reference, candidate = model_logits((2, 5, 7))
+    tokens = tokens_for((2, 5, 7), ignore_index=3)
+    want = client.compare(reference, candidate, tokens, ignore_index=3, top_k=2)
+    for ignore_index, top_k in ((np.int64(3), np.uint32(2)), (np.int8(3), torch.tensor(2))):
+        got = client.compare(reference, candidate, tokens, ignore_index=ignore_index, top_k=top_k)
+        assert got.totals == want.totals and torch.equal(got.reference_top_k.ids, want.reference_top_k.ids)
+
+
 def _chunked_status(address: str, messages: list[pb.CompareChunk]) -> grpc.RpcError:
     with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as info:
         channel.stream_unary("/lossd.v1.LossService/CompareChunked", response_deserializer=pb.CompareResponse.FromString)(
