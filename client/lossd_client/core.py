@@ -647,12 +647,14 @@ def loglikelihood_request(logits: Any, tokens: Any, continuation_start: Any) -> 
     silently drop out of the sum, so it is InvalidArgumentError naming ``tokens``.
     """
     given = token_ids(tokens)
+    if given.ndim == 0:
+        raise InvalidArgumentError("tokens: expected token ids of one sequence (T,) or a batch (B, T), got a 0-d array")
     tok = np.array(given, copy=True)
     if tok.ndim == 1:
         tok = tok[None, :]
     starts = _continuation_starts(continuation_start, tok.shape[0])
     positions = np.arange(tok.shape[1])
-    for row, start in enumerate(starts):
+    for row, start in enumerate(starts.tolist()):  # Python ints: a uint64 past int64 keeps its value
         if not 1 <= start <= tok.shape[1]:
             raise InvalidArgumentError(f"continuation_start: {start} is outside [1, {tok.shape[1]}] for sequence {row}")
         negative = np.flatnonzero(tok[row, start:] < 0)
@@ -679,6 +681,8 @@ def _continuation_starts(continuation_start: Any, sequences: int) -> np.ndarray:
             starts = np.asarray(value)
         except (ValueError, TypeError) as exc:
             raise InvalidArgumentError(f"continuation_start: expected an integer or one integer per sequence ({exc})") from None
+    if starts.shape == (0,) == (sequences,) and not hasattr(value, "dtype"):
+        starts = starts.astype(np.int64)  # [] for no sequences: numpy makes it float64
     if starts.dtype.kind not in "iu":
         got = repr(continuation_start) if starts.ndim == 0 else f"a {type(continuation_start).__name__} of {starts.dtype}"
         raise InvalidArgumentError(f"continuation_start: expected an integer or one integer per sequence, got {got}")
@@ -686,7 +690,7 @@ def _continuation_starts(continuation_start: Any, sequences: int) -> np.ndarray:
         raise InvalidArgumentError(
             f"continuation_start: expected an integer or one per sequence ({sequences}), got shape {list(starts.shape)}"
         )
-    return np.broadcast_to(starts.astype(np.int64), (sequences,))
+    return np.broadcast_to(starts, (sequences,))
 
 
 def perplexity_result(result: EvaluateResult) -> PerplexityResult:

@@ -356,6 +356,35 @@ def test_continuation_start_of_any_integer_kind_is_taken(client, start):
     assert np.array_equal(got.logprob, want.logprob) and np.array_equal(got.is_greedy, want.is_greedy)
 
 
+def test_zero_d_tokens_are_refused_naming_them(client):
+    """``tokens.shape[0]`` of a 0-d array raised a bare IndexError."""
+    zero_d = r"^tokens: expected token ids of one sequence \(T,\) or a batch \(B, T\), got a 0-d array$"
+    with pytest.raises(InvalidArgumentError, match=zero_d):
+        client.loglikelihood(torch.randn(5, 7), torch.tensor(3), 1)
+    with pytest.raises(InvalidArgumentError, match="^tokens: expected token ids of one sequence"):
+        client.loglikelihood(np.zeros((5, 7), np.float32), np.uint16(3), 1)
+
+
+def test_a_uint64_start_past_int64_is_reported_as_it_is(client):
+    """np.uint64(2**64 - 1) wrapped to -1 in the message."""
+    logits, tokens = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    with pytest.raises(InvalidArgumentError, match=rf"^continuation_start: {2**64 - 1} is outside \[1, 5\] for sequence 0$"):
+        client.loglikelihood(logits, tokens, np.uint64(2**64 - 1))
+    with pytest.raises(InvalidArgumentError, match=rf"^continuation_start: {2**63} is outside \[1, 5\] for sequence 1$"):
+        client.loglikelihood(logits, tokens, np.array([2, 2**63], dtype=np.uint64))
+
+
+def test_an_empty_list_of_starts_for_no_sequences_is_taken(client):
+    """[] is one integer per sequence of an empty batch (numpy makes it float64: it was refused)."""
+    logits, tokens = torch.randn(0, 5, 7), torch.zeros(0, 5, dtype=torch.long)
+    for start in ([], (), 1):
+        got = client.loglikelihood(logits, tokens, start)
+        assert got.logprob.shape == (0,) and got.is_greedy.shape == (0,)
+    refused = "^continuation_start: expected an integer or one integer per sequence, got a list of float64$"  # as before
+    with pytest.raises(InvalidArgumentError, match=refused):
+        client.loglikelihood(torch.randn(2, 5, 7), torch.zeros(2, 5, dtype=torch.long), [])
+
+
 # ---------------------------------------------------------------------------- token ids
 TOKEN_DTYPES = [torch.int64, torch.int32, torch.int16, torch.uint8, np.int32, np.uint16, np.uint8, np.int64]
 
