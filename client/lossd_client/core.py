@@ -710,7 +710,7 @@ def perplexity_result(result: EvaluateResult) -> PerplexityResult:
 def loglikelihood_result(result: EvaluateResult) -> LoglikelihoodResult:
     """The answer to :func:`loglikelihood_request` as a LoglikelihoodResult."""
     s = result.sequences
-    return LoglikelihoodResult(logprob=-s.nll_sum, is_greedy=s.is_greedy)
+    return LoglikelihoodResult(logprob=0.0 - s.nll_sum, is_greedy=s.is_greedy)  # an empty continuation: 0.0, not -0.0
 
 
 def server_info(msg: pb.ServerInfo) -> ServerInfo:

@@ -356,6 +356,21 @@ def test_continuation_start_of_any_integer_kind_is_taken(client, start):
     assert np.array_equal(got.logprob, want.logprob) and np.array_equal(got.is_greedy, want.is_greedy)
 
 
+def test_no_negative_zeros_where_the_math_gives_zero(client):
+    """An empty continuation has log-probability 0.0 and a one-hot row entropy 0.0; both came back -0.0."""
+    logits, tokens = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    logprob = client.loglikelihood(logits, tokens, 5).logprob
+    assert np.array_equal(logprob, [0.0, 0.0]) and not np.signbit(logprob).any()
+    rows = torch.tensor([[0.0, -math.inf, -math.inf], [-math.inf, 5.0, -math.inf], [1.0, 2.0, 3.0], [math.nan, 0.0, 0.0]])
+    for dtype in (torch.float32, torch.float64):
+        request = LossRequest(rows.to(dtype), torch.tensor([0, 1, 2, 0]), extras=["entropy"], reduction="none")
+        got = client.evaluate(request).extras["entropy"]
+        assert torch.equal(got[:2], torch.zeros(2, dtype=dtype)) and not torch.signbit(got[:2]).any()
+        p = torch.softmax(rows[2].to(dtype), 0)
+        torch.testing.assert_close(got[2], -(p * p.log()).sum())
+        assert got[3].isnan()
+
+
 def test_zero_d_tokens_are_refused_naming_them(client):
     """``tokens.shape[0]`` of a 0-d array raised a bare IndexError."""
     zero_d = r"^tokens: expected token ids of one sequence \(T,\) or a batch \(B, T\), got a 0-d array$"

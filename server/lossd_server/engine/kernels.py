@@ -185,7 +185,8 @@ def _class_extras(plan: Plan, part: Partial, terms: ClassTerms) -> None:
     if "entropy" in extras:
         p = torch.exp(logp, out=temporary("extras.p", logp))
         zero = torch.eq(p, 0, out=temporary("extras.zero", p, torch.bool))
-        ent = -torch.mul(p, logp, out=temporary("extras.p_logp", p)).masked_fill_(zero, 0.0).sum(1)  # 0 log 0 = 0; NaN stays NaN
+        p_logp = torch.mul(p, logp, out=temporary("extras.p_logp", p)).masked_fill_(zero, 0.0).sum(1)  # 0 log 0 = 0; NaN stays NaN
+        ent = torch.neg(p_logp).add_(0.0)  # -x bit for bit (NaN included), but +0.0 (not -0.0) for a one-hot row
         part.extras["entropy"] = torch.where(valid, ent, 0.0).cpu()
     if "target_rank" in extras:
         part.extras["target_rank"] = rank.cpu()
