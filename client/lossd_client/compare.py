@@ -97,7 +97,9 @@ def _options(inputs: CompareInputs) -> pb.CompareOptions:
         raise InvalidArgumentError(f"options.top_k: {top_k} is out of uint32 range")
     if not -(2**63) <= ignore_index < 2**63:
         raise InvalidArgumentError(f"options.ignore_index: {ignore_index} is out of int64 range")
-    return pb.CompareOptions(ignore_index=ignore_index, shift_targets=bool(inputs.shift_targets), top_k=top_k)
+    return pb.CompareOptions(
+        ignore_index=ignore_index, shift_targets=core.flag_argument("shift_targets", inputs.shift_targets), top_k=top_k
+    )
 
 
 def request(inputs: CompareInputs) -> pb.CompareRequest:

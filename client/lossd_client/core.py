@@ -192,6 +192,14 @@ def _bool_argument(name: str, value: Any) -> bool:
         raise InvalidArgumentError(f"options.{name}: argument '{name}' must be bool, not {type(value).__name__}") from None
 
 
+def flag_argument(name: str, value: Any) -> bool:
+    """A flag of lossd's own API (perplexity's ``shift``, compare's ``shift_targets``): a bool or a
+    numpy bool only; anything else ("no", 2, None) is InvalidArgumentError naming it, not its truth value."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidArgumentError(f"options.{name}: argument '{name}' must be bool, not {type(value).__name__}")
+
+
 def _legacy_argument(name: str, value: Any) -> bool | None:
     """torch's deprecated ``size_average`` / ``reduce``: None (not given) or its truth value."""
     return None if value is None else _bool_argument(name, value)
@@ -634,7 +642,7 @@ def perplexity_request(logits: Any, tokens: Any, *, shift: bool, ignore_index: i
         reduction="sum",
         ignore_index=ignore_index,
         class_axis=-1,
-        shift_targets=shift,
+        shift_targets=flag_argument("shift", shift),
         extras=("target_logprob",),
         sequence_stats=True,
     )

@@ -317,6 +317,15 @@ def test_integer_options_that_are_no_integers_are_refused_by_name(client, name, 
         client.compare(reference, candidate, tokens_for((2, 5, 7)), **{name: value})
 
 
+@pytest.mark.parametrize("value", ["no", 2, None], ids=repr)
+def test_shift_targets_must_be_a_bool(client, value):
+    reference, candidate = model_logits((2, 5, 7))
+    refused = f"^options.shift_targets: argument 'shift_targets' must be bool, not {type(value).__name__}$"
+    with pytest.raises(InvalidArgumentError, match=refused):
+        client.compare(reference, candidate, tokens_for((2, 5, 7)), shift_targets=value)
+    assert client.compare(reference, candidate, tokens_for((2, 5, 7), ignore_index=0), shift_targets=np.bool_(True)).totals.tokens <= 8
+
+
 def test_integer_options_take_numpy_and_torch_integers(client):
     reference, candidate = model_logits((2, 5, 7))
     tokens = tokens_for((2, 5, 7), ignore_index=3)

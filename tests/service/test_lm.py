@@ -371,6 +371,15 @@ def test_no_negative_zeros_where_the_math_gives_zero(client):
         assert got[3].isnan()
 
 
+@pytest.mark.parametrize("value", ["no", 2, None, 1.0], ids=repr)
+def test_shift_must_be_a_bool(client, value):
+    """shift="no" meant True (its truth value)."""
+    logits, tokens = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    with pytest.raises(InvalidArgumentError, match=f"^options.shift: argument 'shift' must be bool, not {type(value).__name__}$"):
+        client.perplexity(logits, tokens, shift=value)
+    assert client.perplexity(logits, tokens, shift=np.bool_(False)).tokens == 10
+
+
 def test_zero_d_tokens_are_refused_naming_them(client):
     """``tokens.shape[0]`` of a 0-d array raised a bare IndexError."""
     zero_d = r"^tokens: expected token ids of one sequence \(T,\) or a batch \(B, T\), got a 0-d array$"
