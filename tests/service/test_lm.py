@@ -52,8 +52,7 @@ def reference(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, wei
     nll = torch.where(valid, -picked * w[tc], 0.0)
     p = logp.exp()
     entropy = -(p * logp).masked_fill(p == 0, 0.0).sum(-1)
-    xt = x.gather(-1, tc.unsqueeze(-1))
-    rank = (x > xt).sum(-1) + 1
+    rank = reference_rank(logp, tc)
     return {
         "nll": nll,
         "weight": wt,
@@ -64,6 +63,17 @@ def reference(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, wei
         "argmax_correct": (rank == 1) & valid,
         "greedy": (x.argmax(-1) == tc) | ~valid,
     }
+
+
+def reference_rank(logp: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+    """The promised target_rank: 1 + the classes whose log-probability is greater than the
+    target's (NaN greater than any number); when none is, 1 + the equal ones before it (torch.argmax's
+    first maximum, NaN the maximum)."""
+    at = logp.gather(-1, tc.unsqueeze(-1))
+    above = (logp > at).sum(-1) + (logp.isnan() & ~at.isnan()).sum(-1)
+    before = torch.arange(logp.shape[-1]) < tc.unsqueeze(-1)
+    same = (logp == at) | (logp.isnan() & at.isnan())
+    return 1 + torch.where(above > 0, above, (same & before).sum(-1))
 
 
 def tolerance(dtype: torch.dtype) -> dict:
@@ -158,6 +168,33 @@ def test_lm_scoring_matches_torch(client, case):
     np.testing.assert_allclose(s.perplexity, np.exp(mean), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(s.is_greedy, ref["greedy"].all(-1).numpy())
     assert s.nll_sum.dtype == np.float64 and s.perplexity.dtype == np.float64
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll_loss"])
+def test_argmax_correct_and_target_rank_agree_with_is_greedy_on_ties_and_nan(client, loss):
+    """argmax_correct is per token what is_greedy asks of every token (torch.argmax of the
+    log-probabilities: the first maximum, NaN the maximum); target_rank 1 is exactly it. In a row
+    with a NaN both class 2 and 3 of [0.1, 0.2, nan, 0.3] were 'argmax' while is_greedy took class 0."""
+    nan, inf = math.nan, math.inf
+    rows = [[0.1, 0.2, nan, 0.3], [1.0, 1.0, 0.5, 1.0], [-inf, -inf, -inf, 0.0], [0.5, nan, 2.0, nan], [2.0, 1.0, 1.0, 1.0]]
+    x = torch.tensor(rows).repeat_interleave(4, 0)
+    targets = torch.arange(4).repeat(len(rows))
+    request = LossRequest(x, targets, loss=loss, extras=["target_rank", "argmax_correct"], reduction="none")
+    got = client.evaluate(request).extras
+    logp = F.log_softmax(x, -1) if loss == "cross_entropy" else x
+    greedy = logp.argmax(-1) == targets
+    assert torch.equal(got["argmax_correct"], greedy)
+    assert torch.equal(got["target_rank"], reference_rank(logp, targets))
+    assert torch.equal(got["target_rank"] == 1, greedy)
+    if loss == "cross_entropy":
+        assert got["target_rank"][:4].tolist() == [1, 2, 3, 4]  # a NaN logit: every log-probability NaN
+        assert got["target_rank"][4:8].tolist() == [1, 2, 4, 3]
+        assert got["argmax_correct"][:4].tolist() == [True, False, False, False]
+        for k in range(4):  # is_greedy of the same row and token
+            ll = client.loglikelihood(torch.stack([x[0], x[0]])[None], torch.tensor([[0, k]]), 1)
+            assert bool(ll.is_greedy[0]) == bool(got["argmax_correct"][k])
+    else:
+        assert got["target_rank"][12:16].tolist() == [4, 1, 3, 2]  # NaN above any number, the first NaN the argmax
 
 
 def test_shift_matches_for_causal_lm_loss_by_hand(client):
