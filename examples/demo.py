@@ -61,7 +61,7 @@ def main() -> int:
         ok &= np.allclose(ppl.sequence_perplexity, want_seq, rtol=1e-5) and math.isclose(ppl.perplexity, want_corpus_ppl, rel_tol=1e-5)
 
         print("\n== 4. a character model against its bf16-rounded copy, token by token (client.compare)")
-        ok &= run_compare_models(client, train_seconds=5.0)
+        ok &= run_compare_models(client, train_steps=75)
     print("\ndemo", "OK: every number matched local torch" if ok else "FAILED: a number differed from torch")
     return 0 if ok else 1
 

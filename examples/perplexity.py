@@ -40,13 +40,16 @@ class CharGRU(torch.nn.Module):
         return self.head(out)
 
 
-def train(model: CharGRU, data: torch.Tensor, *, seconds: float, seq_len: int = 64, batch: int = 32) -> tuple[int, float]:
-    """Next-character training for about ``seconds``; returns (steps, last loss)."""
+def train(
+    model: CharGRU, data: torch.Tensor, *, seconds: float = math.inf, max_steps: int = 2000, seq_len: int = 64, batch: int = 32
+) -> tuple[int, float]:
+    """Next-character training for about ``seconds`` or ``max_steps`` steps, whichever ends first
+    (a fixed number of steps gives the same model on every run); returns (steps, last loss)."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     deadline = time.monotonic() + seconds
     steps, loss = 0, math.nan
-    while time.monotonic() < deadline and steps < 2000:
+    while time.monotonic() < deadline and steps < max_steps:
         starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=gen)
         x = torch.stack([data[s : s + seq_len] for s in starts])
         y = torch.stack([data[s + 1 : s + seq_len + 1] for s in starts])

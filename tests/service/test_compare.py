@@ -448,7 +448,16 @@ def test_cli_takes_token_ids_of_any_integer_dtype(server, client, saved, tmp_pat
 
 def test_the_example_compares_a_model_with_its_rounded_copy_and_agrees_with_torch(server):
     example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "compare_models.py"
-    cmd = [sys.executable, str(example), "--target", server.address, "--train-seconds", "2"]
+    cmd = [sys.executable, str(example), "--target", server.address, "--train-steps", "20"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Mean    KLD:" in out.stdout and "Same top p:" in out.stdout and "agrees with local torch" in out.stdout
+
+
+def test_the_example_prints_the_same_figures_on_every_run(server):
+    """It trained for a wall-clock time: the step count, and every figure the README quotes, varied with the machine's load."""
+    example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "compare_models.py"
+    cmd = [sys.executable, str(example), "--target", server.address, "--train-steps", "5"]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=300) for _ in range(2)]
+    assert all(out.returncode == 0 for out in runs), runs[0].stdout + runs[0].stderr
+    assert "(5 steps," in runs[0].stdout and runs[0].stdout == runs[1].stdout
