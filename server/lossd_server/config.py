@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+import ssl
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 MiB = 1024 * 1024
@@ -245,6 +248,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     args = parser().parse_args(argv)
     values = {}
+    from_env = set()
     for f in fields(ServerConfig):
         flag_value = getattr(args, f.name)
         if flag_value is not None:
@@ -256,62 +260,174 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 values[f.name] = _converter(f)(env)
             except ValueError as exc:
                 raise SystemExit(f"LOSSD_{f.name.upper()}: {exc}") from None
+            from_env.add(f.name)
     config = ServerConfig(**values)
-    validate(config)
+    validate(config, from_env)
+    check_environment(environ)
     return config
 
 
-def validate(config: ServerConfig) -> None:
-    if not 0 <= config.port <= 65535:
-        raise SystemExit(f"--port must be in [0, 65535], got {config.port}")
-    if not -1 <= config.metrics_port <= 65535:
-        raise SystemExit(f"--metrics-port must be -1 (OS picks), 0 (off) or a port, got {config.metrics_port}")
-    if not 0.0 <= config.cuda_memory_fraction <= 1.0:
-        raise SystemExit(f"--cuda-memory-fraction must be in [0, 1], got {config.cuda_memory_fraction}")
-    if config.drain_s < 0 or config.grace_s < 0:
-        raise SystemExit("--drain-s and --grace-s must be >= 0")
-    if config.max_connection_age_s < 0 or config.max_connection_age_grace_s < 0:
-        raise SystemExit("--max-connection-age-s and --max-connection-age-grace-s must be >= 0")
-    if config.max_concurrent_calls < 1:
-        raise SystemExit(f"--max-concurrent-calls must be >= 1, got {config.max_concurrent_calls}")
-    if config.max_connection_idle_s < 0:
-        raise SystemExit(f"--max-connection-idle-s must be >= 0 (0: never), got {config.max_connection_idle_s}")
-    if config.max_message_bytes < 1024:
-        raise SystemExit("--max-message-bytes must be at least 1024")
-    if config.max_wait_ms < 0:
-        raise SystemExit("--max-wait-ms must be >= 0")
-    if config.worker_stall_timeout_s < 0 or 0 < config.worker_stall_timeout_s < 1:
-        raise SystemExit(f"--worker-stall-timeout-s must be 0 (off) or at least 1, got {config.worker_stall_timeout_s}")
-    if config.workers < 1:
-        raise SystemExit(f"--workers must be >= 1, got {config.workers}")
+INT32_MAX = 2**31 - 1
+#: gRPC takes its connection timers as int32 milliseconds.
+MAX_GRPC_MS_S = INT32_MAX / 1000
+#: Threads of one kind per process: more than any machine has cores is a typo, and torch would start them.
+MAX_THREADS = 1024
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting accepts; a float must also be finite (never nan or inf)."""
+
+    low: float
+    high: float | None = None
+    above: bool = False  # low itself is refused (> low)
+    off: bool = False  # 0 is accepted too: it turns the setting off
+    note: str = ""  # what a special value means, or why the bound
+
+    def accepts(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.off and value == 0:
+            return True
+        if value < self.low or (self.above and value == self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self, floating: bool) -> str:
+        if self.off:
+            text = f"0 (off) or at least {_number(self.low)}"
+        else:
+            text = f"{'>' if self.above else '>='} {_number(self.low)}"
+        if self.high is not None:
+            text += f" and <= {_number(self.high)}"
+        if self.note:
+            text += f" ({self.note})"
+        return text + (", a finite number" if floating else "")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+#: Every numeric setting's accepted values, checked at load (:func:`validate`). 0 is accepted
+#: where the README documents what it means (off, never, no limit, lossd's default).
+BOUNDS: dict[str, Bounds] = {
+    "port": Bounds(0, 65535, note="0: the OS picks"),
+    "metrics_port": Bounds(-1, 65535, note="-1: the OS picks, 0: off"),
+    "cuda_memory_fraction": Bounds(0, 1, note="0: torch's default"),
+    "workers": Bounds(1),
+    "worker_stall_timeout_s": Bounds(1, off=True),
+    "max_message_bytes": Bounds(1024, INT32_MAX, note="gRPC's message limit"),
+    "max_send_message_bytes": Bounds(1024, INT32_MAX, note="gRPC's message limit"),
+    "memory_budget_bytes": Bounds(1),
+    "transport_window_bytes": Bounds(64 * 1024, INT32_MAX, note="gRPC's int32 window"),
+    "stream_idle_timeout_s": Bounds(0, above=True),
+    "max_memory_wait_s": Bounds(0, above=True),
+    "idle_read_yield_s": Bounds(0, note="0: never"),
+    "max_stream_in_flight": Bounds(1),
+    "max_batch_rows": Bounds(1),
+    "max_batch_bytes": Bounds(1),
+    "max_wait_ms": Bounds(0, note="0: batching off"),
+    "max_queue_requests": Bounds(1),
+    "max_queue_bytes": Bounds(1),
+    "chunk_bytes": Bounds(1),
+    "max_chunks_in_flight": Bounds(1),
+    "max_top_k": Bounds(0, 2**32 - 1, note="a request's top_k is a uint32"),
+    "compute_threads": Bounds(1, MAX_THREADS),
+    "inline_batch_bytes": Bounds(0, note="0: always on an engine thread"),
+    "torch_threads": Bounds(0, MAX_THREADS, note="0: lossd picks"),
+    "drain_s": Bounds(0),
+    "grace_s": Bounds(0),
+    "max_connection_age_s": Bounds(0, MAX_GRPC_MS_S, note="0: never; gRPC's int32 milliseconds"),
+    "max_connection_age_grace_s": Bounds(0, MAX_GRPC_MS_S, note="0: no limit; gRPC's int32 milliseconds"),
+    "max_connection_idle_s": Bounds(0, MAX_GRPC_MS_S, note="0: never; gRPC's int32 milliseconds"),
+    "max_concurrent_calls": Bounds(1, INT32_MAX, note="gRPC's int32"),
+    "max_broadcast_elements": Bounds(1),
+    "max_id_bytes": Bounds(32, note="evaluate_many numbers its items with decimal ids"),
+}
+
+#: Settings given by name: the accepted spellings (a regular expression) and how to say them.
+CHOICES: dict[str, tuple[str, str]] = {
+    "device": (r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N"),
+    "log_level": (r"(?i)debug|info|warning|error|critical", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+}
+
+#: Settings read from the environment only (glibc's allocator, :mod:`lossd_server.allocator`): 0 leaves glibc's default.
+ENV_ONLY = {name: Bounds(0, INT32_MAX, note="0: glibc's default") for name in ("LOSSD_MALLOC_ARENA_MAX", "LOSSD_MALLOC_MMAP_THRESHOLD")}
+
+
+def setting_name(name: str, from_env: Collection[str] = ()) -> str:
+    """How a message names a setting: its flag, led by its environment variable when it came from there."""
+    flag = "--" + name.replace("_", "-")
+    return f"LOSSD_{name.upper()} ({flag})" if name in from_env else flag
+
+
+def validate(config: ServerConfig, from_env: Collection[str] = ()) -> None:
+    """SystemExit with one line naming the first setting out of its range (``from_env``: the
+    settings that came from LOSSD_* variables, named by them)."""
+    for name, bounds in BOUNDS.items():
+        value = getattr(config, name)
+        if not bounds.accepts(value):
+            raise SystemExit(f"{setting_name(name, from_env)} must be {bounds.describe(isinstance(value, float))}, got {value!r}")
+    for name, (pattern, spellings) in CHOICES.items():
+        value = getattr(config, name)
+        if not re.fullmatch(pattern, value):
+            raise SystemExit(f"{setting_name(name, from_env)} must be {spellings}, got {value!r}")
     if config.memory_budget_bytes // config.workers < 2 * config.read_reservation_bytes:
         each = f", for each of --workers={config.workers}" if config.workers > 1 else ""
         raise SystemExit(
-            f"--memory-budget-bytes must be at least {2 * config.read_reservation_bytes * config.workers} (twice what reading one "
-            f"message of --max-message-bytes={config.max_message_bytes} may take{each}), got {config.memory_budget_bytes}"
+            f"{setting_name('memory_budget_bytes', from_env)} must be at least {2 * config.read_reservation_bytes * config.workers} "
+            f"(twice what reading one message of --max-message-bytes={config.max_message_bytes} may take{each}), got {config.memory_budget_bytes}"
         )
-    if config.max_send_message_bytes < 1024 or config.max_send_message_bytes > 2**31 - 1:
-        raise SystemExit(f"--max-send-message-bytes must be in [1024, {2**31 - 1}], got {config.max_send_message_bytes}")
-    if config.max_id_bytes < 32:
-        raise SystemExit(
-            f"--max-id-bytes must be at least 32 (evaluate_many numbers its items with decimal ids), got {config.max_id_bytes}"
-        )
-    if config.max_broadcast_elements < 1:
-        raise SystemExit(f"--max-broadcast-elements must be >= 1, got {config.max_broadcast_elements}")
-    if config.max_top_k < 0:
-        raise SystemExit(f"--max-top-k must be >= 0, got {config.max_top_k}")
-    if config.transport_window_bytes < 64 * 1024:
-        raise SystemExit("--transport-window-bytes must be at least 65536")
-    if config.stream_idle_timeout_s <= 0:
-        raise SystemExit("--stream-idle-timeout-s must be > 0")
-    if config.idle_read_yield_s < 0:
-        raise SystemExit(f"--idle-read-yield-s must be >= 0, got {config.idle_read_yield_s}")
-    if config.max_memory_wait_s <= 0:
-        raise SystemExit("--max-memory-wait-s must be > 0")
-    for name in ("max_stream_in_flight", "max_chunks_in_flight", "max_queue_requests", "compute_threads"):
-        if getattr(config, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if (config.tls_cert_file is None) != (config.tls_key_file is None):
         raise SystemExit("--tls-cert-file and --tls-key-file go together")
     if config.tls_client_ca_file and not config.tls_cert_file:
         raise SystemExit("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+    check_tls_files(config, from_env)
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """The environment-only settings (:data:`ENV_ONLY`): integers in their range, else SystemExit naming them."""
+    for env, bounds in ENV_ONLY.items():
+        text = environ.get(env)
+        if text is None:
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not bounds.accepts(value):
+            raise SystemExit(f"{env} must be an integer {bounds.describe(False)}, got {text!r}")
+
+
+def check_tls_files(config: ServerConfig, from_env: Collection[str] = ()) -> None:
+    """The TLS files are readable PEM, and the key is the certificate's (as gRPC will need them)."""
+    if not config.tls_cert_file:
+        return
+    pem = {}
+    for name, marker in (("tls_cert_file", "CERTIFICATE"), ("tls_key_file", "PRIVATE KEY"), ("tls_client_ca_file", "CERTIFICATE")):
+        path = getattr(config, name)
+        if not path:
+            continue
+        try:
+            with open(path, "rb") as f:
+                pem[name] = f.read()
+        except OSError as exc:
+            raise SystemExit(f"{setting_name(name, from_env)} {path}: cannot read it ({exc.strerror})") from None
+        if not re.search(rb"-----BEGIN [A-Z0-9 ]*" + marker.encode() + rb"-----", pem[name]):
+            raise SystemExit(f"{setting_name(name, from_env)} {path}: not a PEM file with a {marker.lower()} (-----BEGIN ...{marker}-----)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        cert, key = setting_name("tls_cert_file", from_env), setting_name("tls_key_file", from_env)
+        raise SystemExit(
+            f"{key} {config.tls_key_file} is not the (unencrypted) private key of the certificate in {cert} {config.tls_cert_file} ({exc})"
+        ) from None
+    if "tls_client_ca_file" in pem:
+        try:
+            context.load_verify_locations(cadata=pem["tls_client_ca_file"].decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise SystemExit(
+                f"{setting_name('tls_client_ca_file', from_env)} {config.tls_client_ca_file}: not a PEM CA bundle ({exc})"
+            ) from None

@@ -71,3 +71,161 @@ def test_call_limit_from_flag_and_environment_and_validated() -> None:
     assert config.load(["--max-concurrent-calls", "9"], environ=env).max_concurrent_calls == 9
     with pytest.raises(SystemExit, match="--max-concurrent-calls must be >= 1"):
         config.load(["--max-concurrent-calls", "0"], environ={})
+
+
+# Values that were accepted (and then ignored, half-applied or crashed the start with a traceback):
+# every one is refused at load, with one line naming the flag, or the variable it came from.
+BAD_VALUES = [
+    ("drain_s", "nan"),
+    ("grace_s", "nan"),
+    ("grace_s", "inf"),
+    ("stream_idle_timeout_s", "nan"),
+    ("max_memory_wait_s", "nan"),
+    ("worker_stall_timeout_s", "nan"),
+    ("worker_stall_timeout_s", "inf"),
+    ("max_wait_ms", "nan"),
+    ("max_wait_ms", "1e309"),
+    ("idle_read_yield_s", "nan"),
+    ("max_connection_age_s", "nan"),
+    ("max_connection_age_grace_s", "inf"),
+    ("max_connection_idle_s", "inf"),
+    ("max_connection_idle_s", "1e306"),
+    ("max_batch_rows", "0"),
+    ("max_batch_rows", "-5"),
+    ("max_batch_bytes", "0"),
+    ("max_batch_bytes", "-1"),
+    ("max_queue_bytes", "0"),
+    ("max_queue_bytes", "-1"),
+    ("chunk_bytes", "0"),
+    ("chunk_bytes", "-1"),
+    ("inline_batch_bytes", "-1"),
+    ("torch_threads", "-3"),
+    ("torch_threads", "100000"),
+    ("compute_threads", "100000"),
+    ("max_top_k", "100000000000"),
+    ("max_concurrent_calls", "99999999999"),
+    ("transport_window_bytes", "99999999999"),
+    ("max_message_bytes", "99999999999"),
+    ("log_level", "LOUD"),
+    ("log_level", "5"),
+    ("device", "tpu"),
+    ("device", "cuda:x"),
+]
+
+
+@pytest.mark.parametrize("source", ["flag", "env"])
+@pytest.mark.parametrize(("field", "value"), BAD_VALUES)
+def test_a_bad_value_is_refused_at_load_naming_the_setting_and_its_range(field: str, value: str, source: str) -> None:
+    flag, env = "--" + field.replace("_", "-"), "LOSSD_" + field.upper()
+    argv, environ = ([flag, value], {}) if source == "flag" else ([], {env: value})
+    with pytest.raises(SystemExit) as refused:
+        config.load(argv, environ=environ)
+    message = str(refused.value)
+    named = flag if source == "flag" else f"{env} ({flag})"
+    assert message.startswith(f"{named} must be "), message
+    parsed = config._converter(next(f for f in dataclasses.fields(ServerConfig) if f.name == field))(value)
+    assert message.endswith(f", got {parsed!r}"), message
+    assert "\n" not in message
+
+
+def test_every_numeric_setting_has_bounds_and_every_named_one_its_choices() -> None:
+    """A setting added to ServerConfig is checked at load too: a number gets a row in BOUNDS."""
+    for f in dataclasses.fields(ServerConfig):
+        if isinstance(getattr(ServerConfig(), f.name), int | float) and not isinstance(getattr(ServerConfig(), f.name), bool):
+            assert f.name in config.BOUNDS, f"{f.name} has no bounds"
+    assert set(config.CHOICES) <= {f.name for f in dataclasses.fields(ServerConfig)}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--worker-stall-timeout-s", "0"],
+        ["--idle-read-yield-s", "0"],
+        ["--max-wait-ms", "0"],
+        ["--inline-batch-bytes", "0"],
+        ["--torch-threads", "0"],
+        ["--max-top-k", "0"],
+        ["--max-connection-age-s", "0", "--max-connection-age-grace-s", "0", "--max-connection-idle-s", "0"],
+        ["--max-connection-idle-s", "2147483.647"],
+        ["--max-concurrent-calls", str(2**31 - 1)],
+        ["--cuda-memory-fraction", "1"],
+        ["--metrics-port", "-1"],
+        ["--max-batch-rows", "1", "--max-batch-bytes", "1", "--max-queue-bytes", "1", "--chunk-bytes", "1"],
+        ["--log-level", "debug"],
+        ["--device", "cuda:3"],  # valid spelling: whether this machine has it is a start-up matter
+    ],
+)
+def test_the_documented_special_and_edge_values_are_accepted(argv: list[str]) -> None:
+    config.load(argv, environ={})
+
+
+@pytest.mark.parametrize(
+    ("env", "value"), [("LOSSD_MALLOC_ARENA_MAX", "abc"), ("LOSSD_MALLOC_ARENA_MAX", "-1"), ("LOSSD_MALLOC_MMAP_THRESHOLD", "-5")]
+)
+def test_the_allocator_variables_are_checked_at_load(env: str, value: str) -> None:
+    with pytest.raises(SystemExit, match=f"^{env} must be an integer >= 0"):
+        config.load([], environ={env: value})
+    assert config.load([], environ={env: "0"}).workers == 1
+
+
+def _self_signed(directory, name: str) -> tuple[str, str]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+def test_tls_files_are_checked_at_load(tmp_path) -> None:
+    """Missing files were a FileNotFoundError traceback; files that are no PEM were reported as a port in use."""
+    cert, key = _self_signed(tmp_path, "a")
+    other_cert, other_key = _self_signed(tmp_path, "b")
+    text = tmp_path / "hostname"
+    text.write_text("not-a-certificate\n")
+    assert (
+        config.load(["--tls-cert-file", cert, "--tls-key-file", key, "--tls-client-ca-file", other_cert], environ={}).tls_cert_file == cert
+    )
+    refused = {
+        "--tls-cert-file /nonexistent: cannot read it": ["--tls-cert-file", "/nonexistent", "--tls-key-file", "/nonexistent"],
+        f"--tls-cert-file {text}: not a PEM file with a certificate": ["--tls-cert-file", str(text), "--tls-key-file", str(text)],
+        f"--tls-key-file {text}: not a PEM file with a private key": ["--tls-cert-file", cert, "--tls-key-file", str(text)],
+        f"--tls-key-file {other_key} is not the (unencrypted) private key of the certificate in --tls-cert-file {cert}": [
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            other_key,
+        ],  # fmt: skip
+        f"--tls-client-ca-file {key}: not a PEM file with a certificate": [
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-client-ca-file",
+            key,
+        ],
+    }
+    for message, argv in refused.items():
+        with pytest.raises(SystemExit) as error:
+            config.load(argv, environ={})
+        assert str(error.value).startswith(message), (message, str(error.value))
+    with pytest.raises(SystemExit, match=r"^LOSSD_TLS_KEY_FILE \(--tls-key-file\) /nonexistent: cannot read it"):
+        config.load(["--tls-cert-file", cert], environ={"LOSSD_TLS_KEY_FILE": "/nonexistent"})
