@@ -36,19 +36,23 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when available, else cpu; validates cuda[:N]."""
+    """auto -> cuda when available, else cpu; StartupError naming --device when this machine
+    lacks the device (its spelling was checked with the config)."""
     if name == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise StartupError(f"--device / LOSSD_DEVICE must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+            raise StartupError(f"--device / LOSSD_DEVICE {name}: CUDA is not available on this machine")
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise StartupError(f"--device / LOSSD_DEVICE {name}: this machine has only {torch.cuda.device_count()} CUDA device(s)")
         return torch.device("cuda", index)
     if device.type != "cpu":
-        raise SystemExit(f"--device must be auto, cpu or cuda[:N], got {name}")
+        raise StartupError(f"--device / LOSSD_DEVICE must be auto, cpu, cuda or cuda:N, got {name!r}")
     return device
 
 
@@ -180,16 +184,20 @@ class LossServer:
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """The TLS files (checked with the config; StartupError if one went away since)."""
     if not config.tls_cert_file:
         return None
-    with open(config.tls_key_file, "rb") as f:
-        key = f.read()
-    with open(config.tls_cert_file, "rb") as f:
-        chain = f.read()
-    client_ca = None
-    if config.tls_client_ca_file:
-        with open(config.tls_client_ca_file, "rb") as f:
-            client_ca = f.read()
+    pem = {}
+    for name in ("tls_key_file", "tls_cert_file", "tls_client_ca_file"):
+        path = getattr(config, name)
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    pem[name] = f.read()
+            except OSError as exc:
+                raise StartupError(f"--{name.replace('_', '-')} / LOSSD_{name.upper()} {path}: cannot read it ({exc.strerror})") from None
+    client_ca = pem.get("tls_client_ca_file")
+    key, chain = pem["tls_key_file"], pem["tls_cert_file"]
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
@@ -228,7 +236,7 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
     ``reuse_port``: bind with SO_REUSEPORT, next to the other worker processes of ``--workers N``
     (the port was checked and is held by their supervisor: see :mod:`lossd_server.workers`).
     """
-    if config.port and not reuse_port:
+    if not reuse_port:  # port 0 too: a host that is not local is named as such
         check_bindable(config.host, config.port)
     device = resolve_device(config.device)
     if device.type == "cuda" and config.cuda_memory_fraction > 0:
@@ -272,14 +280,25 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
         port = 0
     if port == 0:
         await batcher.close()
-        raise StartupError(
-            f"cannot listen on {config.address}: the port is in use or the address is not local (--host/--port, LOSSD_HOST/LOSSD_PORT)"
-        )
+        raise _listen_error(config, tls=creds is not None)
     lossd = LossServer(config, device, server, health_servicer, batcher, servicer, port)
     await lossd.set_serving(False)
     await server.start()
     log.info("lossd listening on %s:%d (device %s, tls %s): NOT_SERVING until warm-up", config.host, port, device, "on" if creds else "off")
     return lossd
+
+
+def _listen_error(config: ServerConfig, *, tls: bool) -> StartupError:
+    """gRPC could not add the port. The address was found bindable just before (or is held by the
+    supervisor), so with TLS the likely cause is the certificate or key gRPC was given."""
+    if tls:
+        return StartupError(
+            f"cannot listen on {config.address} with TLS: gRPC refused the certificate chain or private key "
+            f"(--tls-cert-file {config.tls_cert_file} / --tls-key-file {config.tls_key_file}, LOSSD_TLS_CERT_FILE / LOSSD_TLS_KEY_FILE)"
+        )
+    return StartupError(
+        f"cannot listen on {config.address}: the port is in use or the address is not local (--host/--port, LOSSD_HOST/LOSSD_PORT)"
+    )
 
 
 async def start(config: ServerConfig, *, interceptors=(), observer=None) -> LossServer:

@@ -7,6 +7,7 @@ checks its port with it before gRPC tries (gRPC would log its own multi-line err
 
 from __future__ import annotations
 
+import errno
 import socket
 
 
@@ -21,12 +22,29 @@ def _addresses(host: str, port: int) -> list[tuple]:
         raise StartupError(f"cannot resolve --host {host}: {exc}") from None
 
 
+def _host_error(host: str, exc: OSError) -> str | None:
+    """What to say when the host, not the port, is what cannot be bound (None: the port is)."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {host}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{host} is not an address of this machine"
+    return None
+
+
 def _in_use(host: str, port: int, exc: OSError) -> StartupError:
+    problem = _host_error(host, exc)
+    if problem is not None:
+        return StartupError(f"cannot listen on {host}:{port} ({exc.strerror}): {problem}; choose another --host / LOSSD_HOST")
     return StartupError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port / LOSSD_PORT (0 lets the OS pick)")
 
 
 def metrics_port_error(host: str, port: int, exc: OSError) -> StartupError:
-    """The start-up error for a /metrics port that cannot be bound."""
+    """The start-up error for a /metrics address that cannot be bound: its host or its port."""
+    problem = _host_error(host, exc)
+    if problem is not None:
+        return StartupError(
+            f"cannot serve metrics on {host}:{port} ({exc.strerror}): {problem}; choose another --metrics-host / LOSSD_METRICS_HOST"
+        )
     return StartupError(
         f"cannot serve metrics on {host}:{port} ({exc.strerror}): choose another --metrics-port / LOSSD_METRICS_PORT (0 turns metrics off)"
     )
