@@ -59,7 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    cfg = config_mod.load(argv)
+    try:
+        cfg = config_mod.load(argv)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):  # argparse (--help, a flag's type) has said it already
+            raise
+        print(f"lossd-server: error: {exc.code}", file=sys.stderr)  # a setting out of its range: as argparse's errors
+        return 2
     logging.basicConfig(
         level=cfg.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -294,3 +294,29 @@ def test_sigterm_while_starting_exits_0(workers, after_s):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(
+    ("flags", "env", "named"),
+    [
+        (["--stream-idle-timeout-s", "nan"], {}, "--stream-idle-timeout-s must be > 0"),  # was accepted: every call then failed
+        ([], {"LOSSD_LOG_LEVEL": "LOUD"}, "LOSSD_LOG_LEVEL (--log-level) must be DEBUG"),  # was a traceback
+        (["--max-concurrent-calls", "99999999999"], {}, "--max-concurrent-calls must be >= 1 and <= 2147483647"),  # was a traceback
+        (["--device", "cuda:99"], {}, "--device / LOSSD_DEVICE cuda:99: "),  # found by each worker, told to the supervisor
+    ],
+)
+def test_a_bad_setting_stops_the_start_with_one_line_naming_it_and_status_2(workers, flags, env, named):
+    """With --workers N too: the supervisor's line names the setting (it said "worker 0 exited with exit status 1")."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lossd_server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--workers", workers, *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env={**os.environ, **env})
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"lossd-server: error: {named}"), done.stderr
+    if "--device" not in flags or workers == "1":  # workers are started (and logged) before one can tell the device is absent
+        assert len(lines) == 1, done.stderr
