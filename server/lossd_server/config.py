@@ -165,7 +165,8 @@ _HELP = {
     "max_stream_in_flight": "EvaluateStream / EvaluatePacked: messages read and not yet answered per stream",
     "max_batch_rows": "a batch closes when it holds this many rows (positions)",
     "max_batch_bytes": "a batch closes when it holds this many input bytes",
-    "max_wait_ms": "longest a batch waits after its first request; 0 turns batching off",
+    "max_wait_ms": "0 turns batching off (every request its own engine pass); any positive value turns the work-conserving batcher on "
+    "(no timer ever holds a request back: the value is no delay)",
     "max_queue_requests": "queued requests beyond this are answered RESOURCE_EXHAUSTED",
     "max_queue_bytes": "queued input bytes beyond this are answered RESOURCE_EXHAUSTED",
     "chunk_bytes": "compute-dtype bytes of logits evaluated per engine chunk (bounds extra memory)",
