@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from . import endings
 from .batcher import stop_if_over
 from .budget import SETTING, BudgetExceeded, MemoryBudget, Reservation
 from .errors import StreamIdle, idle_message
@@ -72,6 +73,8 @@ class Call:
         self.alive = True
         self.last_activity = time.monotonic()
         self.read_end = False  # a read returned the end of the stream (a half-close, or a cancel)
+        self._end_at: float | None = None  # when it did
+        self._wrote_at = 0.0  # when an answer was last written
         # the read in progress, for idle_for() and give_way(): when it was posted, what interrupts
         # it, and why it was asked to give way
         self._read_posted = 0.0
@@ -136,6 +139,7 @@ class Call:
             if received is grpc.aio.EOF:
                 held.release()
                 self.read_end = True
+                self._end_at = time.monotonic()
                 return None
             held.resize(received.nbytes, f"a {what} message")
         except BaseException:
@@ -163,7 +167,15 @@ class Call:
             await self.context.send_initial_metadata(())
             self._headers_sent = True
         await self._idle_bounded(self.context.write(message), "read no answer")
-        self.last_activity = time.monotonic()
+        self.last_activity = self._wrote_at = time.monotonic()
+
+    async def settle_end(self) -> None:
+        """Before a stream answers OK: when its end of stream may have been a cancel (no answer
+        written since), let that cancel land first (see :func:`.endings.end_settle_s`)."""
+        if self._end_at is not None and self._wrote_at < self._end_at:
+            wait = endings.end_settle_s(time.monotonic() - self._end_at)
+            if wait > 0:
+                await asyncio.sleep(wait)
 
     # ------------------------------------------------------------------ the budget's IdleReader
     def idle_for(self, now: float) -> float | None:
@@ -260,6 +272,7 @@ async def serve_stream(call: Call, kind: str, window: int, answer: Answer) -> No
     reader_task = asyncio.ensure_future(reader())
     try:
         await _write_answers(call, done, end, reader_task, pending, slots)
+        await call.settle_end()  # a cancel reaches the reader as an end of stream: not an OK stream
     finally:
         reader_task.cancel()
         if reader_task.done() and not reader_task.cancelled():

@@ -26,7 +26,7 @@ import grpc
 import torch
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics, start_http_server
 
-from . import __version__
+from . import __version__, endings
 
 LATENCY_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -145,7 +145,9 @@ def status_name(context: grpc.aio.ServicerContext, exc: BaseException | None) ->
 
     ``context.abort`` sets the code and raises AbortError; a plain return leaves the code unset
     (OK) unless the handler called ``set_code``; any other exception is answered UNKNOWN; a
-    cancelled handler was either past its deadline or cancelled by the client.
+    cancelled handler was cut by a deadline or cancelled by the client, which the servicer's
+    rule tells apart (:func:`.endings.over_status`: a cancel just before the deadline is the
+    client's deadline).
     """
     code = context.code()
     if isinstance(code, grpc.StatusCode):
@@ -155,8 +157,8 @@ def status_name(context: grpc.aio.ServicerContext, exc: BaseException | None) ->
     if exc is None:
         return "OK"
     if isinstance(exc, asyncio.CancelledError):
-        remaining = context.time_remaining()
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        over = endings.over_status(context.time_remaining(), cancelled=True)
+        return over.name if over is not None else "CANCELLED"
     return "UNKNOWN"
 
 

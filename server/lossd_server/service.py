@@ -21,7 +21,7 @@ import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
-from . import __version__, batch_engine, codec, compare_service, convert, engine, unary_reads, wire
+from . import __version__, batch_engine, codec, compare_service, convert, endings, engine, unary_reads, wire
 from .batcher import Batcher
 from .budget import MemoryBudget, Reservation
 from .calls import Call, CallTracker, serve_stream
@@ -30,14 +30,6 @@ from .config import ServerConfig
 from .errors import OversizedId, RequestError, drop_tracebacks, status_of
 from .packed import PackedMessages, item_failed
 
-#: How long a call that failed after an end of stream waits for a cancel to land (a client's
-#: cancel took under 50 ms to reach the handler in every probe).
-CANCEL_SETTLE_S = 0.05
-#: A client's deadline reaches the server as a cancel (RST_STREAM) at the client's clock, while the
-#: server's copy of the deadline starts when the call's headers arrived: later by the time they took
-#: to be read, 50+ ms on a loaded machine. A call whose read ended this close to its deadline waits
-#: for that deadline (then counted DEADLINE_EXCEEDED, as the client sees it, not CANCELLED).
-DEADLINE_SKEW_S = 0.5
 #: Copies of an answer alive at once: the result tensors, the encoded message, gRPC's buffer.
 ANSWER_COPIES = 3
 
@@ -111,27 +103,22 @@ async def encode_answer(encode: Callable, request_id: str, result: object, answe
 
 
 def call_over(call: Call, context: grpc.aio.ServicerContext, exc: BaseException) -> RequestError | None:
-    """The status of a call that failed because it was already over. Past its deadline, gRPC
-    ends its reads (an end of stream: "no message", "0 of N rows") and refuses its writes, and
-    the client sees DEADLINE_EXCEEDED whatever the handler says; so does the server's status
-    (metrics, logs) now, and a write refused after a cancel is CANCELLED, not INTERNAL. (A client's
-    cancel reaches a waiting read as a plain end of stream before gRPC cancels the handler: see
-    CANCEL_SETTLE_S.)"""
-    if call.deadline is not None and time.monotonic() >= call.deadline:
-        drop_tracebacks(exc)
-        return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
-    if context.cancelled():
-        drop_tracebacks(exc)
-        return RequestError(grpc.StatusCode.CANCELLED, "the client cancelled the call")
-    return None
+    """The status of a call that failed because it was already over (:func:`.endings.over_status`,
+    the rule the metrics count by too). Past its deadline, gRPC ends its reads (an end of stream:
+    "no message", "0 of N rows") and refuses its writes, and the client sees DEADLINE_EXCEEDED
+    whatever the handler says; so does the server's status (metrics, logs), and a write refused
+    after a cancel is CANCELLED, not INTERNAL. (A client's cancel reaches a waiting read as a plain
+    end of stream before gRPC cancels the handler: see endings.CANCEL_SETTLE_S.)"""
+    code = endings.over_status(_left_s(call), context.cancelled())
+    if code is None:
+        return None
+    drop_tracebacks(exc)
+    return RequestError(code, endings.OVER_DETAILS[code])
 
 
-def _settle_s(call: Call) -> float:
-    """How long a call that failed after an end of stream waits before its status is decided:
-    CANCEL_SETTLE_S, or until its deadline when that is at most DEADLINE_SKEW_S away."""
-    if call.deadline is not None and (left := call.deadline - time.monotonic()) <= DEADLINE_SKEW_S:
-        return max(CANCEL_SETTLE_S, left + 0.001)  # asyncio may wake a timer a clock tick early
-    return CANCEL_SETTLE_S
+def _left_s(call: Call) -> float | None:
+    """Seconds to the call's deadline (None: it has none)."""
+    return None if call.deadline is None else call.deadline - time.monotonic()
 
 
 def _message(received: object):
@@ -165,8 +152,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if call.read_end:
                 # a client's cancel reaches a waiting read as an end of stream a moment before gRPC
                 # cancels this handler: let it land, so that the call counts CANCELLED (or, near its
-                # deadline, DEADLINE_EXCEEDED), not as the client's mistake (see _settle_s)
-                await asyncio.sleep(_settle_s(call))
+                # deadline, DEADLINE_EXCEEDED), not as the client's mistake (see endings)
+                await asyncio.sleep(endings.failure_settle_s(_left_s(call)))
             err = call_over(call, context, exc) or status_of(exc, what)
             del exc
             context.set_code(err.code)

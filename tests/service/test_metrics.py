@@ -254,3 +254,94 @@ def test_batch_observer_contract_with_own_registry():
 def test_metrics_port_zero_disables_http(server):
     assert server.metrics_port is None
     assert "metrics on" not in server.log()
+
+
+def _codes(samples: Samples, method: str) -> dict[str, float]:
+    return {
+        dict(labels)["code"]: v
+        for (name, labels), v in samples.items()
+        if name == "lossd_requests_total" and dict(labels)["method"] == method
+    }
+
+
+def _code_deltas(before: Samples, after: Samples, method: str) -> dict[str, float]:
+    b, a = _codes(before, method), _codes(after, method)
+    return {code: a[code] - b.get(code, 0.0) for code in a if a[code] - b.get(code, 0.0)}
+
+
+def _wait_counted(port: int, before: Samples, method: str, calls: int) -> dict[str, float]:
+    """The codes counted for ``method`` since ``before``, once ``calls`` calls are counted (bounded wait)."""
+    for _ in range(100):
+        counted = _code_deltas(before, scrape(port), method)
+        if sum(counted.values()) >= calls:
+            return counted
+        time.sleep(0.1)
+    return counted
+
+
+def test_client_deadlines_are_counted_deadline_exceeded_not_cancelled(mserver):
+    """The client's deadline reaches the server as a cancel a moment before the server's copy of the
+    deadline expires (it starts when the headers were read): such calls were counted CANCELLED, and
+    the client saw DEADLINE_EXCEEDED. EvaluateChunked after its header, EvaluateStream after one
+    answered item, then the client stalls past its deadline; every call must be counted as the client saw it."""
+    msg, _ = core.build(_ok_request(11))
+    first_chunk = next(iter(core.chunk_messages(msg, chunk_bytes=64)))
+    item = core.build(_ok_request(12))[0]
+    release = threading.Event()
+
+    def stalled(first):
+        yield first
+        release.wait(5)
+
+    calls = 5
+    try:
+        with grpc.insecure_channel(mserver.address) as channel:
+            stub = pb_grpc.LossServiceStub(channel)
+            for method, call in (
+                ("EvaluateChunked", lambda: stub.EvaluateChunked(stalled(first_chunk), timeout=0.5)),
+                ("EvaluateStream", lambda: list(stub.EvaluateStream(stalled(item), timeout=0.5))),
+            ):
+                before = scrape(mserver.metrics_port)
+                for _ in range(calls):
+                    with pytest.raises(grpc.RpcError) as info:
+                        call()
+                    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    release.set()
+                    release.clear()
+                assert _wait_counted(mserver.metrics_port, before, method, calls) == {"DEADLINE_EXCEEDED": calls}, method
+    finally:
+        release.set()
+
+
+def test_cancelled_and_timed_out_streams_are_never_counted_ok(mserver):
+    """A cancel reaches a stream's waiting read as a plain end of stream: the stream then ended with
+    nothing to answer, its handler returned, and the call was counted OK (the client saw CANCELLED
+    or DEADLINE_EXCEEDED). Repeated: the cancel does not always land after the end of stream."""
+    release = threading.Event()
+
+    def silent():
+        release.wait(5)
+        return
+        yield
+
+    calls = 8
+    try:
+        with grpc.insecure_channel(mserver.address) as channel:
+            for method in ("EvaluateStream", "EvaluatePacked"):
+                rpc = channel.stream_stream(f"/lossd.v1.LossService/{method}")
+                for mode in ("CANCELLED", "DEADLINE_EXCEEDED"):
+                    before = scrape(mserver.metrics_port)
+                    for _ in range(calls):
+                        if mode == "CANCELLED":
+                            call = rpc(silent(), timeout=30)
+                            time.sleep(0.2)
+                            call.cancel()
+                        else:
+                            with pytest.raises(grpc.RpcError) as info:
+                                list(rpc(silent(), timeout=0.3))
+                            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                        release.set()
+                        release.clear()
+                    assert _wait_counted(mserver.metrics_port, before, method, calls) == {mode: calls}, (method, mode)
+    finally:
+        release.set()
