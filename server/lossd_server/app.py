@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
 from . import engine, unary_reads
+from .admission import Admission
 from .batcher import Batcher
 from .budget import MemoryBudget
 from .config import ServerConfig
@@ -255,7 +256,10 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
         ("grpc.compression_enabled_algorithms_bitset", 0b111 if config.allow_compressed_requests else 0b1),
     ]
     options += _connection_options(config) + _connection_age_options(config)
-    server = grpc.aio.server(interceptors=list(interceptors), options=options, maximum_concurrent_rpcs=config.max_concurrent_calls)
+    # --max-concurrent-calls is lossd's admission (the innermost interceptor), not gRPC's
+    # maximum_concurrent_rpcs: gRPC refused calls without any interceptor seeing them (uncounted)
+    admission = Admission(config.max_concurrent_calls)
+    server = grpc.aio.server(interceptors=[*interceptors, admission], options=options)
     batcher = Batcher(config, device, observer=observer)
     await batcher.start()
     shm_reader = None

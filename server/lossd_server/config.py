@@ -107,7 +107,7 @@ class ServerConfig:
     #: checks included, were refused until they left. 300 s costs a client that calls at least
     #: every five minutes nothing, and the others one reconnect; 0 is gRPC's default: never.
     max_connection_idle_s: float = 300.0
-    #: Calls one server process (each worker) serves at once: gRPC's maximum_concurrent_rpcs, past
+    #: Calls one server process (each worker) serves at once (lossd_server.admission), past
     #: which a new call is refused RESOURCE_EXHAUSTED at once. A call costs about 13 KB of gRPC and
     #: Python state before it reads a byte, outside the memory budget (80,000 calls that sent no
     #: message took a server on a 600 MiB budget to 1,061 MiB); this bounds that state (~130 MB).

@@ -345,3 +345,46 @@ def test_cancelled_and_timed_out_streams_are_never_counted_ok(mserver):
                     assert _wait_counted(mserver.metrics_port, before, method, calls) == {mode: calls}, (method, mode)
     finally:
         release.set()
+
+
+def test_calls_refused_past_max_concurrent_calls_are_counted():
+    """gRPC's own limit refused calls past --max-concurrent-calls before the metrics interceptor ran:
+    the client got RESOURCE_EXHAUSTED and no lossd_* series moved, health checks included."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = start_server("--max-concurrent-calls", "2", "--stream-idle-timeout-s", "60", "--drain-s", "0", metrics=True)
+    release = threading.Event()
+
+    def silent():
+        release.wait(30)
+        return
+        yield
+
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            held = [channel.stream_stream("/lossd.v1.LossService/EvaluateStream")(silent(), timeout=60) for _ in range(2)]
+            for _ in range(50):
+                if value(scrape(server.metrics_port), "lossd_requests_in_flight", method="EvaluateStream") == 2:
+                    break
+                time.sleep(0.1)
+            before = scrape(server.metrics_port)
+            info = channel.unary_unary("/lossd.v1.LossService/GetServerInfo")
+            check = health_pb2_grpc.HealthStub(channel).Check
+            for rpc, request in [(info, b"")] * 5 + [(check, health_pb2.HealthCheckRequest())] * 3:
+                with pytest.raises(grpc.RpcError) as refused:
+                    rpc(request, timeout=30)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            after = scrape(server.metrics_port)
+            assert _code_deltas(before, after, "GetServerInfo") == {"RESOURCE_EXHAUSTED": 5}
+            assert _code_deltas(before, after, "Check") == {"RESOURCE_EXHAUSTED": 3}
+            release.set()
+            for call in held:
+                assert list(call) == []
+            # the slots come back
+            assert pb.ServerInfo.FromString(info(b"", timeout=30)).version
+            final = scrape(server.metrics_port)
+            assert _code_deltas(after, final, "GetServerInfo") == {"OK": 1}
+            assert _code_deltas(before, final, "EvaluateStream") == {"OK": 2}
+    finally:
+        release.set()
+        assert server.stop() == 0, server.log()
