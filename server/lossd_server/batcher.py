@@ -74,6 +74,9 @@ class BatchFigures:
     queue_wait_s: list[float]
     compute_s: float
     abandoned: int = 0  # requests whose evaluation stopped early: every caller had gone
+    #: rows and input bytes of the requests whose evaluation completed (not stopped early, not failed)
+    evaluated_rows: int = 0
+    evaluated_bytes: int = 0
 
 
 class BatchObserver(Protocol):
@@ -414,6 +417,7 @@ def _resolve(items: list[_Item], outcomes: Sequence) -> None:
 
 
 def _figures(items: list[_Item], outcomes: Sequence, compute_s: float, started: float) -> BatchFigures:
+    evaluated = [item for item, outcome in zip(items, outcomes, strict=True) if not isinstance(outcome, BaseException)]
     return BatchFigures(
         requests=len(items),
         rows=sum(item.rows for item in items),
@@ -421,6 +425,8 @@ def _figures(items: list[_Item], outcomes: Sequence, compute_s: float, started: 
         queue_wait_s=[started - item.enqueued for item in items],
         compute_s=compute_s,
         abandoned=sum(isinstance(outcome, Abandoned) for outcome in outcomes),
+        evaluated_rows=sum(item.rows for item in evaluated),
+        evaluated_bytes=sum(item.nbytes for item in evaluated),
     )
 
 

@@ -59,7 +59,7 @@ class Metrics:
         self.compute = histogram("lossd_compute_seconds", "engine time per executed batch", LATENCY_BUCKETS_S)
         self.batch_requests = histogram("lossd_batch_requests", "requests per executed batch", BATCH_REQUEST_BUCKETS)
         self.batch_rows = histogram("lossd_batch_rows", "rows (loss positions) per executed batch", BATCH_ROW_BUCKETS)
-        self.rows = Counter("lossd_rows", "rows (loss positions) evaluated by the batcher", registry=registry)
+        self.rows = Counter("lossd_rows", "rows (loss positions) of the requests the batcher evaluated to the end", registry=registry)
         self.abandoned = Counter(
             "lossd_abandoned_evaluations",
             "requests whose evaluation stopped between chunks because the caller went away or passed its deadline",
@@ -70,7 +70,9 @@ class Metrics:
             "calls that gave their read reservation to calls in line for memory after their client sent nothing for idle_read_yield_s",
             registry=registry,
         )
-        self.batch_bytes = Counter("lossd_batch_input_bytes", "input tensor bytes evaluated by the batcher", registry=registry)
+        self.batch_bytes = Counter(
+            "lossd_batch_input_bytes", "input tensor bytes of the requests the batcher evaluated to the end", registry=registry
+        )
         self.bytes_received = Counter("lossd_received_bytes", "request message bytes received, by method", ["method"], registry=registry)
         self.in_flight = gauge("lossd_requests_in_flight", "RPCs being handled, by method", ("method",))
         self.queue_depth = gauge("lossd_queue_depth", "requests waiting in the batcher queue")
@@ -111,6 +113,8 @@ class BatchFiguresLike(Protocol):
     queue_wait_s: list[float]
     compute_s: float
     abandoned: int
+    evaluated_rows: int
+    evaluated_bytes: int
 
 
 class BatchMetrics:
@@ -124,8 +128,8 @@ class BatchMetrics:
         m = self.m
         m.batch_requests.observe(figures.requests)
         m.batch_rows.observe(figures.rows)
-        m.rows.inc(figures.rows)
-        m.batch_bytes.inc(figures.bytes)
+        m.rows.inc(figures.evaluated_rows)  # not the rows of requests stopped early or failed: they were not evaluated
+        m.batch_bytes.inc(figures.evaluated_bytes)
         m.compute.observe(figures.compute_s)
         if figures.abandoned:
             m.abandoned.inc(figures.abandoned)

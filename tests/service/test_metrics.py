@@ -18,7 +18,7 @@ from lossd_client.errors import InvalidArgumentError
 from lossd_server import metrics as metrics_mod
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from serverproc import start_server
+from serverproc import HOG_FLAGS, EngineHog, start_server
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -220,8 +220,23 @@ def test_process_and_build_gauges(mserver, mclient):
 def test_batch_observer_contract_with_own_registry():
     m = metrics_mod.Metrics(CollectorRegistry())
     observer = metrics_mod.BatchMetrics(m)
-    observer.on_batch(SimpleNamespace(requests=3, rows=300, bytes=1200, queue_wait_s=[0.0002, 0.003, 0.2], compute_s=1.5, abandoned=2))
-    observer.on_batch(SimpleNamespace(requests=1, rows=1, bytes=4, queue_wait_s=[0.00005], compute_s=0.0004, abandoned=0))
+    observer.on_batch(
+        SimpleNamespace(
+            requests=3,
+            rows=300,
+            bytes=1200,
+            queue_wait_s=[0.0002, 0.003, 0.2],
+            compute_s=1.5,
+            abandoned=2,
+            evaluated_rows=100,
+            evaluated_bytes=400,
+        )
+    )
+    observer.on_batch(
+        SimpleNamespace(
+            requests=1, rows=1, bytes=4, queue_wait_s=[0.00005], compute_s=0.0004, abandoned=0, evaluated_rows=1, evaluated_bytes=4
+        )
+    )
     observer.on_queue_depth(5)
 
     def sample(name: str, **labels: str) -> float:
@@ -237,8 +252,8 @@ def test_batch_observer_contract_with_own_registry():
     assert sample("lossd_batch_requests_bucket", le="4.0") == 2
     assert sample("lossd_batch_rows_bucket", le="256.0") == 1
     assert sample("lossd_batch_rows_bucket", le="1024.0") == 2
-    assert sample("lossd_rows_total") == 301
-    assert sample("lossd_batch_input_bytes_total") == 1204
+    assert sample("lossd_rows_total") == 101  # the rows of the 2 abandoned requests were not evaluated
+    assert sample("lossd_batch_input_bytes_total") == 404
     assert sample("lossd_queue_wait_seconds_bucket", le="0.0001") == 1
     assert sample("lossd_queue_wait_seconds_bucket", le="0.00025") == 2
     assert sample("lossd_queue_wait_seconds_bucket", le="0.005") == 3
@@ -387,4 +402,27 @@ def test_calls_refused_past_max_concurrent_calls_are_counted():
             assert _code_deltas(before, final, "EvaluateStream") == {"OK": 2}
     finally:
         release.set()
+        assert server.stop() == 0, server.log()
+
+
+def test_an_abandoned_evaluation_adds_no_rows_or_batch_bytes():
+    """A million-row request cancelled mid-compute added its million rows to lossd_rows_total (and its
+    bytes to lossd_batch_input_bytes_total): they count evaluated work only; the abandoned request
+    is lossd_abandoned_evaluations_total."""
+    server = start_server(*HOG_FLAGS, "--drain-s", "0", metrics=True)
+    try:
+        before = scrape(server.metrics_port)
+        with EngineHog(server):
+            pass  # the hog is computing: leaving cancels it
+        after = wait_for(server.metrics_port, "lossd_abandoned_evaluations_total", 1, before)
+        assert delta(before, after, "lossd_abandoned_evaluations_total") == 1
+        assert delta(before, after, "lossd_batch_requests_count") == 1
+        assert delta(before, after, "lossd_rows_total") == 0
+        assert delta(before, after, "lossd_batch_input_bytes_total") == 0
+        with LossClient(server.address, timeout_s=60) as client:
+            client.evaluate(_ok_request(13))
+        after = wait_for(server.metrics_port, "lossd_rows_total", 10, after)
+        assert delta(before, after, "lossd_rows_total") == 10
+        assert delta(before, after, "lossd_batch_input_bytes_total") == 10 * 7 * 4
+    finally:
         assert server.stop() == 0, server.log()

@@ -383,6 +383,40 @@ def test_close_fails_queued_and_computing_requests_instead_of_leaving_them_hangi
     assert len(rec.computed) == 1  # only the batch that was already computing
 
 
+def test_batch_figures_count_rows_and_bytes_only_of_completed_evaluations():
+    """lossd_rows_total and lossd_batch_input_bytes_total come from evaluated_rows / evaluated_bytes:
+    they counted the rows of requests whose evaluation stopped (caller gone, deadline passed) or
+    failed, which were not evaluated (a cancelled million-row request added a million rows)."""
+    rec = Recorder()
+    compute = rec.evaluate
+
+    def evaluate(jobs, **kwargs):
+        outcomes = list(compute(jobs, **kwargs))
+        if len(jobs) == 4:
+            outcomes[1:] = [Abandoned("the caller went away"), DeadlinePassed("late"), RuntimeError("broken")]
+        return outcomes
+
+    rec.evaluate = evaluate
+    first = ce_request(2, seed=98)
+    reqs = [ce_request(n, seed=n) for n in (3, 4, 5, 6)]
+
+    async def body(b: Batcher):
+        head = await busy(rec, b, first)
+        tasks = [asyncio.ensure_future(b.submit(*r)) for r in reqs]
+        await settle()
+        rec.release()
+        return await asyncio.gather(head, *tasks, return_exceptions=True)
+
+    results = run(with_batcher(rec, body, max_wait_ms=1.0))
+    assert [type(r).__name__ for r in results[2:]] == ["Abandoned", "DeadlinePassed", "RuntimeError"]
+    assert [f.requests for f in rec.batches] == [1, 4]
+    batch = rec.batches[1]
+    assert batch.rows == 3 + 4 + 5 + 6 and batch.bytes == (3 + 4 + 5 + 6) * 7 * 4  # what was computed
+    assert batch.abandoned == 2
+    assert batch.evaluated_rows == 3 and batch.evaluated_bytes == 3 * 7 * 4  # what was evaluated to the end
+    assert rec.batches[0].evaluated_rows == rec.batches[0].rows == 2
+
+
 def test_batch_key_compares_weights_by_value():
     x, t = torch.randn(2, 3), torch.tensor([0, 2])
     w = torch.tensor([0.5, 1.0, 2.0])
