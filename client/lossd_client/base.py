@@ -240,7 +240,7 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         return HEALTH_TIMEOUT_S if timeout is None else timeout
 
     def _needs_limit(self, req: LossRequest) -> bool:
-        return core.needs_server_limit(req, shared_memory=self.shared_memory, server_max=self._server_max)
+        return core.needs_server_limit(req, shared_memory=self.shared_memory, server_max=self._server_max, shm_min_bytes=self.shm_min_bytes)
 
     def _route(self, req: LossRequest) -> core.Call:
         return core.route(

@@ -518,9 +518,20 @@ class Call:
             self.arena.close()
 
 
-def needs_server_limit(req: LossRequest, *, shared_memory: bool, server_max: int | None) -> bool:
-    """Whether :func:`route` needs the server's message limit (GetServerInfo) before it can decide."""
-    return not shared_memory and server_max is None and request_nbytes(req) > SMALL_REQUEST_BYTES
+def needs_server_limit(req: LossRequest, *, shared_memory: bool, server_max: int | None, shm_min_bytes: int = 0) -> bool:
+    """Whether :func:`route` needs the server's message limit (GetServerInfo) before it can decide
+    (``shared_memory``: only the bytes that stay inline count, see :func:`inline_nbytes`)."""
+    if server_max is not None:
+        return False
+    size = inline_nbytes(req, shm_min_bytes) if shared_memory else request_nbytes(req)
+    return size > SMALL_REQUEST_BYTES
+
+
+def inline_nbytes(req: LossRequest, shm_min_bytes: int) -> int:
+    """Tensor bytes a shared-memory request still carries inline: input and target under
+    ``shm_min_bytes`` (see SharedMemoryArena.place), and the class weights (never placed)."""
+    small = [v for v in (req.input, req.target) if tensors.nbytes(v) < shm_min_bytes]
+    return tensors_nbytes(*small, req.weight, req.pos_weight)
 
 
 def route(
@@ -533,14 +544,15 @@ def route(
     shm_min_bytes: int = 0,
     parallel_streams: int = 1,
 ) -> Call:
-    """How to send ``req``: through shared memory when ``segments`` are given (same host), else
-    EvaluateChunked when its tensor bytes exceed the server's unary budget or
+    """How to send ``req``: through shared memory when ``segments`` are given (same host) and the
+    bytes that stay inline fit the server's unary budget, else EvaluateChunked when its tensor
+    bytes exceed the server's unary budget or
     ``chunked_above_bytes`` (cut along its rows into up to ``parallel_streams`` calls where the
     parts' answers join exactly: :mod:`lossd_client.split`), else one Evaluate message.
     ``server_max`` is the server's --max-message-bytes (see :func:`needs_server_limit`). Raises
     InvalidArgumentError for a request that cannot be sent.
     """
-    if segments is not None:
+    if segments is not None and (server_max is None or inline_nbytes(req, shm_min_bytes) <= layout.unary_budget(server_max)):
         arena = SharedMemoryArena(shm_min_bytes, segments)
         try:
             msg, as_torch = build(req, arena)

@@ -458,3 +458,23 @@ def test_server_never_maps_a_client_segment(shm_server):
     torch.testing.assert_close(got, F.cross_entropy(x, t, reduction="none"))
     assert seen == [], f"the server mapped a client segment: {seen[:1]}"
     assert _maps_of_shm(pid) == [] and _rss_shmem_kib(pid) < 8 * 1024
+
+
+def test_shared_memory_client_routes_inline_bytes_past_the_message_limit_like_the_plain_client():
+    """Tensors under shm_min_bytes (and class weights) travel inline: with shared_memory=True they
+    went as one Evaluate message whatever the server's --max-message-bytes, and a request the plain
+    client sends through EvaluateChunked was refused RESOURCE_EXHAUSTED."""
+    server = start_server("--allow-client-shm", "--max-message-bytes", "65536", "--memory-budget-bytes", str(1 << 30))
+    try:
+        g = torch.Generator().manual_seed(5)
+        x, t = torch.randn(64, 1000, generator=g), torch.randint(0, 1000, (64,), generator=g)  # 256 KB: under shm_min_bytes
+        w = torch.rand(10_000, generator=g)  # 40 KB of class weights: inline, and under the limit
+        xw, tw = torch.randn(300, 10_000, generator=g), torch.randint(0, 10_000, (300,), generator=g)  # 12 MB: in shared memory
+        for kwargs in ({}, {"shared_memory": True}):
+            with LossClient(server.address, timeout_s=60, **kwargs) as client:
+                torch.testing.assert_close(client.cross_entropy(x, t), F.cross_entropy(x, t))
+                torch.testing.assert_close(client.cross_entropy(xw, tw, weight=w), F.cross_entropy(xw, tw, weight=w))
+                tiny = torch.randn(3, 4, generator=g), torch.tensor([0, 1, 2])
+                torch.testing.assert_close(client.cross_entropy(*tiny), F.cross_entropy(*tiny))
+    finally:
+        assert server.stop() == 0, server.log()
