@@ -164,6 +164,42 @@ def scalar(result: list[dict]) -> float:
     return float(result[0]["value"][1])
 
 
+def served_methods() -> dict[str, bool]:
+    """Every method a lossd server serves (lossd_requests_total's ``method`` label), and whether it
+    answers with a stream (its latency observation then lasts as long as the stream)."""
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+    from lossd_client._proto.lossd.v1 import loss_pb2
+
+    services = (
+        loss_pb2.DESCRIPTOR.services_by_name["LossService"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+    )
+    return {m.name: m.server_streaming for service in services for m in service.methods}
+
+
+def test_dashboard_latency_quantiles_leave_streams_out_and_name_only_served_methods():
+    """The latency panels summed every method, health Watch streams (open as long as their clients
+    watch) and whole evaluate_many streams included: one watcher moved p99 to tens of seconds.
+    Aggregated latency selects methods that answer once; every method a matcher names is served."""
+    methods = served_methods()
+    unanswered = []
+    for title, expr in dashboard_queries():
+        for op, names in re.findall(r'method(=~|!~|=|!=)"([^"]*)"', expr):
+            unknown = [n for n in names.split("|") if n not in methods]
+            assert not unknown, f"{title}: {unknown} are no method lossd serves ({sorted(methods)})"
+            if op == "=~":
+                streams = [n for n in names.split("|") if methods[n]]
+                assert not streams, f"{title}: streaming methods {streams} in a latency selection"
+        if "lossd_request_latency_seconds" in expr and "by (le, method)" not in expr:
+            for selector in re.findall(r"lossd_request_latency_seconds_\w+\{([^}]*)\}", expr):
+                assert 'method=~"' in selector, f"{title}: latency over every method, streams included: {expr}"
+        elif "by (le, method)" in expr:
+            unanswered.append(expr)
+    assert unanswered and all('method!~"Watch|ServerReflectionInfo"' in e for e in unanswered)
+
+
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def prometheus_bin() -> str:
