@@ -257,7 +257,7 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
     ]
     options += _connection_options(config) + _connection_age_options(config)
     # --max-concurrent-calls is lossd's admission (the innermost interceptor), not gRPC's
-    # maximum_concurrent_rpcs: gRPC refused calls without any interceptor seeing them (uncounted)
+    # maximum_concurrent_rpcs, which refused calls without running the handlers the metrics wrap (uncounted)
     admission = Admission(config.max_concurrent_calls)
     server = grpc.aio.server(interceptors=[*interceptors, admission], options=options)
     batcher = Batcher(config, device, observer=observer)
