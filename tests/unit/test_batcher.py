@@ -672,3 +672,17 @@ def test_where_a_request_runs_depends_on_its_work_not_its_message():
     got = run(main())
     torch.testing.assert_close(got.loss, F.kl_div(x, t, reduction="sum"))
     assert threads == [False, True]  # the kl_div on an engine thread, the small request inline
+
+
+@pytest.mark.parametrize("sequences", [3, 1000])
+def test_statistics_of_empty_sequences_fused_in_a_batch_have_one_entry_per_sequence(sequences):
+    """[B, 0] targets with sequence_stats, batched together: B zero-token sequences each, as alone
+    (the fused path handed them an empty slice of the batch's terms: 0 entries instead of B)."""
+    spec = engine.LossSpec(class_axis=-1, sequence_stats=True, extras=("entropy",))
+    x, t = torch.empty(sequences, 0, 5), torch.empty(sequences, 0, dtype=torch.int64)
+    job = batch_engine.Job(engine.plan(spec, x.shape, x.dtype, t), x, t)
+    alone = batch_engine.evaluate_alone(job)
+    for fused in batch_engine.evaluate_fused([job, job]):
+        for name in ("nll_sum", "tokens", "mean_nll", "perplexity", "is_greedy"):
+            got, want = getattr(fused.sequences, name), getattr(alone.sequences, name)
+            assert got.shape == (sequences,) and torch.equal(got.nan_to_num(), want.nan_to_num()), name

@@ -74,7 +74,7 @@ def finish(plan: Plan, partial: Partial) -> LossResult:
 def sequence_stats(plan: Plan, partial: Partial) -> SequenceStats:
     """Per row of the target's last axis: NLL sum, tokens, mean, perplexity, greedy."""
     t_len = max(1, plan.seq_len)
-    if partial.seq_loss is None:  # nothing was evaluated (empty input)
+    if partial.seq_loss is None or not partial.seq_loss.numel():  # nothing evaluated: empty input, or its rows of a fused batch
         zeros = torch.zeros(plan.sequences, t_len, dtype=torch.float64).reshape(-1)
         partial = Partial(0, 0, None, 0.0, 0.0, 0, {}, zeros, zeros, zeros.bool(), ~zeros.bool())
     loss = partial.seq_loss.reshape(-1, t_len)
