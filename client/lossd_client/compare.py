@@ -104,7 +104,7 @@ def _options(inputs: CompareInputs) -> pb.CompareOptions:
 
 def request(inputs: CompareInputs) -> pb.CompareRequest:
     """One CompareRequest message."""
-    msg = pb.CompareRequest(id=inputs.id, options=_options(inputs))
+    msg = pb.CompareRequest(id=core.request_id(inputs.id), options=_options(inputs))
     with core.tensor_field("reference"):
         tensors.to_proto(inputs.reference, msg.reference)
     with core.tensor_field("candidate"):
@@ -131,7 +131,7 @@ def payloads(inputs: CompareInputs, chunk_bytes: int = core.DEFAULT_CHUNK_BYTES,
         ref_wire, shape, ref_data = tensors.as_wire_bytes(inputs.reference)
     with core.tensor_field("candidate"):
         cand_wire, cand_shape, cand_data = tensors.as_wire_bytes(inputs.candidate)
-    header = pb.CompareHeader(id=inputs.id, options=_options(inputs), reference_dtype=ref_wire, reference_shape=shape)
+    header = pb.CompareHeader(id=core.request_id(inputs.id), options=_options(inputs), reference_dtype=ref_wire, reference_shape=shape)
     header.candidate_dtype, header.candidate_shape[:] = cand_wire, cand_shape
     if inputs.tokens is not None:
         with core.tensor_field("target"):

@@ -31,6 +31,9 @@ from .errors import InvalidArgumentError, LossdError, from_status_value
 from .shm import SegmentPool, SharedMemoryArena
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats, ServerInfo
 
+#: torch's default ignore_index (LossRequest's), which only cross_entropy and nll_loss take.
+DEFAULT_IGNORE_INDEX = LossRequest.ignore_index
+
 #: Bytes of input per EvaluateChunked message: big enough to amortise per-message cost, small
 #: enough that several can be in flight without large buffers (measured on loopback TCP).
 DEFAULT_CHUNK_BYTES = 1024 * 1024
@@ -89,15 +92,13 @@ def request_head(req: LossRequest) -> pb.EvaluateRequest:
     known = isinstance(req.reduction, str) and req.reduction in layout.REDUCTIONS
     if not known and not legacy:  # beside the legacy keywords torch ignores it
         raise InvalidArgumentError(f"{req.reduction} is not a valid value for reduction")
-    if not isinstance(req.id, str):
-        raise InvalidArgumentError(f"id: must be str, not {type(req.id).__name__}")
-    msg = pb.EvaluateRequest(id=req.id)
+    msg = pb.EvaluateRequest(id=request_id(req.id))
     options = msg.options
     options.loss = layout.LOSSES[req.loss]
     options.reduction = layout.REDUCTIONS[req.reduction] if known else pb.MEAN
     ignore_index, label_smoothing = _int_argument("ignore_index", req.ignore_index), _float_argument("label_smoothing", req.label_smoothing)
-    if req.loss in (layout.CROSS_ENTROPY, layout.NLL_LOSS):
-        options.ignore_index = ignore_index
+    if req.loss in (layout.CROSS_ENTROPY, layout.NLL_LOSS) or ignore_index != DEFAULT_IGNORE_INDEX:
+        options.ignore_index = ignore_index  # the other losses take none: the server refuses it naming the option
     options.log_target = _bool_argument("log_target", req.log_target)
     if size_average is not None:
         options.size_average = size_average
@@ -159,6 +160,18 @@ def integer_argument(name: str, value: Any) -> int:
         return operator.index(value)
     except _CONVERSION_ERRORS:
         raise InvalidArgumentError(f"options.{name}: argument '{name}' must be int, not {type(value).__name__}") from None
+
+
+def request_id(value: Any, name: str = "id") -> str:
+    """A request's id as sent: a str that UTF-8 can encode (a lone surrogate cannot), else
+    InvalidArgumentError naming ``name``."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{name}: must be str, not {type(value).__name__}")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(f"{name}: not encodable as UTF-8 ({exc.reason} at index {exc.start})") from None
+    return value
 
 
 def _int_argument(name: str, value: Any, bits: int = 64) -> int:
@@ -619,7 +632,9 @@ def token_ids(tokens: Any, name: str = "tokens") -> np.ndarray:
         if integer and arr is None:  # a torch tensor
             if tokens.device.type == "meta":
                 raise tensors.UnsupportedTensorError("a meta tensor has no data to send")
-            arr = tokens.detach().cpu().to(sys.modules["torch"].int64).numpy()
+            torch = sys.modules["torch"]
+            held = tokens.detach().cpu()  # uint64 as it is: a cast to int64 would wrap 2**64 - 100 to -100 (ignored)
+            arr = held.numpy() if held.dtype == torch.uint64 else held.to(torch.int64).numpy()
     if not integer:
         raise InvalidArgumentError(f"{name}: expected token ids of an integer dtype, got {dtype}")
     if arr.dtype == np.uint64 and arr.size and int(arr.max()) >= 2**63:

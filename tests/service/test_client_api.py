@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lossd_client import AsyncLossClient, LossClient, LossRequest
 from lossd_client import errors as lossd_errors
+from lossd_client.errors import InvalidArgumentError
 
 
 def _both(server, use):
@@ -137,3 +139,23 @@ def test_a_health_timeout_of_zero_is_zero_not_five_seconds():
     with LossClient("127.0.0.1:1") as plain, LossClient("127.0.0.1:1", timeout_s=2.5) as timed:
         assert plain._health_timeout(0) == 0 and plain._health_timeout(None) == 5.0
         assert timed._health_timeout(None) == 2.5 and timed._health_timeout(0.0) == 0.0
+
+
+
+@pytest.mark.parametrize("loss", ["binary_cross_entropy_with_logits", "kl_div"])
+def test_an_ignore_index_given_to_a_loss_that_takes_none_is_refused_not_dropped(server, loss):
+    """torch's binary_cross_entropy_with_logits and kl_div take no ignore_index (TypeError); the
+    client dropped one given through a LossRequest, so the server's refusal never came."""
+    x = np.zeros((2, 3), np.float32)
+    with LossClient(server.address) as client:
+        with pytest.raises(InvalidArgumentError, match="ignore_index"):
+            client.evaluate(LossRequest(x, x, loss=loss, ignore_index=3))
+        assert client.evaluate(LossRequest(x, x, loss=loss)).counted == 6  # the default is no ignore_index at all
+
+
+def test_an_id_utf8_cannot_encode_is_invalid_argument_naming_it(server):
+    """A lone surrogate raised a bare UnicodeEncodeError from protobuf."""
+    x, t = np.zeros((2, 3), np.float32), np.array([0, 1])
+    with LossClient(server.address) as client:
+        with pytest.raises(InvalidArgumentError, match=r"^id: not encodable as UTF-8"):
+            client.evaluate(LossRequest(x, t, id="a\ud800b"))

@@ -435,6 +435,24 @@ def test_a_uint64_start_past_int64_is_reported_as_it_is(client):
         client.loglikelihood(logits, tokens, np.array([2, 2**63], dtype=np.uint64))
 
 
+
+@pytest.mark.parametrize("method", ["perplexity", "loglikelihood", "compare"])
+def test_torch_uint64_token_ids_past_int64_are_refused_as_numpy_ones_are(client, method):
+    """A torch.uint64 id of 2**64 - 100 was cast to int64 before the range check: -100, the default
+    ignore_index, so perplexity counted 9 of 10 tokens without a word."""
+    logits = torch.randn(1, 10, 7)
+    ids = np.random.default_rng(0).integers(0, 7, (1, 10)).astype(np.uint64)
+    ids[0, 4] = 2**64 - 100
+    tokens = torch.from_numpy(ids)
+    call = {
+        "perplexity": lambda t: client.perplexity(logits, t),
+        "loglikelihood": lambda t: client.loglikelihood(logits, t, 2),
+        "compare": lambda t: client.compare(logits, logits, t),
+    }[method]
+    for ids in (tokens, tokens.numpy()):
+        with pytest.raises(InvalidArgumentError, match=rf"^(tokens|target): token id {2**64 - 100} is out of int64 range$"):  # compare names its field
+            call(ids)
+
 def test_an_empty_list_of_starts_for_no_sequences_is_taken(client):
     """[] is one integer per sequence of an empty batch (numpy makes it float64: it was refused)."""
     logits, tokens = torch.randn(0, 5, 7), torch.zeros(0, 5, dtype=torch.long)
