@@ -68,7 +68,7 @@ def _reduction(options: pb.LossOptions, loss: str) -> tuple[str, bool | None, bo
     return reduction, None, None
 
 
-def target_decode_nbytes(target: WireTensor | None, shift: bool) -> int:
+def target_decode_nbytes(target: WireTensor | None, shift: bool, weighted: bool = False) -> int:
     """What decoding ``target`` as class indices makes beside its bytes (:func:`engine.class_target_nbytes`),
     from its wire header alone; 0 for a floating target (probabilities), a missing one, or one that
     decoding refuses anyway (a bad dtype or shape, inline bytes that do not match its shape): the
@@ -81,7 +81,7 @@ def target_decode_nbytes(target: WireTensor | None, shift: bool) -> int:
         return 0
     if dtype.is_floating_point or (target.shm is None and len(target.data) != nbytes):
         return 0
-    return engine.class_target_nbytes(math.prod(shape), int64=dtype == torch.int64, shift=shift)
+    return engine.class_target_nbytes(math.prod(shape), int64=dtype == torch.int64, shift=shift, weighted=weighted)
 
 
 def decode_request(request: WireRequest, shm_reader=None) -> Job:

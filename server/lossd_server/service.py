@@ -13,6 +13,7 @@ budget too. Streams (EvaluateStream, EvaluatePacked) are served with flow contro
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -173,7 +174,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if shm_bytes:
             held.resize(held.nbytes + shm_bytes, "shared-memory tensors")
         check_message_size(request, self.config.max_message_bytes, id_bytes)
-        decoding = convert.target_decode_nbytes(request.target, request.options.shift_targets)
+        decoding = convert.target_decode_nbytes(request.target, request.options.shift_targets, request.options.HasField("weight"))
         if decoding:  # the int64 copy of narrower class targets (8x a uint8 target) and their masks
             await _reserve(held, held.nbytes + decoding, "decoding the class-index targets", wait_s)
         if shm_bytes:  # copying a shared-memory segment takes a while: not on the event loop
@@ -294,15 +295,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise engine.InvalidInput("header", "the first EvaluateChunk must carry the header")
         id_bytes = check_id("header.id", first.header.id, self.config.max_id_bytes)
         target, options = first.header.target, first.header.options
-        decoding = convert.target_decode_nbytes(target, options.shift_targets)
+        decoding = convert.target_decode_nbytes(target, options.shift_targets, options.HasField("weight"))
         if decoding:  # as a unary request's (see _prepare), reserved before they are made
             call.hold(header_held, header_held.nbytes + decoding, "decoding the header's class-index targets", "EvaluateChunk")
         shm = codec.shm_nbytes({"header.target": target, "options.weight": options.weight, "options.pos_weight": options.pos_weight})
-        if shm:  # reserved before they are copied, and copied off the event loop
+        if shm:  # reserved before they are copied
             call.hold(header_held, header_held.nbytes + shm, "shared-memory header tensors", "EvaluateChunk")
-            assembler = await header_held.run_in_thread(ChunkAssembler, first.header, self.shm_reader)
-        else:
-            assembler = ChunkAssembler(first.header, self.shm_reader)
+        make = functools.partial(ChunkAssembler, first.header, self.shm_reader)
+        off_loop = shm or decoding > self.config.inline_batch_bytes  # copying or converting many targets
+        assembler = await header_held.run_in_thread(make) if off_loop else make()
         plan = assembler.plan
         check_broadcast(plan, self.config.max_broadcast_elements)
         answer = check_answer_size(plan, self.config.max_send_message_bytes, id_bytes)

@@ -247,8 +247,8 @@ def test_32_concurrent_large_unary_calls_wait_for_the_budget_and_all_succeed(bud
 
 
 
-@pytest.mark.parametrize("target_dtype, shift", [(np.uint8, False), (np.int64, True)])
-def test_a_queued_request_counts_its_decoded_class_targets(target_dtype, shift):
+@pytest.mark.parametrize("target_dtype, shift, weighted", [(np.uint8, False, False), (np.int64, True, False), (np.uint8, False, True)])
+def test_a_queued_request_counts_its_decoded_class_targets(target_dtype, shift, weighted):
     """uint8 class targets are copied to int64 (8x their bytes) and shifted ones copied once more;
     a request waiting in the batcher's queue holds those copies, so they are counted in the budget
     (they were not: ten 60 MB uint8-target requests held 2.7 GiB on a 1 GiB budget)."""
@@ -256,6 +256,8 @@ def test_a_queued_request_counts_its_decoded_class_targets(target_dtype, shift):
     x = np.zeros((1, rows, 1) if shift else (rows, 1), np.float16)
     t = np.zeros((1, rows) if shift else (rows,), target_dtype)
     msg = request_msg(x, t, class_axis=-1 if shift else 1, shift_targets=shift)
+    if weighted:  # summing the counted targets' weights gathers and masks them (in float32), and copies the indices
+        tensors.to_proto(np.ones(1, np.float16), msg.options.weight)
     server = start_server(*HOG_FLAGS, metrics=True)
     try:
         with EngineHog(server), grpc.insecure_channel(server.address, options=RAW) as channel:
@@ -269,7 +271,7 @@ def test_a_queued_request_counts_its_decoded_class_targets(target_dtype, shift):
                 time.sleep(0.05)
             assert depth == 1
             held = server.metrics()["lossd_memory_held_bytes"] - before
-            copies = 8 * ((target_dtype != np.int64) + shift) + 1  # int64 copies and the not-ignored mask
+            copies = 8 * ((target_dtype != np.int64) + shift) + 1 + (8 + 4 + 4 if weighted else 0)  # int64 copies, mask, weights
             assert held >= x.nbytes + t.nbytes + copies * rows, (held, copies)
             queued.cancel()
         a_good_call_still_works(server.address)

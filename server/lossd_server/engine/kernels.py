@@ -97,7 +97,7 @@ def fused_losses(plan: Plan, x: torch.Tensor, t: torch.Tensor, *, overwrite: boo
 
 def target_totals(flat: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor | None, compute_dtype: torch.dtype) -> tuple[float, int]:
     """(Σ w[y] in float64 over the counted targets, as the compute dtype sees w; their count)."""
-    counted = int(valid.sum())
+    counted = int(torch.count_nonzero(valid))  # valid.sum() makes an int64 copy: 8 bytes a target
     if weight is None:
         return float(counted), counted
     if not weight.numel():
@@ -160,7 +160,7 @@ def class_partial(plan: Plan, terms: ClassTerms, u0: int, u1: int) -> Partial:
         losses.cpu() if plan.needs_losses() else None,
         sum64(losses),
         sum64(wt),
-        int(valid.sum()),
+        int(torch.count_nonzero(valid)),
     )
     if terms.smooth is not None:
         part.nll_sum = sum64(terms.nll)

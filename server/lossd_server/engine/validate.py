@@ -201,12 +201,17 @@ def _class(spec, input_shape, input_dtype, target, weight, class_axis, target_st
     )
 
 
-def class_target_nbytes(elements: int, *, int64: bool, shift: bool) -> int:
-    """The most memory :func:`_resolve_targets` takes beside the target it is given, in bytes:
-    an int64 copy of narrower targets (uint8: 8x their bytes), the shifted copy, the not-ignored
-    mask, and the masks that find the first target out of range. A server reserves it before
-    decoding, from the target's wire header alone."""
-    return elements * (8 * ((not int64) + shift) + 1 + 3)
+def class_target_nbytes(elements: int, *, int64: bool, shift: bool, weighted: bool = False) -> int:
+    """The most memory decoding class-index targets takes beside the targets it is given, in bytes:
+    :func:`_resolve_targets`' int64 copy of narrower targets (uint8: 8x their bytes), the shifted
+    copy, the not-ignored mask and what finding the first target out of range takes (three masks
+    and the positions); with class weights, what :func:`kernels.target_totals` makes to sum them
+    (the gathered weights, their masked copy and its float64 scratch, the index copy). A server
+    reserves it before decoding, from the target's wire header alone."""
+    per_target = 8 * ((not int64) + shift) + 1 + 3 + 8
+    if weighted:
+        per_target += 8 + 8 + 8 + 8 + 1
+    return elements * per_target
 
 
 def _resolve_targets(spec: LossSpec, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
