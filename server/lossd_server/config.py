@@ -269,6 +269,8 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 INT32_MAX = 2**31 - 1
+#: Every integer setting fits int64 (GetServerInfo carries the limits in int64 fields).
+INT64_MAX = 2**63 - 1
 #: gRPC takes its connection timers as int32 milliseconds.
 MAX_GRPC_MS_S = INT32_MAX / 1000
 #: Threads of one kind per process: more than any machine has cores is a typo, and torch would start them.
@@ -292,15 +294,17 @@ class Bounds:
             return True
         if value < self.low or (self.above and value == self.low):
             return False
-        return self.high is None or value <= self.high
+        high = self.high if self.high is not None or isinstance(value, float) else INT64_MAX
+        return high is None or value <= high
 
-    def describe(self, floating: bool) -> str:
+    def describe(self, floating: bool, value: float | None = None) -> str:
         if self.off:
             text = f"0 (off) or at least {_number(self.low)}"
         else:
             text = f"{'>' if self.above else '>='} {_number(self.low)}"
-        if self.high is not None:
-            text += f" and <= {_number(self.high)}"
+        high = self.high if self.high is not None or floating or value is None or value <= INT64_MAX else INT64_MAX
+        if high is not None:
+            text += f" and <= {_number(high)}"
         if self.note:
             text += f" ({self.note})"
         return text + (", a finite number" if floating else "")
@@ -369,7 +373,7 @@ def validate(config: ServerConfig, from_env: Collection[str] = ()) -> None:
     for name, bounds in BOUNDS.items():
         value = getattr(config, name)
         if not bounds.accepts(value):
-            raise SystemExit(f"{setting_name(name, from_env)} must be {bounds.describe(isinstance(value, float))}, got {value!r}")
+            raise SystemExit(f"{setting_name(name, from_env)} must be {bounds.describe(isinstance(value, float), value)}, got {value!r}")
     for name, (pattern, spellings) in CHOICES.items():
         value = getattr(config, name)
         if not re.fullmatch(pattern, value):
@@ -398,7 +402,7 @@ def check_environment(environ: Mapping[str, str]) -> None:
         except ValueError:
             value = None
         if value is None or not bounds.accepts(value):
-            raise SystemExit(f"{env} must be an integer {bounds.describe(False)}, got {text!r}")
+            raise SystemExit(f"{env} must be an integer {bounds.describe(False, value)}, got {text!r}")
 
 
 def check_tls_files(config: ServerConfig, from_env: Collection[str] = ()) -> None:

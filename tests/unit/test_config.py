@@ -106,6 +106,13 @@ BAD_VALUES = [
     ("max_concurrent_calls", "99999999999"),
     ("transport_window_bytes", "99999999999"),
     ("max_message_bytes", "99999999999"),
+    # past int64, which GetServerInfo's fields hold (it answered UNKNOWN "Value out of range")
+    ("max_id_bytes", "99999999999999999999"),
+    ("max_broadcast_elements", str(2**63)),
+    ("max_batch_rows", str(2**63)),
+    ("max_batch_bytes", str(2**64)),
+    ("max_queue_requests", str(2**63)),
+    ("max_queue_bytes", str(2**63)),
     ("log_level", "LOUD"),
     ("log_level", "5"),
     ("device", "tpu"),
