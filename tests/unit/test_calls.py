@@ -96,11 +96,15 @@ def test_calls_that_keep_bytes_and_wait_to_read_are_refused_one_by_one_not_left_
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("wrote, waits", [(None, True), ("before the end", False), ("after the end", False)])
-def test_a_stream_waits_for_a_cancel_to_land_only_when_it_wrote_no_answer(monkeypatch, wrote, waits):
-    """A stream's end of stream may be a client's cancel; one that wrote no answer at all waits
-    CANCEL_SETTLE_S for it before answering OK. One that wrote answers does not wait: a client that
-    half-closes after reading every answer (evaluate_many) paid 50 ms at the end of each stream."""
+@pytest.mark.parametrize(
+    "wrote, deadline_s, waits",
+    [(None, None, True), ("before the end", None, False), ("after the end", None, False), ("before the end", 0.3, True), ("before the end", 5, False)],
+)
+def test_a_stream_waits_for_a_cancel_to_land_only_when_it_wrote_no_answer_or_ended_at_its_deadline(monkeypatch, wrote, deadline_s, waits):
+    """A stream's end of stream may be a client's cancel (its deadline arrives as one); one that
+    wrote no answer at all, or ended within DEADLINE_SKEW_S of its deadline, waits CANCEL_SETTLE_S
+    for it before answering OK. Others do not wait: a client that half-closes after reading every
+    answer (evaluate_many) paid 50 ms at the end of each stream."""
     slept = []
 
     async def sleep(seconds):
@@ -111,6 +115,7 @@ def test_a_stream_waits_for_a_cancel_to_land_only_when_it_wrote_no_answer(monkey
         monkeypatch.setattr("lossd_server.calls.asyncio.sleep", sleep)
         now = time.monotonic()
         call._end_at = now
+        call.deadline = None if deadline_s is None else now + deadline_s
         if wrote is not None:
             call._wrote_at = now - 0.01 if wrote == "before the end" else now + 0.01
         await call.settle_end()
