@@ -170,16 +170,65 @@ def _task_cancelling() -> bool:
     return cancelling is None or cancelling() > 0
 
 
+#: What grpc.aio reports for a client stream whose write failed before the server's status was
+#: read (``_write`` → ``set_internal_error``): the server's own status is lost.
+LOST_STATUS_DETAILS = "Internal error from Core"
+
+
 async def _chunked(
     connections: Sequence[Connection], streams: Sequence[Iterator[bytes]], timeout: float | None
 ) -> list[pb.EvaluateResponse]:
-    """One EvaluateChunked call per stream, all at once, each over its own connection; their answers in order."""
-    calls = [c.evaluate_chunked(s, timeout=timeout) for c, s in zip(connections, streams, strict=True)]
+    """One EvaluateChunked call per stream, all at once, each over its own connection; their answers in order.
+
+    A server that refuses a call at its header answers while the client still writes its rows; when
+    grpc.aio's next write fails before it has read that answer, it ends the call INTERNAL "Internal
+    error from Core" (the blocking client gets the server's status). The header alone is then sent
+    again and the server's verdict on it raised instead, when it refuses it."""
+    firsts = [_FirstKept(s) for s in streams]
+    calls = [c.evaluate_chunked(f, timeout=timeout) for c, f in zip(connections, firsts, strict=True)]
     try:
         return list(await asyncio.gather(*calls))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.INTERNAL or exc.details() != LOST_STATUS_DETAILS:
+            raise
+        for connection, first in zip(connections, firsts, strict=True):
+            verdict = await _header_verdict(connection, first.first, timeout)
+            if verdict is not None:
+                raise verdict from None
+        raise
     finally:
         for call in calls:
             call.cancel()  # the others, when one failed
+
+
+class _FirstKept:
+    """An iterator of a call's messages that keeps the first (the header)."""
+
+    def __init__(self, messages: Iterator[bytes]) -> None:
+        self._messages = iter(messages)
+        self.first: bytes | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        message = next(self._messages)
+        if self.first is None:
+            self.first = message
+        return message
+
+
+async def _header_verdict(connection: Connection, header: bytes | None, timeout: float | None) -> grpc.aio.AioRpcError | None:
+    """The server's refusal of an EvaluateChunked call made of ``header`` alone, or None: no header,
+    or one it accepts (it then misses its rows: not what failed the call)."""
+    if header is None:
+        return None
+    try:
+        await connection.evaluate_chunked(iter([header]), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        missing_rows = exc.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.details().startswith("input_rows: received ")
+        return None if missing_rows or exc.code() == grpc.StatusCode.INTERNAL else exc
+    return None
 
 
 async def _merged(calls: Sequence[Any], inbox: asyncio.Queue) -> AsyncIterator[Any]:
