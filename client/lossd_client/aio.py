@@ -152,7 +152,13 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
             self._server_max = (await self.server_info(timeout_s=timeout)).max_receive_message_bytes
         call, rpc = self._compare_call(inputs, progress)
         with self._errors(timeout):
-            return call.parse(await rpc(call.request, timeout=timeout))
+            if not call.chunked:
+                return call.parse(await rpc(call.request, timeout=timeout))
+            kept = _FirstKept(call.request)
+            try:
+                return call.parse(await rpc(kept, timeout=timeout))
+            except grpc.aio.AioRpcError as exc:
+                raise await _header_verdict(exc, rpc, [kept.first], timeout) from None
 
 
 #: What gRPC's blocking calls report when their channel is closed under them.
@@ -189,13 +195,7 @@ async def _chunked(
     try:
         return list(await asyncio.gather(*calls))
     except grpc.aio.AioRpcError as exc:
-        if exc.code() != grpc.StatusCode.INTERNAL or exc.details() != LOST_STATUS_DETAILS:
-            raise
-        for connection, first in zip(connections, firsts, strict=True):
-            verdict = await _header_verdict(connection, first.first, timeout)
-            if verdict is not None:
-                raise verdict from None
-        raise
+        raise await _header_verdict(exc, connections[0].evaluate_chunked, [f.first for f in firsts], timeout) from None
     finally:
         for call in calls:
             call.cancel()  # the others, when one failed
@@ -218,17 +218,24 @@ class _FirstKept:
         return message
 
 
-async def _header_verdict(connection: Connection, header: bytes | None, timeout: float | None) -> grpc.aio.AioRpcError | None:
-    """The server's refusal of an EvaluateChunked call made of ``header`` alone, or None: no header,
-    or one it accepts (it then misses its rows: not what failed the call)."""
-    if header is None:
-        return None
-    try:
-        await connection.evaluate_chunked(iter([header]), timeout=timeout)
-    except grpc.aio.AioRpcError as exc:
-        missing_rows = exc.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.details().startswith("input_rows: received ")
-        return None if missing_rows or exc.code() == grpc.StatusCode.INTERNAL else exc
-    return None
+async def _header_verdict(
+    exc: grpc.aio.AioRpcError, rpc: Callable, headers: Sequence[bytes | None], timeout: float | None
+) -> grpc.aio.AioRpcError:
+    """What a chunked call that ended ``exc`` raises: ``exc``, unless it is grpc.aio's lost status
+    (:data:`LOST_STATUS_DETAILS`) and the server refuses one of ``headers`` sent alone through
+    ``rpc`` (a header it accepts only misses its rows there: not what failed the call)."""
+    if exc.code() != grpc.StatusCode.INTERNAL or exc.details() != LOST_STATUS_DETAILS:
+        return exc
+    for header in headers:
+        if header is None:
+            continue
+        try:
+            await rpc(iter([header]), timeout=timeout)
+        except grpc.aio.AioRpcError as verdict:
+            missing_rows = verdict.code() == grpc.StatusCode.INVALID_ARGUMENT and " rows of the header's " in verdict.details()
+            if not missing_rows and verdict.code() != grpc.StatusCode.INTERNAL:
+                return verdict
+    return exc
 
 
 async def _merged(calls: Sequence[Any], inbox: asyncio.Queue) -> AsyncIterator[Any]:

@@ -461,3 +461,22 @@ def test_the_example_prints_the_same_figures_on_every_run(server):
     runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=300) for _ in range(2)]
     assert all(out.returncode == 0 for out in runs), runs[0].stdout + runs[0].stderr
     assert "(5 steps," in runs[0].stdout and runs[0].stdout == runs[1].stdout
+
+
+def test_the_async_client_raises_the_servers_refusal_of_a_compare_header_as_the_blocking_one_does(small_server):
+    """As for EvaluateChunked: CompareChunked refused at its header (a token out of the vocabulary)
+    while the client still writes rows could end INTERNAL "Internal error from Core" in grpc.aio."""
+    rng = np.random.default_rng(1)
+    reference = rng.standard_normal((4, 600, 50), dtype=np.float32)
+    tokens = rng.integers(0, 50, (4, 600))
+    tokens[1, 7] = 77
+
+    async def main():
+        async with AsyncLossClient(small_server.address, timeout_s=60) as client:
+            for _ in range(20):
+                with pytest.raises(InvalidArgumentError, match=r"^target: Target 77 is out of bounds"):
+                    await client.compare(reference, reference, tokens)
+
+    asyncio.run(main())
+    with LossClient(small_server.address) as client, pytest.raises(InvalidArgumentError, match=r"^target: Target 77 is out of bounds"):
+        client.compare(reference, reference, tokens)
