@@ -325,17 +325,25 @@ def test_sigterm_with_calls_on_the_wire_to_both_workers_loses_nothing():
     assert log.count("(drain)") == 2 and log.count("stopped (exit status 0)") == 2, log
 
 
+
+def signal_worker_0_under_load(proc, sig: int) -> tuple[dict[int, int], Load]:
+    """Send ``sig`` to worker 0 while a client keeps calling; return once its replacement serves,
+    it has exited and calls went on: the worker pids before, and the load (its failures)."""
+    old = worker_pids(proc.log())
+    with LossClient(proc.address, connections=4, timeout_s=60) as client:
+        with Load(lambda seed: checked_call(client, seed, rows=32, classes=512)) as load:
+            load.wait_calls(30)
+            os.kill(old[0], sig)
+            wait_for(lambda: worker_pids(proc.log())[0] != old[0], what="a new worker 0")
+            wait_for(lambda: not alive(old[0]), what="the signalled worker to finish")
+            wait_for(lambda: proc.log().count("all 2 workers warm: SERVING") == 2, what="SERVING again")
+            load.wait_calls(60)
+    return old, load
+
 def test_a_killed_worker_is_replaced_and_the_server_keeps_serving():
     proc = start_server(*FLAGS, metrics=True)
     try:
-        old = worker_pids(proc.log())
-        with LossClient(proc.address, connections=4, timeout_s=60) as client:
-            with Load(lambda seed: checked_call(client, seed, rows=32, classes=512)) as load:
-                load.wait_calls(30)
-                os.kill(old[0], signal.SIGKILL)
-                wait_for(lambda: worker_pids(proc.log())[0] != old[0], what="a new worker 0")
-                wait_for(lambda: proc.log().count("all 2 workers warm: SERVING") == 2, what="SERVING again")
-                load.wait_calls(60)
+        old, load = signal_worker_0_under_load(proc, signal.SIGKILL)
         assert not load.failures, load.failures[:3]
         new = worker_pids(proc.log())
         assert new[0] != old[0] and new[1] == old[1] and not alive(old[0])
@@ -354,15 +362,7 @@ def test_a_worker_sent_its_own_sigterm_finishes_its_calls_and_a_new_one_takes_it
     gets a new worker at once, and the log says so instead of reporting a death."""
     proc = start_server(*FLAGS, metrics=True)
     try:
-        old = worker_pids(proc.log())
-        with LossClient(proc.address, connections=4, timeout_s=60) as client:
-            with Load(lambda seed: checked_call(client, seed, rows=32, classes=512)) as load:
-                load.wait_calls(30)
-                os.kill(old[0], signal.SIGTERM)
-                wait_for(lambda: worker_pids(proc.log())[0] != old[0], what="a new worker 0")
-                wait_for(lambda: not alive(old[0]), what="the signalled worker to finish")
-                wait_for(lambda: proc.log().count("all 2 workers warm: SERVING") == 2, what="SERVING again")
-                load.wait_calls(60)
+        old, load = signal_worker_0_under_load(proc, signal.SIGTERM)
         assert not load.failures, load.failures[:3]
         log = proc.log()
         assert f"worker 0 (pid {old[0]}) got its own stop signal" in log, log
