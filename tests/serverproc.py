@@ -24,14 +24,13 @@ def start_server(
     metrics: bool = False,
     program: Sequence[str] = ("-m", "lossd_server"),
     ready_when: Callable[[str], bool] | None = None,
-    preexec_fn: Callable[[], None] | None = None,
 ) -> ServerProcess:
     """Run ``python -m lossd_server --host 127.0.0.1 --port 0 ...`` and wait until it is SERVING.
 
     ``metrics=True`` serves /metrics on a port the OS picks (``.metrics_port``); a ``--port`` in
     ``args`` replaces ``--port 0`` (to restart a server on the same port). ``program``: what
     python runs instead of ``-m lossd_server``; ``ready_when``: a log line that means ready
-    instead of SERVING; ``preexec_fn``: run in the child before python starts (resource limits).
+    instead of SERVING (no ``preexec_fn``: see :func:`lossd_server.spawn.spawn`).
     """
     cmd = [sys.executable, *program, "--host", "127.0.0.1"]
     if not any(a.startswith("--port") for a in args):
@@ -41,7 +40,7 @@ def start_server(
     if TEST_DEVICE and not any(a.startswith("--device") for a in args):
         cmd += ["--device", TEST_DEVICE]
     cmd += list(args)
-    return spawn(cmd, env=env, timeout_s=timeout_s, ready_when=ready_when, preexec_fn=preexec_fn)
+    return spawn(cmd, env=env, timeout_s=timeout_s, ready_when=ready_when)
 
 
 HOG_FLAGS = ("--chunk-bytes", "32", "--compute-threads", "1")

@@ -102,20 +102,20 @@ def spawn(
     timeout_s: float = 60.0,
     make: Callable[[subprocess.Popen], P] = ServerProcess,
     ready_when: Callable[[str], bool] | None = None,
-    preexec_fn: Callable[[], None] | None = None,
 ) -> P:
     """Start ``cmd`` and return once its log says SERVING (raises with the log otherwise).
 
     ``ready_when``: a log line that means ready instead (e.g. listening, for a server whose
-    warm-up the caller holds back); ``preexec_fn``: run in the child before ``cmd`` (e.g. to
-    start it under other resource limits)."""
+    warm-up the caller holds back). No ``preexec_fn``: Popen then forks this process (instead of
+    vfork), which runs gRPC's fork handlers; they restart gRPC's poller threads in the child, whose
+    epoll descriptor Popen then closes before exec, and the child aborts ("Epoll1Poller ...
+    epoll_wait error: Bad file descriptor"): 2-4 of 300 starts from a process with a gRPC channel.
+    A child that needs other resource limits sets them itself."""
     is_ready = ready_when or _serving
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(
-        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=cwd, preexec_fn=preexec_fn
-    )
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=cwd)
     server = make(proc)
     ready = threading.Event()
 

@@ -127,10 +127,14 @@ def test_the_soft_open_files_limit_is_raised_to_the_hard_one(workers):
     if hard <= LOW_SOFT_LIMIT:
         pytest.skip(f"the hard open files limit here ({hard}) leaves nothing to raise")
 
-    def low_soft_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (LOW_SOFT_LIMIT, hard))
-
-    proc = start_server("--workers", workers, preexec_fn=low_soft_limit)
+    # the child lowers its own soft limit, then runs lossd_server (a preexec_fn would fork this
+    # process, gRPC threads and all: see lossd_server.spawn.spawn)
+    low_soft_limit = (
+        "import resource, runpy; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({LOW_SOFT_LIMIT}, {hard})); "
+        "runpy.run_module('lossd_server', run_name='__main__', alter_sys=True)"
+    )
+    proc = start_server("--workers", workers, program=("-c", low_soft_limit))
     try:
         pids = [proc.proc.pid, *proc.worker_pids().values()]
         assert len(pids) == (1 if workers == "1" else 3), proc.log()
