@@ -64,8 +64,8 @@ def batch_key(plan: engine.Plan, fuse_max_bytes: int = FUSE_MAX_REQUEST_BYTES) -
     """Requests with equal keys may share one fused pass; None means "evaluate alone"."""
     if plan.kind is not engine.TargetKind.CLASS or plan.input_nbytes > fuse_max_bytes:
         return None
-    if plan.fused_kernel and plan.geometry.kdim:
-        return None  # torch's kernel in the (N, C, d...) layout: its rows cannot join other rows
+    if plan.geometry.kdim and (plan.fused_kernel or plan.spec.loss == engine.CROSS_ENTROPY):
+        return None  # log-probabilities in torch's (N, C, d...) layout (see kernels.kdim_class_terms): its rows cannot join other rows
     spec = plan.spec
     return BatchKey(spec.loss, plan.num_classes, plan.compute_dtype, weight_key(plan.weight, plan.compute_dtype), spec.smoothing)
 

@@ -9,6 +9,7 @@ Errors: the engine raises InvalidInput exactly when torch raises.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lossd_server import engine
+from lossd_server import batch_engine, engine
 
 FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 HALF = (torch.float16, torch.bfloat16)
@@ -359,15 +360,15 @@ def test_fused_path_leaves_the_input_alone_and_computes_half_in_float32(dtype: t
 
 
 @st.composite
-def kdim_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
+def kdim_case(draw: st.DrawFn, *, class_cross_entropy: bool = False) -> tuple[engine.LossSpec, dict[str, Any]]:
     """(N, C, d1..dk) inputs: class indices through torch's fused kernel (no extras), or class
-    probabilities."""
+    probabilities (``class_cross_entropy``: only cross_entropy of class indices)."""
     dtype = draw(st.sampled_from(FLOATS))
     n, c = draw(st.integers(1, 4)), draw(st.integers(1, 40))
     dims = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=3)))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     x = torch.randn((n, c, *dims), generator=g, dtype=torch.float64).mul(draw(st.sampled_from((1.0, 8.0)))).to(dtype)
-    probabilities = draw(st.booleans())
+    probabilities = not class_cross_entropy and draw(st.booleans())
     if probabilities:
         t = torch.rand((n, c, *dims), generator=g, dtype=torch.float64).softmax(1).to(dtype)
     else:
@@ -377,7 +378,7 @@ def kdim_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
     tensors: dict[str, Any] = {"input": x, "target": t}
     if draw(st.booleans()):
         tensors["weight"] = torch.rand(c, generator=g, dtype=torch.float64).mul(2).to(dtype)
-    loss = engine.CROSS_ENTROPY if probabilities else draw(st.sampled_from((engine.CROSS_ENTROPY, engine.NLL)))
+    loss = engine.CROSS_ENTROPY if probabilities or class_cross_entropy else draw(st.sampled_from((engine.CROSS_ENTROPY, engine.NLL)))
     smoothing = draw(st.sampled_from((0.0, 0.1))) if loss == engine.CROSS_ENTROPY else 0.0
     reduction = draw(st.sampled_from(("none", "sum") if smoothing and not probabilities else engine.REDUCTIONS))
     return engine.LossSpec(loss=loss, reduction=reduction, label_smoothing=smoothing), tensors
@@ -399,6 +400,41 @@ def test_kdim_inputs_are_torchs_own_kernel_bit_for_bit(case: tuple[engine.LossSp
         assert torch.equal(got, want.to(got.dtype))
     else:
         assert_matches_torch(got, spec.loss, tensors, options)  # float64 sums: see the module docstring
+
+
+@SETTINGS
+@given(kdim_case(class_cross_entropy=True), st.sampled_from((64, 4096, engine.DEFAULT_CHUNK_BYTES)), st.booleans())
+def test_kdim_extras_come_with_torchs_own_log_probabilities_bit_for_bit(
+    case: tuple[engine.LossSpec, dict[str, Any]], chunk_bytes: int, sequence_stats: bool
+) -> None:
+    """With per-token extras (or sequence statistics) the log-probabilities of (N, C, d...)
+    cross_entropy inputs are still taken in torch's layout: per-element losses are torch's bit for
+    bit, and target_logprob is torch's log_softmax along the class axis, picked (they were taken
+    as (rows, C): an ulp off in about a fifth of the float32 elements, losses included)."""
+    spec, tensors = case
+    t = tensors["target"]
+    spec = dataclasses.replace(spec, reduction="none", extras=("target_logprob", "entropy"), sequence_stats=sequence_stats)
+    compute = torch.float64 if tensors["input"].dtype == torch.float64 else torch.float32
+    floats = cast_floats(tensors, compute)
+    got = evaluate(spec, tensors, chunk_bytes=chunk_bytes)
+    assert torch.equal(got.loss, torch_call(spec.loss, **floats, **torch_options(spec)).to(got.loss.dtype))
+    ignored = t == spec.ignore_index
+    logp = torch.log_softmax(floats["input"], 1).gather(1, t.masked_fill(ignored, 0).unsqueeze(1)).squeeze(1)
+    assert torch.equal(got.extras["target_logprob"].reshape(t.shape), logp.masked_fill(ignored, 0.0).to(got.extras["target_logprob"].dtype))
+
+
+def test_kdim_requests_with_extras_are_not_fused_with_others_rows() -> None:
+    """Two (N, C, d) requests with extras in one batch: each keeps torch's K-dim log-probabilities
+    (as rows of a fused pass they were an ulp off)."""
+    gen = torch.Generator().manual_seed(7)
+    spec = engine.LossSpec(reduction="none", extras=("target_logprob",))
+    jobs, wants = [], []
+    for _ in range(2):
+        x, t = torch.randn(2, 33, 5, generator=gen) * 4, torch.randint(0, 33, (2, 5), generator=gen)
+        jobs.append(batch_engine.Job(engine.plan(spec, x.shape, x.dtype, t), x, t))
+        wants.append(F.cross_entropy(x, t, reduction="none"))
+    for result, want in zip(batch_engine.evaluate_batch(jobs), wants, strict=True):
+        assert torch.equal(result.loss, want)
 
 
 def test_cached_validation_still_checks_each_requests_targets() -> None:

@@ -45,13 +45,44 @@ def evaluate_chunk(plan: Plan, xu: torch.Tensor, tu: torch.Tensor | None, unit_s
         if upcast_copy:
             x = upcast(x, plan.compute_dtype, reuse=True)
         return class_fused(plan, x, r0, r1, unit_start, u1, overwrite=upcast_copy)
+    t, valid = plan.target[r0:r1].to(device), plan.valid[r0:r1].to(device)
+    if plan.geometry.kdim and plan.spec.loss == CROSS_ENTROPY:  # with extras or statistics (else fused above)
+        return class_partial(plan, kdim_class_terms(plan, xu, t, valid, device), unit_start, u1)
     # class-index rows are consumed before the next chunk is upcast into the same scratch buffer
     x = plan.geometry.rows_of(xu, device, plan.compute_dtype, reuse=True)
     if plan.fused_kernel:
         # upcast rows are the engine's own copy: their log-probabilities may overwrite them
         return class_fused(plan, x, r0, r1, unit_start, u1, overwrite=x.dtype != xu.dtype)
-    terms = class_terms(plan, x, plan.target[r0:r1].to(device), plan.valid[r0:r1].to(device))
-    return class_partial(plan, terms, unit_start, u1)
+    return class_partial(plan, class_terms(plan, x, t, valid), unit_start, u1)
+
+
+def kdim_class_terms(plan: Plan, xu: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, device) -> ClassTerms:
+    """:func:`class_terms` of (units, C, positions) cross_entropy logits whose log-probabilities
+    (and label smoothing's class sums) are taken in that layout, torch's own for K-dim inputs: the
+    same values as ``F.cross_entropy``'s, where the row kernel differs by an ulp in about a fifth of
+    the elements (and so did the extras). The rows are a copy of those log-probabilities."""
+    x = xu.to(device, non_blocking=True)
+    if x.dtype != plan.compute_dtype:
+        x = upcast(x, plan.compute_dtype, reuse=True)
+    units, classes, positions = x.shape
+    on_cpu = x.device.type == "cpu"
+    # on the CPU into this thread's buffers (fresh chunk-sized tensors are page-faulted in every
+    # time), consumed (losses, extras) before it evaluates anything else
+    logp_units = (
+        torch.log_softmax(x, 1, out=scratch("kdim.log_softmax", x.numel(), x.dtype).view(x.shape)) if on_cpu else torch.log_softmax(x, 1)
+    )
+    smooth = None
+    if plan.spec.smoothing > 0.0:  # as torch: -(logp * w).sum(class axis), in its layout
+        w = _weight_on(plan, device)
+        weighted = logp_units if w is None else logp_units * w.view(1, -1, 1)
+        smooth = torch.neg(weighted.sum(1)).reshape(-1)
+    by_position = logp_units.transpose(1, 2)
+    if on_cpu:
+        rows = scratch("log_softmax", x.numel(), x.dtype).view(units, positions, classes).copy_(by_position)
+    else:
+        rows = by_position.contiguous()
+    rows = rows.view(units * positions, classes)
+    return class_terms(plan, rows, t, valid, logp=rows, smooth=smooth)
 
 
 def class_fused(plan: Plan, x: torch.Tensor, r0: int, r1: int, u0: int, u1: int, *, overwrite: bool = False) -> Partial:
@@ -115,15 +146,27 @@ def _weight_on(plan: Plan, device) -> torch.Tensor | None:
     return None if plan.weight is None else plan.weight.to(device=device, dtype=plan.compute_dtype)
 
 
-def class_terms(plan: Plan, x: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> ClassTerms:
+def class_terms(
+    plan: Plan,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    logp: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
+) -> ClassTerms:
     """Per-row terms of a class-index loss for (rows, C) compute-dtype logits ``x``.
 
     Depends only on the loss, C, compute dtype, class weights and label smoothing, so rows of
-    several compatible requests may be evaluated together (see batch_engine).
+    several compatible requests may be evaluated together (see batch_engine). ``logp`` and
+    ``smooth``: the rows' log-probabilities and label smoothing's per-row class sums, when the
+    caller has them (see :func:`kdim_class_terms`).
     """
     spec = plan.spec
     tc = t.masked_fill(~valid, 0)
-    if spec.loss != CROSS_ENTROPY:
+    if logp is not None:
+        pass
+    elif spec.loss != CROSS_ENTROPY:
         logp = x
     elif x.device.type == "cpu":
         # consumed (losses, extras) before this thread evaluates anything else
@@ -145,7 +188,8 @@ def class_terms(plan: Plan, x: torch.Tensor, t: torch.Tensor, valid: torch.Tenso
     ls = spec.smoothing
     if ls <= 0.0:
         return ClassTerms(x, logp, picked, tc, valid, nll, wt)
-    smooth = -(logp * w).sum(1) if w is not None else -logp.sum(1)
+    if smooth is None:
+        smooth = -(logp * w).sum(1) if w is not None else -logp.sum(1)
     smooth = torch.where(valid, smooth, 0.0)
     losses = (1 - ls) * nll + smooth * share(ls, plan.num_classes)
     return ClassTerms(x, logp, picked, tc, valid, losses, wt, nll, smooth)
