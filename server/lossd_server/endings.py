@@ -47,11 +47,19 @@ def over_status(left_s: float | None, cancelled: bool) -> grpc.StatusCode | None
     return grpc.StatusCode.CANCELLED if cancelled else None
 
 
+#: A call that failed after an end of stream this close to its deadline waits for the deadline.
+SETTLE_TO_DEADLINE_S = 3 * CANCEL_SETTLE_S
+
+
 def failure_settle_s(left_s: float | None) -> float:
     """How long a call that failed after an end of stream waits before its status is decided, so
     that a cancel that reached its read as that end lands first: CANCEL_SETTLE_S, or until its
-    deadline when that is at most DEADLINE_SKEW_S away (then it is DEADLINE_EXCEEDED, as the client sees it)."""
-    if left_s is not None and left_s <= DEADLINE_SKEW_S:
+    deadline when that is at most SETTLE_TO_DEADLINE_S away (then it is DEADLINE_EXCEEDED, as the
+    client sees it, even should the cancel land late). Not until any deadline within
+    DEADLINE_SKEW_S: a cancel that lands in the settle time is counted by :func:`over_status`
+    anyway, and a client still waiting, with a deadline of 0.3 s, got DEADLINE_EXCEEDED at its
+    deadline instead of the INVALID_ARGUMENT naming what its call lacked."""
+    if left_s is not None and left_s <= SETTLE_TO_DEADLINE_S:
         return max(CANCEL_SETTLE_S, left_s + 0.001)  # asyncio may wake a timer a clock tick early
     return CANCEL_SETTLE_S
 

@@ -289,3 +289,17 @@ def test_the_async_client_raises_the_servers_refusal_of_a_chunked_header_as_the_
             assert (await client.evaluate(LossRequest(x, t))).counted == 2000  # the client still works
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("timeout_s", [0.45, 0.3])
+def test_a_chunked_call_missing_rows_with_a_short_deadline_is_told_what_it_lacks(small_server, timeout_s):
+    """A chunked call that ends before its header's rows did is answered INVALID_ARGUMENT naming
+    them, also with a deadline under half a second: the server's wait for a cancel that might
+    have looked like that end of stream ran to such a deadline (DEADLINE_EXCEEDED at 0.3 / 0.45 s)."""
+    msg, _ = core.build(LossRequest(np.zeros((4, 3), np.float32), np.zeros(4, np.int64)))
+    header = next(iter(core.chunk_messages(msg, chunk_bytes=12)))  # at most one 3-class float32 row a message
+    with grpc.insecure_channel(small_server.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.LossServiceStub(channel).EvaluateChunked(iter([header]), timeout=timeout_s)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith("input_rows: received ") and " of 4 rows" in info.value.details(), info.value.details()
