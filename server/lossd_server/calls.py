@@ -32,15 +32,25 @@ READ_RESERVATION = "twice gRPC's receive limit, which max_message_bytes sets"
 
 
 class CallTracker:
-    """Calls in progress, for the drain: the server stops once gRPC is done with every one."""
+    """Calls in progress, for the drain: the server stops once gRPC is done with every one.
+
+    Before gRPC's graceful stop the drain holds answers back (:meth:`hold_answers`) until no call
+    has started for a moment (:meth:`wait_quiet`): gRPC's stop cancels (CANCELLED, which clients
+    do not replay) every call its transport received that the event loop has not taken yet, and
+    clients that call again as soon as they are answered keep such calls coming. Held, they send
+    nothing new, and the event loop takes the calls already received.
+    """
 
     def __init__(self) -> None:
         self.active = 0  # handlers running
         self.unfinished = 0  # calls gRPC is not done with: handlers running, or answers still being sent
+        self.last_start = 0.0  # time.monotonic() of the latest start
+        self._let_answer: asyncio.Event | None = None  # while answers are held: set when they may go
 
     def start(self, context: grpc.aio.ServicerContext) -> None:
         self.active += 1
         self.unfinished += 1
+        self.last_start = time.monotonic()
         context.add_done_callback(self._finished)
 
     def end(self) -> None:
@@ -48,6 +58,32 @@ class CallTracker:
 
     def _finished(self, _context: object) -> None:
         self.unfinished -= 1
+
+    def hold_answers(self) -> None:
+        """From now on, :meth:`may_answer` waits until :meth:`release_answers`."""
+        if self._let_answer is None:
+            self._let_answer = asyncio.Event()
+
+    def release_answers(self) -> None:
+        if self._let_answer is not None:
+            self._let_answer.set()
+            self._let_answer = None
+
+    async def may_answer(self) -> None:
+        """Before a call returns its status: wait while answers are held."""
+        let = self._let_answer
+        if let is not None:
+            await let.wait()
+
+    async def wait_quiet(self, quiet_s: float, deadline: float, poll_s: float = 0.01) -> bool:
+        """Until no call has started for ``quiet_s``, or ``deadline`` (time.monotonic()). True when quiet."""
+        while True:
+            now = time.monotonic()
+            if now - self.last_start >= quiet_s:
+                return True
+            if now >= deadline:
+                return False
+            await asyncio.sleep(min(poll_s, deadline - now))
 
     async def wait_finished(self, deadline: float, poll_s: float = 0.02) -> bool:
         """Until gRPC is done with every call (answers sent), or ``deadline`` (time.monotonic()).

@@ -146,7 +146,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         call = Call(context, self.budget, cfg.read_reservation_bytes, cfg.stream_idle_timeout_s, cfg.max_memory_wait_s)
         self.calls.start(context)
         try:
-            return await body(call)
+            result = await body(call)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is answered with its status
@@ -159,10 +159,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
             del exc
             context.set_code(err.code)
             context.set_details(err.message)
-            return None
+            result = None
         finally:
             call.alive = False
             self.calls.end()
+        await self.calls.may_answer()  # held while the drain lets the calls gRPC received start
+        return result
 
     # ---------------------------------------------------------------- evaluation of one request
     async def _prepare(self, request: wire.WireRequest, held: Reservation, wait_s: float | None = None) -> tuple[batch_engine.Job, int]:
