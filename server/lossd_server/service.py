@@ -117,6 +117,18 @@ def call_over(call: Call, context: grpc.aio.ServicerContext, exc: BaseException)
     return RequestError(code, endings.OVER_DETAILS[code])
 
 
+async def _answer_failure(call: Call, context: grpc.aio.ServicerContext, exc: Exception, what: str) -> None:
+    """Set the status of a call whose handler failed with ``exc``."""
+    if call.read_end:
+        # a client's cancel reaches a waiting read as an end of stream a moment before gRPC
+        # cancels this handler: let it land, so that the call counts CANCELLED (or, near its
+        # deadline, DEADLINE_EXCEEDED), not as the client's mistake (see endings)
+        await asyncio.sleep(endings.failure_settle_s(_left_s(call)))
+    err = call_over(call, context, exc) or status_of(exc, what)
+    context.set_code(err.code)
+    context.set_details(err.message)
+
+
 def _left_s(call: Call) -> float | None:
     """Seconds to the call's deadline (None: it has none)."""
     return None if call.deadline is None else call.deadline - time.monotonic()
@@ -150,15 +162,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is answered with its status
-            if call.read_end:
-                # a client's cancel reaches a waiting read as an end of stream a moment before gRPC
-                # cancels this handler: let it land, so that the call counts CANCELLED (or, near its
-                # deadline, DEADLINE_EXCEEDED), not as the client's mistake (see endings)
-                await asyncio.sleep(endings.failure_settle_s(_left_s(call)))
-            err = call_over(call, context, exc) or status_of(exc, what)
-            del exc
-            context.set_code(err.code)
-            context.set_details(err.message)
+            await _answer_failure(call, context, exc, what)
             result = None
         finally:
             call.alive = False
