@@ -214,14 +214,14 @@ class LossServer:
             quiet = asyncio.ensure_future(calls.wait_quiet(QUIET_S, held_since + min(grace, HOLD_MAX_S)))
             hurried = asyncio.ensure_future(self.stop_signal.hurry.wait())
             await asyncio.wait((quiet, hurried), return_when=asyncio.FIRST_COMPLETED)
-            quiet.cancel()
-            hurried.cancel()
-            if not quiet.cancelled():  # not hurried
+            if quiet.done():  # else hurried: a task just cancelled has no result to read yet
                 held_s = time.monotonic() - held_since
                 if quiet.result():
                     log.info("every call received has started (answers held %.2fs): graceful stop", held_s)
                 else:
                     log.info("calls still arriving after %.2fs (answers held): graceful stop anyway", held_s)
+            quiet.cancel()
+            hurried.cancel()
             stopping = asyncio.ensure_future(self.server.stop(grace))
             await asyncio.sleep(GOAWAY_S)  # the stop's first step starts gRPC's shutdown, which sends the GOAWAY
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import threading
@@ -400,3 +401,39 @@ def test_a_bad_setting_stops_the_start_with_one_line_naming_it_and_status_2(work
     assert lines[-1].startswith(f"lossd-server: error: {named}"), done.stderr
     if "--device" not in flags or workers == "1":  # workers are started (and logged) before one can tell the device is absent
         assert len(lines) == 1, done.stderr
+
+
+def test_a_second_signal_while_answers_are_held_stops_at_once_and_cleanly():
+    """A second SIGTERM while the stop holds answers (calls still arriving: they are sent on a
+    timer, not once answered) means "stop now": the server exits 0 at once, without a traceback
+    (it raised InvalidStateError reading the quiet wait it had just cancelled, and exited 1)."""
+    proc = start_server("--drain-s", "0.3", "--grace-s", "60")
+    data = core.build(LossRequest(np.zeros((8, 4), np.float32), np.arange(8) % 4))[0].SerializeToString()
+
+    async def calls_on_a_timer() -> None:
+        async with grpc.aio.insecure_channel(proc.address, options=[("grpc.enable_retries", 0)]) as channel:
+            evaluate = channel.unary_unary("/lossd.v1.LossService/Evaluate")
+            await asyncio.wait_for(channel.channel_ready(), 30)
+
+            async def one() -> None:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await evaluate(data, timeout=30)
+
+            tasks = []
+            for i in range(400):  # a call every 5 ms for 2 s, whatever the answers
+                tasks.append(asyncio.ensure_future(one()))
+                if i == 40:
+                    os.kill(proc.proc.pid, signal.SIGTERM)
+                if i == 40 + 70:  # 0.35 s later: the drain (0.3 s) is over, answers are held
+                    os.kill(proc.proc.pid, signal.SIGTERM)
+                if not alive(proc.proc.pid):
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+    try:
+        asyncio.run(calls_on_a_timer())
+        assert proc.proc.wait(60) == 0, proc.log()
+    finally:
+        stop_everything(proc)
+    assert "Traceback" not in proc.log(), proc.log()
