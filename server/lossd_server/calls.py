@@ -16,6 +16,7 @@ its reads do, so a stream never waits for itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,8 @@ from .batcher import stop_if_over
 from .budget import SETTING, BudgetExceeded, MemoryBudget, Reservation
 from .errors import StreamIdle, idle_message
 
+#: An answer held by a stop (CallTracker.may_answer) goes out this long before its call's deadline.
+ANSWER_BEFORE_DEADLINE_S = 0.05
 #: What a read reserves, in the settings' words (ServerConfig.read_reservation_bytes).
 READ_RESERVATION = "twice gRPC's receive limit, which max_message_bytes sets"
 
@@ -69,11 +72,21 @@ class CallTracker:
             self._let_answer.set()
             self._let_answer = None
 
-    async def may_answer(self) -> None:
-        """Before a call returns its status: wait while answers are held."""
+    async def may_answer(self, deadline: float | None = None) -> None:
+        """Before a call returns its status: wait while answers are held, but not past
+        ``deadline`` (time.monotonic()) less ANSWER_BEFORE_DEADLINE_S: a call with a short deadline
+        (0.2 s) is answered in time rather than held into DEADLINE_EXCEEDED."""
         let = self._let_answer
-        if let is not None:
+        if let is None:
+            return
+        if deadline is None:
             await let.wait()
+            return
+        left = deadline - time.monotonic() - ANSWER_BEFORE_DEADLINE_S
+        if left > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await let.wait()
 
     async def wait_quiet(self, quiet_s: float, deadline: float, poll_s: float = 0.01) -> bool:
         """Until no call has started for ``quiet_s``, or ``deadline`` (time.monotonic()). True when quiet."""

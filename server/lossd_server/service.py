@@ -167,7 +167,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         finally:
             call.alive = False
             self.calls.end()
-        await self.calls.may_answer()  # held while the drain lets the calls gRPC received start
+        await self.calls.may_answer(call.deadline)  # held while the drain lets the calls gRPC received start
         return result
 
     # ---------------------------------------------------------------- evaluation of one request

@@ -437,3 +437,42 @@ def test_a_second_signal_while_answers_are_held_stops_at_once_and_cleanly():
     finally:
         stop_everything(proc)
     assert "Traceback" not in proc.log(), proc.log()
+
+
+def test_answers_held_by_a_stop_still_beat_their_deadlines():
+    """While a stop holds answers (up to 0.5 s when calls keep arriving on a timer), a call whose
+    deadline comes sooner is answered before it: 0.4 s calls ended DEADLINE_EXCEEDED (12-20 a stop
+    in probe 12, whose answers were ready)."""
+    proc = start_server("--drain-s", "0.3", "--grace-s", "60")
+    data = core.build(LossRequest(np.zeros((8, 4), np.float32), np.arange(8) % 4))[0].SerializeToString()
+    codes: collections.Counter = collections.Counter()
+
+    async def calls_on_a_timer() -> None:
+        async with grpc.aio.insecure_channel(proc.address, options=[("grpc.enable_retries", 0)]) as channel:
+            evaluate = channel.unary_unary("/lossd.v1.LossService/Evaluate")
+            await asyncio.wait_for(channel.channel_ready(), 30)
+
+            async def one() -> None:
+                try:
+                    await evaluate(data, timeout=0.4)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+
+            tasks = []
+            for i in range(600):  # a call every 5 ms for 3 s, whatever the answers
+                tasks.append(asyncio.ensure_future(one()))
+                if i == 40:
+                    os.kill(proc.proc.pid, signal.SIGTERM)
+                if not alive(proc.proc.pid):
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+    try:
+        asyncio.run(calls_on_a_timer())
+        assert proc.proc.wait(60) == 0, proc.log()
+    finally:
+        stop_everything(proc)
+    assert "answers held" in proc.log(), proc.log()
+    assert codes["OK"] > 40 and codes["DEADLINE_EXCEEDED"] == 0, codes
