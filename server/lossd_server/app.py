@@ -202,7 +202,7 @@ class LossServer:
         that was most calls in flight (30 of 32, every stop, from a client that calls again once
         answered). So answers are held first, and such clients send nothing new, until no call has
         started for QUIET_S (at most HOLD_MAX_S, or the grace); the stop begins, and the held
-        answers go out GOAWAY_S later, behind its GOAWAY: the clients' next calls go to another
+        answers go out GOAWAY_S (at most half the grace) later, behind its GOAWAY: the clients' next calls go to another
         connection or replica, or are refused UNAVAILABLE when there is none. Calls sent without
         waiting for answers (on a timer) may still reach the transport after the stop began and
         before their client read the GOAWAY: gRPC cancels those, lossd never sees them.
@@ -223,7 +223,9 @@ class LossServer:
             quiet.cancel()
             hurried.cancel()
             stopping = asyncio.ensure_future(self.server.stop(grace))
-            await asyncio.sleep(GOAWAY_S)  # the stop's first step starts gRPC's shutdown, which sends the GOAWAY
+            # the stop's first step starts gRPC's shutdown, which sends the GOAWAY; within the grace,
+            # which ends every call gRPC has (a 0.01 s grace lost every held answer to a 0.05 s wait)
+            await asyncio.sleep(min(GOAWAY_S, grace / 2))
         finally:
             calls.release_answers()
         return stopping
