@@ -48,6 +48,9 @@ class CallTracker:
         self.active = 0  # handlers running
         self.unfinished = 0  # calls gRPC is not done with: handlers running, or answers still being sent
         self.last_start = 0.0  # time.monotonic() of the latest start
+        #: From then (time.monotonic()) this server's own stop cuts the calls still in progress (its
+        #: grace is over, or it was told to stop now); None while it is not stopping.
+        self.cut_from: float | None = None
         self._let_answer: asyncio.Event | None = None  # while answers are held: set when they may go
 
     def start(self, context: grpc.aio.ServicerContext) -> None:
@@ -61,6 +64,15 @@ class CallTracker:
 
     def _finished(self, _context: object) -> None:
         self.unfinished -= 1
+
+    def cut_at(self, when: float) -> None:
+        """This server's stop cuts the calls still in progress from ``when`` (time.monotonic())."""
+        self.cut_from = when if self.cut_from is None else min(self.cut_from, when)
+
+    def cutting(self) -> bool:
+        """Whether a call cancelled now was cut by this server's stop: its client sees UNAVAILABLE
+        (gRPC's "Cancelling all calls"), not CANCELLED."""
+        return self.cut_from is not None and time.monotonic() >= self.cut_from
 
     def hold_answers(self) -> None:
         """From now on, :meth:`may_answer` waits until :meth:`release_answers`."""

@@ -30,20 +30,25 @@ DEADLINE_SKEW_S = 0.5
 OVER_DETAILS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: "the call's deadline passed",
     grpc.StatusCode.CANCELLED: "the client cancelled the call",
+    grpc.StatusCode.UNAVAILABLE: "the server stopped before the call ended",
 }
 
 
-def over_status(left_s: float | None, cancelled: bool) -> grpc.StatusCode | None:
+def over_status(left_s: float | None, cancelled: bool, cut: bool = False) -> grpc.StatusCode | None:
     """The status the client saw for a call, or None when the call is not over on its side (the
     handler's own outcome stands). ``left_s``: seconds to the call's deadline on the server's clock
-    (None: no deadline); ``cancelled``: gRPC cancelled the handler (the client cancelled, or a
-    deadline passed).
+    (None: no deadline); ``cancelled``: gRPC cancelled the handler (the client cancelled, a
+    deadline passed, or the server's stop cut it); ``cut``: the server's own stop is cutting its
+    calls (:meth:`.calls.CallTracker.cutting`).
 
     DEADLINE_EXCEEDED once the deadline has passed, or when the call was cancelled at most
-    DEADLINE_SKEW_S before it; CANCELLED when it was cancelled earlier.
+    DEADLINE_SKEW_S before it; UNAVAILABLE when the server's stop cut it (what gRPC's "Cancelling
+    all calls" tells the client); CANCELLED when it was cancelled otherwise.
     """
     if left_s is not None and (left_s <= 0 or (cancelled and left_s <= DEADLINE_SKEW_S)):
         return grpc.StatusCode.DEADLINE_EXCEEDED
+    if cancelled and cut:
+        return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.CANCELLED if cancelled else None
 
 

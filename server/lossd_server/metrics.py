@@ -144,14 +144,14 @@ class BatchMetrics:
         self.m.reads_yielded.inc()
 
 
-def status_name(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+def status_name(context: grpc.aio.ServicerContext, exc: BaseException | None, cut: bool = False) -> str:
     """The status the client receives, as grpc.aio decides it.
 
     ``context.abort`` sets the code and raises AbortError; a plain return leaves the code unset
     (OK) unless the handler called ``set_code``; any other exception is answered UNKNOWN; a
-    cancelled handler was cut by a deadline or cancelled by the client, which the servicer's
-    rule tells apart (:func:`.endings.over_status`: a cancel just before the deadline is the
-    client's deadline).
+    cancelled handler was cut by a deadline, cancelled by the client or cut by the server's stop
+    (``cut``), which the servicer's rule tells apart (:func:`.endings.over_status`: a cancel just
+    before the deadline is the client's deadline).
     """
     code = context.code()
     if isinstance(code, grpc.StatusCode):
@@ -161,7 +161,7 @@ def status_name(context: grpc.aio.ServicerContext, exc: BaseException | None) ->
     if exc is None:
         return "OK"
     if isinstance(exc, asyncio.CancelledError):
-        over = endings.over_status(context.time_remaining(), cancelled=True)
+        over = endings.over_status(context.time_remaining(), cancelled=True, cut=cut)
         return over.name if over is not None else "CANCELLED"
     return "UNKNOWN"
 
@@ -178,6 +178,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         self.m = metrics or get()
         self.worker = str(worker)
         self._wrapped: dict[tuple[str, int], Any] = {}
+        #: Whether the server's own stop is cutting its calls (set to the server's
+        #: CallTracker.cutting once it exists): such calls count UNAVAILABLE, as their clients see them.
+        self.server_cutting: Callable[[], bool] = lambda: False
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
@@ -190,7 +193,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: Any) -> Any:
-        probe = _MethodProbe(self.m, method, self.worker)
+        probe = _MethodProbe(self.m, method, self.worker, lambda: self.server_cutting())
         inner_deserializer = handler.request_deserializer
 
         def deserialize(data: bytes) -> Any:
@@ -229,9 +232,10 @@ _HANDLER_KINDS = (
 class _MethodProbe:
     """One method's collectors and the timing around its handler (coroutine or async generator)."""
 
-    def __init__(self, m: Metrics, method: str, worker: str) -> None:
+    def __init__(self, m: Metrics, method: str, worker: str, cutting: Callable[[], bool]) -> None:
         self.m = m
         self.method = method
+        self.cutting = cutting
         self.received = m.bytes_received.labels(method)
         self.in_flight = m.in_flight.labels(method)
         self.latency = m.request_latency.labels(method)
@@ -239,7 +243,7 @@ class _MethodProbe:
 
     def _finish(self, start: float, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
         self.in_flight.dec()
-        self.m.requests.labels(self.method, status_name(context, exc)).inc()
+        self.m.requests.labels(self.method, status_name(context, exc, exc is not None and self.cutting())).inc()
         self.by_worker.inc()
         self.latency.observe(time.perf_counter() - start)
 

@@ -678,6 +678,7 @@ async def _run_worker(index: int, config: ServerConfig, conn: Connection, stop_s
         _tell(conn, ("error", str(exc)))
         return 2
     lossd.stop_signal = stop_signal
+    interceptor.server_cutting = lossd.servicer.calls.cutting
     link = SupervisorLink(conn, lossd)
     gauges = asyncio.ensure_future(metrics.refresh_gauges(lossd, m))
     _tell(conn, ("listening", lossd.port, metrics.build_labels(lossd.device)))

@@ -326,6 +326,39 @@ def test_sigterm_with_calls_on_the_wire_to_both_workers_loses_nothing():
 
 
 
+
+def test_calls_a_workers_stop_cuts_at_the_end_of_its_grace_count_unavailable_as_their_clients_see():
+    """Chunked calls whose clients stall past a worker's grace are cut by its stop: the clients see
+    UNAVAILABLE, and lossd_requests_total counted them CANCELLED (docs/metrics.md: the code the
+    client received)."""
+    proc = start_server("--workers", "2", "--drain-s", "0.2", "--grace-s", "1", metrics=True)
+    channels: dict = {}
+    release = threading.Event()
+    try:
+        pid = worker_pids(proc.log())[0]
+        channels = channel_per_worker(proc)
+        stub = pb_grpc.LossServiceStub(channels[0])
+        futures = [stub.EvaluateChunked.future(held_chunks(large_request(seed), release), timeout=120) for seed in range(2)]
+        in_flight = 'lossd_requests_in_flight{method="EvaluateChunked"}'
+        wait_for(lambda: sample(proc, in_flight) == 2, what="two stalled calls on worker 0")
+        os.kill(pid, signal.SIGTERM)
+        codes = []
+        for future in futures:
+            with pytest.raises(grpc.RpcError) as info:
+                future.result()
+            codes.append(info.value.code())
+        wait_for(lambda: f"worker 0 (pid {pid}) stopped (exit status 0)" in proc.log(), what="worker 0's exit")
+        cut = 'lossd_requests_total{code="UNAVAILABLE",method="EvaluateChunked"}'
+        wait_for(lambda: sample(proc, cut) == 2, what=f"{cut} == 2: {proc.metrics()}")
+        counted = proc.metrics()
+    finally:
+        release.set()
+        for channel in channels.values():
+            channel.close()
+        stop_everything(proc)
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 2, codes
+    assert counted.get('lossd_requests_total{code="CANCELLED",method="EvaluateChunked"}', 0.0) == 0, counted
+
 def signal_worker_0_under_load(proc, sig: int) -> tuple[dict[int, int], Load]:
     """Send ``sig`` to worker 0 while a client keeps calling; return once its replacement serves,
     it has exited and calls went on: the worker pids before, and the load (its failures)."""
