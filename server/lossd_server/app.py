@@ -322,7 +322,7 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
     servicer = LossServicer(config, device, batcher, budget, shm_reader)
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
-    server.add_generic_rpc_handlers((unary_reads.health_handlers(health_servicer, config.stream_idle_timeout_s),))
+    server.add_generic_rpc_handlers((unary_reads.health_handlers(health_servicer, config.stream_idle_timeout_s, servicer.calls),))
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )

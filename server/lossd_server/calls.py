@@ -56,8 +56,12 @@ class CallTracker:
     def start(self, context: grpc.aio.ServicerContext) -> None:
         self.active += 1
         self.unfinished += 1
-        self.last_start = time.monotonic()
+        self.note_start()
         context.add_done_callback(self._finished)
+
+    def note_start(self) -> None:
+        """A call started (lossd's own, or health / server info, which the drain does not wait for)."""
+        self.last_start = time.monotonic()
 
     def end(self) -> None:
         self.active -= 1

@@ -437,6 +437,7 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
             grpc.unary_unary_rpc_method_handler(servicer.GetServerInfo, lambda data: None, pb.ServerInfo.SerializeToString),
             "GetServerInfoRequest",
             servicer.config.stream_idle_timeout_s,
+            servicer.calls,
         ),
         **compare_service.handlers(servicer),  # Compare, CompareChunked
     }
