@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from . import config as config_mod
+from . import stopsignals
 from .stopsignals import stop_signals
 
 
@@ -82,7 +83,9 @@ def _main(argv: Sequence[str] | None) -> int:
             with _stops_deferred():
                 from . import workers
 
-            return workers.serve(cfg)
+            status = workers.serve(cfg)
+            stopsignals.ignore()  # stopped: a late stop signal must not kill the exit (see stopsignals.ignore)
+            return status
         with _stops_deferred():
             from . import allocator
             from .app import serve

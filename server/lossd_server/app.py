@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
-from . import engine, unary_reads
+from . import engine, stopsignals, unary_reads
 from .admission import Admission
 from .batcher import Batcher
 from .budget import MemoryBudget
@@ -388,3 +388,9 @@ async def serve(config: ServerConfig) -> None:
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, lossd.metrics_port)
     await lossd.warm_up_and_serve()
     await lossd.wait_and_shutdown()
+    # stopped: a stop signal from now on (an orchestrator's second SIGTERM) must not kill the exit by
+    # the default action, which the loop's close restores (exit status -15 instead of 0)
+    handled = stop_signals()  # before ignore(), which SIGHUP's list depends on
+    stopsignals.ignore()
+    for sig in handled:
+        loop._signal_handlers.pop(sig, None)  # noqa: SLF001 - else the loop's close restores the default action

@@ -47,3 +47,11 @@ def held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore() -> None:
+    """Ignore the stop signals from now on: for a process that has stopped and only exits. Python's
+    finalization restores the default action of the signals it handled (termination: exit status
+    -15 for a late second SIGTERM instead of 0); an ignored signal it leaves ignored."""
+    for sig in stop_signals():
+        signal.signal(sig, signal.SIG_IGN)

@@ -518,3 +518,28 @@ def test_health_checks_and_server_info_polled_at_a_stop_are_answered_or_unavaila
         stop_everything(proc)
     assert codes["OK"] >= 400, codes
     assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_stop_signals_that_arrive_as_the_stopped_server_exits_leave_its_exit_status_zero(workers):
+    """An orchestrator may signal again while the server exits (a second SIGTERM): once stopped,
+    the server (or the supervisor of --workers) ignores stop signals; the loop's close or Python's
+    finalization had restored their default action, and one arriving then killed the process (exit
+    status -15 instead of 0)."""
+    proc = start_server("--workers", workers, "--drain-s", "0", "--grace-s", "5")
+    pid = proc.proc.pid
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(120_000):  # the log's "stopped", polled every 0.5 ms (at most 60 s)
+            if "INFO lossd: stopped" in proc.log() or "stopped (exit status" in proc.log() or proc.proc.poll() is not None:
+                break
+            time.sleep(0.0005)
+        for _ in range(20_000):  # a signal every 0.5 ms until it has exited (at most 10 s)
+            if proc.proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(0.0005)
+        assert proc.proc.wait(60) == 0, proc.log()
+    finally:
+        stop_everything(proc)
