@@ -403,36 +403,42 @@ def test_a_bad_setting_stops_the_start_with_one_line_naming_it_and_status_2(work
         assert len(lines) == 1, done.stderr
 
 
+async def _calls_on_a_timer(proc, calls: int, timeout_s: float, sigterm_at: tuple[int, ...]) -> collections.Counter:
+    """``calls`` raw Evaluate calls, one every 5 ms whatever the answers (no retries), SIGTERM to
+    ``proc`` after the calls numbered ``sigterm_at``; stops sending once it exited. Their codes."""
+    data = core.build(LossRequest(np.zeros((8, 4), np.float32), np.arange(8) % 4))[0].SerializeToString()
+    codes: collections.Counter = collections.Counter()
+    async with grpc.aio.insecure_channel(proc.address, options=[("grpc.enable_retries", 0)]) as channel:
+        evaluate = channel.unary_unary("/lossd.v1.LossService/Evaluate")
+        await asyncio.wait_for(channel.channel_ready(), 30)
+
+        async def one() -> None:
+            try:
+                await evaluate(data, timeout=timeout_s)
+                codes["OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code().name] += 1
+
+        tasks = []
+        for i in range(calls):
+            tasks.append(asyncio.ensure_future(one()))
+            if i in sigterm_at:
+                os.kill(proc.proc.pid, signal.SIGTERM)
+            if not alive(proc.proc.pid):
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    return codes
+
+
 def test_a_second_signal_while_answers_are_held_stops_at_once_and_cleanly():
     """A second SIGTERM while the stop holds answers (calls still arriving: they are sent on a
     timer, not once answered) means "stop now": the server exits 0 at once, without a traceback
     (it raised InvalidStateError reading the quiet wait it had just cancelled, and exited 1)."""
     proc = start_server("--drain-s", "0.3", "--grace-s", "60")
-    data = core.build(LossRequest(np.zeros((8, 4), np.float32), np.arange(8) % 4))[0].SerializeToString()
-
-    async def calls_on_a_timer() -> None:
-        async with grpc.aio.insecure_channel(proc.address, options=[("grpc.enable_retries", 0)]) as channel:
-            evaluate = channel.unary_unary("/lossd.v1.LossService/Evaluate")
-            await asyncio.wait_for(channel.channel_ready(), 30)
-
-            async def one() -> None:
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await evaluate(data, timeout=30)
-
-            tasks = []
-            for i in range(400):  # a call every 5 ms for 2 s, whatever the answers
-                tasks.append(asyncio.ensure_future(one()))
-                if i == 40:
-                    os.kill(proc.proc.pid, signal.SIGTERM)
-                if i == 40 + 70:  # 0.35 s later: the drain (0.3 s) is over, answers are held
-                    os.kill(proc.proc.pid, signal.SIGTERM)
-                if not alive(proc.proc.pid):
-                    break
-                await asyncio.sleep(0.005)
-            await asyncio.wait_for(asyncio.gather(*tasks), 60)
-
     try:
-        asyncio.run(calls_on_a_timer())
+        # 400 calls over 2 s; the second signal 0.35 s after the first: the drain (0.3 s) is over, answers are held
+        asyncio.run(_calls_on_a_timer(proc, 400, 30, (40, 40 + 70)))
         assert proc.proc.wait(60) == 0, proc.log()
     finally:
         stop_everything(proc)
@@ -444,39 +450,13 @@ def test_answers_held_by_a_stop_still_beat_their_deadlines():
     deadline comes sooner is answered before it: 0.4 s calls ended DEADLINE_EXCEEDED (12-20 a stop
     in probe 12, whose answers were ready)."""
     proc = start_server("--drain-s", "0.3", "--grace-s", "60")
-    data = core.build(LossRequest(np.zeros((8, 4), np.float32), np.arange(8) % 4))[0].SerializeToString()
-    codes: collections.Counter = collections.Counter()
-
-    async def calls_on_a_timer() -> None:
-        async with grpc.aio.insecure_channel(proc.address, options=[("grpc.enable_retries", 0)]) as channel:
-            evaluate = channel.unary_unary("/lossd.v1.LossService/Evaluate")
-            await asyncio.wait_for(channel.channel_ready(), 30)
-
-            async def one() -> None:
-                try:
-                    await evaluate(data, timeout=0.4)
-                    codes["OK"] += 1
-                except grpc.aio.AioRpcError as exc:
-                    codes[exc.code().name] += 1
-
-            tasks = []
-            for i in range(600):  # a call every 5 ms for 3 s, whatever the answers
-                tasks.append(asyncio.ensure_future(one()))
-                if i == 40:
-                    os.kill(proc.proc.pid, signal.SIGTERM)
-                if not alive(proc.proc.pid):
-                    break
-                await asyncio.sleep(0.005)
-            await asyncio.wait_for(asyncio.gather(*tasks), 60)
-
     try:
-        asyncio.run(calls_on_a_timer())
+        codes = asyncio.run(_calls_on_a_timer(proc, 600, 0.4, (40,)))  # 600 calls over 3 s
         assert proc.proc.wait(60) == 0, proc.log()
     finally:
         stop_everything(proc)
     assert "answers held" in proc.log(), proc.log()
     assert codes["OK"] > 40 and codes["DEADLINE_EXCEEDED"] == 0, codes
-
 
 def test_health_checks_and_server_info_polled_at_a_stop_are_answered_or_unavailable_never_cancelled():
     """Check and GetServerInfo are held at a stop as lossd's calls are, and count as call starts for
