@@ -168,6 +168,10 @@ def handlers(servicer: LossServicer) -> dict[str, grpc.RpcMethodHandler]:
     rpcs = CompareRpcs(servicer)
     answer = pb.CompareResponse.SerializeToString
     return {
-        "Compare": grpc.stream_unary_rpc_method_handler(rpcs.Compare, wire.deserializer(pb.CompareRequest), answer),
-        "CompareChunked": grpc.stream_unary_rpc_method_handler(rpcs.CompareChunked, wire.deserializer(pb.CompareChunk), answer),
+        "Compare": grpc.stream_unary_rpc_method_handler(
+            rpcs.Compare, wire.deserializer(pb.CompareRequest, servicer.config.max_id_bytes), answer
+        ),
+        "CompareChunked": grpc.stream_unary_rpc_method_handler(
+            rpcs.CompareChunked, wire.deserializer(pb.CompareChunk, servicer.config.max_id_bytes), answer
+        ),
     }

@@ -37,8 +37,12 @@ ANSWER_COPIES = 3
 
 def check_id(field: str, request_id: str, max_id_bytes: int) -> int:
     """The id's UTF-8 bytes, which its answer echoes; OversizedId naming ``field`` when they are
-    over --max-id-bytes (a long id is measured without a copy: each character is a byte or more)."""
-    nbytes, exact = len(request_id), request_id.isascii()
+    over --max-id-bytes (a long id is measured without a copy: each character is a byte or more;
+    one the deserializer left undecoded, a wire.LongText, by its size on the wire)."""
+    if isinstance(request_id, wire.LongText):
+        nbytes, exact = request_id.nbytes, True
+    else:
+        nbytes, exact = len(request_id), request_id.isascii()
     if not exact and nbytes <= max_id_bytes:
         nbytes, exact = len(request_id.encode()), True
     if nbytes > max_id_bytes:
@@ -420,18 +424,19 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
     """Register the servicer. Every method reads its messages itself (see Call.read), so the
     unary Evaluate is registered as client-streaming: same wire, but the read waits for budget;
     GetServerInfo reads its (empty) request through :mod:`.unary_reads`."""
+    max_id = servicer.config.max_id_bytes
     handlers = {
         "Evaluate": grpc.stream_unary_rpc_method_handler(
-            servicer.Evaluate, wire.deserializer(pb.EvaluateRequest), pb.EvaluateResponse.SerializeToString
+            servicer.Evaluate, wire.deserializer(pb.EvaluateRequest, max_id), pb.EvaluateResponse.SerializeToString
         ),
         "EvaluateStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EvaluateStream, wire.deserializer(pb.EvaluateRequest), pb.EvaluateResponse.SerializeToString
+            servicer.EvaluateStream, wire.deserializer(pb.EvaluateRequest, max_id), pb.EvaluateResponse.SerializeToString
         ),
         "EvaluatePacked": grpc.stream_stream_rpc_method_handler(
-            servicer.EvaluatePacked, wire.deserializer(pb.EvaluateBatch), pb.EvaluateBatchResults.SerializeToString
+            servicer.EvaluatePacked, wire.deserializer(pb.EvaluateBatch, max_id), pb.EvaluateBatchResults.SerializeToString
         ),
         "EvaluateChunked": grpc.stream_unary_rpc_method_handler(
-            servicer.EvaluateChunked, wire.deserializer(pb.EvaluateChunk), pb.EvaluateResponse.SerializeToString
+            servicer.EvaluateChunked, wire.deserializer(pb.EvaluateChunk, max_id), pb.EvaluateResponse.SerializeToString
         ),
         "GetServerInfo": unary_reads.reading(
             grpc.unary_unary_rpc_method_handler(servicer.GetServerInfo, lambda data: None, pb.ServerInfo.SerializeToString),

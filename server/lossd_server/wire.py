@@ -22,6 +22,7 @@ message with an unusual encoding only up to FALLBACK_MAX_BYTES.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,6 +70,19 @@ class LongShape(tuple):
     def __new__(cls, dims, declared: int) -> LongShape:
         self = super().__new__(cls, dims)
         self.declared = declared
+        return self
+
+
+class LongText(str):
+    """A string field (an id) longer than the server's max_id_bytes, which refuses it: never
+    decoded (a 100 MB id of ASCII and one emoji became a 400 MB str), it is the empty string
+    with the field's UTF-8 size in ``nbytes``."""
+
+    nbytes: int
+
+    def __new__(cls, nbytes: int) -> LongText:
+        self = super().__new__(cls, "")
+        self.nbytes = nbytes
         return self
 
 
@@ -162,6 +176,10 @@ class WireCompareChunk:
 #: in-flight EvaluatePacked messages of 1024 tiny requests peaked at 340 MiB over the idle server,
 #: about 2.7 KB per request read.
 REQUEST_OVERHEAD_BYTES = 4096
+#: Of REQUEST_OVERHEAD_BYTES, what covers a request's id as a str (an ASCII id of up to 79
+#: characters); a longer or wider id is counted beyond it (an id over the server's max_id_bytes
+#: is never decoded: :class:`LongText`).
+SHORT_ID_BYTES = 128
 
 
 @dataclass(slots=True)
@@ -251,7 +269,9 @@ def _expect(wire_type: int, wanted: int) -> None:
         raise _Unusual("known field with another wire type")
 
 
-def _text(buf: bytes, span: tuple[int, int]) -> str:
+def _text(buf: bytes, span: tuple[int, int], text_max: int) -> str:
+    if span[1] - span[0] > text_max:
+        return LongText(span[1] - span[0])
     try:
         return buf[span[0] : span[1]].decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -358,13 +378,13 @@ def _check_options(buf: bytes, start: int, stop: int) -> None:
         raise _Refused(f"{extras} values, more than MAX_EXTRA_VALUES={MAX_EXTRA_VALUES}", "options.extras")
 
 
-def _request(buf: bytes, view: memoryview, start: int, stop: int) -> WireRequest:
+def _request(buf: bytes, view: memoryview, start: int, stop: int, text_max: int) -> WireRequest:
     r = WireRequest()
     seen: set[int] = set()
     for number, wire_type, value in _fields(buf, start, stop):
         if number == 1:
             _expect(wire_type, _LENGTH)
-            r.id = _text(buf, value)
+            r.id = _text(buf, value, text_max)
             continue
         if number not in (2, 3, 4):
             continue
@@ -381,14 +401,14 @@ def _request(buf: bytes, view: memoryview, start: int, stop: int) -> WireRequest
     return r
 
 
-def _header(buf: bytes, view: memoryview, start: int, stop: int) -> WireHeader:
+def _header(buf: bytes, view: memoryview, start: int, stop: int, text_max: int) -> WireHeader:
     h = WireHeader()
     shape = _Shape()
     seen: set[int] = set()
     for number, wire_type, value in _fields(buf, start, stop):
         if number == 1:
             _expect(wire_type, _LENGTH)
-            h.id = _text(buf, value)
+            h.id = _text(buf, value, text_max)
         elif number == 3:
             _expect(wire_type, _VARINT)
             h.input_dtype = _int32(value)
@@ -407,14 +427,14 @@ def _header(buf: bytes, view: memoryview, start: int, stop: int) -> WireHeader:
     return h
 
 
-def _chunk(buf: bytes, view: memoryview) -> WireChunk:
+def _chunk(buf: bytes, view: memoryview, text_max: int) -> WireChunk:
     c = WireChunk()
     for number, wire_type, value in _fields(buf, 0, len(buf)):
         if number == 1:
             _expect(wire_type, _LENGTH)
             if c.header is not None:
                 raise _Unusual("repeated sub-message")
-            c.header = _header(buf, view, *value)
+            c.header = _header(buf, view, *value, text_max)
         elif number in (2, 3):
             _expect(wire_type, _LENGTH)
             rows = view[value[0] : value[1]]
@@ -434,14 +454,14 @@ class TooManyItems(ValueError):
         )
 
 
-def _batch(buf: bytes, view: memoryview) -> list[WireRequest]:
+def _batch(buf: bytes, view: memoryview, text_max: int) -> list[WireRequest]:
     requests = []
     for number, wire_type, value in _fields(buf, 0, len(buf)):
         if number == 1:
             _expect(wire_type, _LENGTH)
             if len(requests) == MAX_PACKED_ITEMS:
                 raise TooManyItems
-            requests.append(_request(buf, view, *value))
+            requests.append(_request(buf, view, *value, text_max))
     return requests
 
 
@@ -451,7 +471,7 @@ def _batch_of(msg: pb.EvaluateBatch) -> list[WireRequest]:
     return [_request_of(r) for r in msg.requests]
 
 
-def _walk(buf: bytes, view: memoryview, start: int, stop: int, out, fields: dict[int, tuple[str, object]]):
+def _walk(buf: bytes, view: memoryview, start: int, stop: int, text_max: int, out, fields: dict[int, tuple[str, object]]):
     """Fill ``out`` from the message in ``buf[start:stop]``, as protobuf would: ``fields`` maps a
     field number to (attribute, kind), the kind being "text", "enum", "shape", "bytes" (a view),
     "tensor", a protobuf message class (parsed by protobuf) or a walker of a sub-message; unknown
@@ -471,26 +491,26 @@ def _walk(buf: bytes, view: memoryview, start: int, stop: int, out, fields: dict
         else:
             _expect(wire_type, _LENGTH)
             if kind == "text":
-                setattr(out, name, _text(buf, value))
+                setattr(out, name, _text(buf, value, text_max))
             elif kind == "bytes":
                 setattr(out, name, view[value[0] : value[1]])
             elif number in seen:
                 raise _Unusual("repeated sub-message")
             else:
                 seen.add(number)
-                setattr(out, name, _part(kind, buf, view, value))
+                setattr(out, name, _part(kind, buf, view, value, text_max))
     for name, shape in shapes.items():
         setattr(out, name, shape.shape())
     return out
 
 
-def _part(kind: object, buf: bytes, view: memoryview, span: tuple[int, int]):
+def _part(kind: object, buf: bytes, view: memoryview, span: tuple[int, int], text_max: int):
     """A sub-message of :func:`_walk`: a tensor, a protobuf message, or what a walker makes of it."""
     if kind == "tensor":
         return _tensor(buf, view, *span)
     if isinstance(kind, type):
         return kind.FromString(buf[span[0] : span[1]])
-    return kind(buf, view, *span)
+    return kind(buf, view, *span, text_max)
 
 
 _COMPARE_REQUEST = {1: ("id", "text"), 2: ("reference", "tensor"), 3: ("candidate", "tensor"), 4: ("target", "tensor"), 5: ("options", pb.CompareOptions)}  # fmt: skip
@@ -500,8 +520,8 @@ _COMPARE_HEADER = {
 }  # fmt: skip
 
 
-def _compare_header(buf: bytes, view: memoryview, start: int, stop: int) -> WireCompareHeader:
-    return _walk(buf, view, start, stop, WireCompareHeader(), _COMPARE_HEADER)
+def _compare_header(buf: bytes, view: memoryview, start: int, stop: int, text_max: int) -> WireCompareHeader:
+    return _walk(buf, view, start, stop, text_max, WireCompareHeader(), _COMPARE_HEADER)
 
 
 _COMPARE_CHUNK = {1: ("header", _compare_header), 2: ("reference_rows", "bytes"), 3: ("candidate_rows", "bytes")}
@@ -557,11 +577,11 @@ def _compare_chunk_of(msg: pb.CompareChunk) -> WireCompareChunk:
 
 
 _FAST: dict[type, Callable] = {
-    pb.EvaluateRequest: lambda buf, view: _request(buf, view, 0, len(buf)),
+    pb.EvaluateRequest: lambda buf, view, text_max: _request(buf, view, 0, len(buf), text_max),
     pb.EvaluateBatch: _batch,
     pb.EvaluateChunk: _chunk,
-    pb.CompareRequest: lambda buf, view: _walk(buf, view, 0, len(buf), WireCompareRequest(), _COMPARE_REQUEST),
-    pb.CompareChunk: lambda buf, view: _walk(buf, view, 0, len(buf), WireCompareChunk(), _COMPARE_CHUNK),
+    pb.CompareRequest: lambda buf, view, text_max: _walk(buf, view, 0, len(buf), text_max, WireCompareRequest(), _COMPARE_REQUEST),
+    pb.CompareChunk: lambda buf, view, text_max: _walk(buf, view, 0, len(buf), text_max, WireCompareChunk(), _COMPARE_CHUNK),
 }
 _SLOW: dict[type, Callable] = {
     pb.EvaluateRequest: _request_of,
@@ -572,12 +592,13 @@ _SLOW: dict[type, Callable] = {
 }
 
 
-def parse(message_type: type, data: bytes):
-    """``data`` as a Wire* value of ``message_type``, or :class:`Malformed`."""
+def parse(message_type: type, data: bytes, text_max: int | None = None):
+    """``data`` as a Wire* value of ``message_type``, or :class:`Malformed`. A string field (an
+    id) of more than ``text_max`` bytes is not decoded: it becomes a :class:`LongText`."""
     kind = message_type.DESCRIPTOR.full_name
     try:
         try:
-            return _FAST[message_type](data, memoryview(data))
+            return _FAST[message_type](data, memoryview(data), len(data) if text_max is None else text_max)
         except (_Unusual, DecodeError, IndexError) as exc:
             if len(data) > FALLBACK_MAX_BYTES:
                 why = str(exc) if isinstance(exc, ValueError) else "truncated field"
@@ -592,12 +613,23 @@ def parse(message_type: type, data: bytes):
         return Malformed(kind, str(exc) or type(exc).__name__)
 
 
-def deserializer(message_type: type) -> Callable[[bytes], Received]:
-    """A gRPC request deserializer that never raises (gRPC would answer UNKNOWN)."""
+def deserializer(message_type: type, max_id_bytes: int | None = None) -> Callable[[bytes], Received]:
+    """A gRPC request deserializer that never raises (gRPC would answer UNKNOWN). An id over
+    ``max_id_bytes`` (the server's limit, which refuses it) is never decoded (see :class:`LongText`)."""
 
     def deserialize(data: bytes) -> Received:
-        parsed = parse(message_type, data)
-        requests = len(parsed) if isinstance(parsed, list) else 1
-        return Received(parsed, len(data) + requests * REQUEST_OVERHEAD_BYTES)
+        parsed = parse(message_type, data, max_id_bytes)
+        requests = parsed if isinstance(parsed, list) else [parsed]
+        ids = sum(_id_nbytes(getattr(r, "header", None) or r) for r in requests)
+        return Received(parsed, len(data) + len(requests) * REQUEST_OVERHEAD_BYTES + ids)
 
     return deserialize
+
+
+def _id_nbytes(message: object) -> int:
+    """What a parsed message's decoded id holds beyond the SHORT_ID_BYTES of REQUEST_OVERHEAD_BYTES
+    (an id of non-ASCII characters takes up to 4 bytes each, as a str)."""
+    text = getattr(message, "id", None)
+    if not text:
+        return 0
+    return max(0, sys.getsizeof(text) - SHORT_ID_BYTES)

@@ -136,6 +136,7 @@ BAD = [
     ("id over max_id_bytes", with_(attr("id", "x" * 1025)), "id: takes 1025 bytes (UTF-8), over this server's max_id_bytes (1024)"),
     ("id over max_id_bytes in UTF-8", with_(attr("id", "é" * 513)), "id: takes 1026 bytes (UTF-8), over this server's max_id_bytes (1024)"),
     ("a 10 MB id", with_(attr("id", "x" * 10_000_000)), "id: takes 10000000 bytes (UTF-8), over this server's max_id_bytes (1024)"),
+    ("a 10 MB id with an emoji", with_(attr("id", "x" * 10_000_000 + "\U0001f600")), "id: takes 10000004 bytes (UTF-8), over this server's max_id_bytes (1024)"),
     ("shm on a server without --allow-client-shm", with_(both(attr("input.data", b""), lambda m: m.input.shm.CopyFrom(pb.SharedMemoryRef(name="lossd-none", length=24)))), "input.shm"),
 ]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from google.protobuf.internal.encoder import _VarintBytes
@@ -224,3 +226,41 @@ def test_an_unusual_encoding_goes_to_protobuf_only_up_to_its_size_limit():
     big = pb.EvaluateRequest(id="x", input=pb.Tensor(dtype=pb.FLOAT32, data=bytes(wire.FALLBACK_MAX_BYTES))).SerializeToString()
     got = wire.parse(pb.EvaluateRequest, big + twice)
     assert isinstance(got, wire.Malformed) and f"FALLBACK_MAX_BYTES={wire.FALLBACK_MAX_BYTES}" in got.error, got
+
+
+@pytest.mark.parametrize(
+    "message_type, make",
+    [
+        (pb.EvaluateRequest, lambda text: pb.EvaluateRequest(id=text)),
+        (pb.EvaluateBatch, lambda text: pb.EvaluateBatch(requests=[pb.EvaluateRequest(id=text)])),
+        (pb.EvaluateChunk, lambda text: pb.EvaluateChunk(header=pb.ChunkHeader(id=text))),
+        (pb.CompareRequest, lambda text: pb.CompareRequest(id=text)),
+        (pb.CompareChunk, lambda text: pb.CompareChunk(header=pb.CompareHeader(id=text))),
+    ],
+)
+def test_an_id_over_max_id_bytes_is_measured_never_decoded(message_type, make):
+    """A 20 MB id of ASCII and one emoji decoded to an 80 MB str (4 bytes a character) before the
+    server refused it for its length; over max_id_bytes it is now a LongText of its UTF-8 size."""
+    import tracemalloc
+
+    text = "x" * 20_000_000 + "\U0001f600"
+    data = make(text).SerializeToString()
+    deserialize = wire.deserializer(message_type, max_id_bytes=1024)
+    tracemalloc.start()
+    received = deserialize(data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    parsed = received.message[0] if isinstance(received.message, list) else received.message
+    long_id = parsed.header.id if hasattr(parsed, "header") else parsed.id
+    assert isinstance(long_id, wire.LongText) and long_id == "" and long_id.nbytes == len(text.encode())
+    assert peak < 1024 * 1024, f"parsing held {peak} bytes: the id was decoded"
+    assert received.nbytes == len(data) + wire.REQUEST_OVERHEAD_BYTES
+    # within the limit it is decoded as protobuf decodes it; a wide one is counted as what it holds
+    short = "\U0001f600" * 256  # 1024 bytes of UTF-8, 1 KiB of characters at 4 bytes each
+    data = make(short).SerializeToString()
+    received = deserialize(data)
+    parsed = received.message[0] if isinstance(received.message, list) else received.message
+    decoded = parsed.header.id if hasattr(parsed, "header") else parsed.id
+    assert decoded == short and sys.getsizeof(decoded) > 1024
+    assert received.nbytes == len(data) + wire.REQUEST_OVERHEAD_BYTES + sys.getsizeof(decoded) - wire.SHORT_ID_BYTES
+    assert wire.deserializer(message_type)(make("r1").SerializeToString()).nbytes == len(make("r1").SerializeToString()) + wire.REQUEST_OVERHEAD_BYTES
