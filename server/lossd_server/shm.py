@@ -50,7 +50,7 @@ def read_shared_tensor(field: str, ref, dtype: torch.dtype, shape: tuple[int, ..
     if not _NAME.fullmatch(name):
         raise TensorError(
             f"{field}.shm.name",
-            f"invalid segment name {ref.name!r}: expected {NAME_PREFIX!r} followed by 1-200 letters, digits, '_' or '-'",
+            f"invalid segment name {_shown(ref.name)}: expected {NAME_PREFIX!r} followed by 1-200 letters, digits, '_' or '-'",
         )
     if len(ref.token) != TOKEN_BYTES:
         what = "is missing" if not ref.token else f"has {len(ref.token)} bytes"
@@ -98,6 +98,17 @@ def _private_buffer(nbytes: int):
         with contextlib.suppress(OSError):
             buffer.madvise(mmap.MADV_HUGEPAGE)
     return buffer
+
+
+#: Characters of an invalid segment name an error shows (it is echoed to the client).
+SHOWN_NAME_CHARS = 256
+
+
+def _shown(name: str) -> str:
+    """``name`` as an error shows it: its repr, cut after SHOWN_NAME_CHARS characters."""
+    if len(name) <= SHOWN_NAME_CHARS:
+        return repr(name)
+    return f"{name[:SHOWN_NAME_CHARS]!r}... ({len(name)} characters)"
 
 
 def _open_segment(field: str, name: str) -> int:

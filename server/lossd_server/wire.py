@@ -41,6 +41,11 @@ FALLBACK_MAX_BYTES = 4 * 1024 * 1024
 #: LossOptions spans at most this long are handed to protobuf unchecked (what it builds from them
 #: is a few KiB at most); longer ones are checked first.
 OPTIONS_CHECKED_FROM_BYTES = 1024
+#: Longest valid SharedMemoryRef name: "/" and "lossd-" and 200 letters, digits, '_' or '-'.
+MAX_SHM_NAME_CHARS = 207
+#: Bytes of the longest valid SharedMemoryRef (name, 16-byte token, two 64-bit varints, tags),
+#: rounded up: a longer one is refused before protobuf copies and decodes it.
+MAX_SHM_REF_BYTES = 512
 _CONTINUATION_BYTES = bytes(range(0x80, 0x100))
 _COUNT_STEP = 1 << 20
 
@@ -328,7 +333,7 @@ def _shape_into(out: _Shape, buf: bytes, wire_type: int, value) -> None:
 
 
 # --------------------------------------------------------------------------- messages
-def _tensor(buf: bytes, view: memoryview, start: int, stop: int) -> WireTensor:
+def _tensor(buf: bytes, view: memoryview, start: int, stop: int, field: str) -> WireTensor:
     t = WireTensor()
     shape = _Shape()
     seen_shm = False
@@ -346,9 +351,21 @@ def _tensor(buf: bytes, view: memoryview, start: int, stop: int) -> WireTensor:
             if seen_shm:
                 raise _Unusual("repeated sub-message")
             seen_shm = True
+            _check_shm_ref(value, f"{field}.shm")
             t.shm = pb.SharedMemoryRef.FromString(buf[value[0] : value[1]])
     t.shape = shape.shape()
     return t
+
+
+def _check_shm_ref(span: tuple[int, int], field: str) -> None:
+    """Refuse a SharedMemoryRef longer than any valid one before protobuf copies and decodes it
+    (a 60 MB name held the server's memory 900 MiB over idle, and its error echoed it)."""
+    if span[1] - span[0] > MAX_SHM_REF_BYTES:
+        raise _Refused(
+            f"takes {span[1] - span[0]} bytes; a valid reference takes at most {MAX_SHM_REF_BYTES} "
+            f"(a name of at most {MAX_SHM_NAME_CHARS} characters and a 16-byte token)",
+            field,
+        )
 
 
 def _options(buf: bytes, span: tuple[int, int]) -> pb.LossOptions:
@@ -368,12 +385,14 @@ def _check_options(buf: bytes, start: int, stop: int) -> None:
             extras += _count_varints(buf, *value)
         elif number in (5, 6) and wire_type == _LENGTH:
             shape = _Shape()
+            tensor = "options.weight" if number == 5 else "options.pos_weight"
             for part, part_type, part_value in _fields(buf, *value):
                 if part == 2 and part_type in (_VARINT, _LENGTH):
                     _shape_into(shape, buf, part_type, part_value)
+                elif part == 4 and part_type == _LENGTH:
+                    _check_shm_ref(part_value, f"{tensor}.shm")
             if shape.declared > MAX_DIMS:
-                field = "options.weight.shape" if number == 5 else "options.pos_weight.shape"
-                raise _Refused(f"expected at most {MAX_DIMS} dimensions, got {shape.declared}", field)
+                raise _Refused(f"expected at most {MAX_DIMS} dimensions, got {shape.declared}", f"{tensor}.shape")
     if extras > MAX_EXTRA_VALUES:
         raise _Refused(f"{extras} values, more than MAX_EXTRA_VALUES={MAX_EXTRA_VALUES}", "options.extras")
 
@@ -393,9 +412,9 @@ def _request(buf: bytes, view: memoryview, start: int, stop: int, text_max: int)
             raise _Unusual("repeated sub-message")
         seen.add(number)
         if number == 2:
-            r.input = _tensor(buf, view, *value)
+            r.input = _tensor(buf, view, *value, "input")
         elif number == 3:
-            r.target = _tensor(buf, view, *value)
+            r.target = _tensor(buf, view, *value, "target")
         else:
             r.options = _options(buf, value)
     return r
@@ -422,7 +441,7 @@ def _header(buf: bytes, view: memoryview, start: int, stop: int, text_max: int) 
             if number == 2:
                 h.options = _options(buf, value)
             else:
-                h.target = _tensor(buf, view, *value)
+                h.target = _tensor(buf, view, *value, "header.target")
     h.input_shape = shape.shape()
     return h
 
@@ -471,7 +490,7 @@ def _batch_of(msg: pb.EvaluateBatch) -> list[WireRequest]:
     return [_request_of(r) for r in msg.requests]
 
 
-def _walk(buf: bytes, view: memoryview, start: int, stop: int, text_max: int, out, fields: dict[int, tuple[str, object]]):
+def _walk(buf: bytes, view: memoryview, start: int, stop: int, text_max: int, out, fields: dict[int, tuple[str, object]], prefix: str = ""):
     """Fill ``out`` from the message in ``buf[start:stop]``, as protobuf would: ``fields`` maps a
     field number to (attribute, kind), the kind being "text", "enum", "shape", "bytes" (a view),
     "tensor", a protobuf message class (parsed by protobuf) or a walker of a sub-message; unknown
@@ -498,16 +517,16 @@ def _walk(buf: bytes, view: memoryview, start: int, stop: int, text_max: int, ou
                 raise _Unusual("repeated sub-message")
             else:
                 seen.add(number)
-                setattr(out, name, _part(kind, buf, view, value, text_max))
+                setattr(out, name, _part(kind, buf, view, value, text_max, prefix + name))
     for name, shape in shapes.items():
         setattr(out, name, shape.shape())
     return out
 
 
-def _part(kind: object, buf: bytes, view: memoryview, span: tuple[int, int], text_max: int):
+def _part(kind: object, buf: bytes, view: memoryview, span: tuple[int, int], text_max: int, field: str):
     """A sub-message of :func:`_walk`: a tensor, a protobuf message, or what a walker makes of it."""
     if kind == "tensor":
-        return _tensor(buf, view, *span)
+        return _tensor(buf, view, *span, field)
     if isinstance(kind, type):
         return kind.FromString(buf[span[0] : span[1]])
     return kind(buf, view, *span, text_max)
@@ -521,7 +540,7 @@ _COMPARE_HEADER = {
 
 
 def _compare_header(buf: bytes, view: memoryview, start: int, stop: int, text_max: int) -> WireCompareHeader:
-    return _walk(buf, view, start, stop, text_max, WireCompareHeader(), _COMPARE_HEADER)
+    return _walk(buf, view, start, stop, text_max, WireCompareHeader(), _COMPARE_HEADER, "header.")
 
 
 _COMPARE_CHUNK = {1: ("header", _compare_header), 2: ("reference_rows", "bytes"), 3: ("candidate_rows", "bytes")}

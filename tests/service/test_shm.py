@@ -24,6 +24,7 @@ from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from lossd_client.shm import HEADER_BYTES, MAGIC, NAME_PREFIX, TOKEN_BYTES, Segment, SharedMemoryArena, create_segment
 from lossd_client.tensors import to_proto
+from lossd_server import wire
 from serverproc import start_server
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this host")
@@ -189,6 +190,30 @@ def test_bad_references_are_invalid_argument(shm_server):
             good = pb_grpc.LossServiceStub(channel).Evaluate(_ref_to(segment), timeout=30)
     want = F.cross_entropy(torch.from_numpy(GOOD_X), torch.from_numpy(GOOD_T))
     assert np.frombuffer(good.loss.data, np.float32)[0] == want.item()
+    _assert_still_serving(shm_server)
+
+
+def test_a_long_segment_name_is_refused_before_it_is_decoded_and_never_echoed_whole(shm_server):
+    """A 40 MB name of ASCII and one emoji was copied and decoded by protobuf (4 bytes a character)
+    and echoed whole in the error (the server's memory 900 MiB over idle for a 60 MB name; the
+    client got RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead of the
+    error): a reference longer than any valid one is refused as the message is read, naming it,
+    and an invalid name short enough to be read is shown cut."""
+    long_name = "lossd-" + "a" * 40_000_000 + "\U0001f600"
+    request = _request_with_ref(long_name, HEADER_BYTES, 48, b"t" * TOKEN_BYTES)
+    ref_bytes = request.input.shm.ByteSize()
+    details = _refused(
+        shm_server, request, "input.shm", f"takes {ref_bytes} bytes; a valid reference takes at most {wire.MAX_SHM_REF_BYTES}"
+    )
+    assert len(details) < 1000, details
+    weighted = _request_with_ref("lossd-x", HEADER_BYTES, 48, b"t" * TOKEN_BYTES)
+    weighted.options.weight.dtype = pb.FLOAT32
+    weighted.options.weight.shape[:] = [3]
+    weighted.options.weight.shm.name = long_name
+    _refused(shm_server, weighted, "options.weight.shm", "a valid reference takes at most")
+    wide = "lossd-" + "!" * 300  # short enough to be read, not a valid name
+    details = _refused(shm_server, _request_with_ref(wide, HEADER_BYTES, 48, b"t" * TOKEN_BYTES), "input.shm.name", "invalid segment name")
+    assert f"... ({len(wide)} characters)" in details and wide not in details, details
     _assert_still_serving(shm_server)
 
 

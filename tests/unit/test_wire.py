@@ -264,3 +264,39 @@ def test_an_id_over_max_id_bytes_is_measured_never_decoded(message_type, make):
     assert decoded == short and sys.getsizeof(decoded) > 1024
     assert received.nbytes == len(data) + wire.REQUEST_OVERHEAD_BYTES + sys.getsizeof(decoded) - wire.SHORT_ID_BYTES
     assert wire.deserializer(message_type)(make("r1").SerializeToString()).nbytes == len(make("r1").SerializeToString()) + wire.REQUEST_OVERHEAD_BYTES
+
+
+def _shm_input(name: str) -> pb.EvaluateRequest:
+    return pb.EvaluateRequest(input=pb.Tensor(dtype=pb.FLOAT32, shape=[3], shm=pb.SharedMemoryRef(name=name, length=12, token=b"t" * 16)))
+
+
+@pytest.mark.parametrize(
+    "message_type, make, field",
+    [
+        (pb.EvaluateRequest, _shm_input, "input.shm"),
+        (pb.EvaluateRequest, lambda name: pb.EvaluateRequest(target=_shm_input(name).input), "target.shm"),
+        (pb.EvaluateBatch, lambda name: pb.EvaluateBatch(requests=[_shm_input(name)]), "input.shm"),
+        (pb.EvaluateChunk, lambda name: pb.EvaluateChunk(header=pb.ChunkHeader(target=_shm_input(name).input)), "header.target.shm"),
+        (pb.CompareRequest, lambda name: pb.CompareRequest(candidate=_shm_input(name).input), "candidate.shm"),
+        (pb.CompareChunk, lambda name: pb.CompareChunk(header=pb.CompareHeader(target=_shm_input(name).input)), "header.target.shm"),
+        (pb.EvaluateRequest, lambda name: pb.EvaluateRequest(options=pb.LossOptions(weight=_shm_input(name).input)), "options.weight.shm"),
+        (pb.EvaluateRequest, lambda name: pb.EvaluateRequest(options=pb.LossOptions(pos_weight=_shm_input(name).input)), "options.pos_weight.shm"),
+    ],
+)
+def test_a_shared_memory_reference_longer_than_any_valid_one_is_refused_unread(message_type, make, field):
+    """protobuf copied such a reference and decoded its name (a 60 MB name: 900 MiB of the server's
+    memory over idle); the walker refuses it naming the reference, building nothing from it."""
+    import tracemalloc
+
+    longest_valid = make("/lossd-" + "a" * 200)
+    assert _shm_input("/lossd-" + "a" * 200).input.shm.ByteSize() + 22 <= wire.MAX_SHM_REF_BYTES  # two 64-bit sizes
+    got = wire.parse(message_type, longest_valid.SerializeToString())
+    assert not isinstance(got, wire.Malformed), got
+    data = make("lossd-" + "a" * 20_000_000 + "\U0001f600").SerializeToString()
+    tracemalloc.start()
+    got = wire.parse(message_type, data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert isinstance(got, wire.Malformed) and got.field == field, got
+    assert f"a valid reference takes at most {wire.MAX_SHM_REF_BYTES}" in got.error and len(got.error) < 300, got
+    assert peak < 1024 * 1024, f"parsing held {peak} bytes: the reference was copied"
