@@ -5,7 +5,8 @@ more), so a 62.5 MiB request used to cost the server four times its size. Here t
 carry bulk bytes (EvaluateRequest, EvaluateBatch, EvaluateChunk, CompareRequest, CompareChunk and
 their Tensor / header parts) are walked field by field and ``Tensor.data``, ``input_rows`` and ``target_rows`` become
 ``memoryview`` slices of the received bytes: the tensors the engine reads *are* the request.
-The small parts (LossOptions, CompareOptions, SharedMemoryRef) go through protobuf itself.
+The small parts (LossOptions, CompareOptions, SharedMemoryRef) go through protobuf itself, except
+the class weights of LossOptions over OPTIONS_CHECKED_FROM_BYTES, which are views too (:class:`WireOptions`).
 
 Anything this walker does not handle exactly as protobuf would (a sub-message field given twice,
 which protobuf merges, groups, a known field with another wire type) is handed to protobuf's own
@@ -112,6 +113,28 @@ class WireTensor:
     shm: pb.SharedMemoryRef | None = None
 
 
+class WireOptions:
+    """LossOptions whose class weights (``weight``, ``pos_weight``: None when absent) are views of
+    the received message; every other field is read from ``rest``, protobuf's parse of the others.
+    ``ByteSize()`` is the options' size on the wire."""
+
+    __slots__ = ("rest", "weight", "pos_weight", "nbytes")
+
+    def __init__(self, rest: pb.LossOptions, weight: WireTensor | None, pos_weight: WireTensor | None, nbytes: int) -> None:
+        self.rest, self.weight, self.pos_weight, self.nbytes = rest, weight, pos_weight, nbytes
+
+    def __getattr__(self, name: str):
+        return getattr(self.rest, name)
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - protobuf's spelling
+        if name in ("weight", "pos_weight"):
+            return getattr(self, name) is not None
+        return self.rest.HasField(name)
+
+    def ByteSize(self) -> int:  # noqa: N802 - protobuf's spelling
+        return self.nbytes
+
+
 @dataclass(slots=True)
 class WireRequest:
     """An EvaluateRequest; ``input`` / ``target`` are None when the field is absent."""
@@ -119,7 +142,7 @@ class WireRequest:
     id: str = ""
     input: WireTensor | None = None
     target: WireTensor | None = None
-    options: pb.LossOptions = field(default_factory=pb.LossOptions)
+    options: pb.LossOptions | WireOptions = field(default_factory=pb.LossOptions)
 
 
 @dataclass(slots=True)
@@ -127,7 +150,7 @@ class WireHeader:
     """A ChunkHeader."""
 
     id: str = ""
-    options: pb.LossOptions = field(default_factory=pb.LossOptions)
+    options: pb.LossOptions | WireOptions = field(default_factory=pb.LossOptions)
     input_dtype: int = 0
     input_shape: tuple[int, ...] = ()
     target: WireTensor | None = None
@@ -235,11 +258,12 @@ def _int32(value: int) -> int:
 
 
 def _fields(buf: bytes, start: int, end: int):
-    """(field number, wire type, value) for each field in buf[start:end]; value is an int for
-    varints and a (start, stop) pair for length-delimited fields."""
+    """(field number, wire type, value, at) for each field in buf[start:end]; value is an int for
+    varints and a (start, stop) pair for length-delimited fields, ``at`` where the field begins."""
     pos = start
     budget = MAX_FIELDS
     while pos < end:
+        at = pos
         budget -= 1
         if budget < 0:
             raise _Refused(f"more than MAX_FIELDS={MAX_FIELDS} fields in one message level; no lossd message needs that many")
@@ -249,20 +273,20 @@ def _fields(buf: bytes, start: int, end: int):
             raise DecodeError("invalid field number")
         if wire_type == _VARINT:
             value, pos = _varint(buf, pos)
-            yield number, wire_type, value
+            yield number, wire_type, value, at
         elif wire_type == _LENGTH:
             size, pos = _varint(buf, pos)
             stop = pos + size
             if stop > end:
                 raise DecodeError("truncated length-delimited field")
-            yield number, wire_type, (pos, stop)
+            yield number, wire_type, (pos, stop), at
             pos = stop
         elif wire_type == _FIXED64:
             pos += 8
-            yield number, wire_type, None
+            yield number, wire_type, None, at
         elif wire_type == _FIXED32:
             pos += 4
-            yield number, wire_type, None
+            yield number, wire_type, None, at
         else:
             raise _Unusual("group or unknown wire type")
         if pos > end:
@@ -337,7 +361,7 @@ def _tensor(buf: bytes, view: memoryview, start: int, stop: int, field: str) -> 
     t = WireTensor()
     shape = _Shape()
     seen_shm = False
-    for number, wire_type, value in _fields(buf, start, stop):
+    for number, wire_type, value, _ in _fields(buf, start, stop):
         if number == 1:
             _expect(wire_type, _VARINT)
             t.dtype = _int32(value)
@@ -368,17 +392,33 @@ def _check_shm_ref(span: tuple[int, int], field: str) -> None:
         )
 
 
-def _options(buf: bytes, span: tuple[int, int]) -> pb.LossOptions:
-    if span[1] - span[0] > OPTIONS_CHECKED_FROM_BYTES:
-        _check_options(buf, *span)
-    return pb.LossOptions.FromString(buf[span[0] : span[1]])
+def _options(buf: bytes, view: memoryview, span: tuple[int, int]) -> pb.LossOptions | WireOptions:
+    """LossOptions, parsed by protobuf up to OPTIONS_CHECKED_FROM_BYTES; longer ones (their class
+    weights) are checked first, and their weights become views of the message like the input
+    (protobuf copied them three times: a 60 MB weight held 340 MiB of the server's memory)."""
+    start, stop = span
+    if stop - start <= OPTIONS_CHECKED_FROM_BYTES:
+        return pb.LossOptions.FromString(buf[start:stop])
+    _check_options(buf, start, stop)
+    rest: list[bytes] = []
+    weights: dict[int, WireTensor] = {}
+    fields = list(_fields(buf, start, stop))
+    for (number, wire_type, value, at), end in zip(fields, [f[3] for f in fields[1:]] + [stop], strict=True):
+        if number not in (5, 6):
+            rest.append(buf[at:end])
+            continue
+        _expect(wire_type, _LENGTH)
+        if number in weights:
+            raise _Unusual("repeated sub-message")
+        weights[number] = _tensor(buf, view, *value, "options.weight" if number == 5 else "options.pos_weight")
+    return WireOptions(pb.LossOptions.FromString(b"".join(rest)), weights.get(5), weights.get(6), stop - start)
 
 
 def _check_options(buf: bytes, start: int, stop: int) -> None:
     """Refuse LossOptions whose weight shapes or extras protobuf would build millions of numbers
     from; within the limits protobuf parses them (and words any error) as usual."""
     extras = 0
-    for number, wire_type, value in _fields(buf, start, stop):
+    for number, wire_type, value, _ in _fields(buf, start, stop):
         if number == 9 and wire_type == _VARINT:
             extras += 1
         elif number == 9 and wire_type == _LENGTH:
@@ -386,7 +426,7 @@ def _check_options(buf: bytes, start: int, stop: int) -> None:
         elif number in (5, 6) and wire_type == _LENGTH:
             shape = _Shape()
             tensor = "options.weight" if number == 5 else "options.pos_weight"
-            for part, part_type, part_value in _fields(buf, *value):
+            for part, part_type, part_value, _ in _fields(buf, *value):
                 if part == 2 and part_type in (_VARINT, _LENGTH):
                     _shape_into(shape, buf, part_type, part_value)
                 elif part == 4 and part_type == _LENGTH:
@@ -400,7 +440,7 @@ def _check_options(buf: bytes, start: int, stop: int) -> None:
 def _request(buf: bytes, view: memoryview, start: int, stop: int, text_max: int) -> WireRequest:
     r = WireRequest()
     seen: set[int] = set()
-    for number, wire_type, value in _fields(buf, start, stop):
+    for number, wire_type, value, _ in _fields(buf, start, stop):
         if number == 1:
             _expect(wire_type, _LENGTH)
             r.id = _text(buf, value, text_max)
@@ -416,7 +456,7 @@ def _request(buf: bytes, view: memoryview, start: int, stop: int, text_max: int)
         elif number == 3:
             r.target = _tensor(buf, view, *value, "target")
         else:
-            r.options = _options(buf, value)
+            r.options = _options(buf, view, value)
     return r
 
 
@@ -424,7 +464,7 @@ def _header(buf: bytes, view: memoryview, start: int, stop: int, text_max: int) 
     h = WireHeader()
     shape = _Shape()
     seen: set[int] = set()
-    for number, wire_type, value in _fields(buf, start, stop):
+    for number, wire_type, value, _ in _fields(buf, start, stop):
         if number == 1:
             _expect(wire_type, _LENGTH)
             h.id = _text(buf, value, text_max)
@@ -439,7 +479,7 @@ def _header(buf: bytes, view: memoryview, start: int, stop: int, text_max: int) 
                 raise _Unusual("repeated sub-message")
             seen.add(number)
             if number == 2:
-                h.options = _options(buf, value)
+                h.options = _options(buf, view, value)
             else:
                 h.target = _tensor(buf, view, *value, "header.target")
     h.input_shape = shape.shape()
@@ -448,7 +488,7 @@ def _header(buf: bytes, view: memoryview, start: int, stop: int, text_max: int) 
 
 def _chunk(buf: bytes, view: memoryview, text_max: int) -> WireChunk:
     c = WireChunk()
-    for number, wire_type, value in _fields(buf, 0, len(buf)):
+    for number, wire_type, value, _ in _fields(buf, 0, len(buf)):
         if number == 1:
             _expect(wire_type, _LENGTH)
             if c.header is not None:
@@ -475,7 +515,7 @@ class TooManyItems(ValueError):
 
 def _batch(buf: bytes, view: memoryview, text_max: int) -> list[WireRequest]:
     requests = []
-    for number, wire_type, value in _fields(buf, 0, len(buf)):
+    for number, wire_type, value, _ in _fields(buf, 0, len(buf)):
         if number == 1:
             _expect(wire_type, _LENGTH)
             if len(requests) == MAX_PACKED_ITEMS:
@@ -498,7 +538,7 @@ def _walk(buf: bytes, view: memoryview, start: int, stop: int, text_max: int, ou
     hands the message to protobuf."""
     shapes: dict[str, _Shape] = {}
     seen: set[int] = set()
-    for number, wire_type, value in _fields(buf, start, stop):
+    for number, wire_type, value, _ in _fields(buf, start, stop):
         if number not in fields:
             continue
         name, kind = fields[number]

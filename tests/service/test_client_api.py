@@ -159,3 +159,27 @@ def test_an_id_utf8_cannot_encode_is_invalid_argument_naming_it(server):
     with LossClient(server.address) as client:
         with pytest.raises(InvalidArgumentError, match=r"^id: not encodable as UTF-8"):
             client.evaluate(LossRequest(x, t, id="a\ud800b"))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_long_class_weights_equal_torch_through_every_path(server, chunked):
+    """Class weights past OPTIONS_CHECKED_FROM_BYTES are read as views of the message (the server's
+    wire walker), not by protobuf: the same values as torch's, unary and chunked (header weights)."""
+    classes = 200_000
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, classes, generator=g)
+    t = torch.tensor([0, classes - 1, 17])
+    w = torch.rand(classes, generator=g)
+    extra = {"chunked_above_bytes": 4096, "chunk_bytes": 1 << 20} if chunked else {}
+    with LossClient(server.address, timeout_s=60, **extra) as client:
+        for reduction in ("none", "mean", "sum"):
+            got = client.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.1)
+            want = F.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.1)
+            if reduction == "none":
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want)
+        pos_weight = torch.rand(classes, generator=g)
+        target = torch.rand(3, classes, generator=g)
+        got = client.binary_cross_entropy_with_logits(x, target, weight=w, pos_weight=pos_weight, reduction="none")
+        assert torch.equal(got, F.binary_cross_entropy_with_logits(x, target, weight=w, pos_weight=pos_weight, reduction="none"))

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from google.protobuf.internal.encoder import _VarintBytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -300,3 +301,45 @@ def test_a_shared_memory_reference_longer_than_any_valid_one_is_refused_unread(m
     assert isinstance(got, wire.Malformed) and got.field == field, got
     assert f"a valid reference takes at most {wire.MAX_SHM_REF_BYTES}" in got.error and len(got.error) < 300, got
     assert peak < 1024 * 1024, f"parsing held {peak} bytes: the reference was copied"
+
+
+@pytest.mark.parametrize("message_type", [pb.EvaluateRequest, pb.EvaluateChunk])
+def test_long_class_weights_are_views_of_the_message_and_the_other_options_protobufs(message_type):
+    """protobuf copied LossOptions' class weights three times (a 60 MB weight held 340 MiB of the
+    server's memory); past OPTIONS_CHECKED_FROM_BYTES they are views like the input's bytes."""
+    import tracemalloc
+
+    classes = 250_000
+    options = pb.LossOptions(loss=pb.CROSS_ENTROPY, reduction=pb.SUM, ignore_index=7, label_smoothing=0.25, extras=[1, 2])
+    tensors.to_proto(np.linspace(0, 1, classes, dtype=np.float32), options.weight)
+    tensors.to_proto(np.ones(3, np.float64), options.pos_weight)
+    if message_type is pb.EvaluateRequest:
+        msg = pb.EvaluateRequest(id="w", options=options)
+    else:
+        msg = pb.EvaluateChunk(header=pb.ChunkHeader(id="w", options=options))
+    data = msg.SerializeToString()
+    tracemalloc.start()
+    got = wire.parse(message_type, data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 * 1024, f"parsing held {peak} bytes: the weights were copied"
+    got_options = got.header.options if message_type is pb.EvaluateChunk else got.options
+    assert isinstance(got_options, wire.WireOptions)
+    assert got_options.weight.data.obj is data and bytes(got_options.weight.data) == options.weight.data
+    assert_same_tensor(got_options.weight, options.weight)
+    assert_same_tensor(got_options.pos_weight, options.pos_weight)
+    assert got_options.HasField("weight") and got_options.HasField("pos_weight") and got_options.HasField("ignore_index")
+    assert not got_options.HasField("class_axis")
+    assert got_options.ByteSize() == options.ByteSize()
+    rest = pb.LossOptions()
+    rest.CopyFrom(options)
+    rest.ClearField("weight")
+    rest.ClearField("pos_weight")
+    assert got_options.rest == rest
+    assert (got_options.loss, got_options.reduction, got_options.ignore_index, got_options.label_smoothing, list(got_options.extras)) == (
+        pb.CROSS_ENTROPY, pb.SUM, 7, 0.25, [1, 2],
+    )  # fmt: skip
+    # decoded as protobuf's would be
+    spec, weight, pos_weight = convert.decode_options(got_options)
+    want_spec, want_weight, want_pos_weight = convert.decode_options(options)
+    assert spec == want_spec and torch.equal(weight, want_weight) and torch.equal(pos_weight, want_pos_weight)
