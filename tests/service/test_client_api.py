@@ -183,3 +183,34 @@ def test_long_class_weights_equal_torch_through_every_path(server, chunked):
         target = torch.rand(3, classes, generator=g)
         got = client.binary_cross_entropy_with_logits(x, target, weight=w, pos_weight=pos_weight, reduction="none")
         assert torch.equal(got, F.binary_cross_entropy_with_logits(x, target, weight=w, pos_weight=pos_weight, reduction="none"))
+
+
+def test_class_weights_with_c_elements_on_more_axes_are_taken_where_torch_takes_them(server):
+    """torch takes a class weight of any shape with C elements for class indices of an input with
+    3 or more axes (nll_loss2d checks only the number): lossd refused (1, C), (C, 1), (2, 3)
+    weights there (probe 13 F3). Unary and chunked alike; refusals keep torch's message."""
+    gen = torch.Generator().manual_seed(13)
+    x, t = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64), torch.randint(0, 6, (2, 3), generator=gen)
+    t[0, 0] = -100
+    with LossClient(server.address, timeout_s=60) as unary, LossClient(server.address, timeout_s=60, chunked_above_bytes=0) as chunked:
+        for client in (unary, chunked):
+            for shape in [(1, 6), (6, 1), (2, 3)]:
+                w = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
+                torch.testing.assert_close(client.cross_entropy(x, t, w), F.cross_entropy(x, t, w))
+                logp = x.log_softmax(1)
+                torch.testing.assert_close(client.nll_loss(logp, t, w, reduction="sum"), F.nll_loss(logp, t, w, reduction="sum"))
+                lm = client.evaluate(LossRequest(x.movedim(1, -1), t, weight=w, class_axis=-1, reduction="none"))
+                torch.testing.assert_close(lm.loss, F.cross_entropy(x, t, w, reduction="none"))
+            w = torch.rand(6, 1, generator=gen, dtype=torch.float64)
+            want = F.cross_entropy(x, t, w, label_smoothing=0.1, reduction="sum")
+            torch.testing.assert_close(client.cross_entropy(x, t, w, label_smoothing=0.1, reduction="sum"), want)
+            row = torch.ones(1, 6, dtype=torch.float64)
+            refused = [
+                ((x[:, :, 0], t[:, 0], row), {}, "but got weight tensor of shape: [1, 6]"),
+                ((x, t, row), {"label_smoothing": 0.1}, "shape '[1, 1, 1]' is invalid for input of size 6"),
+                ((x, t, w), {"label_smoothing": 0.1}, "Index tensor must have the same number of dimensions as input tensor"),
+            ]
+            for args, kwargs, message in refused:
+                with pytest.raises(InvalidArgumentError) as info:
+                    client.cross_entropy(*args, **kwargs)
+                assert info.value.details.startswith("options.weight: ") and message in info.value.details

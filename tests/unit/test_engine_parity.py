@@ -121,6 +121,8 @@ def class_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
     tensors: dict[str, Any] = {"input": x, "target": target}
     if draw(st.booleans()):
         tensors["weight"] = torch.tensor(draw(st.lists(st.sampled_from(WEIGHT_VALUES), min_size=c, max_size=c)), dtype=dtype)
+        if len(in_shape) >= 3 and draw(st.integers(0, 3)) == 0:  # torch takes any shape with C elements there
+            tensors["weight"] = tensors["weight"].reshape(draw(st.sampled_from([(1, c), (c, 1), (c, 1, 1)])))
     ls = draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0, -0.2])) if loss == engine.CROSS_ENTROPY else 0.0
     spec = engine.LossSpec(loss=loss, reduction=draw(st.sampled_from(engine.REDUCTIONS)), ignore_index=ignore_index, label_smoothing=ls)
     return spec, tensors
@@ -458,6 +460,30 @@ def test_cached_validation_still_checks_each_requests_targets() -> None:
         engine.plan(spec, x64.shape, x64.dtype, torch.tensor([1], dtype=torch.uint8), w)
 
 
+def test_a_class_weight_that_is_not_1d_is_checked_against_each_requests_targets() -> None:
+    """A smoothed 'mean' with a (C, 1) weight is accepted by torch only while no target counts, so
+    such plans are never cached: a request whose targets all are ignored must not let the next
+    one, with a target that counts, through (and each request gets its own weight's values)."""
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    column, row = torch.rand(4, 1, dtype=torch.float64), torch.rand(1, 4, dtype=torch.float64)
+    ignored = torch.full((2, 3), -100)
+    counts = ignored.clone()
+    counts[1, 2] = 3
+    spec = engine.LossSpec(label_smoothing=0.1)
+    for _ in range(2):
+        got = evaluate(spec, {"input": x, "target": ignored, "weight": column}).loss
+        torch.testing.assert_close(got, F.cross_entropy(x, ignored, weight=column, label_smoothing=0.1), equal_nan=True)
+    with pytest.raises(RuntimeError, match="Index tensor must have the same number of dimensions"):
+        F.cross_entropy(x, counts, weight=column, label_smoothing=0.1)
+    with pytest.raises(engine.InvalidInput, match="Index tensor must have the same number of dimensions") as info:
+        evaluate(spec, {"input": x, "target": counts, "weight": column})
+    assert info.value.field == "options.weight"
+    t = torch.tensor([[0, 1, 2], [3, 3, 0]])
+    for w in (row, row * 2, row.flip(1)):
+        got = evaluate(engine.LossSpec(), {"input": x, "target": t, "weight": w}).loss
+        torch.testing.assert_close(got, F.cross_entropy(x, t, weight=w))
+
+
 @pytest.mark.parametrize(("shape", "axis"), [((3, 5, 21, 7), 2), ((3, 5, 21, 7), -2), ((2, 3, 4, 9, 5), 3), ((4, 6, 11), -1), ((4, 6, 11), 1)])
 def test_any_class_axis_is_torchs_log_softmax_along_that_axis_bit_for_bit(shape: tuple[int, ...], axis: int) -> None:
     """class_axis=k is F.log_softmax(input, k) as the input is laid out, then the picked class."""
@@ -466,3 +492,89 @@ def test_any_class_axis_is_torchs_log_softmax_along_that_axis_bit_for_bit(shape:
     t = torch.randint(0, shape[axis], tuple(s for i, s in enumerate(shape) if i != axis % len(shape)), generator=gen)
     got = engine.evaluate(engine.LossSpec(reduction="none", class_axis=axis), x, t, chunk_bytes=256).loss
     assert torch.equal(got, F.nll_loss(F.log_softmax(x, dim=axis).movedim(axis, 1), t, reduction="none"))
+
+
+# ---------------------------------------------------------------- class weights that are not (C,)
+def _class_weight_shapes(c: int) -> list[tuple[int, ...]]:
+    """Weight shapes with C elements but more axes (or none), and some without C elements."""
+    shapes = {(c,), (1, c), (c, 1), (c, 1, 1), (1, 1, c), (1, c, 1), (c + 1,), (1, c + 1), (c, 2)}
+    shapes |= {(): {(2, 3), (3, 2), (3, 2, 1)}, 1: {()}, 0: {(0, 3), (3, 0), (1, 0, 2)}}.get(c if c < 2 else (), set())
+    return sorted(shapes, key=lambda s: (len(s), s))
+
+
+def _class_weight_cases(ndim: int, kind: str) -> list[tuple[str, engine.LossSpec, dict[str, Any], tuple[Any, ...]]]:
+    """Every weight shape x C x reduction x target fill (counted, all ignored, an in-range
+    ignore_index) x layout (torch's, and the classes on another axis) x batch (N = 2, N = 0)."""
+    loss, smoothing = {"nll": (engine.NLL, 0.0), "ce": (engine.CROSS_ENTROPY, 0.0), "ce_ls": (engine.CROSS_ENTROPY, 0.1),
+                       "ce_neg_ls": (engine.CROSS_ENTROPY, -0.1), "prob": (engine.CROSS_ENTROPY, 0.0),
+                       "prob_ls": (engine.CROSS_ENTROPY, 0.1)}[kind]  # fmt: skip
+    gen = torch.Generator().manual_seed(ndim)
+    cases = []
+    for c in (0, 1, 6):
+        for n in (2, 0) if ndim >= 2 else (None,):
+            shape = (c,) if ndim == 1 else (n, c, *(2,) * (ndim - 2))
+            x = torch.randn(shape, generator=gen, dtype=torch.float64)
+            if loss == engine.NLL:
+                x = torch.log_softmax(x, 0 if ndim == 1 else 1)
+            tshape = () if ndim == 1 else (n, *shape[2:])
+            for fill in ("counted", "ignored", "ignore_index") if kind.startswith(("ce", "nll")) else ("probabilities",):
+                ignore_index = 1 if fill == "ignore_index" else -100
+                if fill == "probabilities":
+                    t = torch.rand(shape, generator=gen, dtype=torch.float64)
+                elif fill == "ignored" or c == 0:
+                    t = torch.full(tshape, ignore_index)
+                else:
+                    t = torch.randint(0, c, tshape, generator=gen)
+                for wshape in _class_weight_shapes(c):
+                    w = torch.rand(wshape, generator=gen, dtype=torch.float64) + 0.5
+                    for reduction in engine.REDUCTIONS:
+                        for axis in (None, 0 if ndim == 2 else ndim - 1) if ndim >= 2 else (None,):
+                            if axis is not None and c == 0:
+                                continue  # torch's reshape of (N, 0, d...) 3-d / 5-d inputs fails in its layout only
+                            spec = engine.LossSpec(
+                                loss=loss, reduction=reduction, ignore_index=ignore_index, label_smoothing=smoothing, class_axis=axis
+                            )
+                            # the same call in torch's layout: the class axis moved to dim 1
+                            xs = x if axis is None else x.movedim(1, axis)
+                            ts = t if axis is None or fill != "probabilities" else t.movedim(1, axis)
+                            cases.append(((c, n, fill, wshape, reduction, axis), spec, {"input": xs, "target": ts, "weight": w}, (x, t)))
+    return cases
+
+
+@pytest.mark.parametrize("kind", ["nll", "ce", "ce_ls", "ce_neg_ls", "prob", "prob_ls"])
+@pytest.mark.parametrize("ndim", [1, 2, 3, 4, 5])
+def test_class_weights_of_any_shape_are_accepted_exactly_when_torch_accepts_them(ndim: int, kind: str) -> None:
+    """torch checks only a class weight's number of elements for class indices of (N, C, d1..dk)
+    inputs (nll_loss2d), and with label_smoothing > 0 views it as (1, weight.size(0), 1, ...)
+    and gathers from its first axis for 'mean' (once a target counts); (C) and (N, C) inputs and
+    class probabilities take a 1-d weight only. The engine accepts exactly what torch accepts,
+    with the weight's values as torch uses them, and refuses the rest on ``options.weight`` with
+    torch's message; the classes on another axis (class_axis) follow the same call in torch's
+    layout, which has the same number of axes."""
+    mismatches = []
+    for label, spec, tensors, (x, t) in _class_weight_cases(ndim, kind):
+        w = tensors["weight"]
+        options = torch_options(spec)
+        try:
+            want, torch_error = torch_call(spec.loss, x, t, weight=w, **options), None
+        except Exception as exc:  # noqa: BLE001 - torch's verdict
+            want, torch_error = None, str(exc).split("\n")[0]
+        try:
+            got, error = evaluate(spec, tensors).loss, None
+        except engine.InvalidInput as exc:
+            got, error = None, exc
+        if (torch_error is None) != (error is None):
+            mismatches.append(f"{label}: torch {torch_error or 'accepts'}; engine {error or 'accepts'}")
+        elif error is None:
+            if got.dtype != want.dtype or got.shape != want.shape or not torch.allclose(got, want, rtol=1e-12, atol=1e-12, equal_nan=True):
+                mismatches.append(f"{label}: engine {got} != torch {want}")
+        else:
+            try:
+                torch_call(spec.loss, x, t, weight=w.reshape(-1), **options)
+            except Exception:  # noqa: BLE001 - not (only) the weight's shape
+                continue
+            kept = ("weight tensor should be defined", "cross_entropy: weight tensor")  # lossd's (C,) text, kept where it was
+            same_text = torch_error in error.message or error.message.startswith(kept)
+            if error.field != "options.weight" or not same_text:
+                mismatches.append(f"{label}: torch {torch_error!r}; engine {error}")
+    assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:40])

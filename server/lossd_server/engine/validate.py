@@ -87,13 +87,45 @@ def _check_label_smoothing(spec: LossSpec) -> None:
         raise InvalidInput("options.label_smoothing", f"label_smoothing must be between 0.0 and 1.0. Got: {spec.label_smoothing:g}")
 
 
-def _check_weight(weight: torch.Tensor | None, num_classes: int, prob: bool) -> None:
-    if weight is not None and (weight.dim() != 1 or weight.numel() != num_classes):
-        prefix = "cross_entropy: " if prob else ""
+def _check_weight(weight: torch.Tensor | None, num_classes: int, prob: bool, ndim: int = 1) -> None:
+    """torch's class-weight check: C elements, on one axis, except for class indices of an input
+    with 3 or more axes, where torch (nll_loss2d) checks only the number of elements: a (1, C) or
+    (C, 1) weight is then its C values in order (see :func:`_check_smoothed_weight` for what
+    label smoothing adds). The number of axes is the input's in any layout: classes on another
+    axis (class_axis) stand for the same call with them moved to dim 1, which has as many."""
+    if weight is None or (weight.numel() == num_classes and (weight.dim() == 1 or (not prob and ndim >= 3))):
+        return
+    prefix = "cross_entropy: " if prob else ""
+    raise InvalidInput(
+        "options.weight",
+        f"{prefix}weight tensor should be defined either for all {num_classes} classes or no classes but got weight tensor of shape: "
+        f"{_shape(weight.shape)}",
+    )
+
+
+def _check_smoothed_weight(spec: LossSpec, weight: torch.Tensor | None, num_classes: int, ndim: int, counted: int) -> None:
+    """What torch's label smoothing asks of a class weight that is not 1-d (only inputs with 3 or
+    more axes get here): it views the weight as (1, weight.size(0), 1, ...), and for 'mean'
+    gathers the weights of the counted targets along its first axis, which a weight with more
+    axes fails as soon as one target counts. Checked where torch does, after the targets."""
+    if weight is None or weight.dim() == 1 or spec.smoothing == 0.0:
+        return
+    view = "with label_smoothing > 0, torch views the class weight as [1, weight.size(0), 1, ...]"
+    if weight.dim() == 0:
+        raise InvalidInput("options.weight", f"Dimension specified as 0 but tensor has no dimensions ({view})")
+    if weight.shape[0] != num_classes:
+        shape = [1] * ndim
+        shape[1] = weight.shape[0]
         raise InvalidInput(
             "options.weight",
-            f"{prefix}weight tensor should be defined either for all {num_classes} classes or no classes but got weight tensor of shape: "
-            f"{_shape(weight.shape)}",
+            f"shape '{shape}' is invalid for input of size {weight.numel()} ({view}: its first axis must hold the {num_classes} classes)",
+        )
+    if spec.reduction == "mean" and counted:
+        raise InvalidInput(
+            "options.weight",
+            "Index tensor must have the same number of dimensions as input tensor (with label_smoothing > 0 and reduction "
+            "'mean', torch gathers the weights of the counted targets from the class weight along its first axis, which takes a "
+            f"1-d weight; got weight tensor of shape: {_shape(weight.shape)})",
         )
 
 
@@ -175,12 +207,14 @@ def _class(spec, input_shape, input_dtype, target, weight, class_axis, target_st
     tshape = tuple(target.shape)
     output_shape = _class_output_shape(spec, input_shape, tshape, class_axis)
     geometry = Geometry.of(input_shape, TargetKind.CLASS, class_axis)
-    _check_weight(weight, geometry.num_classes, prob=False)
+    _check_weight(weight, geometry.num_classes, prob=False, ndim=len(input_shape))
+    shaped, weight = weight, _as_vector(weight)
     _check_class_layout(spec, input_shape, tshape, target.dtype, class_axis)
     out, compute = _dtypes(spec, TargetKind.CLASS, geometry, input_dtype, target, weight, None)
     flat, valid = _resolve_targets(spec, target, geometry.num_classes)
     seq_len = tshape[-1] if tshape else 1
     weight_sum, counted = target_totals(flat, valid, weight, compute)
+    _check_smoothed_weight(spec, shaped, geometry.num_classes, len(input_shape), counted)
     return Plan(
         spec,
         TargetKind.CLASS,
@@ -199,6 +233,12 @@ def _class(spec, input_shape, input_dtype, target, weight, class_axis, target_st
         weight_sum,
         counted,
     )
+
+
+def _as_vector(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """An accepted class weight as the (C,) vector of its values, which is how torch uses one of
+    any shape (a view of a contiguous one, as decoded weights are)."""
+    return weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
 
 
 def class_target_nbytes(elements: int, *, int64: bool, shift: bool, weighted: bool = False) -> int:
@@ -289,6 +329,8 @@ class _Templates:
     def key(spec, input_shape, input_dtype, target, weight, pos_weight, target_streamed) -> tuple | None:
         if not math.prod(input_shape) or target.device.type == "meta":
             return None
+        if weight is not None and weight.dim() != 1 and spec.loss != BCE_WITH_LOGITS:
+            return None  # a class weight that is not 1-d: the targets may decide (see _check_smoothed_weight)
         metas = tuple(None if w is None else (tuple(w.shape), w.dtype) for w in (weight, pos_weight))
         return (spec, input_shape, input_dtype, tuple(target.shape), target.dtype, metas, target_streamed)
 
