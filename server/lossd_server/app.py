@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
-from . import engine, stopsignals, unary_reads
+from . import engine, server_reflection, stopsignals, unary_reads
 from .admission import Admission
 from .batcher import Batcher
 from .budget import MemoryBudget
@@ -323,8 +323,8 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     server.add_generic_rpc_handlers((unary_reads.health_handlers(health_servicer, config.stream_idle_timeout_s, servicer.calls),))
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    server.add_generic_rpc_handlers(
+        (server_reflection.handlers((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)),)
     )
     creds = _server_credentials(config)
     try:

@@ -22,6 +22,35 @@ from grpc_health.v1 import health_pb2
 
 from .errors import idle_message
 
+#: Largest health request this server parses: a service name is a few dozen bytes
+#: ("lossd.v1.LossService"); a 60 MB one held 455 MiB of the server's memory, outside its budget.
+MAX_HEALTH_REQUEST_BYTES = 4096
+
+
+class Unreadable:
+    """Stands in for a request message refused unparsed (too long) or that does not parse:
+    answered INVALID_ARGUMENT with ``details`` (a deserializer that raised was answered UNKNOWN)."""
+
+    __slots__ = ("details",)
+
+    def __init__(self, details: str) -> None:
+        self.details = details
+
+
+def bounded(parse: Callable[[bytes], Any], what: str, max_bytes: int) -> Callable[[bytes], Any]:
+    """A request deserializer: ``parse(data)``, or :class:`Unreadable` for data over ``max_bytes``
+    or that ``parse`` refuses."""
+
+    def deserialize(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return Unreadable(f"request: a {what} of {len(data)} bytes, more than the {max_bytes} this server reads")
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 - bad bytes are the client's mistake, not UNKNOWN
+            return Unreadable(f"request: not a valid {what} message: {exc}")
+
+    return deserialize
+
 
 class NoRequest(Exception):
     """The call's request message did not come: the status to answer it with."""
@@ -41,6 +70,8 @@ async def read_request(context: grpc.aio.ServicerContext, what: str, idle_s: flo
         raise NoRequest(grpc.StatusCode.DEADLINE_EXCEEDED, idle_message(f"completed no {what} message", idle_s)) from None
     if message is grpc.aio.EOF:
         raise NoRequest(grpc.StatusCode.INVALID_ARGUMENT, f"request: the call carried no {what} message")
+    if isinstance(message, Unreadable):
+        raise NoRequest(grpc.StatusCode.INVALID_ARGUMENT, message.details)
     return message
 
 
@@ -82,20 +113,17 @@ def reading(handler: grpc.RpcMethodHandler, what: str, idle_s: float, gate: Stop
 def health_handlers(servicer: Any, idle_s: float, gate: StopGate | None = None) -> grpc.GenericRpcHandler:
     """grpc.health.v1.Health served by ``servicer`` (grpc_health's aio HealthServicer), its unary
     requests read by :func:`reading` (what ``add_HealthServicer_to_server`` registers, otherwise)."""
-    request, response = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    check = bounded(health_pb2.HealthCheckRequest.FromString, "HealthCheckRequest", MAX_HEALTH_REQUEST_BYTES)
+    response = health_pb2.HealthCheckResponse.SerializeToString
     methods: dict[str, tuple[grpc.RpcMethodHandler, str]] = {
-        "Check": (
-            grpc.unary_unary_rpc_method_handler(servicer.Check, request.FromString, response.SerializeToString),
-            "HealthCheckRequest",
-        ),
-        "Watch": (
-            grpc.unary_stream_rpc_method_handler(servicer.Watch, request.FromString, response.SerializeToString),
-            "HealthCheckRequest",
-        ),
+        "Check": (grpc.unary_unary_rpc_method_handler(servicer.Check, check, response), "HealthCheckRequest"),
+        "Watch": (grpc.unary_stream_rpc_method_handler(servicer.Watch, check, response), "HealthCheckRequest"),
     }
     if hasattr(servicer, "List") and hasattr(health_pb2, "HealthListRequest"):
         listing = grpc.unary_unary_rpc_method_handler(
-            servicer.List, health_pb2.HealthListRequest.FromString, health_pb2.HealthListResponse.SerializeToString
+            servicer.List,
+            bounded(health_pb2.HealthListRequest.FromString, "HealthListRequest", MAX_HEALTH_REQUEST_BYTES),
+            health_pb2.HealthListResponse.SerializeToString,
         )
         methods["List"] = (listing, "HealthListRequest")
     return grpc.method_handlers_generic_handler(
