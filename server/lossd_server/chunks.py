@@ -1,9 +1,10 @@
 """EvaluateChunked without gRPC: a header becomes a validated plan, each message a range of rows.
 
 :class:`ChunkAssembler` checks every message of one chunked call exactly as the unary path
-checks a request (same fields named, INVALID_ARGUMENT for every client mistake) and hands out
-:class:`RowChunk` values, in order, for the engine; it computes nothing itself and holds only
-the header's target. The servicer drives it (reading, budgeting, scheduling).
+checks a request (INVALID_ARGUMENT for every client mistake, naming the header's field where the
+unary request's has another name: :mod:`.header_fields`) and hands out :class:`RowChunk` values,
+in order, for the engine; it computes nothing itself and holds only the header's target. The
+servicer drives it (reading, budgeting, scheduling).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client.layout import input_rows_are_output_rows, target_travels_with_rows
 
-from . import codec, convert, engine
+from . import codec, convert, engine, header_fields
 from .wire import WireChunk, WireHeader
 
 
@@ -32,6 +34,10 @@ class ChunkAssembler:
     """One EvaluateChunked call: ``rows(message)`` for every message, then ``finish(partials)``."""
 
     def __init__(self, header: WireHeader, shm_reader=None) -> None:
+        with header_fields.named_in(pb.ChunkHeader.DESCRIPTOR):  # the unary checks name EvaluateRequest's fields
+            self._open(header, shm_reader)
+
+    def _open(self, header: WireHeader, shm_reader) -> None:
         spec, weight, pos_weight = convert.decode_options(header.options, shm_reader)
         self.id = header.id
         self.input_dtype = codec.dtype_field("header.input_dtype", header.input_dtype)
@@ -59,12 +65,7 @@ class ChunkAssembler:
             target = torch.empty(target_shape, dtype=target_dtype, device="meta")
         else:
             target = codec.decode("header.target", header.target, shm_reader)
-        try:
-            self.plan = engine.plan(spec, self.input_shape, self.input_dtype, target, weight, pos_weight, target_streamed=self.streamed)
-        except engine.InvalidDtype as exc:  # torch rejects the input's dtype: the header's field for it
-            if exc.field != "input":
-                raise
-            raise engine.InvalidInput("header.input_dtype", exc.message) from None
+        self.plan = engine.plan(spec, self.input_shape, self.input_dtype, target, weight, pos_weight, target_streamed=self.streamed)
         self._header_target_units = self._whole_target_units(target)
         self.target_dtype = target_dtype
         self.unit_shape = self.plan.geometry.unit_shape

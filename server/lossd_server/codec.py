@@ -29,6 +29,7 @@ class TensorError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 def dtype_of(field: str, wire_dtype: int) -> torch.dtype:

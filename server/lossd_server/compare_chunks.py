@@ -2,10 +2,11 @@
 the same range of rows of both models.
 
 :class:`CompareAssembler` checks every message of one call as the unary Compare checks a request
-(same fields named, INVALID_ARGUMENT for every client mistake), hands out :class:`CompareRows`
-in order and evaluates them; it holds only the header's target. It has the interface the
-servicer's chunk loop drives (``rows``, ``work_nbytes``, ``evaluate``, ``check_complete``,
-``finish``), the one EvaluateChunked's :class:`~lossd_server.chunks.ChunkAssembler` has.
+(INVALID_ARGUMENT for every client mistake, naming the header's field where the unary request's
+has another name: :mod:`.header_fields`), hands out :class:`CompareRows` in order and evaluates
+them; it holds only the header's target. It has the interface the servicer's chunk loop drives
+(``rows``, ``work_nbytes``, ``evaluate``, ``check_complete``, ``finish``), the one
+EvaluateChunked's :class:`~lossd_server.chunks.ChunkAssembler` has.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client.layout import ITEMSIZE
 
-from . import codec, compare_convert, engine
+from . import codec, compare_convert, engine, header_fields
 from .engine import comparison
 from .wire import WireCompareChunk, WireCompareHeader
 
@@ -39,14 +41,15 @@ class CompareRows:
     candidate: torch.Tensor
 
 
-def _logits(field: str, wire_dtype: int, shape: tuple[int, ...]) -> tuple[torch.dtype, tuple[int, ...]]:
-    """One model's dtype and shape from the header (``field``: "header.reference", errors name
-    "header.reference.dtype" / ".shape", as the EvaluateChunked header's do)."""
-    dtype = codec.dtype_of(field, wire_dtype)
-    dims = codec.shape_of(field, shape)
+def _logits(name: str, wire_dtype: int, shape: tuple[int, ...]) -> tuple[torch.dtype, tuple[int, ...]]:
+    """One model's dtype and shape from the header's fields for them (``name``: "reference";
+    errors name "header.reference_dtype" / "header.reference_shape", as the EvaluateChunked
+    header's name "header.input_dtype")."""
+    dtype = codec.dtype_field(f"header.{name}_dtype", wire_dtype)
+    dims = codec.shape_field(f"header.{name}_shape", shape)
     nbytes = math.prod(dims) * ITEMSIZE[wire_dtype]
     if nbytes > codec.MAX_TENSOR_BYTES:
-        raise engine.InvalidInput(f"{field}.shape", f"{list(dims)} is {nbytes} bytes, more than any tensor may hold")
+        raise engine.InvalidInput(f"header.{name}_shape", f"{list(dims)} is {nbytes} bytes, more than any tensor may hold")
     return dtype, dims
 
 
@@ -55,12 +58,13 @@ class CompareAssembler:
 
     def __init__(self, header: WireCompareHeader, shm_reader=None, *, max_top_k: int = 0) -> None:
         self.id = header.id
-        ref_dtype, ref_shape = _logits("header.reference", header.reference_dtype, header.reference_shape)
-        cand_dtype, cand_shape = _logits("header.candidate", header.candidate_dtype, header.candidate_shape)
+        ref_dtype, ref_shape = _logits("reference", header.reference_dtype, header.reference_shape)
+        cand_dtype, cand_shape = _logits("candidate", header.candidate_dtype, header.candidate_shape)
         target = None if header.target is None else codec.decode("header.target", header.target, shm_reader)
-        self.plan = comparison.plan_comparison(
-            ref_shape, ref_dtype, cand_shape, cand_dtype, target, **compare_convert.options(header.options, max_top_k)
-        )
+        with header_fields.named_in(pb.CompareHeader.DESCRIPTOR):  # plan_comparison names CompareRequest's fields
+            self.plan = comparison.plan_comparison(
+                ref_shape, ref_dtype, cand_shape, cand_dtype, target, **compare_convert.options(header.options, max_top_k)
+            )
         self.dtypes = (ref_dtype, cand_dtype)
         self.row_bytes = self.plan.row_bytes()
         self.next_row = 0

@@ -308,7 +308,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         decoding = convert.target_decode_nbytes(target, options.shift_targets, options.HasField("weight"))
         if decoding:  # as a unary request's (see _prepare), reserved before they are made
             call.hold(header_held, header_held.nbytes + decoding, "decoding the header's class-index targets", "EvaluateChunk")
-        shm = codec.shm_nbytes({"header.target": target, "options.weight": options.weight, "options.pos_weight": options.pos_weight})
+        shm = codec.shm_nbytes(
+            {"header.target": target, "header.options.weight": options.weight, "header.options.pos_weight": options.pos_weight}
+        )
         if shm:  # reserved before they are copied
             call.hold(header_held, header_held.nbytes + shm, "shared-memory header tensors", "EvaluateChunk")
         make = functools.partial(ChunkAssembler, first.header, self.shm_reader)

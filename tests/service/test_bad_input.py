@@ -163,6 +163,49 @@ def test_bad_request_is_invalid_argument_naming_the_field(stub, name: str, reque
     assert np.frombuffer(reply.loss.data, "<f4")[0] == pytest.approx(expected_good(), rel=1e-6)
 
 
+def as_chunked(msg: pb.EvaluateRequest) -> pb.EvaluateChunk:
+    """A unary request as one EvaluateChunk: its header (id, options, the input's dtype and shape,
+    the target) and the input's rows."""
+    header = pb.ChunkHeader(id=msg.id, options=msg.options, input_dtype=msg.input.dtype, input_shape=msg.input.shape, target=msg.target)
+    return pb.EvaluateChunk(header=header, input_rows=msg.input.data)
+
+
+# (row id, request, field the unary request's error names, field the chunk header's names)
+BAD_HEADERS = [
+    ("class target batch mismatch", with_(set_tensor(tgt, np.array([0, 1, 2]))), "target", "header.target"),
+    ("class target >= C", with_(set_tensor(tgt, np.array([3, 0]))), "target", "header.target"),
+    ("int32 class target", with_(set_tensor(tgt, T.astype(np.int32))), "target", "header.target"),
+    ("probability target wrong shape", with_(set_tensor(tgt, np.full((2, 4), 0.25, np.float32))), "target", "header.target"),
+    ("integer input", with_(set_tensor(inp, X.astype(np.int64))), "input", "header.input_dtype"),
+    ("3-d input with 0 classes", with_(both(set_tensor(inp, np.zeros((2, 0, 4), np.float32)), set_tensor(tgt, np.zeros((2, 4), np.int64)))), "input", "header.input_shape"),
+    ("weight wrong length", with_(set_tensor(wgt, np.ones(4, np.float32))), "options.weight", "header.options.weight"),
+    ("weight wrong dtype", with_(set_tensor(wgt, np.ones(3, np.float64))), "options.weight", "header.options.weight"),
+    ("weight dtype 99", with_(both(set_tensor(wgt, np.ones(3, np.float32)), attr("options.weight.dtype", 99))), "options.weight.dtype", "header.options.weight.dtype"),
+    ("pos_weight for cross_entropy", with_(set_tensor(lambda m: m.options.pos_weight, np.ones(3, np.float32))), "options.pos_weight", "header.options.pos_weight"),
+    ("class_axis out of range", with_(attr("options.class_axis", 5)), "options.class_axis", "header.options.class_axis"),
+    ("label_smoothing > 1", with_(attr("options.label_smoothing", 1.5)), "options.label_smoothing", "header.options.label_smoothing"),
+    ("loss 99", with_(attr("options.loss", 99)), "options.loss", "header.options.loss"),
+    ("bce target shape", with_(both(attr("options.loss", pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), set_tensor(tgt, P[:, :2]))), "target", "header.target"),
+]
+
+
+@pytest.mark.parametrize("name,request_msg,field,header_field", BAD_HEADERS, ids=[row[0] for row in BAD_HEADERS])
+def test_a_bad_chunk_header_names_the_headers_field(stub, name: str, request_msg: pb.EvaluateRequest, field: str, header_field: str) -> None:
+    """EvaluateChunked refuses what Evaluate refuses, with the same message, naming the header's
+    field (header.target, header.input_dtype / header.input_shape, header.options.weight), not the
+    EvaluateRequest's, which the chunked call does not have."""
+    errors = []
+    for call in (lambda: stub.Evaluate(request_msg, timeout=30), lambda: stub.EvaluateChunked(iter([as_chunked(request_msg)]), timeout=30)):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        errors.append(info.value.details())
+    unary, chunked = errors
+    assert unary.startswith(field + ": "), unary
+    assert chunked == header_field + unary.removeprefix(field), chunked
+    assert stub.Evaluate(good_request(), timeout=30).id == "good"
+
+
 @pytest.mark.parametrize("ls", [-0.5, -1e-3, 0.0, 1.0, math.nan, -math.inf])
 @pytest.mark.parametrize("probabilities", [False, True])
 def test_label_smoothing_accepted_as_torch_accepts_it(stub, ls: float, probabilities: bool) -> None:

@@ -276,8 +276,8 @@ def test_the_async_client_raises_the_servers_refusal_of_a_chunked_header_as_the_
     bad_target[5] = 77
     cases = [
         (LossRequest(x, t, id="x" * 2000), r"^header\.id: takes 2000 bytes"),
-        (LossRequest(x, bad_target), r"^target: Target 77 is out of bounds"),
-        (LossRequest(x, t, weight=np.ones(7, np.float32)), r"^options\.weight: "),
+        (LossRequest(x, bad_target), r"^header\.target: Target 77 is out of bounds"),
+        (LossRequest(x, t, weight=np.ones(7, np.float32)), r"^header\.options\.weight: "),
     ]
 
     async def main():

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from compare_reference import LLAMA_CPP_LABELS, assert_summary_matches, reference_summary
-from lossd_client import AsyncLossClient, LossClient, compare
+from lossd_client import AsyncLossClient, LossClient, compare, tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from lossd_client.compare_stats import combine_totals, format_table
@@ -233,35 +233,37 @@ def test_an_answer_over_the_send_limit_is_refused_before_compute(small):
 
 
 # ---------------------------------------------------------------------------- bad input
-def _bad_cases() -> list[tuple[str, dict[str, Any], str]]:
+def _bad_cases() -> list[tuple[str, dict[str, Any], str, str]]:
+    """(what, compare's arguments, the field the unary Compare names, the field CompareChunked names:
+    its header's, or the argument the client refuses itself on both paths)."""
     reference, candidate = model_logits((2, 60, 300))  # 144 KB per model: chunked on the small server
     tokens = tokens_for((2, 60, 300))
     out_of_range = tokens.clone()
     out_of_range[1, 3] = 300
     base = {"reference": reference, "candidate": candidate, "tokens": tokens}
     return [
-        ("shape mismatch", {**base, "candidate": model_logits((2, 61, 300))[1]}, "candidate"),
-        ("different vocabularies", {**base, "candidate": model_logits((2, 60, 301))[1]}, "candidate"),
-        ("target out of range", {**base, "tokens": out_of_range}, "target"),
-        ("target shape", {**base, "tokens": tokens[:, :59]}, "target"),
-        ("k over the limit", {**base, "top_k": 21}, "options.top_k"),
-        ("shift without targets", {**base, "tokens": None, "shift_targets": True}, "options.shift_targets"),
-        ("integer logits", {**base, "reference": reference.to(torch.int32)}, "reference"),
-        ("ignore_index past int64", {**base, "ignore_index": 2**63}, "options.ignore_index"),
-        ("k past uint32", {**base, "top_k": 2**32}, "options.top_k"),
-        ("sparse reference", {**base, "reference": reference.to_sparse()}, "reference"),
-        ("sparse candidate", {**base, "candidate": candidate.to_sparse()}, "candidate"),
-        ("sparse tokens", {**base, "tokens": tokens.to_sparse()}, "target"),
+        ("shape mismatch", {**base, "candidate": model_logits((2, 61, 300))[1]}, "candidate", "header.candidate_shape"),
+        ("different vocabularies", {**base, "candidate": model_logits((2, 60, 301))[1]}, "candidate", "header.candidate_shape"),
+        ("target out of range", {**base, "tokens": out_of_range}, "target", "header.target"),
+        ("target shape", {**base, "tokens": tokens[:, :59]}, "target", "header.target"),
+        ("k over the limit", {**base, "top_k": 21}, "options.top_k", "header.options.top_k"),
+        ("shift without targets", {**base, "tokens": None, "shift_targets": True}, "options.shift_targets", "header.options.shift_targets"),
+        ("integer logits", {**base, "reference": reference.to(torch.int32)}, "reference", "header.reference_dtype"),
+        ("ignore_index past int64", {**base, "ignore_index": 2**63}, "options.ignore_index", "options.ignore_index"),
+        ("k past uint32", {**base, "top_k": 2**32}, "options.top_k", "options.top_k"),
+        ("sparse reference", {**base, "reference": reference.to_sparse()}, "reference", "reference"),
+        ("sparse candidate", {**base, "candidate": candidate.to_sparse()}, "candidate", "candidate"),
+        ("sparse tokens", {**base, "tokens": tokens.to_sparse()}, "target", "target"),
     ]
 
 
 @pytest.mark.parametrize("path", ["unary", "chunked"])
-@pytest.mark.parametrize(("what", "kwargs", "field"), _bad_cases(), ids=[c[0] for c in _bad_cases()])
-def test_bad_input_is_invalid_argument_naming_the_field(client, small, path, what, kwargs, field):
+@pytest.mark.parametrize(("what", "kwargs", "field", "chunked_field"), _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input_is_invalid_argument_naming_the_field(client, small, path, what, kwargs, field, chunked_field):
     kwargs = dict(kwargs)
     if path == "chunked" and kwargs.get("top_k") == 21:
         kwargs["top_k"] = 9  # the small server's limit is 8
-    c = client if path == "unary" else small
+    c, field = (client, field) if path == "unary" else (small, chunked_field)
     with pytest.raises(InvalidArgumentError) as info:
         c.compare(kwargs.pop("reference"), kwargs.pop("candidate"), kwargs.pop("tokens"), **kwargs)
     assert info.value.details.startswith(field + ":"), info.value.details
@@ -356,6 +358,48 @@ def test_chunk_stream_mistakes_name_the_field(small_server):
     for messages, field in cases:
         err = _chunked_status(small_server.address, messages)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith(field + ":"), err.details()
+
+
+def _header_cases() -> list[tuple[str, dict[str, Any], str, str]]:
+    """(what, CompareRequest fields, the field Compare's error names, the field CompareChunked's header error names)."""
+    logits = np.zeros((3, 4, 11), np.float32)
+    tokens = np.zeros((3, 4), np.int64)
+    base = {"reference": logits, "candidate": logits, "target": tokens}
+    return [
+        ("target shape", {**base, "target": tokens.T.copy()}, "target", "header.target"),
+        ("target out of range", {**base, "target": np.full((3, 4), 11)}, "target", "header.target"),
+        ("floating target", {**base, "target": tokens.astype(np.float32)}, "target", "header.target"),
+        ("candidate shape", {**base, "candidate": np.zeros((12, 11), np.float32)}, "candidate", "header.candidate_shape"),
+        ("candidate vocabulary", {**base, "candidate": np.zeros((3, 4, 12), np.float32)}, "candidate", "header.candidate_shape"),
+        ("int32 reference", {**base, "reference": logits.astype(np.int32)}, "reference", "header.reference_dtype"),
+        ("int64 candidate", {**base, "candidate": logits.astype(np.int64)}, "candidate", "header.candidate_dtype"),
+        ("0-d reference", {**base, "reference": np.float32(0), "candidate": np.float32(0), "target": None}, "reference", "header.reference_shape"),
+        ("empty vocabulary", {**base, "reference": np.zeros((3, 0), np.float32), "target": None}, "reference", "header.reference_shape"),
+        ("top_k over the vocabulary", {**base, "top_k": 12}, "options.top_k", "header.options.top_k"),
+        ("top_k over the limit", {**base, "top_k": 21}, "options.top_k", "header.options.top_k"),
+        ("shift without targets", {**base, "target": None, "shift_targets": True}, "options.shift_targets", "header.options.shift_targets"),
+    ]
+
+
+@pytest.mark.parametrize(("what", "fields", "field", "header_field"), _header_cases(), ids=[c[0] for c in _header_cases()])
+def test_a_bad_compare_header_names_the_headers_field(server, what, fields, field, header_field):
+    """CompareChunked refuses what Compare refuses, with the same message, naming the header's
+    field (header.target, header.candidate_shape, header.reference_dtype, header.options.top_k),
+    not the CompareRequest's, which the chunked call does not have."""
+    fields = dict(fields)
+    options = pb.CompareOptions(top_k=fields.pop("top_k", 0), shift_targets=fields.pop("shift_targets", False))
+    request = pb.CompareRequest(id="bad", options=options, **{k: tensors.to_proto(v) for k, v in fields.items() if v is not None})
+    header = pb.CompareHeader(id="bad", options=options, target=request.target if request.HasField("target") else None)
+    for name in ("reference", "candidate"):
+        setattr(header, f"{name}_dtype", getattr(request, name).dtype)
+        getattr(header, f"{name}_shape")[:] = getattr(request, name).shape
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.LossServiceStub(channel).Compare(request, timeout=30)
+    unary = info.value
+    chunked = _chunked_status(server.address, [pb.CompareChunk(header=header)])
+    assert unary.code() == chunked.code() == grpc.StatusCode.INVALID_ARGUMENT, (unary.details(), chunked.details())
+    assert unary.details().startswith(field + ": "), unary.details()
+    assert chunked.details() == header_field + unary.details().removeprefix(field), chunked.details()
 
 
 @pytest.mark.parametrize("rows", [2**29, 2**50])
@@ -465,7 +509,8 @@ def test_the_example_prints_the_same_figures_on_every_run(server):
 
 def test_the_async_client_raises_the_servers_refusal_of_a_compare_header_as_the_blocking_one_does(small_server):
     """As for EvaluateChunked: CompareChunked refused at its header (a token out of the vocabulary)
-    while the client still writes rows could end INTERNAL "Internal error from Core" in grpc.aio."""
+    while the client still writes rows could end INTERNAL "Internal error from Core" in grpc.aio.
+    The refusal names the header's field: ``header.target``."""
     rng = np.random.default_rng(1)
     reference = rng.standard_normal((4, 600, 50), dtype=np.float32)
     tokens = rng.integers(0, 50, (4, 600))
@@ -474,9 +519,9 @@ def test_the_async_client_raises_the_servers_refusal_of_a_compare_header_as_the_
     async def main():
         async with AsyncLossClient(small_server.address, timeout_s=60) as client:
             for _ in range(20):
-                with pytest.raises(InvalidArgumentError, match=r"^target: Target 77 is out of bounds"):
+                with pytest.raises(InvalidArgumentError, match=r"^header\.target: Target 77 is out of bounds"):
                     await client.compare(reference, reference, tokens)
 
     asyncio.run(main())
-    with LossClient(small_server.address) as client, pytest.raises(InvalidArgumentError, match=r"^target: Target 77 is out of bounds"):
+    with LossClient(small_server.address) as client, pytest.raises(InvalidArgumentError, match=r"^header\.target: Target 77 is out of bounds"):
         client.compare(reference, reference, tokens)

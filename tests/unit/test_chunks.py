@@ -68,12 +68,25 @@ def test_a_target_shaped_like_the_input_with_data_in_the_header_is_named():
         # an input kl_div broadcasts along the target's rows: named as such, not "send the target's data"
         (lambda: header([1, 5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV), "header.input_shape: the input [1, 5] is broadcast along the rows"),
         (lambda: header([5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV), "header.input_shape: the input [5] is broadcast along the rows"),
-        (lambda: header([2, 5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV), "target: The size of tensor a (8) must match the size of tensor b (2)"),
+        (lambda: header([2, 5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV), "header.target: The size of tensor a (8) must match the size of tensor b (2)"),
+        # the unary request's checks, naming the header's fields
+        (lambda: header([4, 5], np.arange(3) % 5), "header.target: Expected input batch_size (4) to match target batch_size (3)."),
+        (lambda: header([4, 5], np.array([0, 1, 2, 5])), "header.target: Target 5 is out of bounds."),
+        (lambda: header([4, 5], (np.arange(4) % 5).astype(np.int32)), "header.target: expected class indices of dtype int64 or uint8"),
+        (lambda: header([2, 0, 4], np.zeros((2, 4), np.int64)), "header.input_shape: size mismatch (got input: [2, 0, 4] with 0 classes"),
+        (lambda: header([4, 5], np.arange(4) % 5, class_axis=2), "header.options.class_axis: axis 2 is out of range"),
+        (lambda: header([4, 5], np.arange(4) % 5, weight=tensors.to_proto(np.ones(3, np.float32))), "header.options.weight: weight tensor should be defined"),
+        (lambda: header([4, 5], np.arange(4) % 5, weight=pb.Tensor(dtype=99)), "header.options.weight.dtype: unknown dtype enum value 99"),
+        (lambda: header([4, 5], np.arange(4) % 5, pos_weight=tensors.to_proto(np.ones(5, np.float32))), "header.options.pos_weight: only binary_cross_entropy_with_logits"),
+        (lambda: header([4, 5], np.arange(4) % 5, label_smoothing=1.5), "header.options.label_smoothing: label_smoothing must be between 0.0 and 1.0"),
+        (lambda: header([4, 5], np.arange(4) % 5, loss=99), "header.options.loss: unknown LossKind enum value 99"),
+        (lambda: header([4, 5], np.arange(4) % 5, log_target=True), "header.options.log_target: only kl_div takes log_target"),
     ],
 )
 def test_header_mistakes_name_the_header_field_once(make, message):
     """Header fields are named as the proto names them (header.input_dtype, not
-    header.input_dtype.dtype, nor input), once."""
+    header.input_dtype.dtype, nor input; header.target and header.options.weight, not the
+    EvaluateRequest's target and options.weight), once."""
     with pytest.raises(ValueError) as info:
         ChunkAssembler(make())
     assert str(info.value).startswith(message), str(info.value)

@@ -125,16 +125,32 @@ def test_chunk_mistakes_name_the_field(rows: dict[str, bytes], field: str) -> No
     assert info.value.field == field
 
 
-def test_header_mistakes_name_the_field() -> None:
-    with pytest.raises(engine.InvalidInput) as info:
-        _assembler(reference_dtype=pb.INT64)
-    assert info.value.field == "reference"
-    with pytest.raises(Exception) as info:  # noqa: PT011 - codec.TensorError or InvalidInput, both name the field
-        _assembler(candidate_dtype=pb.DTYPE_UNSPECIFIED)
-    assert info.value.field == "header.candidate.dtype"
-    with pytest.raises(engine.InvalidInput) as info:
-        _assembler(options=pb.CompareOptions(top_k=3))
-    assert info.value.field == "options.top_k"
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"reference_dtype": pb.INT64}, "header.reference_dtype"),
+        ({"candidate_dtype": pb.DTYPE_UNSPECIFIED}, "header.candidate_dtype"),
+        ({"candidate_dtype": 99}, "header.candidate_dtype"),
+        ({"reference_shape": [-3, 4]}, "header.reference_shape"),
+        ({"reference_shape": [2**59, 4], "candidate_shape": [2**59, 4]}, "header.reference_shape"),  # 2**63 bytes of float32
+        ({"candidate_shape": [1] * 33}, "header.candidate_shape"),
+        ({"reference_shape": [], "candidate_shape": []}, "header.reference_shape"),
+        ({"candidate_shape": [4, 3]}, "header.candidate_shape"),
+        ({"candidate_shape": [3, 5]}, "header.candidate_shape"),
+        ({"options": pb.CompareOptions(top_k=3)}, "header.options.top_k"),
+        ({"options": pb.CompareOptions(shift_targets=True)}, "header.options.shift_targets"),
+        ({"target": tensors.to_proto(np.zeros(4, np.int64))}, "header.target"),
+        ({"target": pb.Tensor(dtype=pb.INT64, shape=[3], data=b"\0" * 23)}, "header.target.data"),
+    ],
+)
+def test_header_mistakes_name_the_headers_field(fields: dict, field: str) -> None:
+    """As protobuf names them (header.reference_dtype, not reference or header.reference.dtype)."""
+    with pytest.raises(ValueError) as info:  # noqa: PT011 - codec.TensorError or InvalidInput, both name the field
+        _assembler(**fields)
+    assert info.value.field == field and str(info.value).startswith(field + ": "), str(info.value)
+
+
+def test_an_incomplete_call_names_the_rows_field() -> None:
     assembler = _assembler()
     assembler.rows(wire.parse(pb.CompareChunk, pb.CompareChunk(reference_rows=b"\0" * 16, candidate_rows=b"\0" * 8).SerializeToString()))
     with pytest.raises(engine.InvalidInput) as info:

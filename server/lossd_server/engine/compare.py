@@ -50,7 +50,7 @@ from lossd_client.compare_stats import CompareTotals, combine_totals
 
 from ._exact import FLOAT_DTYPES, dtype_name, itemsize, to_compute
 from .scratch import sum64, temporary, upcast
-from .spec import DEFAULT_CHUNK_BYTES, InvalidInput, LossSpec
+from .spec import DEFAULT_CHUNK_BYTES, InvalidDtype, InvalidInput, LossSpec
 from .validate import _resolve_targets as resolve_targets
 
 #: Class-index target dtypes accepted (converted to int64).
@@ -129,7 +129,7 @@ class CompareResult(CompareValues):
 # ---------------------------------------------------------------------------- validation
 def _check_logits(field: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     if dtype not in FLOAT_DTYPES:
-        raise InvalidInput(field, f"expected floating logits (float32, float64, float16, bfloat16), got {dtype_name(dtype)}")
+        raise InvalidDtype(field, f"expected floating logits (float32, float64, float16, bfloat16), got {dtype_name(dtype)}")
     if len(shape) == 0:
         raise InvalidInput(field, "expected logits with a vocabulary axis last ((V), (N, V) or (B, T, V)), got a 0-dim tensor")
     if shape[-1] == 0:
@@ -148,7 +148,7 @@ def plan_compare(
 ) -> ComparePlan:
     """Validate a comparison; raise InvalidInput naming the field.
 
-    Fields: ``reference`` / ``candidate`` (dtype not floating, 0-dim, empty vocabulary),
+    Fields: ``reference`` / ``candidate`` (dtype not floating, an InvalidDtype; 0-dim, empty vocabulary),
     ``candidate`` (different vocabulary, different token shape), ``target`` (dtype, shape not
     the logits' shape without V, class index outside [0, V) that is not ignore_index),
     ``options.ignore_index`` (not an int), ``options.shift_targets`` (without targets, or with a
