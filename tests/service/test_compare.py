@@ -414,6 +414,41 @@ def test_a_header_of_billions_of_positions_without_targets_builds_nothing(small_
     assert small_server.status_kib("VmHWM") - before < 64 * 1024  # KiB
 
 
+@pytest.mark.parametrize("path", ["unary", "chunked"])
+@pytest.mark.parametrize("shape", [(0, 2**40), (2, 0, 2**40)], ids=["(0, 2^40)", "(2, 0, 2^40)"])
+@pytest.mark.parametrize("with_tokens", [False, True], ids=["without tokens", "with tokens"])
+def test_no_positions_of_a_huge_vocabulary_compare_as_torch_does(server, path, shape, with_tokens):
+    """Positions of 2**40 classes, none of them: no bytes, and torch's values are empty. They were
+    refused RESOURCE_EXHAUSTED ("needs 52776507813891 bytes of server memory ... split it into
+    smaller requests") for the 4 TiB working rows that comparing a row makes (probe 13 F4); they
+    are answered as the same positions of 7 classes are."""
+
+    def compared(vocab: int) -> compare.CompareResult:
+        logits = pb.Tensor(dtype=pb.FLOAT32, shape=[*shape[:-1], vocab])  # no data: no elements
+        target = pb.Tensor(dtype=pb.INT64, shape=shape[:-1]) if with_tokens else None
+        options = pb.CompareOptions(top_k=3)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.LossServiceStub(channel)
+            if path == "unary":
+                reply = stub.Compare(pb.CompareRequest(reference=logits, candidate=logits, target=target, options=options), timeout=30)
+            else:
+                header = pb.CompareHeader(options=options, reference_dtype=pb.FLOAT32, candidate_dtype=pb.FLOAT32, target=target)
+                header.reference_shape[:] = header.candidate_shape[:] = logits.shape
+                reply = stub.CompareChunked(iter([pb.CompareChunk(header=header)]), timeout=30)
+        return compare.result(reply, as_torch=True)
+
+    got, seven = compared(2**40), compared(7)
+    logits = torch.empty(shape)
+    want = torch_reference(logits, logits, torch.empty(shape[:-1], dtype=torch.int64) if with_tokens else None)
+    assert sorted(name for name in ("kl", "counted", *TARGET_OUTPUTS, "argmax_agree") if getattr(got, name) is not None) == sorted(want)
+    for name, value in want.items():
+        assert getattr(got, name).shape == value.shape and getattr(got, name).dtype == (torch.bool if value.dtype == torch.bool else torch.float32)
+        assert torch.equal(getattr(got, name), getattr(seven, name)), name
+    for top in (got.reference_top_k, got.candidate_top_k):
+        assert top.ids.shape == top.logprobs.shape == torch.topk(logits, 3).indices.shape
+    assert got.totals == seven.totals and got.totals.tokens == 0
+
+
 def test_server_info_names_the_top_k_limit(client, small):
     assert client.server_info().max_top_k == 20 and small.server_info().max_top_k == 8
 

@@ -117,6 +117,13 @@ ZERO_ELEMENT_CASES = [
     ("cross_entropy (2^34, 5, 0)", (2**34, 5, 0), (2**34, 0), np.int64, {}),
     ("LM logits (2^31, 0, 32000), class_axis=-1", (2**31, 0, 32000), (2**31, 0), np.int64, {"class_axis": -1}),
     ("probabilities (2^40, 7, 0)", (2**40, 7, 0), (2**40, 7, 0), np.float32, {}),
+    # no rows of 2^40 classes: torch answers; lossd refused them RESOURCE_EXHAUSTED for the working
+    # memory of rows they do not have ("needs 17592169270275 bytes ... split it", probe 13 F4)
+    ("cross_entropy (0, 2^40), class_axis=-1", (0, 2**40), (0,), np.int64, {"class_axis": -1}),
+    ("cross_entropy (0, 2^40, 3)", (0, 2**40, 3), (0, 3), np.int64, {}),
+    ("LM logits (2, 0, 2^40), class_axis=-1", (2, 0, 2**40), (2, 0), np.int64, {"class_axis": -1}),
+    ("probabilities (0, 2^40)", (0, 2**40), (0, 2**40), np.float32, {}),
+    ("bce (0, 2^40)", (0, 2**40), (0, 2**40), np.float32, {"loss": pb.BINARY_CROSS_ENTROPY_WITH_LOGITS}),
 ]
 
 

@@ -59,3 +59,25 @@ def test_rows_bigger_than_a_chunk_count_their_temporaries_in_the_working_bytes()
     assert small.working_nbytes() < 1024
     cmp = comparison.ComparisonPlan(plan_compare((1, vocab), torch.bfloat16, (1, vocab), torch.bfloat16))
     assert cmp.working_nbytes() >= 10 * (row_bytes - DEFAULT_CHUNK_BYTES)
+
+
+def test_no_rows_count_no_row_temporaries_and_one_row_counts_them_as_before():
+    """(0, 2**40) logits have no row of 4 TiB to make: their working bytes are those of (0, 7)
+    (they were refused RESOURCE_EXHAUSTED for 16 TiB, probe 13 F4); one such row still counts
+    its temporaries in full."""
+    from lossd_server.engine.plan import LOSS_ROW_COPIES
+
+    vocab = 2**40
+    row_bytes = vocab * 4
+    for shape, tshape, axis in (((0, vocab), (0,), None), ((2, 0, vocab), (2, 0), -1), ((0, vocab, 3), (0, 3), None)):
+        spec = engine.LossSpec(class_axis=axis)
+        empty = torch.empty(tshape, dtype=torch.int64)
+        seven = (*shape[:-1], 7) if axis == -1 else (shape[0], 7, *shape[2:])
+        assert engine.plan(spec, shape, torch.float32, empty).working_nbytes() == engine.plan(spec, seven, torch.float32, empty).working_nbytes()
+    one = engine.plan(engine.LossSpec(), (1, vocab), torch.float32, torch.zeros(1, dtype=torch.int64))
+    assert one.working_nbytes() == LOSS_ROW_COPIES * (row_bytes - DEFAULT_CHUNK_BYTES)
+    for rows in ((0,), (2, 0)):
+        cmp = comparison.ComparisonPlan(plan_compare((*rows, vocab), torch.float32, (*rows, vocab), torch.float32))
+        assert cmp.working_nbytes() == comparison.ComparisonPlan(plan_compare((*rows, 7), torch.float32, (*rows, 7), torch.float32)).working_nbytes() == 0
+    cmp = comparison.ComparisonPlan(plan_compare((1, vocab), torch.float32, (1, vocab), torch.float32))
+    assert cmp.working_nbytes() == 2 * cmp.answer_nbytes() - 2 * 4096 + comparison.COMPARE_ROW_COPIES * (row_bytes - DEFAULT_CHUNK_BYTES)

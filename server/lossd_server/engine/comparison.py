@@ -93,7 +93,7 @@ class ComparisonPlan:
         """What evaluation keeps before the answer is encoded: the values of every row range and
         their concatenation (float64 targets are held by the plan, counted in its header)."""
         row_bytes = self.plan.vocab * itemsize(self.plan.compute_dtype)
-        return 2 * self.rows * self._row_answer_bytes() + oversized_row_nbytes(row_bytes, COMPARE_ROW_COPIES)
+        return 2 * self.rows * self._row_answer_bytes() + oversized_row_nbytes(self.rows, row_bytes, COMPARE_ROW_COPIES)
 
     def evaluate_rows(self, reference: torch.Tensor, candidate: torch.Tensor, row_start: int, *, device: torch.device | str = "cpu",
                       chunk_bytes: int = DEFAULT_CHUNK_BYTES, checkpoint: Checkpoint = None) -> ComparisonPart:  # fmt: skip

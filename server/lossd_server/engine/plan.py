@@ -143,7 +143,7 @@ class Plan:
                 per_element += 8 + 8 + 1 + 1  # float64 loss and weight, counted and greedy flags
         elements = math.prod(self.target_shape) if self.kind is TargetKind.CLASS else self.rows
         row_bytes = self.geometry.unit_elements * itemsize(self.compute_dtype)
-        size = 2 * per_element * elements + oversized_row_nbytes(row_bytes, LOSS_ROW_COPIES)
+        size = 2 * per_element * elements + oversized_row_nbytes(self.units, row_bytes, LOSS_ROW_COPIES)
         if self.kind is TargetKind.CLASS and self.spec.sequence_stats:
             size += self.sequences * SEQUENCE_WORK_BYTES  # millions of them from an empty target: [B, 0]
         return size

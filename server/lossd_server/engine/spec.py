@@ -28,13 +28,14 @@ DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 ANSWER_OVERHEAD_BYTES = 1024
 
 
-def oversized_row_nbytes(row_bytes: int, copies: int) -> int:
-    """What evaluating rows of ``row_bytes`` compute-dtype bytes takes beyond the engine's usual
-    chunk-sized buffers: a row is never split, so a row over DEFAULT_CHUNK_BYTES makes chunks (and
-    their ``copies`` temporaries) that large. Counted in a plan's working bytes, so that the
+def oversized_row_nbytes(rows: int, row_bytes: int, copies: int) -> int:
+    """What evaluating ``rows`` rows of ``row_bytes`` compute-dtype bytes takes beyond the engine's
+    usual chunk-sized buffers: a row is never split, so a row over DEFAULT_CHUNK_BYTES makes chunks
+    (and their ``copies`` temporaries) that large. Counted in a plan's working bytes, so that the
     memory budget holds them (one comparison of 15-million-class rows peaked 632 MiB over the idle
-    server, uncounted)."""
-    return copies * max(0, row_bytes - DEFAULT_CHUNK_BYTES)
+    server, uncounted). Without rows no row is made: nothing (an empty [0, 2**40] input, which
+    torch evaluates, was refused for 4 TiB rows it never has)."""
+    return copies * max(0, row_bytes - DEFAULT_CHUNK_BYTES) if rows else 0
 
 
 #: The cap for binary_cross_entropy_with_logits, whose torch kernel allocates several
