@@ -191,4 +191,4 @@ def test_an_out_of_range_class_axis_reaches_the_server_which_names_it():
     payloads = list(core.chunk_payloads(req, chunk_bytes=64))  # the client lays it out and sends it
     with pytest.raises(engine.InvalidInput) as info:
         ChunkAssembler(wire.parse(pb.EvaluateChunk, payloads[0]).header)
-    assert info.value.field == "options.class_axis" and "out of range" in str(info.value)
+    assert info.value.field == "header.options.class_axis" and "out of range" in str(info.value)
