@@ -500,8 +500,8 @@ class Call:
     arena: SharedMemoryArena | None = None
     #: Parts of one request cut along its rows (:func:`lossd_client.split.split_rows`), or None.
     parts: list[Iterator[bytes]] | None = None
-    #: What joins the parts' answers: (reduction, request id).
-    join: tuple[str, str] | None = None
+    #: What joins the parts' answers: (reduction, request id, loss, class-index target).
+    join: tuple[str, str, str, bool] | None = None
 
     @property
     def chunked(self) -> bool:
@@ -583,7 +583,8 @@ def route(
             if parts is None:
                 return Call(None, chunk_payloads(req, chunk_bytes, server_max), as_torch)
             streams = [chunk_payloads(part, chunk_bytes, server_max) for part in parts]
-            return Call(None, None, as_torch, parts=streams, join=(layout.REDUCTION_NAMES[layout.REDUCTIONS[req.reduction]], req.id))
+            reduction = layout.REDUCTION_NAMES[layout.REDUCTIONS[req.reduction]]
+            return Call(None, None, as_torch, parts=streams, join=(reduction, req.id, req.loss, split.class_indices(req)))
     encoded = encode(req)
     return Call(encoded.tobytes(), None, encoded.as_torch)
 

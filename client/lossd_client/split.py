@@ -14,9 +14,11 @@ evaluate it at once. Every answer is joined as the server joins the chunks of on
   rounded, as the server merges its chunks); ``counted`` is an integer sum;
 - ``reduction='none'`` losses, per-token extras and per-sequence statistics are concatenated in
   row order (their bytes, as the server sent them);
-- a ``'sum'`` is ``loss_sum`` and a ``'mean'`` ``loss_sum / weight_sum`` (0/0 = NaN, x/0 = ±inf),
-  rounded to the answer's dtype as the server rounds it: directly to float32 / float64, and to
-  float16 / bfloat16 through float32 (torch converts a float64 to a 16-bit float through float32).
+- a ``'sum'`` is ``loss_sum`` and a ``'mean'`` ``loss_sum / weight_sum`` (0/0 = NaN, x/0 = ±inf;
+  inf or nan where torch's own totals overflow: :func:`lossd_client.reduction.quotient`, as the
+  server divides), rounded to the answer's dtype as the server rounds it: directly to float32 /
+  float64, and to float16 / bfloat16 through float32 (torch converts a float64 to a 16-bit float
+  through float32).
 
 A request is split only where that join is exact, otherwise it travels whole (:func:`split_rows`
 returns None):
@@ -42,7 +44,6 @@ different ``chunk_bytes``, may move ``loss_sum`` by an ulp.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -50,7 +51,9 @@ from typing import Any
 import numpy as np
 
 from . import layout, tensors
+from . import reduction as reduction_rule
 from ._proto.lossd.v1 import loss_pb2 as pb
+from .reduction import divide as divide  # the server's IEEE division, kept under this name
 from .types import LossRequest, exact_sum
 
 #: The per-sequence fields of ``EvaluateResponse.sequences`` (one value per sequence, in order).
@@ -145,11 +148,9 @@ def leading_slice(req: LossRequest, a: int, b: int) -> LossRequest:
 
 
 # --------------------------------------------------------------------------- joining the answers
-def divide(a: float, b: float) -> float:
-    """a / b as the server divides (IEEE for b = 0: 0/0 = nan, x/0 = ±inf)."""
-    if b == 0.0:
-        return math.nan if a == 0.0 or math.isnan(a) else math.copysign(math.inf, a)
-    return a / b
+def class_indices(req: LossRequest) -> bool:
+    """Whether a :func:`splittable` request's target holds class indices (not probabilities)."""
+    return tensors.wire_dtype_of(req.target) in _CLASS_INDICES
 
 
 def scalar_bytes(value: float, wire_dtype: int) -> bytes:
@@ -178,8 +179,16 @@ def _concatenate(parts: Sequence[pb.Tensor], out: pb.Tensor) -> None:
     out.data = b"".join(p.data for p in parts)
 
 
-def join_responses(responses: Sequence[pb.EvaluateResponse], reduction: str, request_id: str = "") -> pb.EvaluateResponse:
-    """The answer to the whole request from its parts' answers, in row order (see the module's docstring)."""
+def join_responses(
+    responses: Sequence[pb.EvaluateResponse],
+    reduction: str,
+    request_id: str = "",
+    loss: str = layout.CROSS_ENTROPY,
+    class_indices: bool = True,
+) -> pb.EvaluateResponse:
+    """The answer to the whole request from its parts' answers, in row order (see the module's
+    docstring); ``loss`` and ``class_indices`` say how torch accumulates its mean (see
+    :func:`lossd_client.reduction.accumulation_dtypes`)."""
     out = pb.EvaluateResponse(id=request_id)
     out.loss_sum = exact_sum([r.loss_sum for r in responses])
     out.weight_sum = exact_sum([r.weight_sum for r in responses])
@@ -188,7 +197,10 @@ def join_responses(responses: Sequence[pb.EvaluateResponse], reduction: str, req
     if reduction == "none":
         _concatenate([r.loss for r in responses], out.loss)
     else:
-        value = out.loss_sum if reduction == "sum" else divide(out.loss_sum, out.weight_sum)
+        value = out.loss_sum
+        if reduction != "sum":
+            acc = reduction_rule.accumulation_dtypes(loss, layout.dtype_name(first.loss.dtype), reduction, class_indices=class_indices)
+            value = reduction_rule.quotient(out.loss_sum, out.weight_sum, *acc)
         out.loss.dtype = first.loss.dtype
         out.loss.data = scalar_bytes(value, first.loss.dtype)
     for name in first.extras:

@@ -173,3 +173,54 @@ def test_perplexity_of_a_large_batch_over_parallel_streams_matches_torch(server)
     assert np.array_equal(ppl_one.sequence_perplexity, ppl_two.sequence_perplexity)
     want = F.cross_entropy(logits[:, :-1].reshape(-1, 4096), tokens[:, 1:].reshape(-1), reduction="sum")
     torch.testing.assert_close(torch.tensor(ppl_two.nll_sum, dtype=torch.float32), want, rtol=1e-5, atol=1e-3)
+
+
+def _rows_of_big_losses(dtype: torch.dtype, rows: int = 1024) -> dict[str, tuple[str, dict, dict]]:
+    """Requests over the chunked threshold whose per-element losses are 3/4 of the dtype's largest
+    value: their total overflows the dtype torch sums in, each part's does not."""
+    b = 0.75 * torch.finfo(dtype).max
+    pair = torch.tensor([[0.0, b], [b, 0.0]], dtype=torch.float64).repeat(rows // 2, 1).to(dtype)
+    one_hot = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=dtype).repeat(rows // 2, 1)
+    column = torch.full((rows, 1), -b, dtype=torch.float64).to(dtype)
+    return {
+        "cross_entropy": ("cross_entropy", {"input": pair, "target": torch.tensor([0, 1]).repeat(rows // 2)}, {}),
+        "probabilities": ("cross_entropy", {"input": -pair, "target": one_hot}, {}),
+        "bce": ("binary_cross_entropy_with_logits", {"input": column, "target": torch.ones(rows, 1, dtype=dtype)}, {}),
+        "kl_div": ("kl_div", {"input": column, "target": torch.ones(rows, 1, dtype=dtype)}, {"reduction": "batchmean"}),
+    }
+
+
+def assert_torchs_special_value(got: torch.Tensor, want: torch.Tensor) -> None:
+    """inf (with its sign), nan or a signed zero where torch has one; finite values within rounding."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if want.isnan() or got.isnan():
+        assert want.isnan() and got.isnan(), (got, want)
+    elif want.isinf() or want == 0:
+        assert got.item() == want.item() and got.signbit() == want.signbit(), (got, want)
+    else:
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["cross_entropy", "probabilities", "bce", "kl_div"])
+def test_parts_joined_overflow_as_torchs_totals_do(server, clients, name, dtype):
+    """The join divides as the server does (lossd_client.reduction.quotient): a mean whose total
+    overflows torch's dtype is torch's inf, though no part's total overflows (probe 14 F2)."""
+    one, four = clients
+    fn, tensors, options = _rows_of_big_losses(dtype)[name]
+    want = getattr(F, fn)(**tensors, **options)
+    assert split.splittable(LossRequest(tensors["input"], tensors["target"], loss=fn, **options))
+    before = server.metrics().get(CHUNKED_OK, 0.0)
+    for client in (one, four):
+        assert_torchs_special_value(getattr(client, fn)(**tensors, **options), want)
+    assert server.metrics().get(CHUNKED_OK, 0.0) - before == 5  # whole, then four parts
+
+
+@pytest.mark.parametrize("value", [-1.0, -0.5])
+def test_parts_joined_divide_by_torchs_float16_count(clients, value):
+    """nll_loss divides by the count cast to float16: 70000 rows make it inf, so the mean is nan
+    (a total of 70000 overflows too) or 0 (35000 does not)."""
+    logp, target = torch.full((70_000, 2), value, dtype=torch.float16), torch.zeros(70_000, dtype=torch.long)
+    want = F.nll_loss(logp, target)
+    for client in clients:
+        assert_torchs_special_value(client.nll_loss(logp, target), want)

@@ -578,3 +578,132 @@ def test_class_weights_of_any_shape_are_accepted_exactly_when_torch_accepts_them
             if error.field != "options.weight" or not same_text:
                 mismatches.append(f"{label}: torch {torch_error!r}; engine {error}")
     assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:40])
+
+
+# ---------------------------------------------------------------------------- totals past the dtype's range
+def assert_torchs_special_values(got: torch.Tensor, want: torch.Tensor, fn: str, tensors: dict[str, Any], options: dict[str, Any]) -> None:
+    """Where torch's result is inf, nan or a zero, the same (the sign of an inf or a zero
+    included); a finite non-zero one as :func:`assert_matches_torch` judges it."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if want.isnan().any() or got.isnan().any():
+        assert want.isnan().all() and got.isnan().all(), (got, want)
+    elif want.isinf().any() or (want == 0).any():
+        assert got.item() == want.item() and got.signbit().item() == want.signbit().item(), (got, want)
+    else:
+        assert_matches_torch(got, fn, tensors, options)
+
+
+def _big(dtype: torch.dtype) -> float:
+    """Three quarters of the dtype's largest value: one fits, the sum of two does not."""
+    return 0.75 * torch.finfo(dtype).max
+
+
+def _overflow_case(name: str, dtype: torch.dtype) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(function, tensors, options) whose per-element losses (or weights) are about ±_big(dtype):
+    their total overflows the dtype while the mean, in float64, would not."""
+    b = _big(dtype)
+
+    def f(values: Any) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64).to(dtype)
+
+    pair, t01 = [[0.0, b], [b, 0.0]], torch.tensor([0, 1])
+    cases: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+        "ce_class": ("cross_entropy", {"input": f(pair), "target": t01}, {}),
+        "ce_class_kdim": ("cross_entropy", {"input": f([[[0.0, b], [b, 0.0]]]), "target": torch.tensor([[0, 1]])}, {}),
+        "ce_class_negative_weights": ("cross_entropy", {"input": f(pair), "target": t01, "weight": f([-1.0, -1.0])}, {}),
+        "ce_class_smoothing": ("cross_entropy", {"input": f(pair), "target": t01}, {"label_smoothing": 0.25}),
+        "ce_class_big_weights": ("cross_entropy", {"input": f([[0.0, 5.0], [5.0, 0.0]]), "target": t01, "weight": f([b, b])}, {}),
+        "ce_class_smoothing_big_weights": (
+            "cross_entropy",
+            {"input": f([[0.0, 5.0], [5.0, 0.0]]), "target": t01, "weight": f([b, b])},
+            {"label_smoothing": 0.25},
+        ),
+        "nll": ("nll_loss", {"input": f([[-b, 0.0], [0.0, -b]]), "target": t01}, {}),
+        "nll_negative": ("nll_loss", {"input": f([[b, 0.0], [0.0, b]]), "target": t01}, {}),
+        "nll_big_weights": ("nll_loss", {"input": f([[-0.25, -2.0], [-2.0, -0.25]]), "target": t01, "weight": f([b, b])}, {}),
+        "nll_big_negative_weights": ("nll_loss", {"input": f([[-1.0, -2.0], [-2.0, -1.0]]), "target": t01, "weight": f([-b, -b])}, {}),
+        "ce_prob": ("cross_entropy", {"input": f([[-b, 0.0], [0.0, -b]]), "target": f([[1.0, 0.0], [0.0, 1.0]])}, {}),
+        "ce_prob_weight": ("cross_entropy", {"input": f([[-b, 0.0], [0.0, -b]]), "target": f([[1.0, 0.0], [0.0, 1.0]]), "weight": f([1.0, 0.5])}, {}),
+        "ce_prob_smoothing": ("cross_entropy", {"input": f([[-b, 0.0], [0.0, -b]]), "target": f([[1.0, 0.0], [0.0, 1.0]])}, {"label_smoothing": 0.5}),
+        "bce": ("binary_cross_entropy_with_logits", {"input": f([-b, -b]), "target": f([1.0, 1.0])}, {}),
+        "bce_weights": ("binary_cross_entropy_with_logits", {"input": f([-b, -b]), "target": f([1.0, 1.0]), "weight": f([1.0, 0.5]), "pos_weight": f([0.75])}, {}),  # fmt: skip
+        "kl": ("kl_div", {"input": f([[-b], [-b]]), "target": f([[1.0], [1.0]])}, {}),
+        "kl_log_target": ("kl_div", {"input": f([[-b], [-b]]), "target": f([[0.0], [0.0]])}, {"log_target": True}),
+        "kl_legacy_batchmean": ("kl_div", {"input": f([[-b, -b], [-b, -b]]), "target": f([[1.0, 1.0], [1.0, 1.0]])}, {"size_average": True}),
+    }
+    return cases[name]
+
+
+def _many_rows_case(name: str, dtype: torch.dtype) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """70000 rows of ordinary values: a count past float16's largest value (65504)."""
+    n = 70_000
+    zeros = torch.zeros(n, 2, dtype=dtype)
+    cases: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+        "ce_class_many": ("cross_entropy", {"input": zeros, "target": torch.zeros(n, dtype=torch.long)}, {}),
+        "ce_class_many_smoothing": ("cross_entropy", {"input": zeros, "target": torch.zeros(n, dtype=torch.long)}, {"label_smoothing": 0.2}),
+        "nll_many_half": ("nll_loss", {"input": torch.full((n, 2), -0.5, dtype=dtype), "target": torch.zeros(n, dtype=torch.long)}, {}),
+        "nll_many_ones": ("nll_loss", {"input": torch.full((n, 2), -1.0, dtype=dtype), "target": torch.zeros(n, dtype=torch.long)}, {}),
+        "ce_prob_many": ("cross_entropy", {"input": zeros, "target": torch.full((n, 2), 0.5, dtype=dtype)}, {}),
+        "bce_many": ("binary_cross_entropy_with_logits", {"input": torch.full((n,), -1.0, dtype=dtype), "target": torch.ones(n, dtype=dtype)}, {}),  # fmt: skip
+        "kl_many": ("kl_div", {"input": torch.full((n, 1), -1.0, dtype=dtype), "target": torch.ones(n, 1, dtype=dtype)}, {}),
+    }
+    return cases[name]
+
+
+def _engine_spec(fn: str, options: dict[str, Any]) -> engine.LossSpec:
+    return engine.LossSpec(loss=fn, **options)
+
+
+def _check_reduced(fn: str, tensors: dict[str, Any], options: dict[str, Any], chunk_bytes: int) -> None:
+    want = torch_call(fn, **tensors, **options)
+    spec = _engine_spec(fn, options)
+    got = engine.evaluate(spec, tensors["input"], tensors["target"], tensors.get("weight"), tensors.get("pos_weight"), chunk_bytes=chunk_bytes)
+    assert_torchs_special_values(got.loss, want, fn, tensors, options)
+
+
+OVERFLOW_CASES = (
+    "ce_class", "ce_class_kdim", "ce_class_negative_weights", "ce_class_smoothing", "ce_class_big_weights",
+    "ce_class_smoothing_big_weights", "nll", "nll_negative", "nll_big_weights", "nll_big_negative_weights", "ce_prob",
+    "ce_prob_weight", "ce_prob_smoothing", "bce", "bce_weights", "kl", "kl_log_target", "kl_legacy_batchmean",
+)  # fmt: skip
+MANY_ROWS_CASES = ("ce_class_many", "ce_class_many_smoothing", "nll_many_half", "nll_many_ones", "ce_prob_many", "bce_many", "kl_many")
+
+
+def _reductions(fn: str, name: str) -> tuple[str, ...]:
+    if name == "kl_legacy_batchmean":
+        return ("batchmean",)  # beside size_average=True: torch's 'mean', then ÷ input.size(0)
+    return ("mean", "sum", "batchmean") if fn == "kl_div" else ("mean", "sum")
+
+
+#: torch's label-smoothed 'sum' over class indices adds two totals of its own, the NLL part and the
+#: smoothing part, each in the output dtype: 70000 float16 rows overflow the smoothing part (97000),
+#: not lossd's one float64 total (48512). lossd keeps only that total on torch's fused kernel.
+_SMOOTHED_SUM = pytest.mark.xfail(strict=True, reason="a label-smoothed sum's smoothing part alone overflows float16")
+
+
+def _grid(names: tuple[str, ...], case: Any) -> list[Any]:
+    params = []
+    for name in names:
+        for dtype in FLOATS:
+            for reduction in _reductions(case(name, dtype)[0], name):
+                marks = _SMOOTHED_SUM if (name, reduction, dtype) == ("ce_class_many_smoothing", "sum", torch.float16) else ()
+                params.append(pytest.param(name, dtype, reduction, marks=marks, id=f"{name}-{str(dtype)[6:]}-{reduction}"))
+    return params
+
+
+@pytest.mark.parametrize(("name", "dtype", "reduction"), _grid(OVERFLOW_CASES, _overflow_case))
+def test_a_mean_whose_total_overflows_torchs_dtype_is_torchs_inf_or_nan(name: str, dtype: torch.dtype, reduction: str) -> None:
+    """torch sums a mean's numerator and denominator in the output dtype (float32 for a 16-bit
+    at::mean): where that total overflows, torch answers inf, -inf, nan or a zero, and so must lossd,
+    whose float64 totals do not overflow (probe 14 F2: float32 [3e38, 3e38] gave 3e38, not inf)."""
+    fn, tensors, options = _overflow_case(name, dtype)
+    for chunk_bytes in (64, engine.DEFAULT_CHUNK_BYTES):
+        _check_reduced(fn, tensors, {**options, "reduction": reduction}, chunk_bytes)
+
+
+@pytest.mark.parametrize(("name", "dtype", "reduction"), _grid(MANY_ROWS_CASES, _many_rows_case))
+def test_a_count_past_float16s_range_divides_as_torch_divides(name: str, dtype: torch.dtype, reduction: str) -> None:
+    """nll_loss (and cross_entropy with class indices) divide by the count cast to the output
+    dtype: inf in float16, so the mean is 0 or nan; the other losses divide by the count itself."""
+    fn, tensors, options = _many_rows_case(name, dtype)
+    _check_reduced(fn, tensors, {**options, "reduction": reduction}, engine.DEFAULT_CHUNK_BYTES)

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from lossd_client import LossRequest, core, layout, split, tensors
+from lossd_client import LossRequest, core, layout, reduction, split, tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
 WIRE = {torch.float32: pb.FLOAT32, torch.float64: pb.FLOAT64, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16}
@@ -34,6 +34,58 @@ def test_scalar_bytes_round_as_the_servers_torch(dtype):
         assert got.dtype == dtype
         same_bytes = got.reshape(1).view(torch.uint8).tolist() == want.reshape(1).view(torch.uint8).tolist()
         assert same_bytes or (got.isnan() and want.isnan()), (value, got, want)
+
+
+@pytest.mark.parametrize("dtype", list(WIRE), ids=str)
+def test_reduction_rounds_totals_as_torch_does(dtype):
+    """lossd_client.reduction.rounded (numpy, no torch) is torch's float64 -> dtype conversion,
+    overflow to ±inf included: the test of whether torch's total in that dtype overflows."""
+    name = str(dtype).removeprefix("torch.")
+    edges = [torch.finfo(dtype).max * k for k in (1.0, 1.0 + 2**-12, 1.0 + 2**-9, 1.0 + 2**-8, 1.0 + 2**-6, 1.5)]
+    for value in _doubles() + edges + [-v for v in edges]:
+        want = torch.tensor(value, dtype=torch.float64).to(dtype).item()
+        got = reduction.rounded(value, name)
+        assert got == want or (math.isnan(got) and math.isnan(want)), (value, got, want)
+
+
+@pytest.mark.parametrize("dtype", list(WIRE), ids=str)
+def test_quotient_is_torchs_division_where_a_total_overflows_its_dtype(dtype):
+    """Where a total rounds to ±inf in the dtype torch sums it in, the mean is torch's division of
+    the rounded totals in that dtype (inf, -inf, nan or a signed zero); elsewhere the float64
+    quotient, untouched."""
+    name, top = str(dtype).removeprefix("torch."), torch.finfo(dtype).max
+    totals = [0.0, -0.0, 1.0, -3.0, 0.75 * top, -0.75 * top, 1.5 * top, -1.5 * top, 3 * top, math.inf, -math.inf, math.nan]
+    for num in totals:
+        for den in totals:
+            got = reduction.quotient(num, den, name, name)
+            n, d = (torch.tensor(v, dtype=torch.float64).to(dtype) for v in (num, den))
+            if n.isinf() or d.isinf():
+                want = (n / d).item()
+            else:
+                want = reduction.divide(num, den)
+            assert (math.isnan(got) and math.isnan(want)) or (got == want and math.copysign(1, got) == math.copysign(1, want)), (num, den)
+    assert reduction.quotient(1.5 * top, 2.0, name, None) == math.inf  # (in float64, 1.5 * top is inf itself)
+    assert reduction.quotient(1.0, 1.5 * top, name, None) == 1.0 / (1.5 * top)  # an unrounded count: never inf
+
+
+def test_join_divides_as_torch_where_the_joined_total_overflows():
+    """Parts whose float32 totals fit, joined into one that does not: torch's inf / nan (probe 14 F2)."""
+    big = 3e38
+    parts = [pb.EvaluateResponse(loss_sum=big, weight_sum=w, counted=1) for w in (1.0, 1.0)]
+    for p in parts:
+        p.loss.dtype = pb.FLOAT32
+    mean = tensors.torch_from_proto(split.join_responses(parts, "mean").loss)
+    assert mean.item() == torch.tensor([big, big]).mean().item() == math.inf
+    weights = [pb.EvaluateResponse(loss_sum=1.0, weight_sum=big, counted=1) for _ in range(2)]
+    for p in weights:
+        p.loss.dtype = pb.FLOAT32
+    assert mean.isinf() and tensors.torch_from_proto(split.join_responses(weights, "mean").loss).item() == 0.0
+    halves = [pb.EvaluateResponse(loss_sum=40000.0, weight_sum=1.0, counted=1) for _ in range(2)]
+    for p in halves:
+        p.loss.dtype = pb.FLOAT16
+    # BCE's at::mean sums float16 in float32; nll_loss in float16 itself
+    assert tensors.torch_from_proto(split.join_responses(halves, "mean", loss=layout.BCE_WITH_LOGITS).loss).item() == 40000.0
+    assert tensors.torch_from_proto(split.join_responses(halves, "mean", loss=layout.NLL_LOSS).loss).item() == math.inf
 
 
 def test_divide_follows_ieee_for_a_zero_weight():
@@ -145,7 +197,7 @@ def test_route_cuts_only_chunked_requests_and_keeps_the_reduction():
     small = core.route(req, server_max=1 << 20, parallel_streams=4)
     assert not small.chunked and small.parts is None  # 4 KiB: one unary message
     big = core.route(req, server_max=1 << 20, chunked_above_bytes=1024, parallel_streams=4)
-    assert big.chunked and len(big.streams) == 4 and big.join == ("mean", "x")
+    assert big.chunked and len(big.streams) == 4 and big.join == ("mean", "x", "cross_entropy", True)
     whole = core.route(req, server_max=1 << 20, chunked_above_bytes=1024, parallel_streams=1)
     assert whole.chunked and len(whole.streams) == 1 and whole.join is None
     assert layout.REDUCTIONS["elementwise_mean"] == pb.MEAN

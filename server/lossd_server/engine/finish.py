@@ -6,20 +6,15 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+from lossd_client.reduction import accumulation_dtypes, quotient
+from lossd_client.reduction import divide as divide
 
 from .kernels import share
 from .results import LossResult, Partial, SequenceStats
-from .spec import CROSS_ENTROPY, EXTRA_DTYPES, TargetKind
+from .spec import CROSS_ENTROPY, EXTRA_DTYPES, TargetKind, dtype_name
 
 if TYPE_CHECKING:
     from .plan import Plan
-
-
-def divide(a: float, b: float) -> float:
-    """a / b with IEEE semantics for b = 0 (0/0 = nan, x/0 = +-inf)."""
-    if b == 0.0:
-        return math.nan if a == 0.0 or math.isnan(a) else math.copysign(math.inf, a)
-    return a / b
 
 
 def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -41,18 +36,25 @@ def reduce(plan: Plan, partial: Partial) -> torch.Tensor:
         if plan.kind is TargetKind.CLASS and plan.num_classes == 0 and spec.loss == CROSS_ENTROPY and spec.label_smoothing > 0:
             total = math.nan  # torch: smooth_loss.sum() * (label_smoothing / 0) = 0 * inf
         return _scalar(total, plan.output_dtype)
+    return _scalar(mean(plan, partial), plan.output_dtype)
+
+
+def mean(plan: Plan, partial: Partial) -> float:
+    """torch's 'mean' from the float64 totals, before rounding to the output dtype; where torch's
+    own totals overflow their dtype, its inf / nan (:func:`lossd_client.reduction.quotient`)."""
+    spec, out = plan.spec, dtype_name(plan.output_dtype)
     ls = spec.smoothing
     if plan.kind is not TargetKind.CLASS and math.prod(plan.input_shape) == 0:
-        mean = math.nan
-    elif plan.kind is TargetKind.CLASS and ls > 0.0:
+        return math.nan
+    if plan.kind is TargetKind.CLASS and ls > 0.0:
         # torch: (1 - ls) * nll_loss(mean) + smooth.sum() / Σ w[y] * (ls / C), each mean divided
-        # on its own (a zero total weight gives nan + inf = nan, not inf)
-        mean = (1 - ls) * divide(partial.nll_sum, partial.weight_sum) + divide(partial.smooth_sum, partial.weight_sum) * share(
-            ls, plan.num_classes
-        )
-    else:
-        mean = divide(partial.loss_sum, partial.weight_sum)
-    return _scalar(mean, plan.output_dtype)
+        # on its own (a zero total weight gives nan + inf = nan, not inf); the smoothing part's
+        # denominator is the weights' sum in the output dtype, or the count of targets (unrounded)
+        nll = quotient(partial.nll_sum, partial.weight_sum, out, out)
+        smooth = quotient(partial.smooth_sum, partial.weight_sum, out, out if plan.weight is not None else None)
+        return (1 - ls) * nll + smooth * share(ls, plan.num_classes)
+    num_dtype, den_dtype = accumulation_dtypes(spec.loss, out, class_indices=plan.kind is TargetKind.CLASS)
+    return quotient(partial.loss_sum, partial.weight_sum, num_dtype, den_dtype)
 
 
 def finish(plan: Plan, partial: Partial) -> LossResult:

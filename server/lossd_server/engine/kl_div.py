@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from lossd_client.layout import legacy_reduction
+from lossd_client.layout import KL_DIV, legacy_reduction
+from lossd_client.reduction import accumulation_dtypes, quotient
 
 from ._exact import HALF_DTYPES, divide, dtype_name, fsum, itemsize, to_compute
 from .scratch import sum64, temporary, upcast
@@ -52,6 +53,7 @@ __all__ = [
     "KlDivPartial",
     "KlDivPlan",
     "KlDivResult",
+    "divide",
     "evaluate_kl_div",
     "evaluate_kl_div_rows",
     "finish_kl_div",
@@ -409,7 +411,9 @@ def finish_kl_div(plan: KlDivPlan, partial: KlDivPartial) -> KlDivResult:
     if plan.reduction == "none":
         loss = partial.losses.reshape(plan.output_shape)
     else:
-        loss = torch.tensor(divide(partial.loss_sum, plan.denominator), dtype=torch.float64).to(plan.output_dtype)
+        # 'mean' sums in float32 for 16-bit floats (at::mean), 'sum' (and 'batchmean') in the output dtype
+        acc = accumulation_dtypes(KL_DIV, dtype_name(plan.output_dtype), plan.reduction)
+        loss = torch.tensor(quotient(partial.loss_sum, plan.denominator, *acc), dtype=torch.float64).to(plan.output_dtype)
     return KlDivResult(loss, partial.loss_sum, plan.denominator, partial.numel, plan.warnings)
 
 
