@@ -4,7 +4,8 @@ lossd keeps the numerator (``loss_sum``) and the denominator (``weight_sum``) of
 float64 totals and rounds their quotient once to the output dtype. torch sums in a dtype of its own
 (the accumulation dtype below), so where a total is past that dtype's range torch's total is
 ±inf and its mean inf, -inf, nan or a zero while the float64 quotient is finite. :func:`quotient`
-is that one rule, used by every path that divides: the server's reductions
+is that one rule, and :func:`total` gives a zero total torch's sign; both are used by every path
+that reduces: the server's reductions
 (``lossd_server.engine.finish`` and ``.kl_div``) and the join of a request cut into parts
 (:func:`lossd_client.split.join_responses`). No torch: numpy rounds as torch rounds.
 """
@@ -42,6 +43,15 @@ def rounded(value: float, dtype: str) -> float:
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # round to nearest even, as torch
         return float(np.array(bits, dtype=np.uint32).view(np.float32))
     return float(f32)
+
+
+def total(value: float, loss: str, *, class_indices: bool = True) -> float:
+    """A reduced total as torch's sum leaves it: a zero is +0.0 (torch's sums start from +0.0,
+    whatever the signs of the zeros they add), except that cross_entropy with probabilities returns
+    ``-(input * target).sum()``: -0.0 (an empty batch, all-zero targets, products that cancel)."""
+    if value != 0.0:
+        return value
+    return -0.0 if loss == layout.CROSS_ENTROPY and not class_indices else 0.0
 
 
 def quotient(num: float, den: float, num_dtype: str, den_dtype: str | None = None) -> float:

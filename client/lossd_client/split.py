@@ -188,7 +188,8 @@ def join_responses(
 ) -> pb.EvaluateResponse:
     """The answer to the whole request from its parts' answers, in row order (see the module's
     docstring); ``loss`` and ``class_indices`` say how torch accumulates its mean (see
-    :func:`lossd_client.reduction.accumulation_dtypes`)."""
+    :func:`lossd_client.reduction.accumulation_dtypes`) and signs a zero total
+    (:func:`lossd_client.reduction.total`)."""
     out = pb.EvaluateResponse(id=request_id)
     out.loss_sum = exact_sum([r.loss_sum for r in responses])
     out.weight_sum = exact_sum([r.weight_sum for r in responses])
@@ -197,10 +198,10 @@ def join_responses(
     if reduction == "none":
         _concatenate([r.loss for r in responses], out.loss)
     else:
-        value = out.loss_sum
+        value = reduction_rule.total(out.loss_sum, loss, class_indices=class_indices)
         if reduction != "sum":
             acc = reduction_rule.accumulation_dtypes(loss, layout.dtype_name(first.loss.dtype), reduction, class_indices=class_indices)
-            value = reduction_rule.quotient(out.loss_sum, out.weight_sum, *acc)
+            value = reduction_rule.quotient(value, out.weight_sum, *acc)
         out.loss.dtype = first.loss.dtype
         out.loss.data = scalar_bytes(value, first.loss.dtype)
     for name in first.extras:

@@ -224,3 +224,25 @@ def test_parts_joined_divide_by_torchs_float16_count(clients, value):
     want = F.nll_loss(logp, target)
     for client in clients:
         assert_torchs_special_value(client.nll_loss(logp, target), want)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_parts_joined_keep_torchs_sign_of_a_zero_total(server, clients, dtype, reduction):
+    """cross_entropy with probabilities is ``-(input * target).sum()``: all-zero targets give -0.0,
+    joined from parts or not; the other losses' zero totals are +0.0 (probe 14 F4)."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(1024, 3, generator=gen).to(dtype)
+    requests = [
+        ("cross_entropy", {"input": x, "target": torch.zeros(1024, 3, dtype=dtype)}),
+        ("nll_loss", {"input": torch.zeros(1024, 3, dtype=dtype), "target": torch.zeros(1024, dtype=torch.long)}),
+        ("binary_cross_entropy_with_logits", {"input": torch.full((1024, 1), 1000.0, dtype=dtype), "target": torch.ones(1024, 1, dtype=dtype)}),
+    ]
+    one, four = clients
+    for fn, tensors in requests:
+        want = getattr(F, fn)(**tensors, reduction=reduction)
+        assert want == 0
+        before = server.metrics().get(CHUNKED_OK, 0.0)
+        for client in (one, four):
+            assert_torchs_special_value(getattr(client, fn)(**tensors, reduction=reduction), want)
+        assert server.metrics().get(CHUNKED_OK, 0.0) - before == 5  # whole, then four parts

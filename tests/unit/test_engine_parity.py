@@ -707,3 +707,70 @@ def test_a_count_past_float16s_range_divides_as_torch_divides(name: str, dtype: 
     dtype: inf in float16, so the mean is 0 or nan; the other losses divide by the count itself."""
     fn, tensors, options = _many_rows_case(name, dtype)
     _check_reduced(fn, tensors, {**options, "reduction": reduction}, engine.DEFAULT_CHUNK_BYTES)
+
+
+# ---------------------------------------------------------------------------- the sign of a zero total
+def _zero_case(name: str, dtype: torch.dtype) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(function, tensors, options) whose reduced total is zero (or whose mean is 0/0)."""
+
+    def f(values: Any) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64).to(dtype)
+
+    g = torch.Generator().manual_seed(14)
+    x34 = torch.randn(3, 4, generator=g, dtype=torch.float64).to(dtype)
+    w4, neg4 = f([1.0, 2.0, 0.5, 3.0]), f([-1.0, -2.0, -0.5, -3.0])
+    cancel = (f([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 2.0, -2.0]]), torch.zeros(2, 4, dtype=dtype))  # equal logits: products cancel
+    cases: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+        "prob_empty": ("cross_entropy", {"input": f([]).reshape(0, 4), "target": f([]).reshape(0, 4)}, {}),
+        "prob_empty_weight_smoothing": ("cross_entropy", {"input": f([]).reshape(0, 4), "target": f([]).reshape(0, 4), "weight": w4}, {"label_smoothing": 0.3}),  # fmt: skip
+        "prob_no_classes": ("cross_entropy", {"input": f([]).reshape(3, 0), "target": f([]).reshape(3, 0)}, {}),
+        "prob_zero_targets": ("cross_entropy", {"input": x34, "target": torch.zeros(3, 4, dtype=dtype)}, {}),
+        "prob_zero_targets_weight": ("cross_entropy", {"input": x34, "target": torch.zeros(3, 4, dtype=dtype), "weight": w4}, {}),
+        "prob_zero_targets_negative_weight": ("cross_entropy", {"input": x34, "target": torch.zeros(3, 4, dtype=dtype), "weight": neg4}, {}),
+        "prob_zero_targets_kdim": ("cross_entropy", {"input": x34.reshape(1, 4, 3), "target": torch.zeros(1, 4, 3, dtype=dtype)}, {}),
+        "prob_cancelling_targets": ("cross_entropy", {"input": cancel[1], "target": cancel[0]}, {}),
+        "class_one_class": ("cross_entropy", {"input": x34[:, :1], "target": torch.zeros(3, dtype=torch.long)}, {}),
+        "class_one_class_negative_weight": ("cross_entropy", {"input": x34[:, :1], "target": torch.zeros(3, dtype=torch.long), "weight": f([-2.0])}, {}),  # fmt: skip
+        "class_one_class_smoothing_negative_weight": (
+            "cross_entropy",
+            {"input": x34[:, :1], "target": torch.zeros(3, dtype=torch.long), "weight": f([-2.0])},
+            {"label_smoothing": 0.5},
+        ),
+        "class_all_ignored_smoothing": ("cross_entropy", {"input": x34, "target": torch.full((3,), -100)}, {"label_smoothing": 0.2}),
+        "class_empty": ("cross_entropy", {"input": f([]).reshape(0, 4), "target": torch.zeros(0, dtype=torch.long)}, {}),
+        "nll_zero_logp": ("nll_loss", {"input": torch.zeros(3, 4, dtype=dtype), "target": torch.tensor([0, 1, 2])}, {}),
+        "nll_zero_logp_negative_weight": ("nll_loss", {"input": torch.zeros(3, 4, dtype=dtype), "target": torch.tensor([0, 1, 2]), "weight": neg4}, {}),  # fmt: skip
+        "bce_zero_losses": ("binary_cross_entropy_with_logits", {"input": f([1000.0, 1000.0]), "target": f([1.0, 1.0])}, {}),
+        "bce_zero_losses_negative_weight": ("binary_cross_entropy_with_logits", {"input": f([1000.0, 1000.0]), "target": f([1.0, 1.0]), "weight": f([-1.0])}, {}),  # fmt: skip
+        "bce_empty": ("binary_cross_entropy_with_logits", {"input": f([]), "target": f([])}, {}),
+        "kl_zero_targets": ("kl_div", {"input": f([[-1.0, 1.0], [0.0, -0.0]]), "target": f([[0.0, 0.0], [0.0, 0.0]])}, {}),
+        "kl_log_target_equal": ("kl_div", {"input": f([[-0.0, 1.0]]), "target": f([[0.0, 1.0]])}, {"log_target": True}),
+        "kl_empty": ("kl_div", {"input": f([]).reshape(0, 2), "target": f([]).reshape(0, 2)}, {}),
+    }
+    return cases[name]
+
+
+ZERO_CASES = (
+    "prob_empty", "prob_empty_weight_smoothing", "prob_no_classes", "prob_zero_targets", "prob_zero_targets_weight",
+    "prob_zero_targets_negative_weight", "prob_zero_targets_kdim", "prob_cancelling_targets", "class_one_class",
+    "class_one_class_negative_weight", "class_one_class_smoothing_negative_weight", "class_all_ignored_smoothing", "class_empty",
+    "nll_zero_logp", "nll_zero_logp_negative_weight", "bce_zero_losses", "bce_zero_losses_negative_weight", "bce_empty",
+    "kl_zero_targets", "kl_log_target_equal", "kl_empty",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "dtype", "reduction"), _grid(ZERO_CASES, _zero_case))
+def test_a_zero_total_has_torchs_sign(name: str, dtype: torch.dtype, reduction: str) -> None:
+    """torch's sums start from +0.0, so a zero total is +0.0 (and a mean +0.0 / w, -0.0 for a negative
+    total weight), but cross_entropy with probabilities returns ``-(input * target).sum()``: -0.0
+    (probe 14 F4: lossd answered +0.0). Its 'mean' over no elements is ``-(nan)``, a NaN with the
+    sign bit set (bfloat16 rounds every NaN to its positive one)."""
+    fn, tensors, options = _zero_case(name, dtype)
+    options = {**options, "reduction": reduction}
+    want = torch_call(fn, **tensors, **options)
+    for chunk_bytes in (64, engine.DEFAULT_CHUNK_BYTES):
+        spec = _engine_spec(fn, options)
+        got = engine.evaluate(spec, tensors["input"], tensors["target"], tensors.get("weight"), tensors.get("pos_weight"), chunk_bytes=chunk_bytes)
+        assert_torchs_special_values(got.loss, want, fn, tensors, options)
+        if name.startswith("prob_") and want.isnan():
+            assert got.loss.signbit() == want.signbit()

@@ -217,3 +217,14 @@ def test_round_robin_and_streams_per_evaluate_many():
 def test_every_per_sequence_field_is_joined():
     """A field added to SequenceStats must be joined too (or the split refused): this list is what join_responses concatenates."""
     assert [f.name for f in pb.SequenceStats.DESCRIPTOR.fields] == list(split.SEQUENCE_FIELDS)
+
+
+@pytest.mark.parametrize(("loss", "class_indices", "negative"), [("cross_entropy", False, True), ("cross_entropy", True, False), ("kl_div", True, False)])
+def test_join_signs_a_zero_total_as_torch(loss, class_indices, negative):
+    """torch's sums start from +0.0; cross_entropy with probabilities negates its sum: -0.0."""
+    parts = [pb.EvaluateResponse(loss_sum=z, weight_sum=2.0, counted=2) for z in (0.0, -0.0)]
+    for p in parts:
+        p.loss.dtype = pb.FLOAT32
+    for name in ("sum", "mean"):
+        joined = tensors.torch_from_proto(split.join_responses(parts, name, loss=loss, class_indices=class_indices).loss)
+        assert joined.item() == 0.0 and joined.signbit().item() == negative

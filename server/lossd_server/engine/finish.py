@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-from lossd_client.reduction import accumulation_dtypes, quotient
+from lossd_client.reduction import accumulation_dtypes, quotient, total
 from lossd_client.reduction import divide as divide
 
 from .kernels import share
@@ -32,29 +32,31 @@ def reduce(plan: Plan, partial: Partial) -> torch.Tensor:
         losses = partial.losses if partial.losses is not None else torch.empty(0, dtype=plan.compute_dtype)
         return losses.reshape(plan.output_shape).to(plan.output_dtype)
     if spec.reduction == "sum":
-        total = partial.loss_sum
+        value = total(partial.loss_sum, spec.loss, class_indices=plan.kind is TargetKind.CLASS)
         if plan.kind is TargetKind.CLASS and plan.num_classes == 0 and spec.loss == CROSS_ENTROPY and spec.label_smoothing > 0:
-            total = math.nan  # torch: smooth_loss.sum() * (label_smoothing / 0) = 0 * inf
-        return _scalar(total, plan.output_dtype)
+            value = math.nan  # torch: smooth_loss.sum() * (label_smoothing / 0) = 0 * inf
+        return _scalar(value, plan.output_dtype)
     return _scalar(mean(plan, partial), plan.output_dtype)
 
 
 def mean(plan: Plan, partial: Partial) -> float:
     """torch's 'mean' from the float64 totals, before rounding to the output dtype; where torch's
-    own totals overflow their dtype, its inf / nan (:func:`lossd_client.reduction.quotient`)."""
-    spec, out = plan.spec, dtype_name(plan.output_dtype)
+    own totals overflow their dtype, its inf / nan (:func:`lossd_client.reduction.quotient`), and a
+    zero total signed as torch's (:func:`lossd_client.reduction.total`)."""
+    spec, out, class_indices = plan.spec, dtype_name(plan.output_dtype), plan.kind is TargetKind.CLASS
     ls = spec.smoothing
-    if plan.kind is not TargetKind.CLASS and math.prod(plan.input_shape) == 0:
-        return math.nan
-    if plan.kind is TargetKind.CLASS and ls > 0.0:
+    if not class_indices and math.prod(plan.input_shape) == 0:
+        # probabilities: torch's -(input * target).sum().fill_(nan), a NaN with its sign bit set
+        return -math.nan if plan.kind is TargetKind.PROB else math.nan
+    if class_indices and ls > 0.0:
         # torch: (1 - ls) * nll_loss(mean) + smooth.sum() / Σ w[y] * (ls / C), each mean divided
         # on its own (a zero total weight gives nan + inf = nan, not inf); the smoothing part's
         # denominator is the weights' sum in the output dtype, or the count of targets (unrounded)
-        nll = quotient(partial.nll_sum, partial.weight_sum, out, out)
-        smooth = quotient(partial.smooth_sum, partial.weight_sum, out, out if plan.weight is not None else None)
+        nll = quotient(total(partial.nll_sum, spec.loss), partial.weight_sum, out, out)
+        smooth = quotient(total(partial.smooth_sum, spec.loss), partial.weight_sum, out, out if plan.weight is not None else None)
         return (1 - ls) * nll + smooth * share(ls, plan.num_classes)
-    num_dtype, den_dtype = accumulation_dtypes(spec.loss, out, class_indices=plan.kind is TargetKind.CLASS)
-    return quotient(partial.loss_sum, partial.weight_sum, num_dtype, den_dtype)
+    num_dtype, den_dtype = accumulation_dtypes(spec.loss, out, class_indices=class_indices)
+    return quotient(total(partial.loss_sum, spec.loss, class_indices=class_indices), partial.weight_sum, num_dtype, den_dtype)
 
 
 def finish(plan: Plan, partial: Partial) -> LossResult:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from lossd_client.layout import KL_DIV, legacy_reduction
-from lossd_client.reduction import accumulation_dtypes, quotient
+from lossd_client.reduction import accumulation_dtypes, quotient, total
 
 from ._exact import HALF_DTYPES, divide, dtype_name, fsum, itemsize, to_compute
 from .scratch import sum64, temporary, upcast
@@ -413,7 +413,8 @@ def finish_kl_div(plan: KlDivPlan, partial: KlDivPartial) -> KlDivResult:
     else:
         # 'mean' sums in float32 for 16-bit floats (at::mean), 'sum' (and 'batchmean') in the output dtype
         acc = accumulation_dtypes(KL_DIV, dtype_name(plan.output_dtype), plan.reduction)
-        loss = torch.tensor(quotient(partial.loss_sum, plan.denominator, *acc), dtype=torch.float64).to(plan.output_dtype)
+        value = quotient(total(partial.loss_sum, KL_DIV), plan.denominator, *acc)  # a zero sum is +0.0, as torch's
+        loss = torch.tensor(value, dtype=torch.float64).to(plan.output_dtype)
     return KlDivResult(loss, partial.loss_sum, plan.denominator, partial.numel, plan.warnings)
 
 
