@@ -141,8 +141,9 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         The arguments are torch's, in torch's order (positional calls mean what they mean to torch).
         """
         options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "label_smoothing": label_smoothing}
+        grad = core.grad_enabled()  # torch checks its weight under the grad mode of the call, not of its await
         build = functools.partial(
-            core.loss_request, layout.CROSS_ENTROPY, input, target, size_average=size_average, reduce=reduce, **options
+            core.loss_request, layout.CROSS_ENTROPY, input, target, size_average=size_average, reduce=reduce, grad_enabled=grad, **options
         )
         return self._run(build, timeout_s, _loss_of)
 
@@ -150,7 +151,10 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
                  reduce: bool | None = None, reduction: str = "mean", *, timeout_s: float | None = None) -> LossT:  # fmt: skip
         """torch.nn.functional.nll_loss, evaluated by the server (awaitable on AsyncLossClient); torch's arguments in torch's order."""
         options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction}
-        build = functools.partial(core.loss_request, layout.NLL_LOSS, input, target, size_average=size_average, reduce=reduce, **options)
+        grad = core.grad_enabled()
+        build = functools.partial(
+            core.loss_request, layout.NLL_LOSS, input, target, size_average=size_average, reduce=reduce, grad_enabled=grad, **options
+        )
         return self._run(build, timeout_s, _loss_of)
 
     def binary_cross_entropy_with_logits(self, input: Any, target: Any, weight: Any = None, size_average: bool | None = None,
@@ -159,8 +163,9 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         """torch.nn.functional.binary_cross_entropy_with_logits, evaluated by the server (awaitable on
         AsyncLossClient); torch's arguments in torch's order."""
         options = {"weight": weight, "reduction": reduction, "pos_weight": pos_weight}
+        grad = core.grad_enabled()
         build = functools.partial(
-            core.loss_request, layout.BCE_WITH_LOGITS, input, target, size_average=size_average, reduce=reduce, **options
+            core.loss_request, layout.BCE_WITH_LOGITS, input, target, size_average=size_average, reduce=reduce, grad_enabled=grad, **options
         )
         return self._run(build, timeout_s, _loss_of)
 

@@ -50,12 +50,62 @@ SMALL_REQUEST_BYTES = 512
 
 # --------------------------------------------------------------------------- requests
 def loss_request(
-    loss: str, input: Any, target: Any, *, size_average: bool | None = None, reduce: bool | None = None, **options: Any
+    loss: str,
+    input: Any,
+    target: Any,
+    *,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    grad_enabled: bool = False,
+    **options: Any,
 ) -> LossRequest:
-    """A LossRequest from torch.nn.functional's arguments (legacy ``size_average``/``reduce`` included)."""
+    """A LossRequest from torch.nn.functional's arguments (legacy ``size_average``/``reduce`` included).
+
+    ``grad_enabled``: torch's grad mode when the function was called (:func:`grad_enabled`); a
+    weight torch cannot differentiate that requires grad is then refused as torch refuses it.
+    """
+    if grad_enabled:
+        check_differentiable(loss, input, target, options.get("weight"), options.get("pos_weight"))
     if size_average is not None or reduce is not None:
         options["reduction"] = layout.legacy_reduction(_legacy_argument("size_average", size_average), _legacy_argument("reduce", reduce))
     return LossRequest(input, target, loss, **options)
+
+
+def grad_enabled() -> bool:
+    """torch's grad mode in the calling thread (``torch.is_grad_enabled()``): False without torch
+    (never imported, so no tensor can require grad), and under ``no_grad`` / ``inference_mode``."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.is_grad_enabled())
+
+
+def check_differentiable(loss: str, input: Any, target: Any, weight: Any, pos_weight: Any) -> None:
+    """What torch's autograd refuses in grad mode: a class ``weight`` that requires grad for
+    nll_loss and cross_entropy with class indices (its nll_loss_forward / nll_loss2d_forward has no
+    derivative for it; probabilities use the weight differentiably), and a ``weight`` or
+    ``pos_weight`` that requires grad for binary_cross_entropy_with_logits. InvalidArgumentError
+    naming the option, with torch's RuntimeError message."""
+    if loss == layout.BCE_WITH_LOGITS:
+        function, named = loss, (("weight", weight), ("pos_weight", pos_weight))
+    elif loss == layout.NLL_LOSS or (loss == layout.CROSS_ENTROPY and _shape(input) != _shape(target)):
+        function, named = ("nll_loss2d_forward" if len(_shape(input)) >= 3 else "nll_loss_forward"), (("weight", weight),)
+    else:
+        return
+    for name, value in named:
+        if tensors.is_torch_tensor(value) and value.requires_grad:
+            raise InvalidArgumentError(
+                f"options.{name}: The function '{function}' is not differentiable with respect to argument '{name}'. "
+                "This input cannot have requires_grad True."
+            )
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    """A tensor's, an array's or a nested list's shape (a ragged list: the shape numpy sees of it)."""
+    if hasattr(value, "shape"):
+        return tuple(int(s) for s in value.shape)
+    try:
+        return np.shape(value)
+    except ValueError:
+        return (-1,)  # ragged: not a shape torch could take; the request is refused when it is built
 
 
 def request_of(request: LossRequest | None, fields: Mapping[str, Any]) -> LossRequest:

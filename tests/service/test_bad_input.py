@@ -377,3 +377,79 @@ def test_positional_arguments_match_torch_async(server) -> None:
 
     for (fn, args), got in zip(_positional_calls(), asyncio.run(asyncio.wait_for(main(), 60)), strict=True):
         torch.testing.assert_close(got, _torch(fn, args), msg=lambda m, fn=fn, args=args: f"{fn}{args[2:]}: {m}")
+
+
+def _weights_requiring_grad() -> list[tuple[str, str, tuple, dict]]:
+    """(id, function, positional arguments, weight keywords) with weights that require grad."""
+    x, t, p = torch.from_numpy(X), torch.from_numpy(T), torch.from_numpy(P)
+    w = torch.tensor([0.2, 1.0, 3.0], requires_grad=True)
+    x3, t3 = torch.randn(2, 3, 4), torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]])
+    return [
+        ("ce", "cross_entropy", (x, t), {"weight": w}),
+        ("ce_smoothing", "cross_entropy", (x, t), {"weight": w, "label_smoothing": 0.1}),
+        ("ce_kdim", "cross_entropy", (x3, t3), {"weight": w}),
+        ("ce_one_sample", "cross_entropy", (x[0], t[0]), {"weight": w}),
+        ("ce_all_ignored", "cross_entropy", (x, torch.tensor([-100, -100])), {"weight": w}),
+        ("ce_probabilities", "cross_entropy", (x, p), {"weight": w}),  # differentiable: torch answers
+        ("nll", "nll_loss", (F.log_softmax(x, 1), t), {"weight": w}),
+        ("nll_kdim", "nll_loss", (F.log_softmax(x3, 1), t3), {"weight": w}),
+        ("nll_empty", "nll_loss", (torch.empty(0, 3), torch.empty(0, dtype=torch.long)), {"weight": w}),
+        ("bce_weight", "binary_cross_entropy_with_logits", (x, p), {"weight": w}),
+        ("bce_pos_weight", "binary_cross_entropy_with_logits", (x, p), {"pos_weight": w}),
+        ("bce_both", "binary_cross_entropy_with_logits", (x, p), {"weight": w, "pos_weight": w}),
+        ("bce_target", "binary_cross_entropy_with_logits", (x, p.clone().requires_grad_()), {}),
+        ("kl_target", "kl_div", (F.log_softmax(x, 1), p.clone().requires_grad_()), {}),
+        ("ce_input", "cross_entropy", (x.clone().requires_grad_(), t), {}),
+    ]
+
+
+def _torch_or_error(fn: str, args: tuple, kwargs: dict) -> torch.Tensor | Exception:
+    try:
+        return getattr(F, fn)(*args, **kwargs).detach()
+    except RuntimeError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+@pytest.mark.parametrize(("fn", "args", "kwargs"), [c[1:] for c in _weights_requiring_grad()], ids=[c[0] for c in _weights_requiring_grad()])
+def test_a_weight_requiring_grad_is_refused_where_torch_refuses_it(client, mode: str, fn: str, args: tuple, kwargs: dict) -> None:
+    """In grad mode torch's autograd refuses a class weight that requires grad (nll_loss and
+    cross_entropy with class indices) and BCE's weight / pos_weight: InvalidArgumentError naming
+    the option, with torch's message. Under no_grad / inference_mode, or with probabilities,
+    torch answers, and so does the client (probe 14 F5: it always answered)."""
+    from lossd_client import InvalidArgumentError
+
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    with context():
+        want = _torch_or_error(fn, args, kwargs)
+        if isinstance(want, Exception):
+            name = "pos_weight" if "'pos_weight'" in str(want) else "weight"
+            with pytest.raises(InvalidArgumentError) as info:
+                getattr(client, fn)(*args, **kwargs)
+            assert str(info.value) == f"options.{name}: {want}"
+        else:
+            torch.testing.assert_close(getattr(client, fn)(*args, **kwargs), want, equal_nan=True)
+    # torch 2.13 refuses every weight here but cross_entropy's with probabilities, in grad mode only
+    refused = mode == "grad" and bool(kwargs) and (fn == "binary_cross_entropy_with_logits" or args[1].shape != args[0].shape)
+    assert isinstance(want, Exception) == refused
+
+
+def test_the_async_client_takes_the_grad_mode_of_the_call(server) -> None:
+    """torch decides at the call: a coroutine made under no_grad and awaited outside it answers,
+    one made in grad mode and awaited under no_grad is refused."""
+    import asyncio
+
+    from lossd_client import AsyncLossClient, InvalidArgumentError
+
+    x, t, w = torch.from_numpy(X), torch.from_numpy(T), torch.tensor([0.2, 1.0, 3.0], requires_grad=True)
+
+    async def main() -> None:
+        async with AsyncLossClient(server.address, timeout_s=60) as c:
+            with torch.no_grad():
+                answered = c.cross_entropy(x, t, weight=w)
+            refused = c.cross_entropy(x, t, weight=w)
+            torch.testing.assert_close(await answered, F.cross_entropy(x, t, weight=w.detach()))
+            with torch.no_grad(), pytest.raises(InvalidArgumentError, match="^options.weight: The function 'nll_loss_forward'"):
+                await refused
+
+    asyncio.run(asyncio.wait_for(main(), 60))
