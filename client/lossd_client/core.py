@@ -149,7 +149,7 @@ def request_head(req: LossRequest) -> pb.EvaluateRequest:
     ignore_index, label_smoothing = _int_argument("ignore_index", req.ignore_index), _float_argument("label_smoothing", req.label_smoothing)
     if req.loss in (layout.CROSS_ENTROPY, layout.NLL_LOSS) or ignore_index != DEFAULT_IGNORE_INDEX:
         options.ignore_index = ignore_index  # the other losses take none: the server refuses it naming the option
-    options.log_target = _bool_argument("log_target", req.log_target)
+    options.log_target = torch_bool_argument("log_target", req.log_target)
     if size_average is not None:
         options.size_average = size_average
     if reduce is not None:
@@ -253,6 +253,17 @@ def _bool_argument(name: str, value: Any) -> bool:
         return bool(value)
     except _CONVERSION_ERRORS:
         raise InvalidArgumentError(f"options.{name}: argument '{name}' must be bool, not {type(value).__name__}") from None
+
+
+def torch_bool_argument(name: str, value: Any) -> bool:
+    """A bool option as torch's argument parser takes it (kl_div's ``log_target``): a Python bool
+    only; an int, None, a string, a numpy bool or a 0-d tensor is torch's TypeError, as
+    InvalidArgumentError naming the option (``log_target="False"`` was taken as True)."""
+    if isinstance(value, bool):
+        return value
+    kind = type(value)
+    name_of = kind.__name__ if kind.__name__ != "bool" else f"{kind.__module__}.bool"  # numpy.bool, as torch names it
+    raise InvalidArgumentError(f"options.{name}: argument '{name}' must be bool, not {name_of}")
 
 
 def flag_argument(name: str, value: Any) -> bool:

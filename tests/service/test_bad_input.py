@@ -453,3 +453,26 @@ def test_the_async_client_takes_the_grad_mode_of_the_call(server) -> None:
                 await refused
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("value", [True, False, 1, 0, None, "False", "", [0], 1.0, np.bool_(True), np.array(True), torch.tensor(True), torch.tensor(1)], ids=repr)
+def test_log_target_is_a_bool_as_torch_takes_it(client, value) -> None:
+    """torch's kl_div takes a Python bool only ("kl_div(): argument 'log_target' must be bool, not
+    int"); the client took any value's truth (log_target="False" was True: probe 14 F6)."""
+    from lossd_client import InvalidArgumentError, LossRequest
+
+    x, t = F.log_softmax(torch.from_numpy(X), 1), torch.from_numpy(P)
+    try:
+        want = F.kl_div(x, t, log_target=value)
+    except TypeError as exc:
+        torch_type = str(exc).rsplit("not ", 1)[1]
+        client_type = "ndarray" if torch_type == "numpy.ndarray" else torch_type  # the client's text for arrays, as before
+        message = f"^options.log_target: argument 'log_target' must be bool, not {client_type}$"
+        with pytest.raises(InvalidArgumentError, match=message.replace(".", r"\.")):
+            client.kl_div(x, t, log_target=value)
+        with pytest.raises(InvalidArgumentError, match=message.replace(".", r"\.")):
+            client.evaluate(LossRequest(x, t, "kl_div", log_target=value))
+        assert not isinstance(value, bool)
+        return
+    assert isinstance(value, bool)
+    torch.testing.assert_close(client.kl_div(x, t, log_target=value), want)
