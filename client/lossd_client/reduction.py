@@ -18,7 +18,7 @@ import numpy as np
 
 from . import layout
 
-#: 16-bit float dtypes: torch's ``at::mean`` sums them in float32.
+#: 16-bit float dtypes: lossd accumulates them in float32.
 HALF_DTYPES = ("float16", "bfloat16")
 
 
@@ -70,19 +70,21 @@ def quotient(num: float, den: float, num_dtype: str, den_dtype: str | None = Non
 
 
 def accumulation_dtypes(loss: str, dtype: str, reduction: str = "mean", *, class_indices: bool = True) -> tuple[str, str | None]:
-    """The dtypes torch sums a reduction's numerator and denominator in, for a result in ``dtype``
-    (None: the denominator is an element or row count, which torch divides by unrounded).
+    """The dtypes a reduction's numerator and denominator are summed in, for a result in ``dtype``
+    (None: the denominator is an element or row count, which torch divides by unrounded): the
+    dtype torch sums in for float32 and float64 results, float32 for a 16-bit one, which lossd
+    computes as torch does in float32 (see the README: a float16 mean over 70000 tokens is torch's
+    float32 mean, not the inf or nan of torch's float16 totals).
 
     - nll_loss and cross_entropy with class indices: torch's nll kernel sums the losses and the
       total weight in the output dtype (an unweighted total weight is the count cast to it);
     - cross_entropy with probabilities: ``-(input * target).sum()`` in the output dtype, divided by
       the row count;
     - kl_div 'batchmean': the 'sum' in the output dtype, divided by ``input.size(0)``;
-    - the rest (binary_cross_entropy_with_logits and kl_div 'mean'): ``at::mean``, which sums a
-      16-bit float in float32.
+    - the rest (binary_cross_entropy_with_logits and kl_div 'mean'): ``at::mean``, divided by the
+      element count.
     """
+    acc = "float32" if dtype in HALF_DTYPES else dtype
     if loss in (layout.NLL_LOSS, layout.CROSS_ENTROPY) and class_indices:
-        return dtype, dtype
-    if loss == layout.CROSS_ENTROPY or (loss == layout.KL_DIV and reduction in ("sum", "batchmean")):
-        return dtype, None
-    return ("float32" if dtype in HALF_DTYPES else dtype), None
+        return acc, acc
+    return acc, None

@@ -201,14 +201,24 @@ def assert_torchs_special_value(got: torch.Tensor, want: torch.Tensor) -> None:
         torch.testing.assert_close(got, want)
 
 
+def _torch_or_its_float32(fn: str, tensors: dict, options: dict) -> torch.Tensor:
+    """torch's result; for 16-bit tensors torch's float32 result cast to them (lossd's half rule)."""
+    own = getattr(F, fn)(**tensors, **options)
+    if own.dtype not in (torch.float16, torch.bfloat16):
+        return own
+    as_float32 = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    return getattr(F, fn)(**as_float32, **options).to(own.dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["cross_entropy", "probabilities", "bce", "kl_div"])
 def test_parts_joined_overflow_as_torchs_totals_do(server, clients, name, dtype):
     """The join divides as the server does (lossd_client.reduction.quotient): a mean whose total
-    overflows torch's dtype is torch's inf, though no part's total overflows (probe 14 F2)."""
+    overflows torch's dtype is torch's inf, though no part's total overflows (probe 14 F2); a 16-bit
+    one is torch's float32 mean, cast."""
     one, four = clients
     fn, tensors, options = _rows_of_big_losses(dtype)[name]
-    want = getattr(F, fn)(**tensors, **options)
+    want = _torch_or_its_float32(fn, tensors, options)
     assert split.splittable(LossRequest(tensors["input"], tensors["target"], loss=fn, **options))
     before = server.metrics().get(CHUNKED_OK, 0.0)
     for client in (one, four):
@@ -217,11 +227,12 @@ def test_parts_joined_overflow_as_torchs_totals_do(server, clients, name, dtype)
 
 
 @pytest.mark.parametrize("value", [-1.0, -0.5])
-def test_parts_joined_divide_by_torchs_float16_count(clients, value):
-    """nll_loss divides by the count cast to float16: 70000 rows make it inf, so the mean is nan
-    (a total of 70000 overflows too) or 0 (35000 does not)."""
+def test_parts_joined_over_a_float16_count_are_torchs_float32_mean(clients, value):
+    """torch's float16 nll_loss divides by the count cast to float16, inf for 70000 rows (a mean
+    of nan or 0); lossd's, whole or joined from parts, is torch's float32 mean, cast."""
     logp, target = torch.full((70_000, 2), value, dtype=torch.float16), torch.zeros(70_000, dtype=torch.long)
-    want = F.nll_loss(logp, target)
+    want = _torch_or_its_float32("nll_loss", {"input": logp, "target": target}, {})
+    assert want.item() == -value
     for client in clients:
         assert_torchs_special_value(client.nll_loss(logp, target), want)
 
@@ -240,7 +251,7 @@ def test_parts_joined_keep_torchs_sign_of_a_zero_total(server, clients, dtype, r
     ]
     one, four = clients
     for fn, tensors in requests:
-        want = getattr(F, fn)(**tensors, reduction=reduction)
+        want = _torch_or_its_float32(fn, tensors, {"reduction": reduction})
         assert want == 0
         before = server.metrics().get(CHUNKED_OK, 0.0)
         for client in (one, four):

@@ -51,9 +51,10 @@ def mean(plan: Plan, partial: Partial) -> float:
     if class_indices and ls > 0.0:
         # torch: (1 - ls) * nll_loss(mean) + smooth.sum() / Σ w[y] * (ls / C), each mean divided
         # on its own (a zero total weight gives nan + inf = nan, not inf); the smoothing part's
-        # denominator is the weights' sum in the output dtype, or the count of targets (unrounded)
-        nll = quotient(total(partial.nll_sum, spec.loss), partial.weight_sum, out, out)
-        smooth = quotient(total(partial.smooth_sum, spec.loss), partial.weight_sum, out, out if plan.weight is not None else None)
+        # denominator is the weights' sum in the accumulation dtype, or the count of targets (unrounded)
+        acc, _ = accumulation_dtypes(spec.loss, out)
+        nll = quotient(total(partial.nll_sum, spec.loss), partial.weight_sum, acc, acc)
+        smooth = quotient(total(partial.smooth_sum, spec.loss), partial.weight_sum, acc, acc if plan.weight is not None else None)
         return (1 - ls) * nll + smooth * share(ls, plan.num_classes)
     num_dtype, den_dtype = accumulation_dtypes(spec.loss, out, class_indices=class_indices)
     return quotient(total(partial.loss_sum, spec.loss, class_indices=class_indices), partial.weight_sum, num_dtype, den_dtype)
