@@ -74,10 +74,10 @@ def a_good_call_still_works(address: str) -> None:
     assert health(address) == "SERVING"
 
 
-def budgeted_server(memory_wait_s: str) -> Iterator[tuple[ServerProcess, float]]:
+def budgeted_server(memory_wait_s: str, *flags: str, budget: int = BUDGET) -> Iterator[tuple[ServerProcess, float]]:
     """A server with a small budget and a short idle timeout; yields (server, baseline RSS MiB)."""
     proc = start_server(
-        "--memory-budget-bytes", str(BUDGET), "--stream-idle-timeout-s", IDLE_S, "--max-memory-wait-s", memory_wait_s, metrics=True
+        "--memory-budget-bytes", str(budget), "--stream-idle-timeout-s", IDLE_S, "--max-memory-wait-s", memory_wait_s, *flags, metrics=True
     )
     try:
         a_good_call_still_works(proc.address)
@@ -94,9 +94,9 @@ def budgeted():
     yield from budgeted_server(PATIENT_WAIT_S)
 
 
-def assert_within_budget(server: ServerProcess, baseline_mib: float) -> None:
+def assert_within_budget(server: ServerProcess, baseline_mib: float, budget: int = BUDGET) -> None:
     peak = status_mib(server, "VmHWM")
-    assert peak - baseline_mib <= BUDGET / MiB, f"peak {peak:.0f} MiB is {peak - baseline_mib:.0f} MiB over the baseline {baseline_mib:.0f} MiB"
+    assert peak - baseline_mib <= budget / MiB, f"peak {peak:.0f} MiB is {peak - baseline_mib:.0f} MiB over the baseline {baseline_mib:.0f} MiB"
 
 
 def wait_for_metric(server: ServerProcess, name: str, predicate, timeout_s: float = 30.0) -> float:
@@ -307,20 +307,49 @@ def test_calls_whose_answers_do_not_fit_now_wait_for_them_and_all_succeed():
         server.stop()
 
 
+#: What reading one message reserves: twice gRPC's receive limit, 2 x (2 x 64 MiB + 1 MiB)
+#: (ServerConfig.read_reservation_bytes).
+READ = 2 * (2 * 64 * MiB + MiB)
+#: Rows of the stalled calls' chunk header: 7,000,000 int64 class indices, a 56 MB message whose
+#: targets take 84 MB more to decode (a 140 MB header, held while the call reads its next chunk).
+HEADER_ROWS = 7_000_000
+#: Two reads and 96 MiB: more than a header message, less than a header message and its decoding.
+STALLED_BUDGET = 2 * READ + 96 * MiB
+
+
 @pytest.fixture
 def impatient():
-    """The budgeted server, but a call waits at most 1 s for memory."""
-    yield from budgeted_server("1")
+    """A server with STALLED_BUDGET where a call waits at most 1 s for memory and reads never give
+    way (idle_read_yield_s 0): a stalled call that holds a read ends by stream_idle_timeout_s
+    (3 s) and nothing sooner."""
+    yield from budgeted_server("1", "--idle-read-yield-s", "0", budget=STALLED_BUDGET)
 
 
 def test_stalled_chunked_calls_with_large_headers_are_refused_or_timed_out(impatient):
-    """Stalled calls that fit the budget end after the idle timeout (3 s), or give their read
-    reservation to calls still in line after idle_read_yield_s (2 s); the others are refused at
-    once (a header that cannot be held now) or after waiting max_memory_wait_s (1 s) to read."""
+    """30 calls each send a legal 56 MB class-index header and stall. Whatever the order in which
+    they reach the server, the budget (two reads and 96 MiB) decides how each ends:
+
+    * Two read at a time; the others wait in line, refused after max_memory_wait_s (1 s) unless
+      served sooner.
+    * A header read while calls wait in line shrinks to its 56 MB and its read goes to the next
+      in line, which leaves less than decoding the header takes: refused at once.
+    * Two headers read with no call in line are both held (140 MB each). The first call's next
+      read waits in line until the second header shrinks, and then fits: that call stalls holding
+      it, and only stream_idle_timeout_s (3 s) ends it. The second call's next read, in line from
+      that moment (and its header's decoding), cannot fit until then: refused after 1 s. (Were
+      the first read refused after waiting 1 s for the second header, the second would hold its
+      next read and end idle.) Calls in line behind them are refused after 1 s.
+
+    So calls are refused after waiting and calls end idle in every run; a header is refused at
+    once where it is read while calls wait. Before, idle reads gave way after idle_read_yield_s
+    (2 s) and the budget held two stalled calls and a third header: on a loaded machine the
+    stalled calls gave way to the third call's next read before it had waited 1 s, and no call
+    was refused after waiting (a CI failure). Giving way has its own test
+    (test_calls_whose_clients_send_nothing_give_way_to_calls_in_line)."""
     server, baseline = impatient
-    header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[7_000_000, 10])
-    tensors.to_proto(np.zeros(7_000_000, np.int64), header.target)  # a legal 56 MB class-index header
-    first = pb.EvaluateChunk(header=header)
+    header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[HEADER_ROWS, 10])
+    tensors.to_proto(np.zeros(HEADER_ROWS, np.int64), header.target)
+    first = pb.EvaluateChunk(header=header).SerializeToString()  # serialized once, not by each call
     release = threading.Event()
 
     def stalled():
@@ -328,16 +357,18 @@ def test_stalled_chunked_calls_with_large_headers_are_refused_or_timed_out(impat
         release.wait(60)
 
     with grpc.insecure_channel(server.address, options=RAW) as channel:
-        stub = pb_grpc.LossServiceStub(channel)
-        futures = [stub.EvaluateChunked.future(stalled(), timeout=60) for _ in range(30)]
+        evaluate_chunked = channel.stream_unary("/lossd.v1.LossService/EvaluateChunked")
+        futures = [evaluate_chunked.future(stalled(), timeout=60) for _ in range(30)]
         outcomes = [outcome(f) for f in futures]
         release.set()
     refused = [o for o in outcomes if o.startswith("RESOURCE_EXHAUSTED") and "memory_budget_bytes" in o]
     waited = [o for o in refused if " waited " in o]
     assert waited and all("max_memory_wait_s" in o for o in waited), refused
+    at_once = [o for o in refused if o not in waited]  # reading a header while calls were in line
+    assert all(" needs " in o and " more bytes of server memory" in o for o in at_once), at_once
     idle = [o for o in outcomes if o.startswith("DEADLINE_EXCEEDED") and "stream_idle_timeout_s" in o]
     assert refused and idle and len(refused) + len(idle) == 30, [o for o in outcomes if o not in refused + idle]
-    assert_within_budget(server, baseline)
+    assert_within_budget(server, baseline, STALLED_BUDGET)
     assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
     a_good_call_still_works(server.address)
 
