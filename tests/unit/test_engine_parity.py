@@ -777,3 +777,38 @@ def test_a_zero_total_has_torchs_sign(name: str, dtype: torch.dtype, reduction: 
         assert_torchs_special_values(got.loss, want, fn, tensors, options)
         if name.startswith("prob_") and want.isnan():
             assert got.loss.signbit() == want.signbit()
+
+
+# ---------------------------------------------------------------------------- units without positions
+@pytest.mark.parametrize(
+    ("fn", "input_shape", "target"),
+    [
+        ("cross_entropy", (5, 0), lambda n: torch.zeros(n, 0, dtype=torch.long)),
+        ("nll_loss", (5, 0, 3), lambda n: torch.zeros(n, 0, 3, dtype=torch.long)),
+        ("cross_entropy", (5, 0), lambda n: torch.zeros(n, 5, 0)),
+        ("binary_cross_entropy_with_logits", (0,), lambda n: torch.zeros(n, 0)),
+    ],
+)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_units_without_positions_are_handed_to_torch_once(monkeypatch, fn, input_shape, target, reduction):
+    """torch's kernels loop over the units of an input with a zero-size dimension after the class
+    axis, though they hold nothing (nll_loss over (2**34, 5, 0) took 2.5 s of the engine's thread
+    for a request of a few dozen bytes): torch sees one such unit, and the answer is torch's."""
+    from lossd_server.engine import kernels
+
+    seen: list[int] = []
+    evaluate_chunk = kernels.evaluate_chunk
+
+    def spy(plan, xu, tu, unit_start, device):
+        seen.append(xu.shape[0])
+        return evaluate_chunk(plan, xu, tu, unit_start, device)
+
+    monkeypatch.setattr(kernels, "evaluate_chunk", spy)
+    for n in (1, 3, 2**20):
+        x, t = torch.zeros(n, *input_shape), target(n)
+        want = torch_call(fn, x, t, reduction=reduction)
+        got = engine.evaluate(engine.LossSpec(loss=fn, reduction=reduction), x, t)
+        assert got.loss.shape == want.shape and got.loss.dtype == want.dtype
+        assert torch.equal(got.loss, want) or (got.loss.isnan().all() and want.isnan().all())
+        assert seen == [1], seen
+        seen.clear()

@@ -9,6 +9,7 @@ copy or full-size log_softmax is ever made.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -168,8 +169,17 @@ class Plan:
         """
         n_units = x_units.shape[0]
         device = torch.device(device)
-        # Units without elements (a zero-size dimension after the leading ones) cost nothing to
-        # evaluate, however many there are: one step, never a loop over 2**62 empty units.
+        if not self.geometry.unit_positions and n_units > 1:
+            # Units without positions (a zero-size dimension after the class axis) hold no element
+            # and no target, but torch's kernels still loop over them (nll_loss over 2**34 of them
+            # took 2.5 s): one of them gets torch's verdict, and the others add nothing to it.
+            one = None if target_units is None else target_units[:1]
+            part = self.evaluate_units(
+                x_units[:1], unit_start, target_units=one, device=device, chunk_bytes=chunk_bytes, checkpoint=checkpoint
+            )
+            return dataclasses.replace(part, unit_stop=unit_start + n_units)
+        # Units without elements (no classes) cost nothing to evaluate, however many there are:
+        # one step, never a loop over 2**62 empty units.
         if self.kind is TargetKind.BCE:
             chunk_bytes = min(chunk_bytes, ELEMENTWISE_CHUNK_BYTES)
         step = self.geometry.units_per_chunk(chunk_bytes, self.compute_dtype) if self.geometry.unit_elements else max(1, n_units)
