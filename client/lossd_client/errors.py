@@ -1,4 +1,9 @@
-"""The client's exceptions, chosen by gRPC status code (never by message text)."""
+"""The client's exceptions, chosen by gRPC status code (never by message text).
+
+Their ``details`` name the fields of the request the caller made, whichever call the client chose
+for it: the header fields a chunked call's errors name are given their unary request's names
+(:func:`unary_field`).
+"""
 
 from __future__ import annotations
 
@@ -65,10 +70,46 @@ class InternalError(LossdError, code=grpc.StatusCode.INTERNAL):
     """The server failed while evaluating a valid request (INTERNAL)."""
 
 
+#: The header fields that describe a tensor whose rows follow in the chunks: ``<name>_dtype``, ``<name>_shape``.
+_ROW_TENSOR_PARTS = ("_dtype", "_shape")
+
+
+def unary_field(field: str) -> str:
+    """The field of the unary request (EvaluateRequest, CompareRequest) that a chunked call's
+    header field ``field`` stands for: the inverse of ``header_field`` in the server's
+    ``server/lossd_server/header_fields.py``, which names the header's fields in the errors of
+    EvaluateChunked and CompareChunked.
+
+    - ``header.input_dtype`` and ``header.input_shape`` -> ``input`` (the same for ``reference_*``
+      and ``candidate_*``: the tensor whose rows follow in the chunks);
+    - any other ``header.X`` -> ``X``: ``header.target`` -> ``target``, ``header.target.data`` ->
+      ``target.data``, ``header.options.top_k`` -> ``options.top_k``, ``header.id`` -> ``id``;
+    - anything else stays as it is: a bare ``header`` (only chunked calls have one) and the
+      chunks' row fields (``input_rows``, ``reference_rows``, ``candidate_rows``).
+    """
+    if not field.startswith("header."):
+        return field
+    name, dot, rest = field.removeprefix("header.").partition(".")
+    for part in _ROW_TENSOR_PARTS:
+        if name.endswith(part) and len(name) > len(part):
+            return name.removesuffix(part) + dot + rest
+    return name + dot + rest
+
+
 def error_for(code: grpc.StatusCode, details: str) -> LossdError:
-    """The exception for a status code (LossdError itself for codes without their own class)."""
+    """The exception for a status code (LossdError itself for codes without their own class).
+
+    ``details`` that start with a chunked call's header field (the text before the first ``": "``)
+    name the unary request's field instead (:func:`unary_field`), the rest unchanged: the same
+    mistake reads the same whether the client sent the request whole or in chunks.
+    """
     cls = _BY_CODE.get(code, LossdError)
-    return cls(details, code)
+    return cls(_unary_details(details), code)
+
+
+def _unary_details(details: str) -> str:
+    field, sep, rest = details.partition(": ")
+    return unary_field(field) + sep + rest if sep else details
 
 
 def from_rpc_error(exc: grpc.RpcError) -> LossdError:
@@ -83,7 +124,7 @@ def from_status_value(value: int, details: str) -> LossdError:
     for code in grpc.StatusCode:
         if code.value[0] == value:
             return error_for(code, details)
-    return LossdError(details)
+    return LossdError(_unary_details(details))
 
 
 @contextmanager

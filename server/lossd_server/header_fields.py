@@ -14,6 +14,9 @@ header is validated the field the header has for it (as protobuf spells it), its
 - a field already named in the header (``header.id``, ``header.target.data``) stays as it is.
 
 Errors about the row chunks are not validated here: they name the chunk's fields (``input_rows``).
+
+``lossd_client.errors.unary_field`` is the inverse (the client reports these errors under the
+names of the request its caller made; tests/unit/test_unary_field.py keeps the two in step).
 """
 
 from __future__ import annotations

@@ -269,15 +269,16 @@ def test_the_async_client_raises_the_servers_refusal_of_a_chunked_header_as_the_
     """The server refuses a chunked call at its header while the client still writes rows; when
     grpc.aio's next write failed before it read that answer, the call ended INTERNAL "Internal error
     from Core" (1 of 6 calls here, 5 of 5 on a probe's server) where the blocking client raised the
-    server's InvalidArgumentError. Repeated: the race does not lose every time."""
+    server's InvalidArgumentError. Repeated: the race does not lose every time. The refusal names
+    the caller's fields (``target``, not the header's ``header.target``), as for a request sent whole."""
     rng = np.random.default_rng(0)
     x, t = rng.standard_normal((2000, 50), dtype=np.float32), rng.integers(0, 50, 2000)
     bad_target = t.copy()
     bad_target[5] = 77
     cases = [
-        (LossRequest(x, t, id="x" * 2000), r"^header\.id: takes 2000 bytes"),
-        (LossRequest(x, bad_target), r"^header\.target: Target 77 is out of bounds"),
-        (LossRequest(x, t, weight=np.ones(7, np.float32)), r"^header\.options\.weight: "),
+        (LossRequest(x, t, id="x" * 2000), r"^id: takes 2000 bytes"),
+        (LossRequest(x, bad_target), r"^target: Target 77 is out of bounds"),
+        (LossRequest(x, t, weight=np.ones(7, np.float32)), r"^options\.weight: "),
     ]
 
     async def main():
@@ -289,6 +290,30 @@ def test_the_async_client_raises_the_servers_refusal_of_a_chunked_header_as_the_
             assert (await client.evaluate(LossRequest(x, t))).counted == 2000  # the client still works
 
     asyncio.run(main())
+
+
+def test_evaluate_many_names_the_callers_field_for_an_item_it_sends_chunked(client, small, small_server):
+    """An item over the server's message limit goes alone through EvaluateChunked (blocking and
+    async evaluate_many): its error reads as the same item's sent whole (``target: ...``, not the
+    header's ``header.target: ...``), as a small item's stream error does."""
+    rng = np.random.default_rng(3)
+    x, t = rng.standard_normal((2000, 50), dtype=np.float32), rng.integers(0, 50, 2000)  # 400 KB
+    t[5] = 77
+    big, small_item = LossRequest(x, t), LossRequest(x[:4], t[2:6])
+    assert core.request_nbytes(big) > LIMIT > core.request_nbytes(small_item)
+    with pytest.raises(InvalidArgumentError) as info:
+        client.evaluate(big)  # whole, on the server without the small limit
+    unary = info.value.details
+    assert unary.startswith("target: Target 77 is out of bounds"), unary
+
+    async def many():
+        async with AsyncLossClient(small_server.address, timeout_s=120) as c:
+            return [r async for r in c.evaluate_many([big, small_item], return_exceptions=True)]
+
+    for results in (list(small.evaluate_many([big, small_item], return_exceptions=True)), asyncio.run(many())):
+        assert [type(r) for r in results] == [InvalidArgumentError, InvalidArgumentError], results
+        assert results[0].details == unary, results[0].details
+        assert results[1].details.startswith("target: Target 77 is out of bounds"), results[1].details
 
 
 @pytest.mark.parametrize("timeout_s", [0.45, 0.3])
