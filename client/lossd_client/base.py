@@ -118,7 +118,7 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         self._segments = SegmentPool()
         self._server_max: int | None = None
         tls = credentials(root_certificates, private_key, certificate_chain)
-        options = channel_options(max_message_bytes, retries, own_connection=connections > 1)
+        options = channel_options(max_message_bytes, retries, own_connection=True)
         if tls is None:
             channels = [self._grpc.insecure_channel(self.target, options=options) for _ in range(connections)]
         else:

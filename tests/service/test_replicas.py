@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lossd_client import LossClient
+from lossd_client import DeadlineExceededError, LossClient, UnavailableError
 from lossd_client.channel import RECONNECT_BACKOFF_MAX_MS, channel_options
 from lossd_client.client import normalise_target, service_config
 from prometheus_client.parser import text_string_to_metric_families
@@ -148,3 +148,48 @@ def test_reconnection_backoff_is_capped():
     options = dict(channel_options(64 << 20, 5))
     assert options["grpc.max_reconnect_backoff_ms"] == RECONNECT_BACKOFF_MAX_MS <= 2000
     assert options["grpc.initial_reconnect_backoff_ms"] <= RECONNECT_BACKOFF_MAX_MS
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections of this host whose remote end is 127.0.0.1:``port`` (clients'
+    ends; gRPC's sockets are IPv6 ones, the address v4-mapped)."""
+    remotes = {f"0100007F:{port:04X}", f"0000000000000000FFFF00000100007F:{port:04X}"}
+    count = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as table:
+            next(table)
+            count += sum(1 for line in table if line.split()[3] == "01" and line.split()[2] in remotes)
+    return count
+
+
+def test_a_new_client_does_not_inherit_another_clients_failed_connection():
+    """Every client has its own connection (its own subchannel pool): gRPC shared one between the
+    channels of a process with the same target, so a client made after a restarted server was
+    SERVING inherited the failed connection of a client that had called while it was away, and
+    that connection's reconnection backoff (up to 2 s) outlasted the retries of the new client's
+    first call: UNAVAILABLE "Connection refused" in 3 of 15 restarts."""
+    server = start_server(*FLAGS)
+    restarted = None
+    try:
+        port = server.port
+        with LossClient(server.address, timeout_s=10) as first, LossClient(server.address, timeout_s=10) as second:
+            checked_call(first, 1)
+            checked_call(second, 2)
+            assert _connections_to(port) == 2
+        with LossClient(server.address, timeout_s=10) as old:
+            checked_call(old, 3)
+            server.signal(signal.SIGKILL)
+            server.proc.wait(60)
+            away_until = time.monotonic() + 3
+            for _ in range(100):  # calls while the server is away: the old client's connection backs off
+                if time.monotonic() > away_until:
+                    break
+                with pytest.raises((UnavailableError, DeadlineExceededError)):
+                    old.cross_entropy(np.zeros((1, 2), np.float32), np.zeros(1, np.int64), timeout_s=1)
+            restarted = start_server("--port", str(port), *FLAGS)
+            with LossClient(restarted.address, timeout_s=10) as new:
+                checked_call(new, 4)
+    finally:
+        server.stop()
+        if restarted is not None:
+            restarted.stop()
