@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,7 +21,7 @@ from . import compare, core
 from ._proto.lossd.v1 import loss_pb2 as pb
 from .base import ClientBase, Connection
 from .compare import CompareResult
-from .errors import LossdError, error_for, from_rpc_error
+from .errors import LossdError, caller_fields, error_for, from_rpc_error
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
 
 __all__ = ["AsyncLossClient"]
@@ -143,22 +143,30 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
             return error_for(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         return error
 
-    async def _run(self, build: Callable[[], LossRequest], timeout_s: float | None, finish: Callable[[EvaluateResult], Any]) -> Any:
-        return finish(await self.evaluate(build(), timeout_s=timeout_s))
+    async def _run(
+        self,
+        build: Callable[[], LossRequest],
+        timeout_s: float | None,
+        finish: Callable[[EvaluateResult], Any],
+        fields: Mapping[str, str] | None = None,
+    ) -> Any:
+        with caller_fields(fields):
+            return finish(await self.evaluate(build(), timeout_s=timeout_s))
 
     async def _compare(self, inputs: compare.CompareInputs, timeout: float | None, progress: Callable[[int], None] | None) -> CompareResult:
-        inputs = compare.with_token_ids(inputs)
-        if compare.needs_server_limit(inputs, self._server_max):
-            self._server_max = (await self.server_info(timeout_s=timeout)).max_receive_message_bytes
-        call, rpc = self._compare_call(inputs, progress)
-        with self._errors(timeout):
-            if not call.chunked:
-                return call.parse(await rpc(call.request, timeout=timeout))
-            kept = _FirstKept(call.request)
-            try:
-                return call.parse(await rpc(kept, timeout=timeout))
-            except grpc.aio.AioRpcError as exc:
-                raise await _header_verdict(exc, rpc, [kept.first], timeout) from None
+        with caller_fields(compare.CALLER_FIELDS):
+            inputs = compare.with_token_ids(inputs)
+            if compare.needs_server_limit(inputs, self._server_max):
+                self._server_max = (await self.server_info(timeout_s=timeout)).max_receive_message_bytes
+            call, rpc = self._compare_call(inputs, progress)
+            with self._errors(timeout):
+                if not call.chunked:
+                    return call.parse(await rpc(call.request, timeout=timeout))
+                kept = _FirstKept(call.request)
+                try:
+                    return call.parse(await rpc(kept, timeout=timeout))
+                except grpc.aio.AioRpcError as exc:
+                    raise await _header_verdict(exc, rpc, [kept.first], timeout) from None
 
 
 #: What gRPC's blocking calls report when their channel is closed under them.

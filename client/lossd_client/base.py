@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from . import compare, core, layout
@@ -186,12 +186,12 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
     ) -> PerplexityT:
         """(B, T, V) logits and (B, T) token ids -> per-token NLL, per-sequence and corpus perplexity."""
         build = functools.partial(core.perplexity_request, logits, tokens, shift=shift, ignore_index=ignore_index)
-        return self._run(build, timeout_s, core.perplexity_result)
+        return self._run(build, timeout_s, core.perplexity_result, core.LM_FIELDS)
 
     def loglikelihood(self, logits: Any, tokens: Any, continuation_start: Any, *, timeout_s: float | None = None) -> LoglikelihoodT:
         """lm-evaluation-harness loglikelihood: per sequence (sum of continuation log-probs, is_greedy)."""
         build = functools.partial(core.loglikelihood_request, logits, tokens, continuation_start)
-        return self._run(build, timeout_s, core.loglikelihood_result)
+        return self._run(build, timeout_s, core.loglikelihood_result, core.LM_FIELDS)
 
     # ------------------------------------------------------------------ comparing two models
     def compare(self, reference: Any, candidate: Any, tokens: Any = None, *, ignore_index: int = -100, shift_targets: bool = False,
@@ -232,8 +232,15 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         )
 
     # ------------------------------------------------------------------ what the subclasses use
-    def _run(self, build: Callable[[], LossRequest], timeout_s: float | None, finish: Callable[[EvaluateResult], Any]) -> Any:
-        """``finish(evaluate(build()))``: blocking in LossClient, a coroutine in AsyncLossClient."""
+    def _run(
+        self,
+        build: Callable[[], LossRequest],
+        timeout_s: float | None,
+        finish: Callable[[EvaluateResult], Any],
+        fields: Mapping[str, str] | None = None,
+    ) -> Any:
+        """``finish(evaluate(build()))``: blocking in LossClient, a coroutine in AsyncLossClient; its
+        errors name the request's fields by the caller's names ``fields`` (:func:`lossd_client.errors.caller_fields`)."""
         raise NotImplementedError
 
     def _timeout(self, timeout_s: float | None) -> float | None:

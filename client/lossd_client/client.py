@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -22,7 +22,7 @@ from ._proto.lossd.v1 import loss_pb2 as pb
 from .base import ClientBase, Connection
 from .channel import normalise_target, service_config
 from .compare import CompareResult
-from .errors import LossdError, rpc_errors
+from .errors import LossdError, caller_fields, rpc_errors
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
 
 __all__ = ["AsyncLossClient", "LossClient", "normalise_target", "service_config"]
@@ -124,16 +124,24 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         with rpc_errors():
             return core.health_status(check(request, timeout=self._health_timeout(timeout_s)))
 
-    def _run(self, build: Callable[[], LossRequest], timeout_s: float | None, finish: Callable[[EvaluateResult], Any]) -> Any:
-        return finish(self.evaluate(build(), timeout_s=timeout_s))
+    def _run(
+        self,
+        build: Callable[[], LossRequest],
+        timeout_s: float | None,
+        finish: Callable[[EvaluateResult], Any],
+        fields: Mapping[str, str] | None = None,
+    ) -> Any:
+        with caller_fields(fields):
+            return finish(self.evaluate(build(), timeout_s=timeout_s))
 
     def _compare(self, inputs: compare.CompareInputs, timeout: float | None, progress: Callable[[int], None] | None) -> CompareResult:
-        inputs = compare.with_token_ids(inputs)
-        if compare.needs_server_limit(inputs, self._server_max):
-            self._server_max = self.server_info(timeout_s=timeout).max_receive_message_bytes
-        call, rpc = self._compare_call(inputs, progress)
-        with rpc_errors():
-            return call.parse(rpc(call.request, timeout=timeout))
+        with caller_fields(compare.CALLER_FIELDS):
+            inputs = compare.with_token_ids(inputs)
+            if compare.needs_server_limit(inputs, self._server_max):
+                self._server_max = self.server_info(timeout_s=timeout).max_receive_message_bytes
+            call, rpc = self._compare_call(inputs, progress)
+            with rpc_errors():
+                return call.parse(rpc(call.request, timeout=timeout))
 
 
 def _chunked(connections: Sequence[Connection], streams: Sequence[Iterator[bytes]], timeout: float | None) -> list[pb.EvaluateResponse]:

@@ -81,6 +81,11 @@ class CompareResult:
 
 
 # --------------------------------------------------------------------------- requests
+#: The request field ``tokens`` is sent as (CompareRequest's and CompareHeader's ``target``), by the
+#: argument's name: ``client.compare``'s errors name ``tokens`` (:func:`lossd_client.errors.caller_fields`).
+CALLER_FIELDS = {"target": "tokens"}
+
+
 def with_token_ids(inputs: CompareInputs) -> CompareInputs:
     """``inputs`` with tokens of any integer dtype as int64 ids (:func:`lossd_client.core.token_ids`,
     the LM helpers' rule: uint16, uint32, ... as tokenizers hand them out); other tokens as they are."""

@@ -723,6 +723,11 @@ def _integer_dtype(tokens: Any) -> tuple[bool, Any, np.ndarray | None]:
     return arr.dtype.kind in "iu", arr.dtype, arr
 
 
+#: The request fields the LM helpers send their arguments as, by the arguments' names: their errors
+#: name ``logits`` and ``tokens`` (:func:`lossd_client.errors.caller_fields`), not ``input`` and ``target``.
+LM_FIELDS = {"input": "logits", "target": "tokens"}
+
+
 def perplexity_request(logits: Any, tokens: Any, *, shift: bool, ignore_index: int) -> LossRequest:
     """(B, T, V) logits and (B, T) tokens -> the request behind :meth:`LossClient.perplexity`."""
     return LossRequest(

@@ -2,12 +2,14 @@
 
 Their ``details`` name the fields of the request the caller made, whichever call the client chose
 for it: the header fields a chunked call's errors name are given their unary request's names
-(:func:`unary_field`).
+(:func:`unary_field`), and the helpers whose arguments the request's fields carry under other names
+(``perplexity``'s ``logits`` and ``tokens`` as ``input`` and ``target``) give them the caller's
+(:func:`caller_fields`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import grpc
@@ -108,8 +110,50 @@ def error_for(code: grpc.StatusCode, details: str) -> LossdError:
 
 
 def _unary_details(details: str) -> str:
+    return _renamed(details, unary_field)
+
+
+def _renamed(details: str, rename: Callable[[str], str]) -> str:
+    """``details`` with the field it starts with (the text before the first ``": "``) renamed, the rest unchanged."""
     field, sep, rest = details.partition(": ")
-    return unary_field(field) + sep + rest if sep else details
+    return rename(field) + sep + rest if sep else details
+
+
+def caller_field(field: str, names: Mapping[str, str]) -> str:
+    """The request's ``field`` (a unary request's, as :func:`unary_field` gives it) under the name of
+    the caller's argument that it carries: its first part renamed by ``names`` (``{"target": "tokens"}``:
+    ``target`` -> ``tokens``, ``target.data`` -> ``tokens.data``), any other field as it is."""
+    name, dot, rest = field.partition(".")
+    return names.get(name, name) + dot + rest
+
+
+class _CallerFields:
+    """The context manager of :func:`caller_fields` (a class: cheaper than a generator-based one on
+    every ``cross_entropy``-like call, which passes no names)."""
+
+    __slots__ = ("names",)
+
+    def __init__(self, names: Mapping[str, str] | None) -> None:
+        self.names = names
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        names = self.names
+        if names and isinstance(exc, LossdError):
+            exc.details = _renamed(exc.details, lambda field: caller_field(field, names))
+            exc.args = (exc.details,)
+        return False  # the same exception goes on
+
+
+def caller_fields(names: Mapping[str, str] | None) -> _CallerFields:
+    """Raise a LossdError of the block naming the caller's arguments (:func:`caller_field`), the same
+    exception (type, code, cause) with the rest of its message unchanged: for the helpers that send an
+    argument as a request field of another name (``perplexity(logits, tokens)`` sends ``input`` and
+    ``target``), so that the same argument is named the same whether the client or the server found
+    it wrong (``None``: the caller's names are the request's)."""
+    return _CallerFields(names)
 
 
 def from_rpc_error(exc: grpc.RpcError) -> LossdError:

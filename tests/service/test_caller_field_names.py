@@ -1,16 +1,20 @@
 """A mistake reads the same whichever call the client chose for it: the same bad request through
 LossClient / AsyncLossClient, sent whole (Evaluate, Compare) and sent in chunks by the client
 itself (EvaluateChunked, CompareChunked: ``chunked_above_bytes``), raises the same exception with
-the same ``details``, naming the caller's field (``target``, not the chunk header's ``header.target``)."""
+the same ``details``, naming the caller's field (``target``, not the chunk header's ``header.target``).
+The LM helpers and compare name their arguments (``tokens``, ``logits``), not the request fields
+they travel as (``target``, ``input``), on both routes and in both clients."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from lossd_client import AsyncLossClient, LossClient, LossRequest, compare, core
+from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from lossd_client.errors import InvalidArgumentError, LossdError
 
 CHUNKED = {"chunked_above_bytes": 64, "chunk_bytes": 256}  # past 512 bytes (SMALL_REQUEST_BYTES), chunks of a few rows
@@ -78,3 +82,79 @@ def test_unary_and_chunked_calls_raise_the_same_error(server, client, kind, what
     assert type(unary) is type(chunked) is InvalidArgumentError, (unary, chunked)
     assert unary.details.startswith(field + ": "), unary.details
     assert chunked.details == unary.details, (chunked.details, unary.details)
+
+
+# The helpers whose arguments travel under other field names: perplexity(logits, tokens) and
+# loglikelihood(logits, tokens, start) send them as ``input`` and ``target``, compare(reference,
+# candidate, tokens) its tokens as ``target``. Their errors name the caller's arguments whoever found
+# the mistake, the rest of the server's message as it is.
+LOGITS = rng.standard_normal((2, 30, 11), dtype=np.float32)  # 2640 bytes
+TOKENS_OUT_OF_RANGE = TOKENS.copy()
+TOKENS_OUT_OF_RANGE[1, 17] = 11
+
+# (what, helper, its arguments, the argument the error names, the request field the server names)
+HELPER_CASES: list[tuple[str, str, tuple[Any, ...], str, str]] = [
+    ("perplexity tokens out of range", "perplexity", (LOGITS, TOKENS_OUT_OF_RANGE), "tokens", "target"),
+    ("perplexity tokens shape", "perplexity", (LOGITS, TOKENS[:, :20]), "tokens", "target"),
+    ("perplexity integer logits", "perplexity", (LOGITS.astype(np.int32), TOKENS), "logits", "input"),
+    ("loglikelihood tokens out of range", "loglikelihood", (LOGITS, TOKENS_OUT_OF_RANGE, 5), "tokens", "target"),
+    ("loglikelihood tokens shape", "loglikelihood", (LOGITS, TOKENS[:, :20], 5), "tokens", "target"),
+    ("loglikelihood integer logits", "loglikelihood", (LOGITS.astype(np.int32), TOKENS, 5), "logits", "input"),
+    ("compare tokens out of range", "compare", (REF, REF, TOKENS_OUT_OF_RANGE), "tokens", "target"),
+    ("compare tokens shape", "compare", (REF, REF, TOKENS[:, :20]), "tokens", "target"),
+    ("compare float tokens", "compare", (REF, REF, TOKENS.astype(np.float32)), "tokens", "target"),
+    ("compare integer candidate", "compare", (REF, REF.astype(np.int32), TOKENS), "candidate", "candidate"),
+]
+HELPER_IDS = [c[0] for c in HELPER_CASES]
+
+
+def _helper_request(helper: str, args: tuple[Any, ...]) -> Any:
+    """The request the helper sends (a LossRequest, or compare's CompareInputs)."""
+    if helper == "compare":
+        return compare.CompareInputs(*args)
+    build = core.perplexity_request if helper == "perplexity" else core.loglikelihood_request
+    return build(*args, shift=True, ignore_index=-100) if helper == "perplexity" else build(*args)
+
+
+def _servers_details(address: str, helper: str, args: tuple[Any, ...]) -> str:
+    """What the server says of the helper's request sent whole: its message names the request's field."""
+    if helper != "compare":
+        return _sync_error(address, "evaluate", _helper_request(helper, args)).details
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.LossServiceStub(channel).Compare(compare.request(_helper_request(helper, args)), timeout=60)
+    return info.value.details()
+
+
+def _helper_error(kind: str, address: str, helper: str, args: tuple[Any, ...], **options: Any) -> LossdError:
+    if kind == "sync":
+        with LossClient(address, timeout_s=60, **options) as client, pytest.raises(LossdError) as info:
+            getattr(client, helper)(*args)
+        return info.value
+
+    async def main() -> LossdError:
+        async with AsyncLossClient(address, timeout_s=60, **options) as client:
+            with pytest.raises(LossdError) as info:
+                await getattr(client, helper)(*args)
+            return info.value
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("route", ["unary", "chunked"])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(("what", "helper", "args", "argument", "field"), HELPER_CASES, ids=HELPER_IDS)
+def test_lm_helpers_and_compare_name_the_callers_arguments(server, client, route, kind, what, helper, args, argument, field):
+    server_max = client.server_info().max_receive_message_bytes
+    options = CHUNKED if route == "chunked" else {}
+    request = _helper_request(helper, args)
+    if helper == "compare":
+        chunked = compare.route(compare.with_token_ids(request), server_max=server_max, **options).chunked
+    else:
+        chunked = core.route(request, server_max=server_max, **options).chunked
+    assert chunked == (route == "chunked"), what
+    servers = _servers_details(server.address, helper, args)
+    assert servers.startswith(field + ": "), servers
+    error = _helper_error(kind, server.address, helper, args, **options)
+    assert type(error) is InvalidArgumentError, error
+    assert error.details == argument + servers.removeprefix(field), (error.details, servers)
+    assert str(error) == error.details

@@ -234,8 +234,9 @@ def test_an_answer_over_the_send_limit_is_refused_before_compute(small):
 
 # ---------------------------------------------------------------------------- bad input
 def _bad_cases() -> list[tuple[str, dict[str, Any], str]]:
-    """(what, compare's arguments, the field the error names: the same whether the client sent it
-    through Compare or CompareChunked, whose own errors name its header's fields)."""
+    """(what, compare's arguments, the argument the error names: the same whether the client sent it
+    through Compare or CompareChunked, whose own errors name its header's fields, and ``tokens``
+    though they travel as the requests' ``target``)."""
     reference, candidate = model_logits((2, 60, 300))  # 144 KB per model: chunked on the small server
     tokens = tokens_for((2, 60, 300))
     out_of_range = tokens.clone()
@@ -244,8 +245,8 @@ def _bad_cases() -> list[tuple[str, dict[str, Any], str]]:
     return [
         ("shape mismatch", {**base, "candidate": model_logits((2, 61, 300))[1]}, "candidate"),
         ("different vocabularies", {**base, "candidate": model_logits((2, 60, 301))[1]}, "candidate"),
-        ("target out of range", {**base, "tokens": out_of_range}, "target"),
-        ("target shape", {**base, "tokens": tokens[:, :59]}, "target"),
+        ("tokens out of range", {**base, "tokens": out_of_range}, "tokens"),
+        ("tokens shape", {**base, "tokens": tokens[:, :59]}, "tokens"),
         ("k over the limit", {**base, "top_k": 21}, "options.top_k"),
         ("shift without targets", {**base, "tokens": None, "shift_targets": True}, "options.shift_targets"),
         ("integer logits", {**base, "reference": reference.to(torch.int32)}, "reference"),
@@ -253,7 +254,7 @@ def _bad_cases() -> list[tuple[str, dict[str, Any], str]]:
         ("k past uint32", {**base, "top_k": 2**32}, "options.top_k"),
         ("sparse reference", {**base, "reference": reference.to_sparse()}, "reference"),
         ("sparse candidate", {**base, "candidate": candidate.to_sparse()}, "candidate"),
-        ("sparse tokens", {**base, "tokens": tokens.to_sparse()}, "target"),
+        ("sparse tokens", {**base, "tokens": tokens.to_sparse()}, "tokens"),
     ]
 
 
@@ -297,9 +298,9 @@ def test_unsigned_token_ids_out_of_the_vocabulary_are_still_refused(client, serv
     reference, candidate = model_logits((2, 5, 7))
     tokens = torch.zeros(2, 5, dtype=torch.uint16)
     tokens[1, 2] = 7
-    with pytest.raises(InvalidArgumentError, match="^target: Target 7 is out of bounds"):
+    with pytest.raises(InvalidArgumentError, match="^tokens: Target 7 is out of bounds"):
         client.compare(reference, candidate, tokens)
-    with pytest.raises(InvalidArgumentError, match=f"^target: token id {2**64 - 1} is out of int64 range"):
+    with pytest.raises(InvalidArgumentError, match=f"^tokens: token id {2**64 - 1} is out of int64 range"):
         client.compare(reference, candidate, np.full((2, 5), 2**64 - 1, dtype=np.uint64))
 
     async def run():
@@ -545,7 +546,7 @@ def test_the_example_prints_the_same_figures_on_every_run(server):
 def test_the_async_client_raises_the_servers_refusal_of_a_compare_header_as_the_blocking_one_does(small_server):
     """As for EvaluateChunked: CompareChunked refused at its header (a token out of the vocabulary)
     while the client still writes rows could end INTERNAL "Internal error from Core" in grpc.aio.
-    The refusal names the caller's field, ``target`` (CompareChunked's own names ``header.target``)."""
+    The refusal names the caller's argument, ``tokens`` (CompareChunked's own names ``header.target``)."""
     rng = np.random.default_rng(1)
     reference = rng.standard_normal((4, 600, 50), dtype=np.float32)
     tokens = rng.integers(0, 50, (4, 600))
@@ -554,9 +555,9 @@ def test_the_async_client_raises_the_servers_refusal_of_a_compare_header_as_the_
     async def main():
         async with AsyncLossClient(small_server.address, timeout_s=60) as client:
             for _ in range(20):
-                with pytest.raises(InvalidArgumentError, match=r"^target: Target 77 is out of bounds"):
+                with pytest.raises(InvalidArgumentError, match=r"^tokens: Target 77 is out of bounds"):
                     await client.compare(reference, reference, tokens)
 
     asyncio.run(main())
-    with LossClient(small_server.address) as client, pytest.raises(InvalidArgumentError, match=r"^target: Target 77 is out of bounds"):
+    with LossClient(small_server.address) as client, pytest.raises(InvalidArgumentError, match=r"^tokens: Target 77 is out of bounds"):
         client.compare(reference, reference, tokens)

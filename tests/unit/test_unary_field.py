@@ -7,7 +7,17 @@ import grpc
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
-from lossd_client.errors import InvalidArgumentError, LossdError, error_for, from_rpc_error, from_status_value, unary_field
+from lossd_client.errors import (
+    InvalidArgumentError,
+    LossdError,
+    ResourceExhaustedError,
+    caller_field,
+    caller_fields,
+    error_for,
+    from_rpc_error,
+    from_status_value,
+    unary_field,
+)
 from lossd_server.header_fields import header_field
 
 # (the chunked call's header, the unary request it stands for)
@@ -103,3 +113,33 @@ def test_details_name_the_callers_field_on_every_path(details, caller):
         assert type(error) is InvalidArgumentError and error.details == str(error) == caller
     unknown = from_status_value(999, details)
     assert type(unknown) is LossdError and unknown.details == caller
+
+
+LM = {"input": "logits", "target": "tokens"}
+
+
+@pytest.mark.parametrize(
+    ("details", "caller"),
+    [
+        ("target: Target 105 is out of bounds.", "tokens: Target 105 is out of bounds."),
+        ("header.input_dtype: expected a floating dtype", "logits: expected a floating dtype"),
+        ("target.data: input: x", "tokens.data: input: x"),  # only the field before the first ": ", its first part
+        ("input_rows: 3 rows", "input_rows: 3 rows"),
+        ("options.ignore_index: out of int64 range", "options.ignore_index: out of int64 range"),
+        ("targets: not a field", "targets: not a field"),
+        ("Deadline Exceeded", "Deadline Exceeded"),
+    ],
+)
+def test_caller_fields_name_the_helpers_arguments(details, caller):
+    """caller_fields renames the error of its block in place: its type, code and cause stay."""
+    cause = ValueError("cause")
+    with pytest.raises(LossdError) as info, caller_fields(LM):
+        raise error_for(grpc.StatusCode.RESOURCE_EXHAUSTED, details) from cause
+    assert type(info.value) is ResourceExhaustedError and info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details == str(info.value) == caller and info.value.__cause__ is cause
+    if ": " in details:
+        assert caller_field(unary_field(details.partition(": ")[0]), LM) == caller.partition(": ")[0]
+    plain = error_for(grpc.StatusCode.INVALID_ARGUMENT, details).details
+    with pytest.raises(LossdError) as same, caller_fields(None):  # no renames: the error as it was
+        raise error_for(grpc.StatusCode.INVALID_ARGUMENT, details)
+    assert same.value.details == plain
