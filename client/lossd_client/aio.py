@@ -147,11 +147,12 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         self,
         build: Callable[[], LossRequest],
         timeout_s: float | None,
-        finish: Callable[[EvaluateResult], Any],
+        finish: Callable[[EvaluateResult, LossRequest], Any],
         fields: Mapping[str, str] | None = None,
     ) -> Any:
         with caller_fields(fields):
-            return finish(await self.evaluate(build(), timeout_s=timeout_s))
+            request = build()
+            return finish(await self.evaluate(request, timeout_s=timeout_s), request)
 
     async def _compare(self, inputs: compare.CompareInputs, timeout: float | None, progress: Callable[[int], None] | None) -> CompareResult:
         with caller_fields(compare.CALLER_FIELDS):

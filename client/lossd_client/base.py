@@ -14,7 +14,6 @@ connections, not calls). Calls take them in turn (:class:`~lossd_client.core.Rou
 from __future__ import annotations
 
 import functools
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -23,7 +22,7 @@ from ._proto.lossd.v1 import loss_pb2 as pb
 from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from .channel import SERVICE, channel_options, credentials, normalise_target
 from .shm import SegmentPool
-from .types import EvaluateResult, LossRequest
+from .types import EvaluateResult, LoglikelihoodResult, LossRequest
 
 
 class Connection:
@@ -53,7 +52,15 @@ LoglikelihoodT = TypeVar("LoglikelihoodT")
 #: What ``compare`` returns: a CompareResult or an awaitable of one.
 CompareT = TypeVar("CompareT")
 
-_loss_of = operator.attrgetter("loss")
+
+def _loss_of(result: EvaluateResult, request: LossRequest) -> Any:
+    """A torch mirror's answer: the loss."""
+    return result.loss
+
+
+def _loglikelihood_of(result: EvaluateResult, request: LossRequest) -> LoglikelihoodResult:
+    """loglikelihood's answer (its request adds nothing to it)."""
+    return core.loglikelihood_result(result)
 
 
 class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
@@ -191,7 +198,7 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
     def loglikelihood(self, logits: Any, tokens: Any, continuation_start: Any, *, timeout_s: float | None = None) -> LoglikelihoodT:
         """lm-evaluation-harness loglikelihood: per sequence (sum of continuation log-probs, is_greedy)."""
         build = functools.partial(core.loglikelihood_request, logits, tokens, continuation_start)
-        return self._run(build, timeout_s, core.loglikelihood_result, core.LM_FIELDS)
+        return self._run(build, timeout_s, _loglikelihood_of, core.LM_FIELDS)
 
     # ------------------------------------------------------------------ comparing two models
     def compare(self, reference: Any, candidate: Any, tokens: Any = None, *, ignore_index: int = -100, shift_targets: bool = False,
@@ -236,11 +243,12 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         self,
         build: Callable[[], LossRequest],
         timeout_s: float | None,
-        finish: Callable[[EvaluateResult], Any],
+        finish: Callable[[EvaluateResult, LossRequest], Any],
         fields: Mapping[str, str] | None = None,
     ) -> Any:
-        """``finish(evaluate(build()))``: blocking in LossClient, a coroutine in AsyncLossClient; its
-        errors name the request's fields by the caller's names ``fields`` (:func:`lossd_client.errors.caller_fields`)."""
+        """``finish(evaluate(request), request)`` of ``request = build()``: blocking in LossClient, a
+        coroutine in AsyncLossClient; its errors name the request's fields by the caller's names
+        ``fields`` (:func:`lossd_client.errors.caller_fields`)."""
         raise NotImplementedError
 
     def _timeout(self, timeout_s: float | None) -> float | None:

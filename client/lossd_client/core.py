@@ -795,18 +795,38 @@ def _continuation_starts(continuation_start: Any, sequences: int) -> np.ndarray:
     return np.broadcast_to(starts, (sequences,))
 
 
-def perplexity_result(result: EvaluateResult) -> PerplexityResult:
-    """The answer to :func:`perplexity_request` as a PerplexityResult."""
-    logprob = result.extras["target_logprob"]
+def perplexity_result(result: EvaluateResult, request: LossRequest) -> PerplexityResult:
+    """The answer to :func:`perplexity_request` ``request`` as a PerplexityResult.
+
+    ``token_nll`` is ``-target_logprob`` where a token is scored, torch's sign included (a log-probability
+    of 0, V = 1 or a one-hot row, gives -0.0 as ``F.cross_entropy(reduction='none')`` does), and +0.0
+    where none is (as torch's ignored losses), not the -0.0 a negated 0 would be.
+    """
+    logprob, unscored = result.extras["target_logprob"], unscored_positions(request)
+    if tensors.is_torch_tensor(logprob):
+        import torch
+
+        token_nll = torch.where(torch.from_numpy(unscored), 0.0, -logprob)
+    else:
+        token_nll = np.where(unscored, logprob.dtype.type(0.0), -logprob)[()]  # [()]: 0-d as the numpy scalar -logprob is
     s = result.sequences
     return PerplexityResult(
-        token_nll=0.0 - logprob,  # unscored positions hold 0.0 (as torch's ignored losses), not -0.0
+        token_nll=token_nll,
         sequence_nll_sum=s.nll_sum,
         sequence_tokens=s.tokens,
         sequence_perplexity=s.perplexity,
         nll_sum=result.loss_sum,
         tokens=result.counted,
     )
+
+
+def unscored_positions(request: LossRequest) -> np.ndarray:
+    """Where :func:`perplexity_request`'s ``request`` scores no token: its target is ``ignore_index``
+    (with ``shift_targets`` position t's target is token t+1, and the last position has none)."""
+    unscored = np.asarray(np.asarray(request.target) == _int_argument("ignore_index", request.ignore_index))  # 0-d: an array too
+    if request.shift_targets:
+        unscored = np.concatenate((unscored[..., 1:], np.ones_like(unscored[..., :1])), axis=-1)
+    return unscored
 
 
 def loglikelihood_result(result: EvaluateResult) -> LoglikelihoodResult:

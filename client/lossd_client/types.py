@@ -101,8 +101,9 @@ def combine(results: Sequence[EvaluateResult]) -> float:
 class PerplexityResult:
     """Per-token NLL (float32, never rounded to the logits' dtype), per-sequence and corpus figures.
 
-    ``token_nll`` is shaped like the tokens; with ``shift`` position t holds -log p(token t+1), and
-    positions that score nothing (the last one, ignored tokens) hold 0.
+    ``token_nll`` is shaped like the tokens; with ``shift`` position t holds -log p(token t+1), with
+    torch's sign (-0.0 where the log-probability is 0, as ``F.cross_entropy(reduction='none')``), and
+    positions that score nothing (the last one, ignored tokens) hold +0.0.
     """
 
     token_nll: Any

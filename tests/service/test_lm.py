@@ -309,6 +309,39 @@ def test_async_perplexity_and_loglikelihood(server):
     np.testing.assert_array_equal(ll.is_greedy, [w[1] for w in want])
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype])
+
+
+@pytest.mark.parametrize("shift", [True, False], ids=["shift", "no-shift"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_perplexity_token_nll_is_torchs_none_loss_bit_for_bit_sign_of_zero_included(client, dtype, shift):
+    """A scored token whose log-probability is exactly 0 (V = 1, a one-hot row) has NLL -0.0, as
+    F.cross_entropy(reduction='none') gives it; a position that scores nothing (ignored, or the last
+    one with shift) +0.0, as torch's ignored losses. token_nll was 0.0 - logprob: +0.0 for both.
+    16-bit logits: torch's float32 computation (token_nll is float32, never rounded to them)."""
+    gen = torch.Generator().manual_seed(11)
+    one_hot = torch.full((2, 6, 5), -math.inf)
+    one_hot[..., 2] = 3.0
+    mixed = torch.cat([one_hot, torch.randn(2, 6, 5, generator=gen) * 3])  # (4, 6, 5): rows 0-1 one-hot
+    mixed[3, 1, 0] = math.nan  # a NaN NLL: its sign bit is torch's too
+    tokens = torch.full((4, 6), 2)
+    tokens[2:] = torch.randint(0, 5, (2, 6), generator=gen)
+    tokens[0, 3] = tokens[2, 4] = -100  # ignored positions
+    single = (torch.randn(3, 4, 1, generator=gen), torch.tensor([[0, 0, -100, 0]] * 3))  # V = 1: every log-probability 0
+    for logits, ids in ((mixed, tokens), single):
+        logits = logits.to(dtype)
+        got = client.perplexity(logits, ids, shift=shift).token_nll
+        target = shift_left(ids, -100) if shift else ids
+        v = logits.shape[-1]
+        want = F.cross_entropy(logits.to(compute_dtype(dtype)).reshape(-1, v), target.reshape(-1), reduction="none").reshape(target.shape)
+        assert got.dtype == want.dtype and torch.equal(_bits(got), _bits(want)), (got, want)
+        zero = want == 0
+        assert zero.any() and torch.equal(torch.signbit(got[zero]), target[zero] != -100)  # scored -0.0, the others +0.0
+    numpy_nll = client.perplexity(single[0].numpy(), single[1].numpy(), shift=shift).token_nll
+    assert np.array_equal(np.signbit(numpy_nll), (shift_left(single[1], -100) if shift else single[1]).numpy() != -100)
+
+
 # ---------------------------------------------------------------------------- loglikelihood()
 
 
