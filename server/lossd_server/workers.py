@@ -257,11 +257,13 @@ class AggregateMetrics:
 
     def __init__(self, config: ServerConfig, supervisor: Supervisor) -> None:
         from prometheus_client import CollectorRegistry, start_http_server
-        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from .metrics_files import FoldingCollector
 
         self.directory = multiproc_dir.create()
         registry = CollectorRegistry(auto_describe=True)
-        MultiProcessCollector(registry, path=self.directory)
+        self.files = FoldingCollector(self.directory)
+        registry.register(self.files)
         registry.register(SupervisorCollector(supervisor))
         try:
             self.httpd, _thread = start_http_server(max(config.metrics_port, 0), addr=config.metrics_host, registry=registry)
@@ -272,10 +274,9 @@ class AggregateMetrics:
         self.port = int(self.httpd.server_address[1])
 
     def process_dead(self, pid: int) -> None:
-        """Drop a dead worker's live gauges (its counters and histograms keep counting in the sums)."""
-        from prometheus_client.multiprocess import mark_process_dead
-
-        mark_process_dead(pid, self.directory)
+        """Drop a dead worker's live gauges and fold its counters and histograms into the archives,
+        where they keep counting in the sums (:mod:`lossd_server.metrics_files`)."""
+        self.files.process_dead(pid)
 
     def close(self) -> None:
         self.httpd.shutdown()

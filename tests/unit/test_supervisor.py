@@ -393,9 +393,11 @@ def test_metrics_directories_of_supervisors_and_workers_that_are_gone_are_remove
     gone = tmp_path / f"lossd-metrics-{dead}-ab_c12"
     gone.mkdir()
     (gone / f"counter_{dead}.db").write_bytes(b"x")
+    (gone / "counter_archive.db").write_bytes(b"x")  # dead workers' counts (lossd_server.metrics_files): no pid
     draining = tmp_path / f"lossd-metrics-{dead}-zz9"  # its supervisor was killed, a worker (me) still drains
     draining.mkdir()
     (draining / f"histogram_{me}.db").write_bytes(b"x")
+    (draining / "histogram_archive.db").write_bytes(b"x")
     live = tmp_path / f"lossd-metrics-{me}-q1"
     live.mkdir()
     others = [tmp_path / "lossd-metrics-abc123", tmp_path / f"lossd-metrics-{dead}-file", tmp_path / f"lossd-metricsX{dead}-a"]
