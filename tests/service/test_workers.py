@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -386,6 +387,64 @@ def test_a_killed_worker_is_replaced_and_the_server_keeps_serving():
         replacement.close()
         assert held[0] >= 1
         assert stop_everything(proc) == 0, proc.log()
+    finally:
+        stop_everything(proc)
+
+
+COUNTED = (
+    'lossd_requests_total{code="OK",method="Evaluate"}',
+    'lossd_request_latency_seconds_count{method="Evaluate"}',
+    'lossd_request_latency_seconds_sum{method="Evaluate"}',
+)
+#: lossd_server.metrics_files: what a dead worker's summed files are folded into.
+ARCHIVES = {"counter_archive.db", "histogram_archive.db", "summary_archive.db", "gauge_sum_archive.db"}
+
+
+def kill_and_wait(proc, index: int, restarts: int, poll: Callable[[], object]) -> set[int]:
+    """SIGKILL worker ``index`` and wait until its replacement is warm (the ``restarts``-th), calling
+    ``poll`` on every look; the live workers' pids."""
+    old = worker_pids(proc.log())[index]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: poll() and worker_pids(proc.log())[index] != old, what=f"a new worker {index}")
+    wait_for(lambda: poll() and proc.log().count("all 2 workers warm: SERVING") == restarts + 1, what="SERVING again")
+    return set(worker_pids(proc.log()).values())
+
+
+def test_workers_killed_again_and_again_leave_one_metrics_file_per_type_and_their_counts_never_go_down():
+    """Probe 16 F10: each dead worker's counter and histogram files stayed in the metrics directory
+    (2 files per restart, every one read by every scrape). They are folded into one archive per type:
+    the directory holds the live workers' files and the archives, and the counts scraped during and
+    after the restarts never go down and end at the number of calls made."""
+    proc = start_server(*FLAGS, metrics=True)
+    scrapes: list[dict[str, float]] = []
+
+    def scraped() -> dict[str, float]:
+        scrapes.append({name: proc.metrics().get(name, 0.0) for name in COUNTED})
+        return scrapes[-1]
+
+    try:
+        directory = proc.log().split("aggregated from ")[1].split(")")[0]
+        calls, kills = 0, 4
+        with LossClient(proc.address, connections=4, timeout_s=60) as client:
+            for kill in range(kills + 1):
+                for _ in range(8):  # no call in flight at a kill: each is answered, and counted, once
+                    checked_call(client, calls)
+                    calls += 1
+                    scraped()
+                if kill == kills:
+                    break
+                live = kill_and_wait(proc, kill % 2, kill + 1, scraped)
+                files = [name for name in os.listdir(directory) if name.endswith(".db")]
+                assert {name for name in files if name not in ARCHIVES and int(name[:-3].rsplit("_", 1)[1]) not in live} == set(), files
+                assert {"counter_archive.db", "histogram_archive.db"} <= set(files), files
+        final = scraped()
+        assert final[COUNTED[0]] == final[COUNTED[1]] == calls and final[COUNTED[2]] > 0, final
+        for name in COUNTED:
+            series = [s[name] for s in scrapes]
+            assert all(a <= b for a, b in zip(series, series[1:], strict=False)), (name, series)
+        assert proc.log().count("exited with signal SIGKILL") == kills and sample(proc, "lossd_worker_restarts_total") == kills
+        assert stop_everything(proc) == 0, proc.log()
+        assert not os.path.exists(directory)
     finally:
         stop_everything(proc)
 
