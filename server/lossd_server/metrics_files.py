@@ -97,8 +97,11 @@ def fold(directory: str, pid: int) -> list[str]:
         try:
             write_file(archive, values)
         except OSError as exc:
-            os.replace(parked, source)
             log.warning("could not fold the metrics file %s into %s (it stays): %s", source, archive, exc)
+            try:
+                os.replace(parked, source)
+            except OSError as again:  # its values are missing from the sums from now on
+                log.error("could not put the metrics file %s back: %s", source, again)
             continue
         try:
             os.remove(parked)

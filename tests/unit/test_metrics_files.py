@@ -84,7 +84,7 @@ def test_two_dead_pids_and_an_archive_add_up_exactly_and_a_key_of_one_file_survi
     assert not [name for name in os.listdir(directory) if not name.endswith(".db")]
 
 
-def test_the_archives_name_no_pid_so_a_directory_of_dead_processes_still_goes(tmp_path):
+def test_the_archives_name_no_pid_so_a_directory_of_dead_processes_still_goes():
     assert multiproc_dir._FILE_PID.search("counter_archive.db") is None
     assert multiproc_dir._FILE_PID.search("gauge_sum_archive.db") is None
 
@@ -127,3 +127,15 @@ def test_a_scrape_during_a_fold_waits_for_it_and_sees_each_value_once(directory,
         "summary_202.db",
         "summary_archive.db",
     ]
+
+
+def test_a_file_that_cannot_be_folded_stays_and_counts_once(directory, monkeypatch):
+    write_as(monkeypatch, 301, {"OK": 2}, [0.5])
+    write_as(monkeypatch, 302, {"OK": 3}, [0.5])
+    metrics_files.fold(str(directory), 301)
+    before, files = scrape(directory), db_files(directory)
+    (directory / "counter_archive.db.new").mkdir()  # where the new counter archive is written: it cannot be
+    folded = ["histogram_302.db", "summary_302.db"]
+    assert metrics_files.fold(str(directory), 302) == [str(directory / name) for name in folded]
+    assert scrape(directory) == before and db_files(directory) == [name for name in files if name not in folded]
+    assert "counter_302.db" in files
