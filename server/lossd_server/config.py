@@ -111,6 +111,8 @@ class ServerConfig:
     #: which a new call is refused RESOURCE_EXHAUSTED at once. A call costs about 13 KB of gRPC and
     #: Python state before it reads a byte, outside the memory budget (80,000 calls that sent no
     #: message took a server on a 600 MiB budget to 1,061 MiB); this bounds that state (~130 MB).
+    #: Health checks have as many slots again, apart, so that a full server still answers its
+    #: probes (both pools full: ~260 MB).
     max_concurrent_calls: int = 10_000
     log_level: str = "INFO"
 
@@ -194,7 +196,7 @@ _HELP = {
     "max_connection_idle_s": "close a connection with no call in progress for this long (GOAWAY: clients reconnect on their next call); "
     "bounds the files idle or abandoned connections hold (0: never)",
     "max_concurrent_calls": "calls one process (each worker) serves at once; past it new calls are refused RESOURCE_EXHAUSTED "
-    "(bounds the per-call state outside the memory budget)",
+    "(bounds the per-call state outside the memory budget); health checks have as many slots again, apart",
     "log_level": "logging level",
 }
 

@@ -187,6 +187,85 @@ def test_calls_past_max_concurrent_calls_are_refused_at_once_and_their_slots_com
         server.stop()
 
 
+def _check(channel, service: str = "") -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _watch(channel, service: str = ""):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    return health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service), timeout=60)
+
+
+def test_health_checks_are_answered_while_every_call_slot_is_taken():
+    """Health checks have slots of their own: counted with lossd's calls, they were refused
+    RESOURCE_EXHAUSTED while --max-concurrent-calls was full, and a gRPC liveness probe restarted a
+    pod that was only at its call limit (or whose slots an attacker held), cutting every call."""
+    server = start_server("--max-concurrent-calls", "3", "--stream-idle-timeout-s", "60", metrics=True)
+    release = threading.Event()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            silent = _silent_calls(channel, 3, release)
+            assert wait_for(lambda: _in_flight(server, "EvaluateChunked") == 3, 30)
+            with pytest.raises(grpc.RpcError) as refused:
+                channel.unary_unary("/lossd.v1.LossService/GetServerInfo")(b"", timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.details() == (
+                "this server process already serves max_concurrent_calls (3) calls; retry later, or on another replica (--max-concurrent-calls)"
+            )
+            assert _check(channel) == _check(channel, "lossd.v1.LossService") == "SERVING"
+            watch = _watch(channel)
+            assert next(watch).status == 1  # SERVING
+            watch.cancel()
+            with LossClient(server.address, timeout_s=30) as client:
+                assert client.health() == "SERVING"
+            assert _in_flight(server, "EvaluateChunked") == 3  # still held: the checks took none of them
+            release.set()
+            for call in silent:
+                with pytest.raises(grpc.RpcError):
+                    call.result(timeout=30)  # no message: INVALID_ARGUMENT
+    finally:
+        release.set()
+        assert server.stop() == 0, server.log()
+
+
+def test_a_full_health_pool_refuses_health_checks_and_no_call():
+    """The health slots are bounded too (as many as --max-concurrent-calls), or Watch streams would
+    hold server state without limit; lossd's calls do not share them."""
+    server = start_server("--max-concurrent-calls", "2", "--stream-idle-timeout-s", "60")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            watches = [_watch(channel) for _ in range(2)]
+            assert [next(w).status for w in watches] == [1, 1]  # both SERVING: both hold a health slot
+            with pytest.raises(grpc.RpcError) as refused:
+                _check(channel)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "already serves 2 health checks" in refused.value.details(), refused.value.details()
+            with pytest.raises(grpc.RpcError) as refused:
+                next(_watch(channel))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+            with LossClient(server.address, timeout_s=60) as client:
+                assert client.server_info().version
+                torch.testing.assert_close(client.cross_entropy(x, y), F.cross_entropy(x, y))
+            for watch in watches:
+                watch.cancel()
+
+            def answered() -> bool:
+                try:
+                    return _check(channel) == "SERVING"
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    return False
+
+            assert wait_for(answered, 30, "the health slots to come back")
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def test_thousands_of_concurrent_calls_on_one_connection_all_succeed():
     """No limit per connection: with gRPC's grpc.max_concurrent_streams at 1,000 the server refused
     streams past it (RST_STREAM REFUSED_STREAM: UNAVAILABLE to the client) instead of the client

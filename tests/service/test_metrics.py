@@ -364,7 +364,8 @@ def test_cancelled_and_timed_out_streams_are_never_counted_ok(mserver):
 
 def test_calls_refused_past_max_concurrent_calls_are_counted():
     """gRPC's own limit refused calls past --max-concurrent-calls before the metrics interceptor ran:
-    the client got RESOURCE_EXHAUSTED and no lossd_* series moved, health checks included."""
+    the client got RESOURCE_EXHAUSTED and no lossd_* series moved. Health checks, which have slots of
+    their own, are answered while lossd's are full, and counted when refused past their own."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     server = start_server("--max-concurrent-calls", "2", "--stream-idle-timeout-s", "60", "--drain-s", "0", metrics=True)
@@ -384,14 +385,25 @@ def test_calls_refused_past_max_concurrent_calls_are_counted():
                 time.sleep(0.1)
             before = scrape(server.metrics_port)
             info = channel.unary_unary("/lossd.v1.LossService/GetServerInfo")
-            check = health_pb2_grpc.HealthStub(channel).Check
-            for rpc, request in [(info, b"")] * 5 + [(check, health_pb2.HealthCheckRequest())] * 3:
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(5):
                 with pytest.raises(grpc.RpcError) as refused:
-                    rpc(request, timeout=30)
+                    info(b"", timeout=30)
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for _ in range(3):
+                assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
             after = scrape(server.metrics_port)
             assert _code_deltas(before, after, "GetServerInfo") == {"RESOURCE_EXHAUSTED": 5}
-            assert _code_deltas(before, after, "Check") == {"RESOURCE_EXHAUSTED": 3}
+            assert _code_deltas(before, after, "Check") == {"OK": 3}
+            watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(2)]
+            assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2  # both hold a slot
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as refused:
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert _code_deltas(after, scrape(server.metrics_port), "Check") == {"RESOURCE_EXHAUSTED": 3}
+            for watch in watches:
+                watch.cancel()
             release.set()
             for call in held:
                 assert list(call) == []
