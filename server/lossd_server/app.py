@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
-from . import engine, server_reflection, stopsignals, unary_reads
+from . import engine, grpc_log, server_reflection, stopsignals, unary_reads
 from .admission import Admission
 from .batcher import Batcher
 from .budget import MemoryBudget
@@ -305,6 +305,7 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
         ("grpc.compression_enabled_algorithms_bitset", 0b111 if config.allow_compressed_requests else 0b1),
     ]
     options += _connection_options(config) + _connection_age_options(config)
+    grpc_log.install()  # a client that left before its status was sent is not logged as an ERROR
     # --max-concurrent-calls is lossd's admission (the innermost interceptor), not gRPC's
     # maximum_concurrent_rpcs, which refused calls without running the handlers the metrics wrap (uncounted)
     admission = Admission(config.max_concurrent_calls)

@@ -555,6 +555,45 @@ def test_a_stream_whose_client_stops_reading_is_paused_then_ended(budgeted):
     a_good_call_still_works(server.address)
 
 
+def test_clients_that_leave_without_reading_their_answers_are_no_error_in_the_log():
+    """Streams whose clients read none of their 4 MiB answers, ended by the idle timeout (the status
+    held behind the unread answers), then cancelled: gRPC logged each as ``ERROR grpc._cython.cygrpc:
+    ExecuteBatchError raised in core by servicer method [...]`` with a traceback (8 of 8 in a probe),
+    an ordinary departure read as a server failure. Now one DEBUG line each (the server logs at DEBUG
+    here to show them), and no ERROR."""
+    n = 1024
+    msg = request_msg(np.zeros((n, 1), np.float32), np.full((1, n), 1 / n, np.float32), loss=pb.KL_DIV, reduction=pb.NONE)
+    stop = threading.Event()
+
+    def requests():
+        yield from [msg] * 4
+        stop.wait(60)
+
+    not_reading = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536), *RAW]
+    ended = 'lossd_requests_total{code="DEADLINE_EXCEEDED",method="EvaluateStream"}'
+    server = start_server("--stream-idle-timeout-s", "2", "--log-level", "DEBUG", metrics=True)
+    try:
+        with grpc.insecure_channel(server.address, options=not_reading) as channel:
+            calls = [pb_grpc.LossServiceStub(channel).EvaluateStream(requests(), timeout=60) for _ in range(4)]
+            assert wait_for_metric(server, ended, lambda v: v == 4) == 4, server.log()  # each status held behind its answers
+            for call in calls:
+                call.cancel()
+            stop.set()
+            # an answer is let go when its call's task ends, after gRPC's log line for it
+            assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
+        a_good_call_still_works(server.address)
+    finally:
+        stop.set()
+        assert server.stop() == 0, server.log()
+    deadline = time.monotonic() + 30
+    while "lossd: stopped" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the last lines of the log, still on their way from the pipe
+    lines = server.log().splitlines()
+    assert not [line for line in lines if " ERROR " in line or line.startswith("Traceback")], server.log()
+    departed = [line for line in lines if "ExecuteBatchError raised in core" in line]
+    assert departed and all(" DEBUG " in line and "its client left" in line for line in departed), server.log()
+
+
 def test_a_chunked_call_that_sends_nothing_more_ends_naming_the_idle_timeout(budgeted):
     server, _ = budgeted
     header = pb.ChunkHeader(input_dtype=pb.FLOAT32, input_shape=[4, 3])
