@@ -317,10 +317,7 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
         from .shm import read_shared_tensor
 
         shm_reader = read_shared_tensor
-    budget = MemoryBudget(
-        config.memory_budget_bytes, idle_read_yield_s=config.idle_read_yield_s, on_yield=getattr(observer, "on_read_yielded", None)
-    )
-    servicer = LossServicer(config, device, batcher, budget, shm_reader)
+    servicer = LossServicer(config, device, batcher, _memory_budget(config, observer), shm_reader)
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     server.add_generic_rpc_handlers((unary_reads.health_handlers(health_servicer, config.stream_idle_timeout_s, servicer.calls),))
@@ -340,6 +337,16 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
     await server.start()
     log.info("lossd listening on %s:%d (device %s, tls %s): NOT_SERVING until warm-up", config.host, port, device, "on" if creds else "off")
     return lossd
+
+
+def _memory_budget(config: ServerConfig, observer) -> MemoryBudget:
+    """The server's budget: memory_budget_bytes, a worker's share of it under --workers N."""
+    return MemoryBudget(
+        config.memory_budget_bytes,
+        idle_read_yield_s=config.idle_read_yield_s,
+        on_yield=getattr(observer, "on_read_yielded", None),
+        share_of=config.memory_budget_share_of,
+    )
 
 
 def _listen_error(config: ServerConfig, *, tls: bool) -> StartupError:

@@ -50,11 +50,32 @@ class BudgetExceeded(Exception):
     """A reservation the budget cannot hold; the message names the setting."""
 
 
-class MemoryBudget:
-    """Reservations against ``limit_bytes``; ``held_bytes`` and ``peak_bytes`` for metrics and tests."""
+def limit_named(limit_bytes: int, share_of: tuple[int, int] | None = None) -> str:
+    """How refusals name the budget: ``memory_budget_bytes=N``; or, for a worker of ``--workers N``
+    (``share_of``: the configured budget and the number of workers), this worker's share of it with
+    both numbers: the share alone is neither the flag's value nor said to be a share."""
+    if share_of is None:
+        return f"{SETTING}={limit_bytes}"
+    configured, workers = share_of
+    rounded = "" if configured % workers == 0 else ", rounded down"
+    return f"this worker's share of {SETTING} ({limit_bytes} = {configured} / {workers} workers{rounded})"
 
-    def __init__(self, limit_bytes: int, *, idle_read_yield_s: float = 0.0, on_yield: Callable[[], None] | None = None) -> None:
+
+class MemoryBudget:
+    """Reservations against ``limit_bytes``; ``held_bytes`` and ``peak_bytes`` for metrics and tests.
+    ``share_of``: (configured budget, workers) when ``limit_bytes`` is a worker's share (:func:`limit_named`)."""
+
+    def __init__(
+        self,
+        limit_bytes: int,
+        *,
+        idle_read_yield_s: float = 0.0,
+        on_yield: Callable[[], None] | None = None,
+        share_of: tuple[int, int] | None = None,
+    ) -> None:
         self.limit_bytes = int(limit_bytes)
+        #: The budget as the refusals name it.
+        self.limit_named = limit_named(self.limit_bytes, share_of)
         self.held_bytes = 0
         self.peak_bytes = 0
         self.idle_read_yield_s = idle_read_yield_s  # 0: reads never give way
@@ -86,7 +107,7 @@ class MemoryBudget:
     def _held_by(self, holding: int) -> str:
         """Who holds the budget's bytes: ``holding`` of them the asking call, the others other
         calls or the asking call's other messages (a stream's items, a chunk being computed)."""
-        others = f"{self.held_bytes - holding} of {SETTING}={self.limit_bytes} are held for other calls (or this call's other messages)"
+        others = f"{self.held_bytes - holding} of {self.limit_named} are held for other calls (or this call's other messages)"
         return f"{others} and {holding} already by this call" if holding else others
 
     def _exceeded(self, nbytes: int, what: str, holding: int = 0) -> BudgetExceeded:
@@ -98,10 +119,10 @@ class MemoryBudget:
         if holding:
             return BudgetExceeded(
                 f"{what} needs {nbytes} bytes of server memory while its call holds {holding}: together more than "
-                f"{SETTING}={self.limit_bytes} allows; split it into smaller requests"
+                f"{self.limit_named} allows; split it into smaller requests"
             )
         return BudgetExceeded(
-            f"{what} needs {nbytes} bytes of server memory, more than {SETTING}={self.limit_bytes} allows; split it into smaller requests"
+            f"{what} needs {nbytes} bytes of server memory, more than {self.limit_named} allows; split it into smaller requests"
         )
 
     def _take(self, nbytes: int) -> None:
@@ -201,7 +222,7 @@ class MemoryBudget:
             reader.give_way(
                 f"this call gave way after its client completed no message for {idle:.1f}s ({YIELD_SETTING}={self.idle_read_yield_s:g}) "
                 f"while other calls were in line for server memory: its read reservation of {held.nbytes} bytes of "
-                f"{SETTING}={self.limit_bytes} went to them; send the message promptly, or retry"
+                f"{self.limit_named} went to them; send the message promptly, or retry"
             )
             if self._on_yield is not None:
                 self._on_yield()
@@ -218,7 +239,7 @@ class MemoryBudget:
                 waiter.set_exception(
                     BudgetExceeded(
                         f"{what} needs {nbytes} more bytes of server memory; all {self.held_bytes} held of "
-                        f"{SETTING}={self.limit_bytes} belong to calls waiting for more ({holding} to this one), so it cannot wait"
+                        f"{self.limit_named} belong to calls waiting for more ({holding} to this one), so it cannot wait"
                     )
                 )
                 return

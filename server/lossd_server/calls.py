@@ -25,7 +25,7 @@ import grpc
 
 from . import endings
 from .batcher import stop_if_over
-from .budget import SETTING, BudgetExceeded, MemoryBudget, Reservation
+from .budget import BudgetExceeded, MemoryBudget, Reservation
 from .errors import StreamIdle, idle_message
 
 #: An answer held by a stop (CallTracker.may_answer) goes out this long before its call's deadline.
@@ -173,7 +173,7 @@ class Call:
         if nbytes + self.read_reservation > budget.limit_bytes:
             raise BudgetExceeded(
                 f"{what} needs {nbytes} bytes of server memory, and reading each next {reading} message "
-                f"{self.read_reservation} more ({READ_RESERVATION}): together more than {SETTING}={budget.limit_bytes} allows, "
+                f"{self.read_reservation} more ({READ_RESERVATION}): together more than {budget.limit_named} allows, "
                 "so the call could never end; split it into smaller requests"
             )
         held.resize(nbytes, what)

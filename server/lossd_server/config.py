@@ -13,6 +13,7 @@ import re
 import ssl
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -115,6 +116,10 @@ class ServerConfig:
     #: probes (both pools full: ~260 MB).
     max_concurrent_calls: int = 10_000
     log_level: str = "INFO"
+    #: On a worker's config (:meth:`per_worker`): the configured memory_budget_bytes and the number
+    #: of workers its share came from, for refusals to name both; None on any other config. Not a
+    #: setting (a class variable: no flag, no LOSSD_ variable), and it travels to the worker process.
+    memory_budget_share_of: ClassVar[tuple[int, int] | None] = None
 
     @property
     def receive_limit_bytes(self) -> int:
@@ -141,7 +146,10 @@ class ServerConfig:
         threads = self.torch_threads
         if threads == 0 and self.workers > 1:  # one process: the batcher's own default (CPU count - 1)
             threads = max(1, ((os.cpu_count() or 1) - self.workers) // self.workers)
-        return dataclasses.replace(self, port=port, memory_budget_bytes=self.memory_budget_bytes // self.workers, torch_threads=threads)
+        worker = dataclasses.replace(self, port=port, memory_budget_bytes=self.memory_budget_bytes // self.workers, torch_threads=threads)
+        if self.workers > 1:
+            object.__setattr__(worker, "memory_budget_share_of", (self.memory_budget_bytes, self.workers))  # frozen
+        return worker
 
     @property
     def address(self) -> str:

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from lossd_client import LossClient, LossRequest, core
+from lossd_client import LossClient, LossRequest, ResourceExhaustedError, core
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from serverproc import held_chunks, start_server
 from workerprocs import GATE_ENV, Load, alive, channel_per_worker, own_ports, owners, stop_everything, wait_for, worker_pids
@@ -160,6 +160,34 @@ def test_async_client_spreads_its_streams_too(pair):
 
 # ---------------------------------------------------------------------------------------------
 # health across workers, drain, and what the supervisor holds
+
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("workers", "budget", "named"),
+    [
+        ("2", 128 * MiB, "more than this worker's share of memory_budget_bytes (67108864 = 134217728 / 2 workers) allows"),
+        ("1", 64 * MiB, "more than memory_budget_bytes=67108864 allows"),  # one process: the text as it was
+    ],
+)
+def test_a_request_over_a_workers_budget_is_refused_naming_the_configured_budget_and_the_workers(workers, budget, named):
+    """Under --workers 2 --memory-budget-bytes 1258291200, the refusal said "more than
+    memory_budget_bytes=629145600 allows": one worker's share, neither the flag's value nor said to
+    be a share, and no word of --workers. A kl_div answer of 16 MiB, counted with what computing it
+    holds (80 MiB), fits the configured 128 MiB but not a worker's 64 MiB."""
+    n = 2048
+    x, t = np.zeros((n, 1), np.float32), np.full((1, n), 1 / n, np.float32)
+    server = start_server("--workers", workers, "--memory-budget-bytes", str(budget), "--max-message-bytes", str(MiB), "--drain-s", "0.2")
+    try:
+        with LossClient(server.address, timeout_s=60) as client:
+            with pytest.raises(ResourceExhaustedError) as refused:
+                client.kl_div(x, t, reduction="none")
+    finally:
+        assert stop_everything(server) == 0, server.log()
+    message = str(refused.value)
+    assert named in message and "split it into smaller requests" in message, message
 
 
 def test_health_waits_for_every_worker_and_the_drain_reaches_both(tmp_path):

@@ -24,6 +24,28 @@ def test_a_reservation_that_can_never_fit_is_refused_naming_the_setting():
     run(main())
 
 
+def test_a_workers_share_is_named_with_the_configured_budget_and_the_workers():
+    """Under --workers N the refusals named memory_budget_bytes=<the share>: neither the flag's
+    value nor said to be a share. One process's text is as it was (the test above)."""
+
+    async def main():
+        budget = MemoryBudget(50, share_of=(100, 2))
+        share = "this worker's share of memory_budget_bytes (50 = 100 / 2 workers)"
+        with pytest.raises(BudgetExceeded, match=re.escape(f"a message needs 51 bytes of server memory, more than {share} allows; split")):
+            await budget.reserve(51, "a message")
+        held = budget.reserve_now(30, "other")
+        with pytest.raises(BudgetExceeded, match=re.escape(f"needs 30 bytes of server memory; 30 of {share} are held for other calls")):
+            budget.reserve_now(30, "a read")
+        held.release()
+        assert (
+            MemoryBudget(33, share_of=(100, 3)).limit_named
+            == "this worker's share of memory_budget_bytes (33 = 100 / 3 workers, rounded down)"
+        )
+        assert MemoryBudget(100).limit_named == "memory_budget_bytes=100"
+
+    run(main())
+
+
 def test_waiters_are_granted_in_order_as_bytes_are_released():
     async def main():
         budget = MemoryBudget(100)

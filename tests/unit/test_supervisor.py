@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 from types import SimpleNamespace
@@ -20,11 +21,14 @@ def test_each_worker_gets_an_even_share_of_the_budget_and_of_the_cores(monkeypat
     config = ServerConfig(workers=4, memory_budget_bytes=8 * 1024 * MiB)
     each = config.per_worker(port=5000)
     assert each.port == 5000 and each.memory_budget_bytes == 2 * 1024 * MiB
+    assert each.memory_budget_share_of == (8 * 1024 * MiB, 4)  # for refusals to name both
+    assert pickle.loads(pickle.dumps(each)).memory_budget_share_of == (8 * 1024 * MiB, 4)  # as the worker process gets it
     assert each.torch_threads == 3  # (16 - 4) // 4: a core per worker stays with its event loop
     assert ServerConfig(workers=4, torch_threads=2).per_worker(1).torch_threads == 2  # set by hand: kept
     assert ServerConfig(workers=16).per_worker(1).torch_threads == 1
     single = ServerConfig(memory_budget_bytes=3 * 1024 * MiB).per_worker(7)
     assert single.memory_budget_bytes == 3 * 1024 * MiB and single.torch_threads == 0  # one process: unchanged
+    assert single.memory_budget_share_of is None and config.memory_budget_share_of is None
 
 
 def test_workers_setting_from_flag_and_environment():
