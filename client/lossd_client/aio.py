@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -93,10 +93,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
                 yield result
             stream.finish()
         except (grpc.RpcError, asyncio.CancelledError) as exc:
-            failed = write_task.exception() if write_task.done() and not write_task.cancelled() else None
-            if failed is not None and not isinstance(failed, (grpc.RpcError, asyncio.InvalidStateError)):  # the source, not the call
-                raise failed from exc
-            failure = self._failure(exc, deadline)
+            failure = self._many_failure(exc, write_task, deadline)
             if failure is exc:
                 raise
             raise failure from exc
@@ -130,18 +127,39 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
 
     def _failure(self, exc: grpc.RpcError | asyncio.CancelledError, deadline: float | None) -> BaseException:
         """The LossdError for a failed call, as the blocking client raises it, where grpc.aio
-        reports it otherwise: a call this client's :meth:`close` cancelled raises asyncio's
-        CancelledError (the task itself was not cancelled): CancelledError, gRPC's "Channel
-        closed!"; a stream written to after its deadline ends INTERNAL ("Internal error from
-        Core"): DeadlineExceededError. A cancelled task stays cancelled."""
+        reports it otherwise. A call cancelled though its task was not raises asyncio's
+        CancelledError: CancelledError, gRPC's "Channel closed!" when this client's :meth:`close`
+        cancelled it, else DeadlineExceededError once the deadline passed (grpc.aio cancels a call
+        whose half-close failed), else CancelledError; a task that is being cancelled stays
+        cancelled. A stream written to after its deadline ends INTERNAL ("Internal error from
+        Core"): DeadlineExceededError."""
         if isinstance(exc, asyncio.CancelledError):
-            if self._closed and not _task_cancelling():
+            if _task_cancelling():
+                return exc
+            if self._closed:
                 return error_for(grpc.StatusCode.CANCELLED, CLOSED_DETAILS)
-            return exc
+            if _passed(deadline):
+                return error_for(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_DETAILS)
+            return error_for(grpc.StatusCode.CANCELLED, LOCALLY_CANCELLED_DETAILS)
         error = from_rpc_error(exc)
-        if error.code == grpc.StatusCode.INTERNAL and deadline is not None and time.monotonic() >= deadline:
-            return error_for(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        if error.code == grpc.StatusCode.INTERNAL and _passed(deadline):
+            return error_for(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_DETAILS)
         return error
+
+    def _many_failure(
+        self, exc: grpc.RpcError | asyncio.CancelledError, write_task: asyncio.Future, deadline: float | None
+    ) -> BaseException:
+        """What ``evaluate_many`` raises when a stream failed with ``exc``: the source's own error when
+        the writer failed with one (not the call's); the write's error when ``exc`` is only a
+        stream the writer cancelled because of it (its other streams, with ``connections=k``);
+        otherwise :meth:`_failure`."""
+        failed = write_task.exception() if write_task.done() and not write_task.cancelled() else None
+        if failed is not None and not isinstance(failed, (grpc.RpcError, asyncio.InvalidStateError)):  # the source, not the call
+            return failed
+        cancelled_for_it = isinstance(exc, asyncio.CancelledError) and isinstance(failed, grpc.RpcError)
+        if cancelled_for_it and not self._closed and not _task_cancelling():
+            return self._failure(failed, deadline)
+        return self._failure(exc, deadline)
 
     async def _run(
         self,
@@ -153,6 +171,11 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         with caller_fields(fields):
             request = build()
             return finish(await self.evaluate(request, timeout_s=timeout_s), request)
+
+    def _compare_call(self, inputs: compare.CompareInputs, progress: Callable[[int], None] | None) -> tuple[compare.Call, Any]:
+        """ClientBase's, with CompareChunked's messages written by this client (:class:`_Writes`)."""
+        call, rpc = super()._compare_call(inputs, progress)
+        return call, (_Writes(rpc) if call.chunked else rpc)
 
     async def _compare(self, inputs: compare.CompareInputs, timeout: float | None, progress: Callable[[int], None] | None) -> CompareResult:
         with caller_fields(compare.CALLER_FIELDS):
@@ -174,8 +197,18 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
 CLOSED_DETAILS = "Channel closed!"
 
 
+#: What gRPC reports for a call whose deadline passed.
+DEADLINE_DETAILS = "Deadline Exceeded"
+#: What gRPC reports for a call its application cancelled.
+LOCALLY_CANCELLED_DETAILS = "Locally cancelled by application!"
+
+
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
+
+
+def _passed(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def _task_cancelling() -> bool:
@@ -200,14 +233,57 @@ async def _chunked(
     error from Core" (the blocking client gets the server's status). The header alone is then sent
     again and the server's verdict on it raised instead, when it refuses it."""
     firsts = [_FirstKept(s) for s in streams]
-    calls = [c.evaluate_chunked(f, timeout=timeout) for c, f in zip(connections, firsts, strict=True)]
+    calls = [_Writes(c.evaluate_chunked)(f, timeout=timeout) for c, f in zip(connections, firsts, strict=True)]
     try:
         return list(await asyncio.gather(*calls))
     except grpc.aio.AioRpcError as exc:
-        raise await _header_verdict(exc, connections[0].evaluate_chunked, [f.first for f in firsts], timeout) from None
+        raise await _header_verdict(exc, _Writes(connections[0].evaluate_chunked), [f.first for f in firsts], timeout) from None
     finally:
         for call in calls:
             call.cancel()  # the others, when one failed
+
+
+class _Writes:
+    """A grpc.aio client-streaming method (EvaluateChunked, CompareChunked) called as grpc.aio calls
+    it, ``rpc(messages, timeout=...)``, except that the messages are written here, not by grpc.aio's
+    own writer task: that one cancels the call when the half-close fails, which it does when the
+    call has ended (its deadline passed, or the server answered) before grpc.aio read its status;
+    the caller then got asyncio's CancelledError, as if its task had been cancelled, instead of the
+    call's status (and an ``asyncio.gather`` of such calls was torn down by it)."""
+
+    def __init__(self, rpc: Callable[..., Any]) -> None:
+        self._rpc = rpc
+
+    def __call__(self, messages: Iterable[bytes], *, timeout: float | None) -> _Writing:
+        return _Writing(self._rpc(timeout=timeout), messages)
+
+
+class _Writing:
+    """One call of :class:`_Writes`: awaiting it writes the messages, half-closes the call and
+    returns its answer (or raises its status); ``cancel()`` cancels the call."""
+
+    def __init__(self, call: Any, messages: Iterable[bytes]) -> None:
+        self._call = call
+        self._messages = messages
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._answer().__await__()
+
+    async def _answer(self) -> Any:
+        call = self._call
+        try:
+            for message in self._messages:
+                await call.write(message)
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, grpc.aio.InternalError, asyncio.InvalidStateError):
+            pass  # the call has ended: its status, awaited below, says how
+        except BaseException:
+            call.cancel()  # the messages failed, or this task is cancelled: the call goes too
+            raise
+        return await call
 
 
 class _FirstKept:
@@ -335,12 +411,22 @@ async def _write(
             sent += 1
         await producer
         for call in calls:
-            await call.done_writing()
+            await _half_close(call)
     except BaseException:
         producer.cancel()
         for call in calls:
             call.cancel()  # the reader must not wait for answers that will never come
         raise
+
+
+async def _half_close(call: Any) -> None:
+    """Half-close a stream. Its half-close fails (grpc.aio's InternalError, not an RpcError) when
+    the call has already ended (its deadline passed, the server went away) but grpc.aio has not
+    read its status yet: the stream's reader then raises that status."""
+    try:
+        await call.done_writing()
+    except grpc.aio.InternalError:
+        pass
 
 
 class _Queued:
