@@ -110,8 +110,9 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The server's health status name (SERVING, NOT_SERVING, ...)."""
         check, request = self._health_check(service)
-        with self._errors():
-            return core.health_status(await check(request, timeout=self._health_timeout(timeout_s)))
+        timeout = self._health_timeout(timeout_s)
+        with self._errors(timeout):
+            return core.health_status(await check(request, timeout=timeout))
 
     @contextmanager
     def _errors(self, timeout: float | None = None) -> Iterator[None]:
@@ -131,8 +132,10 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         CancelledError: CancelledError, gRPC's "Channel closed!" when this client's :meth:`close`
         cancelled it, else DeadlineExceededError once the deadline passed (grpc.aio cancels a call
         whose half-close failed), else CancelledError; a task that is being cancelled stays
-        cancelled. A stream written to after its deadline ends INTERNAL ("Internal error from
-        Core"): DeadlineExceededError."""
+        cancelled. A stream whose write failed before grpc.aio read its status ends INTERNAL
+        "Internal error from Core" (:data:`LOST_STATUS_DETAILS`, which lossd's server never
+        sends): DeadlineExceededError once the deadline passed (written to after it), else
+        UnavailableError (the server went away: what the blocking client raises)."""
         if isinstance(exc, asyncio.CancelledError):
             if _task_cancelling():
                 return exc
@@ -141,10 +144,11 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
             if _passed(deadline):
                 return error_for(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_DETAILS)
             return error_for(grpc.StatusCode.CANCELLED, LOCALLY_CANCELLED_DETAILS)
-        error = from_rpc_error(exc)
-        if error.code == grpc.StatusCode.INTERNAL and _passed(deadline):
-            return error_for(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_DETAILS)
-        return error
+        if _lost_status(exc):
+            if _passed(deadline):
+                return error_for(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_DETAILS)
+            return error_for(grpc.StatusCode.UNAVAILABLE, LOST_CONNECTION_DETAILS)
+        return from_rpc_error(exc)
 
     def _many_failure(
         self, exc: grpc.RpcError | asyncio.CancelledError, write_task: asyncio.Future, deadline: float | None
@@ -221,6 +225,15 @@ def _task_cancelling() -> bool:
 #: What grpc.aio reports for a client stream whose write failed before the server's status was
 #: read (``_write`` → ``set_internal_error``): the server's own status is lost.
 LOST_STATUS_DETAILS = "Internal error from Core"
+#: What a lost status before the deadline is raised as (UnavailableError).
+LOST_CONNECTION_DETAILS = (
+    f"a write failed before the call's status was read (grpc.aio: {LOST_STATUS_DETAILS}): the server went away or ended the call"
+)
+
+
+def _lost_status(exc: BaseException) -> bool:
+    """Whether ``exc`` is grpc.aio's own INTERNAL for a call whose status it never read."""
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.INTERNAL and exc.details() == LOST_STATUS_DETAILS
 
 
 async def _chunked(
@@ -309,7 +322,7 @@ async def _header_verdict(
     """What a chunked call that ended ``exc`` raises: ``exc``, unless it is grpc.aio's lost status
     (:data:`LOST_STATUS_DETAILS`) and the server refuses one of ``headers`` sent alone through
     ``rpc`` (a header it accepts only misses its rows there: not what failed the call)."""
-    if exc.code() != grpc.StatusCode.INTERNAL or exc.details() != LOST_STATUS_DETAILS:
+    if not _lost_status(exc):
         return exc
     for header in headers:
         if header is None:
