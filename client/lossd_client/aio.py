@@ -22,6 +22,7 @@ from ._proto.lossd.v1 import loss_pb2 as pb
 from .base import ClientBase, Connection
 from .compare import CompareResult
 from .errors import LossdError, caller_fields, error_for, from_rpc_error
+from .flight import AGAIN, Flight, deadline_exceeded, deadline_of, remaining
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
 
 __all__ = ["AsyncLossClient"]
@@ -54,7 +55,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         """Async twin of :meth:`LossClient.evaluate`."""
         req, timeout = core.request_of(request, fields), self._timeout(timeout_s)
         if self._needs_limit(req):
-            self._server_max = (await self.server_info(timeout_s=timeout)).max_receive_message_bytes
+            await self._lookup(timeout, cached=True)
         with self._route(req) as call, self._errors(timeout):
             if call.chunked:
                 responses = await _chunked(self._take(len(call.streams)), call.streams, timeout)
@@ -77,7 +78,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         (waits for a result) blocks the loop; give such a source as an async iterable."""
         stream, connections = self._stream(window, pack, return_exceptions)
         timeout = self._timeout(timeout_s)
-        deadline = _deadline(timeout)
+        deadline = deadline_of(timeout)
         calls = [c.streams[stream.method](timeout=timeout) for c in connections]
         slots, inbox = asyncio.Semaphore(window), asyncio.Queue()
         write_task = asyncio.ensure_future(_write(calls, stream, requests, slots, _Alone(self, stream, timeout, inbox)))
@@ -103,9 +104,9 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
                 call.cancel()
 
     async def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
-        """The server's versions, device and limits (GetServerInfo)."""
-        with self._errors():
-            return core.server_info(await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s)))
+        """The server's versions, device and limits (GetServerInfo); a call made while another
+        task's is in progress takes its answer."""
+        return await self._lookup(self._timeout(timeout_s), cached=False)
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The server's health status name (SERVING, NOT_SERVING, ...)."""
@@ -114,10 +115,42 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         with self._errors(timeout):
             return core.health_status(await check(request, timeout=timeout))
 
+    async def _lookup(self, timeout: float | None, *, cached: bool) -> ServerInfo:
+        """The server's info: the latest this client learnt (``cached``, once there is one) or a
+        lookup's, which the tasks that ask while it runs share (:mod:`lossd_client.flight`)."""
+        flights, deadline = self._flights, deadline_of(timeout)
+        while True:  # again only after a flight failed by its leader's own doing (SingleFlight.answer)
+            if cached and flights.last is not None:
+                return flights.last
+            flight, lead = flights.join(deadline, asyncio.get_running_loop().create_future)
+            if lead:
+                return await self._lead(flight)
+            landed, _ = await asyncio.wait([flight.landed], timeout=remaining(deadline))  # never cancels the flight
+            if not landed:
+                raise deadline_exceeded()
+            answer = flights.answer(flight, deadline)
+            if answer is not AGAIN:
+                return answer
+
+    async def _lead(self, flight: Flight) -> ServerInfo:
+        """Ask the server for ``flight`` (within its deadline) and land the answer or the failure
+        (this task's cancellation too: a waiter then leads a new flight)."""
+        info, error, timeout = None, None, remaining(flight.deadline)
+        try:
+            with self._errors(timeout):
+                info = core.server_info(await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout))
+            return info
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._flights.land(flight, info, error)
+            flight.landed.set_result(None)
+
     @contextmanager
     def _errors(self, timeout: float | None = None) -> Iterator[None]:
         """A failed call of the block (``timeout``: its timeout) raised as its LossdError (see :meth:`_failure`)."""
-        deadline = _deadline(timeout)
+        deadline = deadline_of(timeout)
         try:
             yield
         except (grpc.RpcError, asyncio.CancelledError) as exc:
@@ -185,7 +218,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         with caller_fields(compare.CALLER_FIELDS):
             inputs = compare.with_token_ids(inputs)
             if compare.needs_server_limit(inputs, self._server_max):
-                self._server_max = (await self.server_info(timeout_s=timeout)).max_receive_message_bytes
+                await self._lookup(timeout, cached=True)
             call, rpc = self._compare_call(inputs, progress)
             with self._errors(timeout):
                 if not call.chunked:
@@ -205,10 +238,6 @@ CLOSED_DETAILS = "Channel closed!"
 DEADLINE_DETAILS = "Deadline Exceeded"
 #: What gRPC reports for a call its application cancelled.
 LOCALLY_CANCELLED_DETAILS = "Locally cancelled by application!"
-
-
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
 
 
 def _passed(deadline: float | None) -> bool:
@@ -381,7 +410,7 @@ class _Alone:
 
     async def fetch_limit(self) -> None:
         """Ask the server for its message limit (once per client)."""
-        self._client._server_max = (await self._client.server_info(timeout_s=self._timeout)).max_receive_message_bytes
+        await self._client._lookup(self._timeout, cached=True)
 
     async def evaluate(self, req: LossRequest) -> None:
         """Evaluate ``req`` alone; its answer (or its LossdError) is settled in the stream."""

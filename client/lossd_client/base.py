@@ -21,6 +21,7 @@ from . import compare, core, layout
 from ._proto.lossd.v1 import loss_pb2 as pb
 from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from .channel import SERVICE, channel_options, credentials, normalise_target
+from .flight import SingleFlight
 from .shm import SegmentPool
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest
 
@@ -123,7 +124,7 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         self._turns = core.RoundRobin(connections)
         self.parallel_streams = connections if parallel_streams is None else max(1, parallel_streams)
         self._segments = SegmentPool()
-        self._server_max: int | None = None
+        self._flights = SingleFlight()  # the server's info: one lookup at a time, the latest kept
         tls = credentials(root_certificates, private_key, certificate_chain)
         options = channel_options(max_message_bytes, retries, own_connection=True)
         if tls is None:
@@ -138,6 +139,12 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
     def connections(self) -> int:
         """How many channels (connections) this client opened."""
         return len(self._connections)
+
+    @property
+    def _server_max(self) -> int | None:
+        """The server's message limit, once a lookup (or ``server_info()``) learnt it."""
+        info = self._flights.last
+        return None if info is None else info.max_receive_message_bytes
 
     # ------------------------------------------------------------------ torch.nn.functional mirror
     def cross_entropy(self, input: Any, target: Any, weight: Any = None, size_average: bool | None = None, ignore_index: int = -100,

@@ -23,6 +23,7 @@ from .base import ClientBase, Connection
 from .channel import normalise_target, service_config
 from .compare import CompareResult
 from .errors import LossdError, caller_fields, rpc_errors
+from .flight import AGAIN, Flight, deadline_exceeded, deadline_of, remaining
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
 
 __all__ = ["AsyncLossClient", "LossClient", "normalise_target", "service_config"]
@@ -60,7 +61,7 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         """
         req, timeout = core.request_of(request, fields), self._timeout(timeout_s)
         if self._needs_limit(req):
-            self._server_max = self.server_info(timeout_s=timeout).max_receive_message_bytes
+            self._lookup(timeout, cached=True)
         with self._route(req) as call, rpc_errors():
             if call.chunked:
                 responses = _chunked(self._take(len(call.streams)), call.streams, timeout)
@@ -113,9 +114,9 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
                 call.cancel()
 
     def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
-        """The server's versions, device and limits (GetServerInfo)."""
-        with rpc_errors():
-            return core.server_info(self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout_s)))
+        """The server's versions, device and limits (GetServerInfo); a call made while another
+        thread's is in progress takes its answer."""
+        return self._lookup(self._timeout(timeout_s), cached=False)
 
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The server's health status name (SERVING, NOT_SERVING, ...); ``timeout_s`` (else the
@@ -123,6 +124,38 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         check, request = self._health_check(service)
         with rpc_errors():
             return core.health_status(check(request, timeout=self._health_timeout(timeout_s)))
+
+    def _lookup(self, timeout: float | None, *, cached: bool) -> ServerInfo:
+        """The server's info: the latest this client learnt (``cached``, once there is one) or a
+        lookup's, which the threads that ask while it runs share (:mod:`lossd_client.flight`)."""
+        flights, deadline = self._flights, deadline_of(timeout)
+        while True:  # again only after a flight failed by its leader's own doing (SingleFlight.answer)
+            with flights.lock:
+                if cached and flights.last is not None:
+                    return flights.last
+                flight, lead = flights.join(deadline, threading.Event)
+            if lead:
+                return self._lead(flight)
+            if not flight.landed.wait(remaining(deadline)):
+                raise deadline_exceeded()
+            answer = flights.answer(flight, deadline)
+            if answer is not AGAIN:
+                return answer
+
+    def _lead(self, flight: Flight) -> ServerInfo:
+        """Ask the server for ``flight`` (within its deadline) and land the answer or the failure."""
+        info, error = None, None
+        try:
+            with rpc_errors():
+                info = core.server_info(self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=remaining(flight.deadline)))
+            return info
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            with self._flights.lock:
+                self._flights.land(flight, info, error)
+            flight.landed.set()
 
     def _run(
         self,
@@ -139,7 +172,7 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         with caller_fields(compare.CALLER_FIELDS):
             inputs = compare.with_token_ids(inputs)
             if compare.needs_server_limit(inputs, self._server_max):
-                self._server_max = self.server_info(timeout_s=timeout).max_receive_message_bytes
+                self._lookup(timeout, cached=True)
             call, rpc = self._compare_call(inputs, progress)
             with rpc_errors():
                 return call.parse(rpc(call.request, timeout=timeout))
@@ -192,7 +225,7 @@ class _Alone:
         """The server's message limit when ``req`` is too large to go without it (asked once per client)."""
         client = self._client
         if core.needs_server_limit(req, shared_memory=False, server_max=client._server_max):
-            client._server_max = client.server_info(timeout_s=self._timeout).max_receive_message_bytes
+            client._lookup(self._timeout, cached=True)
         return client._server_max
 
     def evaluate(self, req: LossRequest) -> None:
