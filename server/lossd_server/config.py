@@ -157,12 +157,18 @@ class ServerConfig:
         return f"{host}:{self.port}"
 
 
+#: Worker processes (--workers): each is its own torch interpreter (about 250 MB resident before any
+#: call), and more of them than cores only adds memory; 256 is a core each on the largest machines.
+#: Unbounded, --workers 3000 passed the checks and the supervisor set out to start 3000 interpreters.
+MAX_WORKERS = 256
+
 _HELP = {
     "host": "address to bind (0.0.0.0 inside containers)",
     "port": "gRPC port; 0 lets the OS pick (the chosen port is logged)",
     "device": "auto (CUDA when present), cpu, cuda or cuda:N",
     "cuda_memory_fraction": "on CUDA: the fraction of the device's memory this process may allocate (0: torch's default, all of it)",
-    "workers": "server processes sharing the port (SO_REUSEPORT), each with its own event loop, batcher, engine and memory_budget_bytes / workers; 1 = one process",
+    "workers": "server processes sharing the port (SO_REUSEPORT), each with its own event loop, batcher, engine and memory_budget_bytes / workers; 1 = one process; "
+    f"at most {MAX_WORKERS} (each is a torch interpreter of ~250 MB: more workers than cores only add memory)",
     "worker_stall_timeout_s": "with workers > 1: a worker whose event loop has not answered the supervisor for this long "
     "(a deadlock, SIGSTOP) is killed and replaced; well above the second or two a busy loop takes (0: never)",
     "max_message_bytes": "largest request message (its tensor bytes, class weights included, and id) received; bigger requests must use EvaluateChunked",
@@ -330,8 +336,10 @@ BOUNDS: dict[str, Bounds] = {
     "port": Bounds(0, 65535, note="0: the OS picks"),
     "metrics_port": Bounds(-1, 65535, note="-1: the OS picks, 0: off"),
     "cuda_memory_fraction": Bounds(0, 1, note="0: torch's default"),
-    "workers": Bounds(1),
-    "worker_stall_timeout_s": Bounds(1, off=True),
+    "workers": Bounds(1, MAX_WORKERS, note="each a torch interpreter; more than the cores only adds memory"),
+    # the supervisor waits for its workers a quarter of this at a time, with poll()'s int32
+    # milliseconds: 1e7 passed the checks and crashed the supervisor (OverflowError) at the start
+    "worker_stall_timeout_s": Bounds(1, MAX_GRPC_MS_S, off=True, note="int32 milliseconds, as the other timers"),
     "max_message_bytes": Bounds(1024, INT32_MAX, note="gRPC's message limit"),
     "max_send_message_bytes": Bounds(1024, INT32_MAX, note="gRPC's message limit"),
     "memory_budget_bytes": Bounds(1),

@@ -385,6 +385,9 @@ def test_sigterm_while_starting_exits_0(workers, after_s):
         ([], {"LOSSD_LOG_LEVEL": "LOUD"}, "LOSSD_LOG_LEVEL (--log-level) must be DEBUG"),  # was a traceback
         (["--max-concurrent-calls", "99999999999"], {}, "--max-concurrent-calls must be >= 1 and <= 2147483647"),  # was a traceback
         (["--device", "cuda:99"], {}, "--device / LOSSD_DEVICE cuda:99: "),  # found by each worker, told to the supervisor
+        # crashed the supervisor (OverflowError from its poll()) right after it started the workers
+        (["--worker-stall-timeout-s", "1e7"], {}, "--worker-stall-timeout-s must be 0 (off) or at least 1 and <= 2147483.647"),
+        (["--workers", "3000"], {}, "--workers must be >= 1 and <= 256"),  # passed: the supervisor set out to start 3000 interpreters
     ],
 )
 def test_a_bad_setting_stops_the_start_with_one_line_naming_it_and_status_2(workers, flags, env, named):

@@ -90,6 +90,13 @@ BAD_VALUES = [
     ("max_connection_age_grace_s", "inf"),
     ("max_connection_idle_s", "inf"),
     ("max_connection_idle_s", "1e306"),
+    # the supervisor's poll() takes a quarter of it in int32 milliseconds: 1e7 crashed it at the start
+    ("worker_stall_timeout_s", "1e7"),
+    ("worker_stall_timeout_s", "2147483.648"),
+    ("worker_stall_timeout_s", "1e308"),
+    # each worker is a torch interpreter: 3000 passed the checks and the supervisor set out to start them
+    ("workers", "257"),
+    ("workers", "3000"),
     ("max_batch_rows", "0"),
     ("max_batch_rows", "-5"),
     ("max_batch_bytes", "0"),
@@ -154,6 +161,8 @@ def test_every_numeric_setting_has_bounds_and_every_named_one_its_choices() -> N
         ["--max-top-k", "0"],
         ["--max-connection-age-s", "0", "--max-connection-age-grace-s", "0", "--max-connection-idle-s", "0"],
         ["--max-connection-idle-s", "2147483.647"],
+        ["--worker-stall-timeout-s", "2147483.647"],
+        ["--workers", "256", "--memory-budget-bytes", str(2**50)],
         ["--max-concurrent-calls", str(2**31 - 1)],
         ["--cuda-memory-fraction", "1"],
         ["--metrics-port", "-1"],
