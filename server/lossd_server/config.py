@@ -375,8 +375,30 @@ CHOICES: dict[str, tuple[str, str]] = {
     "log_level": (r"(?i)debug|info|warning|error|critical", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
 }
 
+#: Settings that are an address to bind, resolved at the start (:func:`host_problem`).
+HOSTS = ("host", "metrics_host")
+
 #: Settings read from the environment only (glibc's allocator, :mod:`lossd_server.allocator`): 0 leaves glibc's default.
 ENV_ONLY = {name: Bounds(0, INT32_MAX, note="0: glibc's default") for name in ("LOSSD_MALLOC_ARENA_MAX", "LOSSD_MALLOC_MMAP_THRESHOLD")}
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` cannot even be looked up (None: it can; whether it resolves is the start's matter).
+
+    socket.getaddrinfo encodes a name with Python's IDNA codec first, which raises UnicodeError (no
+    OSError) for a label that is empty or longer than 63 characters, or a character IDNA refuses:
+    ``--host`` with a 64-character label was a traceback from deep in the start, exit status 1.
+    """
+    try:
+        host.strip("[]").encode("idna")
+    except UnicodeError as exc:
+        return str(exc.__cause__ or exc)
+    return None
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """``text`` quoted for a one-line message, cut after ``limit`` characters."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def setting_name(name: str, from_env: Collection[str] = ()) -> str:
@@ -396,6 +418,13 @@ def validate(config: ServerConfig, from_env: Collection[str] = ()) -> None:
         value = getattr(config, name)
         if not re.fullmatch(pattern, value):
             raise SystemExit(f"{setting_name(name, from_env)} must be {spellings}, got {value!r}")
+    for name in HOSTS:
+        problem = host_problem(getattr(config, name))
+        if problem is not None:
+            raise SystemExit(
+                f"{setting_name(name, from_env)} must be an IP address or a host name whose labels (between dots) have 1 to 63 characters, "
+                f"got {_shown(getattr(config, name))} ({problem})"
+            )
     if config.memory_budget_bytes // config.workers < 2 * config.read_reservation_bytes:
         each = f", for each of --workers={config.workers}" if config.workers > 1 else ""
         raise SystemExit(

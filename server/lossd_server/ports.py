@@ -20,6 +20,8 @@ def _addresses(host: str, port: int) -> list[tuple]:
         return socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         raise StartupError(f"cannot resolve --host {host}: {exc}") from None
+    except UnicodeError as exc:  # the IDNA codec: a label over 63 characters (config.validate refuses it first)
+        raise StartupError(f"cannot resolve --host {host}: {exc.__cause__ or exc}") from None
 
 
 def _host_error(host: str, exc: OSError) -> str | None:

@@ -388,6 +388,8 @@ def test_sigterm_while_starting_exits_0(workers, after_s):
         # crashed the supervisor (OverflowError from its poll()) right after it started the workers
         (["--worker-stall-timeout-s", "1e7"], {}, "--worker-stall-timeout-s must be 0 (off) or at least 1 and <= 2147483.647"),
         (["--workers", "3000"], {}, "--workers must be >= 1 and <= 256"),  # passed: the supervisor set out to start 3000 interpreters
+        (["--host", "a" * 64 + ".example"], {}, "--host must be an IP address or a host name"),  # a UnicodeError traceback, status 1
+        (["--metrics-port", "-1"], {"LOSSD_METRICS_HOST": "a" * 300}, "LOSSD_METRICS_HOST (--metrics-host) must be an IP address or a host name"),
     ],
 )
 def test_a_bad_setting_stops_the_start_with_one_line_naming_it_and_status_2(workers, flags, env, named):

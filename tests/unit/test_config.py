@@ -245,3 +245,21 @@ def test_tls_files_are_checked_at_load(tmp_path) -> None:
         assert str(error.value).startswith(message), (message, str(error.value))
     with pytest.raises(SystemExit, match=r"^LOSSD_TLS_KEY_FILE \(--tls-key-file\) /nonexistent: cannot read it"):
         config.load(["--tls-cert-file", cert], environ={"LOSSD_TLS_KEY_FILE": "/nonexistent"})
+
+
+@pytest.mark.parametrize("field", ["host", "metrics_host"])
+@pytest.mark.parametrize("value", ["a" * 64 + ".example", "a" * 300, "a..b", "\udcff"])
+def test_a_host_name_the_resolver_cannot_be_asked_for_is_refused_at_load_naming_the_setting(field: str, value: str) -> None:
+    """A label over 63 characters was a UnicodeError traceback from the IDNA codec, deep in the start (exit status 1)."""
+    flag, env = "--" + field.replace("_", "-"), "LOSSD_" + field.upper()
+    for argv, environ, named in (([flag, value], {}, flag), ([], {env: value}, f"{env} ({flag})")):
+        with pytest.raises(SystemExit) as refused:
+            config.load(argv, environ=environ)
+        message = str(refused.value)
+        assert message.startswith(f"{named} must be an IP address or a host name whose labels (between dots) have 1 to 63 characters, got ")
+        assert "\n" not in message and len(message) < 300, message
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1", "::1", "[::1]", "0.0.0.0", "localhost", "a" * 63 + ".example.", "bücher.example"])
+def test_addresses_and_host_names_within_the_rules_are_accepted(value: str) -> None:
+    assert config.load(["--host", value, "--metrics-host", value], environ={}).host == value

@@ -35,6 +35,12 @@ def test_a_host_that_is_not_local_is_named_as_the_host_with_port_0_too():
         ports.check_bindable("192.0.2.1", 0)
 
 
+def test_a_host_label_over_63_characters_is_a_startup_error_not_a_unicode_error():
+    """The IDNA codec raises UnicodeError (no OSError) before the name is looked up: a traceback, exit status 1."""
+    with pytest.raises(StartupError, match=r"^cannot resolve --host a{64}\.example: label"):
+        ports.check_bindable("a" * 64 + ".example", 0)
+
+
 def test_a_tls_port_gRPC_refuses_points_to_the_tls_files():
     """Every failure of add_secure_port was reported as a port in use, also when gRPC refused the key."""
     tls = ServerConfig(tls_cert_file="server.pem", tls_key_file="key.pem")
