@@ -23,6 +23,8 @@ import json
 import math
 import os
 import pickle
+import re
+import stat
 import struct
 import sys
 import time
@@ -84,6 +86,53 @@ def _reason(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- file loading
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular one is, for a message."""
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+#: Largest TLS file the CLI reads (--tls-ca-file, --tls-cert-file, --tls-key-file): a certificate
+#: chain or key is a few KiB, a whole system CA bundle about 220 KiB; /dev/zero was read until
+#: memory ran out, and a named pipe blocked for ever.
+MAX_PEM_BYTES = 1024 * 1024
+
+
+def read_pem(path: str | None, option: str, marker: str) -> bytes | None:
+    """The PEM bytes of ``option``'s file (None when not given): a regular file (opened with
+    O_NONBLOCK, checked before a byte is read) of at most MAX_PEM_BYTES holding a ``marker``
+    block; CliError naming the option otherwise."""
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CliError(f"{option} {path}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CliError(f"{option} {path}: not a regular file ({_kind(mode)})")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_PEM_BYTES + 1)
+    except OSError as exc:
+        raise CliError(f"{option} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_PEM_BYTES:
+        raise CliError(f"{option} {path}: larger than {MAX_PEM_BYTES} bytes, which no PEM certificate, key or CA bundle is")
+    if not re.search(rb"-----BEGIN [A-Z0-9 ]*" + marker.encode() + rb"-----", data):
+        raise CliError(f"{option} {path}: not a PEM file with a {marker.lower()} (-----BEGIN ...{marker}-----)")
+    return data
+
+
 _SAFETENSORS_DTYPES = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?",
 }  # fmt: skip
@@ -430,23 +479,18 @@ def _progress_factory(enabled: bool):
 
 # --------------------------------------------------------------------------- commands
 def _client(args: argparse.Namespace) -> LossClient:
-    def read(path: str | None) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            return Path(path).read_bytes()
-        except OSError as exc:
-            raise CliError(f"{path}: {exc.strerror}") from None
-
     if (args.tls_cert_file is None) != (args.tls_key_file is None):
         raise CliError("--tls-cert-file and --tls-key-file go together")
+    root_certificates = read_pem(args.tls_ca_file, "--tls-ca-file", "CERTIFICATE")
+    private_key = read_pem(args.tls_key_file, "--tls-key-file", "PRIVATE KEY")
+    certificate_chain = read_pem(args.tls_cert_file, "--tls-cert-file", "CERTIFICATE")
     try:
         return LossClient(
             args.target,
             timeout_s=args.timeout_s,
-            root_certificates=read(args.tls_ca_file),
-            private_key=read(args.tls_key_file),
-            certificate_chain=read(args.tls_cert_file),
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

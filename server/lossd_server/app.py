@@ -27,7 +27,7 @@ from . import engine, grpc_log, server_reflection, stopsignals, unary_reads
 from .admission import Admission
 from .batcher import Batcher
 from .budget import MemoryBudget
-from .config import ServerConfig
+from .config import ServerConfig, read_pem_file
 from .ports import StartupError, check_bindable, metrics_port_error
 from .service import LossServicer, add_to_server
 from .stopsignals import stop_signals
@@ -242,8 +242,7 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         path = getattr(config, name)
         if path:
             try:
-                with open(path, "rb") as f:
-                    pem[name] = f.read()
+                pem[name] = read_pem_file(path)
             except OSError as exc:
                 raise StartupError(f"--{name.replace('_', '-')} / LOSSD_{name.upper()} {path}: cannot read it ({exc.strerror})") from None
     client_ca = pem.get("tls_client_ca_file")

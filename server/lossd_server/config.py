@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
 import os
 import re
 import ssl
+import stat
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import ClassVar
@@ -452,6 +454,46 @@ def check_environment(environ: Mapping[str, str]) -> None:
             raise SystemExit(f"{env} must be an integer {bounds.describe(False, value)}, got {text!r}")
 
 
+#: Largest TLS file read (--tls-cert-file, --tls-key-file, --tls-client-ca-file): a certificate
+#: chain or key is a few KiB and a whole system CA bundle about 220 KiB. Unbounded, /dev/zero was
+#: read until memory ran out.
+MAX_PEM_BYTES = 1 * MiB
+
+_FILE_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_pem_file(path: str, limit: int = MAX_PEM_BYTES) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes; else OSError whose strerror says why.
+
+    Opened with O_NONBLOCK and checked with fstat before a byte is read: a named pipe hung the start
+    for ever (open waits for a writer), and /dev/zero was read until memory ran out.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+            raise OSError(errno.EINVAL, f"not a regular file: {kind}", path)
+        data = b""
+        while len(data) <= limit:  # bounded: each read returns at least a byte, or ends the loop
+            more = os.read(fd, limit + 1 - len(data))
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes, which no PEM certificate, key or CA bundle is", path)
+    return data
+
+
 def check_tls_files(config: ServerConfig, from_env: Collection[str] = ()) -> None:
     """The TLS files are readable PEM, and the key is the certificate's (as gRPC will need them)."""
     if not config.tls_cert_file:
@@ -462,8 +504,7 @@ def check_tls_files(config: ServerConfig, from_env: Collection[str] = ()) -> Non
         if not path:
             continue
         try:
-            with open(path, "rb") as f:
-                pem[name] = f.read()
+            pem[name] = read_pem_file(path)
         except OSError as exc:
             raise SystemExit(f"{setting_name(name, from_env)} {path}: cannot read it ({exc.strerror})") from None
         if not re.search(rb"-----BEGIN [A-Z0-9 ]*" + marker.encode() + rb"-----", pem[name]):

@@ -346,3 +346,50 @@ def test_bad_arguments_are_named_with_exit_status_2_before_any_work(server, file
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert phrase in done.stderr.strip().splitlines()[-1] and done.stdout == ""  # argparse's usage may come first
+
+
+
+def _tls_input(kind: str, directory: pathlib.Path) -> str:
+    """A path no --tls-*-file may be: a device, a named pipe, a folder, 2 MiB, a file that is no PEM."""
+    if kind == "device":
+        return "/dev/zero"
+    path = directory / f"{kind}.pem"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "huge":
+        path.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + b"A" * 2 * 2**20 + b"\n-----END CERTIFICATE-----\n")
+    else:
+        path.write_text("not-a-certificate\n")
+    return str(path)
+
+
+TLS_INPUTS = {
+    "ca-device": ("--tls-ca-file", "device", "not a regular file (a character device)"),  # read until memory ran out
+    "ca-fifo": ("--tls-ca-file", "fifo", "not a regular file (a named pipe)"),  # blocked for ever
+    "ca-folder": ("--tls-ca-file", "folder", "not a regular file (a directory)"),
+    "ca-huge": ("--tls-ca-file", "huge", "larger than 1048576 bytes, which no PEM certificate, key or CA bundle is"),
+    "ca-text": ("--tls-ca-file", "text", "not a PEM file with a certificate (-----BEGIN ...CERTIFICATE-----)"),  # was gRPC's log
+    "cert-fifo": ("--tls-cert-file", "fifo", "not a regular file (a named pipe)"),
+    "key-device": ("--tls-key-file", "device", "not a regular file (a character device)"),
+    "key-text": ("--tls-key-file", "text", "not a PEM file with a private key (-----BEGIN ...PRIVATE KEY-----)"),
+}
+
+
+@pytest.mark.parametrize("case", list(TLS_INPUTS))
+def test_tls_files_that_are_no_small_regular_pem_file_are_refused_naming_the_option(tmp_path, case):
+    """Read whole, whatever they were: /dev/zero until memory ran out, a named pipe for ever; a file
+    that is no PEM failed in gRPC's handshake with 4 lines of its log."""
+    option, kind, reason = TLS_INPUTS[case]
+    files = {}
+    if option != "--tls-ca-file":  # the client certificate and key go together: the other one is fine
+        (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+        (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+        files = {"--tls-cert-file": str(tmp_path / "cert.pem"), "--tls-key-file": str(tmp_path / "key.pem")}
+    files[option] = _tls_input(kind, tmp_path)
+    flags = [part for pair in files.items() for part in pair]
+    prelude = "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))"  # a read without bound: MemoryError
+    done = run_cli("--target", "127.0.0.1:1", "--timeout-s", "5", *flags, "health", prelude=prelude)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"lossd-client: {option} {files[option]}: {reason}"]

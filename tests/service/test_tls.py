@@ -145,3 +145,42 @@ def test_client_ca_without_server_certificate_is_a_config_error(pki):
     )  # fmt: skip
     assert done.returncode != 0
     assert "--tls-client-ca-file needs --tls-cert-file" in done.stderr
+
+
+#: Under this address space a file read without bound ends in MemoryError instead of the machine's memory.
+_AS_LIMIT = "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))"
+
+
+def _tls_file(kind: str, directory: Path, pki: Pki) -> str:
+    """A path that is no TLS file lossd may read: a device, a named pipe, a PEM file past MAX_PEM_BYTES."""
+    import os
+
+    if kind == "device":
+        return "/dev/zero"
+    if kind == "fifo":
+        path = directory / "fifo.pem"
+        os.mkfifo(path)
+        return str(path)
+    path = directory / "huge.pem"
+    path.write_bytes(pki.ca * (2 * 1024 * 1024 // len(pki.ca) + 1))  # valid PEM, 2 MiB: read whole, it was accepted
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("option", "kind", "reason"),
+    [
+        ("--tls-cert-file", "device", "not a regular file: a character device"),  # read until memory ran out
+        ("--tls-key-file", "fifo", "not a regular file: a named pipe"),  # the start hung for ever
+        ("--tls-client-ca-file", "fifo", "not a regular file: a named pipe"),
+        ("--tls-client-ca-file", "huge", "larger than 1048576 bytes"),
+    ],
+)
+def test_a_tls_file_that_is_no_small_regular_file_stops_the_start_with_one_line(pki, tmp_path, option, kind, reason):
+    files = {"--tls-cert-file": str(pki.files["cert"]), "--tls-key-file": str(pki.files["key"]), option: _tls_file(kind, tmp_path, pki)}
+    flags = [part for pair in files.items() for part in pair]
+    code = f"{_AS_LIMIT}\nimport sys\nfrom lossd_server.__main__ import main\nsys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lossd-server: error: {option} {files[option]}: cannot read it ({reason}"), done.stderr

@@ -263,3 +263,24 @@ def test_a_host_name_the_resolver_cannot_be_asked_for_is_refused_at_load_naming_
 @pytest.mark.parametrize("value", ["127.0.0.1", "::1", "[::1]", "0.0.0.0", "localhost", "a" * 63 + ".example.", "bücher.example"])
 def test_addresses_and_host_names_within_the_rules_are_accepted(value: str) -> None:
     assert config.load(["--host", value, "--metrics-host", value], environ={}).host == value
+
+
+def test_tls_files_are_read_only_when_regular_and_at_most_max_pem_bytes(tmp_path) -> None:
+    """A TLS file was read whole, whatever it was: /dev/zero until memory ran out, a named pipe for ever."""
+    import os
+
+    cert, key = _self_signed(tmp_path, "a")
+    huge = tmp_path / "huge.pem"
+    huge.write_bytes(Path(cert).read_bytes() * (config.MAX_PEM_BYTES // len(Path(cert).read_bytes()) + 1))
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)
+    assert config.read_pem_file(cert) == Path(cert).read_bytes()
+    refused = {
+        f"--tls-cert-file {huge}: cannot read it (larger than {config.MAX_PEM_BYTES} bytes": [huge, key],
+        f"--tls-key-file {fifo}: cannot read it (not a regular file: a named pipe)": [cert, fifo],
+        f"--tls-key-file {tmp_path}: cannot read it (Is a directory)": [cert, tmp_path],  # as before
+    }
+    for message, (cert_file, key_file) in refused.items():
+        with pytest.raises(SystemExit) as error:
+            config.load(["--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file)], environ={})
+        assert str(error.value).startswith(message), (message, str(error.value))
