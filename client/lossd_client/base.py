@@ -14,6 +14,7 @@ connections, not calls). Calls take them in turn (:class:`~lossd_client.core.Rou
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -21,6 +22,7 @@ from . import compare, core, layout
 from ._proto.lossd.v1 import loss_pb2 as pb
 from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from .channel import SERVICE, channel_options, credentials, normalise_target
+from .errors import InvalidArgumentError
 from .flight import SingleFlight
 from .shm import SegmentPool
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest
@@ -43,6 +45,28 @@ class Connection:
 
 #: A health check's deadline when neither the call nor the client gives one.
 HEALTH_TIMEOUT_S = 5.0
+
+#: The longest ``timeout_s`` a call takes. gRPC holds a deadline (now + timeout) as int64
+#: nanoseconds since 1970, which end in 2262: a timeout past that (1e10 s, inf) and nan, 0 or a
+#: negative one failed every call at once with only "Deadline Exceeded". A billion seconds
+#: (31 years) is far above any call and far below that end; for no deadline, pass None.
+MAX_TIMEOUT_S = 1e9
+
+
+def checked_timeout(timeout_s: float | None) -> float | None:
+    """``timeout_s`` when it is None or a number of seconds in (0, MAX_TIMEOUT_S]; else InvalidArgumentError naming it."""
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
+        raise InvalidArgumentError(f"timeout_s: must be a number of seconds or None (no deadline), not {type(timeout_s).__name__}")
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:  # nan and inf included (nan compares false)
+        huge = isinstance(timeout_s, int) and abs(timeout_s) > 10**300  # the repr of a 5000-digit int raises ValueError
+        shown = "an integer past 10**300" if huge else repr(timeout_s)
+        raise InvalidArgumentError(
+            f"timeout_s: must be a finite number of seconds > 0 and <= {int(MAX_TIMEOUT_S)} (gRPC's deadlines; None: no deadline), got {shown}"
+        )
+    return timeout_s
+
 
 #: What the loss methods return: the loss (LossClient) or an awaitable of it (AsyncLossClient).
 LossT = TypeVar("LossT")
@@ -70,7 +94,8 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
     :param target: one ``host:port``, a ``dns:///name:port`` target, or a list of addresses
         (client-side round robin over them).
     :param timeout_s: default deadline of every call in seconds (None: no deadline); each method
-        takes its own ``timeout_s`` too.
+        takes its own ``timeout_s`` too. Either is a number > 0 and at most :data:`MAX_TIMEOUT_S`
+        (gRPC's deadlines), else InvalidArgumentError naming ``timeout_s``.
     :param root_certificates: PEM bytes of the CAs to trust: use TLS.
     :param private_key: PEM bytes of the client's key (mTLS, with ``certificate_chain``).
     :param certificate_chain: PEM bytes of the client's certificate chain (mTLS).
@@ -115,7 +140,7 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         parallel_streams: int | None = None,
     ) -> None:
         self.target = normalise_target(target)
-        self.timeout_s = timeout_s
+        self.timeout_s = checked_timeout(timeout_s)
         self.chunk_bytes = chunk_bytes
         self.chunks_in_flight = chunks_in_flight
         self.chunked_above_bytes = chunked_above_bytes
@@ -259,10 +284,11 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         raise NotImplementedError
 
     def _timeout(self, timeout_s: float | None) -> float | None:
-        return self.timeout_s if timeout_s is None else timeout_s
+        """A call's deadline in seconds: its own ``timeout_s`` (checked: :func:`checked_timeout`), else the client's."""
+        return self.timeout_s if timeout_s is None else checked_timeout(timeout_s)
 
     def _health_timeout(self, timeout_s: float | None) -> float:
-        """A health check's deadline: ``timeout_s``, else the client's, else HEALTH_TIMEOUT_S (0 is 0)."""
+        """A health check's deadline: ``timeout_s``, else the client's, else HEALTH_TIMEOUT_S."""
         timeout = self._timeout(timeout_s)
         return HEALTH_TIMEOUT_S if timeout is None else timeout
 

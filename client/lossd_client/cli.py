@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import core, layout, tensors
+from .base import MAX_TIMEOUT_S
 from .client import LossClient
 from .errors import InvalidArgumentError, LossdError
 from .types import EvaluateResult, LossRequest, exact_sum, exp
@@ -525,6 +526,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def timeout_seconds(text: str) -> float:
+    """argparse type of --timeout-s: a finite number of seconds > 0, at most MAX_TIMEOUT_S (gRPC's
+    deadlines); nan, inf, -1 or 1e10 failed every call at once with only "Deadline Exceeded"."""
+    value = float(text)
+    if not 0 < value <= MAX_TIMEOUT_S:  # nan compares false
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0 and <= {int(MAX_TIMEOUT_S)}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -584,7 +594,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lossd-client", description="Talk to a lossd server: health, info, score or compare saved logits.")
     p.add_argument("--target", default=os.environ.get("LOSSD_TARGET", "127.0.0.1:50051"),
                    help="host:port, dns:///name:port, or comma-separated addresses (round robin) [env LOSSD_TARGET; default %(default)s]")  # fmt: skip
-    p.add_argument("--timeout-s", type=float, default=None, help="per-call deadline in seconds (health: 5 s, info: 30 s when unset)")
+    p.add_argument("--timeout-s", type=timeout_seconds, default=None,
+                   help=f"per-call deadline in seconds, at most {int(MAX_TIMEOUT_S)} (health: 5 s, info: 30 s when unset)")  # fmt: skip
     p.add_argument("--tls-ca-file", help="PEM root certificates: use TLS and trust servers they signed")
     p.add_argument("--tls-cert-file", help="PEM client certificate chain (mTLS)")
     p.add_argument("--tls-key-file", help="PEM client private key (mTLS)")

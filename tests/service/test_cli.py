@@ -333,6 +333,11 @@ BAD_ARGUMENTS = {
     "batch-mb-nan": (["score", "{lm}", "--batch-mb", "nan"], "--batch-mb: expected a finite number > 0, got nan"),
     "batch-mb-inf": (["score", "{lm}", "--batch-mb", "inf"], "--batch-mb: expected a finite number > 0, got inf"),
     "batch-mb-zero": (["score", "{lm}", "--batch-mb", "0"], "--batch-mb: expected a finite number > 0, got 0"),
+    # each failed every call at once with only "Deadline Exceeded" (gRPC's deadline overflows past ~7.4e9 s)
+    "timeout-nan": (["--timeout-s", "nan", "score", "{lm}"], "--timeout-s: expected a finite number of seconds > 0 and <= 1000000000, got nan"),
+    "timeout-inf": (["--timeout-s", "inf", "score", "{lm}"], "--timeout-s: expected a finite number of seconds > 0 and <= 1000000000, got inf"),
+    "timeout-negative": (["--timeout-s", "-1", "score", "{lm}"], "--timeout-s: expected a finite number of seconds > 0 and <= 1000000000, got -1"),
+    "timeout-1e10": (["--timeout-s", "1e10", "score", "{lm}"], "--timeout-s: expected a finite number of seconds > 0 and <= 1000000000, got 1e10"),
 }  # fmt: skip
 
 

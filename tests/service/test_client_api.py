@@ -133,12 +133,66 @@ def test_unscored_positions_of_token_nll_are_zero_not_negative_zero(server):
         assert not torch.signbit(got.token_nll[:, -1]).any()
 
 
-def test_a_health_timeout_of_zero_is_zero_not_five_seconds():
-    """health(timeout_s=0) waited 5 s ('or 5.0'); the default applies only when neither the call nor
-    the client gives a timeout (a 0 s deadline itself may or may not beat a loopback answer)."""
+def test_a_health_timeout_of_zero_is_refused_not_five_seconds():
+    """health(timeout_s=0) waited 5 s ('or 5.0'), then 0 s, which fails at once: now it is refused
+    (see the timeout_s test below); the default applies only when neither the call nor the client
+    gives a timeout."""
     with LossClient("127.0.0.1:1") as plain, LossClient("127.0.0.1:1", timeout_s=2.5) as timed:
-        assert plain._health_timeout(0) == 0 and plain._health_timeout(None) == 5.0
-        assert timed._health_timeout(None) == 2.5 and timed._health_timeout(0.0) == 0.0
+        assert plain._health_timeout(None) == 5.0 and plain._health_timeout(0.5) == 0.5
+        assert timed._health_timeout(None) == 2.5 and timed._health_timeout(7) == 7
+        for client in (plain, timed):
+            with pytest.raises(InvalidArgumentError, match=r"^timeout_s: .* got 0$"):
+                client._health_timeout(0)
+
+
+#: timeout_s values every call failed with at once, with only "Deadline Exceeded": gRPC's deadline
+#: (now + timeout, int64 nanoseconds since 1970) overflows past about 7.4e9 s.
+BAD_TIMEOUTS = [float("nan"), float("inf"), float("-inf"), -1, 0, 0.0, 1e10, 2**70]
+
+
+@pytest.mark.parametrize("timeout_s", BAD_TIMEOUTS)
+def test_a_client_timeout_out_of_range_is_refused_naming_it(timeout_s):
+    for kind in (LossClient, AsyncLossClient):
+        with pytest.raises(InvalidArgumentError, match=r"^timeout_s: must be a finite number of seconds > 0 and <= 1000000000 "):
+            kind("127.0.0.1:1", timeout_s=timeout_s)
+    with pytest.raises(InvalidArgumentError, match=r"^timeout_s: must be a number of seconds or None \(no deadline\), not str"):
+        LossClient("127.0.0.1:1", timeout_s="5")
+    LossClient("127.0.0.1:1", timeout_s=1e9).close()  # the bound itself, and None (no deadline), are accepted
+    LossClient("127.0.0.1:1", timeout_s=None).close()
+
+
+def test_a_call_timeout_out_of_range_is_refused_naming_it_and_the_client_still_serves(server):
+    """Each method's own timeout_s, sync and async: nan and 1e10 were DeadlineExceededError at once."""
+    x, y = np.zeros((2, 3), np.float32), np.array([0, 1])
+    calls = {
+        "cross_entropy": lambda c, t: c.cross_entropy(x, y, timeout_s=t),
+        "evaluate": lambda c, t: c.evaluate(LossRequest(x, y), timeout_s=t),
+        "health": lambda c, t: c.health(timeout_s=t),
+        "server_info": lambda c, t: c.server_info(timeout_s=t),
+        "compare": lambda c, t: c.compare(x, x, timeout_s=t),
+        "evaluate_many": lambda c, t: c.evaluate_many([LossRequest(x, y)], timeout_s=t),
+    }
+
+    async def finish(got):
+        if hasattr(got, "__aiter__"):
+            return [r async for r in got]
+        return await got
+
+    async def run_async(use):
+        async with AsyncLossClient(server.address, timeout_s=60) as client:
+            for bad in (float("nan"), 1e10, -1):
+                with pytest.raises(InvalidArgumentError, match=r"^timeout_s: "):
+                    await finish(use(client, bad))
+            return await finish(use(client, 30))
+
+    for name, use in calls.items():
+        with LossClient(server.address, timeout_s=60) as client:
+            for bad in (float("nan"), 1e10, -1):
+                with pytest.raises(InvalidArgumentError, match=r"^timeout_s: "):
+                    got = use(client, bad)
+                    list(got) if hasattr(got, "__next__") else got
+            assert use(client, 30) is not None, name
+        assert asyncio.run(asyncio.wait_for(run_async(use), 60)) is not None, name
 
 
 
