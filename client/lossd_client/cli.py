@@ -5,8 +5,8 @@
     lossd-client score run.npz --class-axis -1 --shift
     lossd-client compare base.npz quantized.npz --shift     # see lossd_client.cli_compare
 
-``score`` reads logits and targets from ``.npz`` (np.load, no pickles), ``.safetensors``
-(memory-mapped, read without torch) or torch ``.pt`` (``torch.load(weights_only=True)``: plain
+``score`` reads logits and targets from ``.npz`` (np.load, no pickles; only the members used are
+decompressed), ``.safetensors`` (one memory map, read without torch) or torch ``.pt`` (``torch.load(weights_only=True)``: plain
 tensors only, never arbitrary objects; needs torch). Large inputs are split along their first
 axis into requests of about ``--batch-mb`` and streamed to the server; the totals it returns
 (``loss_sum``, ``weight_sum``, ``counted``) recombine into exactly the loss torch gives for the
@@ -19,8 +19,10 @@ with one line on stderr naming the file and the problem, and exit status 2 (neve
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -30,7 +32,7 @@ import sys
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,8 +159,65 @@ def _naturals(value: Any) -> bool:
     return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
 
 
-def load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of a .safetensors file as a read-only numpy array.
+class LazyArrays(Mapping[str, Any]):
+    """A file's named arrays, each built by ``load(name)`` when first asked for: the names are known
+    at once, but an .npz member that is never used is never decompressed (a 2 MB file with an unused
+    member that inflates to 2 GiB took 2.1 GB and 28 s) and a safetensors tensor never used is never
+    viewed. ``entries``: each name and what ``load`` needs of it."""
+
+    def __init__(self, path: Path, entries: dict[str, Any], load: Callable[[str], Any]) -> None:
+        self.path = path
+        self._entries = entries
+        self._load = load
+        self._loaded: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._entries:
+            raise KeyError(name)
+        if name not in self._loaded:
+            try:
+                self._loaded[name] = self._load(name)
+            except CliError:
+                raise
+            except OSError as exc:
+                raise CliError(f"{self.path}: cannot read: {exc.strerror or _reason(exc)}") from None
+            except MALFORMED_FILE_ERRORS as exc:
+                raise CliError(f"{self.path}: malformed {self.path.suffix.lower()} file ({_reason(exc)})") from None
+        return self._loaded[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries  # without loading it (Mapping's own would)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class _FileMap:
+    """One read-only mmap of a whole file, made on first use, that every tensor of it views. A
+    np.memmap per tensor held a file descriptor each: 30,000 tensors ran out of them ("cannot read:
+    Too many open files") although the file was readable."""
+
+    def __init__(self, path: Path, base: int) -> None:
+        self.path = path
+        self.base = base  # where the data begins
+        self._map: mmap.mmap | None = None
+
+    def array(self, dtype: np.dtype, shape: tuple[int, ...], start: int) -> np.ndarray:
+        """The ``shape`` array of ``dtype`` at ``start`` of the data."""
+        count = math.prod(shape)
+        if count == 0:
+            return np.zeros(shape, dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(self._map, dtype=dtype, count=count, offset=self.base + start).reshape(shape)
+
+
+def load_safetensors(path: Path) -> LazyArrays:
+    """Every tensor of a .safetensors file as a read-only numpy array viewing one memory map of it.
 
     The JSON header is checked field by field (types, signs, bounds) before anything is mapped.
     """
@@ -177,54 +236,96 @@ def load_safetensors(path: Path) -> dict[str, np.ndarray]:
     if not isinstance(header, dict):
         raise CliError(f"{path}: not a safetensors file (header is a JSON {_json_type(header)}, expected an object)")
     base = 8 + header_len
-    out: dict[str, np.ndarray] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(meta, dict):
-            raise CliError(f"{path}: tensor {name!r}: expected an object with dtype, shape and data_offsets, got a JSON {_json_type(meta)}")
-        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
-        if missing:
-            raise CliError(f"{path}: tensor {name!r} has no {', '.join(missing)}")
-        code, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
-        if not isinstance(code, str):
-            raise CliError(f"{path}: tensor {name!r}: dtype must be a string, got {json.dumps(code)[:80]}")
-        dtype = _bfloat16() if code == "BF16" else np.dtype(_SAFETENSORS_DTYPES.get(code, "V0"))
-        if dtype.itemsize == 0:
-            raise CliError(f"{path}: tensor {name!r} has unsupported dtype {code[:80]!r}")
-        if not _naturals(shape):
-            raise CliError(f"{path}: tensor {name!r}: shape must be a list of integers >= 0, got {json.dumps(shape)[:80]}")
-        if not _naturals(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-            raise CliError(
-                f"{path}: tensor {name!r}: data_offsets must be [begin, end] integers with 0 <= begin <= end, got {json.dumps(offsets)[:80]}"
-            )
-        start, end = offsets
-        if end - start != math.prod(shape) * dtype.itemsize or base + end > size:
-            raise CliError(
-                f"{path}: tensor {name!r}: data_offsets {offsets} do not hold shape {shape} of {code} "
-                f"({math.prod(shape) * dtype.itemsize} bytes) inside the file's {size - base} data bytes"
-            )
-        if math.prod(shape) == 0:
-            out[name] = np.zeros(shape, dtype)
-        else:
-            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=base + start, shape=tuple(shape))
-    return out
+    entries = {name: _safetensors_entry(path, name, meta, size - base) for name, meta in header.items() if name != "__metadata__"}
+    mapped = _FileMap(path, base)
+    return LazyArrays(path, entries, lambda name: mapped.array(*entries[name]))
 
 
-def load_npz(path: Path) -> dict[str, np.ndarray]:
+def _safetensors_entry(path: Path, name: str, meta: Any, data_bytes: int) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, offset in the data) of one header entry, checked to lie inside the ``data_bytes`` of the file."""
+    if not isinstance(meta, dict):
+        raise CliError(
+            f"{path}: tensor {_quoted(name)}: expected an object with dtype, shape and data_offsets, got a JSON {_json_type(meta)}"
+        )
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
+    if missing:
+        raise CliError(f"{path}: tensor {_quoted(name)} has no {', '.join(missing)}")
+    code, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(code, str):
+        raise CliError(f"{path}: tensor {_quoted(name)}: dtype must be a string, got {json.dumps(code)[:80]}")
+    dtype = _bfloat16() if code == "BF16" else np.dtype(_SAFETENSORS_DTYPES.get(code, "V0"))
+    if dtype.itemsize == 0:
+        raise CliError(f"{path}: tensor {_quoted(name)} has unsupported dtype {code[:80]!r}")
+    if not _naturals(shape):
+        raise CliError(f"{path}: tensor {_quoted(name)}: shape must be a list of integers >= 0, got {json.dumps(shape)[:80]}")
+    if not _naturals(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise CliError(
+            f"{path}: tensor {_quoted(name)}: data_offsets must be [begin, end] integers with 0 <= begin <= end, got {json.dumps(offsets)[:80]}"
+        )
+    start, end = offsets
+    if end - start != math.prod(shape) * dtype.itemsize or end > data_bytes:
+        raise CliError(
+            f"{path}: tensor {_quoted(name)}: data_offsets {offsets} do not hold shape {shape} of {code} "
+            f"({math.prod(shape) * dtype.itemsize} bytes) inside the file's {data_bytes} data bytes"
+        )
+    return dtype, tuple(shape), start
+
+
+def load_npz(path: Path) -> LazyArrays:
+    """The arrays of an .npz archive (np.load, no pickles), each decompressed only when used."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise CliError(f"{path}: expected an .npz archive of named arrays")
-            arrays = {name: archive[name] for name in archive.files}
+            names = list(archive.files)
     except CliError:
         raise
-    except MALFORMED_FILE_ERRORS as exc:  # truncated or corrupt zip, bad .npy headers, pickles
+    except MALFORMED_FILE_ERRORS as exc:  # truncated or corrupt zip, not a zip, a pickle
         raise CliError(f"{path}: not a readable .npz archive ({_reason(exc)})") from None
-    for name, value in arrays.items():
-        if not isinstance(value, np.ndarray):  # numpy hands back a member without the .npy magic as bytes
-            raise CliError(f"{path}: not a readable .npz archive (member {name!r} is not an .npy array)")
-    return arrays
+    return LazyArrays(path, dict.fromkeys(names), functools.partial(_npz_member, path))
+
+
+def _npz_member(path: Path, name: str) -> np.ndarray:
+    """One array of an .npz archive, its declared size checked against the member's before it is read."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            _check_npz_member(path, archive.zip, name)
+            value = archive[name]
+    except CliError:
+        raise
+    except MALFORMED_FILE_ERRORS as exc:  # truncated or corrupt members, bad .npy headers, pickles
+        raise CliError(f"{path}: not a readable .npz archive ({_reason(exc)})") from None
+    if not isinstance(value, np.ndarray):  # numpy hands back a member without the .npy magic as bytes
+        raise CliError(f"{path}: not a readable .npz archive (member {_quoted(name)} is not an .npy array)")
+    return value
+
+
+def _check_npz_member(path: Path, archive: zipfile.ZipFile, name: str) -> None:
+    """CliError when the member of ``name`` cannot hold what its .npy header declares, or claims more
+    stored bytes than the file has: refused before numpy allocates the declared array (an npz
+    declaring 10**12 elements was a MemoryError, one declaring 4 GB in 16 bytes an EOF)."""
+    members = {n.removesuffix(".npy"): n for n in archive.namelist()} | {n: n for n in archive.namelist()}  # numpy's own lookup
+    info = archive.getinfo(members[name])
+    if info.compress_size > os.path.getsize(path):
+        raise CliError(
+            f"{path}: not a readable .npz archive (member {_quoted(name)} claims {info.compress_size} bytes, more than the file has)"
+        )
+    with archive.open(info) as f:
+        if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+            return  # not an .npy member: refused as such once read
+        f.seek(0)
+        version = np.lib.format.read_magic(f)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            return  # numpy's reader decides (version 3.0: UTF-8 field names)
+        shape, _, dtype = readers[version](f)
+        holds = info.file_size - f.tell()
+    declared = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and declared > holds:  # object arrays: refused as pickles by np.load
+        raise CliError(
+            f"{path}: not a readable .npz archive (member {_quoted(name)} declares shape {shape} of {dtype} "
+            f"({declared} bytes) but holds {holds} bytes)"
+        )
 
 
 def load_pt(path: Path) -> dict[str, Any]:
@@ -247,12 +348,11 @@ def load_pt(path: Path) -> dict[str, Any]:
     raise CliError(f"{path}: expected a dict of tensors or a (logits, targets) pair, got {type(obj).__name__}")
 
 
-def load_file(path: Path) -> dict[str, Any]:
+def load_file(path: Path) -> Mapping[str, Any]:
     """The named arrays of ``path``; CliError (one line naming the file) for anything unreadable."""
     suffix = path.suffix.lower()
     loaders = {".npz": load_npz, ".safetensors": load_safetensors, ".pt": load_pt, ".pth": load_pt}
-    if not path.is_file():
-        raise CliError(f"{path}: no such file")
+    _check_regular(path)
     if suffix not in loaders:
         raise CliError(f"{path}: unknown file type {suffix!r} (expected .npz, .safetensors or .pt)")
     try:
@@ -265,11 +365,42 @@ def load_file(path: Path) -> dict[str, Any]:
         raise CliError(f"{path}: malformed {suffix} file ({_reason(exc)})") from None
 
 
-def _names(arrays: dict[Any, Any]) -> str:
-    return ", ".join(sorted(str(k) for k in arrays)) or "none"
+def _check_regular(path: Path) -> None:
+    """CliError unless ``path`` is a regular file (after symlinks): a directory, a named pipe or a
+    device was reported as "no such file"."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read: {exc.strerror or _reason(exc)}") from None
+    if stat.S_ISDIR(mode):
+        raise CliError(f"{path}: is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise CliError(f"{path}: not a regular file ({_kind(mode)})")
 
 
-def pick(arrays: dict[str, Any], wanted: str | None, candidates: Sequence[str], what: str, path: Path, *, token_ids: bool = False) -> Any:
+#: At most this many array names in a message (a safetensors header of 1.7 million tensors made a 15.9 MB line).
+MAX_NAMES_SHOWN = 20
+
+
+def _quoted(name: Any, limit: int = 80) -> str:
+    """An array's name quoted for a message, cut after ``limit`` characters."""
+    text = str(name)
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _names(arrays: Mapping[Any, Any]) -> str:
+    """The names of ``arrays`` for a message: sorted, the first MAX_NAMES_SHOWN, then how many more."""
+    names = sorted(str(k) for k in arrays)
+    shown = [n if len(n) <= 80 else _quoted(n) for n in names[:MAX_NAMES_SHOWN]]
+    more = f", and {len(names) - MAX_NAMES_SHOWN} more" if len(names) > MAX_NAMES_SHOWN else ""
+    return ", ".join(shown) + more if names else "none"
+
+
+def pick(
+    arrays: Mapping[str, Any], wanted: str | None, candidates: Sequence[str], what: str, path: Path, *, token_ids: bool = False
+) -> Any:
     """The logits or targets array of a file, checked to be one lossd can send; with ``token_ids``,
     integer arrays of any dtype are taken as ``client.compare`` takes its tokens (int64 ids)."""
     if wanted is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .cli import EXIT_OK, LOGITS_KEYS, TARGET_KEYS, CliError, _client, _progress
 from .compare_stats import format_table
 
 
-def _tokens(args: argparse.Namespace, reference_arrays: dict[str, Any], reference_path: Path) -> Any:
+def _tokens(args: argparse.Namespace, reference_arrays: Mapping[str, Any], reference_path: Path) -> Any:
     """The tokens: from --tokens FILE, else the reference file's target array, else None."""
     if args.tokens is not None:
         path = Path(args.tokens)

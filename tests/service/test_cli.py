@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -398,3 +399,92 @@ def test_tls_files_that_are_no_small_regular_pem_file_are_refused_naming_the_opt
     done = run_cli("--target", "127.0.0.1:1", "--timeout-s", "5", *flags, "health", prelude=prelude)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [f"lossd-client: {option} {files[option]}: {reason}"]
+
+
+# --------------------------------------------------------------------------- what the loaders read
+def _score_json(server, path: pathlib.Path, *args: str, prelude: str = "") -> dict:
+    done = run_cli("--target", server.address, "score", str(path), "--json", "--no-progress", *args, prelude=prelude)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["total"]
+
+
+def _want_loss() -> float:
+    return float(F.cross_entropy(torch.from_numpy(GOOD_LOGITS).double(), torch.from_numpy(GOOD_TARGETS)))
+
+
+def test_npz_members_that_are_not_used_are_never_read(server, tmp_path):
+    """Every member was decompressed and loaded: a 2 MB file with an unused member inflating to 2 GiB
+    took 2.1 GB and 28 s. Members no read can survive (a corrupt one, one declaring 4 TB) now stand
+    beside the arrays scored; before, each made the file unreadable."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("logits.npy", _npy_bytes(GOOD_LOGITS))
+        z.writestr("targets.npy", _npy_bytes(GOOD_TARGETS))
+        z.writestr("huge.npy", _npy_header((2**40,)) + bytes(64))
+        z.writestr("junk.npy", _npy_bytes(np.zeros(4096, np.float32)))
+    data = bytearray(buf.getvalue())
+    junk = data.index(b"junk.npy") + len(b"junk.npy")  # its local header's name; the deflated bytes follow
+    data[junk + 8 : junk + 24] = bytes(b ^ 0x5A for b in data[junk + 8 : junk + 24])
+    path = tmp_path / "extra.npz"
+    path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as z, pytest.raises((zipfile.BadZipFile, zlib.error)):
+        z.read("junk.npy")  # the corruption is real
+    assert _score_json(server, path)["loss"] == pytest.approx(_want_loss(), rel=1e-6)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_an_npz_member_declaring_more_than_it_holds_is_refused_before_it_is_allocated(tmp_path):
+    path = tmp_path / "short.npz"
+    path.write_bytes(_zip_of(logits=_npy_header((10**12,)) + bytes(64), targets=_npy_bytes(GOOD_TARGETS)))
+    prelude = "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))"
+    done = run_cli("--target", "127.0.0.1:1", "--timeout-s", "5", "score", str(path), prelude=prelude)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"lossd-client: {path}: not a readable .npz archive (member 'logits' declares shape (1000000000000,) of float32 "
+        f"(4000000000000 bytes) but holds 64 bytes)"
+    ]
+
+
+def test_a_safetensors_file_of_many_tensors_takes_one_file_descriptor(server, tmp_path):
+    """Each tensor was an np.memmap holding a file descriptor of its own: 30,000 tensors said
+    'cannot read: Too many open files' of a readable file (here 2,000 under a limit of 256)."""
+    tensors = {f"pad{i:04d}": np.full(3, i, np.float32) for i in range(2000)}
+    path = tmp_path / "many.safetensors"
+    save_file({**tensors, "logits": GOOD_LOGITS, "targets": GOOD_TARGETS}, str(path))
+    prelude = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))"
+    assert _score_json(server, path, prelude=prelude)["loss"] == pytest.approx(_want_loss(), rel=1e-6)
+
+
+def test_the_arrays_a_file_has_are_listed_up_to_twenty(tmp_path):
+    """The list named every array: 15.9 MB on one line for a header of 1.7 million tensors."""
+    path = tmp_path / "nameless.safetensors"
+    save_file({f"{'x' * 100}{i:04d}": np.zeros(1, np.float32) for i in range(1000)}, str(path))
+    done = run_cli("--target", "127.0.0.1:1", "--timeout-s", "5", "score", str(path))
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.endswith(", and 980 more); name it with --logits-key"), line
+    assert line.count("'... (104 characters)") == 20 and len(line) < 3000, line  # each name cut at 80 characters
+
+
+def test_a_folder_a_named_pipe_or_a_device_given_as_a_file_is_named_as_such(tmp_path):
+    """Each was reported as 'no such file'."""
+    folder = tmp_path / "run.npz"
+    folder.mkdir()
+    pipe = tmp_path / "pipe.npz"
+    os.mkfifo(pipe)
+    device = tmp_path / "zero.npz"
+    device.symlink_to("/dev/zero")
+    expected = {
+        folder: "is a directory, not a file",
+        pipe: "not a regular file (a named pipe)",
+        device: "not a regular file (a character device)",
+        tmp_path / "none.npz": "no such file",
+    }
+    for path, reason in expected.items():
+        done = run_cli("--target", "127.0.0.1:1", "--timeout-s", "5", "score", str(path))
+        assert (done.returncode, done.stderr.splitlines()) == (2, [f"lossd-client: {path}: {reason}"]), done.stderr
