@@ -42,7 +42,7 @@ import numpy as np
 from . import core, layout, tensors
 from .base import MAX_TIMEOUT_S
 from .client import LossClient
-from .errors import InvalidArgumentError, LossdError
+from .errors import InvalidArgumentError, LossdError, UnavailableError
 from .types import EvaluateResult, LossRequest, exact_sum, exp
 
 LOGITS_KEYS = ("logits", "input", "inputs", "scores", "log_probs", "logprobs")
@@ -764,6 +764,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tls_hint(args: argparse.Namespace, exc: LossdError) -> str:
+    """A hint for a connection the server closed as it was made, of which gRPC says only "Socket
+    closed": a plaintext client to a TLS server, or a TLS client without the client certificate an
+    mTLS server requires, or with one it does not accept. Anything that accepts and closes (not a
+    lossd server, one out of connections) says the same, so the hint names TLS as a possibility only."""
+    closed = (
+        isinstance(exc, UnavailableError) and "connections to all backends failing" in exc.details and exc.details.endswith("Socket closed")
+    )
+    if not closed:
+        return ""
+    if args.tls_ca_file is None:
+        return " (the server closed the connection as it was made: if it uses TLS, give --tls-ca-file)"
+    if args.tls_cert_file is None:
+        return " (the server closed the connection as it was made: if it requires client certificates (mTLS), give --tls-cert-file and --tls-key-file)"
+    return " (the server closed the connection as it was made: if it requires client certificates (mTLS), it may not accept this --tls-cert-file)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if "," in args.target and not args.target.startswith(("dns:", "ipv4:", "ipv6:")):
@@ -774,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lossd-client: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USAGE
     except LossdError as exc:
-        print(f"lossd-client {args.command}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        print(f"lossd-client {args.command}: {exc.code.name}: {exc.details}{_tls_hint(args, exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -184,3 +184,21 @@ def test_a_tls_file_that_is_no_small_regular_file_stops_the_start_with_one_line(
     assert done.returncode == 2, done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"lossd-server: error: {option} {files[option]}: cannot read it ({reason}"), done.stderr
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lossd_client.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_the_cli_names_tls_as_a_possible_cause_of_a_connection_closed_as_it_was_made(tls_server, mtls_server, pki):
+    """A plaintext client to a TLS server and a TLS client without a client certificate to an mTLS
+    one said only 'UNAVAILABLE ... Socket closed'; gRPC says the same of anything that accepts and
+    closes, so the CLI adds TLS as a possibility, with the options that would supply it."""
+    plain = _cli("--target", tls_server.address, "--timeout-s", "30", "health")
+    assert plain.returncode == 1, plain.stderr
+    assert plain.stderr.rstrip().endswith("Socket closed (the server closed the connection as it was made: if it uses TLS, give --tls-ca-file)")
+    no_cert = _cli("--target", mtls_server.address, "--timeout-s", "30", "--tls-ca-file", str(pki.files["ca"]), "info")
+    assert no_cert.returncode == 1, no_cert.stderr
+    assert no_cert.stderr.rstrip().endswith("give --tls-cert-file and --tls-key-file)"), no_cert.stderr
+    served = _cli("--target", tls_server.address, "--timeout-s", "30", "--tls-ca-file", str(pki.files["ca"]), "health")
+    assert (served.returncode, served.stdout.strip(), served.stderr) == (0, "SERVING", "")
