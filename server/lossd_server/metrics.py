@@ -24,9 +24,9 @@ from typing import Any, Protocol
 
 import grpc
 import torch
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
-from . import __version__, endings
+from . import __version__, endings, metrics_http
 
 LATENCY_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -274,13 +274,13 @@ def bind_http(config: Any) -> Any:
     """Serve the default registry on ``metrics_host:metrics_port`` (0: disabled, -1: the OS picks).
 
     Called before the gRPC server exists, so that a port in use stops the start before anything
-    is announced (raises OSError). Returns the HTTP server, or None when disabled.
+    is announced (raises OSError). Returns the HTTP server (bounded: :mod:`lossd_server.metrics_http`),
+    or None when disabled.
     """
     if config.metrics_port == 0:
         return None
     disable_created_metrics()
-    httpd, _thread = start_http_server(max(config.metrics_port, 0), addr=config.metrics_host, registry=REGISTRY)
-    return httpd
+    return metrics_http.serve(config.metrics_host, max(config.metrics_port, 0), REGISTRY)
 
 
 def start_http(config: Any, server: Any, httpd: Any, metrics: Metrics | None = None) -> int | None:

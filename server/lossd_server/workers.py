@@ -10,8 +10,9 @@ memory budget of ``memory_budget_bytes // N`` (:meth:`ServerConfig.per_worker`).
 The supervisor never imports grpc or torch: it checks the port and holds it
 (:class:`~lossd_server.ports.PortReservation`, bound, never listening), serves the aggregated
 ``/metrics`` (prometheus-client's multiprocess mode over a directory it creates at start and
-removes at exit), starts the workers with the ``spawn`` method (fresh interpreters: no gRPC or
-CUDA state is ever inherited through a fork) and talks to each over a pipe:
+removes at exit, on the bounded listener of :mod:`lossd_server.metrics_http`), starts the workers
+with the ``spawn`` method (fresh interpreters: no gRPC or CUDA state is ever inherited through a
+fork) and talks to each over a pipe:
 
 - a worker reports ``listening`` (port, device, build labels), ``warm`` (its warm-up evaluation
   ran), ``error`` (it could not start) or ``leaving`` (it got a stop signal of its own);
@@ -256,8 +257,9 @@ class AggregateMetrics:
     """
 
     def __init__(self, config: ServerConfig, supervisor: Supervisor) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
 
+        from . import metrics_http
         from .metrics_files import FoldingCollector
 
         self.directory = multiproc_dir.create()
@@ -266,7 +268,7 @@ class AggregateMetrics:
         registry.register(self.files)
         registry.register(SupervisorCollector(supervisor))
         try:
-            self.httpd, _thread = start_http_server(max(config.metrics_port, 0), addr=config.metrics_host, registry=registry)
+            self.httpd = metrics_http.serve(config.metrics_host, max(config.metrics_port, 0), registry)
         except OSError as exc:
             shutil.rmtree(self.directory, ignore_errors=True)
             raise metrics_port_error(config.metrics_host, config.metrics_port, exc) from None
