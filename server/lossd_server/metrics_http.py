@@ -46,6 +46,9 @@ MAX_HEAD_BYTES = 16 * 1024
 SEND_TIMEOUT_S = 10.0
 #: Seconds the accepting thread waits after the process ran out of file descriptors (else it spins).
 ACCEPT_BACKOFF_S = 0.1
+#: Connections the kernel queues for the accepting thread (socketserver's default, 5, makes a burst
+#: of clients wait for SYN retransmissions, seconds, before they are served or refused).
+LISTEN_BACKLOG = 64
 
 _HEAD_END = re.compile(rb"\n\r?\n")
 _BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 22\r\nConnection: close\r\n\r\ntoo many connections\r\n"
@@ -145,6 +148,7 @@ class MetricsHTTPServer(ThreadingMixIn, WSGIServer):
     """A WSGI server of daemon threads, at most :data:`MAX_CONNECTIONS` of them (one per connection)."""
 
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], family: int, app: Any) -> None:
         self.address_family = family
