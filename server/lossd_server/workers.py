@@ -32,7 +32,9 @@ gets a stop signal of its own (``kill -TERM <worker pid>``; not relayed) tells t
 (``leaving``), which takes it out of its slot and starts a new worker there after
 :data:`LEAVING_REPLACE_DELAY_S`, while it drains. A worker that exits on its own is logged and replaced (at once when it had run for :data:`STABLE_S`, else after
 a backoff); its connections break, so its calls in flight end UNAVAILABLE, which the client
-retries. A worker whose supervisor is gone (its pipe closes) drains and exits.
+retries. A new worker that cannot be started (the supervisor is out of file descriptors, memory or
+processes) is logged and tried again after the same backoff: the supervisor carries on, NOT_SERVING
+until its slot is filled and warm. A worker whose supervisor is gone (its pipe closes) drains and exits.
 
 A worker that hangs is replaced too (:class:`Liveness`). Its process does not exit, so nothing
 above notices it, while the kernel keeps handing it new connections whose callers then wait for
@@ -163,6 +165,18 @@ class Restarts:
             del self.due[index]
         self.count += len(ready)
         return ready
+
+    def start_due(self, spawn: Callable[[int], None]) -> None:
+        """Start the replacements due now with ``spawn(index)``. One whose process cannot be started
+        (an OSError: out of file descriptors, memory or processes) is no restart: it is logged and
+        tried again after the backoff of a quick exit, its slot empty (health NOT_SERVING) meanwhile."""
+        for index in self.take_due():
+            try:
+                spawn(index)
+            except OSError as exc:
+                self.count -= 1
+                delay = self.schedule(index, 0.0)
+                log.error("could not start a new worker %d (%s): trying again in %.0fs; NOT_SERVING until it is warm", index, exc, delay)
 
 
 #: A starting worker (not listening yet) may stay silent this many times --worker-stall-timeout-s.
@@ -337,14 +351,32 @@ class SignalInbox:
 
 
 def spawn_worker(ctx: Any, target: WorkerTarget, index: int, config: ServerConfig) -> Worker:
-    """Start the worker process of slot ``index``, the stop signals blocked in it until it handles them."""
+    """Start the worker process of slot ``index``, the stop signals blocked in it until it handles them.
+
+    OSError when it cannot be started (no file descriptor for its pipe, no memory or process to
+    fork), the pipe closed again."""
     parent_end, child_end = ctx.Pipe()
-    process = ctx.Process(target=target, args=(index, config, child_end), name=f"lossd-worker-{index}", daemon=True)
-    with stopsignals.held():  # the worker unblocks them once it handles them (_serve_worker)
-        process.start()
-    child_end.close()
+    try:
+        process = ctx.Process(target=target, args=(index, config, child_end), name=f"lossd-worker-{index}", daemon=True)
+        with stopsignals.held():  # the worker unblocks them once it handles them (_serve_worker)
+            process.start()
+    except BaseException:
+        parent_end.close()
+        raise
+    finally:
+        child_end.close()
     log.info("worker %d started (pid %d)", index, process.pid)
     return Worker(index, process, parent_end, time.monotonic())
+
+
+def start_first(spawn: Callable[[int], None], workers: int) -> None:
+    """Start the first worker of each of ``workers`` slots with ``spawn(index)``: one that cannot be
+    started fails the start (StartupError: one line, exit status 2)."""
+    for index in range(workers):
+        try:
+            spawn(index)
+        except OSError as exc:
+            raise StartupError(f"cannot start worker {index}: {exc}") from None
 
 
 class Supervisor:
@@ -397,8 +429,7 @@ class Supervisor:
         # Started once before any worker: starting it unblocks SIGTERM/SIGINT in this thread, which
         # would undo stopsignals.held() around the first worker's start.
         resource_tracker.ensure_running()
-        for index in range(cfg.workers):
-            self._spawn(index)
+        start_first(self._spawn, cfg.workers)
 
     def _spawn(self, index: int) -> None:
         self.workers[index] = spawn_worker(self.ctx, self.target, index, self.worker_config)
@@ -566,8 +597,7 @@ class Supervisor:
         if self.stopping:
             self.restarts.due.clear()
             return
-        for index in self.restarts.take_due():
-            self._spawn(index)
+        self.restarts.start_due(self._spawn)
 
     def _relay_signals(self) -> None:
         for ordinal in self.on_signal.take():

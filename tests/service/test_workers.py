@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -413,6 +414,45 @@ def test_a_killed_worker_is_replaced_and_the_server_keeps_serving():
         assert sample(proc, "lossd_worker_restarts_total") == 1 and sample(proc, "lossd_workers_ready") == 2
         replacement, held = client_on_both_workers(proc)  # calls on the new worker 0's connections are answered
         replacement.close()
+        assert held[0] >= 1
+        assert stop_everything(proc) == 0, proc.log()
+    finally:
+        stop_everything(proc)
+
+
+def test_a_worker_that_cannot_be_replaced_for_a_while_is_retried_and_the_supervisor_serves_on():
+    """Probe 17 F2: with the supervisor out of file descriptors, a killed worker's replacement failed
+    (EMFILE from its pipe), the supervisor exited 1 with a traceback, the other worker drained and
+    the service stayed down. Here the supervisor's open-files limit is lowered (prlimit on its pid)
+    while worker 0 is killed: its start fails, is logged and retried with the backoff, health is
+    NOT_SERVING meanwhile; with the limit back the retry starts it, and all is served as before."""
+    proc = start_server(*FLAGS, metrics=True)
+    try:
+        supervisor = proc.proc.pid
+        soft, hard = resource.prlimit(supervisor, resource.RLIMIT_NOFILE)
+        old = worker_pids(proc.log())
+        # The limit: as many descriptors as its loop polls at once (the signal socket, each worker's
+        # pipe and sentinel; poll(2) refuses more than the limit). Descriptors 0-4 (stdio, the signal
+        # socket pair) stay open, so every new one (the lowest free number: 5 or more) fails EMFILE.
+        limit = 1 + 2 * 2
+        assert {str(fd) for fd in range(limit)} <= set(os.listdir(f"/proc/{supervisor}/fd"))
+        resource.prlimit(supervisor, resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            os.kill(old[0], signal.SIGKILL)
+            failed = "could not start a new worker 0 ([Errno 24] Too many open files): trying again in"
+            wait_for(lambda: proc.log().count(failed) >= 2 or proc.proc.poll() is not None, what="two failed starts")
+            assert proc.log().count(failed) >= 2, proc.log()
+            assert proc.proc.poll() is None and alive(old[1]), proc.log()
+            with grpc.insecure_channel(proc.address) as channel:  # only worker 1 listens
+                assert health(channel) == "NOT_SERVING"
+        finally:
+            resource.prlimit(supervisor, resource.RLIMIT_NOFILE, (soft, hard))
+        wait_for(lambda: proc.log().count("all 2 workers warm: SERVING") == 2, what="SERVING again")
+        new = worker_pids(proc.log())
+        assert new[0] != old[0] and new[1] == old[1] and "Traceback" not in proc.log(), proc.log()
+        assert sample(proc, "lossd_worker_restarts_total") == 1  # the failed starts are no restarts
+        client, held = client_on_both_workers(proc)
+        client.close()
         assert held[0] >= 1
         assert stop_everything(proc) == 0, proc.log()
     finally:

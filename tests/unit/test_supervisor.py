@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import socket
@@ -331,6 +332,62 @@ def test_a_supervisor_that_was_itself_stopped_does_not_blame_the_workers(monkeyp
         sup._check_liveness()
         sup._handle(a, ("pong",))
     assert b.process.killed and not a.process.killed
+
+
+# --------------------------------------------------------------------------- a worker that cannot be started
+
+
+def _emfile(*args, **kwargs):
+    raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_a_replacement_that_cannot_be_started_is_retried_after_a_backoff_and_the_supervisor_carries_on(monkeypatch, caplog):
+    """Probe 17 F2: a replacement's start raised OSError (EMFILE from the pipe) out of the loop and the
+    supervisor exited 1, taking the other worker with it. Now: one line, the slot empty and health
+    NOT_SERVING, tried again after the backoff of a quick exit (1 s, 2 s, ...), counted once it starts."""
+    clock, sup, (a, b) = _watched(monkeypatch)
+    b.process.exitcode = -9
+    clock.now += workers.STABLE_S
+    sup._exited(b)  # ran long enough: replaced at once
+    assert sup.restarts.due == {1: clock.now} and not sup.serving
+    real_ctx = sup.ctx
+    sup.ctx = SimpleNamespace(Pipe=_emfile)
+    for delay in (1.0, 2.0):
+        caplog.clear()
+        sup._restart_due()
+        assert sup.restarts.due == {1: clock.now + delay} and 1 not in sup.workers and sup.restarts.count == 0
+        assert not sup.serving and sup.fatal is None
+        (record,) = [r for r in caplog.records if "could not start" in r.getMessage()]
+        assert record.getMessage() == (
+            f"could not start a new worker 1 ([Errno 24] Too many open files): trying again in {delay:.0f}s; NOT_SERVING until it is warm"
+        )
+        clock.now += delay
+    started = []
+    sup.ctx = real_ctx
+    monkeypatch.setattr(workers, "spawn_worker", lambda ctx, target, index, config: started.append(index) or b)
+    sup._restart_due()
+    assert started == [1] and sup.workers[1] is b and sup.restarts.due == {} and sup.restarts.count == 1
+
+
+def test_a_first_worker_that_cannot_be_started_fails_the_start_in_one_line():
+    with pytest.raises(StartupError, match=r"^cannot start worker 1: \[Errno 24\] Too many open files$"):
+        workers.start_first(lambda index: index and _emfile(), 2)
+
+
+class FailingStart:
+    def __init__(self, **kwargs) -> None:
+        self.args = kwargs["args"]
+
+    def start(self) -> None:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")  # fork: no process left
+
+
+def test_a_worker_whose_process_cannot_start_leaves_no_pipe_open():
+    ends = [FakeConn(), FakeConn()]
+    ctx = SimpleNamespace(Pipe=lambda: tuple(ends), Process=FailingStart)
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+        workers.spawn_worker(ctx, lambda *a: None, 0, ServerConfig())
+    assert [end.closed for end in ends] == [True, True]
 
 
 # --------------------------------------------------------------------------- a worker's own signal
