@@ -114,9 +114,13 @@ def test_every_answer_is_the_one_prometheus_clients_own_server_gave():
             httpd.server_close()
 
 
+def _threads_of(httpd: metrics_http.MetricsHTTPServer) -> list[threading.Thread]:
+    """The threads serving a connection (ThreadingMixIn names none: they run process_request_thread)."""
+    return [t for t in threading.enumerate() if getattr(t, "_target", None) == httpd.process_request_thread]
+
+
 def _connection_threads(httpd: metrics_http.MetricsHTTPServer) -> int:
-    """Threads serving a connection (ThreadingMixIn names none: they run process_request_thread)."""
-    return sum(1 for t in threading.enumerate() if getattr(t, "_target", None) == httpd.process_request_thread)
+    return len(_threads_of(httpd))
 
 
 def _wait(predicate, what: str, timeout_s: float = 30.0) -> None:
@@ -251,12 +255,20 @@ def test_read_head_stops_at_the_blank_line_and_at_the_cap():
         assert metrics_http.read_head(a, time.monotonic() + 10) is None  # closed before a whole head
 
 
-def test_shutdown_stops_listening(served):
+def test_shutdown_stops_listening_without_waiting_for_a_connection(served, monkeypatch):
+    monkeypatch.setattr(metrics_http, "HEAD_TIMEOUT_S", 120.0)
     httpd = served()
     port = httpd.server_address[1]
     assert exchange(port, REQUESTS[0]).startswith(b"HTTP/1.0 200 OK")
-    httpd.shutdown()
-    httpd.server_close()
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert not [t for t in threading.enumerate() if t.name == "lossd-metrics-http"]
+    _wait(lambda: _connection_threads(httpd) == 0, "the answered connection's thread to end")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
+        _wait(lambda: _connection_threads(httpd) == 1, "the idle connection's thread")
+        httpd.shutdown()
+        httpd.server_close()  # returns while the connection's (daemon) thread still waits for its head
+        (thread,) = _threads_of(httpd)
+        assert thread.daemon
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert not [t for t in threading.enumerate() if t.name == "lossd-metrics-http"]
+        idle.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")  # a request already accepted is still answered
+        assert read_to_close(idle).startswith(b"HTTP/1.0 200 OK")
