@@ -33,6 +33,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,14 +176,8 @@ class LazyArrays(Mapping[str, Any]):
         if name not in self._entries:
             raise KeyError(name)
         if name not in self._loaded:
-            try:
+            with file_errors(self.path, self.path.suffix.lower()):
                 self._loaded[name] = self._load(name)
-            except CliError:
-                raise
-            except OSError as exc:
-                raise CliError(f"{self.path}: cannot read: {exc.strerror or _reason(exc)}") from None
-            except MALFORMED_FILE_ERRORS as exc:
-                raise CliError(f"{self.path}: malformed {self.path.suffix.lower()} file ({_reason(exc)})") from None
         return self._loaded[name]
 
     def __contains__(self, name: object) -> bool:
@@ -355,8 +350,16 @@ def load_file(path: Path) -> Mapping[str, Any]:
     _check_regular(path)
     if suffix not in loaders:
         raise CliError(f"{path}: unknown file type {suffix!r} (expected .npz, .safetensors or .pt)")
-    try:
+    with file_errors(path, suffix):
         return loaders[suffix](path)
+
+
+@contextmanager
+def file_errors(path: Path, suffix: str) -> Iterator[None]:
+    """Reading ``path`` (a ``suffix`` file) in the block: an OSError or a malformed file is a one-line
+    CliError naming it, whether the file is opened or one of its arrays is read later (:class:`LazyArrays`)."""
+    try:
+        yield
     except CliError:
         raise
     except OSError as exc:

@@ -37,6 +37,7 @@ import grpc
 
 #: The service whose calls take the health slots.
 HEALTH_SERVICE = "grpc.health.v1.Health"
+_HEALTH_PREFIX = f"/{HEALTH_SERVICE}/"
 
 
 class Slots:
@@ -107,5 +108,5 @@ class Admission(grpc.aio.ServerInterceptor):
         if task is None:  # not in a call's task (never seen): nothing would free the slot
             return handler
         method = handler_call_details.method
-        slots = self.health if method.startswith(f"/{HEALTH_SERVICE}/") else self.calls
+        slots = self.health if method.startswith(_HEALTH_PREFIX) else self.calls
         return handler if slots.take(task) else slots.refusal(method, handler)
