@@ -316,16 +316,32 @@ class _Writing:
 
     async def _answer(self) -> Any:
         call = self._call
+        # The writes run in a task of their own that the call's end cancels: grpc.aio's write and
+        # half-close first wait for the call's headers to be sent, and a call cancelled before that
+        # (the client closed) never sends them, so a write awaited here directly waited for ever.
+        writing = asyncio.ensure_future(self._write_all())
+        call.add_done_callback(lambda _call: writing.cancel())
+        try:
+            await writing
+        except asyncio.CancelledError:
+            if _task_cancelling():  # this task is cancelled: the call goes too
+                writing.cancel()
+                call.cancel()
+                raise
+            # else the call ended while a write waited: its status, awaited below, says how
+        except BaseException:
+            call.cancel()  # the messages failed: the call goes too
+            raise
+        return await call
+
+    async def _write_all(self) -> None:
+        call = self._call
         try:
             for message in self._messages:
                 await call.write(message)
             await call.done_writing()
         except (grpc.aio.AioRpcError, grpc.aio.InternalError, asyncio.InvalidStateError):
-            pass  # the call has ended: its status, awaited below, says how
-        except BaseException:
-            call.cancel()  # the messages failed, or this task is cancelled: the call goes too
-            raise
-        return await call
+            pass  # the call has ended: its status, awaited by _answer, says how
 
 
 class _FirstKept:
