@@ -63,7 +63,8 @@ def limit_named(limit_bytes: int, share_of: tuple[int, int] | None = None) -> st
 
 class MemoryBudget:
     """Reservations against ``limit_bytes``; ``held_bytes`` and ``peak_bytes`` for metrics and tests.
-    ``share_of``: (configured budget, workers) when ``limit_bytes`` is a worker's share (:func:`limit_named`)."""
+    ``share_of``: (configured budget, workers) when ``limit_bytes`` is a worker's share (:func:`limit_named`).
+    ``named``: how refusals name a budget that is not memory_budget_bytes (the health reads')."""
 
     def __init__(
         self,
@@ -72,10 +73,11 @@ class MemoryBudget:
         idle_read_yield_s: float = 0.0,
         on_yield: Callable[[], None] | None = None,
         share_of: tuple[int, int] | None = None,
+        named: str | None = None,
     ) -> None:
         self.limit_bytes = int(limit_bytes)
         #: The budget as the refusals name it.
-        self.limit_named = limit_named(self.limit_bytes, share_of)
+        self.limit_named = named or limit_named(self.limit_bytes, share_of)
         self.held_bytes = 0
         self.peak_bytes = 0
         self.idle_read_yield_s = idle_read_yield_s  # 0: reads never give way

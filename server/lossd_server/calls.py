@@ -20,12 +20,14 @@ import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 
 from . import endings
 from .batcher import stop_if_over
 from .budget import BudgetExceeded, MemoryBudget, Reservation
+from .config import ServerConfig
 from .errors import StreamIdle, idle_message
 
 #: An answer held by a stop (CallTracker.may_answer) goes out this long before its call's deadline.
@@ -299,6 +301,25 @@ class Call:
                 task.cancel()
             elif not task.cancelled():
                 task.exception()  # seen: a read that failed as the call was cut (a stop) is not an unretrieved error
+
+
+@dataclass(frozen=True)
+class Reads:
+    """How a server's calls read their messages: within ``budget``, each read reserving
+    ``reservation`` bytes first, a call whose client sends nothing for ``idle_s`` ended, a read
+    waiting in line for memory at most ``memory_wait_s`` (see :class:`Call`)."""
+
+    budget: MemoryBudget
+    reservation: int
+    idle_s: float
+    memory_wait_s: float
+
+    @classmethod
+    def of(cls, config: ServerConfig, budget: MemoryBudget) -> Reads:
+        return cls(budget, config.read_reservation_bytes, config.stream_idle_timeout_s, config.max_memory_wait_s)
+
+    def call(self, context: grpc.aio.ServicerContext) -> Call:
+        return Call(context, self.budget, self.reservation, self.idle_s, self.memory_wait_s)
 
 
 Answer = Callable[[object, Reservation], Awaitable[object]]

@@ -117,6 +117,14 @@ class ServerConfig:
     #: Health checks have as many slots again, apart, so that a full server still answers its
     #: probes (both pools full: ~260 MB).
     max_concurrent_calls: int = 10_000
+    #: Health-check messages read at once (lossd_server.unary_reads.health_reads), each reserving
+    #: read_reservation_bytes of a budget of their own, apart from memory_budget_bytes: gRPC's
+    #: transport takes a whole message of up to its receive limit before the health servicer can
+    #: refuse it (20 concurrent 100 MB health checks took an idle server from 249 to 1,015 MiB).
+    #: A probe's message is a few bytes, read in microseconds, so two are plenty; a health call
+    #: past them waits in line, and a read that has completed nothing for idle_read_yield_s gives
+    #: its place to it. At the default max_message_bytes: 2 x 258 MiB at most.
+    max_health_reads: int = 2
     log_level: str = "INFO"
     #: On a worker's config (:meth:`per_worker`): the configured memory_budget_bytes and the number
     #: of workers its share came from, for refusals to name both; None on any other config. Not a
@@ -181,6 +189,7 @@ _HELP = {
     "max_memory_wait_s": "longest a call waits in line for server memory (or until its deadline, if sooner) before RESOURCE_EXHAUSTED",
     "idle_read_yield_s": "while calls wait in line for memory, a call whose client has completed no message for this long (gRPC reports whole messages only, so a slow upload counts as nothing sent) gives its read reservation to them and ends RESOURCE_EXHAUSTED (0: never)",
     "max_stream_in_flight": "EvaluateStream / EvaluatePacked: messages read and not yet answered per stream",
+    "max_health_reads": "health-check messages read at once, each reserving read_reservation_bytes (twice gRPC's receive limit) of a budget of their own, apart from memory_budget_bytes; a health call past them waits in line",
     "max_batch_rows": "a batch closes when it holds this many rows (positions)",
     "max_batch_bytes": "a batch closes when it holds this many input bytes",
     "max_wait_ms": "0 turns batching off (every request its own engine pass); any positive value turns the work-conserving batcher on "
@@ -350,6 +359,7 @@ BOUNDS: dict[str, Bounds] = {
     "max_memory_wait_s": Bounds(0, above=True),
     "idle_read_yield_s": Bounds(0, note="0: never"),
     "max_stream_in_flight": Bounds(1),
+    "max_health_reads": Bounds(1, 1024, note="each may hold twice gRPC's receive limit"),
     "max_batch_rows": Bounds(1),
     "max_batch_bytes": Bounds(1),
     "max_wait_ms": Bounds(0, note="0: batching off"),

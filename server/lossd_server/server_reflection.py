@@ -4,7 +4,10 @@ Registered by ``enable_server_reflection``, its requests were parsed by protobuf
 size and each answer echoes its request: a 60 MB symbol name held 800 MiB of the server's memory,
 outside its budget, and bytes that do not parse were answered UNKNOWN. Here a request over
 MAX_REFLECTION_REQUEST_BYTES, or one that does not parse, ends the stream INVALID_ARGUMENT (see
-:func:`.unary_reads.bounded`); every other request is the servicer's as before.
+:func:`.unary_reads.bounded`); every other request is the servicer's as before. Requests are read
+as lossd's own calls read theirs (:meth:`.calls.Call.read`): within the memory budget (gRPC's
+transport takes a whole message of up to its receive limit before it can be refused), and a stream
+whose client sends nothing for ``--stream-idle-timeout-s`` is ended DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -15,22 +18,30 @@ from typing import Any
 import grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from .unary_reads import Unreadable, bounded
+from .calls import Reads
+from .unary_reads import NoRequest, bounded, read_message
 
 #: Largest reflection request this server parses: a host and one symbol or file name.
 MAX_REFLECTION_REQUEST_BYTES = 64 * 1024
 
 
-def handlers(service_names: Iterable[str]) -> grpc.GenericRpcHandler:
-    """grpc.reflection.v1alpha.ServerReflection for ``service_names`` (and itself)."""
+def handlers(service_names: Iterable[str], reads: Reads) -> grpc.GenericRpcHandler:
+    """grpc.reflection.v1alpha.ServerReflection for ``service_names`` (and itself), its requests
+    read as ``reads`` says (the server's own calls' way)."""
     servicer = reflection.aio.ReflectionServicer(tuple(service_names))
 
     async def info(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = reads.call(context)
+
         async def readable() -> AsyncIterator[Any]:
-            async for request in request_iterator:
-                if isinstance(request, Unreadable):
-                    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-                    context.set_details(request.details)
+            while True:
+                try:
+                    request = await read_message(call, "ServerReflectionRequest")
+                except NoRequest as refused:
+                    context.set_code(refused.code)
+                    context.set_details(refused.details)
+                    return
+                if request is None:
                     return
                 yield request
 

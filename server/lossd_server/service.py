@@ -25,7 +25,7 @@ from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from . import __version__, batch_engine, codec, compare_service, convert, endings, engine, unary_reads, wire
 from .batcher import Batcher
 from .budget import MemoryBudget, Reservation
-from .calls import Call, CallTracker, serve_stream
+from .calls import Call, CallTracker, Reads, serve_stream
 from .chunks import ChunkAssembler
 from .config import ServerConfig
 from .errors import OversizedId, RequestError, drop_tracebacks, status_of
@@ -154,12 +154,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.budget = budget or MemoryBudget(config.memory_budget_bytes)
         self.shm_reader = shm_reader
         self.calls = CallTracker()
+        self.reads = Reads.of(config, self.budget)
         self._packed = PackedMessages(self.budget, self.batcher, self._prepare, sole_call=lambda: self.calls.active == 1)
 
     # ---------------------------------------------------------------- one path for every RPC
     async def _rpc(self, context: grpc.aio.ServicerContext, what: str, body: Callable[[Call], Awaitable]):
-        cfg = self.config
-        call = Call(context, self.budget, cfg.read_reservation_bytes, cfg.stream_idle_timeout_s, cfg.max_memory_wait_s)
+        call = self.reads.call(context)
         self.calls.start(context)
         try:
             result = await body(call)
@@ -425,7 +425,7 @@ def _shm_nbytes(request: wire.WireRequest) -> int:
 def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
     """Register the servicer. Every method reads its messages itself (see Call.read), so the
     unary Evaluate is registered as client-streaming: same wire, but the read waits for budget;
-    GetServerInfo reads its (empty) request through :mod:`.unary_reads`."""
+    GetServerInfo reads its (empty) request through :mod:`.unary_reads`, within the same budget."""
     max_id = servicer.config.max_id_bytes
     handlers = {
         "Evaluate": grpc.stream_unary_rpc_method_handler(
@@ -441,9 +441,9 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
             servicer.EvaluateChunked, wire.deserializer(pb.EvaluateChunk, max_id), pb.EvaluateResponse.SerializeToString
         ),
         "GetServerInfo": unary_reads.reading(
-            grpc.unary_unary_rpc_method_handler(servicer.GetServerInfo, lambda data: None, pb.ServerInfo.SerializeToString),
+            grpc.unary_unary_rpc_method_handler(servicer.GetServerInfo, unary_reads.ignored, pb.ServerInfo.SerializeToString),
             "GetServerInfoRequest",
-            servicer.config.stream_idle_timeout_s,
+            servicer.reads,
             servicer.calls,
         ),
         **compare_service.handlers(servicer),  # Compare, CompareChunked

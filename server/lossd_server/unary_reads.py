@@ -8,11 +8,18 @@ such GetServerInfo calls on one connection were all still open after 75 s (RSS 2
 through :func:`read_request`, such a call is answered INVALID_ARGUMENT at once, and one whose
 message does not arrive within ``stream_idle_timeout_s`` DEADLINE_EXCEEDED, as lossd's own
 methods answer them (see ``Call.read``; one text, :func:`.errors.idle_message`). Same wire: clients call these methods as before.
+
+Their messages are read as lossd's are (:meth:`.calls.Call.read`): the read first reserves what
+gRPC's transport may receive for it, since the transport takes a whole message of up to its receive
+limit, whatever the method, before the deserializer can refuse it (20 concurrent 100 MB health
+checks took an idle server from 249 to 1,015 MiB). GetServerInfo reads within the server's memory
+budget, as its own calls do; health checks within a budget of their own, :func:`health_reads`
+(``--max-health-reads`` reads at once): in the server's, a probe would wait in line behind lossd's
+calls whenever they fill it, and a liveness probe restart a pod that is only busy.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -20,7 +27,12 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2
 
-from .errors import idle_message
+from . import wire
+from .budget import SETTING as BUDGET_SETTING
+from .budget import BudgetExceeded, MemoryBudget
+from .calls import Call, Reads
+from .config import ServerConfig
+from .errors import StreamIdle
 
 #: Largest health request this server parses: a service name is a few dozen bytes
 #: ("lossd.v1.LossService"); a 60 MB one held 455 MiB of the server's memory, outside its budget.
@@ -37,19 +49,35 @@ class Unreadable:
         self.details = details
 
 
-def bounded(parse: Callable[[bytes], Any], what: str, max_bytes: int) -> Callable[[bytes], Any]:
-    """A request deserializer: ``parse(data)``, or :class:`Unreadable` for data over ``max_bytes``
-    or that ``parse`` refuses."""
+def bounded(parse: Callable[[bytes], Any], what: str, max_bytes: int) -> Callable[[bytes], wire.Received]:
+    """A request deserializer for :meth:`.calls.Call.read`: ``parse(data)``, or :class:`Unreadable`
+    for data over ``max_bytes`` or that ``parse`` refuses, with the size of ``data``."""
 
-    def deserialize(data: bytes) -> Any:
+    def deserialize(data: bytes) -> wire.Received:
         if len(data) > max_bytes:
-            return Unreadable(f"request: a {what} of {len(data)} bytes, more than the {max_bytes} this server reads")
+            return wire.Received(
+                Unreadable(f"request: a {what} of {len(data)} bytes, more than the {max_bytes} this server reads"), len(data)
+            )
         try:
-            return parse(data)
+            return wire.Received(parse(data), len(data))
         except Exception as exc:  # noqa: BLE001 - bad bytes are the client's mistake, not UNKNOWN
-            return Unreadable(f"request: not a valid {what} message: {exc}")
+            return wire.Received(Unreadable(f"request: not a valid {what} message: {exc}"), len(data))
 
     return deserialize
+
+
+def ignored(data: bytes) -> wire.Received:
+    """A request deserializer for a message whose content is not read (GetServerInfoRequest): the
+    handler is given empty bytes."""
+    return wire.Received(b"", len(data))
+
+
+def health_reads(config: ServerConfig) -> Reads:
+    """How health checks read their message: each reserves ``config.read_reservation_bytes`` of a
+    budget of ``--max-health-reads`` such reads, apart from the server's memory budget."""
+    n, reservation = config.max_health_reads, config.read_reservation_bytes
+    named = f"max_health_reads={n} (reads of {reservation} bytes each, apart from {BUDGET_SETTING})"
+    return Reads.of(config, MemoryBudget(n * reservation, idle_read_yield_s=config.idle_read_yield_s, named=named))
 
 
 class NoRequest(Exception):
@@ -61,17 +89,29 @@ class NoRequest(Exception):
         self.details = details
 
 
-async def read_request(context: grpc.aio.ServicerContext, what: str, idle_s: float) -> Any:
-    """The call's one request message; NoRequest when none comes."""
+async def read_message(call: Call, what: str) -> Any:
+    """The call's next message (:meth:`.calls.Call.read`, its bytes given back once it is parsed: it
+    is at most a few KiB); None at the end of the stream; NoRequest when it cannot be read."""
     try:
-        async with asyncio.timeout(idle_s):
-            message = await context.read()
-    except TimeoutError:
-        raise NoRequest(grpc.StatusCode.DEADLINE_EXCEEDED, idle_message(f"completed no {what} message", idle_s)) from None
-    if message is grpc.aio.EOF:
-        raise NoRequest(grpc.StatusCode.INVALID_ARGUMENT, f"request: the call carried no {what} message")
+        got = await call.read(what)
+    except StreamIdle as idle:
+        raise NoRequest(grpc.StatusCode.DEADLINE_EXCEEDED, str(idle)) from None
+    except BudgetExceeded as refused:
+        raise NoRequest(grpc.StatusCode.RESOURCE_EXHAUSTED, str(refused)) from None
+    if got is None:
+        return None
+    message, held = got
+    held.release()
     if isinstance(message, Unreadable):
         raise NoRequest(grpc.StatusCode.INVALID_ARGUMENT, message.details)
+    return message
+
+
+async def read_request(call: Call, what: str) -> Any:
+    """The call's one request message; NoRequest when none comes."""
+    message = await read_message(call, what)
+    if message is None:
+        raise NoRequest(grpc.StatusCode.INVALID_ARGUMENT, f"request: the call carried no {what} message")
     return message
 
 
@@ -84,9 +124,10 @@ class StopGate(Protocol):
     async def may_answer(self, deadline: float | None = None) -> None: ...
 
 
-def reading(handler: grpc.RpcMethodHandler, what: str, idle_s: float, gate: StopGate | None = None) -> grpc.RpcMethodHandler:
-    """A unary-request ``handler`` (a coroutine function; unary or server-streaming response) as a
-    client-streaming one that reads its request with :func:`read_request`. ``gate``: the server's
+def reading(handler: grpc.RpcMethodHandler, what: str, reads: Reads, gate: StopGate | None = None) -> grpc.RpcMethodHandler:
+    """A unary-request ``handler`` (a coroutine function; unary or server-streaming response; its
+    request deserializer one of :func:`bounded`, :func:`ignored`) as a client-streaming one that
+    reads its request with :func:`read_request`, as ``reads`` says. ``gate``: the server's
     stop sees the call start and, for a unary response, holds its answer as it holds lossd's
     (a client polling Check or GetServerInfo saw a CANCELLED in about half the stops)."""
     inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]] = handler.unary_unary or handler.unary_stream
@@ -95,7 +136,7 @@ def reading(handler: grpc.RpcMethodHandler, what: str, idle_s: float, gate: Stop
         if gate is not None:
             gate.note_start()
         try:
-            request = await read_request(context, what, idle_s)
+            request = await read_request(reads.call(context), what)
         except NoRequest as missing:  # answered with set_code, as lossd's errors are (no stored exception)
             context.set_code(missing.code)
             context.set_details(missing.details)
@@ -110,9 +151,10 @@ def reading(handler: grpc.RpcMethodHandler, what: str, idle_s: float, gate: Stop
     return make(run, handler.request_deserializer, handler.response_serializer)
 
 
-def health_handlers(servicer: Any, idle_s: float, gate: StopGate | None = None) -> grpc.GenericRpcHandler:
+def health_handlers(servicer: Any, reads: Reads, gate: StopGate | None = None) -> grpc.GenericRpcHandler:
     """grpc.health.v1.Health served by ``servicer`` (grpc_health's aio HealthServicer), its unary
-    requests read by :func:`reading` (what ``add_HealthServicer_to_server`` registers, otherwise)."""
+    requests read by :func:`reading` as ``reads`` (:func:`health_reads`) says (what
+    ``add_HealthServicer_to_server`` registers, otherwise)."""
     check = bounded(health_pb2.HealthCheckRequest.FromString, "HealthCheckRequest", MAX_HEALTH_REQUEST_BYTES)
     response = health_pb2.HealthCheckResponse.SerializeToString
     methods: dict[str, tuple[grpc.RpcMethodHandler, str]] = {
@@ -127,5 +169,5 @@ def health_handlers(servicer: Any, idle_s: float, gate: StopGate | None = None) 
         )
         methods["List"] = (listing, "HealthListRequest")
     return grpc.method_handlers_generic_handler(
-        "grpc.health.v1.Health", {name: reading(handler, what, idle_s, gate) for name, (handler, what) in methods.items()}
+        "grpc.health.v1.Health", {name: reading(handler, what, reads, gate) for name, (handler, what) in methods.items()}
     )
