@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lossd_client import LossClient, LossdError, LossRequest, core, tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
+from rpc_outcomes import outcome, wait_for_metric
 from serverproc import HOG_FLAGS, EngineHog, ServerProcess, start_server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
@@ -55,14 +56,6 @@ def request_msg(x: np.ndarray, t: np.ndarray, **options) -> pb.EvaluateRequest:
     tensors.to_proto(x, msg.input)
     tensors.to_proto(t, msg.target)
     return msg
-
-
-def outcome(future) -> str:
-    try:
-        future.result()
-        return "OK"
-    except grpc.RpcError as err:
-        return f"{err.code().name}: {err.details()}"
 
 
 def a_good_call_still_works(address: str) -> None:
@@ -97,15 +90,6 @@ def budgeted():
 def assert_within_budget(server: ServerProcess, baseline_mib: float, budget: int = BUDGET) -> None:
     peak = status_mib(server, "VmHWM")
     assert peak - baseline_mib <= budget / MiB, f"peak {peak:.0f} MiB is {peak - baseline_mib:.0f} MiB over the baseline {baseline_mib:.0f} MiB"
-
-
-def wait_for_metric(server: ServerProcess, name: str, predicate, timeout_s: float = 30.0) -> float:
-    deadline = time.monotonic() + timeout_s
-    value = server.metrics().get(name, 0.0)
-    while not predicate(value) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        value = server.metrics().get(name, 0.0)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +235,6 @@ def test_32_concurrent_large_unary_calls_wait_for_the_budget_and_all_succeed(bud
         torch.testing.assert_close(core.parse(reply, as_torch=True).loss, want)
     assert_within_budget(server, baseline)
     assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 0) == 0
-
 
 
 @pytest.mark.parametrize("target_dtype, shift, weighted", [(np.uint8, False, False), (np.int64, True, False), (np.uint8, False, True)])

@@ -19,20 +19,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
-from serverproc import ServerProcess, start_server
+from rpc_outcomes import outcome, wait_for_metric
+from serverproc import start_server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
 
 MiB = 1024 * 1024
 RAW = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-
-
-def outcome(future: concurrent.futures.Future) -> str:
-    try:
-        future.result()
-        return "OK"
-    except grpc.RpcError as err:
-        return f"{err.code().name}: {err.details()}"
 
 
 def serving(address: str) -> str:
@@ -45,15 +38,6 @@ def nothing_until(release: threading.Event) -> Iterator[bytes]:
     """A request stream that sends nothing until ``release`` (at most 60 s), then ends."""
     release.wait(60)
     yield from ()
-
-
-def wait_for_metric(server: ServerProcess, name: str, predicate, timeout_s: float = 30.0) -> float:
-    deadline = time.monotonic() + timeout_s
-    value = server.metrics().get(name, 0.0)
-    while not predicate(value) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        value = server.metrics().get(name, 0.0)
-    return value
 
 
 def test_large_health_check_bodies_are_read_a_few_at_a_time():
@@ -116,7 +100,9 @@ def test_get_server_info_reads_within_the_memory_budget():
             evaluate = channel.stream_unary("/lossd.v1.LossService/Evaluate")
             idle = [evaluate.future(nothing_until(release), timeout=60) for _ in range(2)]
             assert wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v == 12 * MiB) == 12 * MiB
-            info = channel.unary_unary("/lossd.v1.LossService/GetServerInfo", pb.GetServerInfoRequest.SerializeToString, pb.ServerInfo.FromString)
+            info = channel.unary_unary(
+                "/lossd.v1.LossService/GetServerInfo", pb.GetServerInfoRequest.SerializeToString, pb.ServerInfo.FromString
+            )
             answer = info.future(pb.GetServerInfoRequest(), timeout=60)
             assert wait_for_metric(server, "lossd_memory_waiting_calls", lambda v: v >= 1 or answer.done()) == 1
             assert answer.result().max_receive_message_bytes == MiB
