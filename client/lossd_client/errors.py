@@ -156,15 +156,42 @@ def caller_fields(names: Mapping[str, str] | None) -> _CallerFields:
     return _CallerFields(names)
 
 
+#: The most characters of a server's short text (an id) that an exception message shows.
+MAX_SHOWN_CHARS = 200
+#: The most characters of a server's error message that an exception carries: far above any of
+#: lossd's own (a few hundred characters, shapes of up to 32 axes included), far below what a
+#: buggy server can send (a 100 MB message was copied whole into the exception).
+MAX_DETAILS_CHARS = 4096
+
+
+def bounded(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """Server-controlled ``text`` cut to ``limit`` characters, with a note of its full length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters in all)"
+
+
+def shown(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``repr`` of server-controlled ``text`` cut to ``limit`` characters (:func:`bounded`)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters in all)"
+
+
 def from_rpc_error(exc: grpc.RpcError) -> LossdError:
     """The exception for a failed gRPC call."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return error_for(code, details or code.name)
+    return error_for(code, bounded(details or code.name, MAX_DETAILS_CHARS))
 
 
 def from_status_value(value: int, details: str) -> LossdError:
-    """The exception for a numeric status code (a stream item's ItemError)."""
+    """The exception for a numeric status code (a stream item's ItemError): LossdError itself
+    (code UNKNOWN) for a code gRPC does not have, InternalError for code 0 (OK), which is no
+    error; the server's message cut to MAX_DETAILS_CHARS."""
+    if value == grpc.StatusCode.OK.value[0]:
+        return InternalError(f"the server's answer: error has code 0 (OK), which is no error code; its message: {shown(details)}")
+    details = bounded(details, MAX_DETAILS_CHARS)
     for code in grpc.StatusCode:
         if code.value[0] == value:
             return error_for(code, details)
