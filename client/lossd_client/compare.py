@@ -5,7 +5,8 @@
   carrying the same whole rows of both logit tensors, cut by ``lossd_client.layout.logits_rows``);
 - routing: :func:`route` picks CompareChunked above the server's message limit (or above
   ``chunked_above_bytes``), as :func:`lossd_client.core.route` does for Evaluate;
-- answers: :func:`result` turns a CompareResponse into a :class:`CompareResult`: the dense arrays
+- answers: :func:`result` turns a CompareResponse, checked against its request
+  (:func:`lossd_client.answers.comparison_answer`), into a :class:`CompareResult`: the dense arrays
   in the caller's kind (numpy in, numpy out; torch in, torch out), the float64 totals and the
   :func:`lossd_client.compare_stats.summarize` summary (llama.cpp's ``--kl-divergence`` statistics).
 """
@@ -18,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from . import core, layout, tensors
+from . import answers, core, layout, tensors
 from ._proto.lossd.v1 import loss_pb2 as pb
 from .compare_stats import CompareSummary, CompareTotals, summarize
 from .errors import InvalidArgumentError
 
 #: The dense per-position outputs, by name; the last five exist only with tokens.
-DENSE_OUTPUTS = ("kl", "argmax_agree", "counted", "p_ref", "p_cand", "delta_p", "nll_ref", "nll_cand")
+DENSE_OUTPUTS = answers.DENSE_OUTPUTS
 
 Progress = Callable[[int], None] | None
 
@@ -162,6 +163,8 @@ class Call:
     message: pb.CompareRequest | None
     payloads: Iterator[bytes] | None
     as_torch: bool
+    #: What a valid answer holds (None: not checked).
+    expect: answers.ExpectedComparison | None = None
 
     @property
     def chunked(self) -> bool:
@@ -174,7 +177,8 @@ class Call:
         return self.payloads if self.payloads is not None else self.message
 
     def parse(self, response: pb.CompareResponse) -> CompareResult:
-        return result(response, self.as_torch)
+        """The answer, checked against the request, as the caller's kind of array (see :func:`result`)."""
+        return result(response, self.as_torch, self.expect)
 
 
 def needs_server_limit(inputs: CompareInputs, server_max: int | None) -> bool:
@@ -206,11 +210,17 @@ def route(
             raise ValueError("route: a comparison of more than SMALL_REQUEST_BYTES needs the server's limit (see needs_server_limit)")
         if size > layout.unary_budget(server_max) or size > chunked_above_bytes:
             messages = payloads(inputs, chunk_bytes, server_max)
-            return Call(None, messages if progress is None else _counted(messages, progress), as_torch)
+            return Call(None, messages if progress is None else _counted(messages, progress), as_torch, _expected(inputs))
     message = request(inputs)
     if progress is not None:
         progress(message.ByteSize())
-    return Call(message, None, as_torch)
+    return Call(message, None, as_torch, _expected(inputs))
+
+
+def _expected(inputs: CompareInputs) -> answers.ExpectedComparison:
+    """What a valid answer to the comparison holds (its options already checked: :func:`_options`)."""
+    top_k = core.integer_argument("top_k", inputs.top_k)
+    return answers.expected_comparison(inputs.id, inputs.reference, inputs.candidate, inputs.tokens is not None, top_k)
 
 
 # --------------------------------------------------------------------------- answers
@@ -226,8 +236,11 @@ def _top_k(response: pb.CompareResponse, name: str, as_torch: bool) -> TopK | No
     return TopK(tensors.from_proto(msg.ids, as_torch=as_torch), tensors.from_proto(msg.logprobs, as_torch=as_torch))
 
 
-def result(response: pb.CompareResponse, as_torch: bool) -> CompareResult:
-    """A CompareResponse as a :class:`CompareResult` (torch tensors when ``as_torch``), with its summary."""
+def result(response: pb.CompareResponse, as_torch: bool, expect: answers.ExpectedComparison | None = None) -> CompareResult:
+    """A CompareResponse as a :class:`CompareResult` (torch tensors when ``as_torch``), with its summary;
+    InternalError naming the field where it does not fit ``expect``, what a valid answer to the request holds."""
+    if expect is not None:
+        answers.comparison_answer(response, expect)
     present = [name for name in DENSE_OUTPUTS if response.HasField(name)]
     plain = {name: tensors.numpy_from_proto(getattr(response, name)) for name in present}
     summary = summarize(**{name: value for name, value in plain.items() if name not in ("p_ref", "p_cand")})

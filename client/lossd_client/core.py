@@ -5,7 +5,8 @@
 - routing: :func:`route` sends a request through shared memory, one unary message or
   EvaluateChunked (a large one cut over parallel streams by :mod:`lossd_client.split`), and
   :class:`Call` is what the clients then send; :class:`RoundRobin` picks the connection of each call;
-- answers: :func:`parse`, :func:`perplexity_result`, :func:`loglikelihood_result`,
+- answers: :func:`parse` (each answer checked against its request first:
+  :mod:`lossd_client.answers`), :func:`perplexity_result`, :func:`loglikelihood_result`,
   :func:`server_info`, :func:`health_status`;
 - ``evaluate_many``: :class:`Stream` numbers the requests, packs them into messages and hands
   the answers back in input order; :func:`as_loss_request` says what an item may be.
@@ -25,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from . import layout, split, tensors
+from . import answers, layout, split, tensors
 from ._proto.lossd.v1 import loss_pb2 as pb
-from .errors import InvalidArgumentError, LossdError, from_status_value
+from .errors import InternalError, InvalidArgumentError, LossdError, shown
 from .shm import SegmentPool, SharedMemoryArena
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats, ServerInfo
 
@@ -563,6 +564,9 @@ class Call:
     parts: list[Iterator[bytes]] | None = None
     #: What joins the parts' answers: (reduction, request id, loss, class-index target).
     join: tuple[str, str, str, bool] | None = None
+    #: What a valid answer to the request holds (each part's in ``part_answers``).
+    expect: answers.Expected | None = None
+    part_answers: list[answers.Expected] | None = None
 
     @property
     def chunked(self) -> bool:
@@ -575,14 +579,15 @@ class Call:
         return self.parts if self.parts is not None else [self.payloads] if self.payloads is not None else []
 
     def parse(self, response: pb.EvaluateResponse) -> EvaluateResult:
-        """The answer, as the caller's kind of array (see :func:`parse`)."""
-        return parse(response, self.as_torch)
+        """The answer, as the caller's kind of array (see :func:`parse`), checked against the request."""
+        return parse(response, self.as_torch, self.expect)
 
     def answer(self, responses: Sequence[pb.EvaluateResponse]) -> EvaluateResult:
-        """The answer from the responses of every stream (one response unless the request was cut)."""
+        """The answer from the responses of every stream (one response unless the request was cut:
+        each part's answer is checked against its part, a failed part's error raised)."""
         if self.join is None:
             return self.parse(responses[0])
-        return self.parse(split.join_responses(responses, *self.join))
+        return self.parse(split.join_responses(responses, *self.join, expected=self.part_answers))
 
     def __enter__(self) -> Call:
         return self
@@ -633,7 +638,7 @@ def route(
         except BaseException:
             arena.close()
             raise
-        return Call(msg.SerializeToString(), None, as_torch, arena)
+        return Call(msg.SerializeToString(), None, as_torch, arena, expect=answers.expected(req))
     size = request_nbytes(req)
     if size > SMALL_REQUEST_BYTES:
         if server_max is None:
@@ -642,12 +647,14 @@ def route(
             as_torch = tensors.is_torch_tensor(req.input)
             parts = split.split_rows(req, max(parallel_streams, header_parts(req, server_max)))
             if parts is None:
-                return Call(None, chunk_payloads(req, chunk_bytes, server_max), as_torch)
+                return Call(None, chunk_payloads(req, chunk_bytes, server_max), as_torch, expect=answers.expected(req))
             streams = [chunk_payloads(part, chunk_bytes, server_max) for part in parts]
             reduction = layout.REDUCTION_NAMES[layout.REDUCTIONS[req.reduction]]
-            return Call(None, None, as_torch, parts=streams, join=(reduction, req.id, req.loss, split.class_indices(req)))
+            join = (reduction, req.id, req.loss, split.class_indices(req))
+            expect, part_answers = answers.expected(req), [answers.expected(part) for part in parts]
+            return Call(None, None, as_torch, parts=streams, join=join, expect=expect, part_answers=part_answers)
     encoded = encode(req)
-    return Call(encoded.tobytes(), None, encoded.as_torch)
+    return Call(encoded.tobytes(), None, encoded.as_torch, expect=answers.expected(req))
 
 
 def _streams(req: LossRequest) -> bool:
@@ -656,19 +663,20 @@ def _streams(req: LossRequest) -> bool:
 
 
 # --------------------------------------------------------------------------- answers
-def parse(response: pb.EvaluateResponse, as_torch: bool) -> EvaluateResult:
-    """A response -> EvaluateResult (torch tensors when ``as_torch``); raises the item's error as a LossdError."""
-    if response.HasField("error"):
-        raise from_status_value(response.error.code, response.error.message)
+def parse(response: pb.EvaluateResponse, as_torch: bool, expect: answers.Expected | None = None) -> EvaluateResult:
+    """A response -> EvaluateResult (torch tensors when ``as_torch``); raises the item's error as a
+    LossdError, and InternalError naming the field where the answer does not fit ``expect``, what
+    a valid answer to the request holds (:func:`lossd_client.answers.evaluate_answer`)."""
+    answers.evaluate_answer(response, expect)
     result = EvaluateResult(
-        loss=tensors.from_proto(response.loss, as_torch=as_torch),
+        loss=answers.decoded(response.loss, "loss", as_torch=as_torch),
         loss_sum=response.loss_sum,
         weight_sum=response.weight_sum,
         counted=response.counted,
         id=response.id,
     )
     for name, value in response.extras.items():
-        result.extras[name] = tensors.from_proto(value, as_torch=as_torch)
+        result.extras[name] = answers.decoded(value, f"extras[{shown(name)}]", as_torch=as_torch)
     if response.HasField("sequences"):
         s = response.sequences
         result.sequences = SequenceStats(
@@ -957,7 +965,7 @@ class Stream:
         self.window = window
         self.return_exceptions = return_exceptions
         self.failure: Exception | None = None
-        self._as_torch: dict[str, bool] = {}
+        self._sent: dict[str, tuple[bool, answers.Expected]] = {}  # each request sent: (torch answer, what its answer holds)
         self._caller_ids: dict[str, str] = {}  # the wire numbers the items; results carry the caller's id
         self._order: list[str] = []
         self._ready: dict[str, pb.EvaluateResponse] = {}
@@ -999,7 +1007,7 @@ class Stream:
         # the serialised size bounds the tensor bytes: counting those (2 us) only when it is over
         if server_max is not None and encoded.nbytes > (budget := layout.unary_budget(server_max)) and request_nbytes(req) > budget:
             return req
-        self._as_torch[req.id] = encoded.as_torch
+        self._sent[req.id] = (encoded.as_torch, answers.expected(req))
         return encoded
 
     def settle(self, rid: str, answer: EvaluateResult | LossdError) -> None:
@@ -1041,12 +1049,14 @@ class Stream:
 
     def ready(self, responses: Iterable[pb.EvaluateResponse] = ()) -> Iterator[EvaluateResult | LossdError]:
         """Results that are next in input order, once their answers are in (with no responses:
-        the client's rejections that are next, as at the end of the stream)."""
+        the client's rejections that are next, as at the end of the stream). An answer for an id
+        that was never sent is InternalError."""
         for response in responses:
-            if response.id not in self._as_torch:
-                parse(response, False)  # raises the item's error
-                raise LossdError(f"answer for unknown id {response.id!r}")
-            self._ready[response.id] = response
+            rid = response.id
+            if rid not in self._sent:
+                answers.raise_item_error(response)
+                raise InternalError(f"answer for unknown id {shown(rid)}")
+            self._ready[rid] = response
         while self._next < len(self._order):
             rid = self._order[self._next]
             if rid in self._done:
@@ -1061,13 +1071,15 @@ class Stream:
                 yield answer
             elif rid in self._ready:
                 self._next += 1
-                yield self._result(self._ready.pop(rid), self._as_torch.pop(rid), self._caller_ids.pop(rid))
+                yield self._result(self._ready.pop(rid), *self._sent.pop(rid), self._caller_ids.pop(rid))
             else:
                 return
 
-    def _result(self, response: pb.EvaluateResponse, as_torch: bool, caller_id: str) -> EvaluateResult | LossdError:
+    def _result(
+        self, response: pb.EvaluateResponse, as_torch: bool, expect: answers.Expected, caller_id: str
+    ) -> EvaluateResult | LossdError:
         try:
-            result = parse(response, as_torch)
+            result = parse(response, as_torch, expect)
             result.id = caller_id
             return result
         except LossdError as exc:

@@ -37,6 +37,10 @@ returns None):
 - a BCE ``weight`` / ``pos_weight`` with the input's number of axes and a leading axis as long as
   the input's is cut with it; one that broadcasts along the leading axis goes whole with every part.
 
+Every part's answer is checked before anything is joined: a part that failed raises its error (the
+whole request failed), and one that does not fit its part (:func:`lossd_client.answers.evaluate_answer`)
+raises InternalError naming the field, never half the totals returned as the whole request's.
+
 Float totals are exact when the server's per-chunk sums are (float32 or 16-bit inputs: float32
 losses add up exactly in float64 for any realistic request); with float64 inputs a split, like a
 different ``chunk_bytes``, may move ``loss_sum`` by an ulp.
@@ -50,16 +54,16 @@ from typing import Any
 
 import numpy as np
 
-from . import layout, tensors
+from . import answers, layout, tensors
 from . import reduction as reduction_rule
 from ._proto.lossd.v1 import loss_pb2 as pb
+from .answers import SEQUENCE_FIELDS as SEQUENCE_FIELDS  # the per-sequence fields, joined in order
+from .errors import shown
 from .reduction import divide as divide  # the server's IEEE division, kept under this name
 from .types import LossRequest, exact_sum
 
-#: The per-sequence fields of ``EvaluateResponse.sequences`` (one value per sequence, in order).
-SEQUENCE_FIELDS = ("nll_sum", "tokens", "mean_nll", "perplexity", "is_greedy")
-_FLOATS = frozenset({pb.FLOAT32, pb.FLOAT64, pb.FLOAT16, pb.BFLOAT16})
-_CLASS_INDICES = frozenset({pb.INT64, pb.UINT8})
+_FLOATS = answers.FLOATS
+_CLASS_INDICES = answers.CLASS_INDICES
 
 
 def _shape(value: Any) -> tuple[int, ...]:
@@ -179,17 +183,51 @@ def _concatenate(parts: Sequence[pb.Tensor], out: pb.Tensor) -> None:
     out.data = b"".join(p.data for p in parts)
 
 
+def _check_joinable(responses: Sequence[pb.EvaluateResponse], reduction: str) -> None:
+    """What joining needs of the parts' answers, whatever their requests: one floating loss dtype,
+    the same extras, sequences in all or none, and tensors to concatenate along a leading axis of
+    the same dtype and trailing axes (InternalError naming the part and the field otherwise)."""
+    first = responses[0]
+    names = set(first.extras)
+    for i, r in enumerate(responses):
+        if r.loss.dtype not in _FLOATS or r.loss.dtype != first.loss.dtype:
+            raise answers.malformed(
+                f"part {i}'s loss has dtype {layout.dtype_name(r.loss.dtype)}; joining needs one floating dtype "
+                f"(part 0's: {layout.dtype_name(first.loss.dtype)})"
+            )
+        if set(r.extras) != names or r.HasField("sequences") != first.HasField("sequences"):
+            raise answers.malformed(f"part {i}'s extras or sequences are not those of part 0")
+        tensors_ = [("loss", r.loss, first.loss)] if reduction == "none" else []
+        tensors_ += [(f"extras[{shown(name)}]", r.extras[name], first.extras[name]) for name in names]
+        for field, t, t0 in tensors_:
+            if not t.shape or t.dtype != t0.dtype or t.shape[1:] != t0.shape[1:]:
+                raise answers.malformed(
+                    f"part {i}'s {field} has shape {answers.shape_text(t.shape)} of {layout.dtype_name(t.dtype)}, part 0's "
+                    f"{answers.shape_text(t0.shape)} of {layout.dtype_name(t0.dtype)}: they do not join along their first axis"
+                )
+
+
 def join_responses(
     responses: Sequence[pb.EvaluateResponse],
     reduction: str,
     request_id: str = "",
     loss: str = layout.CROSS_ENTROPY,
     class_indices: bool = True,
+    *,
+    expected: Sequence[answers.Expected] | None = None,
 ) -> pb.EvaluateResponse:
     """The answer to the whole request from its parts' answers, in row order (see the module's
     docstring); ``loss`` and ``class_indices`` say how torch accumulates its mean (see
     :func:`lossd_client.reduction.accumulation_dtypes`) and signs a zero total
-    (:func:`lossd_client.reduction.total`)."""
+    (:func:`lossd_client.reduction.total`). A part's error is raised (the first failed part's);
+    each part's answer is checked against ``expected`` (what a valid answer to each part holds)
+    when given, and always for what joining needs (InternalError naming the part otherwise)."""
+    for response in responses:
+        answers.raise_item_error(response)
+    if expected is not None:
+        for response, expect in zip(responses, expected, strict=True):
+            answers.evaluate_answer(response, expect)
+    _check_joinable(responses, reduction)
     out = pb.EvaluateResponse(id=request_id)
     out.loss_sum = exact_sum([r.loss_sum for r in responses])
     out.weight_sum = exact_sum([r.weight_sum for r in responses])
