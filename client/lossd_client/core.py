@@ -1050,12 +1050,14 @@ class Stream:
     def ready(self, responses: Iterable[pb.EvaluateResponse] = ()) -> Iterator[EvaluateResult | LossdError]:
         """Results that are next in input order, once their answers are in (with no responses:
         the client's rejections that are next, as at the end of the stream). An answer for an id
-        that was never sent is InternalError."""
+        that was never sent or is already answered is InternalError."""
         for response in responses:
             rid = response.id
             if rid not in self._sent:
                 answers.raise_item_error(response)
                 raise InternalError(f"answer for unknown id {shown(rid)}")
+            if rid in self._ready:
+                raise answers.malformed(f"a second answer for id {shown(rid)}")
             self._ready[rid] = response
         while self._next < len(self._order):
             rid = self._order[self._next]
