@@ -31,6 +31,9 @@ returns None):
 - ``shift_targets`` moves targets along the target's last axis and ``sequence_stats`` reduces
   over it, so both need a target with at least two axes (the leading one is then cut between whole
   sequences);
+- a request with torch's legacy ``size_average`` / ``reduce`` is never split: they decide the
+  reduction in place of ``reduction`` (and kl_div's 'batchmean' beside them divides by each part's
+  batch), which the join would not follow: a summed request came back as its mean;
 - cross_entropy with class indices, ``label_smoothing > 0`` and ``reduction='mean'`` is never split:
   torch divides its NLL part and its smoothing part by the weight separately, and an answer carries
   only their total (``loss_sum``), so the mean cannot be recomputed from the parts;
@@ -90,7 +93,7 @@ def splittable(req: LossRequest) -> bool:
         class_indices = _target_is_cut_with_rows(req, x_shape, t_shape, t_dtype) if rows_lead >= 1 else None
     except (tensors.UnsupportedTensorError, ValueError, TypeError):
         return False
-    if class_indices is None or x_shape[0] < 2:
+    if class_indices is None or x_shape[0] < 2 or req.size_average is not None or req.reduce is not None:
         return False
     if class_indices and req.loss == layout.CROSS_ENTROPY and _smoothed(req) and _reduction(req) == "mean":
         return False

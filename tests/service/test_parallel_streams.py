@@ -257,3 +257,26 @@ def test_parts_joined_keep_torchs_sign_of_a_zero_total(server, clients, dtype, r
         for client in (one, four):
             assert_torchs_special_value(getattr(client, fn)(**tensors, reduction=reduction), want)
         assert server.metrics().get(CHUNKED_OK, 0.0) - before == 5  # whole, then four parts
+
+
+@pytest.mark.parametrize(("size_average", "reduce"), [(False, None), (None, False), (True, True)])
+@pytest.mark.parametrize("loss", ["cross_entropy", "kl_div"])
+def test_a_request_with_torchs_legacy_keywords_is_sent_whole_and_equals_torch(server, clients, loss, size_average, reduce):
+    """size_average / reduce decide the reduction (and kl_div's 'batchmean' beside them divides by the
+    batch): a split summed request came back as its mean (3.96 for 253.17), so such a request is never cut."""
+    g = _g(15)
+    x = torch.from_numpy(g.standard_normal((40, 12), dtype=np.float32))
+    if loss == "cross_entropy":
+        t, reduction = torch.from_numpy(g.integers(0, 12, 40)), "mean"
+        want = F.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+    else:
+        x, t, reduction = F.log_softmax(x, 1), F.softmax(torch.from_numpy(g.standard_normal((40, 12), dtype=np.float32)), 1), "batchmean"
+        want = F.kl_div(x, t, size_average=size_average, reduce=reduce, reduction=reduction)
+    req = LossRequest(x.numpy(), t.numpy(), loss, reduction=reduction, size_average=size_average, reduce=reduce)
+    assert not split.splittable(req)
+    one, four = clients
+    before = server.metrics().get(CHUNKED_OK, 0.0)
+    single, whole = one.evaluate(req), four.evaluate(req)
+    assert server.metrics().get(CHUNKED_OK, 0.0) - before == 2  # one call each
+    assert_same_result(single, whole)
+    torch.testing.assert_close(torch.from_numpy(np.asarray(whole.loss)), want, rtol=1e-5, atol=1e-6)
