@@ -844,7 +844,17 @@ def loglikelihood_result(result: EvaluateResult) -> LoglikelihoodResult:
 
 
 def server_info(msg: pb.ServerInfo) -> ServerInfo:
-    """A GetServerInfo answer as a :class:`ServerInfo` (dtypes by name)."""
+    """A GetServerInfo answer as a :class:`ServerInfo` (dtypes by name). A message limit under
+    :data:`~lossd_client.layout.MIN_MESSAGE_BYTES` (0, negative), which no lossd server has, is
+    InternalError naming the server's value. Such a limit used to be kept and routed by: a 0 failed
+    every request over 512 bytes for the client's lifetime, telling the caller to split the request
+    (probe 18)."""
+    for name in ("max_receive_message_bytes", "max_send_message_bytes"):
+        if (value := getattr(msg, name)) < layout.MIN_MESSAGE_BYTES:
+            raise InternalError(
+                f"the server's GetServerInfo answer has {name} = {value}, under the {layout.MIN_MESSAGE_BYTES} bytes every lossd "
+                "server allows (its --max-message-bytes and --max-send-message-bytes): a broken server, or not a lossd server"
+            )
     values = {f.name: getattr(msg, f.name) for f in dataclasses.fields(ServerInfo)}
     for name in ("input_dtypes", "target_dtypes"):
         values[name] = tuple(layout.dtype_name(d) for d in values[name])

@@ -206,6 +206,12 @@ MAX_PACKED_ITEMS = 1024
 CHUNKED_ABOVE_BYTES = 4 * 1024 * 1024
 
 
+#: The smallest message limit a lossd server can have: the lower bound of its --max-message-bytes and
+#: --max-send-message-bytes (``lossd_server.config.BOUNDS``). A GetServerInfo answer with a limit
+#: under it (0, negative) is not a lossd server's, and the client does not route requests by it.
+MIN_MESSAGE_BYTES = 1024
+
+
 def unary_budget(max_message_bytes: int) -> int:
     """Tensor bytes that fit in one message of ``max_message_bytes`` with its other fields."""
     return max_message_bytes - min(4096, max_message_bytes // 4)

@@ -131,6 +131,13 @@ def test_unary_budget():
     assert layout.CHUNKED_ABOVE_BYTES == 4 * 2**20
 
 
+def test_the_smallest_message_limit_is_the_servers_lower_bound():
+    """The client refuses a ServerInfo whose limits are under MIN_MESSAGE_BYTES: no lossd server starts with one."""
+    from lossd_server.config import BOUNDS
+
+    assert BOUNDS["max_message_bytes"].low == BOUNDS["max_send_message_bytes"].low == layout.MIN_MESSAGE_BYTES
+
+
 # --------------------------------------------------------------------------- client rows == server rows
 def _torch_answer(loss, x, t, class_axis, reduction):
     if loss == BCE:

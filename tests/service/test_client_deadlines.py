@@ -1,0 +1,106 @@
+"""The clients against a fake server (tests/fake_lossd.py) that claims message limits no lossd server
+has (probe 18 F11): its ServerInfo is refused, naming the value, and never kept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lossd_client
+import numpy as np
+import pytest
+from lossd_client import AsyncLossClient, LossClient, LossRequest
+from lossd_client.errors import InternalError
+
+FAKE = str(Path(__file__).resolve().parents[1] / "fake_lossd.py")
+
+#: The calls' deadline, and how long each slow answer of the fake server takes: the lookup and the
+#: call each fit in the deadline, both together do not (by a second either way).
+TIMEOUT_S = 3.0
+DELAY_S = 2.0
+
+
+class Fake:
+    """A running fake server: its address and the calls it received."""
+
+    def __init__(self, address: str, calls: Path) -> None:
+        self.address = address
+        self._calls = calls
+
+    def calls(self) -> list[str]:
+        return self._calls.read_text().splitlines()
+
+
+@contextmanager
+def fake_server(tmp_path: Path, **mode: Any) -> Iterator[Fake]:
+    """tests/fake_lossd.py in a process of its own on 127.0.0.1, killed by its PID at the end."""
+    calls = tmp_path / f"calls-{time.monotonic_ns()}.log"
+    calls.touch()
+    client_root = os.path.dirname(os.path.dirname(lossd_client.__file__))  # the client under test
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [client_root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, FAKE, str(calls), json.dumps(mode)], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        port = proc.stdout.readline().strip() if ready else ""
+        assert port.isdigit(), f"the fake server did not start (exit status {proc.poll()})"
+        yield Fake(f"127.0.0.1:{port}", calls)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+
+
+def class_indices(rows: int, classes: int) -> LossRequest:
+    """A 'mean' cross_entropy request of ``rows`` rows with int64 class-index targets."""
+    rng = np.random.default_rng(rows)
+    return LossRequest(rng.standard_normal((rows, classes), dtype=np.float32), rng.integers(0, classes, rows))
+
+
+def sent(fake: Fake, *methods: str) -> int:
+    return sum(call in methods for call in fake.calls())
+
+
+# ---------------------------------------------------------------------------- F11: absurd limits
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("max_receive_message_bytes", 0),
+        ("max_receive_message_bytes", -1),
+        ("max_receive_message_bytes", 300),
+        ("max_send_message_bytes", 1023),
+    ],
+)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_server_info_with_limits_no_lossd_server_has_is_refused_not_kept(tmp_path, name, value, kind):
+    """A claimed max_receive_message_bytes of 0 or -1 was kept for the client's lifetime, and every
+    request over 512 bytes was refused as the caller's fault ("split the request by sequences")."""
+    want = f"the server's GetServerInfo answer has {name} = {value}, under the 1024 bytes every lossd server allows"
+    req = class_indices(128, 8)  # 4 KiB: needs the server's limit
+    with fake_server(tmp_path, **{name: value}) as fake:
+        if kind == "sync":
+            with LossClient(fake.address, timeout_s=60) as client:
+                for call in (client.server_info, client.server_info, lambda: client.evaluate(req)):
+                    with pytest.raises(InternalError) as info:
+                        call()
+                    assert str(info.value).startswith(want)
+        else:
+
+            async def main() -> None:
+                async with AsyncLossClient(fake.address, timeout_s=60) as client:
+                    for call in (client.server_info, client.server_info, lambda: client.evaluate(req)):
+                        with pytest.raises(InternalError) as info:
+                            await call()
+                        assert str(info.value).startswith(want)
+
+            asyncio.run(main())
+        assert sent(fake, "GetServerInfo") == 3  # never kept: each call asked again
+        assert sent(fake, "Evaluate", "EvaluateChunked") == 0
