@@ -52,15 +52,19 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         self._segments.close()
 
     async def evaluate(self, request: LossRequest | None = None, *, timeout_s: float | None = None, **fields: Any) -> EvaluateResult:
-        """Async twin of :meth:`LossClient.evaluate`."""
+        """Async twin of :meth:`LossClient.evaluate` (``timeout_s`` is one deadline for the whole call)."""
         req, timeout = core.request_of(request, fields), self._timeout(timeout_s)
+        return await self._evaluate(req, deadline_of(timeout))
+
+    async def _evaluate(self, req: LossRequest, deadline: float | None) -> EvaluateResult:
+        """:meth:`evaluate` within ``deadline`` (``time.monotonic()``; None: none): each RPC gets what is left of it."""
         if self._needs_limit(req):
-            await self._lookup(timeout, cached=True)
-        with self._route(req) as call, self._errors(timeout):
+            await self._lookup(deadline, cached=True)
+        with self._route(req) as call, self._errors(deadline):
             if call.chunked:
-                responses = await _chunked(self._take(len(call.streams)), call.streams, timeout)
+                responses = await _chunked(self._take(len(call.streams)), call.streams, deadline)
             else:
-                responses = [await self._take(1)[0].evaluate(call.message, timeout=timeout)]
+                responses = [await self._take(1)[0].evaluate(call.message, timeout=remaining(deadline))]
         return call.answer(responses)
 
     async def evaluate_many(
@@ -77,11 +81,10 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         read by a task on the event loop: a sync iterable's ``next()`` runs there, so one that blocks
         (waits for a result) blocks the loop; give such a source as an async iterable."""
         stream, connections = self._stream(window, pack, return_exceptions)
-        timeout = self._timeout(timeout_s)
-        deadline = deadline_of(timeout)
-        calls = [c.streams[stream.method](timeout=timeout) for c in connections]
+        deadline = deadline_of(self._timeout(timeout_s))
+        calls = [c.streams[stream.method](timeout=remaining(deadline)) for c in connections]
         slots, inbox = asyncio.Semaphore(window), asyncio.Queue()
-        write_task = asyncio.ensure_future(_write(calls, stream, requests, slots, _Alone(self, stream, timeout, inbox)))
+        write_task = asyncio.ensure_future(_write(calls, stream, requests, slots, _Alone(self, stream, deadline, inbox)))
         try:
             async for message in _merged(calls, inbox):
                 answers = stream.answers(message)
@@ -106,19 +109,19 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
     async def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         """The server's versions, device and limits (GetServerInfo); a call made while another
         task's is in progress takes its answer."""
-        return await self._lookup(self._timeout(timeout_s), cached=False)
+        return await self._lookup(deadline_of(self._timeout(timeout_s)), cached=False)
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The server's health status name (SERVING, NOT_SERVING, ...)."""
         check, request = self._health_check(service)
         timeout = self._health_timeout(timeout_s)
-        with self._errors(timeout):
+        with self._errors(deadline_of(timeout)):
             return core.health_status(await check(request, timeout=timeout))
 
-    async def _lookup(self, timeout: float | None, *, cached: bool) -> ServerInfo:
+    async def _lookup(self, deadline: float | None, *, cached: bool) -> ServerInfo:
         """The server's info: the latest this client learnt (``cached``, once there is one) or a
-        lookup's, which the tasks that ask while it runs share (:mod:`lossd_client.flight`)."""
-        flights, deadline = self._flights, deadline_of(timeout)
+        lookup's within ``deadline``, which the tasks that ask while it runs share (:mod:`lossd_client.flight`)."""
+        flights = self._flights
         while True:  # again only after a flight failed by its leader's own doing (SingleFlight.answer)
             if cached and flights.last is not None:
                 return flights.last
@@ -135,10 +138,10 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
     async def _lead(self, flight: Flight) -> ServerInfo:
         """Ask the server for ``flight`` (within its deadline) and land the answer or the failure
         (this task's cancellation too: a waiter then leads a new flight)."""
-        info, error, timeout = None, None, remaining(flight.deadline)
+        info, error = None, None
         try:
-            with self._errors(timeout):
-                info = core.server_info(await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout))
+            with self._errors(flight.deadline):
+                info = core.server_info(await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=remaining(flight.deadline)))
             return info
         except BaseException as exc:
             error = exc
@@ -148,9 +151,8 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
             flight.landed.set_result(None)
 
     @contextmanager
-    def _errors(self, timeout: float | None = None) -> Iterator[None]:
-        """A failed call of the block (``timeout``: its timeout) raised as its LossdError (see :meth:`_failure`)."""
-        deadline = deadline_of(timeout)
+    def _errors(self, deadline: float | None = None) -> Iterator[None]:
+        """A failed call of the block (``deadline``: its calls' deadline) raised as its LossdError (see :meth:`_failure`)."""
         try:
             yield
         except (grpc.RpcError, asyncio.CancelledError) as exc:
@@ -214,20 +216,22 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         call, rpc = super()._compare_call(inputs, progress)
         return call, (_Writes(rpc) if call.chunked else rpc)
 
-    async def _compare(self, inputs: compare.CompareInputs, timeout: float | None, progress: Callable[[int], None] | None) -> CompareResult:
+    async def _compare(
+        self, inputs: compare.CompareInputs, deadline: float | None, progress: Callable[[int], None] | None
+    ) -> CompareResult:
         with caller_fields(compare.CALLER_FIELDS):
             inputs = compare.with_token_ids(inputs)
             if compare.needs_server_limit(inputs, self._server_max):
-                await self._lookup(timeout, cached=True)
+                await self._lookup(deadline, cached=True)
             call, rpc = self._compare_call(inputs, progress)
-            with self._errors(timeout):
+            with self._errors(deadline):
                 if not call.chunked:
-                    return call.parse(await rpc(call.request, timeout=timeout))
+                    return call.parse(await rpc(call.request, timeout=remaining(deadline)))
                 kept = _FirstKept(call.request)
                 try:
-                    return call.parse(await rpc(kept, timeout=timeout))
+                    return call.parse(await rpc(kept, timeout=remaining(deadline)))
                 except grpc.aio.AioRpcError as exc:
-                    raise await _header_verdict(exc, rpc, [kept.first], timeout) from None
+                    raise await _header_verdict(exc, rpc, [kept.first], deadline) from None
 
 
 #: What gRPC's blocking calls report when their channel is closed under them.
@@ -266,20 +270,21 @@ def _lost_status(exc: BaseException) -> bool:
 
 
 async def _chunked(
-    connections: Sequence[Connection], streams: Sequence[Iterator[bytes]], timeout: float | None
+    connections: Sequence[Connection], streams: Sequence[Iterator[bytes]], deadline: float | None
 ) -> list[pb.EvaluateResponse]:
-    """One EvaluateChunked call per stream, all at once, each over its own connection; their answers in order.
+    """One EvaluateChunked call per stream, all at once, each over its own connection and within the
+    one ``deadline``; their answers in order.
 
     A server that refuses a call at its header answers while the client still writes its rows; when
     grpc.aio's next write fails before it has read that answer, it ends the call INTERNAL "Internal
     error from Core" (the blocking client gets the server's status). The header alone is then sent
     again and the server's verdict on it raised instead, when it refuses it."""
     firsts = [_FirstKept(s) for s in streams]
-    calls = [_Writes(c.evaluate_chunked)(f, timeout=timeout) for c, f in zip(connections, firsts, strict=True)]
+    calls = [_Writes(c.evaluate_chunked)(f, timeout=remaining(deadline)) for c, f in zip(connections, firsts, strict=True)]
     try:
         return list(await asyncio.gather(*calls))
     except grpc.aio.AioRpcError as exc:
-        raise await _header_verdict(exc, _Writes(connections[0].evaluate_chunked), [f.first for f in firsts], timeout) from None
+        raise await _header_verdict(exc, _Writes(connections[0].evaluate_chunked), [f.first for f in firsts], deadline) from None
     finally:
         for call in calls:
             call.cancel()  # the others, when one failed
@@ -362,18 +367,19 @@ class _FirstKept:
 
 
 async def _header_verdict(
-    exc: grpc.aio.AioRpcError, rpc: Callable, headers: Sequence[bytes | None], timeout: float | None
+    exc: grpc.aio.AioRpcError, rpc: Callable, headers: Sequence[bytes | None], deadline: float | None
 ) -> grpc.aio.AioRpcError:
     """What a chunked call that ended ``exc`` raises: ``exc``, unless it is grpc.aio's lost status
     (:data:`LOST_STATUS_DETAILS`) and the server refuses one of ``headers`` sent alone through
-    ``rpc`` (a header it accepts only misses its rows there: not what failed the call)."""
+    ``rpc`` (a header it accepts only misses its rows there: not what failed the call), within
+    what is left of the call's ``deadline``."""
     if not _lost_status(exc):
         return exc
     for header in headers:
         if header is None:
             continue
         try:
-            await rpc(iter([header]), timeout=timeout)
+            await rpc(iter([header]), timeout=remaining(deadline))
         except grpc.aio.AioRpcError as verdict:
             missing_rows = verdict.code() == grpc.StatusCode.INVALID_ARGUMENT and " rows of the header's " in verdict.details()
             if not missing_rows and verdict.code() != grpc.StatusCode.INTERNAL:
@@ -409,10 +415,10 @@ class _Alone:
     """What evaluate_many does with an item too large for one message: routes it as ``evaluate()``
     does (EvaluateChunked), awaited by the producer, and settles its answer in the stream."""
 
-    def __init__(self, client: AsyncLossClient, stream: core.Stream, timeout: float | None, inbox: asyncio.Queue) -> None:
+    def __init__(self, client: AsyncLossClient, stream: core.Stream, deadline: float | None, inbox: asyncio.Queue) -> None:
         self._client = client
         self._stream = stream
-        self._timeout = timeout
+        self._deadline = deadline  # evaluate_many's, shared by its items
         self._inbox = inbox
 
     @property
@@ -426,12 +432,12 @@ class _Alone:
 
     async def fetch_limit(self) -> None:
         """Ask the server for its message limit (once per client)."""
-        await self._client._lookup(self._timeout, cached=True)
+        await self._client._lookup(self._deadline, cached=True)
 
     async def evaluate(self, req: LossRequest) -> None:
         """Evaluate ``req`` alone; its answer (or its LossdError) is settled in the stream."""
         try:
-            answer: EvaluateResult | LossdError = await self._client.evaluate(req, timeout_s=self._timeout)
+            answer: EvaluateResult | LossdError = await self._client._evaluate(req, self._deadline)
         except LossdError as exc:
             answer = exc
         self._stream.settle(req.id, answer)

@@ -23,7 +23,7 @@ from ._proto.lossd.v1 import loss_pb2 as pb
 from ._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 from .channel import SERVICE, channel_options, credentials, normalise_target
 from .errors import InvalidArgumentError
-from .flight import SingleFlight
+from .flight import SingleFlight, deadline_of
 from .shm import SegmentPool
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest
 
@@ -249,10 +249,11 @@ class ClientBase(Generic[LossT, PerplexityT, LoglikelihoodT, CompareT]):
         ``progress`` is called with the bytes of each message as it is sent.
         """
         inputs = compare.CompareInputs(reference, candidate, tokens, ignore_index, shift_targets, top_k)
-        return self._compare(inputs, self._timeout(timeout_s), progress)
+        return self._compare(inputs, deadline_of(self._timeout(timeout_s)), progress)
 
-    def _compare(self, inputs: compare.CompareInputs, timeout: float | None, progress: Callable[[int], None] | None) -> Any:
-        """The comparison's I/O: blocking in LossClient, a coroutine in AsyncLossClient."""
+    def _compare(self, inputs: compare.CompareInputs, deadline: float | None, progress: Callable[[int], None] | None) -> Any:
+        """The comparison's I/O within ``deadline`` (one for the lookup and the call): blocking in
+        LossClient, a coroutine in AsyncLossClient."""
         raise NotImplementedError
 
     def _compare_call(self, inputs: compare.CompareInputs, progress: Callable[[int], None] | None) -> tuple[compare.Call, Any]:

@@ -57,16 +57,21 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         fields); returns loss and totals.
 
         Requests larger than the server's message limit (or than ``chunked_above_bytes``, which bounds the
-        server's memory per request) go through EvaluateChunked by themselves.
+        server's memory per request) go through EvaluateChunked by themselves. ``timeout_s`` is one
+        deadline for the whole call: the lookup of the server's limit and every part of the request.
         """
         req, timeout = core.request_of(request, fields), self._timeout(timeout_s)
+        return self._evaluate(req, deadline_of(timeout))
+
+    def _evaluate(self, req: LossRequest, deadline: float | None) -> EvaluateResult:
+        """:meth:`evaluate` within ``deadline`` (``time.monotonic()``; None: none): each RPC gets what is left of it."""
         if self._needs_limit(req):
-            self._lookup(timeout, cached=True)
+            self._lookup(deadline, cached=True)
         with self._route(req) as call, rpc_errors():
             if call.chunked:
-                responses = _chunked(self._take(len(call.streams)), call.streams, timeout)
+                responses = _chunked(self._take(len(call.streams)), call.streams, deadline)
             else:
-                responses = [self._take(1)[0].evaluate(call.message, timeout=timeout)]
+                responses = [self._take(1)[0].evaluate(call.message, timeout=remaining(deadline))]
         return call.answer(responses)
 
     def evaluate_many(
@@ -96,9 +101,9 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         to whichever stream asks for the next one).
         """
         stream, connections = self._stream(window, pack, return_exceptions)
-        timeout, inbox = self._timeout(timeout_s), queue.SimpleQueue()
-        feeder = _Feeder(iter(requests), stream, _Alone(self, stream, timeout, inbox))
-        calls = [c.streams[stream.method](feeder.messages(), timeout=timeout) for c in connections]
+        deadline, inbox = deadline_of(self._timeout(timeout_s)), queue.SimpleQueue()
+        feeder = _Feeder(iter(requests), stream, _Alone(self, stream, deadline, inbox))
+        calls = [c.streams[stream.method](feeder.messages(), timeout=remaining(deadline)) for c in connections]
         feeder.start()
         try:
             with rpc_errors():
@@ -116,7 +121,7 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
     def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         """The server's versions, device and limits (GetServerInfo); a call made while another
         thread's is in progress takes its answer."""
-        return self._lookup(self._timeout(timeout_s), cached=False)
+        return self._lookup(deadline_of(self._timeout(timeout_s)), cached=False)
 
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The server's health status name (SERVING, NOT_SERVING, ...); ``timeout_s`` (else the
@@ -125,10 +130,10 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         with rpc_errors():
             return core.health_status(check(request, timeout=self._health_timeout(timeout_s)))
 
-    def _lookup(self, timeout: float | None, *, cached: bool) -> ServerInfo:
+    def _lookup(self, deadline: float | None, *, cached: bool) -> ServerInfo:
         """The server's info: the latest this client learnt (``cached``, once there is one) or a
-        lookup's, which the threads that ask while it runs share (:mod:`lossd_client.flight`)."""
-        flights, deadline = self._flights, deadline_of(timeout)
+        lookup's within ``deadline``, which the threads that ask while it runs share (:mod:`lossd_client.flight`)."""
+        flights = self._flights
         while True:  # again only after a flight failed by its leader's own doing (SingleFlight.answer)
             with flights.lock:
                 if cached and flights.last is not None:
@@ -168,21 +173,22 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
             request = build()
             return finish(self.evaluate(request, timeout_s=timeout_s), request)
 
-    def _compare(self, inputs: compare.CompareInputs, timeout: float | None, progress: Callable[[int], None] | None) -> CompareResult:
+    def _compare(self, inputs: compare.CompareInputs, deadline: float | None, progress: Callable[[int], None] | None) -> CompareResult:
         with caller_fields(compare.CALLER_FIELDS):
             inputs = compare.with_token_ids(inputs)
             if compare.needs_server_limit(inputs, self._server_max):
-                self._lookup(timeout, cached=True)
+                self._lookup(deadline, cached=True)
             call, rpc = self._compare_call(inputs, progress)
             with rpc_errors():
-                return call.parse(rpc(call.request, timeout=timeout))
+                return call.parse(rpc(call.request, timeout=remaining(deadline)))
 
 
-def _chunked(connections: Sequence[Connection], streams: Sequence[Iterator[bytes]], timeout: float | None) -> list[pb.EvaluateResponse]:
-    """One EvaluateChunked call per stream, all at once, each over its own connection; their answers in order."""
+def _chunked(connections: Sequence[Connection], streams: Sequence[Iterator[bytes]], deadline: float | None) -> list[pb.EvaluateResponse]:
+    """One EvaluateChunked call per stream, all at once, each over its own connection and within
+    the one ``deadline``; their answers in order."""
     if len(streams) == 1:
-        return [connections[0].evaluate_chunked(streams[0], timeout=timeout)]
-    futures = [c.evaluate_chunked.future(s, timeout=timeout) for c, s in zip(connections, streams, strict=True)]
+        return [connections[0].evaluate_chunked(streams[0], timeout=remaining(deadline))]
+    futures = [c.evaluate_chunked.future(s, timeout=remaining(deadline)) for c, s in zip(connections, streams, strict=True)]
     try:
         return [f.result() for f in futures]
     finally:
@@ -215,23 +221,23 @@ class _Alone:
     """What evaluate_many does with an item too large for one message: routes it as ``evaluate()``
     does (EvaluateChunked), in the feeder's thread, and settles its answer in the stream."""
 
-    def __init__(self, client: LossClient, stream: core.Stream, timeout: float | None, inbox: queue.SimpleQueue) -> None:
+    def __init__(self, client: LossClient, stream: core.Stream, deadline: float | None, inbox: queue.SimpleQueue) -> None:
         self._client = client
         self._stream = stream
-        self._timeout = timeout
+        self._deadline = deadline  # evaluate_many's, shared by its items
         self._inbox = inbox
 
     def limit(self, req: LossRequest) -> int | None:
         """The server's message limit when ``req`` is too large to go without it (asked once per client)."""
         client = self._client
         if core.needs_server_limit(req, shared_memory=False, server_max=client._server_max):
-            client._lookup(self._timeout, cached=True)
+            client._lookup(self._deadline, cached=True)
         return client._server_max
 
     def evaluate(self, req: LossRequest) -> None:
         """Evaluate ``req`` alone; its answer (or its LossdError) is settled in the stream."""
         try:
-            answer: EvaluateResult | LossdError = self._client.evaluate(req, timeout_s=self._timeout)
+            answer: EvaluateResult | LossdError = self._client._evaluate(req, self._deadline)
         except LossdError as exc:
             answer = exc
         self._stream.settle(req.id, answer)

@@ -1,5 +1,6 @@
-"""The clients against a fake server (tests/fake_lossd.py) that claims message limits no lossd server
-has (probe 18 F11): its ServerInfo is refused, naming the value, and never kept."""
+"""The clients against a fake server (tests/fake_lossd.py) that answers slowly or claims message limits
+no lossd server has (probe 18 F5, F11): ``timeout_s`` is one deadline for the whole call, and a
+ServerInfo no lossd server sends is refused, naming the value, and never kept."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import lossd_client
 import numpy as np
 import pytest
 from lossd_client import AsyncLossClient, LossClient, LossRequest
-from lossd_client.errors import InternalError
+from lossd_client.errors import DeadlineExceededError, InternalError
 
 FAKE = str(Path(__file__).resolve().parents[1] / "fake_lossd.py")
 
@@ -67,6 +68,55 @@ def class_indices(rows: int, classes: int) -> LossRequest:
 
 def sent(fake: Fake, *methods: str) -> int:
     return sum(call in methods for call in fake.calls())
+
+
+# ---------------------------------------------------------------------------- F5: one deadline
+def test_a_slow_lookup_and_a_slow_evaluate_share_one_deadline(tmp_path):
+    """GetServerInfo and Evaluate took 2.7 s each and a call with timeout_s=3 returned after 5.43 s:
+    each RPC was given the whole timeout. Now the Evaluate gets what the lookup left of it."""
+    with fake_server(tmp_path, info_delay_s=DELAY_S, eval_delay_s=DELAY_S) as fake:
+        req = class_indices(64, 8)  # 2 KiB: needs the server's limit first, then one Evaluate
+        with LossClient(fake.address, timeout_s=TIMEOUT_S) as client, pytest.raises(DeadlineExceededError):
+            client.evaluate(req)
+
+        async def main() -> None:
+            async with AsyncLossClient(fake.address) as client:
+                with pytest.raises(DeadlineExceededError):
+                    await client.evaluate(req, timeout_s=TIMEOUT_S)
+
+        asyncio.run(main())
+        assert sent(fake, "GetServerInfo") == 2 and sent(fake, "Evaluate") == 2  # each lookup answered, each Evaluate sent
+
+
+def test_the_parts_of_a_split_request_share_the_calls_deadline(tmp_path):
+    """Each part of a request cut over connections=2 got a full timeout of its own, after the lookup."""
+    with fake_server(tmp_path, info_delay_s=DELAY_S, eval_delay_s=DELAY_S, max_receive_message_bytes=64 * 1024) as fake:
+        req = class_indices(2000, 16)  # 128 KB: EvaluateChunked, cut in two parts
+        with LossClient(fake.address, timeout_s=TIMEOUT_S, connections=2) as client, pytest.raises(DeadlineExceededError):
+            client.evaluate(req)
+
+        async def main() -> None:
+            async with AsyncLossClient(fake.address, timeout_s=TIMEOUT_S, connections=2) as client:
+                with pytest.raises(DeadlineExceededError):
+                    await client.evaluate(req)
+
+        asyncio.run(main())
+        assert sent(fake, "EvaluateChunked") == 4
+
+
+def test_a_slow_lookup_and_a_slow_compare_share_one_deadline(tmp_path):
+    reference = np.random.default_rng(0).standard_normal((2, 64, 8), dtype=np.float32)  # 4 KiB: needs the limit
+    with fake_server(tmp_path, info_delay_s=DELAY_S, compare_delay_s=DELAY_S) as fake:
+        with LossClient(fake.address, timeout_s=TIMEOUT_S) as client, pytest.raises(DeadlineExceededError):
+            client.compare(reference, reference)
+
+        async def main() -> None:
+            async with AsyncLossClient(fake.address, timeout_s=TIMEOUT_S) as client:
+                with pytest.raises(DeadlineExceededError):
+                    await client.compare(reference, reference)
+
+        asyncio.run(main())
+        assert sent(fake, "Compare") == 2
 
 
 # ---------------------------------------------------------------------------- F11: absurd limits
