@@ -478,6 +478,19 @@ def header_parts(req: LossRequest, max_message_bytes: int) -> int:
 #: (longer length prefixes of its tensors' bytes and shapes).
 HEADER_GROWTH_BYTES = 64
 
+#: Most parts (EvaluateChunked calls) :func:`route` cuts one request into so that each part's
+#: ChunkHeader fits the server's message limit (:func:`header_parts`); a request that needs more is
+#: refused before anything is sent. The parts needed are about the bytes a header carries whole
+#: (class indices, row weights) over the server's limit, so this refuses headers of more than about
+#: 64 times the limit: at lossd's default --max-message-bytes (64 MiB) 4 GiB, 537 million int64
+#: class indices, more than any request holds; only a limit near lossd's floor
+#: (:data:`~lossd_client.layout.MIN_MESSAGE_BYTES`, a part of ~110 class indices) gets there. Every
+#: part is a call of its own: on LossClient a gRPC future with a thread of its own (64 start in about
+#: 0.1 s), on the server one of its --max-concurrent-calls with a read reservation. A server that
+#: claimed a 300-byte limit had a 4.9 MB request cut into 5120 parts, whose futures took 18.1 s just
+#: to start (probe 18).
+MAX_HEADER_PARTS = 64
+
 
 def _header_too_big(header: pb.ChunkHeader, size: int, max_message_bytes: int) -> InvalidArgumentError:
     """What makes a chunk header too big, named: the class-index target, or class / element
@@ -494,6 +507,22 @@ def _header_too_big(header: pb.ChunkHeader, size: int, max_message_bytes: int) -
         f"target: the chunk header (options and the target sent whole, {size} bytes) does not fit in one "
         f"message of the server's max_message_bytes ({max_message_bytes}), even with the request cut by rows where it can be; "
         "split the request by sequences"
+    )
+
+
+def _too_many_parts(req: LossRequest, parts: int, max_message_bytes: int) -> InvalidArgumentError:
+    """A request whose headers fit the server's limit only in more than :data:`MAX_HEADER_PARTS`
+    parts, refused naming what the headers carry whole (the class-index target, else the weights)."""
+    advice = "raise the server's --max-message-bytes"
+    if split.class_indices(req):
+        field, what, advice = "target", "the class-index target", advice + ", or split the request by sequences"
+    else:
+        weight = max(("weight", "pos_weight"), key=lambda name: 0 if getattr(req, name) is None else tensors.nbytes(getattr(req, name)))
+        field, what = f"options.{weight}", f"the {weight} cut with the rows"
+    return InvalidArgumentError(
+        f"{field}: each part's chunk header carries its share of {what}, and for every header to fit in one message of the "
+        f"server's max_message_bytes ({max_message_bytes}) the request would be cut into {parts} parts, over the "
+        f"{MAX_HEADER_PARTS} calls one request may take; {advice}"
     )
 
 
@@ -645,7 +674,9 @@ def route(
             raise ValueError("route: a request of more than SMALL_REQUEST_BYTES needs the server's limit (see needs_server_limit)")
         if size > layout.unary_budget(server_max) or (size > chunked_above_bytes and _streams(req)):
             as_torch = tensors.is_torch_tensor(req.input)
-            parts = split.split_rows(req, max(parallel_streams, header_parts(req, server_max)))
+            if (needed := header_parts(req, server_max)) > MAX_HEADER_PARTS:
+                raise _too_many_parts(req, needed, server_max)
+            parts = split.split_rows(req, max(parallel_streams, needed))
             if parts is None:
                 return Call(None, chunk_payloads(req, chunk_bytes, server_max), as_torch, expect=answers.expected(req))
             streams = [chunk_payloads(part, chunk_bytes, server_max) for part in parts]

@@ -1,6 +1,7 @@
 """The clients against a fake server (tests/fake_lossd.py) that answers slowly or claims message limits
-no lossd server has (probe 18 F5, F11): ``timeout_s`` is one deadline for the whole call, and a
-ServerInfo no lossd server sends is refused, naming the value, and never kept."""
+no lossd server has, or a very small one (probe 18 F5, F6, F11): ``timeout_s`` is one deadline for
+the whole call, a ServerInfo no lossd server sends is refused, and a request is never cut into more
+than core.MAX_HEADER_PARTS calls."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from typing import Any
 import lossd_client
 import numpy as np
 import pytest
-from lossd_client import AsyncLossClient, LossClient, LossRequest
-from lossd_client.errors import DeadlineExceededError, InternalError
+from lossd_client import AsyncLossClient, LossClient, LossRequest, core
+from lossd_client.errors import DeadlineExceededError, InternalError, InvalidArgumentError
 
 FAKE = str(Path(__file__).resolve().parents[1] / "fake_lossd.py")
 
@@ -154,3 +155,36 @@ def test_a_server_info_with_limits_no_lossd_server_has_is_refused_not_kept(tmp_p
             asyncio.run(main())
         assert sent(fake, "GetServerInfo") == 3  # never kept: each call asked again
         assert sent(fake, "Evaluate", "EvaluateChunked") == 0
+
+
+# ---------------------------------------------------------------------------- F6: the part cap
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_request_needing_more_parts_than_the_cap_is_refused_before_anything_is_sent(tmp_path, kind):
+    """A claimed limit of 300 bytes cut a 4.9 MB request into 5120 EvaluateChunked calls (21.2 s with
+    timeout_s=3). At lossd's smallest limit (1024 bytes) a part's header holds ~100 class indices:
+    a request that needs a few parts is still cut; one that needs more than MAX_HEADER_PARTS is
+    refused naming the count, and nothing of it is sent."""
+    small, big = class_indices(1000, 8), class_indices(20_000, 2)  # ~10 parts; ~180 parts
+    refused = (
+        rf"^target: each part's chunk header .* would be cut into \d+ parts, over the {core.MAX_HEADER_PARTS} calls one request may take"
+    )
+    with fake_server(tmp_path, max_receive_message_bytes=1024) as fake:
+        if kind == "sync":
+            with LossClient(fake.address, timeout_s=60) as client:
+                assert client.evaluate(small).counted == 1000
+                parts = sent(fake, "EvaluateChunked")
+                with pytest.raises(InvalidArgumentError, match=refused):
+                    client.evaluate(big)
+        else:
+
+            async def main() -> int:
+                async with AsyncLossClient(fake.address, timeout_s=60) as client:
+                    assert (await client.evaluate(small)).counted == 1000
+                    parts = sent(fake, "EvaluateChunked")
+                    with pytest.raises(InvalidArgumentError, match=refused):
+                        await client.evaluate(big)
+                    return parts
+
+            parts = asyncio.run(main())
+        assert 1 < parts <= core.MAX_HEADER_PARTS
+        assert sent(fake, "EvaluateChunked") == parts and sent(fake, "Evaluate") == 0  # nothing of the refused request
