@@ -10,7 +10,6 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from . import config as config_mod
-from . import stopsignals
 from .stopsignals import stop_signals
 
 
@@ -83,9 +82,7 @@ def _main(argv: Sequence[str] | None) -> int:
             with _stops_deferred():
                 from . import workers
 
-            status = workers.serve(cfg)
-            stopsignals.ignore()  # stopped: a late stop signal must not kill the exit (see stopsignals.ignore)
-            return status
+            return workers.serve(cfg)  # stopped, it leaves the stop signals ignored (see stopsignals.ignore)
         with _stops_deferred():
             from . import allocator
             from .app import serve
