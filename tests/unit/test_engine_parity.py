@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from lossd_server import batch_engine, engine
 
@@ -252,6 +252,102 @@ def test_bce_weights_of_other_dtypes_are_used_as_torch_uses_them(case: tuple[eng
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@st.composite
+def prob_mixed_dtypes_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
+    """Probability targets (and class weights) of any float dtype beside a float32 / float64 input."""
+    dtype = draw(st.sampled_from((torch.float32, torch.float64)))
+    in_shape, _ = draw(class_shapes())
+    c = in_shape[0] if len(in_shape) == 1 else in_shape[1]
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    p = torch.softmax(torch.randn(in_shape, generator=g, dtype=torch.float64) * 3, 0 if len(in_shape) == 1 else 1)
+    tensors: dict[str, Any] = {"input": draw(logits(in_shape, dtype)), "target": p.to(draw(st.sampled_from(FLOATS)))}
+    if draw(st.booleans()):
+        weights = draw(st.lists(st.sampled_from(WEIGHT_VALUES), min_size=c, max_size=c))
+        tensors["weight"] = torch.tensor(weights, dtype=draw(st.sampled_from(FLOATS)))
+    spec = engine.LossSpec(reduction=draw(st.sampled_from(engine.REDUCTIONS)), label_smoothing=draw(st.sampled_from([0.0, 0.2, 0.7, 1.0])))
+    return spec, tensors
+
+
+@SETTINGS
+@given(prob_mixed_dtypes_case())
+@example(
+    (
+        engine.LossSpec(reduction="none", label_smoothing=0.2),
+        {
+            "input": torch.linspace(-2, 2, 10, dtype=torch.float32).reshape(2, 5),
+            "target": torch.softmax(torch.linspace(3, -1, 10, dtype=torch.float64).reshape(2, 5), 1).to(torch.bfloat16),
+        },
+    )
+)
+def test_probability_targets_of_another_dtype_are_smoothed_as_torch_smooths_them(case: tuple[engine.LossSpec, dict[str, Any]]) -> None:
+    """torch smooths a probability target in its own dtype, before promoting it: a float16 /
+    bfloat16 target beside a float32 input is rounded to its dtype twice (the engine smoothed it in
+    float32: up to 2.3e-3 relative off torch's own float32 result)."""
+    spec, tensors = case
+    options = torch_options(spec)
+    try:
+        want = torch_call(spec.loss, **tensors, **options)
+    except Exception:  # noqa: BLE001 - torch rejects: so must the engine
+        with pytest.raises(engine.InvalidInput):
+            evaluate(spec, tensors)
+        return
+    got = evaluate(spec, tensors).loss
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@st.composite
+def bce_small_mixed_dtypes_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
+    """binary_cross_entropy_with_logits over 0-d and tiny inputs, every operand of its own float dtype."""
+    shape = draw(st.sampled_from([(), (1,), (3,), (2, 1)]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    tensors: dict[str, Any] = {
+        "input": torch.randn(shape, generator=g, dtype=torch.float64).mul(4).to(draw(st.sampled_from(FLOATS))),
+        "target": torch.rand(shape, generator=g, dtype=torch.float64).to(draw(st.sampled_from(FLOATS))),
+    }
+    for name in ("weight", "pos_weight"):
+        wdtype = draw(st.sampled_from((None, *FLOATS)))
+        if wdtype is not None:
+            wshape = draw(st.sampled_from([(), broadcastable_to(draw, shape)]))
+            tensors[name] = torch.rand(wshape, generator=g, dtype=torch.float64).mul(3).to(wdtype)
+    return engine.LossSpec(loss=engine.BCE_WITH_LOGITS, reduction=draw(st.sampled_from(engine.REDUCTIONS))), tensors
+
+
+@SETTINGS
+@given(bce_small_mixed_dtypes_case())
+@example(
+    (
+        engine.LossSpec(loss=engine.BCE_WITH_LOGITS, reduction="none"),
+        {
+            "input": torch.tensor(-1.8359375, dtype=torch.bfloat16),
+            "target": torch.tensor(0.89111328125, dtype=torch.float16),
+            "pos_weight": torch.tensor(0.08544921875, dtype=torch.bfloat16),
+        },
+    )
+)
+def test_bce_over_a_0d_input_promotes_its_0d_weights_as_torch_does(case: tuple[engine.LossSpec, dict[str, Any]]) -> None:
+    """With a 0-d input and target, torch promotes a 0-d pos_weight or weight as their equal (all
+    three are 0-d); the engine views the input as rows and kept the weights 0-d, so a bfloat16
+    pos_weight beside a float16 target computed ``(pos_weight - 1) * target`` in float16 (0.16919
+    for torch's 0.16724). torch's own result is a reference whatever the input's dtype (a float64
+    target beside a bfloat16 input is answered as torch rounds it), torch's in float32 one for
+    16-bit results (the engine computes them in float32, see assert_matches_torch)."""
+    spec, tensors = case
+    try:
+        want = torch_call(spec.loss, **tensors, reduction=spec.reduction)
+    except Exception:  # noqa: BLE001 - torch rejects: so must the engine
+        with pytest.raises(engine.InvalidInput):
+            evaluate(spec, tensors)
+        return
+    got = evaluate(spec, tensors).loss
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if want.dtype in HALF:
+        in_float32 = torch_call(spec.loss, **cast_floats(tensors, torch.float32), reduction=spec.reduction).to(want.dtype)
+        if torch.allclose(got.double(), in_float32.double(), rtol=1e-3, atol=1e-5, equal_nan=True):
+            return
+    torch.testing.assert_close(got, want, equal_nan=True)
 
 
 ALL_DTYPES = (*FLOATS, torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool)
