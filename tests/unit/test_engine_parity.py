@@ -254,6 +254,20 @@ def test_bce_weights_of_other_dtypes_are_used_as_torch_uses_them(case: tuple[eng
         torch.testing.assert_close(got, want, equal_nan=True)
 
 
+def torchs_and_engines(spec: engine.LossSpec, tensors: dict[str, Any], options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(torch's loss, the engine's) of the same dtype and shape; None when torch rejects the
+    request, which the engine then must too."""
+    try:
+        want = torch_call(spec.loss, **tensors, **options)
+    except Exception:  # noqa: BLE001 - torch rejects: so must the engine
+        with pytest.raises(engine.InvalidInput):
+            evaluate(spec, tensors)
+        return None
+    got = evaluate(spec, tensors).loss
+    assert got.dtype == want.dtype and got.shape == want.shape
+    return want, got
+
+
 @st.composite
 def prob_mixed_dtypes_case(draw: st.DrawFn) -> tuple[engine.LossSpec, dict[str, Any]]:
     """Probability targets (and class weights) of any float dtype beside a float32 / float64 input."""
@@ -285,17 +299,9 @@ def test_probability_targets_of_another_dtype_are_smoothed_as_torch_smooths_them
     """torch smooths a probability target in its own dtype, before promoting it: a float16 /
     bfloat16 target beside a float32 input is rounded to its dtype twice (the engine smoothed it in
     float32: up to 2.3e-3 relative off torch's own float32 result)."""
-    spec, tensors = case
-    options = torch_options(spec)
-    try:
-        want = torch_call(spec.loss, **tensors, **options)
-    except Exception:  # noqa: BLE001 - torch rejects: so must the engine
-        with pytest.raises(engine.InvalidInput):
-            evaluate(spec, tensors)
-        return
-    got = evaluate(spec, tensors).loss
-    assert got.dtype == want.dtype and got.shape == want.shape
-    torch.testing.assert_close(got, want, equal_nan=True)
+    outcomes = torchs_and_engines(*case, torch_options(case[0]))
+    if outcomes is not None:
+        torch.testing.assert_close(outcomes[1], outcomes[0], equal_nan=True)
 
 
 @st.composite
@@ -335,14 +341,10 @@ def test_bce_over_a_0d_input_promotes_its_0d_weights_as_torch_does(case: tuple[e
     target beside a bfloat16 input is answered as torch rounds it), torch's in float32 one for
     16-bit results (the engine computes them in float32, see assert_matches_torch)."""
     spec, tensors = case
-    try:
-        want = torch_call(spec.loss, **tensors, reduction=spec.reduction)
-    except Exception:  # noqa: BLE001 - torch rejects: so must the engine
-        with pytest.raises(engine.InvalidInput):
-            evaluate(spec, tensors)
+    outcomes = torchs_and_engines(spec, tensors, {"reduction": spec.reduction})
+    if outcomes is None:
         return
-    got = evaluate(spec, tensors).loss
-    assert got.dtype == want.dtype and got.shape == want.shape
+    want, got = outcomes
     if want.dtype in HALF:
         in_float32 = torch_call(spec.loss, **cast_floats(tensors, torch.float32), reduction=spec.reduction).to(want.dtype)
         if torch.allclose(got.double(), in_float32.double(), rtol=1e-3, atol=1e-5, equal_nan=True):
