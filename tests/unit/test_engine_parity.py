@@ -486,6 +486,16 @@ def kdim_case(draw: st.DrawFn, *, class_cross_entropy: bool = False) -> tuple[en
 
 @SETTINGS
 @given(kdim_case(), st.sampled_from((64, 4096, engine.DEFAULT_CHUNK_BYTES)))
+@example(  # a 16-bit input with 16-bit probabilities, smoothed: computed as torch computes it in float32
+    (
+        engine.LossSpec(reduction="none", label_smoothing=0.1),
+        {
+            "input": torch.tensor([[[12.3281], [-2.3477]]], dtype=torch.float16),
+            "target": torch.tensor([[[0.3867], [0.6133]]], dtype=torch.float16),
+        },
+    ),
+    64,
+)
 def test_kdim_inputs_are_torchs_own_kernel_bit_for_bit(case: tuple[engine.LossSpec, dict[str, Any]], chunk_bytes: int) -> None:
     """Per-element losses of (N, C, d...) inputs are torch's, bit for bit, in any chunking (they
     were computed as (rows, C): an ulp off in about a fifth of float32 elements); 16-bit inputs

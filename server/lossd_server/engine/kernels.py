@@ -295,9 +295,10 @@ def prob(plan: Plan, x: torch.Tensor, p: torch.Tensor, u0: int, u1: int) -> Part
     ls = plan.spec.smoothing
     # chunk-sized temporaries in this thread's scratch buffers (see scratch.temporary)
     logp = torch.log_softmax(x, 1, out=temporary("log_softmax", x))
-    if ls > 0.0 and plan.target_dtype != p.dtype:
+    if ls > 0.0 and plan.target_dtype != p.dtype == plan.input_dtype:
         # torch smooths the target in its own dtype, before any promotion: a float16 / bfloat16
-        # target beside a wider input is rounded to it twice (2.3e-3 relative off otherwise)
+        # target beside a float32 / float64 input is rounded to it twice (2.3e-3 relative off
+        # otherwise). A 16-bit input is computed as torch computes it in float32 (target included).
         p = (p.to(plan.target_dtype) * (1 - ls) + share(ls, plan.num_classes)).to(p.dtype)
     elif ls > 0.0:
         p = torch.mul(p, 1 - ls, out=temporary("prob.smoothed", p)).add_(share(ls, plan.num_classes))
