@@ -9,10 +9,10 @@ PORT ?= 50051
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test demo lint proto bench image docker-lint docs clean
+.PHONY: help install run test demo lint proto bench bench-readme image docker-lint docs clean
 
 help: ## show this help
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt client/pyproject.toml server/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ proto: $(STAMP) ## regenerate client/lossd_client/_proto from proto/
 
 bench: $(STAMP) ## benchmarks: ratios to the transport floor, a naive gRPC server and in-process torch; cold start
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+bench-readme: $(STAMP) ## put the last make bench run's figures into README.md (its JSON and chart into docs/)
+	$(PY) -m benchmarks.readme
 
 image: $(STAMP) ## build, run and probe the CPU image with podman (root; see ../shared/container)
 	BUILDAH_FORMAT=docker ../shared/container/ctr-check.sh --host-port 0 --tag localhost/lossd/test:latest \

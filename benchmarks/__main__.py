@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import os
 import platform
 import sys
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         "duration_per_cell_s": duration,
         "max_wait_ms": args.max_wait_ms,
         "total_s": time.perf_counter() - started,
+        "finished_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "notes": "(a) runs one call after another in every workload (no concurrency); "
         "every workload runs (F), (b), (c), (d), (e) back to back against four servers started together; "
         "unary rows send the same pre-serialised bytes through a raw channel.unary_unary; "
