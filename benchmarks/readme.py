@@ -60,10 +60,7 @@ def header(meta: dict) -> str:
 
 def large_table(result: dict) -> str:
     dtypes = ("float32", "bfloat16")
-    names = {
-        dtype: next(r["workload"] for r in result["rows"] if r["dtype"] == dtype).rsplit("(", 1)[-1].rstrip(")")
-        for dtype in dtypes
-    }
+    names = {dtype: next(r["workload"] for r in result["rows"] if r["dtype"] == dtype).rsplit("(", 1)[-1].rstrip(")") for dtype in dtypes}
     lines = [
         f"| one 2048×32000 request, `reduction='{result['reduction']}'` (best of {result['repeats']}) "
         f"| fp32 ({names['float32']}) s | × torch | × floor | peak above idle "
@@ -123,7 +120,11 @@ def targets_table(run: dict) -> str:
         )
         cpu = [_small(rows, w, ON)["server_cpu_ratio_to_floor"] for w in SMALL_WORKLOADS[:3]]
         lines.append(
-            _target("server CPU per unary call ≤ 1.25× the floor's (1 / 16 / 64 in flight)", " / ".join(f"{c:.2f}×" for c in cpu), max(cpu) <= 1.25)
+            _target(
+                "server CPU per unary call ≤ 1.25× the floor's (1 / 16 / 64 in flight)",
+                " / ".join(f"{c:.2f}×" for c in cpu),
+                max(cpu) <= 1.25,
+            )
         )
         at64 = _small(rows, SMALL_WORKLOADS[2], ON)
         lines.append(_target("unary, 64 in flight ≥ 0.9× the floor", f"{at64['ratio_to_floor']:.2f}×", at64["ratio_to_floor"] >= 0.9))
@@ -140,16 +141,30 @@ def targets_table(run: dict) -> str:
             r = _large(large, dtype, LARGE_PATHS[4][0])
             lines.append(_target(f"one large {short} request ≥ 0.8× the floor", f"{r['ratio_to_floor']:.2f}×", r["ratio_to_floor"] >= 0.8))
         fp32, bf16 = (_large(large, d, LARGE_PATHS[1][0]) for d in ("float32", "bfloat16"))
-        lines.append(_target("engine ≥ 3× in-process `F.cross_entropy`, fp32", f"{fp32['ratio_to_torch']:.2f}×", fp32["ratio_to_torch"] >= 3))
+        lines.append(
+            _target("engine ≥ 3× in-process `F.cross_entropy`, fp32", f"{fp32['ratio_to_torch']:.2f}×", fp32["ratio_to_torch"] >= 3)
+        )
         slower = bf16["seconds"] / fp32["seconds"]
         lines.append(_target("bf16 engine no slower than fp32", f"{slower:.2f}× fp32's time", slower <= 1.0))
-        peaks = [_large(large, d, c)["peak_above_idle_mib"] for d in ("float32", "bfloat16") for c in (LARGE_PATHS[4][0], LARGE_PATHS[1][0])]
+        peaks = [
+            _large(large, d, c)["peak_above_idle_mib"] for d in ("float32", "bfloat16") for c in (LARGE_PATHS[4][0], LARGE_PATHS[1][0])
+        ]
         lines.append(
-            _target("extra memory ≤ 64 MB (streaming, engine; fp32, bf16)", " / ".join(f"{p:.0f}" for p in peaks) + " MiB", max(peaks) * 2**20 <= 64e6)
+            _target(
+                "extra memory ≤ 64 MB (streaming, engine; fp32, bf16)",
+                " / ".join(f"{p:.0f}" for p in peaks) + " MiB",
+                max(peaks) * 2**20 <= 64e6,
+            )
         )
     if cold:
         median = cold["lossd"]["median_s"]
-        lines.append(_target("cold start (process start to health SERVING) ≤ 1.5 s", f"median {median:.2f} s, best {cold['lossd']['best_s']:.2f} s", median <= 1.5))
+        lines.append(
+            _target(
+                "cold start (process start to health SERVING) ≤ 1.5 s",
+                f"median {median:.2f} s, best {cold['lossd']['best_s']:.2f} s",
+                median <= 1.5,
+            )
+        )
     return "\n".join(lines)
 
 
@@ -173,7 +188,9 @@ def others(run: dict) -> str:
     cold = run.get("cold_start")
     if cold:
         each = ", ".join(f"{s['seconds']:.2f}" for s in cold["lossd"]["starts"])
-        parts.append(f"Cold start (process start to health SERVING): {each} s; the floor server {cold['floor']['median_s']:.2f} s (median).")
+        parts.append(
+            f"Cold start (process start to health SERVING): {each} s; the floor server {cold['floor']['median_s']:.2f} s (median)."
+        )
     return "\n\n".join(parts)
 
 
@@ -225,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         expected = replace_block(text, render(json.loads(DOCS_JSON.read_text())))
         if expected != text:
-            print(f"{README.name}'s benchmark figures differ from {DOCS_JSON.relative_to(ROOT)}: run python -m benchmarks.readme", file=sys.stderr)
+            print(
+                f"{README.name}'s benchmark figures differ from {DOCS_JSON.relative_to(ROOT)}: run python -m benchmarks.readme",
+                file=sys.stderr,
+            )
             return 1
         return 0
     results = pathlib.Path(args.results)
@@ -235,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     if png.exists():
         shutil.copyfile(png, DOCS_PNG)
     README.write_text(replace_block(text, render(run)))
-    print(f"{README.name}: figures of {results} ({run['meta'].get('finished_utc', 'date not recorded')}); copied to {DOCS_JSON.relative_to(ROOT)}")
+    print(
+        f"{README.name}: figures of {results} ({run['meta'].get('finished_utc', 'date not recorded')}); copied to {DOCS_JSON.relative_to(ROOT)}"
+    )
     return 0
 
 
