@@ -90,8 +90,16 @@ class ChunkAssembler:
 
     def work_nbytes(self, chunk: WireChunk) -> int:
         """What evaluating a message costs, in input bytes of a loss evaluation (the unit of
-        ``inline_batch_bytes``): its row bytes."""
-        return len(chunk.input_rows) + len(chunk.target_rows)
+        ``inline_batch_bytes``): its row bytes, or its rows' share of the plan's work when that is
+        more, as a unary request's (Plan.work_nbytes). A kl_div target broadcast along 8192
+        one-element rows is 98 KB of request and 512 MiB of output; counted by its bytes, such a
+        chunk was computed on the event loop, which answered no health check for 1.1 s per call."""
+        nbytes = len(chunk.input_rows) + len(chunk.target_rows)
+        plan = self.plan
+        if not plan.units:
+            return nbytes
+        units = plan.units if self.in_unit_bytes == 0 else len(chunk.input_rows) // self.in_unit_bytes
+        return max(nbytes, -(-plan.work_nbytes * units // plan.units))
 
     def rows(self, chunk: WireChunk, *, first: bool = False) -> RowChunk | None:
         """The rows a message carries (None when it carries none); raises InvalidInput."""

@@ -137,3 +137,21 @@ def test_zero_element_units_are_one_step_however_many():
     a = ChunkAssembler(header([2**34, 5, 0], np.zeros((2**34, 0), np.int64), reduction=pb.NONE))
     got = run_all(a, [rows()])
     assert got.loss.shape == (2**34, 0)
+
+
+def test_a_chunks_work_is_its_rows_share_of_the_plans_not_its_bytes():
+    """A kl_div target broadcast along one-element rows: 32 KiB of rows make 512 MiB of output,
+    which decides where the chunk is computed (Batcher.compute_soon), as for a unary request."""
+    target = np.zeros((1, 16384), np.float32)
+    a = ChunkAssembler(header([8192, 1], target, loss=pb.KL_DIV))
+    half = rows(np.zeros(4096, np.float32).tobytes())
+    assert a.work_nbytes(half) == a.plan.work_nbytes // 2 == 4096 * 16384 * 4
+    a.rows(half, first=True)
+    # per-token extras and statistics of a 'none' answer count as a unary request's do
+    b = ChunkAssembler(header([64, 4], np.zeros(64, np.int64), reduction=pb.NONE, extras=[pb.TARGET_LOGPROB, pb.ENTROPY, pb.TARGET_RANK]))
+    chunk = rows(np.zeros(32 * 4, np.float32).tobytes())
+    assert b.plan.work_nbytes > b.plan.input_nbytes
+    assert b.work_nbytes(chunk) == -(-b.plan.work_nbytes * 32 // 64) > len(chunk.input_rows)
+    # units of no elements all come in one message: the whole plan's work
+    c = ChunkAssembler(header([2**24, 5, 0], np.zeros((2**24, 0), np.int64), sequence_stats=True))
+    assert c.work_nbytes(rows()) == c.plan.work_nbytes > 2**24
