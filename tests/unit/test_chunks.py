@@ -43,7 +43,14 @@ def test_probability_targets_in_three_chunks_equal_torch(reduction):
     a = ChunkAssembler(header([30, 7], p.numpy(), with_data=False, reduction={"mean": pb.MEAN, "sum": pb.SUM, "none": pb.NONE}[reduction]))
     xb, pb_ = x.numpy().tobytes(), p.numpy().tobytes()
     row = 7 * 4
-    got = run_all(a, [rows(xb[: 10 * row], pb_[: 10 * row]), rows(xb[10 * row : 25 * row], pb_[10 * row : 25 * row]), rows(xb[25 * row :], pb_[25 * row :])])
+    got = run_all(
+        a,
+        [
+            rows(xb[: 10 * row], pb_[: 10 * row]),
+            rows(xb[10 * row : 25 * row], pb_[10 * row : 25 * row]),
+            rows(xb[25 * row :], pb_[25 * row :]),
+        ],
+    )
     torch.testing.assert_close(got.loss, torch.nn.functional.cross_entropy(x, p, reduction=reduction))
 
 
@@ -63,22 +70,48 @@ def test_a_target_shaped_like_the_input_with_data_in_the_header_is_named():
         (lambda: header([8, 5], np.arange(8) % 5, input_dtype=77), "header.input_dtype: unknown dtype enum value 77"),
         (lambda: header([-8, 5], np.arange(8) % 5), "header.input_shape: dimension 0 is negative (-8)"),
         (lambda: header([8, 5], np.arange(8) % 5, input_dtype=pb.INT64), "header.input_dtype: expected a floating dtype"),
-        (lambda: header([8, 5], np.zeros((8, 5), np.float32), input_dtype=pb.INT64, with_data=False, loss=pb.BINARY_CROSS_ENTROPY_WITH_LOGITS), "header.input_dtype: expected a floating dtype"),
-        (lambda: header([8, 5], np.zeros((8, 5), np.float32), input_dtype=pb.INT64, with_data=False, loss=pb.KL_DIV), "header.input_dtype: dtype int64 rejected by torch's kl_div"),
+        (
+            lambda: header(
+                [8, 5], np.zeros((8, 5), np.float32), input_dtype=pb.INT64, with_data=False, loss=pb.BINARY_CROSS_ENTROPY_WITH_LOGITS
+            ),
+            "header.input_dtype: expected a floating dtype",
+        ),
+        (
+            lambda: header([8, 5], np.zeros((8, 5), np.float32), input_dtype=pb.INT64, with_data=False, loss=pb.KL_DIV),
+            "header.input_dtype: dtype int64 rejected by torch's kl_div",
+        ),
         # an input kl_div broadcasts along the target's rows: named as such, not "send the target's data"
-        (lambda: header([1, 5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV), "header.input_shape: the input [1, 5] is broadcast along the rows"),
-        (lambda: header([5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV), "header.input_shape: the input [5] is broadcast along the rows"),
-        (lambda: header([2, 5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV), "header.target: The size of tensor a (8) must match the size of tensor b (2)"),
+        (
+            lambda: header([1, 5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV),
+            "header.input_shape: the input [1, 5] is broadcast along the rows",
+        ),
+        (
+            lambda: header([5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV),
+            "header.input_shape: the input [5] is broadcast along the rows",
+        ),
+        (
+            lambda: header([2, 5], np.zeros((8, 5), np.float32), with_data=False, loss=pb.KL_DIV),
+            "header.target: The size of tensor a (8) must match the size of tensor b (2)",
+        ),
         # the unary request's checks, naming the header's fields
         (lambda: header([4, 5], np.arange(3) % 5), "header.target: Expected input batch_size (4) to match target batch_size (3)."),
         (lambda: header([4, 5], np.array([0, 1, 2, 5])), "header.target: Target 5 is out of bounds."),
         (lambda: header([4, 5], (np.arange(4) % 5).astype(np.int32)), "header.target: expected class indices of dtype int64 or uint8"),
         (lambda: header([2, 0, 4], np.zeros((2, 4), np.int64)), "header.input_shape: size mismatch (got input: [2, 0, 4] with 0 classes"),
         (lambda: header([4, 5], np.arange(4) % 5, class_axis=2), "header.options.class_axis: axis 2 is out of range"),
-        (lambda: header([4, 5], np.arange(4) % 5, weight=tensors.to_proto(np.ones(3, np.float32))), "header.options.weight: weight tensor should be defined"),
+        (
+            lambda: header([4, 5], np.arange(4) % 5, weight=tensors.to_proto(np.ones(3, np.float32))),
+            "header.options.weight: weight tensor should be defined",
+        ),
         (lambda: header([4, 5], np.arange(4) % 5, weight=pb.Tensor(dtype=99)), "header.options.weight.dtype: unknown dtype enum value 99"),
-        (lambda: header([4, 5], np.arange(4) % 5, pos_weight=tensors.to_proto(np.ones(5, np.float32))), "header.options.pos_weight: only binary_cross_entropy_with_logits"),
-        (lambda: header([4, 5], np.arange(4) % 5, label_smoothing=1.5), "header.options.label_smoothing: label_smoothing must be between 0.0 and 1.0"),
+        (
+            lambda: header([4, 5], np.arange(4) % 5, pos_weight=tensors.to_proto(np.ones(5, np.float32))),
+            "header.options.pos_weight: only binary_cross_entropy_with_logits",
+        ),
+        (
+            lambda: header([4, 5], np.arange(4) % 5, label_smoothing=1.5),
+            "header.options.label_smoothing: label_smoothing must be between 0.0 and 1.0",
+        ),
         (lambda: header([4, 5], np.arange(4) % 5, loss=99), "header.options.loss: unknown LossKind enum value 99"),
         (lambda: header([4, 5], np.arange(4) % 5, log_target=True), "header.options.log_target: only kl_div takes log_target"),
     ],
@@ -103,7 +136,15 @@ def test_a_streamed_target_whose_size_overflows_is_named():
 def test_class_axis_zero_classes_with_shift_and_rank_extras_is_answered():
     t = np.full((2, 4), -100)
     a = ChunkAssembler(
-        header([2, 4, 0], t, class_axis=-1, shift_targets=True, reduction=pb.NONE, extras=[pb.TARGET_RANK, pb.ARGMAX_CORRECT], sequence_stats=True)
+        header(
+            [2, 4, 0],
+            t,
+            class_axis=-1,
+            shift_targets=True,
+            reduction=pb.NONE,
+            extras=[pb.TARGET_RANK, pb.ARGMAX_CORRECT],
+            sequence_stats=True,
+        )
     )
     got = run_all(a, [rows()])
     assert got.loss.shape == (2, 4) and got.extras["target_rank"].shape == (2, 4)
