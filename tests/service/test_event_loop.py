@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from lossd_client import tensors
+from lossd_client import LossRequest, core, tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from serverproc import start_server
 
@@ -65,6 +65,37 @@ def server():
     proc = start_server()
     yield proc
     proc.stop()
+
+
+def packed_answers(server, batch: pb.EvaluateBatch) -> tuple[pb.EvaluateBatchResults, int]:
+    """``batch`` sent alone on one EvaluatePacked stream; its answer and the health checks answered
+    meanwhile."""
+    with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", -1)]) as channel:
+        with HealthCounter(server.address) as health:
+            call = channel.stream_stream(
+                "/lossd.v1.LossService/EvaluatePacked",
+                request_serializer=pb.EvaluateBatch.SerializeToString,
+                response_deserializer=pb.EvaluateBatchResults.FromString,
+            )
+            start = time.monotonic()
+            (answer,) = list(call(iter([batch]), timeout=120))
+            stop = time.monotonic()
+    assert not [r.error for r in answer.responses if r.HasField("error")]
+    return answer, health.within(start, stop)
+
+
+def test_a_sole_callers_packed_message_of_many_small_items_lets_health_checks_in_between_its_slices(server):
+    """1,024 items of one 512-class row with every extra: each slice of them is computed at once (the
+    caller is alone), and the event loop answered nothing else until the whole message was (0.28 s)."""
+    rng = np.random.default_rng(0)
+    extras = ("target_logprob", "entropy", "target_rank", "argmax_correct")
+    requests = [
+        core.build(LossRequest(rng.standard_normal((1, 512)).astype(np.float16), np.array([i % 512]), extras=extras, id=str(i)))[0]
+        for i in range(1024)
+    ]
+    answer, answered = packed_answers(server, pb.EvaluateBatch(requests=requests))
+    assert len(answer.responses) == 1024
+    assert answered >= 3, answered
 
 
 def test_a_chunked_kl_div_broadcast_along_its_rows_is_computed_off_the_event_loop(server):

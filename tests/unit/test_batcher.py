@@ -213,7 +213,9 @@ def test_options_resolved_per_request_share_a_batch():
     torch.testing.assert_close(r1.loss, F.cross_entropy(x1.transpose(1, 2), t1))
     logp = x1.log_softmax(-1)
     torch.testing.assert_close(r1.extras["entropy"], -(logp.exp() * logp).sum(-1))
-    torch.testing.assert_close(r1.sequences.nll_sum.tolist(), F.cross_entropy(x1.transpose(1, 2), t1, reduction="none").sum(1).double().tolist())
+    torch.testing.assert_close(
+        r1.sequences.nll_sum.tolist(), F.cross_entropy(x1.transpose(1, 2), t1, reduction="none").sum(1).double().tolist()
+    )
     torch.testing.assert_close(r2.loss, F.cross_entropy(x2, t2, ignore_index=1, reduction="sum"))
     assert r2.counted == 1
     torch.testing.assert_close(r3.loss, F.cross_entropy(x3, t3, reduction="none"))
@@ -571,10 +573,10 @@ def test_a_sole_call_is_computed_in_its_own_task_unless_work_is_queued():
         torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
 
 
-def test_a_sole_calls_message_is_computed_at_once_in_batches_of_at_most_inline_bytes():
-    """submit_many: the requests of one message of a sole call, nothing queued, are computed in the
-    caller's task as consecutive batches of at most inline_batch_bytes (84 bytes each here: two
-    per 200-byte batch), one outcome per request in order, a failing request failing alone."""
+def test_a_sole_calls_message_small_together_is_computed_at_once_in_its_task():
+    """submit_many: the requests of one message of a sole call, nothing queued, at most
+    inline_batch_bytes of work together (6 x 84 bytes here), are computed in the caller's task as one
+    batch, one outcome per request in order, a failing request failing alone."""
     rec = Recorder()
     requests = [ce_request(3, seed=i) for i in range(5)]
     bad_plan, bad_x, _ = ce_request(3, seed=9)
@@ -586,15 +588,38 @@ def test_a_sole_calls_message_is_computed_at_once_in_batches_of_at_most_inline_b
         assert rec.depths == []  # never queued
         return outcomes
 
-    outcomes = run(with_batcher(rec, body, inline_batch_bytes=200))
-    assert [len(batch) for batch in rec.computed] == [2, 2, 2]
-    assert [figures.requests for figures in rec.batches] == [2, 2, 2]
+    outcomes = run(with_batcher(rec, body, inline_batch_bytes=504))
+    assert [len(batch) for batch in rec.computed] == [6]
+    assert [figures.requests for figures in rec.batches] == [6]
     assert isinstance(outcomes[2], RuntimeError)
     for (_, x, t), got in zip(requests, outcomes[:2] + outcomes[3:], strict=True):
         torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
     rec.computed.clear()
-    run(with_batcher(rec, body, inline_batch_bytes=200, max_wait_ms=0))  # batching off: one request a batch
+    run(with_batcher(rec, body, inline_batch_bytes=504, max_wait_ms=0))  # batching off: one request a batch
     assert [len(batch) for batch in rec.computed] == [1] * 6
+
+
+def test_a_sole_calls_message_large_together_is_queued_and_computed_off_the_event_loop():
+    """Each request small enough for the event loop, 6 x 84 bytes together more than
+    inline_batch_bytes: queued as any message's requests, then computed on an engine thread (32
+    items of 1 MiB each used to be computed on the event loop one after another)."""
+    rec = Recorder()
+    requests = [ce_request(3, seed=i) for i in range(6)]
+    threads: list[str] = []
+
+    def evaluate(jobs, **kwargs):
+        threads.append(threading.current_thread().name)
+        return rec.evaluate(jobs, **kwargs)
+
+    async def body(b: Batcher):
+        b._evaluate = evaluate
+        return await b.submit_many([batch_engine.Job(*r) for r in requests], sole_call=True)
+
+    outcomes = run(with_batcher(rec, body, max_wait_ms=1.0, inline_batch_bytes=500))
+    assert rec.depths and max(rec.depths) >= 1  # queued
+    assert threads and all(name.startswith("lossd-engine") for name in threads)
+    for (_, x, t), got in zip(requests, outcomes, strict=True):
+        torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
 
 
 def test_a_message_of_a_busy_server_is_queued_request_by_request_and_batched_with_the_rest():
@@ -654,7 +679,9 @@ def test_where_a_request_runs_depends_on_its_work_not_its_message():
     kl = engine.plan(engine.LossSpec(loss="kl_div", reduction="sum"), x.shape, x.dtype, t)
     assert kl.input_nbytes == 4096 and kl.work_nbytes == 1024 * 1024 * 4
     empty = torch.empty(2**20, 0, 5)
-    stats = engine.plan(engine.LossSpec(class_axis=-1, sequence_stats=True), empty.shape, empty.dtype, torch.empty(2**20, 0, dtype=torch.int64))
+    stats = engine.plan(
+        engine.LossSpec(class_axis=-1, sequence_stats=True), empty.shape, empty.dtype, torch.empty(2**20, 0, dtype=torch.int64)
+    )
     assert stats.input_nbytes == 0 and stats.work_nbytes >= 2**20 * 8
     plan, x3, t3 = ce_request(3)
     assert plan.work_nbytes == plan.input_nbytes
