@@ -65,7 +65,9 @@ def test_the_wire_and_the_engine_give_torchs_answer(case: tuple[torch.Tensor, to
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.sampled_from([1, 7, 64, 1 << 20]))
-def test_row_chunks_through_the_assembler_equal_the_whole(case: tuple[torch.Tensor, torch.Tensor, dict[str, Any]], chunk_bytes: int) -> None:
+def test_row_chunks_through_the_assembler_equal_the_whole(
+    case: tuple[torch.Tensor, torch.Tensor, dict[str, Any]], chunk_bytes: int
+) -> None:
     x, t, options = case
     if not wire_options(options):
         return
@@ -162,3 +164,32 @@ def test_answer_and_working_sizes_bound_what_none_returns() -> None:
     assert plan.answer_nbytes() >= loss.numel() * loss.element_size() and plan.working_nbytes() >= 2 * loss.numel() * 8
     summed = engine.plan(engine.LossSpec(loss=engine.KL_DIV, reduction="batchmean"), x.shape, x.dtype, t)
     assert summed.answer_nbytes() == 1024 and summed.working_nbytes() == 0
+
+
+@pytest.mark.parametrize(
+    "input_shape,target_shape",
+    [
+        ((2**40, 1, 0), (1, 2**40, 0)),
+        ((2**32, 1, 0), (1, 2**32, 0)),
+        ((1, 2**31, 0), (2**31, 1, 0)),
+        ((0, 2**40, 1, 0), (1, 1, 2**40, 0)),
+        ((2**31, 1, 0), (1, 2**31, 0)),
+    ],
+)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_empty_broadcast_whose_sizes_overflow_torchs_storage_check_is_refused_as_torch_refuses_it(
+    input_shape, target_shape, reduction
+) -> None:
+    """Empty operands broadcast to sizes whose running product passes 2**64 before their zero: torch
+    refuses the output's storage; the engine answered INTERNAL ("numel: integer multiplication overflow")."""
+    x, t = torch.empty(input_shape), torch.empty(target_shape)
+    try:
+        expected = torch.nn.functional.kl_div(x, t, reduction=reduction)
+    except RuntimeError as exc:
+        with pytest.raises(engine.InvalidInput) as info:
+            engine.evaluate(engine.LossSpec(loss="kl_div", reduction=reduction), x, t)
+        assert info.value.field == "target"
+        assert str(exc) in str(info.value)
+        return
+    got = engine.evaluate(engine.LossSpec(loss="kl_div", reduction=reduction), x, t)
+    assert got.loss.shape == expected.shape

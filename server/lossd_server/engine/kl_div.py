@@ -212,7 +212,24 @@ def _broadcast(input_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> t
                 f" (target shape {list(target_shape)} does not broadcast with input shape {list(input_shape)})",
             )
         out[i] = b if a == 1 else a
+    _check_allocatable(out, f" (the broadcast of target shape {list(target_shape)} with input shape {list(input_shape)})")
     return tuple(out)
+
+
+def _check_allocatable(sizes: list[int], context: str) -> None:
+    """torch's checks as it allocates an output of ``sizes`` (which may hold no element): its
+    storage size, a running product in uint64, then its contiguous strides in int64. Empty operands
+    broadcast to [2**40, 2**40, 0] passed every other check and failed in the engine (INTERNAL)."""
+    product = 1
+    for size in sizes:
+        product *= size
+        if product >= 2**64:
+            raise InvalidInput("target", f"Storage size calculation overflowed with sizes={sizes}{context}")
+    stride = 1
+    for size in reversed(sizes[1:]):
+        stride *= max(size, 1)
+        if stride >= 2**63:
+            raise InvalidInput("target", f"Stride calculation overflowed{context}")
 
 
 #: The reduction torch's kernel applies for a reduction string ('batchmean' runs as 'sum', then divides).
