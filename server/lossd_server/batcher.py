@@ -236,13 +236,13 @@ class Batcher:
 
     async def _through_queue(self, job: batch_engine.Job, deadline: float | None) -> engine.LossResult:
         """One request through the queue: admitted (or QueueFull), then computed by a runner."""
-        nbytes = job.plan.input_nbytes
-        self._admit(nbytes)
+        work = job.plan.work_nbytes
+        self._admit(work)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExpired("deadline expired before the request was queued")
         item = _Item.of(job, deadline)
         self._queued += 1
-        self._queued_bytes += nbytes
+        self._queued_bytes += work
         self._depth_changed()
         self._queue.append(item)
         self._wake.set()
@@ -256,23 +256,26 @@ class Batcher:
                 self._take(item)
                 item.job = None
 
-    def _admit(self, nbytes: int) -> None:
+    def _admit(self, work: int) -> None:
+        """QueueFull past max_queue_requests, or past max_queue_bytes of work (Plan.work_nbytes: the
+        input, or the broadcast output or answer when larger; counted by their input, 16 kl_div
+        requests of 98 KB queued 16 s of compute and every other caller waited behind them)."""
         cfg = self.config
         if self._queued >= cfg.max_queue_requests:
             raise QueueFull(
                 "max_queue_requests", f"queue full: {self._queued} requests queued (max_queue_requests={cfg.max_queue_requests})"
             )
-        if self._queued and self._queued_bytes + nbytes > cfg.max_queue_bytes:
+        if self._queued and self._queued_bytes + work > cfg.max_queue_bytes:
             raise QueueFull(
                 "max_queue_bytes",
-                f"queue full: {self._queued_bytes} bytes queued, this request adds {nbytes} (max_queue_bytes={cfg.max_queue_bytes})",
+                f"queue full: {self._queued_bytes} bytes queued, this request adds {work} (max_queue_bytes={cfg.max_queue_bytes})",
             )
 
     def _take(self, item: _Item) -> None:
         if item.waiting:
             item.waiting = False
             self._queued -= 1
-            self._queued_bytes -= item.nbytes
+            self._queued_bytes -= item.work
             self._depth_changed()
 
     def _depth_changed(self) -> None:

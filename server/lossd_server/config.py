@@ -195,7 +195,8 @@ _HELP = {
     "max_wait_ms": "0 turns batching off (every request its own engine pass); any positive value turns the work-conserving batcher on "
     "(no timer ever holds a request back: the value is no delay)",
     "max_queue_requests": "queued requests beyond this are answered RESOURCE_EXHAUSTED",
-    "max_queue_bytes": "queued input bytes beyond this are answered RESOURCE_EXHAUSTED",
+    "max_queue_bytes": "queued bytes of work (a request's input, or its broadcast output or answer when larger) beyond this are "
+    "answered RESOURCE_EXHAUSTED",
     "chunk_bytes": "compute-dtype bytes of logits evaluated per engine chunk (bounds extra memory)",
     "max_chunks_in_flight": "EvaluateChunked / CompareChunked: received chunks held at once per call",
     "max_top_k": "Compare: largest top_k (classes returned per position and model, with their log-probabilities)",

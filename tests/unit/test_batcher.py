@@ -293,6 +293,29 @@ def test_queue_bytes_limit():
     run(with_batcher(rec, body, max_wait_ms=1.0, max_queue_bytes=4 * 7 * 4 + 10))
 
 
+def test_queue_bytes_count_a_requests_work_not_only_its_input():
+    """A kl_div target broadcast along the rows: 256 bytes of input, 1 MiB of output to compute."""
+    rec = Recorder()
+    x, t = torch.randn(64, 1).log_softmax(0), torch.rand(1, 4096)
+    heavy = (engine.plan(engine.LossSpec(loss="kl_div", reduction="sum"), x.shape, x.dtype, t), x, t)
+    assert heavy[0].input_nbytes == 256 and heavy[0].work_nbytes == 64 * 4096 * 4
+
+    async def body(b: Batcher):
+        head = await busy(rec, b, ce_request(1, seed=7))
+        first = asyncio.ensure_future(b.submit(*ce_request(4, seed=1)))
+        await settle()
+        with pytest.raises(QueueFull) as info:
+            await b.submit(*heavy)
+        rec.release()
+        await head
+        await first
+        return info.value
+
+    refused = run(with_batcher(rec, body, max_wait_ms=1.0, max_queue_bytes=100_000))
+    assert refused.limit == "max_queue_bytes"
+    assert str(refused) == f"queue full: 112 bytes queued, this request adds {64 * 4096 * 4} (max_queue_bytes=100000)"
+
+
 def test_cancelled_requests_are_never_computed():
     rec = Recorder()
     reqs = [ce_request(2, seed=i) for i in range(4)]
