@@ -133,8 +133,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ lifecycle
     @property
-    def queue_depth(self) -> int:
-        """Requests admitted and not yet taken for compute."""
+    def queue_depth(self) -> int:  # requests admitted and not yet taken for compute
         return self._queued
 
     async def start(self) -> None:
@@ -257,9 +256,7 @@ class Batcher:
                 item.job = None
 
     def _admit(self, work: int) -> None:
-        """QueueFull past max_queue_requests, or past max_queue_bytes of work (Plan.work_nbytes: the
-        input, or the broadcast output or answer when larger; counted by their input, 16 kl_div
-        requests of 98 KB queued 16 s of compute and every other caller waited behind them)."""
+        """QueueFull past max_queue_requests, or past max_queue_bytes of work (Plan.work_nbytes)."""
         cfg = self.config
         if self._queued >= cfg.max_queue_requests:
             raise QueueFull(
@@ -323,8 +320,7 @@ class Batcher:
                     item.job = None  # the answer went out: the request's tensors go now
                 del items
 
-    def _inline(self, nbytes: int) -> bool:
-        """Whether a batch of ``nbytes`` work bytes (see Plan.work_nbytes) is computed on the event loop."""
+    def _inline(self, nbytes: int) -> bool:  # a batch of nbytes of work (Plan.work_nbytes) on the event loop?
         return self.device.type == "cpu" and nbytes <= self.config.inline_batch_bytes
 
     def _compute_inline(self, items: list[_Item]) -> None:
