@@ -344,7 +344,7 @@ async def listen(config: ServerConfig, *, interceptors=(), observer=None, reuse_
     servicer = LossServicer(config, device, batcher, _memory_budget(config, observer), shm_reader)
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
-    server.add_generic_rpc_handlers((unary_reads.health_handlers(health_servicer, unary_reads.health_reads(config), servicer.calls),))
+    unary_reads.add_health(server, health_servicer, unary_reads.health_reads(config), servicer.calls)
     services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     server.add_generic_rpc_handlers((server_reflection.handlers(services, servicer.reads),))
     creds = _server_credentials(config)
