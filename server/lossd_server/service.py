@@ -451,7 +451,8 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
         ),
         **compare_service.handlers(servicer),  # Compare, CompareChunked
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lossd.v1.LossService", handlers),))
+    # registered methods (gRPC core queues each one's calls apart, see unary_reads.add_health)
+    server.add_registered_method_handlers("lossd.v1.LossService", handlers)
 
 
 def device_name(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> str:
