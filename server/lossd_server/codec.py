@@ -151,5 +151,17 @@ def encode(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     return msg
 
 
+def header(tensor: torch.Tensor) -> tuple[pb.Tensor, torch.Tensor]:
+    """A CPU tensor's Tensor message without its data, and its data as it is written: the
+    little-endian C-order bytes, as a 1-d uint8 tensor (:func:`encode` sets them in the message;
+    a large answer writes them a slice at a time, see :mod:`lossd_server.answers`)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    msg = pb.Tensor(dtype=TORCH_TO_WIRE[t.dtype], shape=t.shape)
+    return msg, t.reshape(-1).view(torch.uint8)
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

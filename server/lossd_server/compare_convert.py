@@ -9,7 +9,7 @@ import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client.compare_stats import CompareTotals
 
-from . import codec, engine
+from . import answers, codec, engine
 from .engine import comparison
 from .engine.compare import TARGET_OUTPUTS
 from .wire import WireCompareRequest, WireTensor
@@ -70,3 +70,28 @@ def encode_result(request_id: str, result: comparison.Comparison) -> pb.CompareR
             codec.encode(top.ids, getattr(response, name).ids)
             codec.encode(top.logprobs, getattr(response, name).logprobs)
     return response
+
+
+def answer_parts(request_id: str, result: comparison.Comparison, checkpoint: answers.Checkpoint = None) -> list[bytes]:
+    """The wire bytes of ``encode_result(request_id, result)`` in parts, for a large answer
+    (:mod:`.answers`), in protobuf's order of the fields."""
+    values = result.result
+    written = [pb.CompareResponse(id=request_id).SerializeToString()]
+    for name in sorted(DENSE_OUTPUTS, key=_NUMBERS.__getitem__):
+        value = getattr(values, name)
+        if value is not None:
+            written += answers.tensor(_NUMBERS[name], value, checkpoint)
+    totals = pb.CompareResponse()
+    for f in fields(CompareTotals):
+        setattr(totals.totals, f.name, getattr(values.totals, f.name))
+    written.append(totals.SerializeToString())
+    for name in TOP_K_OUTPUTS:
+        top = getattr(result, name)
+        if top is not None:  # TopK: ids = 1, logprobs = 2
+            written += answers.field(_NUMBERS[name], answers.tensor(1, top.ids, checkpoint) + answers.tensor(2, top.logprobs, checkpoint))
+    return written
+
+
+_NUMBERS = {f.name: f.number for f in pb.CompareResponse.DESCRIPTOR.fields}
+#: Compare's answers, small and large (:func:`.answers.encode_answer`).
+ANSWER = answers.Encoding(encode_result, answer_parts)

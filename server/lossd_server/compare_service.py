@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import grpc
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
-from . import codec, compare_convert, convert, engine, service, wire
+from . import answers, codec, compare_convert, convert, engine, service, wire
 from .budget import Reservation
 from .calls import Call
 from .compare_chunks import COMPARE_COST, CompareAssembler
@@ -99,7 +99,7 @@ class CompareRpcs:
         plan = decoded.plan
         answer = _answer_size(plan, cfg.max_send_message_bytes, id_bytes)
         await held.grow(
-            held.nbytes + max(0, plan.plan_nbytes() - decoding) + plan.working_nbytes() + service.ANSWER_COPIES * answer,
+            held.nbytes + max(0, plan.plan_nbytes() - decoding) + plan.working_nbytes() + answers.ANSWER_COPIES * answer,
             "the comparison and its answer",
             timeout_s=call.memory_wait_left_s(),
         )
@@ -114,8 +114,10 @@ class CompareRpcs:
         del decoded
         result = await held.kept_until_done(servicer.batcher.compute_soon(work, COMPARE_COST * (nbytes + shm_bytes)))
         del work
-        response = await service.encode_answer(compare_convert.encode_result, request.id, result, answer, cfg.inline_batch_bytes, held)
-        held.resize(service.ANSWER_COPIES * answer, "the answer")
+        response = await answers.encode_answer(
+            compare_convert.ANSWER, request.id, result, answer, cfg.inline_batch_bytes, held, call.checkpoint
+        )
+        held.resize(answers.ANSWER_COPIES * answer, "the answer")
         return response
 
     # ---------------------------------------------------------------- CompareChunked
@@ -132,10 +134,10 @@ class CompareRpcs:
             result = await self.servicer.batcher.run_in_engine(assembler.finish, parts, held=header_held)
             parts.clear()
             answer = assembler.plan.answer_nbytes() + len(assembler.id.encode())
-            response = await service.encode_answer(
-                compare_convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes, header_held
+            response = await answers.encode_answer(
+                compare_convert.ANSWER, assembler.id, result, answer, self.config.inline_batch_bytes, header_held, call.checkpoint
             )
-            call.answered(header_held, service.ANSWER_COPIES * answer)
+            call.answered(header_held, answers.ANSWER_COPIES * answer)
             return response
         finally:
             header_held.release()
@@ -157,7 +159,7 @@ class CompareRpcs:
         assembler = CompareAssembler(first.header, self.servicer.shm_reader, max_top_k=self.config.max_top_k)
         plan = assembler.plan
         answer = _answer_size(plan, self.config.max_send_message_bytes, id_bytes)
-        extra = max(0, plan.plan_nbytes() - decoding) + plan.working_nbytes() + service.ANSWER_COPIES * answer
+        extra = max(0, plan.plan_nbytes() - decoding) + plan.working_nbytes() + answers.ANSWER_COPIES * answer
         call.hold(held, held.nbytes + extra, "the comparison header and its answer", "CompareChunk")
         return assembler
 
@@ -166,7 +168,7 @@ def handlers(servicer: LossServicer) -> dict[str, grpc.RpcMethodHandler]:
     """The Compare RPCs' handlers, for :func:`lossd_server.service.add_to_server`. Both read their
     messages themselves (Call.read), so the unary Compare is registered as client-streaming too."""
     rpcs = CompareRpcs(servicer)
-    answer = pb.CompareResponse.SerializeToString
+    answer = answers.serializer(pb.CompareResponse)
     return {
         "Compare": grpc.stream_unary_rpc_method_handler(
             rpcs.Compare, wire.deserializer(pb.CompareRequest, servicer.config.max_id_bytes), answer

@@ -8,7 +8,7 @@ import torch
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client.layout import EXTRA_NAMES, KL_DIV, LOSS_NAMES, REDUCTION_NAMES, legacy_reduction
 
-from . import codec, engine
+from . import answers, codec, engine
 from .batch_engine import Job
 from .wire import MAX_EXTRA_VALUES, WireRequest, WireTensor
 
@@ -98,6 +98,10 @@ def decode_request(request: WireRequest, shm_reader=None) -> Job:
     return Job(plan, x, target)
 
 
+#: SequenceStats' fields in their wire order (field numbers 1 to 5).
+SEQUENCE_FIELDS = ("nll_sum", "tokens", "mean_nll", "perplexity", "is_greedy")
+
+
 def encode_result(request_id: str, result: engine.LossResult) -> pb.EvaluateResponse:
     response = pb.EvaluateResponse(id=request_id, loss_sum=result.loss_sum, weight_sum=result.weight_sum, counted=result.counted)
     codec.encode(result.loss, response.loss)
@@ -105,11 +109,34 @@ def encode_result(request_id: str, result: engine.LossResult) -> pb.EvaluateResp
         codec.encode(value, response.extras[name])
     if result.sequences is not None:
         s = result.sequences
-        for name in ("nll_sum", "tokens", "mean_nll", "perplexity", "is_greedy"):
+        for name in SEQUENCE_FIELDS:
             # one field's Python values at a time (32 bytes a float), in one assignment: filled
             # piecewise, a repeated field's storage grows by doubling inside the message's arena
             getattr(response.sequences, name)[:] = getattr(s, name).tolist()
     return response
+
+
+def answer_parts(request_id: str, result: engine.LossResult, checkpoint: answers.Checkpoint = None) -> list[bytes]:
+    """The wire bytes of ``encode_result(request_id, result)`` in parts, for a large answer
+    (:mod:`.answers`): the tensors written a slice at a time, ``checkpoint`` between the slices
+    and between the fields."""
+    totals = pb.EvaluateResponse(loss_sum=result.loss_sum, weight_sum=result.weight_sum, counted=result.counted)
+    written = [pb.EvaluateResponse(id=request_id).SerializeToString()]  # fields in protobuf's order: id = 1
+    written += answers.tensor(2, result.loss, checkpoint)  # loss = 2
+    written.append(totals.SerializeToString())  # 3 to 5
+    if result.sequences is not None:
+        stats: list[bytes] = []
+        for number, name in enumerate(SEQUENCE_FIELDS, 1):
+            stats += answers.packed(number, getattr(result.sequences, name), checkpoint)
+        written += answers.field(6, stats)  # sequences = 6
+    for name, value in result.extras.items():  # extras = 7: map entries of key = 1, value = 2
+        entry = name.encode()
+        written += answers.field(7, [answers.key(1, len(entry)), entry, *answers.tensor(2, value, checkpoint)])
+    return written
+
+
+#: Evaluate's answers, small and large (:func:`.answers.encode_answer`).
+ANSWER = answers.Encoding(encode_result, answer_parts)
 
 
 def error_response(request_id: str, code: int, message: str) -> pb.EvaluateResponse:

@@ -23,6 +23,7 @@ from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
 
 from . import __version__, batch_engine, codec, compare_service, convert, endings, engine, unary_reads, wire
+from .answers import ANSWER_COPIES, encode_answer, serializer
 from .batcher import Batcher
 from .budget import MemoryBudget, Reservation
 from .calls import Call, CallTracker, Reads, serve_stream
@@ -30,9 +31,6 @@ from .chunks import ChunkAssembler
 from .config import ServerConfig
 from .errors import OversizedId, RequestError, drop_tracebacks, status_of
 from .packed import PackedMessages, item_failed
-
-#: Copies of an answer alive at once: the result tensors, the encoded message, gRPC's buffer.
-ANSWER_COPIES = 3
 
 
 def check_id(field: str, request_id: str, max_id_bytes: int) -> int:
@@ -96,16 +94,6 @@ def check_broadcast(plan: engine.Plan | engine.KlDivLossPlan, max_broadcast_elem
             f"{plan.spec.loss}'s broadcast of {shapes} makes {elements} elements, over this server's max_broadcast_elements "
             f"({max_broadcast_elements}); send fewer rows per request (lossd_client.combine joins their results exactly)",
         )
-
-
-async def encode_answer(encode: Callable, request_id: str, result: object, answer_nbytes: int, inline_bytes: int, held: Reservation):
-    """``encode(request_id, result)``, on a thread when the answer's size bound ``answer_nbytes``
-    is over ``inline_bytes`` (--inline-batch-bytes): hundreds of MB held the event loop (health
-    checks included) for seconds. ``held`` counts the answer (and stays counted until the
-    encoding ends, should the call be cancelled meanwhile)."""
-    if answer_nbytes > inline_bytes:
-        return await held.run_in_thread(encode, request_id, result)
-    return encode(request_id, result)
 
 
 def call_over(call: Call, context: grpc.aio.ServicerContext, exc: BaseException) -> RequestError | None:
@@ -211,7 +199,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         result = await self.batcher.submit(job.plan, job.input, job.target, deadline=call.deadline, sole_call=self.calls.active == 1)
         del job
         response = await encode_answer(
-            convert.encode_result, request.id, result, answer_bytes // ANSWER_COPIES, self.config.inline_batch_bytes, held
+            convert.ANSWER, request.id, result, answer_bytes // ANSWER_COPIES, self.config.inline_batch_bytes, held, call.checkpoint
         )
         held.resize(answer_bytes, "the answer")
         return response
@@ -294,7 +282,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
             result = await self.batcher.run_in_engine(assembler.finish, partials, held=header_held)
             partials.clear()
             answer = assembler.plan.answer_nbytes() + len(assembler.id.encode())
-            response = await encode_answer(convert.encode_result, assembler.id, result, answer, self.config.inline_batch_bytes, header_held)
+            response = await encode_answer(
+                convert.ANSWER, assembler.id, result, answer, self.config.inline_batch_bytes, header_held, call.checkpoint
+            )
             call.answered(header_held, ANSWER_COPIES * answer)
             return response
         finally:
@@ -432,16 +422,16 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
     max_id = servicer.config.max_id_bytes
     handlers = {
         "Evaluate": grpc.stream_unary_rpc_method_handler(
-            servicer.Evaluate, wire.deserializer(pb.EvaluateRequest, max_id), pb.EvaluateResponse.SerializeToString
+            servicer.Evaluate, wire.deserializer(pb.EvaluateRequest, max_id), serializer(pb.EvaluateResponse)
         ),
         "EvaluateStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EvaluateStream, wire.deserializer(pb.EvaluateRequest, max_id), pb.EvaluateResponse.SerializeToString
+            servicer.EvaluateStream, wire.deserializer(pb.EvaluateRequest, max_id), serializer(pb.EvaluateResponse)
         ),
         "EvaluatePacked": grpc.stream_stream_rpc_method_handler(
-            servicer.EvaluatePacked, wire.deserializer(pb.EvaluateBatch, max_id), pb.EvaluateBatchResults.SerializeToString
+            servicer.EvaluatePacked, wire.deserializer(pb.EvaluateBatch, max_id), serializer(pb.EvaluateBatchResults)
         ),
         "EvaluateChunked": grpc.stream_unary_rpc_method_handler(
-            servicer.EvaluateChunked, wire.deserializer(pb.EvaluateChunk, max_id), pb.EvaluateResponse.SerializeToString
+            servicer.EvaluateChunked, wire.deserializer(pb.EvaluateChunk, max_id), serializer(pb.EvaluateResponse)
         ),
         "GetServerInfo": unary_reads.reading(
             grpc.unary_unary_rpc_method_handler(servicer.GetServerInfo, unary_reads.ignored, pb.ServerInfo.SerializeToString),
