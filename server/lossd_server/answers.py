@@ -19,7 +19,7 @@ the result's tensors, the parts and the joined bytes; then the joined bytes and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -81,6 +81,23 @@ async def encode_answer(
 def wire_bytes(parts: Callable[[str, object, Checkpoint], list[bytes]], request_id: str, result: object, checkpoint: Checkpoint) -> bytes:
     """``parts(request_id, result, checkpoint)`` joined, after a last checkpoint."""
     written = parts(request_id, result, checkpoint)
+    if checkpoint is not None:
+        checkpoint()
+    return b"".join(written)
+
+
+def joined(messages: Iterable[object | bytes], number: int, checkpoint: Checkpoint = None) -> bytes:
+    """A message whose repeated field ``number`` holds ``messages`` (protobuf messages, or their
+    wire bytes), in order: EvaluatePacked's answer, serialized item by item on a thread (each item
+    is at most --inline-batch-bytes, or bytes already), ``checkpoint`` between them. Alive at once:
+    the items, their bytes and the joined bytes (a large item's bytes are its own), at most
+    ANSWER_COPIES; gRPC's buffer comes once the items are gone."""
+    written: list[bytes] = []
+    for message in messages:
+        if checkpoint is not None:
+            checkpoint()
+        body = message if type(message) is bytes else message.SerializeToString()
+        written += (key(number, len(body)), body)
     if checkpoint is not None:
         checkpoint()
     return b"".join(written)

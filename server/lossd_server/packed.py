@@ -5,7 +5,9 @@ and validated (its failure is its own ItemError), then the slice is submitted to
 batch (:meth:`~.batcher.Batcher.submit_many`), so that a message of small requests shares one
 engine pass, fused where the requests agree, even when nothing else is running. Every item
 reserves its own answer; the message's reservation keeps the request bytes until every item is
-answered, then holds the answers.
+answered, then holds the answers. An item whose answer may be larger than ``inline_bytes``
+(--inline-batch-bytes) is encoded on a thread, and a message whose answers may be larger in all is
+serialized on one (:mod:`.answers`: a million sequences' statistics held the event loop for seconds).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Awaitable, Callable
 
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 
-from . import batch_engine, convert, wire
+from . import answers, batch_engine, convert, wire
+from .answers import ANSWER_COPIES
 from .batcher import Batcher
 from .budget import MemoryBudget, Reservation
 from .calls import Call
@@ -50,7 +53,7 @@ def item_failed(request: wire.WireRequest, held: Reservation, exc: BaseException
 
 def errors_nbytes(responses: list[pb.EvaluateResponse]) -> int:
     """What a packed message's item errors take while they wait to be sent (see item_failed)."""
-    return ERROR_COPIES * sum(r.ByteSize() for r in responses if r.HasField("error"))
+    return ERROR_COPIES * sum(r.ByteSize() for r in responses if type(r) is not bytes and r.HasField("error"))
 
 
 class PackedMessages:
@@ -62,12 +65,15 @@ class PackedMessages:
         self.batcher = batcher
         self.prepare = prepare
         self.sole_call = sole_call
+        self.inline_bytes = batcher.config.inline_batch_bytes  # answers larger are encoded on a thread
         self._turns = asyncio.Semaphore(PACKED_ITEMS_AT_ONCE // PACKED_SLICE_ITEMS)
 
-    async def answer(self, call: Call, message: list[wire.WireRequest], held: Reservation) -> pb.EvaluateBatchResults:
-        """One response per item, in order; ``held`` (the message's bytes) then holds the answers."""
+    async def answer(self, call: Call, message: list[wire.WireRequest], held: Reservation) -> pb.EvaluateBatchResults | bytes:
+        """One response per item, in order; ``held`` (the message's bytes) then holds the answers.
+        When they may take more than ``inline_bytes`` (their size bounds), the answer is
+        serialized on a thread: its bytes."""
         shares = [self.budget.empty() for _ in message]
-        responses: list[pb.EvaluateResponse] = []
+        responses: list[pb.EvaluateResponse | bytes] = []
         try:
             for start in range(0, len(message), PACKED_SLICE_ITEMS):
                 stop = start + PACKED_SLICE_ITEMS
@@ -83,12 +89,16 @@ class PackedMessages:
         finally:
             for share in shares:
                 share.release()
+        if held.nbytes > ANSWER_COPIES * self.inline_bytes:
+            return await held.run_in_thread(answers.joined, responses, 1, call.checkpoint)  # EvaluateBatchResults.responses = 1
         return pb.EvaluateBatchResults(responses=responses)
 
-    async def _answer_slice(self, call: Call, requests: list[wire.WireRequest], shares: list[Reservation]) -> list[pb.EvaluateResponse]:
+    async def _answer_slice(
+        self, call: Call, requests: list[wire.WireRequest], shares: list[Reservation]
+    ) -> list[pb.EvaluateResponse | bytes]:
         """Items decoded one by one, computed together: a response or an ItemError each, in order
         (never raises but for cancellation)."""
-        responses: list[pb.EvaluateResponse | None] = [None] * len(requests)
+        responses: list[pb.EvaluateResponse | bytes | None] = [None] * len(requests)
         ready: list[tuple[int, int]] = []  # (item index, bytes its answer holds)
         jobs: list[batch_engine.Job] = []
         for i, (request, share) in enumerate(zip(requests, shares, strict=True)):
@@ -107,8 +117,27 @@ class PackedMessages:
         for (i, answer_bytes), outcome in zip(ready, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 responses[i] = item_failed(requests[i], shares[i], outcome)
+            elif answer_bytes // ANSWER_COPIES > self.inline_bytes:
+                responses[i] = await _encode_on_thread(call, requests[i], outcome, answer_bytes, shares[i], self.inline_bytes)
             else:
                 responses[i] = convert.encode_result(requests[i].id, outcome)
                 shares[i].resize(answer_bytes, "the answer")
         del outcomes
         return responses  # type: ignore[return-value]
+
+
+async def _encode_on_thread(
+    call: Call, request: wire.WireRequest, result: object, answer_bytes: int, share: Reservation, inline_bytes: int
+) -> pb.EvaluateResponse | bytes:
+    """A large item's answer, its wire bytes built on a thread (:func:`.answers.encode_answer`,
+    stopped once the call is over); its ItemError should that fail."""
+    try:
+        response = await answers.encode_answer(
+            convert.ANSWER, request.id, result, answer_bytes // ANSWER_COPIES, inline_bytes, share, call.checkpoint
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported per item
+        return item_failed(request, share, exc)
+    share.resize(answer_bytes, "the answer")
+    return response

@@ -148,3 +148,14 @@ def test_the_serializers_pass_bytes_through() -> None:
     assert serialize(message) == message.SerializeToString()
     data = message.SerializeToString()
     assert serialize(data) is data
+
+
+def test_a_packed_answer_joined_item_by_item_is_protobufs() -> None:
+    items = [convert.encode_result(str(i), r) for i, r in enumerate(loss_results())]
+    items.append(convert.error_response("e", 3, "bad"))
+    mixed = [m.SerializeToString() if i % 2 else m for i, m in enumerate(items)]
+    got = answers.joined(mixed, 1)
+    assert pb.EvaluateBatchResults.FromString(got) == pb.EvaluateBatchResults(responses=items)
+    one_extra = [m for m in items if len(m.extras) <= 1]  # protobuf writes a map in an order of its own
+    assert answers.joined(one_extra, 1) == pb.EvaluateBatchResults(responses=one_extra).SerializeToString()
+    assert answers.joined([], 1) == pb.EvaluateBatchResults().SerializeToString() == b""
