@@ -1,0 +1,232 @@
+"""Large answers leave the event loop to other calls, stop when their call does, and are the same
+answers as before.
+
+An answer over --inline-batch-bytes is written as wire bytes on a thread, a slice at a time, its
+call checked between slices (lossd_server.answers). The request here is 27 bytes: 2^24 empty
+sequences with sequence_stats, answered with 436 MB of per-sequence statistics. protobuf built that
+answer in calls that each held the GIL for about half a second, then gRPC serialized it on the event
+loop (1.1 s without a health check answered), and a call whose deadline passed meanwhile ran on to
+the end (2.4 s of CPU after a 1 s deadline). Real servers on loopback. No duration is asserted: the
+server's CPU time is compared with CPU time measured in the same test, on the same machine.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from lossd_client import compare, core
+from lossd_client._proto.lossd.v1 import loss_pb2 as pb
+from lossd_client.types import LossRequest
+from lossd_server.config import machine_memory_bytes
+from rpc_outcomes import wait_for_metric
+from serverproc import start_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.servers import cpu_seconds  # noqa: E402
+
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/stat"), pytest.mark.slow]
+#: One 2^24-sequence call reserves ~3.1 GiB of the memory budget (by default half the machine's).
+big_memory = pytest.mark.skipif(machine_memory_bytes() < 8 * 2**30, reason="a 436 MB answer needs a 4 GiB memory budget")
+
+SEQUENCES = 2**24
+RAW = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+EVALUATE = "/lossd.v1.LossService/Evaluate"
+
+
+def empty_sequences(n: int) -> bytes:
+    """An Evaluate request of ``n`` empty sequences ((n, 5, 0) logits) asking for their statistics."""
+    msg = pb.EvaluateRequest(options=pb.LossOptions(sequence_stats=True))
+    msg.input.dtype, msg.target.dtype = pb.FLOAT32, pb.INT64
+    msg.input.shape[:], msg.target.shape[:] = [n, 5, 0], [n, 0]
+    return msg.SerializeToString()
+
+
+def settled_cpu(pid: int, quiet_s: float = 0.5, timeout_s: float = 60.0) -> float:
+    """The server's CPU seconds once it has stopped working (under 20 ms in ``quiet_s``)."""
+    deadline = time.monotonic() + timeout_s
+    last = cpu_seconds(pid)
+    while True:
+        time.sleep(quiet_s)
+        now = cpu_seconds(pid)
+        if now - last < 0.02 or time.monotonic() > deadline:
+            return now
+        last = now
+
+
+class HealthProbe:
+    """Health checks back to back from a thread, on a connection of their own; for each, the
+    server's CPU seconds spent while it waited. The event loop answers them: a wait during which the
+    server worked long means the loop was held (a server descheduled by a busy machine adds time,
+    not CPU)."""
+
+    def __init__(self, address: str, pid: int) -> None:
+        self.pid = pid
+        self.channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        self.check = health_pb2_grpc.HealthStub(self.channel).Check
+        self.waits: list[float] = []
+        self.statuses: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            before = cpu_seconds(self.pid)
+            self.statuses.add(self.check(health_pb2.HealthCheckRequest(), timeout=120).status)
+            self.waits.append(cpu_seconds(self.pid) - before)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        while not self.waits and self._thread.is_alive():
+            time.sleep(0.01)
+        self.waits.clear()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(120)
+        self.channel.close()
+
+
+@pytest.fixture(scope="module")
+def big():
+    """A server, and what one 2^24-sequence answer costs it once warm: (its CPU seconds, the
+    engine's seconds, the handler's seconds)."""
+    server = start_server(metrics=True)
+    try:
+        data, pid = empty_sequences(SEQUENCES), server.proc.pid
+        with grpc.insecure_channel(server.address, options=RAW) as channel:
+            evaluate = channel.unary_unary(EVALUATE)
+            evaluate(data, timeout=300)  # warm: the allocator's first pages of each size
+            before, metrics = settled_cpu(pid), server.metrics()
+            evaluate(data, timeout=300)
+            whole, after = settled_cpu(pid) - before, server.metrics()
+        engine_s, handler_s = (
+            after[name] - metrics[name] for name in ("lossd_compute_seconds_sum", 'lossd_request_latency_seconds_sum{method="Evaluate"}')
+        )
+        yield server, whole, engine_s, handler_s
+    finally:
+        server.stop()
+
+
+@big_memory
+def test_a_large_answer_leaves_the_event_loop_to_health_checks(big):
+    """While the 436 MB answer is built and sent, no health check waits through as much server
+    CPU as protobuf takes to serialize that answer (measured here on the answer received, best of
+    3: about 0.5 s on the host of this test): gRPC serialized the message on the event loop (the
+    longest wait took 0.9-1.1 s of server CPU), after protobuf had built it in calls that held the
+    GIL. Now the longest (~0.2 s, gRPC's own copy of the bytes) is well under it."""
+    server, *_ = big
+    with grpc.insecure_channel(server.address, options=RAW) as channel:
+        with HealthProbe(server.address, server.proc.pid) as probe:
+            answer = channel.unary_unary(EVALUATE)(empty_sequences(SEQUENCES), timeout=300)
+    response = pb.EvaluateResponse.FromString(answer)
+    assert len(response.sequences.is_greedy) == SEQUENCES and probe.statuses == {health_pb2.HealthCheckResponse.SERVING}
+    assert len(probe.waits) >= 5, probe.waits
+    serialize_s = min(_serialize_cpu(response) for _ in range(3))
+    worst = max(probe.waits)
+    assert worst < serialize_s, f"a health check waited through {worst:.2f}s of server CPU; serializing the answer takes {serialize_s:.2f}s"
+
+
+def _serialize_cpu(message) -> float:
+    start = time.thread_time()
+    message.SerializeToString()
+    return time.thread_time() - start
+
+
+@big_memory
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_a_large_answer_stops_being_built_when_its_call_ends(big, how):
+    """A call whose deadline passes (or whose client cancels) while its answer is built costs the
+    server little after it: under a quarter of the CPU of a whole call. The stop comes a quarter of
+    the way from the engine's end to the handler's (as measured on a whole call), while the answer
+    is built: the encoding ran on to its end (3.4-3.6 s of CPU after the stop, of 4.2 s for a whole
+    call); now it stops at its next slice (0-0.1 s). The server counts the call as the client saw it."""
+    server, whole, engine_s, handler_s = big
+    data, pid = empty_sequences(SEQUENCES), server.proc.pid
+    stop_s = engine_s + (handler_s - engine_s) / 4
+    code = grpc.StatusCode.DEADLINE_EXCEEDED if how == "deadline" else grpc.StatusCode.CANCELLED
+    counted = f'lossd_requests_total{{code="{code.name}",method="Evaluate"}}'
+    before_count = server.metrics().get(counted, 0.0)
+    with grpc.insecure_channel(server.address, options=RAW) as channel:
+        evaluate = channel.unary_unary(EVALUATE)
+        settled_cpu(pid)
+        if how == "deadline":
+            with pytest.raises(grpc.RpcError) as err:
+                evaluate(data, timeout=stop_s)
+            assert err.value.code() == code
+        else:
+            future = evaluate.future(data, timeout=300)
+            time.sleep(stop_s)
+            assert future.cancel()
+        ended = cpu_seconds(pid)
+        after = settled_cpu(pid) - ended
+    assert after < whole / 4, f"{after:.2f}s of server CPU after the call ended (the whole call: {whole:.2f}s; stopped at {stop_s:.2f}s)"
+    assert wait_for_metric(server, counted, lambda v: v > before_count) == before_count + 1
+
+
+def differential_requests():
+    """Evaluate requests whose answers take from a few bytes to 16 MB, one an error."""
+    rng = np.random.default_rng(0)
+    lm = rng.standard_normal((16, 64, 50), dtype=np.float32)
+    tokens = rng.integers(0, 50, (16, 64))
+    extras = ("target_logprob", "entropy", "target_rank", "argmax_correct")
+    yield LossRequest(rng.standard_normal((8, 5), dtype=np.float32), rng.integers(0, 5, 8), id="small")
+    yield LossRequest(lm, tokens, reduction="none", class_axis=-1, shift_targets=True, extras=extras, sequence_stats=True, id="lm")
+    yield LossRequest(np.empty((300_000, 0, 5), np.float32), np.empty((300_000, 0), np.uint8), class_axis=-1, sequence_stats=True, id="seq")
+    kl = (rng.standard_normal((1024, 1)), rng.random((1, 4096)))
+    yield LossRequest(kl[0].astype(np.float32), kl[1].astype(np.float32), "kl_div", reduction="none", id="kl")
+    yield LossRequest(rng.standard_normal((4, 5), dtype=np.float32), np.array([0, 1, 9, 2]), id="bad")  # class 9 of 5
+
+
+def answers_of(address: str) -> list[bytes]:
+    """Every method's answers to differential_requests, each parsed and written again
+    deterministically (protobuf's map order is its own)."""
+    requests = [core.build(r)[0] for r in differential_requests()]
+    data = [m.SerializeToString() for m in requests]
+    cmp = compare.CompareInputs(*np.random.default_rng(1).standard_normal((2, 256, 2000), dtype=np.float32), np.arange(256) % 7, top_k=8)
+    out: list[bytes] = []
+    with grpc.insecure_channel(address, options=RAW) as ch:
+
+        def unary(method: str, kind, message: bytes) -> None:
+            try:
+                out.append(kind.FromString(ch.stream_unary(f"/lossd.v1.LossService/{method}")(iter([message]), timeout=120)))
+            except grpc.RpcError as err:
+                out.append(pb.EvaluateResponse(id=f"{err.code().name}: {err.details()}"))
+
+        for message in data:
+            unary("Evaluate", pb.EvaluateResponse, message)
+        stream = ch.stream_stream("/lossd.v1.LossService/EvaluateStream")(iter(data), timeout=120)
+        out += sorted((pb.EvaluateResponse.FromString(a) for a in stream), key=lambda r: r.id)
+        packed = ch.stream_stream("/lossd.v1.LossService/EvaluatePacked")
+        batch = pb.EvaluateBatch(requests=requests).SerializeToString()
+        out += [pb.EvaluateBatchResults.FromString(a) for a in packed(iter([batch, batch]), timeout=120)]
+        for r in list(differential_requests())[:-1]:
+            chunks = list(core.chunk_payloads(r, chunk_bytes=1 << 20))
+            out.append(pb.EvaluateResponse.FromString(ch.stream_unary("/lossd.v1.LossService/EvaluateChunked")(iter(chunks), timeout=120)))
+        unary("Compare", pb.CompareResponse, compare.request(cmp).SerializeToString())
+        chunks = list(compare.payloads(cmp, chunk_bytes=1 << 20))
+        out.append(pb.CompareResponse.FromString(ch.stream_unary("/lossd.v1.LossService/CompareChunked")(iter(chunks), timeout=120)))
+    return [m.SerializeToString(deterministic=True) for m in out]
+
+
+def test_answers_built_on_a_thread_are_the_messages_protobuf_builds():
+    """Every method answers the same whether its answers are built as messages for gRPC to
+    serialize (--inline-batch-bytes 1 GiB: every answer small, as before), written as bytes on a
+    thread (0: every answer large), or some of each (the default, 1 MiB: an EvaluatePacked
+    message of items of both kinds)."""
+    servers = [start_server("--inline-batch-bytes", str(n)) for n in (1 << 30, 0, 1 << 20)]
+    try:
+        messages, *others = (answers_of(s.address) for s in servers)
+    finally:
+        for s in servers:
+            s.stop()
+    assert len(messages) == 5 + 5 + 2 + 4 + 2
+    for answers in others:
+        assert answers == messages
