@@ -50,10 +50,11 @@ class ServerConfig:
     #: --workers N: a worker whose event loop has not answered the supervisor's ping for this long
     #: is killed (SIGKILL) and replaced. A stuck loop (a deadlock, SIGSTOP) otherwise keeps being
     #: handed new connections by the kernel, and its callers hang. The loop can legitimately be
-    #: busy: gRPC serialising a 218 MB answer holds it ~1.3 s, so the largest answer allowed
-    #: (max_send_message_bytes, 2 GiB) about 13 s; add inline batches, GC pauses and an
-    #: oversubscribed host. 30 s stays above that with room and still bounds a hang to half a
-    #: minute; 0 turns the check off.
+    #: busy: gRPC copies a returned answer into its own buffer on it (~0.45 s per GiB measured, so
+    #: about 1 s for the largest answer allowed, max_send_message_bytes, 2 GiB; lossd builds large
+    #: answers off the loop, see answers.py); add inline batches, GC pauses and an oversubscribed
+    #: host. 30 s stays above that with room and still bounds a hang to half a minute; 0 turns the
+    #: check off.
     worker_stall_timeout_s: float = 30.0
     max_message_bytes: int = 64 * MiB
     max_send_message_bytes: int = 2**31 - 1
