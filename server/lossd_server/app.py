@@ -28,7 +28,6 @@ from .admission import Admission
 from .batcher import Batcher
 from .budget import MemoryBudget
 from .config import ServerConfig, read_pem_file
-from .engine import comparison
 from .ports import StartupError, check_bindable, metrics_port_error
 from .service import LossServicer, add_to_server
 from .stopsignals import stop_signals
@@ -67,26 +66,6 @@ def warm_up(device: torch.device) -> None:
     engine.evaluate(engine.LossSpec(loss=engine.BCE_WITH_LOGITS), x, torch.rand(4, 8), device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def warm_up_more(device: torch.device) -> None:
-    """Once SERVING, on a thread: the paths whose first use imports more of torch (a broadcast
-    pos_weight imports torch._refs: 0.2 s of the event loop on the first such request) or loads
-    other kernels (kl_div, a comparison's top-k). Not before SERVING: it would add 0.2 s to every
-    cold start."""
-    x = torch.randn(4, 8)
-    t = torch.tensor([0, 3, -100, 7])
-    engine.evaluate(engine.LossSpec(loss=engine.BCE_WITH_LOGITS), x, torch.rand(4, 8), pos_weight=torch.rand(8), device=device)
-    engine.evaluate(engine.LossSpec(loss="kl_div", reduction="batchmean"), x[:, :1].log_softmax(0), torch.rand(1, 8), device=device)
-    compared = comparison.plan_comparison(x.shape, x.dtype, x.shape, x.dtype, t, top_k=2, max_top_k=2)
-    compared.evaluate(x, x.flip(1), device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _log_failure(done: asyncio.Future) -> None:
-    if not done.cancelled() and done.exception() is not None:
-        log.warning("warm-up after SERVING failed: %r", done.exception())
 
 
 #: What a stop request asks for: start the drain, or skip what is left of it.
@@ -151,7 +130,6 @@ class LossServer:
     port: int
     metrics_port: int | None = None
     stop_signal: StopSignal = field(default_factory=StopSignal)
-    _warming: asyncio.Future | None = field(default=None, repr=False)  # warm_up_more, once SERVING
 
     async def set_serving(self, serving: bool) -> None:
         """Ignored once shutting down (the health servicer is then NOT_SERVING for good)."""
@@ -180,9 +158,6 @@ class LossServer:
             return
         await self.set_serving(True)
         log.info("warm-up done on %s: SERVING", self.device)
-        if self.config.warmup:
-            self._warming = asyncio.get_running_loop().run_in_executor(None, warm_up_more, self.device)
-            self._warming.add_done_callback(_log_failure)
 
     async def wait_and_shutdown(self) -> None:
         """Wait for a stop request, then drain (NOT_SERVING, still accepting) and stop."""

@@ -920,3 +920,22 @@ def test_units_without_positions_are_handed_to_torch_once(monkeypatch, fn, input
         assert torch.equal(got.loss, want) or (got.loss.isnan().all() and want.isnan().all())
         assert seen == [1], seen
         seen.clear()
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.integers(0, 4), max_size=4).map(tuple),
+    st.lists(st.integers(0, 4), max_size=4).map(tuple),
+)
+def test_broadcast_shapes_is_torchs_results_and_errors(a, b):
+    """validate.broadcast_shapes (which spares the server importing torch._refs) against torch's."""
+    from lossd_server.engine.validate import broadcast_shapes
+
+    try:
+        expected = tuple(torch.broadcast_shapes(a, b))
+    except RuntimeError as exc:
+        with pytest.raises(RuntimeError) as got:
+            broadcast_shapes(a, b)
+        assert str(got.value) == str(exc)
+        return
+    assert broadcast_shapes(a, b) == expected
