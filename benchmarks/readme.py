@@ -49,6 +49,11 @@ def _x(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def table_head(*columns: str) -> list[str]:
+    """A markdown table's header row and separator."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def header(meta: dict) -> str:
     when = meta.get("finished_utc", "date not recorded")
     return (
@@ -61,12 +66,14 @@ def header(meta: dict) -> str:
 def large_table(result: dict) -> str:
     dtypes = ("float32", "bfloat16")
     names = {dtype: next(r["workload"] for r in result["rows"] if r["dtype"] == dtype).rsplit("(", 1)[-1].rstrip(")") for dtype in dtypes}
-    lines = [
-        f"| one 2048×32000 request, `reduction='{result['reduction']}'` (best of {result['repeats']}) "
-        f"| fp32 ({names['float32']}) s | × torch | × floor | peak above idle "
-        f"| bf16 ({names['bfloat16']}) s | × torch | × floor | peak above idle |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        f"one 2048×32000 request, `reduction='{result['reduction']}'` (best of {result['repeats']})",
+        *(
+            column
+            for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16"))
+            for column in (f"{short} ({names[dtype]}) s", "× torch", "× floor", "peak above idle")
+        ),
+    )
     for config, label in LARGE_PATHS:
         cells = []
         for dtype in dtypes:
@@ -81,11 +88,13 @@ def large_table(result: dict) -> str:
 
 
 def small_table(rows: list[dict]) -> str:
-    lines = [
-        "| 64×1000 fp32 class targets, req/s (server CPU µs per call; × floor's CPU) | 1 in flight | 16 in flight "
-        "| 64 in flight | mixed shapes/options, 64 in flight |",
-        "|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "64×1000 fp32 class targets, req/s (server CPU µs per call; × floor's CPU)",
+        "1 in flight",
+        "16 in flight",
+        "64 in flight",
+        "mixed shapes/options, 64 in flight",
+    )
     for config in (FLOOR, NAIVE, OFF, ON, MANY):
         cells = []
         for workload in SMALL_WORKLOADS:
@@ -107,7 +116,7 @@ def _target(name: str, value: str, met: bool | None) -> str:
 def targets_table(run: dict) -> str:
     """The performance targets (issue 12) against this run's figures."""
     rows, large, cold = run.get("rows", []), run.get("large"), run.get("cold_start")
-    lines = ["| target | this run | met? |", "|---|---|---|"]
+    lines = table_head("target", "this run", "met?")
     one = _small(rows, SMALL_WORKLOADS[0], ON)
     if one:
         naive = _small(rows, SMALL_WORKLOADS[0], NAIVE)
@@ -195,11 +204,15 @@ def others(run: dict) -> str:
 
 
 def workers_table(rows: list[dict]) -> str:
-    lines = [
-        "| `--workers` | unary req/s (× one worker) | `evaluate_many` req/s | server CPU / unary call | unary calls per worker "
-        "| 262 MB request, 1 stream | over k streams |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "`--workers`",
+        "unary req/s (× one worker)",
+        "`evaluate_many` req/s",
+        "server CPU / unary call",
+        "unary calls per worker",
+        "262 MB request, 1 stream",
+        "over k streams",
+    )
     for r in rows:
         u, e = r["unary"], r["evaluate_many"]
         one, many = r["large"][0], r["large"][-1]

@@ -7,50 +7,17 @@ for 1.1 s per call; 8 such callers held it for 9 s). Real servers on loopback, s
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from health_checks import BackgroundHealthChecks
 from lossd_client import LossRequest, core, tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from serverproc import start_server
 
 ROWS, CLASSES = 8192, 16384  # the broadcast output: 2**27 elements, --max-broadcast-elements' default
-
-
-class HealthCounter:
-    """Health checks sent one after another from a thread; the end times of those answered."""
-
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.insecure_channel(address)
-        self._stub = health_pb2_grpc.HealthStub(self._channel)
-        self._stop = threading.Event()
-        self.answered: list[tuple[float, float]] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            sent = time.monotonic()
-            self._stub.Check(health_pb2.HealthCheckRequest(), timeout=60)
-            self.answered.append((sent, time.monotonic()))
-            time.sleep(0.005)
-
-    def __enter__(self) -> HealthCounter:
-        self._stub.Check(health_pb2.HealthCheckRequest(), timeout=60)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(60)
-        self._channel.close()
-
-    def within(self, start: float, stop: float) -> int:
-        """Health checks sent and answered between ``start`` and ``stop``."""
-        return sum(start <= sent and answered <= stop for sent, answered in self.answered)
 
 
 def kl_chunked_messages() -> list[pb.EvaluateChunk]:
@@ -71,7 +38,7 @@ def packed_answers(server, batch: pb.EvaluateBatch) -> tuple[pb.EvaluateBatchRes
     """``batch`` sent alone on one EvaluatePacked stream; its answer and the health checks answered
     meanwhile."""
     with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", -1)]) as channel:
-        with HealthCounter(server.address) as health:
+        with BackgroundHealthChecks(server.address) as health:
             call = channel.stream_stream(
                 "/lossd.v1.LossService/EvaluatePacked",
                 request_serializer=pb.EvaluateBatch.SerializeToString,
@@ -99,7 +66,7 @@ def test_a_sole_callers_packed_message_of_many_small_items_lets_health_checks_in
 
 
 def test_a_chunked_kl_div_broadcast_along_its_rows_is_computed_off_the_event_loop(server):
-    with grpc.insecure_channel(server.address) as channel, HealthCounter(server.address) as health:
+    with grpc.insecure_channel(server.address) as channel, BackgroundHealthChecks(server.address) as health:
         call = channel.stream_unary(
             "/lossd.v1.LossService/EvaluateChunked",
             request_serializer=pb.EvaluateChunk.SerializeToString,

@@ -13,14 +13,14 @@ server's CPU time is compared with CPU time measured in the same test, on the sa
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+from health_checks import BackgroundHealthChecks
 from lossd_client import compare, core
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client.types import LossRequest
@@ -60,40 +60,6 @@ def settled_cpu(pid: int, quiet_s: float = 0.5, timeout_s: float = 60.0) -> floa
         last = now
 
 
-class HealthProbe:
-    """Health checks back to back from a thread, on a connection of their own; for each, the
-    server's CPU seconds spent while it waited. The event loop answers them: a wait during which the
-    server worked long means the loop was held (a server descheduled by a busy machine adds time,
-    not CPU)."""
-
-    def __init__(self, address: str, pid: int) -> None:
-        self.pid = pid
-        self.channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-        self.check = health_pb2_grpc.HealthStub(self.channel).Check
-        self.waits: list[float] = []
-        self.statuses: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            before = cpu_seconds(self.pid)
-            self.statuses.add(self.check(health_pb2.HealthCheckRequest(), timeout=120).status)
-            self.waits.append(cpu_seconds(self.pid) - before)
-
-    def __enter__(self) -> HealthProbe:
-        self._thread.start()
-        while not self.waits and self._thread.is_alive():
-            time.sleep(0.01)
-        self.waits.clear()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(120)
-        self.channel.close()
-
-
 @pytest.fixture(scope="module")
 def big():
     """A server, and what one 2^24-sequence answer costs it once warm: (its CPU seconds, the
@@ -124,7 +90,7 @@ def test_a_large_answer_leaves_the_event_loop_to_health_checks(big):
     GIL. Now the longest (~0.2 s, gRPC's own copy of the bytes) is well under it."""
     server, *_ = big
     with grpc.insecure_channel(server.address, options=RAW) as channel:
-        with HealthProbe(server.address, server.proc.pid) as probe:
+        with BackgroundHealthChecks(server.address, server.proc.pid, pause_s=0) as probe:
             answer = channel.unary_unary(EVALUATE)(empty_sequences(SEQUENCES), timeout=300)
     response = pb.EvaluateResponse.FromString(answer)
     assert len(response.sequences.is_greedy) == SEQUENCES and probe.statuses == {health_pb2.HealthCheckResponse.SERVING}
