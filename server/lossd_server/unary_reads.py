@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import wire
 from .budget import SETTING as BUDGET_SETTING
@@ -151,6 +151,13 @@ def reading(handler: grpc.RpcMethodHandler, what: str, reads: Reads, gate: StopG
     return make(run, handler.request_deserializer, handler.response_serializer)
 
 
+def _implements(servicer: Any, method: str) -> bool:
+    """Whether ``servicer`` has ``method`` of its own, not the generated base's (which answers
+    UNIMPLEMENTED by raising NotImplementedError)."""
+    own = getattr(type(servicer), method, None)
+    return own is not None and own is not getattr(health_pb2_grpc.HealthServicer, method, None)
+
+
 def add_health(server: grpc.aio.Server, servicer: Any, reads: Reads, gate: StopGate | None = None) -> None:
     """grpc.health.v1.Health served by ``servicer`` (grpc_health's aio HealthServicer), its unary
     requests read by :func:`reading` as ``reads`` (:func:`health_reads`) says (what
@@ -167,7 +174,9 @@ def add_health(server: grpc.aio.Server, servicer: Any, reads: Reads, gate: StopG
         "Check": (grpc.unary_unary_rpc_method_handler(servicer.Check, check, response), "HealthCheckRequest"),
         "Watch": (grpc.unary_stream_rpc_method_handler(servicer.Watch, check, response), "HealthCheckRequest"),
     }
-    if hasattr(servicer, "List") and hasattr(health_pb2, "HealthListRequest"):
+    # List only where the servicer implements it: grpc_health's aio servicer inherits the generated
+    # stub's, which raises NotImplementedError, and every call logged an ERROR traceback
+    if _implements(servicer, "List") and hasattr(health_pb2, "HealthListRequest"):
         listing = grpc.unary_unary_rpc_method_handler(
             servicer.List,
             bounded(health_pb2.HealthListRequest.FromString, "HealthListRequest", MAX_HEALTH_REQUEST_BYTES),

@@ -136,3 +136,18 @@ def test_a_reflection_stream_that_sends_nothing_is_ended_after_the_idle_timeout(
     finally:
         release.set()
         server.stop()
+
+
+def test_health_list_that_the_servicer_lacks_is_unimplemented_without_a_traceback():
+    """grpc_health's aio servicer has no List of its own (the generated base raises
+    NotImplementedError): every such call logged an ERROR traceback, a log any client could fill."""
+    server = start_server()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            listing = channel.unary_unary("/grpc.health.v1.Health/List")
+            outcomes = {outcome(listing.future(b"", timeout=30)) for _ in range(3)}
+        assert len(outcomes) == 1 and outcomes.pop().startswith("UNIMPLEMENTED"), outcomes
+        assert serving(server.address) == "SERVING"
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log() and "NotImplementedError" not in server.log()
