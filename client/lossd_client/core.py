@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import answers, layout, split, tensors
+from . import answers, layout, protowire, split, tensors
 from ._proto.lossd.v1 import loss_pb2 as pb
 from .errors import InternalError, InvalidArgumentError, LossdError, shown
 from .shm import SegmentPool, SharedMemoryArena
@@ -291,7 +291,7 @@ class Encoded:
 
     def framed(self, number: int) -> list[Any]:
         """The pieces as a length-delimited field ``number`` of an enclosing message."""
-        return [_key(number) + _varint(self.nbytes), *self.parts]
+        return [protowire.key(number, self.nbytes), *self.parts]
 
     def tobytes(self) -> bytes:
         return b"".join(self.parts)
@@ -310,8 +310,8 @@ def encode(req: LossRequest) -> Encoded:
     parts: list[Any] = [request_head(req).SerializeToString()]
     for number, (wire, shape, data) in zip((2, 3), tensors_, strict=True):
         head = pb.Tensor(dtype=wire, shape=shape).SerializeToString()
-        data_key = _key(3) + _varint(len(data)) if len(data) else b""
-        parts += [_key(number) + _varint(len(head) + len(data_key) + len(data)) + head + data_key, data]
+        data_key = protowire.key(3, len(data)) if len(data) else b""
+        parts += [protowire.key(number, len(head) + len(data_key) + len(data)) + head + data_key, data]
     return Encoded(parts, sum(len(p) for p in parts), tensors.is_torch_tensor(req.input))
 
 
@@ -384,25 +384,8 @@ def _rows(loss: str, shape: Sequence[int], class_axis: int | None) -> tuple[int,
         return layout.rows(loss, shape)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _key(number: int) -> bytes:
-    """The key of a length-delimited field (wire type 2)."""
-    return _varint((number << 3) | 2)
-
-
 def _bytes_field(number: int, payload: memoryview) -> list[Any]:
-    return [_key(number) + _varint(len(payload)), payload]
+    return [protowire.key(number, len(payload)), payload]
 
 
 def chunk_payloads(req: LossRequest, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_message_bytes: int | None = None) -> Iterator[bytes]:

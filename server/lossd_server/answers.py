@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from lossd_client.protowire import key
 
 from . import codec
 from .budget import Reservation
@@ -104,21 +105,6 @@ def joined(messages: Iterable[object | bytes], number: int, checkpoint: Checkpoi
 
 
 # ---------------------------------------------------------------- wire format
-def varint(value: int) -> bytes:
-    """A non-negative int as a protobuf varint."""
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def key(number: int, nbytes: int) -> bytes:
-    """The key and length of a length-delimited field ``number`` of ``nbytes``."""
-    return varint(number << 3 | 2) + varint(nbytes)
-
-
 def size(written: list[bytes]) -> int:
     return sum(len(b) for b in written)
 
