@@ -45,14 +45,15 @@ def evaluate_chunk(plan: Plan, xu: torch.Tensor, tu: torch.Tensor | None, unit_s
         if upcast_copy:
             x = upcast(x, plan.compute_dtype, reuse=True)
         return class_fused(plan, x, r0, r1, unit_start, u1, overwrite=upcast_copy)
-    t, valid = plan.target[r0:r1].to(device), plan.valid[r0:r1].to(device)
     if plan.geometry.kdim and plan.spec.loss == CROSS_ENTROPY:  # with extras or statistics (else fused above)
+        t, valid = plan.target[r0:r1].to(device), plan.valid[r0:r1].to(device)
         return class_partial(plan, kdim_class_terms(plan, xu, t, valid, device), unit_start, u1)
     # class-index rows are consumed before the next chunk is upcast into the same scratch buffer
     x = plan.geometry.rows_of(xu, device, plan.compute_dtype, reuse=True)
-    if plan.fused_kernel:
+    if plan.fused_kernel:  # takes its targets from the plan itself
         # upcast rows are the engine's own copy: their log-probabilities may overwrite them
         return class_fused(plan, x, r0, r1, unit_start, u1, overwrite=x.dtype != xu.dtype)
+    t, valid = plan.target[r0:r1].to(device), plan.valid[r0:r1].to(device)
     return class_partial(plan, class_terms(plan, x, t, valid), unit_start, u1)
 
 
