@@ -1,0 +1,264 @@
+"""The batcher's queue: bounded, and fair between callers. Pure: no torch, no asyncio.
+
+Every queued item belongs to a caller, a key :func:`caller_key` derives from the call's peer as
+``--fair-share-by`` says: its connection (the default), its address (every connection of a host
+together), or one key for all (``off``).
+
+*Order.* Each item is tagged, when it is pushed, with a virtual finish time: its caller's latest tag,
+or the queue's virtual time (the tag of the item taken last) when that is later, plus its work
+(``Plan.work_nbytes``); items are taken in tag order (self-clocked fair queueing), ties in the
+order their callers came to have queued work, then in push order. Within a caller that is oldest
+first. Between callers that all have work queued, each is
+served the same work in turn, give or take one item's (the work-weighted form of round robin, as
+deficit round robin, without its quantum): a caller of 5 ms requests is not served one of them per
+second-long request of another, its requests go in between theirs by work; with equal work per
+item, k such callers are served one item each in every k items taken. A caller with nothing queued
+gets no credit for the time it was idle, and a cancelled item's work still counts for its caller's
+later items. Pushing and taking cost O(log n) in the items queued (a heap): no scan of the queue.
+
+*Admission.* ``max_items`` and ``max_work`` bound the queue; an item alone in the queue is taken
+whatever its work. When the queue is full (either limit), a newcomer whose caller, with it, stays
+within its share of each limit that is full (the limit divided by the callers with queued work, the
+newcomer's included) is admitted by pushing out the most recently queued items of the caller holding
+the most (items, or work: as the limit) until it fits; the items pushed out are returned with their
+:class:`QueueFull`, for the batcher to answer. Any other newcomer is refused :class:`QueueFull` with
+the same words as a queue without callers. The caller pushed from always holds more than its share
+(the others hold more than the limit less the newcomer's share), so a caller within its share is
+never refused while another is over its own. With one key for all (``off``) the order is first
+come, first served and a full queue refuses: the queue as it was before callers had shares. Pushing
+out costs a pass over the callers with queued work, only when the queue is full.
+
+Each item carries ``work``, ``rows`` and ``nbytes`` (for the batch limits); the queue keeps its
+``waiting`` (True from its push until it is taken, pushed out or removed) and ``caller``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, Protocol, TypeVar
+
+SETTING = "fair_share_by"
+#: The values of ``--fair-share-by``: a caller is a connection, a peer address, or everyone (off).
+SHARE_BY = ("connection", "address", "off")
+
+
+class QueueFull(Exception):
+    """The bounded queue is full; ``limit`` names the setting that was hit."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class Queued(Protocol):
+    work: int  # what max_work counts
+    rows: int  # what a batch's max_rows counts
+    nbytes: int  # what a batch's max_bytes counts
+    waiting: bool  # set by the queue: in it, not yet taken, pushed out or removed
+    caller: Hashable  # set by the queue
+
+
+T = TypeVar("T", bound=Queued)
+
+
+def caller_key(peer: str | Callable[[], str] | None, share_by: str) -> Hashable:
+    """The caller a call's work is queued for: its ``peer`` (gRPC's ``context.peer()``, such as
+    ``ipv4:127.0.0.1:54321``; or a function that says it, called only when needed) by connection,
+    the peer without its port by address (``ipv4:127.0.0.1``; other kinds of peer are kept whole),
+    or None for every call (off)."""
+    if share_by == "off" or peer is None:
+        return None
+    if callable(peer):
+        peer = peer()
+    if share_by == "address" and peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
+#: A heap entry: (tag, the line's number, the item's number, item).
+Entry = tuple[int, int, int, Any]
+
+
+class _Line:
+    """One caller's queued items, oldest first, as heap entries; items removed while queued stay
+    until an end reaches them (counted no more). ``number``: lines are numbered as they open, which
+    orders callers whose items tie (equal work: every caller once in each round, in that order)."""
+
+    __slots__ = ("count", "entries", "finish", "number", "work")
+
+    def __init__(self, number: int) -> None:
+        self.entries: deque[Entry] = deque()
+        self.number = number
+        self.count = 0
+        self.work = 0
+        self.finish = 0  # the tag of its latest item
+
+
+class FairQueue(Generic[T]):
+    """See the module docstring. ``share_by`` only names the setting in messages."""
+
+    def __init__(self, max_items: int, max_work: int, share_by: str = "connection") -> None:
+        self.max_items = max_items
+        self.max_work = max_work
+        self.share_by = share_by
+        self.count = 0  # items queued
+        self.work = 0  # their work
+        self._lines: dict[Hashable, _Line] = {}
+        self._heap: list[Entry] = []  # every item queued, and some no longer (waiting False)
+        self._seq = itertools.count()
+        self._vtime = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def callers(self) -> int:
+        """Callers with queued work."""
+        return len(self._lines)
+
+    def holds(self, caller: Hashable) -> tuple[int, int]:
+        """The items and work ``caller`` has queued."""
+        line = self._lines.get(caller)
+        return (0, 0) if line is None else (line.count, line.work)
+
+    def push(self, item: T, caller: Hashable) -> list[tuple[T, QueueFull]]:
+        """Queue ``item`` for ``caller`` (QueueFull when it may not be): the items pushed out to make
+        room for it, each with the error to answer it with; they are no longer queued."""
+        line = self._lines.get(caller)
+        pushed_out = self._make_room(caller, item.work) if self._must_make_room(line, item.work) else []
+        if line is None:
+            line = self._lines[caller] = _Line(next(self._seq))
+        tag = max(self._vtime, line.finish) + item.work
+        entry = (tag, line.number, next(self._seq), item)
+        item.waiting, item.caller = True, caller
+        line.entries.append(entry)
+        line.count += 1
+        line.work += item.work
+        line.finish = tag
+        self.count += 1
+        self.work += item.work
+        heapq.heappush(self._heap, entry)
+        return pushed_out
+
+    def remove(self, item: T) -> bool:
+        """Take a queued item off (its caller went away); False when it was no longer queued."""
+        if not item.waiting:
+            return False
+        item.waiting = False
+        self._uncount(self._lines[item.caller], item)
+        self._compact()
+        return True
+
+    def take(self, max_rows: int, max_bytes: int, *, one: bool = False) -> list[T]:
+        """The next batch, taken off the queue in fair order: the next item always (however large),
+        then the next ones while the batch stays within ``max_rows`` and ``max_bytes`` (no more
+        when ``one``); the first that does not fit ends it."""
+        batch: list[T] = []
+        rows = nbytes = 0
+        heap = self._heap
+        while heap:
+            item = heap[0][-1]
+            if not item.waiting:
+                heapq.heappop(heap)
+                continue
+            if batch and (one or rows + item.rows > max_rows or nbytes + item.nbytes > max_bytes):
+                break
+            self._vtime = heapq.heappop(heap)[0]
+            item.waiting = False
+            line = self._lines[item.caller]
+            entries = line.entries
+            while entries and not entries[0][-1].waiting:  # items removed before it, then itself
+                entries.popleft()
+            self._uncount(line, item)
+            batch.append(item)
+            rows += item.rows
+            nbytes += item.nbytes
+        return batch
+
+    def clear(self) -> list[T]:
+        """Take every queued item off; they are returned, oldest tag first."""
+        items = [entry[-1] for entry in sorted(self._heap) if entry[-1].waiting]
+        for item in items:
+            item.waiting = False
+        self.count = self.work = 0
+        self._reset()
+        return items
+
+    # ------------------------------------------------------------------ internals
+    def _uncount(self, line: _Line, item: T) -> None:
+        line.count -= 1
+        line.work -= item.work
+        self.count -= 1
+        self.work -= item.work
+        if not line.count:
+            del self._lines[item.caller]
+            if not self.count:
+                self._reset()
+
+    def _reset(self) -> None:
+        """Nothing is queued: removed items' entries go, and virtual time starts again."""
+        self._lines.clear()
+        self._heap.clear()
+        self._vtime = 0
+
+    def _must_make_room(self, line: _Line | None, work: int) -> bool:
+        """Whether the queue is full for an item of ``work`` from the caller of ``line``; QueueFull
+        when it is and the caller would be over its share of a limit that is full."""
+        full_items = self.count >= self.max_items
+        full_work = self.count > 0 and self.work + work > self.max_work
+        if not (full_items or full_work):
+            return False
+        have_items, have_work = (0, 0) if line is None else (line.count, line.work)
+        callers = len(self._lines) + (line is None)
+        if full_items and (have_items + 1) * callers > self.max_items:
+            raise QueueFull("max_queue_requests", f"queue full: {self.count} requests queued (max_queue_requests={self.max_items})")
+        if full_work and (have_work + work) * callers > self.max_work:
+            raise QueueFull(
+                "max_queue_bytes", f"queue full: {self.work} bytes queued, this request adds {work} (max_queue_bytes={self.max_work})"
+            )
+        return True
+
+    def _make_room(self, caller: Hashable, work: int) -> list[tuple[T, QueueFull]]:
+        """Push out the latest items of the callers holding the most until an item of ``work``
+        from ``caller`` fits (:meth:`_must_make_room` said it may)."""
+        pushed_out: list[tuple[T, QueueFull]] = []
+        while self.count >= self.max_items:
+            pushed_out.append(self._push_out(caller, "max_queue_requests"))
+        while self.count and self.work + work > self.max_work:
+            pushed_out.append(self._push_out(caller, "max_queue_bytes"))
+        self._compact()
+        return pushed_out
+
+    def _push_out(self, caller: Hashable, limit: str) -> tuple[T, QueueFull]:
+        """The latest item of the caller (not ``caller``) holding the most items (``limit``
+        max_queue_requests) or work, taken off the queue, with its error."""
+        by_work = limit == "max_queue_bytes"
+        line = max((v for k, v in self._lines.items() if k != caller), key=lambda v: v.work if by_work else v.count)
+        held, total, maximum = (line.work, self.work, self.max_work) if by_work else (line.count, self.count, self.max_items)
+        callers = len(self._lines) + (caller not in self._lines)
+        error = QueueFull(
+            limit,
+            f"queue full: this request was pushed out of the queue for a caller with less than its share ({SETTING}={self.share_by}): "
+            f"its caller had {held} of the {total} {'bytes of work' if by_work else 'requests'} queued, the most of the {callers} "
+            f"callers sharing {limit}={maximum}",
+        )
+        entries = line.entries
+        while not entries[-1][-1].waiting:  # items removed after it
+            entries.pop()
+        item = entries.pop()[-1]
+        item.waiting = False
+        self._uncount(line, item)
+        if line.count:
+            while not entries[-1][-1].waiting:
+                entries.pop()
+            line.finish = entries[-1][0]  # its next item is tagged as if this one had never come
+        return item, error
+
+    def _compact(self) -> None:
+        """When the heap holds mostly items no longer queued (removed, pushed out), rebuild it without them."""
+        if len(self._heap) > 2 * self.count + 64:
+            self._heap = [entry for entry in self._heap if entry[-1].waiting]
+            heapq.heapify(self._heap)
