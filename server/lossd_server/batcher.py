@@ -1,10 +1,13 @@
 """Work-conserving dynamic batching: a bounded queue of futures, computed off the event loop.
 
-``submit`` admits a validated request (or answers :class:`QueueFull`), appends it to the queue
-and awaits its future. Each engine worker (``compute_threads`` of them) runs a loop on the event
+``submit`` queues a validated request for its caller in the :class:`~.fair_queue.FairQueue`
+(or answers :class:`QueueFull`; a full queue makes room for a caller below its share by pushing out
+the latest requests of the caller holding the most, which are answered QueueFull) and awaits its
+future. Each engine worker (``compute_threads`` of them) runs a loop on the event
 loop's side: when it is idle and a request arrives, it takes it **at once**; while it computes,
-the requests that arrive queue up, and when it is done it takes all of them (oldest first, up to
-``max_batch_rows`` / ``max_batch_bytes``) as the next batch. No timer ever holds a request back
+the requests that arrive queue up, and when it is done it takes all of them (in the queue's fair
+order: callers in turn by work, each caller's oldest first; up to ``max_batch_rows`` /
+``max_batch_bytes``) as the next batch. No timer ever holds a request back
 while a worker is idle: batches grow exactly as much as the load makes them, a single caller
 pays no batching delay, and under load one thread hop serves many requests. On the CPU, a
 batch of at most ``inline_batch_bytes`` input bytes is computed on the event loop itself: the hop
@@ -27,8 +30,7 @@ import asyncio
 import concurrent.futures
 import os
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,17 +38,11 @@ import torch
 
 from . import batch_engine, engine
 from .config import ServerConfig
+from .fair_queue import FairQueue, caller_key
+from .fair_queue import QueueFull as QueueFull  # the batcher's refusal: raised by its queue
 
 if TYPE_CHECKING:
     from .budget import Reservation
-
-
-class QueueFull(Exception):
-    """The bounded queue is full; ``limit`` names the setting that was hit."""
-
-    def __init__(self, limit: str, message: str) -> None:
-        super().__init__(message)
-        self.limit = limit
 
 
 class DeadlineExpired(Exception):
@@ -84,8 +80,12 @@ class BatchObserver(Protocol):
 
     def on_queue_depth(self, depth: int) -> None: ...
 
+    def on_pushed_out(self, limit: str) -> None: ...
+
 
 EvaluateFn = Callable[..., Sequence["engine.LossResult | BaseException"]]
+#: Who submits: the call's peer, or a function that says it (see caller_key).
+Caller = str | Callable[[], str] | None
 
 
 @dataclass(eq=False)
@@ -97,14 +97,15 @@ class _Item:
     rows: int
     work: int = 0  # the plan's work_nbytes: what decides whether it is computed on the event loop
     enqueued: float = field(default_factory=time.perf_counter)
-    waiting: bool = True  # in the queue, not yet taken by a worker
+    waiting: bool = False  # in the queue, not yet taken by a worker (set by the FairQueue)
+    caller: Hashable = None  # whose share of the queue it counts in (set by the FairQueue)
     abandoned: bool = False  # the caller went away while its batch was computing
 
     @classmethod
-    def of(cls, job: batch_engine.Job, deadline: float | None, *, waiting: bool = True) -> _Item:
+    def of(cls, job: batch_engine.Job, deadline: float | None) -> _Item:
         plan = job.plan
         future = asyncio.get_running_loop().create_future()
-        return cls(job, future, deadline, plan.input_nbytes, plan.rows, plan.work_nbytes, waiting=waiting)
+        return cls(job, future, deadline, plan.input_nbytes, plan.rows, plan.work_nbytes)
 
 
 class Batcher:
@@ -123,18 +124,16 @@ class Batcher:
         self.observer = observer
         self._evaluate = evaluate
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._queue: deque[_Item] = deque()
+        self._queue: FairQueue[_Item] = FairQueue(config.max_queue_requests, config.max_queue_bytes, config.fair_share_by)
         self._wake: asyncio.Event | None = None
         self._runners: list[asyncio.Task] = []
-        self._queued = 0
-        self._queued_bytes = 0
         self._computing = 0  # batches on engine threads now
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
     @property
     def queue_depth(self) -> int:  # requests admitted and not yet taken for compute
-        return self._queued
+        return len(self._queue)
 
     async def start(self) -> None:
         if self.device.type == "cpu":
@@ -148,11 +147,12 @@ class Batcher:
     async def close(self) -> None:
         """Fail whatever is still queued with BatcherClosed, stop the runners and the threads."""
         self._closed = True
-        while self._queue:
-            item = self._queue.popleft()
-            if item.waiting:
-                self._take(item)
-                _fail(item.future, BatcherClosed("server is shutting down; request not computed"))
+        queued = self._queue.clear()
+        for item in queued:
+            _fail(item.future, BatcherClosed("server is shutting down; request not computed"))
+        if queued:
+            self._depth_changed()
+        del queued
         for task in self._runners:
             task.cancel()
         if self._runners:
@@ -183,17 +183,24 @@ class Batcher:
 
     # ------------------------------------------------------------------ admission
     async def submit(
-        self, plan: engine.Plan, input: torch.Tensor, target: torch.Tensor, *, deadline: float | None = None, sole_call: bool = False
+        self,
+        plan: engine.Plan,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        deadline: float | None = None,
+        sole_call: bool = False,
+        caller: Caller = None,
     ) -> engine.LossResult:
         """Queue a validated request and wait for its result (``deadline``: time.monotonic()).
-        ``sole_call``: the caller knows of no other call in progress (see :meth:`submit_many`)."""
-        (outcome,) = await self.submit_many([batch_engine.Job(plan, input, target)], deadline=deadline, sole_call=sole_call)
+        ``sole_call`` and ``caller``: see :meth:`submit_many`."""
+        (outcome,) = await self.submit_many([batch_engine.Job(plan, input, target)], deadline=deadline, sole_call=sole_call, caller=caller)
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
     async def submit_many(
-        self, jobs: Sequence[batch_engine.Job], *, deadline: float | None = None, sole_call: bool = False
+        self, jobs: Sequence[batch_engine.Job], *, deadline: float | None = None, sole_call: bool = False, caller: Caller = None
     ) -> list[engine.LossResult | BaseException]:
         """:meth:`submit` for the requests of one message: one outcome per job, in order, a
         request's failure as its exception (only cancellation raises).
@@ -205,22 +212,26 @@ class Batcher:
         to batch with, a runner task only adds latency (837 -> 960 calls/s for one 64x1000 caller
         at a time), and one by one they cost a batch each (16 requests of 8x100 in a message:
         44 -> 25 us of engine time per request). Otherwise each is queued.
+
+        ``caller``: the call's peer (``context.peer()``, or that function, called only when a
+        request is queued), whose share of the queue its requests count in (``fair_share_by``).
         """
         if self._closed or self._executor is None:
             return [BatcherClosed("server is not accepting work") for _ in jobs]
-        if sole_call and not self._computing and not self._queued and self._inline(sum(j.plan.work_nbytes for j in jobs)):
+        if sole_call and not self._computing and not self._queue and self._inline(sum(j.plan.work_nbytes for j in jobs)):
             return self._compute_now(jobs, deadline)
+        key = caller_key(caller, self.config.fair_share_by)
         if len(jobs) == 1:  # no task per request for a unary call
             try:
-                return [await self._through_queue(jobs[0], deadline)]
+                return [await self._through_queue(jobs[0], deadline, key)]
             except Exception as exc:  # noqa: BLE001 - the request's outcome
                 return [exc]
-        return list(await asyncio.gather(*(self._through_queue(job, deadline) for job in jobs), return_exceptions=True))
+        return list(await asyncio.gather(*(self._through_queue(job, deadline, key) for job in jobs), return_exceptions=True))
 
     def _compute_now(self, jobs: Sequence[batch_engine.Job], deadline: float | None) -> list[engine.LossResult | BaseException]:
         if deadline is not None and time.monotonic() >= deadline:
             return [DeadlineExpired("deadline expired before the request was queued") for _ in jobs]
-        items = [_Item.of(job, deadline, waiting=False) for job in jobs]
+        items = [_Item.of(job, deadline) for job in jobs]
         limit = self.config.inline_batch_bytes if self.config.max_wait_ms > 0 else -1  # batching off: one request a batch
         for batch in _consecutive(items, limit):
             try:
@@ -233,17 +244,14 @@ class Batcher:
             item.job = None
         return outcomes
 
-    async def _through_queue(self, job: batch_engine.Job, deadline: float | None) -> engine.LossResult:
-        """One request through the queue: admitted (or QueueFull), then computed by a runner."""
-        work = job.plan.work_nbytes
-        self._admit(work)
+    async def _through_queue(self, job: batch_engine.Job, deadline: float | None, caller: Hashable) -> engine.LossResult:
+        """One request through the queue: admitted for ``caller`` (or QueueFull, past
+        max_queue_requests or max_queue_bytes of work, Plan.work_nbytes), then computed by a runner."""
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExpired("deadline expired before the request was queued")
         item = _Item.of(job, deadline)
-        self._queued += 1
-        self._queued_bytes += work
+        _answer_pushed_out(self._queue.push(item, caller), self.observer)  # QueueFull: never queued
         self._depth_changed()
-        self._queue.append(item)
         self._wake.set()
         try:
             return await item.future
@@ -251,41 +259,21 @@ class Batcher:
             item.abandoned = True
             raise
         finally:
-            if item.waiting:  # the caller went away before compute: its tensors go now
-                self._take(item)
+            if self._queue.remove(item):  # the caller went away before compute: its tensors go now
+                self._depth_changed()
                 item.job = None
-
-    def _admit(self, work: int) -> None:
-        """QueueFull past max_queue_requests, or past max_queue_bytes of work (Plan.work_nbytes)."""
-        cfg = self.config
-        if self._queued >= cfg.max_queue_requests:
-            raise QueueFull(
-                "max_queue_requests", f"queue full: {self._queued} requests queued (max_queue_requests={cfg.max_queue_requests})"
-            )
-        if self._queued and self._queued_bytes + work > cfg.max_queue_bytes:
-            raise QueueFull(
-                "max_queue_bytes",
-                f"queue full: {self._queued_bytes} bytes queued, this request adds {work} (max_queue_bytes={cfg.max_queue_bytes})",
-            )
-
-    def _take(self, item: _Item) -> None:
-        if item.waiting:
-            item.waiting = False
-            self._queued -= 1
-            self._queued_bytes -= item.work
-            self._depth_changed()
 
     def _depth_changed(self) -> None:
         if self.observer is not None:
-            self.observer.on_queue_depth(self._queued)
+            self.observer.on_queue_depth(len(self._queue))
 
     # ------------------------------------------------------------------ compute
     def _live_items(self, batch: list[_Item]) -> list[_Item]:
-        """Take the batch's items off the queue; expire those whose deadline passed."""
+        """The batch's items (taken off the queue) but those whose deadline passed, which expire."""
+        self._depth_changed()
         now = time.monotonic()
         live = []
         for item in batch:
-            self._take(item)
             if item.future.done():
                 item.job = None
                 continue
@@ -298,11 +286,11 @@ class Batcher:
 
     async def _run(self) -> None:
         while True:
-            while not any(item.waiting for item in self._queue):
-                self._queue.clear()
+            while not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
-            items = self._live_items(_next_batch(self._queue, self.config))
+            cfg = self.config
+            items = self._live_items(self._queue.take(cfg.max_batch_rows, cfg.max_batch_bytes, one=cfg.max_wait_ms <= 0))
             if self._queue:
                 self._wake.set()  # more than this batch was queued: an idle worker takes the rest
             try:
@@ -387,25 +375,6 @@ def _checkpoint(item: _Item) -> Callable[[], None]:
     return checkpoint
 
 
-def _next_batch(queue: deque[_Item], cfg: ServerConfig) -> list[_Item]:
-    """Everything queued, oldest first, up to the row and byte limits (one request when batching
-    is off; the first request always, however large), taken off ``queue``."""
-    batch: list[_Item] = []
-    rows = nbytes = 0
-    while queue:
-        item = queue[0]
-        if not item.waiting:  # cancelled while queued
-            queue.popleft()
-            continue
-        if batch and (cfg.max_wait_ms <= 0 or rows + item.rows > cfg.max_batch_rows or nbytes + item.nbytes > cfg.max_batch_bytes):
-            break
-        queue.popleft()
-        batch.append(item)
-        rows += item.rows
-        nbytes += item.nbytes
-    return batch
-
-
 def _resolve(items: list[_Item], outcomes: Sequence) -> None:
     for item, outcome in zip(items, outcomes, strict=True):
         if item.future.done():
@@ -440,6 +409,17 @@ def _consecutive(items: list[_Item], max_bytes: int) -> Iterator[list[_Item]]:
             stop += 1
         yield items[start:stop]
         start = stop
+
+
+def _answer_pushed_out(pushed_out: list[tuple[_Item, QueueFull]], observer: BatchObserver | None) -> None:
+    """Requests pushed out of the queue for a caller below its share: answered with their error
+    (RESOURCE_EXHAUSTED), unless their callers are gone already; their tensors go now."""
+    for item, error in pushed_out:
+        item.job = None
+        if not item.future.done():
+            item.future.set_exception(error)
+            if observer is not None:
+                observer.on_pushed_out(error.limit)
 
 
 def _fail(future: asyncio.Future, exc: BaseException) -> None:

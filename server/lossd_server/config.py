@@ -17,6 +17,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+from .fair_queue import SHARE_BY
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -69,6 +71,15 @@ class ServerConfig:
     max_wait_ms: float = 2.0
     max_queue_requests: int = 2048
     max_queue_bytes: int = 2048 * MiB
+    #: Who shares the queue (lossd_server.fair_queue): a full queue makes room for a caller below
+    #: its share of max_queue_requests / max_queue_bytes (the limit over the callers with queued
+    #: work) by pushing out the latest requests of the caller holding the most, and callers are
+    #: served in turn by work. A caller is a connection (connection), every connection from one
+    #: address (address: behind NAT, or a client that opens many connections), or everyone (off:
+    #: one queue, first come first served, a full queue refuses). Before, 16 connections sending
+    #: kl_div requests of a second of compute each kept the queue full, and a 5 ms request of
+    #: another caller was refused at once (0 of 38).
+    fair_share_by: str = "connection"
     chunk_bytes: int = 4 * MiB
     max_chunks_in_flight: int = 4
     max_top_k: int = 20
@@ -198,6 +209,10 @@ _HELP = {
     "max_queue_requests": "queued requests beyond this are answered RESOURCE_EXHAUSTED",
     "max_queue_bytes": "queued bytes of work (a request's input, or its broadcast output or answer when larger) beyond this are "
     "answered RESOURCE_EXHAUSTED",
+    "fair_share_by": "who shares the batcher queue: connection, address (every connection of one peer address together) or off "
+    "(one queue, first come first served); a full queue makes room for a caller below its share of max_queue_requests / "
+    "max_queue_bytes (the limit / the callers with queued work) by pushing out the latest requests of the caller holding the most, "
+    "and callers are served in turn by work",
     "chunk_bytes": "compute-dtype bytes of logits evaluated per engine chunk (bounds extra memory)",
     "max_chunks_in_flight": "EvaluateChunked / CompareChunked: received chunks held at once per call",
     "max_top_k": "Compare: largest top_k (classes returned per position and model, with their log-probabilities)",
@@ -387,6 +402,7 @@ BOUNDS: dict[str, Bounds] = {
 CHOICES: dict[str, tuple[str, str]] = {
     "device": (r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N"),
     "log_level": (r"(?i)debug|info|warning|error|critical", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    "fair_share_by": ("|".join(SHARE_BY), "connection, address or off"),
 }
 
 #: Settings that are an address to bind, resolved at the start (:func:`host_problem`).

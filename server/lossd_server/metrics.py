@@ -65,6 +65,13 @@ class Metrics:
             "requests whose evaluation stopped between chunks because the caller went away or passed its deadline",
             registry=registry,
         )
+        self.queue_pushed_out = Counter(
+            "lossd_queue_pushed_out",
+            "queued requests answered RESOURCE_EXHAUSTED to make room for a caller below its share of the full queue "
+            "(fair_share_by), by the limit that was full",
+            ["limit"],
+            registry=registry,
+        )
         self.reads_yielded = Counter(
             "lossd_memory_reads_yielded",
             "calls that gave their read reservation to calls in line for memory after their client sent nothing for idle_read_yield_s",
@@ -118,8 +125,8 @@ class BatchFiguresLike(Protocol):
 
 
 class BatchMetrics:
-    """Batcher observer: ``on_batch`` once per executed batch, ``on_queue_depth`` when it changes;
-    and the memory budget's: ``on_read_yielded``."""
+    """Batcher observer: ``on_batch`` once per executed batch, ``on_queue_depth`` when it changes,
+    ``on_pushed_out`` per request pushed out of a full queue; and the memory budget's: ``on_read_yielded``."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.m = metrics or get()
@@ -138,6 +145,10 @@ class BatchMetrics:
 
     def on_queue_depth(self, depth: int) -> None:
         self.m.queue_depth.set(depth)
+
+    def on_pushed_out(self, limit: str) -> None:
+        """A queued request was pushed out for a caller below its share (see lossd_server.fair_queue)."""
+        self.m.queue_pushed_out.labels(limit=limit).inc()
 
     def on_read_yielded(self) -> None:
         """The memory budget ended an idle read for calls in line (see lossd_server.budget)."""

@@ -112,7 +112,7 @@ class PackedMessages:
             ready.append((i, answer_bytes))
             jobs.append(job)
             del job
-        outcomes = await self.batcher.submit_many(jobs, deadline=call.deadline, sole_call=self.sole_call())
+        outcomes = await self.batcher.submit_many(jobs, deadline=call.deadline, sole_call=self.sole_call(), caller=call.context.peer)
         jobs.clear()
         for (i, answer_bytes), outcome in zip(ready, outcomes, strict=True):
             if isinstance(outcome, BaseException):

@@ -196,7 +196,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         stream has already posted its next read, whose reservation it would wait behind (one
         12 MB item on a 140 MiB budget waited max_memory_wait_s for itself)."""
         job, answer_bytes = await self._prepare(request, held, call.memory_wait_left_s() if wait else None)
-        result = await self.batcher.submit(job.plan, job.input, job.target, deadline=call.deadline, sole_call=self.calls.active == 1)
+        result = await self.batcher.submit(
+            job.plan, job.input, job.target, deadline=call.deadline, sole_call=self.calls.active == 1, caller=call.context.peer
+        )
         del job
         response = await encode_answer(
             convert.ANSWER, request.id, result, answer_bytes // ANSWER_COPIES, self.config.inline_batch_bytes, held, call.checkpoint

@@ -34,6 +34,7 @@ class Recorder:
     def __init__(self, fail: bool = False) -> None:
         self.batches: list[BatchFigures] = []
         self.depths: list[int] = []
+        self.pushed_out: list[str] = []
         self.computed: list[list[batch_engine.Job]] = []
         self.fail = fail
         self._gate: threading.Event | None = None
@@ -44,6 +45,9 @@ class Recorder:
 
     def on_queue_depth(self, depth: int) -> None:
         self.depths.append(depth)
+
+    def on_pushed_out(self, limit: str) -> None:
+        self.pushed_out.append(limit)
 
     def gate(self) -> None:
         self._gate = threading.Event()
@@ -736,3 +740,84 @@ def test_statistics_of_empty_sequences_fused_in_a_batch_have_one_entry_per_seque
         for name in ("nll_sum", "tokens", "mean_nll", "perplexity", "is_greedy"):
             got, want = getattr(fused.sequences, name), getattr(alone.sequences, name)
             assert got.shape == (sequences,) and torch.equal(got.nan_to_num(), want.nan_to_num()), name
+
+
+FLOOD, VICTIM = "ipv4:127.0.0.1:40001", "ipv4:127.0.0.1:40002"
+
+
+def test_a_full_queue_makes_room_for_another_caller_and_the_callers_take_turns():
+    """One connection's requests fill the queue: another connection's request pushes the latest of
+    them out (RESOURCE_EXHAUSTED, saying why) instead of being refused, and is computed in its turn,
+    not after all of them (16 connections' kl_div flood refused a 5 ms request at once, 0 of 38)."""
+    rec = Recorder()
+    flood_reqs = [ce_request(2, seed=i) for i in range(4)]
+    victim_req = ce_request(2, seed=9)
+
+    async def body(b: Batcher):
+        head = await busy(rec, b, ce_request(2, seed=50))
+        flood = [asyncio.ensure_future(b.submit(*r, caller=FLOOD)) for r in flood_reqs]
+        await settle()
+        victim = asyncio.ensure_future(b.submit(*victim_req, caller=lambda: VICTIM))  # as context.peer
+        await settle()
+        assert flood[3].done() and b.queue_depth == 4
+        with pytest.raises(QueueFull) as info:
+            flood[3].result()
+        assert info.value.limit == "max_queue_requests" and classify(info.value).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "pushed out of the queue for a caller with less than its share (fair_share_by=connection)" in str(info.value)
+        assert rec.pushed_out == ["max_queue_requests"]
+        with pytest.raises(QueueFull) as info:  # the flood holds 3 of the 4: over its share, refused as before
+            await b.submit(*ce_request(2, seed=10), caller=FLOOD)
+        assert str(info.value) == "queue full: 4 requests queued (max_queue_requests=4)"
+        rec.release()
+        return await asyncio.gather(head, victim, *flood[:3])
+
+    results = run(with_batcher(rec, body, max_wait_ms=0, max_queue_requests=4))
+    computed = [batch[0].plan for batch in rec.computed]
+    assert computed[1:] == [flood_reqs[0][0], victim_req[0], flood_reqs[1][0], flood_reqs[2][0]]  # in turn, not behind the flood
+    for (_, x, t), got in zip([victim_req, *flood_reqs[:3]], results[1:], strict=True):
+        torch.testing.assert_close(got.loss, F.cross_entropy(x, t))
+
+
+def test_with_fair_share_by_off_a_full_queue_refuses_everyone_as_before():
+    rec = Recorder()
+
+    async def body(b: Batcher):
+        head = await busy(rec, b, ce_request(2, seed=50))
+        flood = [asyncio.ensure_future(b.submit(*ce_request(2, seed=i), caller=FLOOD)) for i in range(4)]
+        await settle()
+        with pytest.raises(QueueFull) as info:
+            await b.submit(*ce_request(2, seed=9), caller=VICTIM)
+        rec.release()
+        await asyncio.gather(head, *flood)
+        return info.value
+
+    refused = run(with_batcher(rec, body, max_wait_ms=0, max_queue_requests=4, fair_share_by="off"))
+    assert str(refused) == "queue full: 4 requests queued (max_queue_requests=4)" and rec.pushed_out == []
+    assert len(rec.computed) == 5
+
+
+def test_a_request_whose_caller_is_gone_is_pushed_out_without_being_answered_twice():
+    """The flood's latest call is cancelled just as the victim's request pushes it out (its task has
+    not run its cleanup yet): nothing is set on its cancelled future, nothing counted, and the
+    queue's accounts stay right."""
+    rec = Recorder()
+
+    async def body(b: Batcher):
+        head = await busy(rec, b, ce_request(2, seed=50))
+        flood = [asyncio.ensure_future(b.submit(*ce_request(2, seed=i), caller=FLOOD)) for i in range(4)]
+        await settle()
+        victim = asyncio.ensure_future(b.submit(*ce_request(2, seed=9), caller=VICTIM))  # runs first ...
+        flood[3].cancel()  # ... its future is cancelled now, the task's cleanup runs after the victim's push
+        await settle()
+        assert flood[3].cancelled() and rec.pushed_out == [] and b.queue_depth == 4
+        rec.release()
+        return await asyncio.gather(head, victim, *flood[:3])
+
+    loop_errors = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: loop_errors.append(context))
+        return await with_batcher(rec, body, max_wait_ms=1.0, max_queue_requests=4)
+
+    assert len(run(main())) == 5
+    assert loop_errors == [] and rec.depths[-1] == 0
