@@ -4,23 +4,36 @@ Every queued item belongs to a caller, a key :func:`caller_key` derives from the
 ``--fair-share-by`` says: its connection (the default), its address (every connection of a host
 together), or one key for all (``off``).
 
-*Order.* Each item is tagged, when it is pushed, with a virtual finish time: its caller's latest tag,
-or the queue's virtual time (the tag of the item taken last) when that is later, plus its work
-(``Plan.work_nbytes``); items are taken in tag order (self-clocked fair queueing), ties in the
-order their callers came to have queued work, then in push order. Within a caller that is oldest
-first. Between callers that all have work queued, each is
-served the same work in turn, give or take one item's (the work-weighted form of round robin, as
-deficit round robin, without its quantum): a caller of 5 ms requests is not served one of them per
-second-long request of another, its requests go in between theirs by work; with equal work per
-item, k such callers are served one item each in every k items taken. A caller with nothing queued
-gets no credit for the time it was idle, and a cancelled item's work still counts for its caller's
-later items. Pushing and taking cost O(log n) in the items queued (a heap): no scan of the queue.
+*Order: fair queueing by work.* Each item is tagged, when it is pushed, with a virtual finish time:
+its start (its caller's latest tag, or the queue's virtual time when that is later) plus its work
+(``Plan.work_nbytes``); items are taken in tag order, ties in the order their callers came to have
+queued work, then in push order. Within a caller that is oldest first. Callers that all have work
+queued are served the same work in turn, give or take one item's each (the work-weighted form of
+round robin, as deficit round robin, without its quantum): a caller of 5 ms requests is not served
+one of them per second-long request of another, its requests go in between theirs by work; with
+equal work per item, k such callers are served one item each in every k items taken.
+
+The virtual time follows the engine shared evenly by the callers with queued work: each item
+taken advances it by its work divided by their number (itself included), never past the item's
+tag (the approximation of fair queueing's fluid system by the callers queued now). A caller that
+was not served lately starts at the virtual time, so its first item goes before the items of
+callers whose turn it is after one item each: a 5 ms request waits for the item being computed,
+not for one of each caller queued (with the tag of the item taken last as the virtual time,
+self-clocked fair queueing, it waited behind those that shared that tag: in exp6 up to 3 kl_div
+requests of 1-2 s each, past its 5 s deadline). A caller with nothing queued gets no credit for
+the time it was idle: its latest tag is kept while it is ahead of the virtual time, so coming back
+at once does not put it ahead of what it was served (a caller of one request at a time is served
+by work as one with many queued), and callers that each send one request (a connection per call)
+advance the virtual time as they are served, so they cannot keep a caller with work queued waiting.
+A cancelled item's work still counts for its caller's later items. Pushing and taking cost
+O(log n) in the items queued (a heap): no scan of the queue.
 
 *Admission.* ``max_items`` and ``max_work`` bound the queue; an item alone in the queue is taken
 whatever its work. When the queue is full (either limit), a newcomer whose caller, with it, stays
 within its share of each limit that is full (the limit divided by the callers with queued work, the
 newcomer's included) is admitted by pushing out the most recently queued items of the caller holding
-the most (items, or work: as the limit) until it fits; the items pushed out are returned with their
+the most (items, or work: as the limit; of those that hold as much, the one whose latest item came
+last) until it fits; the items pushed out are returned with their
 :class:`QueueFull`, for the batcher to answer. Any other newcomer is refused :class:`QueueFull` with
 the same words as a queue without callers. The caller pushed from always holds more than its share
 (the others hold more than the limit less the newcomer's share), so a caller within its share is
@@ -41,6 +54,8 @@ from collections.abc import Callable, Hashable
 from typing import Any, Generic, Protocol, TypeVar
 
 SETTING = "fair_share_by"
+#: Tags count work in units of 1/SCALE byte: the virtual time advances by fractions of an item's work.
+SCALE = 1 << 16
 #: The values of ``--fair-share-by``: a caller is a connection, a peer address, or everyone (off).
 SHARE_BY = ("connection", "address", "off")
 
@@ -89,12 +104,12 @@ class _Line:
 
     __slots__ = ("count", "entries", "finish", "number", "work")
 
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: int, finish: int) -> None:
         self.entries: deque[Entry] = deque()
         self.number = number
         self.count = 0
         self.work = 0
-        self.finish = 0  # the tag of its latest item
+        self.finish = finish  # the tag of its latest item
 
 
 class FairQueue(Generic[T]):
@@ -110,6 +125,10 @@ class FairQueue(Generic[T]):
         self._heap: list[Entry] = []  # every item queued, and some no longer (waiting False)
         self._seq = itertools.count()
         self._vtime = 0
+        #: The latest tags of callers with nothing queued, while they may be ahead of the virtual
+        #: time (swept when it grows past ``_idle_cap``).
+        self._idle: dict[Hashable, int] = {}
+        self._idle_cap = 64
 
     def __len__(self) -> int:
         return self.count
@@ -130,8 +149,8 @@ class FairQueue(Generic[T]):
         line = self._lines.get(caller)
         pushed_out = self._make_room(caller, item.work) if self._must_make_room(line, item.work) else []
         if line is None:
-            line = self._lines[caller] = _Line(next(self._seq))
-        tag = max(self._vtime, line.finish) + item.work
+            line = self._lines[caller] = _Line(next(self._seq), self._idle.pop(caller, 0))
+        tag = max(self._vtime, line.finish) + item.work * SCALE
         entry = (tag, line.number, next(self._seq), item)
         item.waiting, item.caller = True, caller
         line.entries.append(entry)
@@ -166,7 +185,8 @@ class FairQueue(Generic[T]):
                 continue
             if batch and (one or rows + item.rows > max_rows or nbytes + item.nbytes > max_bytes):
                 break
-            self._vtime = heapq.heappop(heap)[0]
+            tag = heapq.heappop(heap)[0]
+            self._vtime = min(self._vtime + item.work * SCALE // len(self._lines), tag)  # the engine shared by the callers queued
             item.waiting = False
             line = self._lines[item.caller]
             entries = line.entries
@@ -197,11 +217,17 @@ class FairQueue(Generic[T]):
             del self._lines[item.caller]
             if not self.count:
                 self._reset()
+            elif line.finish > self._vtime:
+                self._idle[item.caller] = line.finish
+                if len(self._idle) > self._idle_cap:
+                    self._idle = {caller: finish for caller, finish in self._idle.items() if finish > self._vtime}
+                    self._idle_cap = max(64, 2 * len(self._idle))
 
     def _reset(self) -> None:
         """Nothing is queued: removed items' entries go, and virtual time starts again."""
         self._lines.clear()
         self._heap.clear()
+        self._idle.clear()
         self._vtime = 0
 
     def _must_make_room(self, line: _Line | None, work: int) -> bool:
@@ -236,7 +262,9 @@ class FairQueue(Generic[T]):
         """The latest item of the caller (not ``caller``) holding the most items (``limit``
         max_queue_requests) or work, taken off the queue, with its error."""
         by_work = limit == "max_queue_bytes"
-        line = max((v for k, v in self._lines.items() if k != caller), key=lambda v: v.work if by_work else v.count)
+        line = max(  # ties: the caller whose latest item came last
+            (v for k, v in self._lines.items() if k != caller), key=lambda v: (v.work if by_work else v.count, v.entries[-1][2])
+        )
         held, total, maximum = (line.work, self.work, self.max_work) if by_work else (line.count, self.count, self.max_items)
         callers = len(self._lines) + (caller not in self._lines)
         error = QueueFull(
@@ -248,13 +276,13 @@ class FairQueue(Generic[T]):
         entries = line.entries
         while not entries[-1][-1].waiting:  # items removed after it
             entries.pop()
-        item = entries.pop()[-1]
+        tag, *_, item = entries.pop()
         item.waiting = False
+        while entries and not entries[-1][-1].waiting:
+            entries.pop()
+        # its next item is tagged as if this one had never come (alone, as if served up to its start)
+        line.finish = entries[-1][0] if entries else tag - item.work * SCALE
         self._uncount(line, item)
-        if line.count:
-            while not entries[-1][-1].waiting:
-                entries.pop()
-            line.finish = entries[-1][0]  # its next item is tagged as if this one had never come
         return item, error
 
     def _compact(self) -> None:

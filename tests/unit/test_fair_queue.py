@@ -82,7 +82,7 @@ def test_callers_with_equal_work_are_served_in_turn_each_oldest_first():
     assert drain(q) == ["a0", "b0", "c0", "a1", "b1", "a2", "b2"]
 
 
-def test_a_caller_that_comes_later_joins_the_turns_at_the_end():
+def test_a_caller_that_comes_later_joins_the_turn_in_progress():
     q: FairQueue[Item] = FairQueue(100, 1000)
     for i in range(4):
         q.push(Item(f"a{i}"), "a")
@@ -90,7 +90,7 @@ def test_a_caller_that_comes_later_joins_the_turns_at_the_end():
     assert names(q.take(1 << 30, 1 << 30, one=True)) == ["a0"]
     for i in range(3):
         q.push(Item(f"c{i}"), "c")
-    assert drain(q) == ["b0", "a1", "b1", "c0", "a2", "b2", "c1", "a3", "b3", "c2"]
+    assert drain(q) == ["b0", "c0", "a1", "b1", "c1", "a2", "b2", "c2", "a3", "b3"]
 
 
 def test_turns_are_by_work_so_small_requests_go_between_heavy_ones():
@@ -102,22 +102,46 @@ def test_turns_are_by_work_so_small_requests_go_between_heavy_ones():
     assert names(q.take(1 << 30, 1 << 30, one=True)) == ["heavy0"]  # on the engine
     q.push(Item("small", 1), "victim")
     assert names(q.take(1 << 30, 1 << 30, one=True)) == ["small"]
-    for i in range(3):
+    for i in range(6):
         q.push(Item(f"s{i}", 100), "victim")
-    # backlogged both: the same work each in turn, one of the flood's 200 for two of the victim's 100
-    assert drain(q) == ["s0", "heavy1", "s1", "s2", "heavy2", "heavy3"]
+    # both with work queued: they take turns by work, one of the flood's 200 for two of the victim's 100
+    assert drain(q) == ["s0", "heavy1", "s1", "s2", "heavy2", "s3", "s4", "heavy3", "s5"]
 
 
-def test_a_batch_gathers_across_callers_in_turn_up_to_its_limits():
-    q: FairQueue[Item] = FairQueue(100, 1000)
-    for i in range(3):
-        q.push(Item(f"a{i}", rows=2, nbytes=10), "a")
-        q.push(Item(f"b{i}", rows=2, nbytes=10), "b")
-    assert names(q.take(5, 1000)) == ["a0", "b0"]  # a third would make 6 rows
-    assert names(q.take(1000, 25)) == ["a1", "b1"]  # ... or 30 bytes
-    assert names(q.take(1000, 1000, one=True)) == ["a2"]  # batching off: one request a batch
-    assert names(q.take(1, 1)) == ["b2"]  # the first always, however large
-    assert q.take(1000, 1000) == [] and len(q) == 0
+def test_a_light_caller_waits_for_the_item_being_computed_not_for_one_of_each_caller():
+    """exp6: 16 connections each keep one second-long request in flight and keep the queue full of
+    work (4 fit); a 5 ms request of another connection, every few of theirs, pushes the newest of
+    them out and is always the next one taken."""
+    q: FairQueue[Item] = FairQueue(100, 800)
+    for f in range(4):
+        q.push(Item(f"f{f}", 200), f"flood{f}")
+    for n in range(40):
+        (item,) = q.take(1, 1)  # on the engine
+        assert item.caller != "victim"
+        q.push(Item(f"f{n + 4}", 200), f"flood{(n + 4) % 16}")  # the queue is full again
+        if n % 3 == 0:
+            out = q.push(Item(f"v{n}", 1), "victim")
+            assert names(item for item, _ in out) == [f"f{n + 4}"]
+            assert names(q.take(1, 1)) == [f"v{n}"]
+            q.push(Item(f"g{n}", 200), f"flood{n % 16}")
+
+
+def test_a_caller_of_one_request_at_a_time_is_served_by_work_as_one_with_many_queued():
+    """Its latest tag outlives its line: coming back at once, it does not start again at the
+    virtual time (which moves a fifth of its work per request here: it would be served five times
+    its share)."""
+    q: FairQueue[Item] = FairQueue(1000, 10**6)
+    heavy = [f"h{i}" for i in range(4)]
+    for h in heavy:
+        for _ in range(5):
+            q.push(Item(h, 10), h)
+    q.push(Item("light", 1), "light")
+    served = dict.fromkeys([*heavy, "light"], 0)
+    for _ in range(400):
+        (item,) = q.take(1, 1)
+        served[item.caller] += item.work
+        q.push(Item(item.caller, item.work), item.caller)  # every caller has work queued again
+    assert all(abs(served["light"] - served[h]) <= 10 + 1 for h in heavy), served
 
 
 # ---------------------------------------------------------------------------------- admission
@@ -175,16 +199,24 @@ def test_items_pushed_out_or_removed_come_out_no_more():
 
 
 def test_a_caller_pushed_from_keeps_its_turns_as_if_its_pushed_out_item_had_never_come():
-    q: FairQueue[Item] = FairQueue(8, 10**6)
+    q: FairQueue[Item] = FairQueue(7, 10**6)
     for i in range(4):
         q.push(Item(f"a{i}", 4), "a")  # finishing at 4, 8, 12, 16
-    for i, work in enumerate((5, 5, 5, 3)):
-        q.push(Item(f"b{i}", work), "b")  # 5, 10, 15, 18
+    for i, work in enumerate((5, 5, 8)):
+        q.push(Item(f"b{i}", work), "b")  # 5, 10, 18
     out = q.push(Item("c0", 1), "c")
-    assert names(item for item, _ in out) == ["a3"]  # a and b hold 4 each: the first of them
+    assert names(item for item, _ in out) == ["a3"]
     assert names(q.take(1, 1)) == ["c0"]
-    q.push(Item("a4", 4), "a")  # 12 + 4: before b3, not at 20 as if a3 were still there
-    assert drain(q) == ["a0", "b0", "a1", "b1", "a2", "b2", "a4", "b3"]
+    q.push(Item("a4", 4), "a")  # 12 + 4: before b2, not at 20 as if a3 were still there
+    assert drain(q) == ["a0", "b0", "a1", "b1", "a2", "a4", "b2"]
+
+
+@pytest.mark.parametrize(("pushes", "pushed_out"), [("a0 a1 b0 b1", "b1"), ("a0 b0 b1 a1", "a1"), ("b0 a0 a1 b1", "b1")])
+def test_of_callers_holding_as_much_the_one_whose_latest_item_came_last_is_pushed_from(pushes, pushed_out):
+    q: FairQueue[Item] = FairQueue(4, 10**6)
+    for name in pushes.split():
+        q.push(Item(name), name[0])
+    assert names(item for item, _ in q.push(Item("c0"), "c")) == [pushed_out]
 
 
 def test_clear_takes_everything_queued_once():
@@ -281,6 +313,7 @@ def test_every_item_comes_out_once_within_the_limits_in_order_and_a_caller_withi
         assert q.work == sum(i.work for i in live) and (q.work <= max_work or len(live) == 1)
         assert q.callers == len({i.caller for i in live})
         assert all(i.waiting for i in live)
+        assert all(q._vtime <= tag for tag, *_, i in q._heap if i.waiting), "the virtual time passed a queued item"
     for item in q.clear():
         fates[id(item)].append("cleared")
     assert all(len(f) == 1 for f in fates.values()), fates
@@ -335,3 +368,17 @@ def test_callers_all_backlogged_with_equal_work_are_each_served_once_in_every_k_
     end = min(max(n for n, i in enumerate(served) if i.caller == c) for c in range(k))
     for start in range(end + 2 - k):  # every window of k picks while all k callers have work queued
         assert {i.caller for i in served[start : start + k]} == set(range(k)), [i.caller for i in served]
+
+
+def test_the_tags_kept_for_callers_with_nothing_queued_stay_few():
+    """Thousands of connections of one request each, while one caller keeps work queued: the tags
+    kept for callers gone idle are swept once the virtual time has passed them."""
+    q: FairQueue[Item] = FairQueue(10_000, 10**9)
+    for i in range(20):
+        q.push(Item(f"h{i}", 10), "heavy")
+    for n in range(5000):
+        q.push(Item(f"l{n}", 1), f"ipv4:10.0.0.1:{n}")
+        q.take(1, 1)
+        if q.holds("heavy")[0] < 10:
+            q.push(Item(f"h{n}", 10), "heavy")
+    assert len(q._idle) <= 200
