@@ -7,7 +7,9 @@ future. Each engine worker (``compute_threads`` of them) runs a loop on the even
 loop's side: when it is idle and a request arrives, it takes it **at once**; while it computes,
 the requests that arrive queue up, and when it is done it takes all of them (in the queue's fair
 order: callers in turn by work, each caller's oldest first; up to ``max_batch_rows`` /
-``max_batch_bytes``) as the next batch. No timer ever holds a request back
+``max_batch_bytes`` of work, Plan.work_nbytes: a request that takes a second to compute is not
+batched with a 5 ms one of another caller, which would be answered when the batch is done) as the
+next batch. No timer ever holds a request back
 while a worker is idle: batches grow exactly as much as the load makes them, a single caller
 pays no batching delay, and under load one thread hop serves many requests. On the CPU, a
 batch of at most ``inline_batch_bytes`` input bytes is computed on the event loop itself: the hop

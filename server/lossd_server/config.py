@@ -203,7 +203,7 @@ _HELP = {
     "max_stream_in_flight": "EvaluateStream / EvaluatePacked: messages read and not yet answered per stream",
     "max_health_reads": "health-check messages read at once, each reserving read_reservation_bytes (twice gRPC's receive limit) of a budget of their own, apart from memory_budget_bytes; a health call past them waits in line",
     "max_batch_rows": "a batch closes when it holds this many rows (positions)",
-    "max_batch_bytes": "a batch closes when it holds this many input bytes",
+    "max_batch_bytes": "a batch closes when it holds this many bytes of work (a request's input, or its broadcast output or answer when larger)",
     "max_wait_ms": "0 turns batching off (every request its own engine pass); any positive value turns the work-conserving batcher on "
     "(no timer ever holds a request back: the value is no delay)",
     "max_queue_requests": "queued requests beyond this are answered RESOURCE_EXHAUSTED",

@@ -41,7 +41,7 @@ never refused while another is over its own. With one key for all (``off``) the 
 come, first served and a full queue refuses: the queue as it was before callers had shares. Pushing
 out costs a pass over the callers with queued work, only when the queue is full.
 
-Each item carries ``work``, ``rows`` and ``nbytes`` (for the batch limits); the queue keeps its
+Each item carries ``work`` and ``rows`` (what the limits count); the queue keeps its
 ``waiting`` (True from its push until it is taken, pushed out or removed) and ``caller``.
 """
 
@@ -69,9 +69,8 @@ class QueueFull(Exception):
 
 
 class Queued(Protocol):
-    work: int  # what max_work counts
+    work: int  # what max_work and a batch's max_bytes count
     rows: int  # what a batch's max_rows counts
-    nbytes: int  # what a batch's max_bytes counts
     waiting: bool  # set by the queue: in it, not yet taken, pushed out or removed
     caller: Hashable  # set by the queue
 
@@ -173,17 +172,17 @@ class FairQueue(Generic[T]):
 
     def take(self, max_rows: int, max_bytes: int, *, one: bool = False) -> list[T]:
         """The next batch, taken off the queue in fair order: the next item always (however large),
-        then the next ones while the batch stays within ``max_rows`` and ``max_bytes`` (no more
-        when ``one``); the first that does not fit ends it."""
+        then the next ones while the batch stays within ``max_rows`` and ``max_bytes`` of work (no
+        more when ``one``); the first that does not fit ends it."""
         batch: list[T] = []
-        rows = nbytes = 0
+        rows = work = 0
         heap = self._heap
         while heap:
             item = heap[0][-1]
             if not item.waiting:
                 heapq.heappop(heap)
                 continue
-            if batch and (one or rows + item.rows > max_rows or nbytes + item.nbytes > max_bytes):
+            if batch and (one or rows + item.rows > max_rows or work + item.work > max_bytes):
                 break
             tag = heapq.heappop(heap)[0]
             self._vtime = min(self._vtime + item.work * SCALE // len(self._lines), tag)  # the engine shared by the callers queued
@@ -195,7 +194,7 @@ class FairQueue(Generic[T]):
             self._uncount(line, item)
             batch.append(item)
             rows += item.rows
-            nbytes += item.nbytes
+            work += item.work
         return batch
 
     def clear(self) -> list[T]:

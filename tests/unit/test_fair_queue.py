@@ -21,7 +21,6 @@ class Item:
     name: str
     work: int = 1
     rows: int = 1
-    nbytes: int = 1
     waiting: bool = False
     caller: object = None
 
@@ -144,6 +143,30 @@ def test_a_caller_of_one_request_at_a_time_is_served_by_work_as_one_with_many_qu
     assert all(abs(served["light"] - served[h]) <= 10 + 1 for h in heavy), served
 
 
+def test_a_batch_gathers_across_callers_in_turn_up_to_its_limits():
+    q: FairQueue[Item] = FairQueue(100, 1000)
+    for i in range(3):
+        q.push(Item(f"a{i}", 10, rows=2), "a")
+        q.push(Item(f"b{i}", 10, rows=2), "b")
+    assert names(q.take(5, 1000)) == ["a0", "b0"]  # a third would make 6 rows
+    assert names(q.take(1000, 25)) == ["a1", "b1"]  # ... or 30 bytes of work
+    assert names(q.take(1000, 1000, one=True)) == ["a2"]  # batching off: one request a batch
+    assert names(q.take(1, 1)) == ["b2"]  # the first always, however large
+    assert q.take(1000, 1000) == [] and len(q) == 0
+
+
+def test_a_request_of_a_second_of_work_is_not_batched_with_a_light_callers_5_ms_one():
+    """Batches are bounded by work, not input bytes: a 98 KB kl_div request broadcast to 512 MiB
+    fills a 32 MiB batch alone, and the 256 KB request taken next waits for it, not for the four
+    of them (it is answered when its batch is done)."""
+    q: FairQueue[Item] = FairQueue(100, 4 << 30)
+    for f in range(4):
+        q.push(Item(f"kl{f}", 512 << 20, rows=8192), f"flood{f}")
+    assert names(q.take(65536, 32 << 20)) == ["kl0"]
+    q.push(Item("ce", 256_000, rows=64), "victim")
+    assert names(q.take(65536, 32 << 20)) == ["ce"]
+
+
 # ---------------------------------------------------------------------------------- admission
 def test_a_full_queue_pushes_out_the_latest_of_the_caller_holding_the_most_for_a_caller_below_its_share():
     q: FairQueue[Item] = FairQueue(4, 1000)
@@ -262,7 +285,7 @@ def test_every_item_comes_out_once_within_the_limits_in_order_and_a_caller_withi
     for op in ops:
         if op[0] == "push":
             _, caller, work, rows = op
-            item = Item(f"{caller}{len(pushed)}", work, rows, rows * 8)
+            item = Item(f"{caller}{len(pushed)}", work, rows)
             mine = queued(caller)
             callers = len({i.caller for i in queued()} | {caller})
             full_items = len(queued()) >= max_items
@@ -296,7 +319,7 @@ def test_every_item_comes_out_once_within_the_limits_in_order_and_a_caller_withi
             if one:
                 assert len(batch) <= 1
             if len(batch) > 1:
-                assert sum(i.rows for i in batch) <= max_rows and sum(i.nbytes for i in batch) <= max_bytes
+                assert sum(i.rows for i in batch) <= max_rows and sum(i.work for i in batch) <= max_bytes
             for item in batch:
                 oldest = min(order[id(i)] for i in queued(item.caller))
                 assert order[id(item)] == oldest, "a caller's items out of order"
