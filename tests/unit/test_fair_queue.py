@@ -270,76 +270,81 @@ def operations(draw):
     return draw(st.integers(1, 8)), draw(st.integers(1, 150)), ops
 
 
+class Ledger:
+    """A FairQueue and what the test knows of it: every item pushed, in order, and what became of it."""
+
+    def __init__(self, max_items: int, max_work: int) -> None:
+        self.q: FairQueue[Item] = FairQueue(max_items, max_work)
+        self.max_items, self.max_work = max_items, max_work
+        self.pushed: list[Item] = []
+        self.fates: dict[int, list[str]] = {}
+
+    def queued(self, caller=None) -> list[Item]:
+        return [i for i in self.pushed if self.fates[id(i)] == [] and (caller is None or i.caller == caller)]
+
+    def push(self, caller: str, work: int, rows: int) -> None:
+        item = Item(f"{caller}{len(self.pushed)}", work, rows)
+        mine, queued = self.queued(caller), self.queued()
+        callers = len({i.caller for i in queued} | {caller})
+        full_items = len(queued) >= self.max_items
+        full_work = bool(queued) and sum(i.work for i in queued) + work > self.max_work
+        within = (not full_items or (len(mine) + 1) * callers <= self.max_items) and (
+            not full_work or (sum(i.work for i in mine) + work) * callers <= self.max_work
+        )
+        try:
+            out = self.q.push(item, caller)
+        except QueueFull:
+            assert not within, "a caller within its share of every full limit was refused"
+            assert self.queued() == queued and len(self.q) == len(queued)
+            return
+        for other, error in out:
+            assert other.caller != caller and self.fates[id(other)] == [] and not other.waiting
+            assert self.queued(other.caller)[-1] is other, "not its caller's latest"
+            by_count = error.limit == "max_queue_requests"
+            held = {c: len(self.queued(c)) if by_count else sum(i.work for i in self.queued(c)) for c in {i.caller for i in self.queued()}}
+            assert held[other.caller] == max(n for c, n in held.items() if c != caller), "not the caller holding the most"
+            self.fates[id(other)].append("pushed out")
+        self.pushed.append(item)
+        self.fates[id(item)] = []
+
+    def take(self, max_rows: int, max_bytes: int, one: bool) -> None:
+        queued = self.queued()
+        batch = self.q.take(max_rows, max_bytes, one=one)
+        assert bool(batch) == bool(queued) and (len(batch) <= 1 or not one)
+        if len(batch) > 1:
+            assert sum(i.rows for i in batch) <= max_rows and sum(i.work for i in batch) <= max_bytes
+        for item in batch:
+            assert self.queued(item.caller)[0] is item, "a caller's items out of order"
+            assert not item.waiting
+            self.fates[id(item)].append("taken")
+
+    def remove(self, index: int) -> None:
+        if self.pushed:
+            item = self.pushed[index % len(self.pushed)]
+            queued = self.fates[id(item)] == []
+            assert self.q.remove(item) == queued
+            if queued:
+                self.fates[id(item)].append("removed")
+
+    def check(self) -> None:
+        q, live = self.q, self.queued()
+        assert len(q) == len(live) <= self.max_items
+        assert q.work == sum(i.work for i in live) and (q.work <= self.max_work or len(live) == 1)
+        assert q.callers == len({i.caller for i in live}) and all(i.waiting for i in live)
+        assert all(q._vtime <= tag for tag, *_, i in q._heap if i.waiting), "the virtual time passed a queued item"
+
+
 @SETTINGS
 @given(operations())
 def test_every_item_comes_out_once_within_the_limits_in_order_and_a_caller_within_its_share_is_never_refused(case):
     max_items, max_work, ops = case
-    q: FairQueue[Item] = FairQueue(max_items, max_work)
-    pushed: list[Item] = []
-    fates: dict[int, list[str]] = {}
-    order: dict[int, int] = {}  # item -> its push number
-
-    def queued(caller=None):
-        return [i for i in pushed if fates[id(i)] == [] and (caller is None or i.caller == caller)]
-
-    for op in ops:
-        if op[0] == "push":
-            _, caller, work, rows = op
-            item = Item(f"{caller}{len(pushed)}", work, rows)
-            mine = queued(caller)
-            callers = len({i.caller for i in queued()} | {caller})
-            full_items = len(queued()) >= max_items
-            full_work = bool(queued()) and sum(i.work for i in queued()) + work > max_work
-            within = (not full_items or (len(mine) + 1) * callers <= max_items) and (
-                not full_work or (sum(i.work for i in mine) + work) * callers <= max_work
-            )
-            before = list(queued())
-            try:
-                out = q.push(item, caller)
-            except QueueFull:
-                assert not within, "a caller within its share of every full limit was refused"
-                assert queued() == before and len(q) == len(before)
-                continue
-            assert within or not (full_items or full_work)
-            for other, error in out:
-                assert other.caller != caller and fates[id(other)] == [] and not other.waiting
-                assert max(order[id(i)] for i in queued(other.caller)) == order[id(other)], "not the caller's latest"
-                held = [i for i in queued() if i.caller == other.caller]
-                measure = (lambda c: len(queued(c))) if error.limit == "max_queue_requests" else (lambda c: sum(i.work for i in queued(c)))
-                assert measure(other.caller) == max(measure(c) for c in {i.caller for i in queued()} - {caller}), held
-                fates[id(other)].append("pushed out")
-            order[id(item)] = len(pushed)
-            pushed.append(item)
-            fates[id(item)] = []
-        elif op[0] == "take":
-            _, max_rows, max_bytes, one = op
-            was = list(queued())
-            batch = q.take(max_rows, max_bytes, one=one)
-            assert bool(batch) == bool(was)
-            if one:
-                assert len(batch) <= 1
-            if len(batch) > 1:
-                assert sum(i.rows for i in batch) <= max_rows and sum(i.work for i in batch) <= max_bytes
-            for item in batch:
-                oldest = min(order[id(i)] for i in queued(item.caller))
-                assert order[id(item)] == oldest, "a caller's items out of order"
-                assert not item.waiting
-                fates[id(item)].append("taken")
-        elif pushed:
-            item = pushed[op[1] % len(pushed)]
-            was_queued = fates[id(item)] == []
-            assert q.remove(item) == was_queued
-            if was_queued:
-                fates[id(item)].append("removed")
-        live = queued()
-        assert len(q) == len(live) <= max_items
-        assert q.work == sum(i.work for i in live) and (q.work <= max_work or len(live) == 1)
-        assert q.callers == len({i.caller for i in live})
-        assert all(i.waiting for i in live)
-        assert all(q._vtime <= tag for tag, *_, i in q._heap if i.waiting), "the virtual time passed a queued item"
-    for item in q.clear():
-        fates[id(item)].append("cleared")
-    assert all(len(f) == 1 for f in fates.values()), fates
+    ledger = Ledger(max_items, max_work)
+    for kind, *args in ops:
+        getattr(ledger, kind)(*args)
+        ledger.check()
+    for item in ledger.q.clear():
+        ledger.fates[id(item)].append("cleared")
+    assert all(len(fate) == 1 for fate in ledger.fates.values()), ledger.fates
 
 
 @st.composite
