@@ -165,9 +165,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     # ---------------------------------------------------------------- evaluation of one request
     async def _prepare(self, request: wire.WireRequest, held: Reservation, wait_s: float | None = None) -> tuple[batch_engine.Job, int]:
-        """Decode and validate; reserve what computing it and its answer need in ``held``, waiting
-        in line for up to ``wait_s`` when it does not fit now (None: at once or refused).
-        Returns the request as a batch engine job and the bytes its answer holds once computed."""
+        """Decode and validate; reserve what computing it and its answer need in ``held``, waiting in line for up to ``wait_s``
+        when it does not fit now (None: at once or refused). Returns the batch engine job and the bytes its answer holds."""
         id_bytes = check_id("id", request.id, self.config.max_id_bytes)
         shm_bytes = _shm_nbytes(request)
         if shm_bytes:
@@ -192,9 +191,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def _evaluate(self, call: Call, request: wire.WireRequest, held: Reservation, *, wait: bool = False) -> pb.EvaluateResponse:
         """Decode, validate, reserve what the answer needs, compute; ``held`` then covers the answer.
 
-        ``wait``: a unary call waits in line for its answer's bytes. A stream's item does not: its
-        stream has already posted its next read, whose reservation it would wait behind (one
-        12 MB item on a 140 MiB budget waited max_memory_wait_s for itself)."""
+        ``wait``: a unary call waits in line for its answer's bytes. A stream's item does not: its stream has already posted its next
+        read, whose reservation it would wait behind (one 12 MB item on a 140 MiB budget waited max_memory_wait_s for itself)."""
         job, answer_bytes = await self._prepare(request, held, call.memory_wait_left_s() if wait else None)
         result = await self.batcher.submit(
             job.plan, job.input, job.target, deadline=call.deadline, sole_call=self.calls.active == 1, caller=call.context.peer
