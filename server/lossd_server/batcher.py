@@ -40,7 +40,7 @@ import torch
 
 from . import batch_engine, engine
 from .config import ServerConfig
-from .fair_queue import FairQueue, caller_key
+from .fair_queue import REQUEST_COST_FLOOR_BYTES, FairQueue, caller_key
 from .fair_queue import QueueFull as QueueFull  # the batcher's refusal: raised by its queue
 
 if TYPE_CHECKING:
@@ -126,7 +126,9 @@ class Batcher:
         self.observer = observer
         self._evaluate = evaluate
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._queue: FairQueue[_Item] = FairQueue(config.max_queue_requests, config.max_queue_bytes, config.fair_share_by)
+        self._queue: FairQueue[_Item] = FairQueue(
+            config.max_queue_requests, config.max_queue_bytes, config.fair_share_by, cost_floor=REQUEST_COST_FLOOR_BYTES
+        )
         self._wake: asyncio.Event | None = None
         self._runners: list[asyncio.Task] = []
         self._computing = 0  # batches on engine threads now

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lossd_server.fair_queue import FairQueue, QueueFull, caller_key
+from lossd_server.fair_queue import REQUEST_COST_FLOOR_BYTES, FairQueue, QueueFull, caller_key
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("LOSSD_HYPOTHESIS_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -240,6 +240,46 @@ def test_of_callers_holding_as_much_the_one_whose_latest_item_came_last_is_pushe
     for name in pushes.split():
         q.push(Item(name), name[0])
     assert names(item for item, _ in q.push(Item("c0"), "c")) == [pushed_out]
+
+
+def test_a_cancelled_latest_item_does_not_decide_who_is_pushed_from():
+    """a and c hold as much; a's latest queued item came last, c's only cancelled one after it."""
+    q: FairQueue[Item] = FairQueue(100, 9)
+    for name in ("c0", "c1", "c2", "c3", "a0", "a1", "a2", "a3"):
+        q.push(Item(name), name[0])
+    cancelled = Item("c4")
+    q.push(cancelled, "c")
+    q.remove(cancelled)
+    assert names(item for item, _ in q.push(Item("n0", 2), "n")) == ["a3"]
+
+
+def test_requests_of_no_work_cannot_hold_another_callers_heavy_request_back():
+    """An empty request is valid and has no work. Charged its work alone, requests of none kept
+    the virtual time still: a caller keeping one queued at every take held another's 64 MiB
+    request (alone in its batch: over the batch's bytes) back for ever. Each request is charged at
+    least REQUEST_COST_FLOOR_BYTES, so the heavy one waits for as many as its work would pay for."""
+    q: FairQueue[Item] = FairQueue(2048, 1 << 40, cost_floor=REQUEST_COST_FLOOR_BYTES)
+    heavy = Item("heavy", 64 << 20, 64)
+    q.push(heavy, "b")
+    others = 0
+    while heavy.waiting and others < 100_000:
+        q.push(Item("empty", 0, 0), "a")
+        others += len(q.take(65536, 32 << 20))
+    assert not heavy.waiting
+    assert others <= (64 << 20) // REQUEST_COST_FLOOR_BYTES + 2
+
+
+def test_items_cancelled_behind_a_waiting_one_are_not_kept():
+    """A caller whose oldest item waits while it sends and cancels others: what the queue keeps for
+    it stays within twice its queued items (each cancelled one had stayed until the oldest was taken)."""
+    q: FairQueue[Item] = FairQueue(100, 10**9)
+    q.push(Item("oldest"), "a")
+    for i in range(10_000):
+        item = Item(f"a{i}")
+        q.push(item, "a")
+        q.remove(item)
+    assert len(q) == 1 and q.holds("a") == (1, 1)
+    assert len(q._lines["a"].entries) <= 2 * 1 + 16 and len(q._heap) <= 2 * 1 + 64
 
 
 def test_clear_takes_everything_queued_once():
