@@ -72,6 +72,8 @@ class Metrics:
             ["limit"],
             registry=registry,
         )
+        for limit in ("max_queue_requests", "max_queue_bytes"):  # exported at 0 from the start: rate() sees the first one
+            self.queue_pushed_out.labels(limit=limit)
         self.reads_yielded = Counter(
             "lossd_memory_reads_yielded",
             "calls that gave their read reservation to calls in line for memory after their client sent nothing for idle_read_yield_s",
