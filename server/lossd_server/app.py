@@ -250,15 +250,9 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-#: A connection that has not completed its handshake (TLS, then the client's HTTP/2 preface and
-#: SETTINGS) this long after it was accepted is closed. A real client sends its preface at once;
-#: with gRPC's default, connections that sent nothing (or half a preface) held a file for 60 s.
-HANDSHAKE_TIMEOUT_S = 10.0
-
-
 def _connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     """How long a connection may take to start and, once started, stay without a call."""
-    options = [("grpc.server_handshake_timeout_ms", _ms(HANDSHAKE_TIMEOUT_S))]
+    options = [("grpc.server_handshake_timeout_ms", _ms(config.handshake_timeout_s))]
     if config.max_connection_idle_s > 0:
         options.append(("grpc.max_connection_idle_ms", max(1, _ms(config.max_connection_idle_s))))
     return options

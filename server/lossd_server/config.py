@@ -122,6 +122,11 @@ class ServerConfig:
     #: checks included, were refused until they left. 300 s costs a client that calls at least
     #: every five minutes nothing, and the others one reconnect; 0 is gRPC's default: never.
     max_connection_idle_s: float = 300.0
+    #: A connection that has not completed its handshake (TLS, then the client's HTTP/2 preface and
+    #: SETTINGS) this long after it was accepted is closed. A real client sends its preface at once;
+    #: with gRPC's default, connections that sent nothing (or half a preface) held a file for 60 s.
+    #: Raise it for clients on slow links.
+    handshake_timeout_s: float = 10.0
     #: Calls one server process (each worker) serves at once (lossd_server.admission), past
     #: which a new call is refused RESOURCE_EXHAUSTED at once. A call costs about 13 KB of gRPC and
     #: Python state before it reads a byte, outside the memory budget (80,000 calls that sent no
@@ -237,6 +242,7 @@ _HELP = {
     "max_connection_age_grace_s": "with max_connection_age_s: how long calls in progress on a connection being closed may still run (0: no limit)",
     "max_connection_idle_s": "close a connection with no call in progress for this long (GOAWAY: clients reconnect on their next call); "
     "bounds the files idle or abandoned connections hold (0: never)",
+    "handshake_timeout_s": "close a connection that has not completed its TLS and HTTP/2 handshake this long after it was accepted",
     "max_concurrent_calls": "calls one process (each worker) serves at once; past it new calls are refused RESOURCE_EXHAUSTED "
     "(bounds the per-call state outside the memory budget); health checks have as many slots again, apart",
     "log_level": "logging level",
@@ -393,6 +399,7 @@ BOUNDS: dict[str, Bounds] = {
     "max_connection_age_s": Bounds(0, MAX_GRPC_MS_S, note="0: never; gRPC's int32 milliseconds"),
     "max_connection_age_grace_s": Bounds(0, MAX_GRPC_MS_S, note="0: no limit; gRPC's int32 milliseconds"),
     "max_connection_idle_s": Bounds(0, MAX_GRPC_MS_S, note="0: never; gRPC's int32 milliseconds"),
+    "handshake_timeout_s": Bounds(0.001, MAX_GRPC_MS_S, note="gRPC's int32 milliseconds"),
     "max_concurrent_calls": Bounds(1, INT32_MAX, note="gRPC's int32"),
     "max_broadcast_elements": Bounds(1),
     "max_id_bytes": Bounds(32, note="evaluate_many numbers its items with decimal ids"),

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lossd_client import AsyncLossClient, LossClient
-from lossd_server.app import HANDSHAKE_TIMEOUT_S
 from serverproc import start_server
 from workerprocs import own_ports, stop_everything, wait_for
 
@@ -92,15 +91,22 @@ def test_a_client_keeps_working_across_the_idle_close():
 
 
 def test_a_connection_that_never_starts_http2_is_closed():
-    """One that sends nothing is closed after the handshake timeout (10 s; gRPC's default closed
-    it at 60 s), with the idle timeout off so that it is not what closes it."""
-    proc = start_server("--max-connection-idle-s", "0")
+    """One that sends nothing is closed after the handshake timeout (--handshake-timeout-s, 10 s by
+    default; gRPC's default closed it at 60 s), with the idle timeout off so that it is not what
+    closes it. The setting is what closes it: at that moment a connection to a server with a 60 s
+    handshake timeout, silent as long, is still open."""
+    short = start_server("--max-connection-idle-s", "0", "--handshake-timeout-s", "1", "--drain-s", "0")
+    long = start_server("--max-connection-idle-s", "0", "--handshake-timeout-s", "60", "--drain-s", "0")
     try:
-        with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as sock:
-            received = _read_until_closed(sock, timeout_s=HANDSHAKE_TIMEOUT_S + 30)
+        with socket.create_connection(("127.0.0.1", long.port), timeout=10) as control:
+            with socket.create_connection(("127.0.0.1", short.port), timeout=10) as sock:
+                received = _read_until_closed(sock, timeout_s=30)
+            control_left_open = _read_until_closed(control, timeout_s=0.01) is None
     finally:
-        assert proc.stop() == 0, proc.log()
-    assert received is not None, f"the silent connection is still open after {HANDSHAKE_TIMEOUT_S + 30} s"
+        assert short.stop() == 0, short.log()
+        assert long.stop() == 0, long.log()
+    assert received is not None, "the silent connection is still open after 30 s (handshake timeout 1 s)"
+    assert control_left_open, "the server with a 60 s handshake timeout closed its silent connection as soon"
 
 
 def _open_files_limits(pid: int) -> tuple[int, int]:

@@ -63,6 +63,19 @@ def test_connection_idle_timeout_from_flag_and_environment_and_validated() -> No
     assert "LOSSD_MAX_CONNECTION_IDLE_S" in config.parser().format_help()
 
 
+def test_handshake_timeout_from_flag_and_environment_and_validated() -> None:
+    """A connection that has not started HTTP/2 is closed after 10 s by default (gRPC's: 60 s); the
+    setting is above 0 and within gRPC's int32 milliseconds."""
+    assert config.load([], environ={}).handshake_timeout_s == 10.0
+    env = {"LOSSD_HANDSHAKE_TIMEOUT_S": "30"}
+    assert config.load([], environ=env).handshake_timeout_s == 30.0
+    assert config.load(["--handshake-timeout-s", "2.5"], environ=env).handshake_timeout_s == 2.5
+    for bad in ("0", "-1", "inf", "nan", "2147484"):
+        with pytest.raises(SystemExit, match="--handshake-timeout-s"):
+            config.load(["--handshake-timeout-s", bad], environ={})
+    assert "LOSSD_HANDSHAKE_TIMEOUT_S" in config.parser().format_help()
+
+
 def test_call_limit_from_flag_and_environment_and_validated() -> None:
     """A bound on the calls held before they read a byte, per process."""
     assert config.load([], environ={}).max_concurrent_calls == 10_000
