@@ -9,7 +9,7 @@ import time
 
 import pytest
 from lossd_server.budget import BudgetExceeded, MemoryBudget
-from lossd_server.calls import Call
+from lossd_server.calls import ANSWER_BEFORE_DEADLINE_S, Call, CallTracker, answer_lead_s
 from lossd_server.wire import Received
 
 READ = 30  # what a read reserves
@@ -98,7 +98,13 @@ def test_calls_that_keep_bytes_and_wait_to_read_are_refused_one_by_one_not_left_
 
 @pytest.mark.parametrize(
     "wrote, deadline_s, waits",
-    [(None, None, True), ("before the end", None, False), ("after the end", None, False), ("before the end", 0.3, True), ("before the end", 5, False)],
+    [
+        (None, None, True),
+        ("before the end", None, False),
+        ("after the end", None, False),
+        ("before the end", 0.3, True),
+        ("before the end", 5, False),
+    ],
 )
 def test_a_stream_waits_for_a_cancel_to_land_only_when_it_wrote_no_answer_or_ended_at_its_deadline(monkeypatch, wrote, deadline_s, waits):
     """A stream's end of stream may be a client's cancel (its deadline arrives as one); one that
@@ -122,3 +128,39 @@ def test_a_stream_waits_for_a_cancel_to_land_only_when_it_wrote_no_answer_or_end
 
     asyncio.run(main())
     assert bool(slept) is waits, slept
+
+
+def test_a_held_answer_leads_its_deadline_by_a_quarter_of_its_time_left_at_least_50_ms():
+    """0.4 s calls held at a stop went out 50 ms before their deadline, and ended DEADLINE_EXCEEDED
+    on a loaded machine (the event loop late, the client's deadline earlier than the server's copy)."""
+    assert answer_lead_s(0.4) == pytest.approx(0.1)
+    assert answer_lead_s(0.1) == ANSWER_BEFORE_DEADLINE_S == 0.05
+    assert answer_lead_s(-1.0) == ANSWER_BEFORE_DEADLINE_S
+
+
+def test_time_the_event_loop_spent_elsewhere_is_not_quiet():
+    """The drain's quiet wait (no call started for quiet_s) counted a blocked event loop as quiet:
+    calls gRPC had received meanwhile were still waiting to be taken when the stop began, and were
+    cancelled. After the loop is blocked (here 0.08 s, as parsing a large message does), the wait
+    returns only once quiet_s more has passed with the loop free; with no call and no stall, at once."""
+
+    async def scenario() -> tuple[float, float, bool, float]:
+        tracker = CallTracker()
+        tracker.last_start = time.monotonic() - 10.0  # the latest call started long ago
+        start = time.monotonic()
+        assert await tracker.wait_quiet(0.1, deadline=time.monotonic() + 30)
+        at_once = time.monotonic() - start
+
+        async def stall() -> float:
+            await asyncio.sleep(0.02)
+            time.sleep(0.08)  # the event loop blocked: no call can be taken
+            return time.monotonic()
+
+        tracker.note_start()  # a call starts; the loop is then blocked before quiet_s has passed
+        stalled = asyncio.ensure_future(stall())
+        quiet = await tracker.wait_quiet(0.1, deadline=time.monotonic() + 30)
+        return at_once, await stalled, quiet, time.monotonic()
+
+    at_once, stall_ended, quiet, returned = asyncio.run(scenario())
+    assert at_once < 0.1 and quiet
+    assert returned - stall_ended >= 0.1, f"quiet {returned - stall_ended:.3f}s after the loop was blocked"
