@@ -78,10 +78,13 @@ class EngineHog:
         self._channel = grpc.insecure_channel(self.server.address)
         self._future = self._channel.unary_unary("/lossd.v1.LossService/Evaluate").future(data, timeout=300)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # until the server has it whole and nothing is queued
+        while time.monotonic() < deadline:  # until the server has it whole, nothing is queued, and it is computed
             m = self.server.metrics()
-            if m.get(received, 0.0) - before >= len(data) and m.get("lossd_queue_depth", 1) == 0:
-                time.sleep(0.2)  # decoding and validation take milliseconds; the compute takes many seconds
+            if (
+                m.get(received, 0.0) - before >= len(data)
+                and m.get("lossd_queue_depth", 1) == 0
+                and m.get("lossd_batches_computing", 0) >= 1
+            ):
                 return self
             time.sleep(0.02)
         raise RuntimeError("the hog request never reached the engine")

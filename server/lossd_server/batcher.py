@@ -139,6 +139,10 @@ class Batcher:
     def queue_depth(self) -> int:  # requests admitted and not yet taken for compute
         return len(self._queue)
 
+    @property
+    def batches_computing(self) -> int:  # on engine threads (not a small batch computed on the event loop)
+        return self._computing
+
     async def start(self) -> None:
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads(self.config))

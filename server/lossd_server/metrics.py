@@ -85,6 +85,7 @@ class Metrics:
         self.bytes_received = Counter("lossd_received_bytes", "request message bytes received, by method", ["method"], registry=registry)
         self.in_flight = gauge("lossd_requests_in_flight", "RPCs being handled, by method", ("method",))
         self.queue_depth = gauge("lossd_queue_depth", "requests waiting in the batcher queue")
+        self.batches_computing = gauge("lossd_batches_computing", "batches of the batcher being computed on engine threads now")
         self.device_memory = gauge("lossd_device_memory_bytes", "CUDA memory allocated by torch on the serving device (0 on CPU)")
         self.device_memory_reserved = gauge(
             "lossd_device_memory_reserved_bytes", "CUDA memory reserved by torch's caching allocator (0 on CPU)"
@@ -320,6 +321,8 @@ def gauge_readers(server: Any, m: Metrics) -> list[tuple[Gauge, Callable[[], flo
     batcher = server.batcher
     if hasattr(batcher, "queue_depth"):
         readers.append((m.queue_depth, lambda: batcher.queue_depth))
+    if hasattr(batcher, "batches_computing"):
+        readers.append((m.batches_computing, lambda: batcher.batches_computing))
     budget = server.servicer.budget
     readers += [(m.memory_held, lambda: budget.held_bytes), (m.memory_waiting, lambda: budget.waiting)]
     if server.device.type == "cuda":
