@@ -324,6 +324,7 @@ def test_a_chunked_call_missing_rows_with_a_short_deadline_is_told_what_it_lacks
     msg, _ = core.build(LossRequest(np.zeros((4, 3), np.float32), np.zeros(4, np.int64)))
     header = next(iter(core.chunk_messages(msg, chunk_bytes=12)))  # at most one 3-class float32 row a message
     with grpc.insecure_channel(small_server.address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)  # the connection's set-up is not the call's time
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.LossServiceStub(channel).EvaluateChunked(iter([header]), timeout=timeout_s)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()

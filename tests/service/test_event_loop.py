@@ -29,7 +29,8 @@ def kl_chunked_messages() -> list[pb.EvaluateChunk]:
 
 @pytest.fixture(scope="module")
 def server():
-    proc = start_server()
+    # one torch thread: the computations these tests watch last about as long on a machine of many cores
+    proc = start_server("--torch-threads", "1")
     yield proc
     proc.stop()
 

@@ -186,7 +186,7 @@ def test_a_cancelled_call_stops_computing(slow_engine):
         # wait until the engine has it: received, not queued
         wait_for_metric(slow_engine, 'lossd_requests_in_flight{method="Evaluate"}', lambda v: v >= 1)
         wait_for_metric(slow_engine, "lossd_received_bytes_total{method=\"Evaluate\"}", lambda v: v >= 6_400_000)
-        time.sleep(0.3)
+        wait_for_metric(slow_engine, "lossd_batches_computing", lambda v: v >= 1)
         future.cancel()
     after = wait_for_metric(slow_engine, "lossd_abandoned_evaluations_total", lambda v: v > before)
     assert after == before + 1, "the engine must stop between chunks once the caller went away"
@@ -499,9 +499,11 @@ def test_a_stream_whose_first_answer_is_not_read_in_time_ends_with_its_status(bu
     server, _ = budgeted
     msg = request_msg(np.ones((2048, 1), np.float32), np.ones((1, 2048), np.float32), loss=pb.KL_DIV, reduction=pb.NONE)  # 16 MiB answer
     message = pb.EvaluateBatch(requests=[msg]) if method == "EvaluatePacked" else msg
+    ended = f'lossd_requests_total{{code="DEADLINE_EXCEEDED",method="{method}"}}'
+    before = server.metrics().get(ended, 0.0)
     with grpc.insecure_channel(server.address, options=RAW) as channel:
         call = getattr(pb_grpc.LossServiceStub(channel), method)(iter([message]), timeout=60)
-        time.sleep(float(IDLE_S) + 3)  # read nothing for longer than the idle timeout
+        wait_for_metric(server, ended, lambda v: v > before)  # read nothing until the idle timeout ended the call
         with pytest.raises(grpc.RpcError) as raised:
             for _ in call:
                 pass
@@ -522,9 +524,11 @@ def test_a_stream_whose_client_stops_reading_is_paused_then_ended(budgeted):
             sent += 1
             yield msg
 
+    ended = 'lossd_requests_total{code="DEADLINE_EXCEEDED",method="EvaluateStream"}'
+    before = server.metrics().get(ended, 0.0)
     with grpc.insecure_channel(server.address, options=RAW) as channel:
         call = pb_grpc.LossServiceStub(channel).EvaluateStream(requests(), timeout=120)
-        time.sleep(float(IDLE_S) + 3)  # read nothing for longer than the idle timeout
+        wait_for_metric(server, ended, lambda v: v > before)  # read nothing until the idle timeout ended the call
         codes = []
         try:
             for _ in call:

@@ -580,7 +580,7 @@ def test_a_stopped_worker_is_killed_after_the_stall_timeout_and_replaced():
     new connections: calls on fresh channels hung until their deadline, health checks timed out,
     and the supervisor reported 2 ready workers for as long as it was stopped. Its event loop does
     not answer the supervisor's pings: after --worker-stall-timeout-s it is killed and replaced."""
-    proc = start_server(*FLAGS, "--worker-stall-timeout-s", "2", metrics=True)
+    proc = start_server(*FLAGS, "--worker-stall-timeout-s", "4", metrics=True)  # a starting worker gets 4x: 16 s
     stopped = None
     channels: dict = {}
     try:
