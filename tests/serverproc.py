@@ -27,7 +27,8 @@ def start_server(
 ) -> ServerProcess:
     """Run ``python -m lossd_server --host 127.0.0.1 --port 0 ...`` and wait until it is SERVING.
 
-    ``metrics=True`` serves /metrics on a port the OS picks (``.metrics_port``); a ``--port`` in
+    ``metrics=True`` serves /metrics on a port the OS picks (``.metrics_port``); ``--drain-s 0``
+    unless ``args`` or ``env`` set it (the stop then takes no second of its own); a ``--port`` in
     ``args`` replaces ``--port 0`` (to restart a server on the same port). ``program``: what
     python runs instead of ``-m lossd_server``; ``ready_when``: a log line that means ready
     instead of SERVING (no ``preexec_fn``: see :func:`lossd_server.spawn.spawn`).
@@ -39,6 +40,8 @@ def start_server(
         cmd += ["--metrics-port", "-1" if metrics else "0"]
     if TEST_DEVICE and not any(a.startswith("--device") for a in args):
         cmd += ["--device", TEST_DEVICE]
+    if not any(a.startswith("--drain-s") for a in args) and "LOSSD_DRAIN_S" not in (env or {}):
+        cmd += ["--drain-s", "0"]  # the default second of NOT_SERVING at every stop; tests of the drain set theirs
     cmd += list(args)
     return spawn(cmd, env=env, timeout_s=timeout_s, ready_when=ready_when)
 

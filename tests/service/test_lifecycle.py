@@ -277,11 +277,11 @@ def test_sighup_drains_like_sigterm(workers):
 
 def test_a_call_longer_than_the_connection_age_is_not_cut():
     """--max-connection-age-s ages connections out for rebalancing; the calls in progress then get
-    --max-connection-age-grace-s (600 s), not --grace-s (here 1 s): a call held 5 s on a connection
+    --max-connection-age-grace-s (600 s), not --grace-s (here 1 s): a call held 3.5 s on a connection
     aged at 1 s is answered (it used to end UNAVAILABLE "max connection age" at about 2 s)."""
     proc = start_server("--max-connection-age-s", "1", "--grace-s", "1")
     release = threading.Event()
-    timer = threading.Timer(5.0, release.set)
+    timer = threading.Timer(3.5, release.set)
     try:
         g = np.random.default_rng(4)
         req = LossRequest(g.standard_normal((256, 1024), dtype=np.float32), g.integers(0, 1024, 256), reduction="sum")

@@ -18,6 +18,7 @@ from lossd_client.errors import InvalidArgumentError
 from lossd_server import metrics as metrics_mod
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from rpc_outcomes import wait_for_metric
 from serverproc import HOG_FLAGS, EngineHog, start_server
 
 Samples = dict[tuple[str, frozenset], float]
@@ -348,8 +349,10 @@ def test_cancelled_and_timed_out_streams_are_never_counted_ok(mserver):
                     before = scrape(mserver.metrics_port)
                     for _ in range(calls):
                         if mode == "CANCELLED":
+                            in_flight = f'lossd_requests_in_flight{{method="{method}"}}'
+                            assert wait_for_metric(mserver, in_flight, lambda v: v == 0) == 0  # the previous call is over
                             call = rpc(silent(), timeout=30)
-                            time.sleep(0.2)
+                            assert wait_for_metric(mserver, in_flight, lambda v: v >= 1) >= 1  # its handler runs: cancel it
                             call.cancel()
                         else:
                             with pytest.raises(grpc.RpcError) as info:

@@ -613,13 +613,14 @@ def nothing_until(release: threading.Event) -> Iterator[pb.EvaluateRequest]:
     yield from ()
 
 
-@pytest.mark.parametrize("yield_s", ["0.5", "0"], ids=["idle-reads-give-way", "turned-off"])
-def test_calls_whose_clients_send_nothing_give_way_to_calls_in_line(yield_s):
+@pytest.mark.parametrize(("yield_s", "wait_s"), [("0.5", "6"), ("0", "2")], ids=["idle-reads-give-way", "turned-off"])
+def test_calls_whose_clients_send_nothing_give_way_to_calls_in_line(yield_s, wait_s):
     """Four calls whose clients send nothing (two EvaluateStream, two Evaluate) hold both read
     reservations the budget has and wait in line for more; a good call behind them is answered
-    once the idle ones give way (idle_read_yield_s 0.5 s). Turned off, it waits max_memory_wait_s
-    (6 s) and is refused: the idle calls would have held the server for stream_idle_timeout_s."""
-    server = two_reads_server(max_memory_wait_s="6", idle_read_yield_s=yield_s)
+    once the idle ones give way (idle_read_yield_s 0.5 s, well within max_memory_wait_s 6 s).
+    Turned off, it waits max_memory_wait_s (2 s) and is refused: the idle calls would have held the
+    server for stream_idle_timeout_s."""
+    server = two_reads_server(max_memory_wait_s=wait_s, idle_read_yield_s=yield_s)
     release = threading.Event()
     nothing = functools.partial(nothing_until, release)
     try:
