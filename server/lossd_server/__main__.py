@@ -95,5 +95,15 @@ def _main(argv: Sequence[str] | None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``lossd-server`` command: :func:`main`, then the process ends without the interpreter's
+    teardown (see :mod:`lossd_server.process_exit`). ``main`` stays a function that returns, for callers
+    in-process."""
+    code = main()
+    from .process_exit import exit_now
+
+    exit_now(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -40,6 +40,8 @@ def answer_lead_s(left_s: float) -> float:
     calls held at a stop on a loaded machine no time for the event loop's lateness and the answer's
     trip (the client's deadline also started before the server's copy of it)."""
     return max(ANSWER_BEFORE_DEADLINE_S, left_s / 4)
+
+
 #: What a read reserves, in the settings' words (ServerConfig.read_reservation_bytes).
 READ_RESERVATION = "twice gRPC's receive limit, which max_message_bytes sets"
 

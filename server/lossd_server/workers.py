@@ -684,7 +684,10 @@ def worker_main(index: int, config: ServerConfig, conn: Connection) -> None:
     from . import allocator
 
     allocator.tune()
-    sys.exit(asyncio.run(_serve_worker(index, config, conn)))
+    code = asyncio.run(_serve_worker(index, config, conn))
+    from .process_exit import exit_now
+
+    exit_now(code)
 
 
 async def _serve_worker(index: int, config: ServerConfig, conn: Connection) -> int:
