@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import NamedTuple
 
 from lossd_server.spawn import ServerProcess, spawn
 
@@ -15,9 +16,38 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int | str) -> float:
     """utime + stime of a process (all its threads) from /proc/PID/stat, in seconds (resolution 1/CLK_TCK)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": fields[0] is field 3 (state)
+    fields = _stat_fields(f"/proc/{pid}/stat")
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class ThreadUse(NamedTuple):
+    """What one thread has used: user-mode and kernel CPU seconds, minor page faults."""
+
+    user_s: float
+    system_s: float
+    minor_faults: int
+
+    def __sub__(self, earlier: ThreadUse) -> ThreadUse:  # type: ignore[override]
+        return ThreadUse(self.user_s - earlier.user_s, self.system_s - earlier.system_s, self.minor_faults - earlier.minor_faults)
+
+
+def thread_use(pid: int | str) -> dict[int, ThreadUse]:
+    """Each thread of a process (thread id: its use so far) from /proc/PID/task/TID/stat; the
+    main thread's id is the PID. A thread that ends while it is read is left out."""
+    use = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        use[int(tid)] = ThreadUse(int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS, int(fields[7]))
+    return use
+
+
+def _stat_fields(path: str) -> list[str]:
+    """The fields of a /proc stat file after "pid (comm)": [0] is field 3 (state), [7] minflt, [11] utime, [12] stime."""
+    with open(path) as f:
+        return f.read().rsplit(")", 1)[1].split()
 
 
 def free_port() -> int:
@@ -56,7 +86,20 @@ def _launch(name: str, cmd: list[str], metrics_port: int | None, timeout_s: floa
 def start_lossd(*flags: str, device: str = "cpu", name: str = "lossd") -> Server:
     """``python -m lossd_server`` on an OS-picked port, with /metrics on a free port."""
     mport = free_port()
-    cmd = [sys.executable, "-m", "lossd_server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(mport), "--device", device, *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lossd_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        str(mport),
+        "--device",
+        device,
+        *flags,
+    ]
     return _launch(name, cmd, mport)
 
 

@@ -1,6 +1,7 @@
 """Health checks sent back to back from a thread while a test does something else: when each was
 sent and answered, with what status, and (given the server's PID) how much CPU the server spent
-while it waited. The event loop answers health checks, so they show whether it was held."""
+while it waited, in all and by each of its threads. The event loop answers health checks, so they
+show whether it was held."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.servers import cpu_seconds  # noqa: E402
+from benchmarks.servers import ThreadUse, cpu_seconds, thread_use  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,14 @@ class HealthCheck:
     answered: float
     status: int
     server_cpu_s: float | None  # the server's CPU seconds while it waited (None: no PID given)
+    threads: dict[int, ThreadUse] | None = None  # what each server thread used meanwhile (thread id: use)
+
+    def busiest(self, what: str) -> tuple[int, float]:
+        """The server thread that used the most ``what`` (a :class:`ThreadUse` field) while this
+        check waited: (its id, that amount). The event loop, and a thread holding the GIL, are each
+        one thread; the process's CPU (``server_cpu_s``) also counts threads that run beside the loop
+        without the GIL (torch's, gRPC core's)."""
+        return max(((tid, getattr(use, what)) for tid, use in (self.threads or {}).items()), key=lambda item: item[1], default=(0, 0))
 
 
 class BackgroundHealthChecks:
@@ -40,10 +49,15 @@ class BackgroundHealthChecks:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            threads = None if self.pid is None else thread_use(self.pid)
             sent, cpu = time.monotonic(), None if self.pid is None else cpu_seconds(self.pid)
             status = self._check(health_pb2.HealthCheckRequest(), timeout=120).status
-            waited = None if cpu is None else cpu_seconds(self.pid) - cpu
-            self.checks.append(HealthCheck(sent, time.monotonic(), status, waited))
+            answered = time.monotonic()
+            waited = per_thread = None
+            if self.pid is not None:
+                waited, now = cpu_seconds(self.pid) - cpu, thread_use(self.pid)
+                per_thread = {tid: use - threads.get(tid, ThreadUse(0.0, 0.0, 0)) for tid, use in now.items()}
+            self.checks.append(HealthCheck(sent, answered, status, waited, per_thread))
             time.sleep(self.pause_s)
 
     def __enter__(self) -> BackgroundHealthChecks:
