@@ -82,6 +82,8 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         (waits for a result) blocks the loop; give such a source as an async iterable."""
         stream, connections = self._stream(window, pack, return_exceptions)
         deadline = deadline_of(self._timeout(timeout_s))
+        if core.needs_limit_before_streams(self._server_max):
+            await self._lookup(deadline, cached=True)
         calls = [c.streams[stream.method](timeout=remaining(deadline)) for c in connections]
         slots, inbox = asyncio.Semaphore(window), asyncio.Queue()
         write_task = asyncio.ensure_future(_write(calls, stream, requests, slots, _Alone(self, stream, deadline, inbox)))

@@ -102,6 +102,8 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         """
         stream, connections = self._stream(window, pack, return_exceptions)
         deadline, inbox = deadline_of(self._timeout(timeout_s)), queue.SimpleQueue()
+        if core.needs_limit_before_streams(self._server_max):
+            self._lookup(deadline, cached=True)
         feeder = _Feeder(iter(requests), stream, _Alone(self, stream, deadline, inbox))
         calls = [c.streams[stream.method](feeder.messages(), timeout=remaining(deadline)) for c in connections]
         feeder.start()

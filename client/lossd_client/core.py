@@ -618,6 +618,18 @@ def needs_server_limit(req: LossRequest, *, shared_memory: bool, server_max: int
     return size > SMALL_REQUEST_BYTES
 
 
+def needs_limit_before_streams(server_max: int | None) -> bool:
+    """Whether ``evaluate_many`` asks the server's message limit before it opens its streams:
+    whenever it is not known yet, whatever the items, since an item over SMALL_REQUEST_BYTES
+    needs it (:func:`needs_server_limit`) and the source has not been read. Asked once the
+    streams are open, it deadlocked: the server reserves a read's bytes of its memory budget for
+    each open stream's next message, and waits in line for the bytes of GetServerInfo's read like
+    any other; two new clients' ``evaluate_many`` on a budget of two reads each held one and
+    waited for the other, until both gave way (RESOURCE_EXHAUSTED, idle_read_yield_s later), and
+    64 clients in a soak waited 37.5 s on a budget of four."""
+    return server_max is None
+
+
 def inline_nbytes(req: LossRequest, shm_min_bytes: int) -> int:
     """Tensor bytes a shared-memory request still carries inline: input and target under
     ``shm_min_bytes`` (see SharedMemoryArena.place), and the class weights (never placed)."""

@@ -9,13 +9,17 @@ limit goes through EvaluateChunked by itself, as evaluate() sends it (the server
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
+import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lossd_client import AsyncLossClient, InvalidArgumentError, LossClient, LossRequest
+from lossd_server.config import ServerConfig
+from rpc_outcomes import wait_for_metric
 from serverproc import start_server
 
 ROUNDS = 5
@@ -184,3 +188,81 @@ def test_a_large_item_that_fails_fails_in_its_place(small_limit_server):
             for result in client.evaluate_many(mixed):
                 seen.append(result)
         check(seen, want[:1])
+
+
+#: Each read reserves this much of the server's memory budget (two messages of the receive limit).
+READ_BYTES = ServerConfig().read_reservation_bytes
+#: The smallest memory budget a server with the default --max-message-bytes takes: two reads.
+TWO_READS_BUDGET = 2 * READ_BYTES + 16 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def two_reads_server():
+    srv = start_server("--memory-budget-bytes", str(TWO_READS_BUDGET), "--idle-read-yield-s", "2", metrics=True)
+    yield srv
+    srv.stop()
+
+
+def over_512_bytes(i: int) -> tuple[LossRequest, torch.Tensor]:
+    """A request whose tensors are over the 512 bytes a client sends without asking the server's
+    message limit (GetServerInfo)."""
+    rng = np.random.default_rng(i)
+    x, t = torch.from_numpy(rng.standard_normal((8, 100)).astype(np.float32)), torch.from_numpy(rng.integers(0, 100, 8))
+    return LossRequest(x, t), F.cross_entropy(x, t)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("twin", ["sync", "async"])
+@pytest.mark.parametrize("clients,connections", [(2, 1), (1, 2)], ids=["two-clients", "one-client-two-connections"])
+def test_new_clients_streams_do_not_wait_for_their_own_server_info(two_reads_server, twin, clients, connections):
+    """Two streams, from clients that do not know the server's message limit yet, on a budget of
+    two reads, whose sources give their first item once both streams hold a read: each open stream
+    holds a read's reservation for its next message, so the GetServerInfo that the first item
+    (over 512 bytes) needs waited in line behind them, and they waited for it: both gave way
+    idle_read_yield_s later (RESOURCE_EXHAUSTED; 64 clients in the soak waited 37.5 s). The limit
+    is asked before the streams open; nothing gives way."""
+    items = [over_512_bytes(i) for i in range(3)]
+    yielded, server = "lossd_memory_reads_yielded_total", two_reads_server
+    before = server.metrics()[yielded]
+
+    def both_streams_open() -> None:
+        held = wait_for_metric(server, "lossd_memory_held_bytes", lambda v: v >= 2 * READ_BYTES)
+        assert held >= 2 * READ_BYTES, f"the two streams' reads hold {held} bytes, not two reads' {2 * READ_BYTES}"
+
+    if twin == "sync":
+        sources_started = threading.Barrier(clients)  # after the streams open: none ends meanwhile
+
+        def source():
+            sources_started.wait(60)
+            both_streams_open()
+            yield from (r for r, _ in items)
+
+        def run(client: LossClient) -> list:
+            with client:
+                return [r.loss for r in client.evaluate_many(source(), window=16)]
+
+        made = [LossClient(server.address, connections=connections, timeout_s=60) for _ in range(clients)]
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(run, made))
+    else:
+        sources_started = asyncio.Barrier(clients)
+
+        async def source():
+            await asyncio.wait_for(sources_started.wait(), 60)
+            await asyncio.to_thread(both_streams_open)
+            for r, _ in items:
+                yield r
+
+        async def run(client: AsyncLossClient) -> list:
+            async with client:
+                return [r.loss async for r in client.evaluate_many(source(), window=16)]
+
+        async def all_clients() -> list:
+            made = [AsyncLossClient(server.address, connections=connections, timeout_s=60) for _ in range(clients)]
+            return await asyncio.gather(*(run(client) for client in made))
+
+        results = asyncio.run(all_clients())
+    for losses in results:
+        for got, (_, want) in zip(losses, items, strict=True):
+            torch.testing.assert_close(got, want)
+    assert server.metrics()[yielded] == before
