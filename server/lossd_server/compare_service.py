@@ -127,7 +127,7 @@ class CompareRpcs:
     async def _compare_chunked(self, call: Call) -> pb.CompareResponse:
         first, header_held = await _first(call, "CompareChunk", "header", "CompareChunked received no messages")
         try:
-            assembler = self._open(call, _message(first), header_held)
+            assembler = await self._open(call, _message(first), header_held)
             parts = await self.servicer._stream_chunks(call, assembler, first, "CompareChunk")
             del first
             assembler.check_complete()
@@ -142,7 +142,7 @@ class CompareRpcs:
         finally:
             header_held.release()
 
-    def _open(self, call: Call, first: wire.WireCompareChunk, held: Reservation) -> CompareAssembler:
+    async def _open(self, call: Call, first: wire.WireCompareChunk, held: Reservation) -> CompareAssembler:
         """Validate the header into an assembler; reserve its target, what the plan holds and what
         the answer needs (the first message's rows, if any, stay counted in its reservation),
         which the call keeps while it reads its chunks (Call.hold: refused when it leaves no room
@@ -152,15 +152,15 @@ class CompareRpcs:
         id_bytes = service.check_id("header.id", first.header.id, self.config.max_id_bytes)
         decoding = convert.target_decode_nbytes(first.header.target, first.header.options.shift_targets)
         if decoding:
-            call.hold(held, held.nbytes + decoding, "decoding the header's class-index targets", "CompareChunk")
+            await call.hold(held, held.nbytes + decoding, "decoding the header's class-index targets", "CompareChunk")
         shm = codec.shm_nbytes({"header.target": first.header.target})
         if shm:
-            call.hold(held, held.nbytes + shm, "a shared-memory header target", "CompareChunk")
+            await call.hold(held, held.nbytes + shm, "a shared-memory header target", "CompareChunk")
         assembler = CompareAssembler(first.header, self.servicer.shm_reader, max_top_k=self.config.max_top_k)
         plan = assembler.plan
         answer = _answer_size(plan, self.config.max_send_message_bytes, id_bytes)
         extra = max(0, plan.plan_nbytes() - decoding) + plan.working_nbytes() + answers.ANSWER_COPIES * answer
-        call.hold(held, held.nbytes + extra, "the comparison header and its answer", "CompareChunk")
+        await call.hold(held, held.nbytes + extra, "the comparison header and its answer", "CompareChunk")
         return assembler
 
 

@@ -300,12 +300,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
         target, options = first.header.target, first.header.options
         decoding = convert.target_decode_nbytes(target, options.shift_targets, options.HasField("weight"))
         if decoding:  # as a unary request's (see _prepare), reserved before they are made
-            call.hold(header_held, header_held.nbytes + decoding, "decoding the header's class-index targets", "EvaluateChunk")
+            await call.hold(header_held, header_held.nbytes + decoding, "decoding the header's class-index targets", "EvaluateChunk")
         shm = codec.shm_nbytes(
             {"header.target": target, "header.options.weight": options.weight, "header.options.pos_weight": options.pos_weight}
         )
         if shm:  # reserved before they are copied
-            call.hold(header_held, header_held.nbytes + shm, "shared-memory header tensors", "EvaluateChunk")
+            await call.hold(header_held, header_held.nbytes + shm, "shared-memory header tensors", "EvaluateChunk")
         make = functools.partial(ChunkAssembler, first.header, self.shm_reader)
         off_loop = shm or decoding > self.config.inline_batch_bytes  # copying or converting many targets
         assembler = await header_held.run_in_thread(make) if off_loop else make()
@@ -313,7 +313,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         check_broadcast(plan, self.config.max_broadcast_elements)
         answer = check_answer_size(plan, self.config.max_send_message_bytes, id_bytes)
         extra = plan.working_nbytes() + ANSWER_COPIES * answer
-        call.hold(header_held, header_held.nbytes + extra, "the chunk header and its answer", "EvaluateChunk")
+        await call.hold(header_held, header_held.nbytes + extra, "the chunk header and its answer", "EvaluateChunk")
         return assembler
 
     async def _stream_chunks(

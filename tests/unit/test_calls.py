@@ -45,12 +45,12 @@ def test_a_call_that_would_keep_too_much_to_read_on_is_refused_at_once_naming_th
         call = a_call(budget, "a")
         header = budget.reserve_now(5, "a header message")
         with pytest.raises(BudgetExceeded) as refused:
-            call.hold(header, 71, "the chunk header and its answer", "EvaluateChunk")
+            await call.hold(header, 71, "the chunk header and its answer", "EvaluateChunk")
         text = str(refused.value)
         assert "needs 71 bytes" in text and f"EvaluateChunk message {READ} more" in text, text
         assert "memory_budget_bytes=100" in text and "max_message_bytes" in text, text
         assert header.nbytes == 5 and budget.held_bytes == 5  # nothing more held
-        call.hold(header, 70, "the chunk header and its answer", "EvaluateChunk")  # leaves one read
+        await call.hold(header, 70, "the chunk header and its answer", "EvaluateChunk")  # leaves one read
         reading = asyncio.ensure_future(call.read("EvaluateChunk"))
         await asyncio.sleep(0)
         assert budget.held_bytes == 100 and budget.waiting == 0  # its read was granted
@@ -58,6 +58,29 @@ def test_a_call_that_would_keep_too_much_to_read_on_is_refused_at_once_naming_th
         message, held = await asyncio.wait_for(reading, 5)
         assert message == "rows" and held.nbytes == 7 and budget.held_bytes == 77
         held.release()
+        header.release()
+        assert budget.held_bytes == 0
+
+    asyncio.run(main())
+
+
+def test_bytes_a_call_keeps_that_do_not_fit_now_wait_in_line_for_the_others_to_go():
+    """A chunked call's header and answer bytes that do not fit while other calls hold the budget,
+    but fit beside one read once they go: they wait in line, as a unary request's bytes do, and are
+    held once the others release theirs. They were refused at once (RESOURCE_EXHAUSTED): 8 clients'
+    chunked perplexity calls on a budget of three reads failed in 8 of 12 runs."""
+
+    async def main():
+        budget = MemoryBudget(100)
+        others = budget.reserve_now(50, "other calls' reads")
+        call = a_call(budget, "a")
+        header = budget.reserve_now(5, "a header message")
+        holding = asyncio.ensure_future(call.hold(header, 60, "the chunk header and its answer", "EvaluateChunk"))
+        await asyncio.sleep(0)
+        assert not holding.done() and budget.waiting == 1 and header.nbytes == 5
+        others.release()
+        await asyncio.wait_for(holding, 5)
+        assert header.nbytes == 60 and budget.held_bytes == 60 and budget.waiting == 0
         header.release()
         assert budget.held_bytes == 0
 
@@ -73,8 +96,8 @@ def test_calls_that_keep_bytes_and_wait_to_read_are_refused_one_by_one_not_left_
         budget = MemoryBudget(100)
         a, b = a_call(budget, "a"), a_call(budget, "b")
         kept_a, kept_b = budget.empty(), budget.empty()
-        a.hold(kept_a, 40, "a's header", "EvaluateChunk")
-        b.hold(kept_b, 40, "b's header", "EvaluateChunk")
+        await a.hold(kept_a, 40, "a's header", "EvaluateChunk")
+        await b.hold(kept_b, 40, "b's header", "EvaluateChunk")
         read_a = asyncio.ensure_future(a.read("EvaluateChunk"))
         await asyncio.sleep(0)
         assert not read_a.done() and budget.waiting == 1  # b's bytes are not in line: they may be released
