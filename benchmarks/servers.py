@@ -86,20 +86,7 @@ def _launch(name: str, cmd: list[str], metrics_port: int | None, timeout_s: floa
 def start_lossd(*flags: str, device: str = "cpu", name: str = "lossd") -> Server:
     """``python -m lossd_server`` on an OS-picked port, with /metrics on a free port."""
     mport = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "lossd_server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        str(mport),
-        "--device",
-        device,
-        *flags,
-    ]
+    cmd = [sys.executable, "-m", "lossd_server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(mport), "--device", device, *flags]
     return _launch(name, cmd, mport)
 
 
