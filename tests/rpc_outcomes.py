@@ -18,6 +18,15 @@ def outcome(future) -> str:
         return f"{err.code().name}: {err.details()}"
 
 
+def trailing_metadata(future) -> dict[str, str]:
+    """The trailing metadata of a gRPC call future that failed (empty for one that did not)."""
+    try:
+        future.result()
+        return {}
+    except grpc.RpcError as err:
+        return dict(err.trailing_metadata() or ())
+
+
 def wait_for_metric(server: ServerProcess, name: str, predicate: Callable[[float], bool], timeout_s: float = 30.0) -> float:
     """The metric's value once ``predicate`` holds for it (polled), or its last value after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

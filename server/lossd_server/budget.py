@@ -50,6 +50,17 @@ class BudgetExceeded(Exception):
     """A reservation the budget cannot hold; the message names the setting."""
 
 
+class GaveWay(BudgetExceeded):
+    """A call's read gave its reservation to calls in line (see :meth:`MemoryBudget._sweep_idle_readers`):
+    RESOURCE_EXHAUSTED with :data:`GAVE_WAY_KEY` in its trailing metadata, since its client may
+    send what it had not sent again on a new call (lossd's client does, for ``evaluate_many``)."""
+
+
+#: The trailing metadata key of a call that gave way (:class:`GaveWay`), so that a client tells it
+#: from the other RESOURCE_EXHAUSTED without reading the details; the value is the setting's name.
+GAVE_WAY_KEY = "lossd-gave-way"
+
+
 def limit_named(limit_bytes: int, share_of: tuple[int, int] | None = None) -> str:
     """How refusals name the budget: ``memory_budget_bytes=N``; or, for a worker of ``--workers N``
     (``share_of``: the configured budget and the number of workers), this worker's share of it with

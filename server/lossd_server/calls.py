@@ -26,7 +26,7 @@ import grpc
 
 from . import endings
 from .batcher import stop_if_over
-from .budget import BudgetExceeded, MemoryBudget, Reservation
+from .budget import BudgetExceeded, GaveWay, MemoryBudget, Reservation
 from .config import ServerConfig
 from .errors import StreamIdle, idle_message
 
@@ -301,7 +301,7 @@ class Call:
                     return await operation
             except TimeoutError:
                 if reading and self._gave_way is not None:
-                    raise BudgetExceeded(self._gave_way) from None
+                    raise GaveWay(self._gave_way) from None
                 raise StreamIdle(idle_message(doing, idle)) from None
         task = asyncio.ensure_future(operation)
         woken = asyncio.get_running_loop().create_future()
@@ -314,7 +314,7 @@ class Call:
                 if task in done:
                     return task.result()
                 if reading and self._gave_way is not None:
-                    raise BudgetExceeded(self._gave_way)
+                    raise GaveWay(self._gave_way)
                 if waiting_for_us():
                     self.last_activity = time.monotonic()
                 elif time.monotonic() - self.last_activity >= idle:

@@ -9,18 +9,23 @@ import grpc
 from . import codec, engine
 from .batch_engine import DeviceMemoryExhausted
 from .batcher import Abandoned, BatcherClosed, DeadlineExpired, DeadlinePassed, QueueFull
-from .budget import BudgetExceeded
+from .budget import GAVE_WAY_KEY, YIELD_SETTING, BudgetExceeded, GaveWay
 
 log = logging.getLogger("lossd.service")
 
 
-class RequestError(Exception):
-    """A request that must be answered with ``code``."""
+#: The trailing metadata of a call that gave way (see budget.GaveWay).
+GAVE_WAY_METADATA = ((GAVE_WAY_KEY, YIELD_SETTING),)
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+
+class RequestError(Exception):
+    """A request that must be answered with ``code`` (and ``trailing`` metadata)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.trailing = trailing
 
 
 class OversizedId(engine.InvalidInput):
@@ -43,7 +48,7 @@ def classify(exc: BaseException) -> RequestError | None:
     if isinstance(exc, (engine.InvalidInput, codec.TensorError)):
         return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, (QueueFull, BudgetExceeded, DeviceMemoryExhausted)):
-        return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), GAVE_WAY_METADATA if isinstance(exc, GaveWay) else ())
     if isinstance(exc, (DeadlineExpired, DeadlinePassed, StreamIdle)):
         return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline expired before compute")
     if isinstance(exc, BatcherClosed):

@@ -38,8 +38,7 @@ def handlers(service_names: Iterable[str], reads: Reads) -> grpc.GenericRpcHandl
                 try:
                     request = await read_message(call, "ServerReflectionRequest")
                 except NoRequest as refused:
-                    context.set_code(refused.code)
-                    context.set_details(refused.details)
+                    refused.answer(context)
                     return
                 if request is None:
                     return

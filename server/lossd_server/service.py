@@ -120,6 +120,8 @@ async def _answer_failure(call: Call, context: grpc.aio.ServicerContext, exc: Ex
     err = call_over(call, context, exc) or status_of(exc, what)
     context.set_code(err.code)
     context.set_details(err.message)
+    if err.trailing:
+        context.set_trailing_metadata(err.trailing)
 
 
 def _left_s(call: Call) -> float | None:

@@ -29,10 +29,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import wire
 from .budget import SETTING as BUDGET_SETTING
-from .budget import BudgetExceeded, MemoryBudget
+from .budget import BudgetExceeded, GaveWay, MemoryBudget
 from .calls import Call, Reads
 from .config import ServerConfig
-from .errors import StreamIdle
+from .errors import GAVE_WAY_METADATA, StreamIdle
 
 #: Largest health request this server parses: a service name is a few dozen bytes
 #: ("lossd.v1.LossService"); a 60 MB one held 455 MiB of the server's memory, outside its budget.
@@ -83,10 +83,18 @@ def health_reads(config: ServerConfig) -> Reads:
 class NoRequest(Exception):
     """The call's request message did not come: the status to answer it with."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.trailing = trailing
+
+    def answer(self, context: grpc.aio.ServicerContext) -> None:
+        """Set the call's status to this (with set_code, as lossd's errors are: no stored exception)."""
+        context.set_code(self.code)
+        context.set_details(self.details)
+        if self.trailing:
+            context.set_trailing_metadata(self.trailing)
 
 
 async def read_message(call: Call, what: str) -> Any:
@@ -97,7 +105,8 @@ async def read_message(call: Call, what: str) -> Any:
     except StreamIdle as idle:
         raise NoRequest(grpc.StatusCode.DEADLINE_EXCEEDED, str(idle)) from None
     except BudgetExceeded as refused:
-        raise NoRequest(grpc.StatusCode.RESOURCE_EXHAUSTED, str(refused)) from None
+        trailing = GAVE_WAY_METADATA if isinstance(refused, GaveWay) else ()
+        raise NoRequest(grpc.StatusCode.RESOURCE_EXHAUSTED, str(refused), trailing) from None
     if got is None:
         return None
     message, held = got
@@ -137,9 +146,8 @@ def reading(handler: grpc.RpcMethodHandler, what: str, reads: Reads, gate: StopG
             gate.note_start()
         try:
             request = await read_request(reads.call(context), what)
-        except NoRequest as missing:  # answered with set_code, as lossd's errors are (no stored exception)
-            context.set_code(missing.code)
-            context.set_details(missing.details)
+        except NoRequest as missing:
+            missing.answer(context)
             return None
         answer = await inner(request, context)
         if gate is not None and handler.unary_unary is not None:

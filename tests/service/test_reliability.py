@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lossd_client import LossClient, LossdError, LossRequest, core, tensors
 from lossd_client._proto.lossd.v1 import loss_pb2 as pb
 from lossd_client._proto.lossd.v1 import loss_pb2_grpc as pb_grpc
-from rpc_outcomes import outcome, wait_for_metric
+from rpc_outcomes import outcome, trailing_metadata, wait_for_metric
 from serverproc import HOG_FLAGS, EngineHog, ServerProcess, start_server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
@@ -652,6 +652,9 @@ def test_calls_whose_clients_send_nothing_give_way_to_calls_in_line(yield_s, wai
             release.set()
             idle_outcomes = [outcome(f) for f in idle]
         gave_way = [o for o in idle_outcomes if o.startswith("RESOURCE_EXHAUSTED") and f"idle_read_yield_s={yield_s}" in o]
+        # a call that gave way says so in its trailing metadata (a client may send its message again); no other call does
+        marked = [trailing_metadata(f).get("lossd-gave-way") == "idle_read_yield_s" for f in idle]
+        assert marked == [o in gave_way for o in idle_outcomes], (marked, idle_outcomes)
         yielded = server.metrics().get("lossd_memory_reads_yielded_total", 0)
         if yield_s == "0":
             assert good.startswith("RESOURCE_EXHAUSTED") and "max_memory_wait_s" in good, good
