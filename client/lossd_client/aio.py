@@ -9,7 +9,6 @@ answers come from :mod:`lossd_client.core`, the shared methods from
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from .base import ClientBase, Connection
 from .compare import CompareResult
 from .errors import LossdError, caller_fields, error_for, from_rpc_error
 from .flight import AGAIN, Flight, deadline_exceeded, deadline_of, remaining
+from .lanes import Lanes, connection_of, status_gave_way
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
 
 __all__ = ["AsyncLossClient"]
@@ -77,19 +77,26 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         return_exceptions: bool = False,
     ) -> AsyncIterator[EvaluateResult | LossdError]:
         """Async twin of :meth:`LossClient.evaluate_many` (the requests may also be an async iterable);
-        with ``connections=k`` its messages go to one stream per connection in turn. The source is
-        read by a task on the event loop: a sync iterable's ``next()`` runs there, so one that blocks
-        (waits for a result) blocks the loop; give such a source as an async iterable."""
+        with ``connections=k`` each message goes to the open stream (one per connection) that carries
+        the fewest requests unanswered. The source is read by a task on the event loop: a sync
+        iterable's ``next()`` runs there, so one that blocks (waits for a result) blocks the loop;
+        give such a source as an async iterable."""
         stream, connections = self._stream(window, pack, return_exceptions)
         deadline = deadline_of(self._timeout(timeout_s))
         if core.needs_limit_before_streams(self._server_max):
             await self._lookup(deadline, cached=True)
-        calls = [c.streams[stream.method](timeout=remaining(deadline)) for c in connections]
-        slots, inbox = asyncio.Semaphore(window), asyncio.Queue()
-        write_task = asyncio.ensure_future(_write(calls, stream, requests, slots, _Alone(self, stream, deadline, inbox)))
+        lanes, inbox = Lanes(len(connections)), asyncio.Queue()
+        streams = _Streams(connections, stream.method, lanes, inbox, deadline)
+        for lane in range(len(connections)):
+            streams.open(lane)
+        slots = asyncio.Semaphore(window)
+        write_task = asyncio.ensure_future(_write(streams, stream, requests, slots, _Alone(self, stream, deadline, inbox)))
         try:
-            async for message in _merged(calls, inbox):
+            async for message in streams.responses():
                 answers = stream.answers(message)
+                if answers:
+                    lanes.answered(answers)
+                    streams.changed.set()  # the writer waits for every answer before it ends
                 for _ in answers:
                     slots.release()
                 for result in stream.ready(answers):
@@ -105,8 +112,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
             raise failure from exc
         finally:
             write_task.cancel()
-            for call in calls:
-                call.cancel()
+            streams.cancel()
 
     async def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         """The server's versions, device and limits (GetServerInfo); a call made while another
@@ -389,28 +395,74 @@ async def _header_verdict(
     return exc
 
 
-async def _merged(calls: Sequence[Any], inbox: asyncio.Queue) -> AsyncIterator[Any]:
-    """The responses of the response-streaming calls as they come, read into ``inbox`` by a task
-    per call (the writer puts :data:`core.SETTLED` there too, so that an answer the client made
-    itself wakes the reader); a call's error is raised here."""
+class _Streams:
+    """The calls of an async ``evaluate_many``, one per stream (lane), each read by a task of its
+    own into the inbox; the writer opens a new stream only when requests wait and no stream is
+    open to take them (see :mod:`lossd_client.lanes`)."""
 
-    async def read(call: Any) -> None:
+    def __init__(self, connections: Sequence[Any], method: str, lanes: Lanes, inbox: asyncio.Queue, deadline: float | None) -> None:
+        self.lanes = lanes
+        self.calls: dict[int, Any] = {}
+        #: Set when the writer may have something to do: a request queued or put back, the source's end, answers.
+        self.changed = asyncio.Event()
+        self._connections = connections
+        self._method = method
+        self._inbox = inbox
+        self._deadline = deadline
+        self._readers: list[asyncio.Future] = []
+
+    def open(self, lane: int) -> None:
+        call = connection_of(lane, self._connections).streams[self._method](timeout=remaining(self._deadline))
+        self.calls[lane] = call
+        self._readers.append(asyncio.ensure_future(self._read(call, lane)))
+
+    async def _read(self, call: Any, lane: int) -> None:
+        inbox = self._inbox
         try:
             async for message in call:
                 inbox.put_nowait(core.Merge.message(message))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            inbox.put_nowait(core.Merge.failed(exc))
-        inbox.put_nowait(core.Merge.END)
+            inbox.put_nowait(core.Merge.failed(exc, lane))
+        inbox.put_nowait(core.Merge.end(lane))
 
-    readers = [asyncio.ensure_future(read(call)) for call in calls]
-    merge = core.Merge(len(calls))
-    try:
-        while merge.open:
-            if (message := merge.take(await inbox.get())) is not None:
-                yield message
-    finally:
-        for reader in readers:
-            reader.cancel()
+    def put(self, request: core.Encoded) -> None:
+        self.lanes.put(request)
+        self.changed.set()
+
+    def end(self) -> None:
+        """The source has ended."""
+        self.lanes.end()
+        self.changed.set()
+        self._inbox.put_nowait(core.Merge.WAKE)
+
+    async def write(self, lane: int, message: bytes) -> None:
+        """Send ``message`` on stream ``lane``. A stream that gave way meanwhile takes no more: its
+        reader hands what it carried back to the queue (the message included)."""
+        call = self.calls[lane]
+        try:
+            await call.write(message)
+        except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.InternalError):
+            if not call.done() or not status_gave_way(await call.code(), await call.trailing_metadata()):
+                raise
+            self.lanes.close(lane)
+
+    async def responses(self) -> AsyncIterator[Any]:
+        """The responses of every stream as they come, until nothing is left to send or to wait
+        for; a stream's error is raised here (a give-way only past MAX_RESENDS)."""
+        merge, lanes = core.Merge(self.lanes), self.lanes
+        try:
+            while not lanes.done:
+                if (message := merge.take(await self._inbox.get())) is not None:
+                    yield message
+                else:
+                    self.changed.set()  # a stream ended or gave way: what it carried may wait to go again
+        finally:
+            for reader in self._readers:
+                reader.cancel()
+
+    def cancel(self) -> None:
+        for call in self.calls.values():
+            call.cancel()
 
 
 class _Alone:
@@ -460,28 +512,38 @@ async def _items(requests: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[
 
 
 async def _write(
-    calls: Sequence[Any], stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore, alone: _Alone
+    streams: _Streams, stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore, alone: _Alone
 ) -> None:
     """The request side of ``evaluate_many``: a producer task takes an item while a window slot is
-    free and queues its request (:func:`_produce`); a message goes out, to the streams in turn, as
-    soon as one request is queued, packed with the others queued by then (never waiting on the
-    source for more). A sync iterable is consumed on the event loop, so its items are queued
-    together while slots are free and fill the packs. A failing item or source ends the writing
-    (the stream raises it after the answers before it); anything else cancels the calls."""
-    queued = _Queued()
-    producer = asyncio.ensure_future(_produce(stream, requests, slots, queued, alone))
-    sent = 0
+    free and queues its request (:func:`_produce`); a message goes out as soon as one request is
+    queued, packed with the others queued by then (never waiting on the source for more), on the
+    open stream that carries the fewest requests unanswered. A sync iterable is consumed on the
+    event loop, so its items are queued together while slots are free and fill the packs. Each
+    stream is half-closed once the source has ended and nothing is queued; the writer ends when
+    every request is answered (a stream that gave way may hand requests back to send again). A
+    failing item or source ends the writing (the stream raises it after the answers before it);
+    anything else cancels the calls."""
+    lanes, changed = streams.lanes, streams.changed
+    producer = asyncio.ensure_future(_produce(stream, requests, slots, streams, alone))
     try:
-        while batch := await queued.batch(stream):
-            await calls[sent % len(calls)].write(stream.message(batch))
-            sent += 1
+        while True:
+            lane = lanes.least_loaded()
+            if lane is None and (lane := lanes.wanted()) is not None:
+                streams.open(lane)
+            batch = None if lane is None else lanes.take(lane, stream.full)
+            if batch:
+                await streams.write(lane, stream.message(batch))  # type: ignore[arg-type]
+            elif batch is not None:  # the source has ended and nothing is queued
+                await _half_close(streams.calls[lane])  # type: ignore[index]
+            elif lanes.source_ended and not lanes.queued and not lanes.carrying:
+                break
+            else:
+                changed.clear()
+                await changed.wait()
         await producer
-        for call in calls:
-            await _half_close(call)
     except BaseException:
         producer.cancel()
-        for call in calls:
-            call.cancel()  # the reader must not wait for answers that will never come
+        streams.cancel()  # the reader must not wait for answers that will never come
         raise
 
 
@@ -495,36 +557,10 @@ async def _half_close(call: Any) -> None:
         pass
 
 
-class _Queued:
-    """The requests the producer queued for the writer, then _END (a deque, and an event that
-    wakes the writer: cheaper per request than an asyncio.Queue)."""
-
-    def __init__(self) -> None:
-        self._items: collections.deque = collections.deque()
-        self._put = asyncio.Event()
-
-    def put(self, msg: Any) -> None:
-        self._items.append(msg)
-        self._put.set()
-
-    async def batch(self, stream: core.Stream) -> list[core.Encoded]:
-        """The first queued request (waited for) and those queued behind it, up to a full message; [] at the end."""
-        items = self._items
-        while not items:
-            self._put.clear()
-            await self._put.wait()
-        batch: list[core.Encoded] = []
-        while items and items[0] is not _END:
-            batch.append(items.popleft())
-            if stream.full(batch):
-                break
-        return batch
-
-
 async def _produce(
-    stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore, queued: _Queued, alone: _Alone
+    stream: core.Stream, requests: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore, streams: _Streams, alone: _Alone
 ) -> None:
-    """Queue each item's request once it holds a window slot, then _END (source ended or failed)."""
+    """Queue each item's request once it holds a window slot, then the end (source ended or failed)."""
     source = _items(requests)
     try:
         while True:
@@ -532,9 +568,9 @@ async def _produce(
             msg = await _take(source, stream, alone)
             if msg is None:
                 return
-            queued.put(msg)
+            streams.put(msg)
     finally:
-        queued.put(_END)
+        streams.end()
 
 
 async def _take(source: AsyncIterator[Any], stream: core.Stream, alone: _Alone) -> core.Encoded | None:

@@ -24,6 +24,7 @@ from .channel import normalise_target, service_config
 from .compare import CompareResult
 from .errors import LossdError, caller_fields, rpc_errors
 from .flight import AGAIN, Flight, deadline_exceeded, deadline_of, remaining
+from .lanes import Lanes, connection_of
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, ServerInfo
 
 __all__ = ["AsyncLossClient", "LossClient", "normalise_target", "service_config"]
@@ -98,27 +99,33 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         is read by a thread of the client's. An item larger than the server's message limit is
         sent alone as ``evaluate()`` sends it (EvaluateChunked), in its place in the order. With
         ``connections=k`` the window is spread over one stream per connection (each message goes
-        to whichever stream asks for the next one).
+        to whichever stream asks for the next one). A stream the server ends because it gave its
+        read reservation to calls waiting for memory (its client sent nothing for the server's
+        ``idle_read_yield_s``) does not fail the call: what it carried unanswered is sent again,
+        on a new stream if none is left (see :mod:`lossd_client.lanes`).
         """
         stream, connections = self._stream(window, pack, return_exceptions)
         deadline, inbox = deadline_of(self._timeout(timeout_s)), queue.SimpleQueue()
         if core.needs_limit_before_streams(self._server_max):
             self._lookup(deadline, cached=True)
-        feeder = _Feeder(iter(requests), stream, _Alone(self, stream, deadline, inbox))
-        calls = [c.streams[stream.method](feeder.messages(), timeout=remaining(deadline)) for c in connections]
+        outbox = _Outbox(Lanes(len(connections)), inbox)
+        feeder = _Feeder(iter(requests), stream, _Alone(self, stream, deadline, inbox), outbox)
+        streams = _Streams(connections, stream.method, feeder, outbox, deadline, inbox)
+        for lane in range(len(connections)):
+            streams.open(lane)
         feeder.start()
         try:
             with rpc_errors():
-                for message in _merged(calls, inbox):
+                for message in streams.responses():
                     answers = stream.answers(message)
+                    outbox.answered(answers)
                     feeder.release(len(answers))
                     yield from stream.ready(answers)
             yield from stream.ready()
             stream.finish()
         finally:
             feeder.stop()
-            for call in calls:
-                call.cancel()
+            streams.cancel()
 
     def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         """The server's versions, device and limits (GetServerInfo); a call made while another
@@ -198,25 +205,120 @@ def _chunked(connections: Sequence[Connection], streams: Sequence[Iterator[bytes
             f.cancel()  # the others, when one failed
 
 
-def _merged(calls: Sequence[Any], inbox: queue.SimpleQueue) -> Iterator[Any]:
-    """The responses of the response-streaming calls as they come, read into ``inbox`` by a thread
-    per call (the feeder puts :data:`core.SETTLED` there too, so that an answer the client made
-    itself wakes the reader); a call's error is raised here."""
+class _Streams:
+    """The calls of a blocking ``evaluate_many``, one per stream (lane), each read by a thread of
+    its own into the inbox; a stream that gave way is replaced only when requests wait for one
+    (see :mod:`lossd_client.lanes`)."""
 
-    def read(call: Any) -> None:
-        try:
-            for message in call:
-                inbox.put(core.Merge.message(message))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            inbox.put(core.Merge.failed(exc))
-        inbox.put(core.Merge.END)
+    def __init__(
+        self,
+        connections: Sequence[Connection],
+        method: str,
+        feeder: _Feeder,
+        outbox: _Outbox,
+        deadline: float | None,
+        inbox: queue.SimpleQueue,
+    ) -> None:
+        self._connections = connections
+        self._method = method
+        self._feeder = feeder
+        self._outbox = outbox
+        self._deadline = deadline
+        self._inbox = inbox
+        self._calls: list[Any] = []
 
-    for call in calls:
-        threading.Thread(target=read, args=(call,), daemon=True, name="lossd-evaluate-many").start()
-    merge = core.Merge(len(calls))
-    while merge.open:
-        if (message := merge.take(inbox.get())) is not None:
-            yield message
+    def open(self, lane: int) -> None:
+        """Open stream ``lane``: its requests are the feeder's messages for it."""
+        rpc = connection_of(lane, self._connections).streams[self._method]
+        call = rpc(self._feeder.messages(lane), timeout=remaining(self._deadline))
+        self._calls.append(call)
+        threading.Thread(target=_read, args=(call, lane, self._inbox), daemon=True, name="lossd-evaluate-many").start()
+
+    def responses(self) -> Iterator[Any]:
+        """The responses of every stream as they come, until nothing is left to send or to wait
+        for; a stream's error is raised here (a give-way only past MAX_RESENDS)."""
+        outbox = self._outbox
+        while not outbox.done():
+            response, lane = outbox.settle(self._inbox.get())
+            if response is not None:
+                yield response
+            elif lane is not None:
+                self.open(lane)
+
+    def cancel(self) -> None:
+        for call in self._calls:
+            call.cancel()
+
+
+def _read(call: Any, lane: int, inbox: queue.SimpleQueue) -> None:
+    """A stream's reader thread: its responses, its failure and its end, into ``inbox``."""
+    try:
+        for message in call:
+            inbox.put(core.Merge.message(message))
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        inbox.put(core.Merge.failed(exc, lane))
+    inbox.put(core.Merge.end(lane))
+
+
+class _Outbox:
+    """The requests queued for a blocking ``evaluate_many``'s streams: :class:`~lossd_client.lanes.Lanes`
+    under one lock, shared by the producer thread (:meth:`put`), each stream's request iterator
+    (:meth:`batch`, on a gRPC thread) and the consumer (:meth:`settle`, :meth:`answered`)."""
+
+    def __init__(self, lanes: Lanes, inbox: queue.SimpleQueue) -> None:
+        self._lanes = lanes
+        self._merge = core.Merge(lanes)
+        self._inbox = inbox
+        self._ready = threading.Condition()
+        self._stopped = False
+
+    def put(self, request: core.Encoded) -> None:
+        with self._ready:
+            ask = self._lanes.put(request)
+            self._ready.notify()
+        if ask:
+            self._inbox.put(core.Merge.LANE)
+
+    def end(self) -> None:
+        """The source has ended: each stream half-closes once nothing is queued."""
+        with self._ready:
+            self._lanes.end()
+            self._ready.notify_all()
+        self._inbox.put(core.Merge.WAKE)
+
+    def stop(self) -> None:
+        """The consumer is gone: every stream's iterator ends."""
+        with self._ready:
+            self._stopped = True
+            self._ready.notify_all()
+
+    def batch(self, lane: int, full: Callable[[list], bool]) -> list[core.Encoded]:
+        """Stream ``lane``'s next message's requests (waited for); [] when the stream is to end."""
+        with self._ready:
+            while not self._stopped:
+                batch = self._lanes.take(lane, full)
+                if batch is not None:
+                    return batch
+                self._ready.wait()
+            return []
+
+    def answered(self, responses: Sequence[pb.EvaluateResponse]) -> None:
+        if responses:
+            with self._ready:
+                self._lanes.answered(responses)
+
+    def settle(self, item: tuple[str, Any]) -> tuple[Any | None, int | None]:
+        """An inbox item: (the response it carries, None), or (None, a stream to open now or None)."""
+        with self._ready:
+            response = self._merge.take(item)
+            if response is not None:
+                return response, None
+            self._ready.notify_all()  # a closed stream's iterator ends; requests put back are taken
+            return None, self._lanes.wanted()
+
+    def done(self) -> bool:
+        with self._ready:
+            return self._lanes.done
 
 
 class _Alone:
@@ -259,50 +361,36 @@ class _Feeder:
     requests go out one by one and a fast one's fill the packs (the producer queues them while
     the previous message is being sent)."""
 
-    def __init__(self, source: Iterator[Any], stream: core.Stream, alone: _Alone) -> None:
+    def __init__(self, source: Iterator[Any], stream: core.Stream, alone: _Alone, outbox: _Outbox) -> None:
         self._source = source
         self._stream = stream
         self._alone = alone
+        self._outbox = outbox
         self._slots = threading.Semaphore(stream.window)
         self._stopped = threading.Event()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._producer = threading.Thread(target=self._produce, daemon=True, name="lossd-evaluate-many-source")
 
     def start(self) -> None:
         """Start taking items from the source."""
         self._producer.start()
 
-    def messages(self) -> Iterator[bytes]:
-        """The stream's messages; ends with the source, when stopped, or after a failure."""
-        while batch := self._batch():
+    def messages(self, lane: int) -> Iterator[bytes]:
+        """Stream ``lane``'s messages; ends with the source, when stopped, after a failure, or
+        once the stream gave way."""
+        while batch := self._outbox.batch(lane, self._stream.full):
             yield self._stream.message(batch)
 
-    def _batch(self) -> list[core.Encoded]:
-        """The first queued request (waited for) and those queued behind it, up to a full message."""
-        batch: list[core.Encoded] = []
-        msg = self._queue.get()
-        while msg is not _END and not self._stopped.is_set():
-            batch.append(msg)
-            if self._stream.full(batch):
-                return batch
-            try:
-                msg = self._queue.get_nowait()
-            except queue.Empty:
-                return batch
-        self._queue.put(_END)  # for the other streams' iterators
-        return [] if self._stopped.is_set() else batch
-
     def _produce(self) -> None:
-        """The producer thread: queue requests while slots are free, then _END (source ended,
+        """The producer thread: queue requests while slots are free, then the end (source ended,
         failed, or stopped)."""
         try:
             while self._slot():
                 msg = self._take()
                 if msg is None:
                     break
-                self._queue.put(msg)
+                self._outbox.put(msg)
         finally:
-            self._queue.put(_END)
+            self._outbox.end()
 
     def _take(self) -> core.Encoded | None:
         """The next item's request, numbered; None at the end of the source, after a failure or when
@@ -341,7 +429,7 @@ class _Feeder:
         """The reader is gone: take no more items, end the request iterators and the producer."""
         self._stopped.set()
         self._slots.release()  # wakes the producer if it waits for a slot
-        self._queue.put(_END)
+        self._outbox.stop()
 
 
 _END = object()

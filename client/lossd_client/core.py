@@ -29,6 +29,7 @@ import numpy as np
 from . import answers, layout, protowire, split, tensors
 from ._proto.lossd.v1 import loss_pb2 as pb
 from .errors import InternalError, InvalidArgumentError, LossdError, shown
+from .lanes import Lanes, gave_way
 from .shm import SegmentPool, SharedMemoryArena
 from .types import EvaluateResult, LoglikelihoodResult, LossRequest, PerplexityResult, SequenceStats, ServerInfo
 
@@ -288,6 +289,7 @@ class Encoded:
     parts: list[Any]
     nbytes: int
     as_torch: bool
+    id: str = ""
 
     def framed(self, number: int) -> list[Any]:
         """The pieces as a length-delimited field ``number`` of an enclosing message."""
@@ -312,7 +314,7 @@ def encode(req: LossRequest) -> Encoded:
         head = pb.Tensor(dtype=wire, shape=shape).SerializeToString()
         data_key = protowire.key(3, len(data)) if len(data) else b""
         parts += [protowire.key(number, len(head) + len(data_key) + len(data)) + head + data_key, data]
-    return Encoded(parts, sum(len(p) for p in parts), tensors.is_torch_tensor(req.input))
+    return Encoded(parts, sum(len(p) for p in parts), tensors.is_torch_tensor(req.input), req.id)
 
 
 def chunk_layout(msg: pb.EvaluateRequest) -> tuple[int, int, bool]:
@@ -933,17 +935,19 @@ def stream_count(window: int, pack: int | None, connections: int) -> int:
 
 
 class Merge:
-    """The answers of several response streams read into one inbox, without the I/O.
+    """The answers of an ``evaluate_many``'s streams read into one inbox, without the I/O.
 
-    Each stream's reader puts :meth:`message` for every response, :meth:`failed` if the stream
-    fails and :data:`END` once it ends; the consumer hands every item it takes to :meth:`take`
-    while :attr:`open` streams are left.
+    Each stream's reader puts :meth:`message` for every response, :meth:`failed` if its call
+    fails and :meth:`end` once it is over; the client puts :data:`LANE` when a new stream must be
+    opened (see :class:`~lossd_client.lanes.Lanes`) and :data:`WAKE` when the source has ended.
+    The consumer hands every item it takes to :meth:`take` until ``lanes.done``.
     """
 
-    END = ("end", None)
+    LANE = ("lane", None)
+    WAKE = ("wake", None)
 
-    def __init__(self, streams: int) -> None:
-        self.open = streams
+    def __init__(self, lanes: Lanes) -> None:
+        self.lanes = lanes
 
     @staticmethod
     def message(response: Any) -> tuple[str, Any]:
@@ -951,19 +955,30 @@ class Merge:
         return ("message", response)
 
     @staticmethod
-    def failed(exc: BaseException) -> tuple[str, Any]:
-        """The item a reader puts when its stream fails."""
-        return ("failed", exc)
+    def failed(exc: BaseException, lane: int) -> tuple[str, Any]:
+        """The item a reader puts when stream ``lane``'s call fails."""
+        return ("failed", (exc, lane))
+
+    @staticmethod
+    def end(lane: int) -> tuple[str, Any]:
+        """The item a reader puts when stream ``lane``'s call is over."""
+        return ("end", lane)
 
     def take(self, item: tuple[str, Any]) -> Any | None:
-        """The response an item carries (None for the end of a stream); raises a stream's error."""
+        """The response an item carries; None for the others (a stream that ended, or gave way:
+        what it carried unanswered is queued again). Raises a stream's error, or a give-way past
+        :data:`~lossd_client.lanes.MAX_RESENDS`."""
         kind, value = item
+        if kind == "message":
+            return value
         if kind == "failed":
-            raise value
-        if kind == "end":
-            self.open -= 1
-            return None
-        return value
+            exc, lane = value
+            if not gave_way(exc):
+                raise exc
+            self.lanes.gave_way(lane, exc)
+        elif kind == "end":
+            self.lanes.ended(value)
+        return None
 
 
 def _without_tracebacks(exc: BaseException) -> BaseException:

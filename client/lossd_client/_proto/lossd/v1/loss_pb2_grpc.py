@@ -83,6 +83,11 @@ class LossServiceServicer:
 
     def EvaluateStream(self, request_iterator, context):
         """Many evaluations over one stream; answers may come out of order and are matched by id.
+        A stream (any call) whose client completed no message for --idle-read-yield-s while other
+        calls waited in line for server memory gives its read reservation to them: it ends
+        RESOURCE_EXHAUSTED with the trailing metadata "lossd-gave-way: idle_read_yield_s". Evaluation
+        has no side effects, so the client may send the items it has no answer to again on a new
+        stream (LossClient.evaluate_many does, at most three times per item).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
