@@ -90,7 +90,7 @@ class AsyncLossClient(ClientBase[Awaitable[Any], Awaitable[PerplexityResult], Aw
         for lane in range(len(connections)):
             streams.open(lane)
         slots = asyncio.Semaphore(window)
-        write_task = asyncio.ensure_future(_write(streams, stream, requests, slots, _Alone(self, stream, deadline, inbox)))
+        write_task = asyncio.ensure_future(_write(streams, stream, requests, slots, _Alone(self, stream, deadline, inbox, streams)))
         try:
             async for message in streams.responses():
                 answers = stream.answers(message)
@@ -435,6 +435,15 @@ class _Streams:
         self.changed.set()
         self._inbox.put_nowait(core.Merge.WAKE)
 
+    def pause(self, paused: bool) -> None:
+        """:meth:`~lossd_client.lanes.Lanes.pause` (True: the writer half-closes each stream once
+        nothing is queued) or resume (False)."""
+        if paused:
+            self.lanes.pause()
+            self.changed.set()
+        else:
+            self.lanes.resume()
+
     async def write(self, lane: int, message: bytes) -> None:
         """Send ``message`` on stream ``lane``. A stream that gave way meanwhile takes no more: its
         reader hands what it carried back to the queue (the message included)."""
@@ -469,11 +478,14 @@ class _Alone:
     """What evaluate_many does with an item too large for one message: routes it as ``evaluate()``
     does (EvaluateChunked), awaited by the producer, and settles its answer in the stream."""
 
-    def __init__(self, client: AsyncLossClient, stream: core.Stream, deadline: float | None, inbox: asyncio.Queue) -> None:
+    def __init__(
+        self, client: AsyncLossClient, stream: core.Stream, deadline: float | None, inbox: asyncio.Queue, streams: _Streams
+    ) -> None:
         self._client = client
         self._stream = stream
         self._deadline = deadline  # evaluate_many's, shared by its items
         self._inbox = inbox
+        self._streams = streams
 
     @property
     def server_max(self) -> int | None:
@@ -489,11 +501,15 @@ class _Alone:
         await self._client._lookup(self._deadline, cached=True)
 
     async def evaluate(self, req: LossRequest) -> None:
-        """Evaluate ``req`` alone; its answer (or its LossdError) is settled in the stream."""
+        """Evaluate ``req`` alone, this call's streams half-closed meanwhile (Lanes.pause); its
+        answer (or its LossdError) is settled in the stream."""
+        self._streams.pause(True)
         try:
             answer: EvaluateResult | LossdError = await self._client._evaluate(req, self._deadline)
         except LossdError as exc:
             answer = exc
+        finally:
+            self._streams.pause(False)
         self._stream.settle(req.id, answer)
         self.settled()
 
@@ -533,7 +549,7 @@ async def _write(
             batch = None if lane is None else lanes.take(lane, stream.full)
             if batch:
                 await streams.write(lane, stream.message(batch))  # type: ignore[arg-type]
-            elif batch is not None:  # the source has ended and nothing is queued
+            elif batch is not None:  # nothing is queued, and the source has ended or the call is paused
                 await _half_close(streams.calls[lane])  # type: ignore[index]
             elif lanes.source_ended and not lanes.queued and not lanes.carrying:
                 break

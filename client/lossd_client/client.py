@@ -109,7 +109,7 @@ class LossClient(ClientBase[Any, PerplexityResult, LoglikelihoodResult, CompareR
         if core.needs_limit_before_streams(self._server_max):
             self._lookup(deadline, cached=True)
         outbox = _Outbox(Lanes(len(connections)), inbox)
-        feeder = _Feeder(iter(requests), stream, _Alone(self, stream, deadline, inbox), outbox)
+        feeder = _Feeder(iter(requests), stream, _Alone(self, stream, deadline, inbox, outbox), outbox)
         streams = _Streams(connections, stream.method, feeder, outbox, deadline, inbox)
         for lane in range(len(connections)):
             streams.open(lane)
@@ -286,6 +286,15 @@ class _Outbox:
             self._ready.notify_all()
         self._inbox.put(core.Merge.WAKE)
 
+    def pause(self, paused: bool) -> None:
+        """:meth:`~lossd_client.lanes.Lanes.pause` (True) or resume (False)."""
+        with self._ready:
+            if paused:
+                self._lanes.pause()
+                self._ready.notify_all()
+            else:
+                self._lanes.resume()
+
     def stop(self) -> None:
         """The consumer is gone: every stream's iterator ends."""
         with self._ready:
@@ -325,11 +334,12 @@ class _Alone:
     """What evaluate_many does with an item too large for one message: routes it as ``evaluate()``
     does (EvaluateChunked), in the feeder's thread, and settles its answer in the stream."""
 
-    def __init__(self, client: LossClient, stream: core.Stream, deadline: float | None, inbox: queue.SimpleQueue) -> None:
+    def __init__(self, client: LossClient, stream: core.Stream, deadline: float | None, inbox: queue.SimpleQueue, outbox: _Outbox) -> None:
         self._client = client
         self._stream = stream
         self._deadline = deadline  # evaluate_many's, shared by its items
         self._inbox = inbox
+        self._outbox = outbox
 
     def limit(self, req: LossRequest) -> int | None:
         """The server's message limit when ``req`` is too large to go without it (asked once per client)."""
@@ -339,11 +349,15 @@ class _Alone:
         return client._server_max
 
     def evaluate(self, req: LossRequest) -> None:
-        """Evaluate ``req`` alone; its answer (or its LossdError) is settled in the stream."""
+        """Evaluate ``req`` alone, this call's streams half-closed meanwhile (Lanes.pause); its
+        answer (or its LossdError) is settled in the stream."""
+        self._outbox.pause(True)
         try:
             answer: EvaluateResult | LossdError = self._client._evaluate(req, self._deadline)
         except LossdError as exc:
             answer = exc
+        finally:
+            self._outbox.pause(False)
         self._stream.settle(req.id, answer)
         self.settled()
 

@@ -66,6 +66,7 @@ class Lanes:
         self._resent: dict[str, int] = {}
         self._made = streams  # the next stream's number
         self._asked = False  # a new stream was asked for and not yet opened
+        self._paused = False  # streams end once the queue is empty, as at the source's end (see pause())
 
     @property
     def queued(self) -> bool:
@@ -91,6 +92,17 @@ class Lanes:
         """The source has no more requests: each stream ends once the queue is empty."""
         self.source_ended = True
 
+    def pause(self) -> None:
+        """Each stream ends once it has sent what is queued, until :meth:`resume` (the next
+        request then asks for a new stream). For an item sent alone (EvaluateChunked): an open
+        stream holds a read's reservation on the server, so this call's own streams made that
+        item's reads wait in line until they gave way (``idle_read_yield_s``, 2 s by default)
+        on a budget of few reads; a half-closed stream holds none while its answers come."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+
     def take(self, lane: int, full: Callable[[list], bool]) -> list | None:
         """The next message's requests for stream ``lane`` (up to ``full``), recorded as carried by
         it; [] when the stream is to end (it was closed, or the source ended and nothing is
@@ -99,7 +111,7 @@ class Lanes:
             return []
         queue = self._queue
         if not queue:
-            if self.source_ended:
+            if self.source_ended or self._paused:
                 self.close(lane)
                 return []
             return None

@@ -140,3 +140,18 @@ def test_what_a_stream_carried_after_the_source_ended_goes_on_a_new_stream():
     lanes.answered(reqs("0"))
     lanes.ended(lane)
     assert lanes.done
+
+
+def test_paused_streams_end_once_they_have_sent_what_is_queued_and_a_new_one_is_asked_for_after():
+    lanes = Lanes(2)
+    lanes.put(Req("0"))
+    lanes.pause()
+    assert ids(lanes.take(0, two_per_message)) == ["0"]  # what is queued still goes
+    assert lanes.take(0, two_per_message) == []
+    assert lanes.take(1, two_per_message) == []
+    assert lanes.open == [] and not lanes.done
+    lanes.resume()
+    assert lanes.put(Req("1"))  # no stream open: ask
+    lane = lanes.wanted()
+    assert lane == 2 and ids(lanes.take(lane, two_per_message)) == ["1"]
+    assert lanes.take(lane, two_per_message) is None  # not paused: waits for the next request
