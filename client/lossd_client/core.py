@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 import operator
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -946,8 +946,10 @@ class Merge:
     LANE = ("lane", None)
     WAKE = ("wake", None)
 
-    def __init__(self, lanes: Lanes) -> None:
+    def __init__(self, lanes: Lanes, may_resend: Callable[[BaseException], bool] = gave_way) -> None:
+        """``may_resend``: whether a stream's failure lets what it carried go again (a give-way)."""
         self.lanes = lanes
+        self._may_resend = may_resend
 
     @staticmethod
     def message(response: Any) -> tuple[str, Any]:
@@ -973,7 +975,7 @@ class Merge:
             return value
         if kind == "failed":
             exc, lane = value
-            if not gave_way(exc):
+            if not self._may_resend(exc):
                 raise exc
             self.lanes.gave_way(lane, exc)
         elif kind == "end":
